@@ -1,0 +1,7 @@
+//! Tidepool's node side: the lake client, the node-local cache pool, the FUSE file
+//! systems and the `tidepool` CLI's library entry points.
+//!
+//! Dependencies point one way: `cli` → `fs` (FUSE adapter) → `cache` (pool, snapshots,
+//! residency) → `lake` (object-store trait and implementations).
+
+pub mod lake;
