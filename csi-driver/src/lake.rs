@@ -23,6 +23,9 @@
 //! - No error message or `Debug` output contains a credential.
 
 pub mod credentials;
+pub mod faults;
+pub mod memory;
+pub mod retry;
 pub mod url;
 
 use std::fmt;

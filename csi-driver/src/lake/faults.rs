@@ -1,0 +1,172 @@
+//! A lake wrapper that injects faults, per operation, to test what users meet when the
+//! lake is far away or unwell: added latency, throttling (503), connection resets,
+//! truncated bodies and requests that never answer.
+//!
+//! Faults are deterministic (no randomness): each rule fires for the next `times`
+//! matching calls (or forever), so a test can say "the first two GETs are reset" and
+//! assert exactly what the caller sees.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// 503 Server Busy.
+    Throttle,
+    /// The connection drops before an answer.
+    Reset,
+    /// A GET body ends early (half of what was asked).
+    Truncate,
+    /// No answer at all (until the caller's timeout cancels the call).
+    Hang,
+}
+
+#[derive(Debug)]
+struct Rule {
+    fault: Fault,
+    /// Remaining firings; `None` is forever.
+    remaining: Option<u32>,
+}
+
+#[derive(Debug)]
+pub struct FaultyLake {
+    inner: Arc<dyn Lake>,
+    rules: Mutex<HashMap<Op, Vec<Rule>>>,
+    latency: Mutex<HashMap<Op, Duration>>,
+    /// Calls that reached this wrapper, per operation (faulted or not).
+    calls: Mutex<HashMap<Op, u64>>,
+    /// Faults actually injected.
+    pub injected: AtomicU64,
+}
+
+impl FaultyLake {
+    pub fn new(inner: Arc<dyn Lake>) -> Self {
+        FaultyLake {
+            inner,
+            rules: Mutex::default(),
+            latency: Mutex::default(),
+            calls: Mutex::default(),
+            injected: AtomicU64::new(0),
+        }
+    }
+
+    /// Inject `fault` into the next `times` calls of `op`.
+    pub fn fail(&self, op: Op, fault: Fault, times: u32) {
+        self.rules.lock().entry(op).or_default().push(Rule { fault, remaining: Some(times) });
+    }
+
+    /// Inject `fault` into every call of `op` until [`FaultyLake::heal`].
+    pub fn fail_always(&self, op: Op, fault: Fault) {
+        self.rules.lock().entry(op).or_default().push(Rule { fault, remaining: None });
+    }
+
+    /// Add `delay` before every call of `op`.
+    pub fn set_latency(&self, op: Op, delay: Duration) {
+        self.latency.lock().insert(op, delay);
+    }
+
+    /// Remove every rule and added latency.
+    pub fn heal(&self) {
+        self.rules.lock().clear();
+        self.latency.lock().clear();
+    }
+
+    pub fn calls(&self, op: Op) -> u64 {
+        self.calls.lock().get(&op).copied().unwrap_or(0)
+    }
+
+    async fn before(&self, op: Op, name: &str) -> LakeResult<Option<Fault>> {
+        *self.calls.lock().entry(op).or_default() += 1;
+        let delay = self.latency.lock().get(&op).copied();
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        let fault = {
+            let mut rules = self.rules.lock();
+            let list = rules.entry(op).or_default();
+            let fault = list.first_mut().map(|r| {
+                if let Some(n) = r.remaining.as_mut() {
+                    *n -= 1;
+                }
+                r.fault
+            });
+            list.retain(|r| r.remaining != Some(0));
+            fault
+        };
+        let Some(fault) = fault else { return Ok(None) };
+        self.injected.fetch_add(1, Ordering::Relaxed);
+        match fault {
+            Fault::Throttle => Err(LakeError::Throttled { op, name: name.into(), status: 503 }),
+            Fault::Reset => Err(LakeError::Connection { op, name: name.into(), detail: "connection reset by peer (injected)".into() }),
+            Fault::Hang => std::future::pending().await,
+            Fault::Truncate => Ok(Some(Fault::Truncate)),
+        }
+    }
+}
+
+#[async_trait]
+impl Lake for FaultyLake {
+    fn describe(&self) -> String {
+        format!("faulty({})", self.inner.describe())
+    }
+
+    async fn list_page(&self, prefix: &str, marker: Option<&str>, max: u32) -> LakeResult<ListPage> {
+        self.before(Op::List, prefix).await?;
+        self.inner.list_page(prefix, marker, max).await
+    }
+
+    async fn head(&self, name: &str) -> LakeResult<ObjectMeta> {
+        self.before(Op::Head, name).await?;
+        self.inner.head(name).await
+    }
+
+    async fn get_range(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<Bytes> {
+        let fault = self.before(Op::Get, name).await?;
+        let body = self.inner.get_range(name, range.clone(), etag).await?;
+        if fault == Some(Fault::Truncate) {
+            // What a real client sees when the connection dies mid-body: the length
+            // check in the transport turns the short body into this error.
+            return Err(LakeError::Truncated { name: name.into(), expected: body.len() as u64, got: body.len() as u64 / 2 });
+        }
+        Ok(body)
+    }
+
+    async fn put(&self, name: &str, data: Bytes) -> LakeResult<ETag> {
+        self.before(Op::Put, name).await?;
+        self.inner.put(name, data).await
+    }
+
+    async fn put_block(&self, name: &str, id: &BlockId, data: Bytes, md5: Option<[u8; 16]>) -> LakeResult<()> {
+        self.before(Op::PutBlock, name).await?;
+        self.inner.put_block(name, id, data, md5).await
+    }
+
+    async fn put_block_list(&self, name: &str, ids: &[BlockId], md5: Option<[u8; 16]>) -> LakeResult<ETag> {
+        self.before(Op::PutBlockList, name).await?;
+        self.inner.put_block_list(name, ids, md5).await
+    }
+
+    async fn delete(&self, name: &str) -> LakeResult<()> {
+        self.before(Op::Delete, name).await?;
+        self.inner.delete(name).await
+    }
+
+    async fn acquire_lease(&self, name: &str, secs: Option<u32>) -> LakeResult<LeaseId> {
+        self.before(Op::Lease, name).await?;
+        self.inner.acquire_lease(name, secs).await
+    }
+
+    async fn release_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {
+        self.before(Op::Lease, name).await?;
+        self.inner.release_lease(name, lease).await
+    }
+}
