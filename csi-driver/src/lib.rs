@@ -4,4 +4,6 @@
 //! Dependencies point one way: `cli` → `fs` (FUSE adapter) → `cache` (pool, snapshots,
 //! residency) → `lake` (object-store trait and implementations).
 
+pub mod cache;
+pub mod fs;
 pub mod lake;

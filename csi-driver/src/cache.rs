@@ -1,0 +1,377 @@
+//! The node-local cache pool: blob data on NVMe, shared by every dataset and mount of
+//! the node.
+//!
+//! On-disk layout under `--cache-dir` (format `v1`, survives restarts and reboots):
+//!
+//! ```text
+//! v1/FORMAT                         "tidepool cache v1"
+//! v1/index.redb                     LRU index: cached files, their size and last use
+//! v1/blobs/<k[..2]>/<k>.data        sparse copy of one blob version
+//! v1/blobs/<k[..2]>/<k>.map         its residency map (see residency.rs)
+//! v1/datasets/<d>/snapshots/<n>.redb  snapshots of a dataset (see snapshot.rs)
+//! v1/datasets/<d>/current           sequence number of the current snapshot
+//! ```
+//!
+//! `k` is a digest of (lake, blob name, ETag): one file per blob *version*, so a new
+//! version never overwrites bytes an open file still reads, and equal versions are
+//! shared by every dataset and snapshot that lists them.
+//!
+//! Capacity: `used` counts resident bytes. When it passes the high watermark (90% of
+//! `--cache-size`) the evictor deletes whole files, least recently opened first, down to
+//! the low watermark (80%), never touching a file that is open. The LRU index is
+//! updated in batches (an open or a landed block is a memory update; a background task
+//! commits them every second), so a warm read never waits for the index.
+
+pub mod blob;
+pub mod dataset;
+pub mod residency;
+pub mod snapshot;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::lake::{Lake, LakeError};
+use blob::CachedBlob;
+use snapshot::Entry;
+
+const FORMAT: &str = "tidepool cache v1\n";
+const FILES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("files");
+const LRU: TableDefinition<(u64, &str), ()> = TableDefinition::new("lru");
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    /// Capacity of the pool in bytes (`--cache-size`).
+    pub capacity: u64,
+    /// Residency granularity and ranged-GET size. 4 MiB: large enough that a GET's
+    /// latency to a far region is amortised (at 20 ms RTT and 100 MB/s per stream a
+    /// 4 MiB GET spends ~80% of its time moving data), small enough that a random read
+    /// does not drag in much more than it needs.
+    pub block_size: u64,
+    /// Files up to this size are fetched whole when opened.
+    pub small_file_threshold: u64,
+    /// Ranged GETs in flight across the pool (bounds fetch memory to this × block size).
+    pub max_fetches: usize,
+    /// Largest sequential readahead window, in bytes.
+    pub max_readahead: u64,
+    pub high_watermark: f64,
+    pub low_watermark: f64,
+}
+
+impl CacheConfig {
+    pub const DEFAULT_BLOCK: u64 = 4 << 20;
+
+    pub fn new(dir: impl Into<PathBuf>, capacity: u64) -> Self {
+        CacheConfig {
+            dir: dir.into(),
+            capacity,
+            block_size: Self::DEFAULT_BLOCK,
+            small_file_threshold: 1 << 20,
+            max_fetches: 32,
+            max_readahead: 64 << 20,
+            high_watermark: 0.90,
+            low_watermark: 0.80,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("cache index {path}: {detail}")]
+    Index { path: PathBuf, detail: String },
+    #[error("{blob}: {what}; the block was discarded")]
+    Corrupt { blob: String, what: String },
+    #[error("cache directory {dir} holds format {found:?}, this tidepool reads v1; use another --cache-dir or delete that one")]
+    Format { dir: PathBuf, found: String },
+    #[error("a cached block failed verification and must be fetched again")]
+    Refetch,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CacheError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        CacheError::Io { path: path.to_owned(), source }
+    }
+}
+
+/// Pool state shared with every cached blob.
+#[derive(Debug)]
+pub(crate) struct PoolShared {
+    pub config: CacheConfig,
+    pub fetches: Semaphore,
+    used: AtomicU64,
+    pending: Mutex<HashMap<String, PendingUse>>,
+    open: Mutex<HashMap<String, Weak<CachedBlob>>>,
+    pressure: Arc<Notify>,
+    index: Database,
+    index_path: PathBuf,
+    /// Bytes fetched from the lake since start (reports and tests).
+    pub fetched: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct PendingUse {
+    bytes: i64,
+    touched: Option<u64>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+impl PoolShared {
+    pub(crate) fn block_landed(&self, key: &str, n: u64) {
+        self.fetched.fetch_add(n, Ordering::Relaxed);
+        let used = self.used.fetch_add(n, Ordering::AcqRel) + n;
+        self.pending.lock().entry(key.to_owned()).or_default().bytes += n as i64;
+        if used as f64 > self.config.capacity as f64 * self.config.high_watermark {
+            self.pressure.notify_one();
+        }
+    }
+
+    pub(crate) fn block_dropped(&self, key: &str, n: u64) {
+        self.used.fetch_sub(n.min(self.used.load(Ordering::Acquire)), Ordering::AcqRel);
+        self.pending.lock().entry(key.to_owned()).or_default().bytes -= n as i64;
+    }
+
+    fn touch(&self, key: &str) {
+        self.pending.lock().entry(key.to_owned()).or_default().touched = Some(now_secs());
+    }
+
+    fn index_err(&self, e: impl std::fmt::Display) -> CacheError {
+        CacheError::Index { path: self.index_path.clone(), detail: e.to_string() }
+    }
+
+    /// Commits batched index updates.
+    fn flush(&self) -> Result<(), CacheError> {
+        let batch: Vec<(String, PendingUse)> = self.pending.lock().drain().collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let tx = self.index.begin_write().map_err(|e| self.index_err(e))?;
+        {
+            let mut files = tx.open_table(FILES).map_err(|e| self.index_err(e))?;
+            let mut lru = tx.open_table(LRU).map_err(|e| self.index_err(e))?;
+            for (key, p) in batch {
+                let old = files.get(key.as_str()).map_err(|e| self.index_err(e))?.map(|v| v.value());
+                let (bytes, atime) = old.unwrap_or((0, now_secs()));
+                let bytes = (bytes as i64 + p.bytes).max(0) as u64;
+                let new_atime = p.touched.unwrap_or(atime);
+                if old.is_some() && new_atime != atime {
+                    lru.remove((atime, key.as_str())).map_err(|e| self.index_err(e))?;
+                }
+                files.insert(key.as_str(), (bytes, new_atime)).map_err(|e| self.index_err(e))?;
+                lru.insert((new_atime, key.as_str()), ()).map_err(|e| self.index_err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.index_err(e))?;
+        Ok(())
+    }
+
+    fn is_open(&self, key: &str) -> bool {
+        self.open.lock().get(key).is_some_and(|w| w.strong_count() > 0)
+    }
+
+    /// Evicts least recently used files that are not open until `used` is under the low
+    /// watermark. Returns the bytes freed.
+    fn evict(&self) -> Result<u64, CacheError> {
+        let high = (self.config.capacity as f64 * self.config.high_watermark) as u64;
+        let low = (self.config.capacity as f64 * self.config.low_watermark) as u64;
+        if self.used.load(Ordering::Acquire) <= high {
+            return Ok(0);
+        }
+        self.flush()?;
+        let mut freed = 0;
+        let blobs = self.config.dir.join("v1/blobs");
+        loop {
+            // Candidates a chunk at a time: the index may hold millions of files.
+            let chunk: Vec<(u64, String, u64)> = {
+                let tx = self.index.begin_read().map_err(|e| self.index_err(e))?;
+                let lru = tx.open_table(LRU).map_err(|e| self.index_err(e))?;
+                let files = tx.open_table(FILES).map_err(|e| self.index_err(e))?;
+                let mut out = Vec::new();
+                for item in lru.iter().map_err(|e| self.index_err(e))? {
+                    let (k, _) = item.map_err(|e| self.index_err(e))?;
+                    let (atime, key) = k.value();
+                    if self.is_open(key) {
+                        continue;
+                    }
+                    let bytes = files.get(key).map_err(|e| self.index_err(e))?.map(|v| v.value().0).unwrap_or(0);
+                    out.push((atime, key.to_owned(), bytes));
+                    if out.len() >= 256 {
+                        break;
+                    }
+                }
+                out
+            };
+            if chunk.is_empty() {
+                break;
+            }
+            let tx = self.index.begin_write().map_err(|e| self.index_err(e))?;
+            let mut done = false;
+            {
+                let mut files = tx.open_table(FILES).map_err(|e| self.index_err(e))?;
+                let mut lru = tx.open_table(LRU).map_err(|e| self.index_err(e))?;
+                for (atime, key, bytes) in chunk {
+                    if self.is_open(&key) {
+                        continue;
+                    }
+                    let dir = blobs.join(&key[..2]);
+                    let _ = std::fs::remove_file(dir.join(format!("{key}.map")));
+                    let _ = std::fs::remove_file(dir.join(format!("{key}.data")));
+                    files.remove(key.as_str()).map_err(|e| self.index_err(e))?;
+                    lru.remove((atime, key.as_str())).map_err(|e| self.index_err(e))?;
+                    self.used.fetch_sub(bytes.min(self.used.load(Ordering::Acquire)), Ordering::AcqRel);
+                    freed += bytes;
+                    tracing::debug!(key, bytes, "evicted");
+                    if self.used.load(Ordering::Acquire) <= low {
+                        done = true;
+                        break;
+                    }
+                }
+            }
+            tx.commit().map_err(|e| self.index_err(e))?;
+            if done {
+                break;
+            }
+        }
+        if freed > 0 {
+            tracing::info!(freed, used = self.used.load(Ordering::Acquire), "evicted cached files");
+        }
+        Ok(freed)
+    }
+}
+
+/// A node's cache pool. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct CachePool {
+    shared: Arc<PoolShared>,
+}
+
+impl CachePool {
+    /// Opens (or creates) the pool under `config.dir` and starts its background index
+    /// and eviction task on the current tokio runtime.
+    pub fn open(config: CacheConfig) -> Result<Self, CacheError> {
+        let v1 = config.dir.join("v1");
+        std::fs::create_dir_all(v1.join("blobs")).map_err(|e| CacheError::io(&v1, e))?;
+        let format = v1.join("FORMAT");
+        match std::fs::read_to_string(&format) {
+            Ok(s) if s == FORMAT => {}
+            Ok(s) => return Err(CacheError::Format { dir: config.dir.clone(), found: s.trim().to_owned() }),
+            Err(_) => std::fs::write(&format, FORMAT).map_err(|e| CacheError::io(&format, e))?,
+        }
+        let index_path = v1.join("index.redb");
+        let index = Database::builder()
+            .set_cache_size(16 << 20)
+            .create(&index_path)
+            .map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
+        let mut used = 0u64;
+        {
+            let tx = index.begin_write().map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
+            {
+                let files = tx.open_table(FILES).map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
+                tx.open_table(LRU).map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
+                for item in files.iter().map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })? {
+                    if let Ok((_, v)) = item {
+                        used += v.value().0;
+                    }
+                }
+            }
+            tx.commit().map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
+        }
+        let shared = Arc::new(PoolShared {
+            fetches: Semaphore::new(config.max_fetches.max(1)),
+            config,
+            used: AtomicU64::new(used),
+            pending: Mutex::default(),
+            open: Mutex::default(),
+            pressure: Arc::new(Notify::new()),
+            index,
+            index_path,
+            fetched: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&shared);
+        let pressure = shared.pressure.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = tokio::time::timeout(Duration::from_secs(1), pressure.notified()).await;
+                let Some(s) = weak.upgrade() else { return };
+                let r = tokio::task::spawn_blocking(move || s.flush().and_then(|_| s.evict())).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "cache index maintenance failed");
+                }
+            }
+        });
+        Ok(CachePool { shared })
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.shared.config
+    }
+
+    /// Resident bytes in the pool.
+    pub fn used(&self) -> u64 {
+        self.shared.used.load(Ordering::Acquire)
+    }
+
+    /// Bytes fetched from the lake by this process.
+    pub fn fetched(&self) -> u64 {
+        self.shared.fetched.load(Ordering::Relaxed)
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.shared.config.dir.join("v1")
+    }
+
+    /// The cached copy of `entry` (a file of a snapshot of `lake`), opened or created.
+    /// One `CachedBlob` per version exists at a time, however many handles use it.
+    pub fn blob(&self, lake_id: &str, lake: &Arc<dyn Lake>, entry: &Entry) -> Result<Arc<CachedBlob>, CacheError> {
+        let key = blob_key(lake_id, &entry.blob, &entry.etag.0);
+        let mut open = self.shared.open.lock();
+        if let Some(b) = open.get(&key).and_then(Weak::upgrade) {
+            return Ok(b);
+        }
+        let dir = self.root().join("blobs").join(&key[..2]);
+        let b = Arc::new(CachedBlob::open(key.clone(), entry, dir, lake.clone(), self.shared.clone())?);
+        open.retain(|_, w| w.strong_count() > 0);
+        open.insert(key.clone(), Arc::downgrade(&b));
+        drop(open);
+        self.shared.touch(&key);
+        Ok(b)
+    }
+
+    /// Commits batched index updates and syncs them (clean shutdown).
+    pub fn flush(&self) -> Result<(), CacheError> {
+        self.shared.flush()
+    }
+
+    /// Runs eviction now if the pool is over its high watermark.
+    pub fn evict_now(&self) -> Result<u64, CacheError> {
+        self.shared.evict()
+    }
+}
+
+/// Digest naming one blob version in the pool.
+pub fn blob_key(lake_id: &str, blob: &str, etag: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [lake_id, blob, etag] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+}

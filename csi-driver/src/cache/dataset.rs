@@ -1,0 +1,245 @@
+//! A dataset: one lake prefix, its snapshots, and the work of filling the cache for it.
+//!
+//! The current snapshot answers new lookups; snapshots replaced by a refresh stay open
+//! for the inodes and files that still use them (a refresh never changes what an open
+//! file reads). Snapshot files live under `v1/datasets/<id>/snapshots/`, with `current`
+//! naming the one in use so a restarted agent can keep serving the same inodes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::StreamExt;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use parking_lot::RwLock;
+
+use super::snapshot::{Entry, Snapshot};
+use super::{CacheError, CachePool, blob_key};
+use crate::lake::{Lake, LakeUrl};
+
+/// Snapshot sequence numbers are 24 bits of the inode (see fs.rs); they wrap.
+pub const SEQ_BITS: u32 = 24;
+
+#[derive(Debug)]
+pub struct Dataset {
+    pub url: LakeUrl,
+    pub lake: Arc<dyn Lake>,
+    lake_id: String,
+    pool: CachePool,
+    dir: PathBuf,
+    current: RwLock<(u32, Arc<Snapshot>)>,
+    older: RwLock<HashMap<u32, Arc<Snapshot>>>,
+}
+
+/// Live counters of a prewarm, read by progress bars and status.
+#[derive(Debug, Default)]
+pub struct PrewarmProgress {
+    pub files_total: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub files_failed: AtomicU64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrewarmSummary {
+    pub files: u64,
+    pub bytes: u64,
+    pub failed: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --include pattern {pattern:?}: {reason}")]
+pub struct GlobError {
+    pub pattern: String,
+    pub reason: String,
+}
+
+/// Compiles `--include` patterns (matched against paths inside the dataset, e.g.
+/// `train/**/*.parquet`). No pattern means everything.
+pub fn include_set(patterns: &[String]) -> Result<Option<GlobSet>, GlobError> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        let g = Glob::new(p).map_err(|e| GlobError { pattern: p.clone(), reason: e.kind().to_string() })?;
+        b.add(g);
+    }
+    b.build().map(Some).map_err(|e| GlobError { pattern: patterns.join(","), reason: e.to_string() })
+}
+
+impl Dataset {
+    /// Opens the dataset at `url`: reuses its current snapshot when `reuse` is set and
+    /// one exists, else lists the lake into a new one. `progress` gets the running
+    /// object count while listing.
+    pub async fn open(
+        pool: CachePool,
+        url: LakeUrl,
+        lake: Arc<dyn Lake>,
+        reuse: bool,
+        progress: impl FnMut(u64),
+    ) -> Result<Self, CacheError> {
+        let lake_id = format!("{}{}", url.endpoint, url.container);
+        let id = &blob_key(&lake_id, &url.prefix, "dataset")[..16];
+        let dir = pool.root().join("datasets").join(id);
+        let snaps = dir.join("snapshots");
+        std::fs::create_dir_all(&snaps).map_err(|e| CacheError::io(&snaps, e))?;
+        let prev: Option<u32> = std::fs::read_to_string(dir.join("current")).ok().and_then(|s| s.trim().parse().ok());
+        let reused = match (reuse, prev) {
+            (true, Some(seq)) => Snapshot::open(&snaps.join(format!("{seq}.redb"))).ok().map(|s| (seq, s)),
+            _ => None,
+        };
+        let (seq, snap) = match reused {
+            Some(x) => x,
+            None => {
+                let seq = prev.map(|p| (p + 1) % (1 << SEQ_BITS)).unwrap_or(1).max(1);
+                let s = Snapshot::build(lake.as_ref(), &url.prefix, &snaps.join(format!("{seq}.redb")), progress).await?;
+                write_current(&dir, seq)?;
+                (seq, s)
+            }
+        };
+        // Snapshots of earlier runs serve no inode now: remove them.
+        if let Ok(rd) = std::fs::read_dir(&snaps) {
+            for e in rd.flatten() {
+                if e.file_name() != *format!("{seq}.redb") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        tracing::info!(dataset = %url, snapshot = seq, objects = snap.summary().objects, bytes = snap.summary().bytes, "snapshot ready");
+        Ok(Dataset {
+            url,
+            lake,
+            lake_id,
+            pool,
+            dir,
+            current: RwLock::new((seq, Arc::new(snap))),
+            older: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn pool(&self) -> &CachePool {
+        &self.pool
+    }
+
+    pub fn current(&self) -> (u32, Arc<Snapshot>) {
+        let c = self.current.read();
+        (c.0, c.1.clone())
+    }
+
+    pub fn snapshot(&self, seq: u32) -> Option<Arc<Snapshot>> {
+        let c = self.current.read();
+        if c.0 == seq {
+            return Some(c.1.clone());
+        }
+        self.older.read().get(&seq).cloned()
+    }
+
+    /// Lists the lake again; swaps in a new snapshot if anything changed. Returns whether
+    /// it did.
+    pub async fn refresh(&self) -> Result<bool, CacheError> {
+        let (seq, cur) = self.current();
+        let next = (seq + 1) % (1 << SEQ_BITS);
+        let next = if next == 0 { 1 } else { next };
+        let path = self.dir.join("snapshots").join(format!("{next}.redb"));
+        let snap = Snapshot::build(self.lake.as_ref(), &self.url.prefix, &path, |_| {}).await?;
+        if snap.digest() == cur.digest() && snap.summary() == cur.summary() {
+            drop(snap);
+            let _ = std::fs::remove_file(&path);
+            return Ok(false);
+        }
+        write_current(&self.dir, next)?;
+        tracing::info!(dataset = %self.url, snapshot = next, objects = snap.summary().objects, "refreshed: new snapshot");
+        let old = std::mem::replace(&mut *self.current.write(), (next, Arc::new(snap)));
+        self.older.write().insert(old.0, old.1);
+        Ok(true)
+    }
+
+    /// The cached copy of a file of this dataset.
+    pub fn blob(&self, entry: &Entry) -> Result<Arc<super::blob::CachedBlob>, CacheError> {
+        self.pool.blob(&self.lake_id, &self.lake, entry)
+    }
+
+    /// Fetches every file of the current snapshot matching `include` into the cache,
+    /// `parallel_files` at a time, updating `progress` as bytes land.
+    pub async fn prewarm(
+        &self,
+        include: Option<&GlobSet>,
+        parallel_files: usize,
+        progress: &PrewarmProgress,
+    ) -> Result<PrewarmSummary, CacheError> {
+        let (_, snap) = self.current();
+        let matches = |e: &Entry| match include {
+            None => true,
+            Some(g) => g.is_match(e.blob.strip_prefix(&self.url.prefix).unwrap_or(&e.blob)),
+        };
+        // Pass 1: totals, streamed.
+        let mut after = 0;
+        loop {
+            let chunk = snap.files_from(after, 4096)?;
+            let Some(last) = chunk.last() else { break };
+            after = last.ino;
+            for e in chunk.iter().filter(|e| matches(e)) {
+                progress.files_total.fetch_add(1, Ordering::Relaxed);
+                progress.bytes_total.fetch_add(e.size, Ordering::Relaxed);
+            }
+        }
+        // Pass 2: fetch, a chunk of the listing at a time.
+        let failed = parking_lot::Mutex::new(Vec::new());
+        let mut after = 0;
+        loop {
+            let chunk = snap.files_from(after, 4096)?;
+            let Some(last) = chunk.last() else { break };
+            after = last.ino;
+            futures::stream::iter(chunk.into_iter().filter(|e| matches(e)))
+                .for_each_concurrent(parallel_files.max(1), |e| {
+                    let failed = &failed;
+                    async move {
+                        let r = async {
+                            let b = self.blob(&e).map_err(Arc::new)?;
+                            let before = b.residency().resident_bytes();
+                            progress.bytes_done.fetch_add(before, Ordering::Relaxed);
+                            // Block by block so progress moves smoothly on large files.
+                            let blocks = b.residency().blocks();
+                            let step = 8u64;
+                            let mut i = 0;
+                            while i < blocks {
+                                let r = i..(i + step).min(blocks);
+                                let missing: u64 = r.clone().filter(|&j| !b.residency().is_resident(j)).map(|j| { let br = b.residency().block_range(j); br.end - br.start }).sum();
+                                b.ensure(r.clone()).await?;
+                                progress.bytes_done.fetch_add(missing, Ordering::Relaxed);
+                                i = r.end;
+                            }
+                            Ok::<_, Arc<CacheError>>(())
+                        }
+                        .await;
+                        match r {
+                            Ok(()) => {
+                                progress.files_done.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(err) => {
+                                progress.files_failed.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(blob = %e.blob, error = %err, "prewarm: file failed");
+                                failed.lock().push((e.blob.clone(), err.to_string()));
+                            }
+                        }
+                    }
+                })
+                .await;
+        }
+        self.pool.flush()?;
+        Ok(PrewarmSummary {
+            files: progress.files_done.load(Ordering::Relaxed),
+            bytes: progress.bytes_done.load(Ordering::Relaxed),
+            failed: failed.into_inner(),
+        })
+    }
+}
+
+fn write_current(dir: &std::path::Path, seq: u32) -> Result<(), CacheError> {
+    let tmp = dir.join("current.tmp");
+    std::fs::write(&tmp, format!("{seq}\n")).map_err(|e| CacheError::io(&tmp, e))?;
+    std::fs::rename(&tmp, dir.join("current")).map_err(|e| CacheError::io(&tmp, e))
+}

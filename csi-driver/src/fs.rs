@@ -1,0 +1,526 @@
+//! The read-only dataset file system: a thin `fuser::Filesystem` adapter over a
+//! [`Dataset`]. It parses requests, delegates to the snapshot and the cache, and maps
+//! errors to one errno each; it holds no file-system logic of its own.
+//!
+//! - Inode numbers: 1 is the root of the *current* snapshot; every other inode is
+//!   `seq << 40 | local`, the snapshot's sequence number and the entry's number in it,
+//!   both persistent. An inode keeps resolving in its own snapshot after a refresh, so
+//!   open files and cached dentries keep the version they saw.
+//! - Caching: a pinned snapshot never changes, so entries and attributes are cached by
+//!   the kernel for a day and file pages are kept across opens (`FOPEN_KEEP_CACHE`);
+//!   with `--refresh <interval>`, for that interval.
+//! - Reads: a range already resident and verified is served from the local file on the
+//!   FUSE thread; otherwise the read moves to the tokio runtime (the FUSE thread is free
+//!   at once) and replies when the blocks land. Sequential readers grow a readahead
+//!   window of whole blocks, up to `max_readahead`.
+//! - Passthrough: a file that is fully resident and verified is opened with FUSE
+//!   passthrough (Linux ≥ 6.9), so the kernel reads the local file directly and warm
+//!   reads run at local-disk speed. Where the kernel or privileges do not allow it, the
+//!   first failure is logged once and every later open uses ordinary reads.
+//! - Errors: not found → ENOENT; any write → EROFS; a lake failure, a changed blob or
+//!   a corrupt block → EIO (with a log line naming the blob).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+};
+use parking_lot::Mutex;
+
+use crate::cache::CacheError;
+use crate::cache::blob::CachedBlob;
+use crate::cache::dataset::Dataset;
+use crate::cache::snapshot::{self, Entry, Kind, Snapshot};
+
+const SEQ_SHIFT: u32 = 40;
+const LOCAL_MASK: u64 = (1 << SEQ_SHIFT) - 1;
+
+/// Counters a user (or a test) can read to see what the mount did.
+#[derive(Debug, Default)]
+pub struct MountStats {
+    /// `read` requests that reached Tidepool (passthrough reads never do).
+    pub reads: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub opens: AtomicU64,
+    pub passthrough_opens: AtomicU64,
+    pub read_errors: AtomicU64,
+}
+
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// How long the kernel may cache entries and attributes.
+    pub ttl: Duration,
+    /// Try FUSE passthrough for fully resident files.
+    pub passthrough: bool,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+struct OpenFile {
+    blob: Arc<CachedBlob>,
+    /// Kept while the file is open; dropping it closes the kernel's backing reference.
+    _backing: Option<BackingId>,
+    /// Sequential read detection: where the next read would start, and the window.
+    next: u64,
+    window: u64,
+}
+
+pub struct DatasetFs {
+    ds: Arc<Dataset>,
+    rt: tokio::runtime::Handle,
+    cfg: FsConfig,
+    handles: Mutex<HashMap<u64, OpenFile>>,
+    next_fh: AtomicU64,
+    passthrough: AtomicBool,
+    pub stats: Arc<MountStats>,
+}
+
+impl DatasetFs {
+    pub fn new(ds: Arc<Dataset>, rt: tokio::runtime::Handle, cfg: FsConfig, stats: Arc<MountStats>) -> Self {
+        DatasetFs {
+            passthrough: AtomicBool::new(cfg.passthrough),
+            ds,
+            rt,
+            cfg,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            stats,
+        }
+    }
+
+    fn resolve(&self, ino: INodeNo) -> Result<(u32, Arc<Snapshot>, u64), Errno> {
+        let ino = ino.0;
+        if ino == 1 {
+            let (seq, s) = self.ds.current();
+            return Ok((seq, s, snapshot::ROOT));
+        }
+        let seq = (ino >> SEQ_SHIFT) as u32;
+        let snap = self.ds.snapshot(seq).ok_or(Errno::ESTALE)?;
+        Ok((seq, snap, ino & LOCAL_MASK))
+    }
+
+    fn entry(&self, ino: INodeNo) -> Result<(u32, Entry), Errno> {
+        let (seq, snap, local) = self.resolve(ino)?;
+        match snap.get(local) {
+            Ok(Some(e)) => Ok((seq, e)),
+            Ok(None) => Err(Errno::ENOENT),
+            Err(e) => {
+                tracing::error!(error = %e, "snapshot read failed");
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    fn ino(seq: u32, local: u64) -> INodeNo {
+        if local == snapshot::ROOT {
+            // Every snapshot's root is the mount's root.
+            return INodeNo(1);
+        }
+        INodeNo(((seq as u64) << SEQ_SHIFT) | local)
+    }
+
+    fn attr(&self, seq: u32, e: &Entry) -> FileAttr {
+        let (kind, perm, nlink, size) = match e.kind {
+            Kind::Dir => (FileType::Directory, 0o555, 2, 0),
+            Kind::File => (FileType::RegularFile, 0o444, 1, e.size),
+        };
+        FileAttr {
+            ino: Self::ino(seq, e.ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: e.mtime,
+            mtime: e.mtime,
+            ctime: e.mtime,
+            crtime: e.mtime,
+            kind,
+            perm,
+            nlink,
+            uid: self.cfg.uid,
+            gid: self.cfg.gid,
+            rdev: 0,
+            blksize: 128 * 1024,
+            flags: 0,
+        }
+    }
+
+    fn generation() -> Generation {
+        Generation(0)
+    }
+}
+
+fn errno_for(e: &CacheError) -> Errno {
+    match e {
+        CacheError::Lake(l) => match l.root() {
+            crate::lake::LakeError::NotFound { .. } | crate::lake::LakeError::Changed { .. } => Errno::EIO,
+            _ => Errno::EIO,
+        },
+        _ => Errno::EIO,
+    }
+}
+
+impl Filesystem for DatasetFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.set_max_readahead(1 << 20);
+        if self.passthrough.load(Ordering::Relaxed) {
+            let ok = config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::info!("kernel does not offer FUSE passthrough (needs Linux >= 6.9); warm reads go through Tidepool");
+                self.passthrough.store(false, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+        let (seq, snap, local) = match self.resolve(parent) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        match snap.lookup(local, name) {
+            Ok(Some(e)) => reply.entry(&self.cfg.ttl, &self.attr(seq, &e), Self::generation()),
+            Ok(None) => reply.error(Errno::ENOENT),
+            Err(err) => {
+                tracing::error!(error = %err, "lookup failed");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.entry(ino) {
+            Ok((seq, e)) => reply.attr(&self.cfg.ttl, &self.attr(seq, &e)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.entry(ino) {
+            Ok((_, e)) if e.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let (seq, snap, local) = match self.resolve(ino) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        // Cookies: 1 after ".", 2 after "..", then position + 3.
+        let mut off = offset;
+        if off == 0 {
+            if reply.add(ino, 1, FileType::Directory, ".") {
+                return reply.ok();
+            }
+            off = 1;
+        }
+        if off == 1 {
+            let parent = snap.get(local).ok().flatten().map(|e| Self::ino(seq, e.parent)).unwrap_or(INodeNo(1));
+            if reply.add(parent, 2, FileType::Directory, "..") {
+                return reply.ok();
+            }
+            off = 2;
+        }
+        match snap.children(local, off - 2, 512) {
+            Ok(children) => {
+                for (pos, e) in children {
+                    let kind = if e.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+                    if reply.add(Self::ino(seq, e.ino), pos + 3, kind, &e.name) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "readdir failed");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let (seq, snap, local) = match self.resolve(ino) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let Ok(Some(me)) = snap.get(local) else { return reply.error(Errno::ENOENT) };
+        let mut off = offset;
+        if off == 0 {
+            if reply.add(ino, 1, ".", &self.cfg.ttl, &self.attr(seq, &me), Self::generation()) {
+                return reply.ok();
+            }
+            off = 1;
+        }
+        if off == 1 {
+            let parent = snap.get(me.parent).ok().flatten().unwrap_or_else(|| me.clone());
+            if reply.add(Self::ino(seq, parent.ino), 2, "..", &self.cfg.ttl, &self.attr(seq, &parent), Self::generation()) {
+                return reply.ok();
+            }
+            off = 2;
+        }
+        match snap.children(local, off - 2, 512) {
+            Ok(children) => {
+                for (pos, e) in children {
+                    if reply.add(Self::ino(seq, e.ino), pos + 3, &e.name, &self.cfg.ttl, &self.attr(seq, &e), Self::generation()) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "readdirplus failed");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & (libc::O_TRUNC | libc::O_CREAT) != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        let (_, e) = match self.entry(ino) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        if e.kind == Kind::Dir {
+            return reply.error(Errno::EISDIR);
+        }
+        let blob = match self.ds.blob(&e) {
+            Ok(b) => b,
+            Err(err) => {
+                tracing::error!(blob = %e.blob, error = %err, "open failed");
+                return reply.error(errno_for(&err));
+            }
+        };
+        self.stats.opens.fetch_add(1, Ordering::Relaxed);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let cfg = self.ds.pool().config();
+        if !blob.residency().is_complete() && e.size <= cfg.small_file_threshold {
+            // Small files are fetched whole at open: the first read will need them all.
+            let _guard = self.rt.enter();
+            blob.prefetch(0..blob.residency().blocks());
+        }
+        let mut backing = None;
+        if self.passthrough.load(Ordering::Relaxed) && e.size > 0 && blob.residency().is_complete() {
+            match blob.verify_all() {
+                Ok(true) => match reply.open_backing(blob.data_file()) {
+                    Ok(id) => backing = Some(id),
+                    Err(err) => {
+                        if self.passthrough.swap(false, Ordering::Relaxed) {
+                            tracing::warn!(error = %err, "FUSE passthrough refused by the kernel; using ordinary reads from now on");
+                        }
+                    }
+                },
+                Ok(false) => {}
+                Err(err) => tracing::warn!(blob = %e.blob, error = %err, "verification before passthrough failed"),
+            }
+        }
+        let window = 2 * cfg.block_size;
+        let flags = FopenFlags::FOPEN_KEEP_CACHE;
+        match &backing {
+            Some(id) => {
+                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                reply.opened_passthrough(FileHandle(fh), flags, id);
+            }
+            None => reply.opened(FileHandle(fh), flags),
+        }
+        self.handles.lock().insert(fh, OpenFile { blob, _backing: backing, next: 0, window });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let cfg = self.ds.pool().config();
+        let (blob, ahead) = {
+            let mut h = self.handles.lock();
+            let Some(f) = h.get_mut(&fh.0) else { return reply.error(Errno::EBADF) };
+            let sequential = offset == f.next || (offset > f.next.saturating_sub(cfg.block_size) && offset <= f.next + cfg.block_size);
+            f.window = if sequential { (f.window * 2).min(cfg.max_readahead.max(cfg.block_size)) } else { 2 * cfg.block_size };
+            f.next = offset + size as u64;
+            let ahead = sequential.then(|| f.blob.blocks_for(offset..offset + size as u64 + f.window));
+            (f.blob.clone(), ahead)
+        };
+        if let Some(ahead) = ahead {
+            let _guard = self.rt.enter();
+            blob.prefetch(ahead);
+        }
+        let blocks = blob.blocks_for(offset..offset + size as u64);
+        let ready = blocks.clone().all(|i| blob.residency().is_resident(i) && blob.residency().is_verified(i));
+        let stats = self.stats.clone();
+        if ready {
+            match blob.read_resident(offset, size as usize) {
+                Ok(buf) => {
+                    stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    return reply.data(&buf);
+                }
+                Err(CacheError::Refetch) => {}
+                Err(e) => {
+                    stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(blob = %blob.blob, error = %e, "read failed");
+                    return reply.error(errno_for(&e));
+                }
+            }
+        }
+        self.rt.spawn(async move {
+            match blob.read(offset, size as usize).await {
+                Ok(buf) => {
+                    stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    reply.data(&buf)
+                }
+                Err(e) => {
+                    stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(blob = %blob.blob, offset, error = %e, "read failed; returning EIO");
+                    reply.error(errno_for(&e))
+                }
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().remove(&fh.0);
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let pool = self.ds.pool();
+        let bsize = 4096u64;
+        let cap = pool.config().capacity / bsize;
+        let free = pool.config().capacity.saturating_sub(pool.used()) / bsize;
+        let files = self.ds.current().1.summary().objects;
+        reply.statfs(cap, free, free, files, 0, bsize as u32, 1024, bsize as u32)
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(fuser::AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        reply.ok()
+    }
+}
+
+/// Mount options for a dataset.
+pub fn mount_config(allow_other: bool, n_threads: usize, source: &str) -> fuser::Config {
+    let mut c = fuser::Config::default();
+    c.mount_options = vec![
+        fuser::MountOption::RO,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::FSName(source.to_owned()),
+        fuser::MountOption::Subtype("tidepool".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    c.acl = if allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    c.n_threads = Some(n_threads.max(1));
+    c.clone_fd = true;
+    c
+}
+
+/// A mounted dataset; unmounts on drop.
+pub struct Mount {
+    pub stats: Arc<MountStats>,
+    unmounter: UnmountHandle,
+    session: Option<fuser::BackgroundSession>,
+}
+
+impl Mount {
+    /// Mounts `fs` at `mountpoint` and serves it on background threads.
+    pub fn spawn(fs: DatasetFs, mountpoint: &Path, config: &fuser::Config) -> std::io::Result<Mount> {
+        let stats = fs.stats.clone();
+        let mut session = fuser::Session::new(fs, mountpoint, config)?;
+        let unmounter = session.unmount_callable();
+        let session = session.spawn()?;
+        Ok(Mount { stats, unmounter: UnmountHandle(Arc::new(Mutex::new(unmounter))), session: Some(session) })
+    }
+
+    /// Something that can unmount from another thread (signal handlers).
+    pub fn unmount_handle(&self) -> UnmountHandle {
+        self.unmounter.clone()
+    }
+
+    /// Blocks until the file system is unmounted (by `umount` or [`Mount::unmount`]).
+    pub fn join(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.join(),
+            None => Ok(()),
+        }
+    }
+
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        let r = self.unmounter.unmount();
+        if let Some(s) = self.session.take() {
+            s.join()?;
+        }
+        r
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = self.unmounter.unmount();
+            let _ = s.join();
+        }
+    }
+}
+
+/// Unmounts a [`Mount`] from any thread; unmounting twice is a no-op.
+#[derive(Clone)]
+pub struct UnmountHandle(Arc<Mutex<fuser::SessionUnmounter>>);
+
+impl UnmountHandle {
+    pub fn unmount(&self) -> std::io::Result<()> {
+        self.0.lock().unmount()
+    }
+}
