@@ -64,12 +64,20 @@ pub struct FsConfig {
 }
 
 struct OpenFile {
+    ino: u64,
     blob: Arc<CachedBlob>,
-    /// Kept while the file is open; dropping it closes the kernel's backing reference.
-    _backing: Option<BackingId>,
+    passthrough: bool,
     /// Sequential read detection: where the next read would start, and the window.
     next: u64,
     window: u64,
+}
+
+#[derive(Default)]
+struct InodeIo {
+    cached: u32,
+    passthrough: u32,
+    /// Kept while passthrough handles are open; dropping it closes the backing reference.
+    backing: Option<BackingId>,
 }
 
 pub struct DatasetFs {
@@ -77,6 +85,9 @@ pub struct DatasetFs {
     rt: tokio::runtime::Handle,
     cfg: FsConfig,
     handles: Mutex<HashMap<u64, OpenFile>>,
+    /// Per inode: how its open handles do I/O. The kernel refuses to mix page-cache and
+    /// passthrough handles of one inode, and wants one backing id per inode.
+    io: Mutex<HashMap<u64, InodeIo>>,
     next_fh: AtomicU64,
     passthrough: AtomicBool,
     pub stats: Arc<MountStats>,
@@ -90,6 +101,7 @@ impl DatasetFs {
             rt,
             cfg,
             handles: Mutex::new(HashMap::new()),
+            io: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             stats,
         }
@@ -333,31 +345,49 @@ impl Filesystem for DatasetFs {
             let _guard = self.rt.enter();
             blob.prefetch(0..blob.residency().blocks());
         }
-        let mut backing = None;
-        if self.passthrough.load(Ordering::Relaxed) && e.size > 0 && blob.residency().is_complete() {
-            match blob.verify_all() {
-                Ok(true) => match reply.open_backing(blob.data_file()) {
-                    Ok(id) => backing = Some(id),
-                    Err(err) => {
-                        if self.passthrough.swap(false, Ordering::Relaxed) {
-                            tracing::warn!(error = %err, "FUSE passthrough refused by the kernel; using ordinary reads from now on");
-                        }
-                    }
-                },
-                Ok(false) => {}
-                Err(err) => tracing::warn!(blob = %e.blob, error = %err, "verification before passthrough failed"),
-            }
-        }
         let window = 2 * cfg.block_size;
         let flags = FopenFlags::FOPEN_KEEP_CACHE;
-        match &backing {
-            Some(id) => {
-                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-                reply.opened_passthrough(FileHandle(fh), flags, id);
+        let mut io = self.io.lock();
+        let state = io.entry(ino.0).or_default();
+        let want_passthrough = state.passthrough > 0
+            || (state.cached == 0
+                && self.passthrough.load(Ordering::Relaxed)
+                && e.size > 0
+                && blob.residency().is_complete()
+                && match blob.verify_all() {
+                    Ok(v) => v,
+                    Err(err) => {
+                        tracing::warn!(blob = %e.blob, error = %err, "verification before passthrough failed");
+                        false
+                    }
+                });
+        if want_passthrough && state.backing.is_none() {
+            match reply.open_backing(blob.data_file()) {
+                Ok(id) => state.backing = Some(id),
+                Err(err) => {
+                    if self.passthrough.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(error = %err, "FUSE passthrough refused by the kernel; using ordinary reads from now on");
+                    }
+                }
             }
-            None => reply.opened(FileHandle(fh), flags),
         }
-        self.handles.lock().insert(fh, OpenFile { blob, _backing: backing, next: 0, window });
+        let passthrough = want_passthrough && state.backing.is_some();
+        // The handle must exist before the kernel learns its number.
+        self.handles.lock().insert(fh, OpenFile { ino: ino.0, blob, passthrough, next: 0, window });
+        match &state.backing {
+            Some(id) if want_passthrough => {
+                state.passthrough += 1;
+                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                // No FOPEN_KEEP_CACHE here: the kernel fails a passthrough open that
+                // asks for it with EIO (the backing file's own page cache serves).
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+            }
+            _ => {
+                state.cached += 1;
+                reply.opened(FileHandle(fh), flags);
+            }
+        }
+        drop(io);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -429,7 +459,19 @@ impl Filesystem for DatasetFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.handles.lock().remove(&fh.0);
+        if let Some(f) = self.handles.lock().remove(&fh.0) {
+            let mut io = self.io.lock();
+            if let Some(state) = io.get_mut(&f.ino) {
+                if f.passthrough {
+                    state.passthrough -= 1;
+                } else {
+                    state.cached -= 1;
+                }
+                if state.passthrough == 0 && state.cached == 0 {
+                    io.remove(&f.ino);
+                }
+            }
+        }
         reply.ok()
     }
 
@@ -470,6 +512,7 @@ pub fn mount_config(allow_other: bool, n_threads: usize, source: &str) -> fuser:
 /// A mounted dataset; unmounts on drop.
 pub struct Mount {
     pub stats: Arc<MountStats>,
+    pub mountpoint: std::path::PathBuf,
     unmounter: UnmountHandle,
     session: Option<fuser::BackgroundSession>,
 }
@@ -481,7 +524,9 @@ impl Mount {
         let mut session = fuser::Session::new(fs, mountpoint, config)?;
         let unmounter = session.unmount_callable();
         let session = session.spawn()?;
-        Ok(Mount { stats, unmounter: UnmountHandle(Arc::new(Mutex::new(unmounter))), session: Some(session) })
+        let mountpoint = mountpoint.canonicalize()?;
+        let unmounter = UnmountHandle { mountpoint: mountpoint.clone(), _fuser: Arc::new(Mutex::new(unmounter)) };
+        Ok(Mount { stats, mountpoint, unmounter, session: Some(session) })
     }
 
     /// Something that can unmount from another thread (signal handlers).
@@ -516,11 +561,49 @@ impl Drop for Mount {
 }
 
 /// Unmounts a [`Mount`] from any thread; unmounting twice is a no-op.
+///
+/// fuser's own unmounter decides from a poll of its first device fd whether the mount
+/// is still there, which is unreliable with one cloned fd per worker thread; this
+/// unmounts the path itself (as root; `fusermount3 -u` otherwise), so the workers see
+/// the connection end and the session can be joined.
 #[derive(Clone)]
-pub struct UnmountHandle(Arc<Mutex<fuser::SessionUnmounter>>);
+pub struct UnmountHandle {
+    mountpoint: std::path::PathBuf,
+    _fuser: Arc<Mutex<fuser::SessionUnmounter>>,
+}
 
 impl UnmountHandle {
     pub fn unmount(&self) -> std::io::Result<()> {
-        self.0.lock().unmount()
+        unmount_path(&self.mountpoint)
     }
+}
+
+/// Whether `path` is a mount point now, from `/proc/self/mountinfo`.
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// Unmounts a FUSE mount at `path`; not mounted is Ok.
+pub fn unmount_path(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if !is_mounted(path) {
+        return Ok(());
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EPERM) {
+        let st = std::process::Command::new("fusermount3").arg("-u").arg(path).status()?;
+        if st.success() {
+            return Ok(());
+        }
+    }
+    if err.raw_os_error() == Some(libc::EINVAL) && !is_mounted(path) {
+        return Ok(());
+    }
+    Err(std::io::Error::new(err.kind(), format!("unmounting {}: {err}", path.display())))
 }

@@ -1,0 +1,306 @@
+//! Real FUSE mounts of a dataset (needs root and /dev/fuse, as in CI): what a training
+//! job sees through the mount, with the in-memory lake and the fault injector behind it.
+//! The same paths against Azurite are in `azurite_mount.rs`.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tidepool_csi::cache::dataset::Dataset;
+use tidepool_csi::cache::{CacheConfig, CachePool};
+use tidepool_csi::fs::{DatasetFs, FsConfig, Mount, MountStats, mount_config};
+use tidepool_csi::lake::faults::{Fault, FaultyLake};
+use tidepool_csi::lake::memory::MemoryLake;
+use tidepool_csi::lake::retry::{RetryConfig, RetryingLake};
+use tidepool_csi::lake::{Lake, LakeUrl, Op};
+
+const BLOCK: u64 = 64 * 1024;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    // xorshift: different bytes at every offset, so a misplaced block shows.
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+struct Fixture {
+    rt: tokio::runtime::Runtime,
+    cache: tempfile::TempDir,
+    mnt: tempfile::TempDir,
+    mount: Option<Mount>,
+    stats: Arc<MountStats>,
+    ds: Option<Arc<Dataset>>,
+}
+
+impl Fixture {
+    fn path(&self, p: &str) -> PathBuf {
+        self.mnt.path().join(p)
+    }
+
+    fn mount(lake: Arc<dyn Lake>, cache: tempfile::TempDir, tweak: impl FnOnce(&mut CacheConfig)) -> Fixture {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+        let mnt = tempfile::tempdir().unwrap();
+        let mut cfg = CacheConfig::new(cache.path(), 1 << 30);
+        cfg.block_size = BLOCK;
+        cfg.small_file_threshold = BLOCK;
+        cfg.max_readahead = 8 * BLOCK;
+        tweak(&mut cfg);
+        let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/ds").unwrap();
+        let ds = rt.block_on(async {
+            let pool = CachePool::open(cfg).unwrap();
+            Arc::new(Dataset::open(pool, url, lake, false, |_| {}).await.unwrap())
+        });
+        let stats = Arc::new(MountStats::default());
+        let fs = DatasetFs::new(
+            ds.clone(),
+            rt.handle().clone(),
+            FsConfig { ttl: Duration::from_secs(60), passthrough: true, uid: 0, gid: 0 },
+            stats.clone(),
+        );
+        let mount = Mount::spawn(fs, mnt.path(), &mount_config(true, 4, "tidepool-test")).expect("mount (needs root and /dev/fuse)");
+        Fixture { rt, cache, mnt, mount: Some(mount), stats, ds: Some(ds) }
+    }
+
+    fn unmount(&mut self) {
+        if let Some(m) = self.mount.take() {
+            m.unmount().unwrap();
+        }
+        self.ds = None;
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.unmount();
+        let _ = &self.rt;
+    }
+}
+
+fn is_mounted(p: &Path) -> bool {
+    let p = fs::canonicalize(p).unwrap_or(p.to_owned());
+    fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+}
+
+fn sample_lake() -> (Arc<MemoryLake>, Vec<u8>) {
+    let lake = Arc::new(MemoryLake::new());
+    let big = pattern(1, (10 * BLOCK + 12345) as usize);
+    lake.insert("ds/big.bin", big.clone());
+    lake.insert("ds/small.txt", "hello tidepool\n");
+    lake.insert("ds/empty", Vec::new());
+    for i in 0..50 {
+        lake.insert(&format!("ds/train/shard-{i:03}.bin"), pattern(100 + i, 1000 + i as usize * 37));
+    }
+    lake.insert("ds/train/nested/deep/file.json", "{}");
+    lake.insert("elsewhere/not-in-dataset", "x");
+    (lake, big)
+}
+
+#[test]
+fn reads_are_byte_exact_at_odd_offsets_and_sizes() {
+    let (lake, big) = sample_lake();
+    let fx = Fixture::mount(lake, tempfile::tempdir().unwrap(), |_| {});
+    let f = fs::File::open(fx.path("big.bin")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), big.len() as u64);
+    for (off, len) in [(0, 1), (1, 4095), (BLOCK - 3, 7), (3 * BLOCK + 17, 2 * BLOCK + 5), (big.len() as u64 - 10, 100), (big.len() as u64 + 5, 10)] {
+        let mut buf = vec![0u8; len as usize];
+        let n = f.read_at(&mut buf, off).unwrap();
+        let want = &big[(off as usize).min(big.len())..((off + len) as usize).min(big.len())];
+        assert_eq!(&buf[..n], want, "offset {off} len {len}");
+    }
+    assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
+    assert_eq!(fs::read_to_string(fx.path("small.txt")).unwrap(), "hello tidepool\n");
+    assert_eq!(fs::read(fx.path("empty")).unwrap(), b"");
+}
+
+#[test]
+fn directory_listing_matches_the_lake() {
+    let (lake, _) = sample_lake();
+    let fx = Fixture::mount(lake, tempfile::tempdir().unwrap(), |_| {});
+    let mut root: Vec<String> = fs::read_dir(fx.mnt.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    root.sort();
+    assert_eq!(root, ["big.bin", "empty", "small.txt", "train"]);
+    let train: Vec<_> = fs::read_dir(fx.path("train")).unwrap().map(|e| e.unwrap()).collect();
+    assert_eq!(train.len(), 51);
+    let shard = fs::metadata(fx.path("train/shard-007.bin")).unwrap();
+    assert_eq!(shard.len(), 1000 + 7 * 37);
+    assert!(shard.is_file());
+    assert_eq!(shard.permissions().readonly(), true);
+    assert!(fs::metadata(fx.path("train/nested/deep")).unwrap().is_dir());
+    assert_eq!(fs::read_to_string(fx.path("train/nested/deep/file.json")).unwrap(), "{}");
+    assert_eq!(fs::metadata(fx.path("nope")).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+}
+
+#[test]
+fn many_concurrent_readers_get_the_same_bytes_and_each_block_is_fetched_once() {
+    let (lake, big) = sample_lake();
+    let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |_| {});
+    let path = fx.path("big.bin");
+    let before = lake.gets.load(Ordering::Relaxed);
+    std::thread::scope(|s| {
+        for t in 0..16u64 {
+            let path = &path;
+            let big = &big;
+            s.spawn(move || {
+                let mut f = fs::File::open(path).unwrap();
+                // Every reader starts somewhere else and wraps around.
+                let start = (t * 7919 * 13) % big.len() as u64;
+                f.seek(SeekFrom::Start(start)).unwrap();
+                let mut tail = Vec::new();
+                f.read_to_end(&mut tail).unwrap();
+                assert_eq!(tail, big[start as usize..], "reader {t}");
+            });
+        }
+    });
+    let blocks = (big.len() as u64).div_ceil(BLOCK);
+    let gets = lake.gets.load(Ordering::Relaxed) - before;
+    assert_eq!(gets, blocks, "each block is fetched exactly once however many readers want it");
+}
+
+#[test]
+fn fully_resident_files_are_opened_with_passthrough() {
+    let (lake, big) = sample_lake();
+    let fx = Fixture::mount(lake, tempfile::tempdir().unwrap(), |_| {});
+    assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
+    let reads_cold = fx.stats.reads.load(Ordering::Relaxed);
+    assert!(reads_cold > 0);
+    // Drop the page cache so the second read must go to the file system again.
+    drop_caches(&fx.path("big.bin"));
+    assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
+    // Both later opens (the fadvise one and the read) are passthrough.
+    assert_eq!(fx.stats.passthrough_opens.load(Ordering::Relaxed), 2, "opens of a resident file are passthrough");
+    assert_eq!(fx.stats.reads.load(Ordering::Relaxed), reads_cold, "passthrough reads never reach Tidepool");
+}
+
+fn drop_caches(p: &Path) {
+    // POSIX_FADV_DONTNEED on the FUSE file drops its pages from the page cache.
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(p).unwrap();
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+#[test]
+fn every_kind_of_write_is_refused_with_erofs() {
+    let (lake, _) = sample_lake();
+    let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |_| {});
+    let erofs = |r: std::io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    erofs(fs::OpenOptions::new().write(true).open(fx.path("small.txt")).map(|_| ()));
+    erofs(fs::File::create(fx.path("new.txt")).map(|_| ()));
+    erofs(fs::create_dir(fx.path("newdir")));
+    erofs(fs::remove_file(fx.path("small.txt")));
+    erofs(fs::rename(fx.path("small.txt"), fx.path("moved.txt")));
+    assert_eq!(fs::read_to_string(fx.path("small.txt")).unwrap(), "hello tidepool\n", "nothing was lost");
+    assert_eq!(&lake.content("ds/small.txt").unwrap()[..], b"hello tidepool\n");
+}
+
+#[test]
+fn a_blob_changed_in_the_lake_gives_eio_not_mixed_content() {
+    let (lake, big) = sample_lake();
+    let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |_| {});
+    let f = fs::File::open(fx.path("big.bin")).unwrap();
+    let mut first = vec![0u8; BLOCK as usize];
+    f.read_exact_at(&mut first, 0).unwrap();
+    assert_eq!(first, big[..BLOCK as usize]);
+    // Someone overwrites the blob in the lake after the snapshot was taken.
+    lake.insert("ds/big.bin", pattern(999, big.len()));
+    let mut later = vec![0u8; BLOCK as usize];
+    let err = f.read_exact_at(&mut later, 6 * BLOCK).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    // What was already cached is still the snapshot's version.
+    f.read_exact_at(&mut first, 0).unwrap();
+    assert_eq!(first, big[..BLOCK as usize]);
+}
+
+#[test]
+fn lake_faults_are_retried_and_a_dead_lake_fails_with_eio_in_bounded_time() {
+    let (mem, big) = sample_lake();
+    let faulty = Arc::new(FaultyLake::new(mem));
+    let retry = RetryConfig {
+        max_attempts: 4,
+        attempt_timeout: Duration::from_millis(500),
+        deadline: Duration::from_secs(2),
+        base_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+    };
+    let lake: Arc<dyn Lake> = Arc::new(RetryingLake::new(faulty.clone(), retry));
+    let fx = Fixture::mount(lake, tempfile::tempdir().unwrap(), |_| {});
+    // Transient faults: the reader never notices.
+    faulty.fail(Op::Get, Fault::Throttle, 2);
+    faulty.fail(Op::Get, Fault::Reset, 1);
+    faulty.fail(Op::Get, Fault::Truncate, 1);
+    let mut buf = vec![0u8; 100];
+    let f = fs::File::open(fx.path("big.bin")).unwrap();
+    f.read_exact_at(&mut buf, 5).unwrap();
+    assert_eq!(buf, big[5..105]);
+    assert!(faulty.injected.load(Ordering::Relaxed) >= 4);
+    // A lake that stops answering: EIO, within the deadline (plus scheduling slack).
+    faulty.fail_always(Op::Get, Fault::Hang);
+    let t = Instant::now();
+    let err = f.read_exact_at(&mut buf, 9 * BLOCK).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert!(t.elapsed() < Duration::from_secs(20), "a dead lake must not hang a read ({:?})", t.elapsed());
+    // Healed: the same read works.
+    faulty.heal();
+    f.read_exact_at(&mut buf, 9 * BLOCK).unwrap();
+    assert_eq!(buf, big[9 * BLOCK as usize..9 * BLOCK as usize + 100]);
+}
+
+#[test]
+fn cache_survives_remount_and_is_reused() {
+    let (lake, big) = sample_lake();
+    let cache = tempfile::tempdir().unwrap();
+    let cache_path = cache.path().to_owned();
+    let mut fx = Fixture::mount(lake.clone(), cache, |_| {});
+    assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
+    let mnt = fx.mnt.path().to_owned();
+    fx.unmount();
+    assert!(!is_mounted(&mnt), "nothing left mounted");
+    let cache = std::mem::replace(&mut fx.cache, tempfile::tempdir().unwrap());
+    drop(fx);
+    assert!(cache_path.join("v1/FORMAT").exists());
+    let before = lake.gets.load(Ordering::Relaxed);
+    let fx = Fixture::mount(lake.clone(), cache, |_| {});
+    assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
+    assert_eq!(lake.gets.load(Ordering::Relaxed), before, "warm cache: no GET after remount");
+}
+
+#[test]
+fn eviction_keeps_the_pool_under_its_size() {
+    let lake = Arc::new(MemoryLake::new());
+    for i in 0..40 {
+        lake.insert(&format!("ds/f{i:02}"), pattern(i, 2 * BLOCK as usize));
+    }
+    let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |c| c.capacity = 20 * BLOCK);
+    for i in 0..40 {
+        assert_eq!(fs::read(fx.path(&format!("f{i:02}"))).unwrap(), pattern(i, 2 * BLOCK as usize));
+    }
+    let pool = fx.ds.as_ref().unwrap().pool().clone();
+    pool.evict_now().unwrap();
+    assert!(pool.used() <= 18 * BLOCK, "used {} over the high watermark", pool.used());
+    let on_disk: u64 = walk(&fx.cache.path().join("v1/blobs")).filter(|p| p.extension().is_some_and(|e| e == "data")).map(|p| fs::metadata(p).unwrap().len()).sum();
+    assert!(on_disk <= 20 * BLOCK, "{on_disk} bytes of data files on disk");
+    // Evicted files read again correctly.
+    assert_eq!(fs::read(fx.path("f00")).unwrap(), pattern(0, 2 * BLOCK as usize));
+}
+
+fn walk(dir: &Path) -> impl Iterator<Item = PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() { stack.push(p) } else { out.push(p) }
+        }
+    }
+    out.into_iter()
+}
