@@ -5,3 +5,4 @@
 //! residency) → `lake` (object-store trait and implementations).
 
 pub mod lake;
+pub mod testing;

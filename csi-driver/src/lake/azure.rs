@@ -144,7 +144,11 @@ impl AzureLake {
     /// A client for `url`'s container. Builds clients only; sends no request (the first
     /// lake operation shows whether the credentials work).
     pub fn connect(url: &LakeUrl, credentials: &Credentials, options: &AzureOptions) -> Result<Self, AzureSetupError> {
-        let container_url = url.container_url();
+        // No trailing slash: the SDK appends the blob name as a further path segment,
+        // and `container/` would make every name start with `/`.
+        let mut container_url = url.container_url();
+        let path = container_url.path().trim_end_matches('/').to_owned();
+        container_url.set_path(&path);
         let shown = container_url.to_string();
         let mut client_options = client_options(options)?;
         let mut token: Option<Arc<dyn TokenCredential>> = None;
@@ -298,7 +302,16 @@ impl Lake for AzureLake {
                 }
                 return Err(errors::map(&e, &ctx, &self.scrub));
             }
-            Err(e) => return Err(errors::map(&e, &ctx, &self.scrub)),
+            Err(e) => {
+                return Err(match errors::map(&e, &ctx, &self.scrub) {
+                    // If-Match fails on a deleted blob too (Azurite answers 412 where
+                    // Azure answers 404): tell a deleted blob from a replaced one.
+                    LakeError::Changed { .. } if matches!(self.head(name).await, Err(LakeError::NotFound { .. })) => {
+                        LakeError::NotFound { name: name.to_owned() }
+                    }
+                    other => other,
+                });
+            }
         };
         let served = rsp.properties.etag.as_ref().map(etag);
         if served.as_ref().is_some_and(|s| s != want) {
@@ -313,7 +326,9 @@ impl Lake for AzureLake {
         let whole = parsed.is_none();
         let expected = match parsed {
             Some((a, b, _total)) => {
-                if a != range.start || b < a {
+                // `b == a - 1` is an empty range at the end (Azurite answers so where
+                // Azure answers 416).
+                if a != range.start || b + 1 < a {
                     return Err(self.protocol(Op::Get, name, format!("asked for bytes from {}, got {a}-{b}", range.start)));
                 }
                 b + 1 - a
