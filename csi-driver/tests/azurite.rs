@@ -22,8 +22,7 @@ fn lake(az: &Azurite, container: &str, creds: &Credentials) -> AzureLake {
 }
 
 async fn keyed(az: &Azurite, container: &str) -> AzureLake {
-    az.create_container(container).await;
-    lake(az, container, &Credentials::AccountKey(Azurite::account_key()))
+    az.lake(container).await
 }
 
 /// Deterministic, position-dependent content: a misplaced byte changes the value.
@@ -102,6 +101,13 @@ async fn ranged_reads_are_exact_clipped_and_pinned_to_the_etag() {
     }
     assert!(matches!(lake.get_range("blob", 2000..3000, &etag).await, Err(LakeError::Changed { .. })));
     assert_eq!(lake.get_range("blob", 0..10, &etag2).await.unwrap(), pattern(1000, 8).slice(0..10));
+
+    // An empty blob: every range is empty, and still pinned.
+    let empty = lake.put("empty", Bytes::new()).await.unwrap();
+    assert!(lake.get_range("empty", 0..10, &empty).await.unwrap().is_empty());
+    assert!(lake.get_range("empty", 5..10, &empty).await.unwrap().is_empty());
+    lake.put("empty", Bytes::from_static(b"now full")).await.unwrap();
+    assert!(matches!(lake.get_range("empty", 0..10, &empty).await, Err(LakeError::Changed { .. })));
 
     // Missing objects.
     assert!(matches!(lake.head("nope").await, Err(LakeError::NotFound { .. })));
@@ -378,6 +384,17 @@ async fn workload_identity_bearer_tokens_over_https() {
     });
     let err = self::lake(&az, "wid", &other).head("model.bin").await.unwrap_err();
     assert!(matches!(err, LakeError::Denied { .. }), "{err:?}");
+
+    // An unreachable token endpoint is a connection failure (worth retrying).
+    let unreachable = Credentials::WorkloadIdentity(WorkloadIdentity {
+        token_file: token_file.clone(),
+        client_id: "good-client".into(),
+        tenant_id: TENANT.into(),
+        authority_host: Some("https://127.0.0.1:9/".into()),
+    });
+    let err = self::lake(&az, "wid", &unreachable).head("model.bin").await.unwrap_err();
+    assert!(matches!(err, LakeError::Connection { .. }), "{err:?}");
+    assert!(err.is_transient());
 
     // Plain key/SAS auth keeps working over HTTPS with the test CA.
     let keyed = self::lake(&az, "wid", &Credentials::AccountKey(Azurite::account_key()));

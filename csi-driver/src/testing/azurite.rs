@@ -20,8 +20,8 @@ use azure_core::http::Url;
 use azure_storage_blob::{BlobContainerClient, BlobContainerClientOptions};
 
 use crate::lake::azure::sas::AccountKey;
-use crate::lake::azure::{client_options, AzureOptions};
-use crate::lake::Secret;
+use crate::lake::azure::{client_options, AzureLake, AzureOptions};
+use crate::lake::{Credentials, LakeUrl, Secret};
 
 /// Azurite's built-in account.
 pub const ACCOUNT: &str = "devstoreaccount1";
@@ -217,6 +217,17 @@ impl Azurite {
             Err(e) if e.http_status() == Some(azure_core::http::StatusCode::Conflict) => {}
             Err(e) => panic!("creating container {name} in Azurite: {e}\n{}", self.log()),
         }
+    }
+}
+
+impl Azurite {
+    /// Creates `container` and returns a lake on it authenticated with the account
+    /// key (SAS signed by Tidepool), the usual setup of tests, demo and bench.
+    pub async fn lake(&self, container: &str) -> AzureLake {
+        self.create_container(container).await;
+        let url = LakeUrl::parse(&self.url(container, "")).expect("harness URLs parse");
+        AzureLake::connect(&url, &Credentials::AccountKey(Self::account_key()), &self.options())
+            .expect("lake on Azurite")
     }
 }
 
