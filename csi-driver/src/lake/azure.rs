@@ -335,10 +335,10 @@ impl Lake for AzureLake {
             }
             None => announced.unwrap_or(0),
         };
-        if let Some(n) = announced {
-            if n != expected {
-                return Err(self.protocol(Op::Get, name, format!("Content-Length {n} disagrees with Content-Range ({expected})")));
-            }
+        if let Some(n) = announced
+            && n != expected
+        {
+            return Err(self.protocol(Op::Get, name, format!("Content-Length {n} disagrees with Content-Range ({expected})")));
         }
         if !whole && expected > len {
             return Err(self.protocol(Op::Get, name, format!("asked for {len} bytes, the lake announced {expected}")));

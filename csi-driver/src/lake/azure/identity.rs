@@ -72,7 +72,6 @@ pub fn managed_identity(
     let options = ManagedIdentityCredentialOptions {
         user_assigned_id: client_id.map(|c| UserAssignedId::ClientId(c.to_owned())),
         client_options,
-        ..Default::default()
     };
     let cred = ManagedIdentityCredential::new(Some(options))?;
     Ok(cred)
