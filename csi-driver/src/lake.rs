@@ -22,6 +22,7 @@
 //!   a short body is [`LakeError::Truncated`], never silently accepted.
 //! - No error message or `Debug` output contains a credential.
 
+pub mod azure;
 pub mod credentials;
 pub mod faults;
 pub mod memory;
