@@ -2,11 +2,15 @@
 //! PersistentVolumes, PVCs, per-node `CachePool` assignments and aggregated status.
 //!
 //! It touches no lake and holds no storage credentials (DESIGN.md, "Components").
-//! Layers: [`plan`] (pure decisions) ← [`reconcile`] (API calls) ← `run` (controllers,
-//! leader election, admin server).
+//! Layers, one way: [`runtime`] (process wiring, leader election, admin server) →
+//! [`reconcile`] (API calls) → [`plan`] (pure decisions).
+pub mod admin;
 pub mod error;
+pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+pub mod runtime;
 
 pub use error::Error;
+pub use runtime::{OperatorConfig, RunError, run};
