@@ -13,6 +13,10 @@
 //! Each node's agent creates its own pool when it starts; the operator assigns into
 //! pools that exist and never creates one.
 
+// `printcolumn(type_ = …)` repeats by design; clippy reads the derive's arguments as
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use serde::{Deserialize, Serialize};
@@ -25,7 +29,9 @@ use crate::{
 
 /// The cache pool of one node: what should be resident there (spec, from the operator)
 /// and what is (status, from the node's agent).
-#[derive(CustomResource, Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Default)]
+#[derive(
+    CustomResource, Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Default,
+)]
 #[kube(
     group = "tidepool.dev",
     version = "v1alpha1",
@@ -34,11 +40,35 @@ use crate::{
     category = "tidepool",
     status = "CachePoolStatus",
     doc = "The node-local NVMe cache of one node (named after the node): assignments from the operator, progress from the node's agent.",
-    printcolumn(name = "Datasets", type_ = "integer", json_path = ".status.datasetCount", description = "Datasets the agent serves"),
-    printcolumn(name = "Capacity", type_ = "integer", json_path = ".status.capacityBytes", description = "Pool capacity in bytes"),
-    printcolumn(name = "Used", type_ = "integer", json_path = ".status.usedBytes", description = "Bytes used in the pool"),
-    printcolumn(name = "Heartbeat", type_ = "date", json_path = ".status.heartbeatTime", description = "Last report from the node's agent"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Datasets",
+        type_ = "integer",
+        json_path = ".status.datasetCount",
+        description = "Datasets the agent serves"
+    ),
+    printcolumn(
+        name = "Capacity",
+        type_ = "integer",
+        json_path = ".status.capacityBytes",
+        description = "Pool capacity in bytes"
+    ),
+    printcolumn(
+        name = "Used",
+        type_ = "integer",
+        json_path = ".status.usedBytes",
+        description = "Bytes used in the pool"
+    ),
+    printcolumn(
+        name = "Heartbeat",
+        type_ = "date",
+        json_path = ".status.heartbeatTime",
+        description = "Last report from the node's agent"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CachePoolSpec {
@@ -51,7 +81,18 @@ pub struct CachePoolSpec {
 }
 
 /// Identity of the object an assignment comes from.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Default, PartialOrd, Ord)]
+#[derive(
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    Clone,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    PartialOrd,
+    Ord,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct AssignmentOwner {
     /// Namespace of the owning object; credential references resolve in it.
@@ -166,7 +207,9 @@ pub struct DatasetNodeStatus {
 }
 
 /// Phase of one dataset on one node.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum NodeDatasetPhase {
     /// Assigned, not started.
     #[default]

@@ -5,6 +5,10 @@
 //! job runs, and a job must be able to resume anywhere. A step is durable only when
 //! every node holding part of it has uploaded its part (DESIGN.md, "Checkpoints").
 
+// `printcolumn(type_ = …)` repeats by design; clippy reads the derive's arguments as
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -22,12 +26,42 @@ use crate::{Phase, dataset_cache::DURATION_PATTERN, lake::LakeLocation};
     category = "tidepool",
     status = "CheckpointSyncStatus",
     doc = "A read-write checkpoint volume on local NVMe whose committed steps are replicated to the lake.",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Aggregated phase over the nodes"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.nodesReady", description = "Nodes whose sync is healthy"),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.nodesDesired", description = "Nodes with a cache pool"),
-    printcolumn(name = "Durable", type_ = "integer", json_path = ".status.latestDurableStep", description = "Latest step durable in the lake"),
-    printcolumn(name = "Pending", type_ = "integer", json_path = ".status.pendingBytes", description = "Bytes committed but not yet uploaded", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Aggregated phase over the nodes"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.nodesReady",
+        description = "Nodes whose sync is healthy"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.nodesDesired",
+        description = "Nodes with a cache pool"
+    ),
+    printcolumn(
+        name = "Durable",
+        type_ = "integer",
+        json_path = ".status.latestDurableStep",
+        description = "Latest step durable in the lake"
+    ),
+    printcolumn(
+        name = "Pending",
+        type_ = "integer",
+        json_path = ".status.pendingBytes",
+        description = "Bytes committed but not yet uploaded",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointSyncSpec {
@@ -68,7 +102,10 @@ fn default_markers() -> Vec<String> {
 
 impl Default for CommitRule {
     fn default() -> Self {
-        Self { markers: default_markers(), quiescence: None }
+        Self {
+            markers: default_markers(),
+            quiescence: None,
+        }
     }
 }
 
@@ -127,6 +164,9 @@ pub struct CheckpointSyncStatus {
 impl CheckpointSync {
     /// The PVC name: `spec.claimName` or the object's name.
     pub fn claim_name(&self) -> String {
-        self.spec.claim_name.clone().unwrap_or_else(|| kube::ResourceExt::name_any(self))
+        self.spec
+            .claim_name
+            .clone()
+            .unwrap_or_else(|| kube::ResourceExt::name_any(self))
     }
 }

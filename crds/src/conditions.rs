@@ -4,7 +4,10 @@
 //! reconcile that recomputes the same condition writes the same bytes (server-side
 //! apply then makes no change and triggers no watch event).
 
-use k8s_openapi::{apimachinery::pkg::apis::meta::v1::{Condition, Time}, jiff::Timestamp};
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
 
 /// Condition type: the object serves on every desired node.
 pub const READY: &str = "Ready";
@@ -28,7 +31,12 @@ pub struct ConditionUpdate {
 
 /// Upsert `update` into `conditions`, keeping `lastTransitionTime` of an existing
 /// condition when its status is unchanged.
-pub fn set(conditions: &mut Vec<Condition>, update: ConditionUpdate, generation: Option<i64>, now: Timestamp) {
+pub fn set(
+    conditions: &mut Vec<Condition>,
+    update: ConditionUpdate,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
     let status = if update.status { "True" } else { "False" }.to_owned();
     match conditions.iter_mut().find(|c| c.type_ == update.type_) {
         Some(existing) => {
@@ -66,7 +74,12 @@ mod tests {
     use super::*;
 
     fn ready(status: bool, reason: &'static str) -> ConditionUpdate {
-        ConditionUpdate { type_: READY, status, reason, message: reason.to_owned() }
+        ConditionUpdate {
+            type_: READY,
+            status,
+            reason,
+            message: reason.to_owned(),
+        }
     }
 
     #[test]
@@ -78,7 +91,11 @@ mod tests {
         set(&mut conditions, ready(false, "Warming"), Some(1), t0);
         set(&mut conditions, ready(false, "StillWarming"), Some(2), t1);
         assert_eq!(conditions.len(), 1);
-        assert_eq!(conditions[0].last_transition_time, Time(t0), "same status keeps the transition time");
+        assert_eq!(
+            conditions[0].last_transition_time,
+            Time(t0),
+            "same status keeps the transition time"
+        );
         assert_eq!(conditions[0].reason, "StillWarming");
         assert_eq!(conditions[0].observed_generation, Some(2));
         set(&mut conditions, ready(true, "AllNodesReady"), Some(2), t2);

@@ -5,6 +5,10 @@
 //! an assignment in the `CachePool` of every node its `nodeSelector` matches. Status is
 //! summed from those pools.
 
+// `printcolumn(type_ = …)` repeats by design; clippy reads the derive's arguments as
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -25,12 +29,42 @@ pub(crate) const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m
     category = "tidepool",
     status = "DatasetCacheStatus",
     doc = "A lake prefix (Azure Blob) staged onto node-local NVMe and mounted read-only through a PVC.",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Aggregated phase over the selected nodes"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.nodesReady", description = "Nodes where the dataset is ready"),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.nodesDesired", description = "Nodes selected for the dataset"),
-    printcolumn(name = "Cached", type_ = "integer", json_path = ".status.bytesCached", description = "Bytes cached, summed over nodes"),
-    printcolumn(name = "Claim", type_ = "string", json_path = ".status.claimName", description = "PVC that mounts the dataset", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Aggregated phase over the selected nodes"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.nodesReady",
+        description = "Nodes where the dataset is ready"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.nodesDesired",
+        description = "Nodes selected for the dataset"
+    ),
+    printcolumn(
+        name = "Cached",
+        type_ = "integer",
+        json_path = ".status.bytesCached",
+        description = "Bytes cached, summed over nodes"
+    ),
+    printcolumn(
+        name = "Claim",
+        type_ = "string",
+        json_path = ".status.claimName",
+        description = "PVC that mounts the dataset",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DatasetCacheSpec {
@@ -71,7 +105,9 @@ pub struct Prefetch {
 }
 
 /// Prefetch policy.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum PrefetchPolicy {
     /// Fetch a file when it is first read.
     #[default]
@@ -97,7 +133,9 @@ pub struct Refresh {
 }
 
 /// Refresh policy.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum RefreshPolicy {
     /// One snapshot, never refreshed.
     #[default]
@@ -156,6 +194,9 @@ pub struct SnapshotSummary {
 impl DatasetCache {
     /// The PVC name: `spec.claimName` or the object's name.
     pub fn claim_name(&self) -> String {
-        self.spec.claim_name.clone().unwrap_or_else(|| kube::ResourceExt::name_any(self))
+        self.spec
+            .claim_name
+            .clone()
+            .unwrap_or_else(|| kube::ResourceExt::name_any(self))
     }
 }

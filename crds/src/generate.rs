@@ -26,7 +26,10 @@ pub const GENERATE_COMMAND: &str = "make generate (cargo run -p tidepool-api --b
 pub enum GenerateError {
     /// A CRD could not be serialised (a bug in the types).
     #[error("cannot render CRD {name} as YAML: {source}")]
-    Render { name: String, source: serde_yaml::Error },
+    Render {
+        name: String,
+        source: serde_yaml::Error,
+    },
     /// Writing or reading a file failed.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -43,8 +46,12 @@ pub fn render() -> Result<Vec<(String, String)>, GenerateError> {
         .into_iter()
         .map(|crd| {
             let name = kube::ResourceExt::name_any(&crd);
-            let body = serde_yaml::to_string(&crd).map_err(|source| GenerateError::Render { name: name.clone(), source })?;
-            let text = format!("# Generated from crds/src by `{GENERATE_COMMAND}`. Do not edit.\n{body}");
+            let body = serde_yaml::to_string(&crd).map_err(|source| GenerateError::Render {
+                name: name.clone(),
+                source,
+            })?;
+            let text =
+                format!("# Generated from crds/src by `{GENERATE_COMMAND}`. Do not edit.\n{body}");
             Ok((format!("{name}.yaml"), text))
         })
         .collect()
@@ -56,10 +63,16 @@ pub fn write_all(root: &Path) -> Result<Vec<PathBuf>, GenerateError> {
     let mut written = Vec::new();
     for dir in TARGET_DIRS {
         let dir = root.join(dir);
-        std::fs::create_dir_all(&dir).map_err(|source| GenerateError::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| GenerateError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         for (name, text) in &files {
             let path = dir.join(name);
-            std::fs::write(&path, text).map_err(|source| GenerateError::Io { path: path.clone(), source })?;
+            std::fs::write(&path, text).map_err(|source| GenerateError::Io {
+                path: path.clone(),
+                source,
+            })?;
             written.push(path);
         }
     }

@@ -40,7 +40,16 @@ pub const VERSION: &str = "v1alpha1";
 
 /// Aggregated lifecycle phase shared by `DatasetCache` and `CheckpointSync` status.
 #[derive(
-    serde::Serialize, serde::Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, Default,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
 )]
 pub enum Phase {
     /// Accepted, but no node has reported on it yet (or no node matches).
@@ -58,7 +67,13 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, for per-phase metrics.
-    pub const ALL: [Phase; 5] = [Phase::Pending, Phase::Warming, Phase::Ready, Phase::Degraded, Phase::Failed];
+    pub const ALL: [Phase; 5] = [
+        Phase::Pending,
+        Phase::Warming,
+        Phase::Ready,
+        Phase::Degraded,
+        Phase::Failed,
+    ];
 
     /// The spelling used in the API.
     pub fn as_str(self) -> &'static str {

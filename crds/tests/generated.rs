@@ -17,7 +17,13 @@ fn crds_install_the_names_users_type() {
     let crds = tidepool_api::generate::crds();
     let names: Vec<_> = crds
         .iter()
-        .map(|c| (c.spec.names.kind.as_str(), c.spec.scope.as_str(), c.spec.names.short_names.clone().unwrap_or_default()))
+        .map(|c| {
+            (
+                c.spec.names.kind.as_str(),
+                c.spec.scope.as_str(),
+                c.spec.names.short_names.clone().unwrap_or_default(),
+            )
+        })
         .collect();
     assert_eq!(
         names,
@@ -30,9 +36,26 @@ fn crds_install_the_names_users_type() {
     for crd in &crds {
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{} has a status subresource", crd.spec.names.kind);
-        let columns: Vec<_> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-        assert!(columns.contains(&"Age"), "{} prints Age: {columns:?}", crd.spec.names.kind);
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some(),
+            "{} has a status subresource",
+            crd.spec.names.kind
+        );
+        let columns: Vec<_> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert!(
+            columns.contains(&"Age"),
+            "{} prints Age: {columns:?}",
+            crd.spec.names.kind
+        );
     }
 }
 
@@ -44,8 +67,13 @@ fn every_field_is_documented_for_kubectl_explain() {
             for (name, prop) in props {
                 let path = format!("{path}.{name}");
                 // apiVersion/kind/metadata are documented by Kubernetes itself.
-                let builtin = matches!(name.as_str(), "apiVersion" | "kind" | "metadata") && !path[1..].contains('.');
-                if prop.get("description").is_none() && !builtin && !path.contains(".conditions.") && !path.contains("Selector.") {
+                let builtin = matches!(name.as_str(), "apiVersion" | "kind" | "metadata")
+                    && !path[1..].contains('.');
+                if prop.get("description").is_none()
+                    && !builtin
+                    && !path.contains(".conditions.")
+                    && !path.contains("Selector.")
+                {
                     missing.push(path.clone());
                 }
                 walk(&path, prop, missing);
@@ -57,8 +85,18 @@ fn every_field_is_documented_for_kubectl_explain() {
     }
     let mut missing = Vec::new();
     for crd in tidepool_api::generate::crds() {
-        let schema = serde_json::to_value(&crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema).unwrap();
+        let schema = serde_json::to_value(
+            &crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .unwrap()
+                .open_api_v3_schema,
+        )
+        .unwrap();
         walk(&crd.spec.names.kind, &schema, &mut missing);
     }
-    assert!(missing.is_empty(), "fields without a description: {missing:#?}");
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:#?}"
+    );
 }

@@ -41,12 +41,18 @@ pub fn respond(path: &str, state: &AdminState) -> (StatusCode, String) {
     match path {
         "/livez" => (StatusCode::OK, "ok\n".to_owned()),
         "/readyz" if state.ready.load(Ordering::Acquire) => (StatusCode::OK, "ok\n".to_owned()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet\n".to_owned()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "caches not synced yet\n".to_owned(),
+        ),
         "/metrics" => {
             (state.before_scrape)(&state.metrics);
             (StatusCode::OK, state.metrics.encode())
         }
-        _ => (StatusCode::NOT_FOUND, "not found; try /livez, /readyz or /metrics\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found; try /livez, /readyz or /metrics\n".to_owned(),
+        ),
     }
 }
 
@@ -64,14 +70,25 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (status, body) = respond(req.uri().path(), &state);
-                let content_type = if req.uri().path() == "/metrics" { "application/openmetrics-text; version=1.0.0; charset=utf-8" } else { "text/plain" };
+                let content_type = if req.uri().path() == "/metrics" {
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8"
+                } else {
+                    "text/plain"
+                };
                 async move {
                     Ok::<_, Infallible>(
-                        Response::builder().status(status).header("content-type", content_type).body(Full::new(Bytes::from(body))).expect("static response parts"),
+                        Response::builder()
+                            .status(status)
+                            .header("content-type", content_type)
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("static response parts"),
                     )
                 }
             });
-            if let Err(error) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 debug!(%error, %peer, "admin connection ended");
             }
         });
@@ -86,7 +103,11 @@ mod tests {
 
     async fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
@@ -103,11 +124,17 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, state.clone()));
         assert!(get(addr, "/livez").await.starts_with("HTTP/1.1 200"));
-        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"), "not ready before caches sync");
+        assert!(
+            get(addr, "/readyz").await.starts_with("HTTP/1.1 503"),
+            "not ready before caches sync"
+        );
         state.ready.store(true, Ordering::Release);
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         let metrics = get(addr, "/metrics").await;
-        assert!(metrics.contains(r#"tidepool_objects{kind="DatasetCache",phase="Ready"} 1"#), "{metrics}");
+        assert!(
+            metrics.contains(r#"tidepool_objects{kind="DatasetCache",phase="Ready"} 1"#),
+            "{metrics}"
+        );
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
         server.abort();
     }

@@ -8,7 +8,9 @@ pub enum Error {
     #[error("Kubernetes API request failed: {0}")]
     Kube(#[from] kube::Error),
     /// Deletion waits for the PVC, which Kubernetes keeps while a pod uses it.
-    #[error("waiting for PersistentVolumeClaim {namespace}/{name} to be deleted; Kubernetes keeps it while a pod uses it")]
+    #[error(
+        "waiting for PersistentVolumeClaim {namespace}/{name} to be deleted; Kubernetes keeps it while a pod uses it"
+    )]
     WaitingForClaim {
         /// Namespace of the PVC.
         namespace: String,
@@ -31,7 +33,8 @@ impl Error {
             Error::WaitingForClaim { .. } => "waiting_for_claim",
             Error::MissingMetadata(_) => "missing_metadata",
             Error::Finalizer(inner) => match &**inner {
-                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
                 _ => "finalizer",
             },
         }

@@ -45,7 +45,11 @@ pub struct LeaderElectionConfig {
 pub enum LeaderError {
     /// A Lease request failed.
     #[error("Lease {namespace}/{name}: {source}")]
-    Kube { namespace: String, name: String, source: kube::Error },
+    Kube {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
     /// Renewal failed for a whole lease duration: another replica may lead now.
     #[error("lost leadership of Lease {namespace}/{name}; exiting so that one leader remains")]
     Lost { namespace: String, name: String },
@@ -65,8 +69,15 @@ pub enum Decision {
 }
 
 /// Decide from the observed Lease spec.
-pub fn decide(lease: Option<&LeaseSpec>, identity: &str, now: Timestamp, default_duration: Duration) -> Decision {
-    let Some(spec) = lease else { return Decision::Create };
+pub fn decide(
+    lease: Option<&LeaseSpec>,
+    identity: &str,
+    now: Timestamp,
+    default_duration: Duration,
+) -> Decision {
+    let Some(spec) = lease else {
+        return Decision::Create;
+    };
     match spec.holder_identity.as_deref() {
         Some(holder) if holder == identity => Decision::Renew,
         None | Some("") => Decision::TakeOver,
@@ -74,9 +85,18 @@ pub fn decide(lease: Option<&LeaseSpec>, identity: &str, now: Timestamp, default
             let duration = spec
                 .lease_duration_seconds
                 .map(|s| SignedDuration::from_secs(i64::from(s)))
-                .unwrap_or_else(|| SignedDuration::try_from(default_duration).unwrap_or(SignedDuration::MAX));
+                .unwrap_or_else(|| {
+                    SignedDuration::try_from(default_duration).unwrap_or(SignedDuration::MAX)
+                });
             match spec.renew_time.as_ref() {
-                Some(renewed) if renewed.0.checked_add(duration).is_ok_and(|expiry| expiry > now) => Decision::Wait,
+                Some(renewed)
+                    if renewed
+                        .0
+                        .checked_add(duration)
+                        .is_ok_and(|expiry| expiry > now) =>
+                {
+                    Decision::Wait
+                }
                 _ => Decision::TakeOver,
             }
         }
@@ -92,17 +112,26 @@ pub struct LeaseLock {
 impl LeaseLock {
     /// A lock on `config.namespace/config.lease_name`.
     pub fn new(client: Client, config: LeaderElectionConfig) -> Self {
-        Self { api: Api::namespaced(client, &config.namespace), config }
+        Self {
+            api: Api::namespaced(client, &config.namespace),
+            config,
+        }
     }
 
     fn err(&self, source: kube::Error) -> LeaderError {
-        LeaderError::Kube { namespace: self.config.namespace.clone(), name: self.config.lease_name.clone(), source }
+        LeaderError::Kube {
+            namespace: self.config.namespace.clone(),
+            name: self.config.lease_name.clone(),
+            source,
+        }
     }
 
     fn spec(&self, now: Timestamp, acquired: Option<MicroTime>, transitions: i32) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(self.config.identity.clone()),
-            lease_duration_seconds: Some(i32::try_from(self.config.lease_duration.as_secs()).unwrap_or(i32::MAX)),
+            lease_duration_seconds: Some(
+                i32::try_from(self.config.lease_duration.as_secs()).unwrap_or(i32::MAX),
+            ),
             acquire_time: Some(acquired.unwrap_or(MicroTime(now))),
             renew_time: Some(MicroTime(now)),
             lease_transitions: Some(transitions),
@@ -114,15 +143,26 @@ impl LeaseLock {
     pub async fn try_acquire_or_renew(&self, now: Timestamp) -> Result<bool, LeaderError> {
         let name = &self.config.lease_name;
         let current = self.api.get_opt(name).await.map_err(|e| self.err(e))?;
-        let decision = decide(current.as_ref().and_then(|l| l.spec.as_ref()), &self.config.identity, now, self.config.lease_duration);
+        let decision = decide(
+            current.as_ref().and_then(|l| l.spec.as_ref()),
+            &self.config.identity,
+            now,
+            self.config.lease_duration,
+        );
         let result = match (decision, current) {
             (Decision::Wait, _) => return Ok(false),
             (Decision::Create, _) => {
                 let lease = Lease {
-                    metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        ..Default::default()
+                    },
                     spec: Some(self.spec(now, None, 0)),
                 };
-                self.api.create(&PostParams::default(), &lease).await.map(|_| ())
+                self.api
+                    .create(&PostParams::default(), &lease)
+                    .await
+                    .map(|_| ())
             }
             (Decision::Renew | Decision::TakeOver, Some(mut lease)) => {
                 let old = lease.spec.clone().unwrap_or_default();
@@ -131,7 +171,10 @@ impl LeaseLock {
                 let acquired = if takeover { None } else { old.acquire_time };
                 lease.spec = Some(self.spec(now, acquired, transitions));
                 // `lease` carries its resourceVersion: a concurrent writer makes this 409.
-                self.api.replace(name, &PostParams::default(), &lease).await.map(|_| ())
+                self.api
+                    .replace(name, &PostParams::default(), &lease)
+                    .await
+                    .map(|_| ())
             }
             (Decision::Renew | Decision::TakeOver, None) => return Ok(false),
         };
@@ -174,7 +217,10 @@ impl LeaseLock {
                 }
             }
         }
-        LeaderError::Lost { namespace: self.config.namespace.clone(), name: self.config.lease_name.clone() }
+        LeaderError::Lost {
+            namespace: self.config.namespace.clone(),
+            name: self.config.lease_name.clone(),
+        }
     }
 }
 
@@ -198,11 +244,31 @@ mod tests {
         let cases = [
             ("no lease", None, Decision::Create),
             ("ours", Some(spec(Some("me"), Some(5), 15)), Decision::Renew),
-            ("ours even if expired", Some(spec(Some("me"), Some(500), 15)), Decision::Renew),
-            ("other, fresh", Some(spec(Some("other"), Some(5), 15)), Decision::Wait),
-            ("other, expired", Some(spec(Some("other"), Some(16), 15)), Decision::TakeOver),
-            ("other, never renewed", Some(spec(Some("other"), None, 15)), Decision::TakeOver),
-            ("released", Some(spec(None, Some(1), 15)), Decision::TakeOver),
+            (
+                "ours even if expired",
+                Some(spec(Some("me"), Some(500), 15)),
+                Decision::Renew,
+            ),
+            (
+                "other, fresh",
+                Some(spec(Some("other"), Some(5), 15)),
+                Decision::Wait,
+            ),
+            (
+                "other, expired",
+                Some(spec(Some("other"), Some(16), 15)),
+                Decision::TakeOver,
+            ),
+            (
+                "other, never renewed",
+                Some(spec(Some("other"), None, 15)),
+                Decision::TakeOver,
+            ),
+            (
+                "released",
+                Some(spec(None, Some(1), 15)),
+                Decision::TakeOver,
+            ),
         ];
         for (name, lease, want) in cases {
             assert_eq!(decide(lease.as_ref(), "me", now, d), want, "{name}");

@@ -2,7 +2,7 @@
 //!
 //! - `tidepool_reconciles_total{kind}`: reconciles run.
 //! - `tidepool_reconcile_errors_total{kind,error}`: failed reconciles, by error class
-//!   (`waiting_for_claim` is a deletion waiting on a pod, not a fault).
+//!   A deletion waiting for a pod to release its PVC is not counted: it is not a fault.
 //! - `tidepool_reconcile_duration_seconds{kind}`: reconcile latency.
 //! - `tidepool_objects{kind,phase}`: objects per phase, refreshed at scrape time from
 //!   the reflector stores (so it never drifts from what the cluster says).
@@ -70,15 +70,31 @@ impl Default for Metrics {
         let errors = Family::<ErrorLabels, Counter>::default();
         // 5 ms .. ~20 s: a reconcile is a handful of API calls; longer means trouble.
         let duration = Family::<KindLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12))
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.005, 2.0, 12,
+            ))
         });
         let objects = Family::<PhaseLabels, Gauge>::default();
         let mut registry = Registry::default();
         registry.register(RECONCILES, "Reconciles run", reconciles.clone());
-        registry.register(RECONCILE_ERRORS, "Failed reconciles by error class", errors.clone());
-        registry.register(RECONCILE_DURATION, "Reconcile duration in seconds", duration.clone());
+        registry.register(
+            RECONCILE_ERRORS,
+            "Failed reconciles by error class",
+            errors.clone(),
+        );
+        registry.register(
+            RECONCILE_DURATION,
+            "Reconcile duration in seconds",
+            duration.clone(),
+        );
         registry.register(OBJECTS, "Objects per kind and phase", objects.clone());
-        Self { reconciles, errors, duration, objects, registry }
+        Self {
+            reconciles,
+            errors,
+            duration,
+            objects,
+            registry,
+        }
     }
 }
 
@@ -95,7 +111,12 @@ impl Metrics {
             counts[Phase::ALL.iter().position(|p| *p == phase).unwrap_or(0)] += 1;
         }
         for (phase, count) in Phase::ALL.iter().zip(counts) {
-            self.objects.get_or_create(&PhaseLabels { kind, phase: phase.as_str() }).set(count);
+            self.objects
+                .get_or_create(&PhaseLabels {
+                    kind,
+                    phase: phase.as_str(),
+                })
+                .set(count);
         }
     }
 
@@ -115,15 +136,43 @@ mod tests {
     #[test]
     fn exposition_names_every_metric_and_counts_phases() {
         let m = Metrics::default();
-        m.reconciles.get_or_create(&KindLabels { kind: "DatasetCache" }).inc();
-        m.errors.get_or_create(&ErrorLabels { kind: "DatasetCache", error: "kube" }).inc();
-        m.duration.get_or_create(&KindLabels { kind: "DatasetCache" }).observe(0.02);
+        m.reconciles
+            .get_or_create(&KindLabels {
+                kind: "DatasetCache",
+            })
+            .inc();
+        m.errors
+            .get_or_create(&ErrorLabels {
+                kind: "DatasetCache",
+                error: "kube",
+            })
+            .inc();
+        m.duration
+            .get_or_create(&KindLabels {
+                kind: "DatasetCache",
+            })
+            .observe(0.02);
         m.set_phases("DatasetCache", [Phase::Ready, Phase::Ready, Phase::Failed]);
         let text = m.encode();
-        assert!(text.contains(r#"tidepool_reconciles_total{kind="DatasetCache"} 1"#), "{text}");
-        assert!(text.contains(r#"tidepool_reconcile_errors_total{kind="DatasetCache",error="kube"} 1"#), "{text}");
-        assert!(text.contains("tidepool_reconcile_duration_seconds_bucket"), "{text}");
-        assert!(text.contains(r#"tidepool_objects{kind="DatasetCache",phase="Ready"} 2"#), "{text}");
-        assert!(text.contains(r#"tidepool_objects{kind="DatasetCache",phase="Warming"} 0"#), "{text}");
+        assert!(
+            text.contains(r#"tidepool_reconciles_total{kind="DatasetCache"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tidepool_reconcile_errors_total{kind="DatasetCache",error="kube"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidepool_reconcile_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tidepool_objects{kind="DatasetCache",phase="Ready"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tidepool_objects{kind="DatasetCache",phase="Warming"} 0"#),
+            "{text}"
+        );
     }
 }

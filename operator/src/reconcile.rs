@@ -141,10 +141,14 @@ pub async fn reconcile<K: Reconciled>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
     .await
     .map_err(|e| match e {
         // Surface the reconciler's own error unwrapped, so its class is visible.
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(Box::new(other)),
     });
-    ctx.metrics.duration.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
+    ctx.metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(start.elapsed().as_secs_f64());
     result
 }
 
@@ -155,7 +159,13 @@ pub fn error_policy<K: Reconciled>(obj: Arc<K>, error: &Error, ctx: Arc<Context>
         return Action::requeue(CLAIM_WAIT_REQUEUE);
     }
     warn!(kind = K::KIND, name = %obj.name_any(), %error, "reconcile failed");
-    ctx.metrics.errors.get_or_create(&ErrorLabels { kind: K::KIND, error: error.metric_label() }).inc();
+    ctx.metrics
+        .errors
+        .get_or_create(&ErrorLabels {
+            kind: K::KIND,
+            error: error.metric_label(),
+        })
+        .inc();
     Action::requeue(ERROR_REQUEUE)
 }
 
@@ -189,7 +199,12 @@ async fn sync_pools(ctx: &Context, releasing: Option<&str>) -> Result<Vec<Arc<Ca
     let pools: Vec<&CachePool> = snap.pools.iter().map(|p| &**p).collect();
     let datasets: Vec<&DatasetCache> = snap.datasets.iter().map(|d| &**d).collect();
     let checkpoints: Vec<&CheckpointSync> = snap.checkpoints.iter().map(|c| &**c).collect();
-    let observed = Observed { nodes: &nodes, pools: &pools, datasets: &datasets, checkpoints: &checkpoints };
+    let observed = Observed {
+        nodes: &nodes,
+        pools: &pools,
+        datasets: &datasets,
+        checkpoints: &checkpoints,
+    };
     let api: Api<CachePool> = Api::all(ctx.client.clone());
     for (name, spec) in changed_pools(&observed, releasing) {
         info!(pool = %name, datasets = spec.datasets.len(), checkpoint_syncs = spec.checkpoint_syncs.len(), "assigning pool");
@@ -198,12 +213,17 @@ async fn sync_pools(ctx: &Context, releasing: Option<&str>) -> Result<Vec<Arc<Ca
             "kind": CachePool::kind(&()),
             "spec": spec,
         });
-        api.patch(&name, &apply_params(), &Patch::Apply(&body)).await?;
+        api.patch(&name, &apply_params(), &Patch::Apply(&body))
+            .await?;
     }
     Ok(snap.pools)
 }
 
-async fn write_status<K: Reconciled>(obj: &K, status: &K::Status, ctx: &Context) -> Result<(), Error> {
+async fn write_status<K: Reconciled>(
+    obj: &K,
+    status: &K::Status,
+    ctx: &Context,
+) -> Result<(), Error> {
     if obj.current_status() == Some(status) {
         return Ok(());
     }
@@ -214,7 +234,8 @@ async fn write_status<K: Reconciled>(obj: &K, status: &K::Status, ctx: &Context)
         "kind": K::kind(&()),
         "status": status,
     });
-    api.patch_status(&obj.name_any(), &apply_params(), &Patch::Apply(&body)).await?;
+    api.patch_status(&obj.name_any(), &apply_params(), &Patch::Apply(&body))
+        .await?;
     Ok(())
 }
 
@@ -223,12 +244,22 @@ async fn publish_phase_change<K: Reconciled>(obj: &K, new: Phase, ctx: &Context)
     if old == Some(new) || (old.is_none() && new == Phase::Pending) {
         return;
     }
-    let type_ = if matches!(new, Phase::Degraded | Phase::Failed) { EventType::Warning } else { EventType::Normal };
+    let type_ = if matches!(new, Phase::Degraded | Phase::Failed) {
+        EventType::Warning
+    } else {
+        EventType::Normal
+    };
     let note = match old {
         Some(old) => format!("phase {} -> {}", old.as_str(), new.as_str()),
         None => format!("phase {}", new.as_str()),
     };
-    let event = Event { type_, reason: new.as_str().to_owned(), note: Some(note), action: "Reconcile".to_owned(), secondary: None };
+    let event = Event {
+        type_,
+        reason: new.as_str().to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
     // An event that cannot be published is not worth failing the reconcile for.
     if let Err(error) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
         warn!(%error, "cannot publish event");
@@ -246,12 +277,16 @@ pub async fn apply<K: Reconciled>(obj: &K, ctx: &Context) -> Result<Action, Erro
 
     if pv_api.get_opt(&pv_name).await?.is_none() {
         info!(pv = %pv_name, "creating PersistentVolume");
-        pv_api.patch(&pv_name, &apply_params(), &Patch::Apply(&desired_pv(obj))).await?;
+        pv_api
+            .patch(&pv_name, &apply_params(), &Patch::Apply(&desired_pv(obj)))
+            .await?;
     }
     let conflict = match pvc_api.get_opt(&claim).await? {
         None => {
             info!(pvc = %claim, "creating PersistentVolumeClaim");
-            pvc_api.patch(&claim, &apply_params(), &Patch::Apply(&desired_pvc(obj))).await?;
+            pvc_api
+                .patch(&claim, &apply_params(), &Patch::Apply(&desired_pvc(obj)))
+                .await?;
             false
         }
         Some(pvc) => !controlled_by(&pvc, obj),
@@ -262,9 +297,17 @@ pub async fn apply<K: Reconciled>(obj: &K, ctx: &Context) -> Result<Action, Erro
         let nodes = ctx.stores.nodes.state();
         let nodes: Vec<&Node> = nodes.iter().map(|n| &**n).collect();
         let pools: Vec<&CachePool> = pools.iter().map(|p| &**p).collect();
-        let observed = Observed { nodes: &nodes, pools: &pools, datasets: &[], checkpoints: &[] };
+        let observed = Observed {
+            nodes: &nodes,
+            pools: &pools,
+            datasets: &[],
+            checkpoints: &[],
+        };
         let assigned = obj.assigned_pools(&observed);
-        let clock = Clock { now: (ctx.now)(), stale_after: ctx.stale_after };
+        let clock = Clock {
+            now: (ctx.now)(),
+            stale_after: ctx.stale_after,
+        };
         let mut status = obj.plan_status(&assigned, &clock);
         conditions::remove(K::conditions(&mut status), DELETING);
         if conflict {
@@ -278,7 +321,12 @@ pub async fn apply<K: Reconciled>(obj: &K, ctx: &Context) -> Result<Action, Erro
                     K::KIND
                 ),
             };
-            conditions::set(K::conditions(&mut status), update, obj.meta().generation, clock.now);
+            conditions::set(
+                K::conditions(&mut status),
+                update,
+                obj.meta().generation,
+                clock.now,
+            );
         }
         status
     };
@@ -301,16 +349,34 @@ pub async fn cleanup<K: Reconciled>(obj: &K, ctx: &Context) -> Result<Action, Er
             info!(pvc = %claim, "deleting PersistentVolumeClaim");
             pvc_api.delete(&claim, &DeleteParams::default()).await?;
         }
-        let mut status = obj.current_status().cloned().unwrap_or_else(|| obj.plan_status(&[], &Clock { now: (ctx.now)(), stale_after: ctx.stale_after }));
+        let mut status = obj.current_status().cloned().unwrap_or_else(|| {
+            obj.plan_status(
+                &[],
+                &Clock {
+                    now: (ctx.now)(),
+                    stale_after: ctx.stale_after,
+                },
+            )
+        });
         let update = ConditionUpdate {
             type_: DELETING,
             status: true,
             reason: "WaitingForClaim",
-            message: format!("waiting for PersistentVolumeClaim {namespace}/{claim} to go away; Kubernetes keeps it while a pod uses it"),
+            message: format!(
+                "waiting for PersistentVolumeClaim {namespace}/{claim} to go away; Kubernetes keeps it while a pod uses it"
+            ),
         };
-        conditions::set(K::conditions(&mut status), update, obj.meta().generation, (ctx.now)());
+        conditions::set(
+            K::conditions(&mut status),
+            update,
+            obj.meta().generation,
+            (ctx.now)(),
+        );
         write_status(obj, &status, ctx).await?;
-        return Err(Error::WaitingForClaim { namespace, name: claim });
+        return Err(Error::WaitingForClaim {
+            namespace,
+            name: claim,
+        });
     }
 
     sync_pools(ctx, Some(&uid)).await?;
@@ -326,7 +392,11 @@ pub async fn cleanup<K: Reconciled>(obj: &K, ctx: &Context) -> Result<Action, Er
 
 /// Phases of every object in a store, for the per-phase gauges.
 pub fn phases<K: Reconciled>(store: &Store<K>) -> Vec<Phase> {
-    store.state().iter().map(|o| o.current_status().map(K::phase).unwrap_or_default()).collect()
+    store
+        .state()
+        .iter()
+        .map(|o| o.current_status().map(K::phase).unwrap_or_default())
+        .collect()
 }
 
 #[cfg(test)]

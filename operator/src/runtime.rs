@@ -23,10 +23,8 @@ use kube::{
     api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
-        Controller,
-        controller,
+        Controller, WatchStreamExt, controller,
         events::{Recorder, Reporter},
-        WatchStreamExt,
         reflector::{self, ObjectRef, Store, reflector},
         watcher::{self, watcher},
     },
@@ -67,7 +65,9 @@ pub enum RunError {
     #[error("cannot configure the Kubernetes client: {0}")]
     Config(String),
     /// A CRD is missing.
-    #[error("the {crd} CustomResourceDefinition is not installed; install Tidepool's CRDs with: {INSTALL_CRDS}")]
+    #[error(
+        "the {crd} CustomResourceDefinition is not installed; install Tidepool's CRDs with: {INSTALL_CRDS}"
+    )]
     CrdsMissing { crd: &'static str },
     /// The API server could not be reached or refused.
     #[error("Kubernetes API: {0}")]
@@ -77,7 +77,10 @@ pub enum RunError {
     Leader(#[from] LeaderError),
     /// The admin address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
-    Admin { addr: SocketAddr, source: std::io::Error },
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// A reflector stopped before syncing.
     #[error("a watch stopped before its cache synced")]
     StoreNeverSynced,
@@ -87,10 +90,15 @@ pub enum RunError {
 pub async fn client(config: &OperatorConfig) -> Result<Client, RunError> {
     let kube_config = match &config.kubeconfig {
         Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path).map_err(|e| RunError::Config(format!("{}: {e}", path.display())))?;
-            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.map_err(|e| RunError::Config(e.to_string()))?
+            let kubeconfig = Kubeconfig::read_from(path)
+                .map_err(|e| RunError::Config(format!("{}: {e}", path.display())))?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| RunError::Config(e.to_string()))?
         }
-        None => Config::infer().await.map_err(|e| RunError::Config(e.to_string()))?,
+        None => Config::infer()
+            .await
+            .map_err(|e| RunError::Config(e.to_string()))?,
     };
     Client::try_from(kube_config).map_err(RunError::Kube)
 }
@@ -99,7 +107,10 @@ async fn check_crd<K>(client: &Client, crd: &'static str) -> Result<(), RunError
 where
     K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    match Api::<K>::all(client.clone()).list(&ListParams::default().limit(1)).await {
+    match Api::<K>::all(client.clone())
+        .list(&ListParams::default().limit(1))
+        .await
+    {
         Ok(_) => Ok(()),
         // A group the API server does not serve answers a plain-text 404, not a Status.
         Err(kube::Error::Api(status)) if status.code == 404 => Err(RunError::CrdsMissing { crd }),
@@ -116,10 +127,20 @@ pub async fn ensure_crds_installed(client: &Client) -> Result<(), RunError> {
 
 fn reflect<K>(api: Api<K>) -> (Store<K>, BoxFuture<'static, ()>)
 where
-    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()).default_backoff()).touched_objects();
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    )
+    .touched_objects();
     let drive = stream.for_each(|r| {
         if let Err(error) = r {
             tracing::warn!(%error, "watch error");
@@ -134,16 +155,21 @@ fn every<K, O>(own: Store<K>) -> impl Fn(O) -> Vec<ObjectRef<K>> + Send + Sync +
 where
     K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    move |_| own.state().into_iter().map(|o| ObjectRef::from_obj(&*o)).collect()
+    move |_| {
+        own.state()
+            .into_iter()
+            .map(|o| ObjectRef::from_obj(&*o))
+            .collect()
+    }
 }
 
-fn controller<K: Reconciled>(
+fn controller<K>(
     client: &Client,
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> BoxFuture<'static, ()>
 where
-    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned,
+    K: Reconciled + kube::Resource<DynamicType = ()> + Clone + DeserializeOwned,
 {
     let wc = watcher::Config::default();
     let ctl = Controller::new(Api::<K>::all(client.clone()), wc.clone());
@@ -151,8 +177,15 @@ where
     // Pool heartbeats and node relabels fan out to every object; debounce merges a
     // burst of them into one reconcile per object.
     ctl.with_config(controller::Config::default().debounce(Duration::from_secs(1)))
-        .owns(Api::<PersistentVolumeClaim>::all(client.clone()), wc.clone())
-        .watches(Api::<CachePool>::all(client.clone()), wc.clone(), every(own.clone()))
+        .owns(
+            Api::<PersistentVolumeClaim>::all(client.clone()),
+            wc.clone(),
+        )
+        .watches(
+            Api::<CachePool>::all(client.clone()),
+            wc.clone(),
+            every(own.clone()),
+        )
         .watches(Api::<Node>::all(client.clone()), wc, every(own))
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile::<K>, reconcile::error_policy::<K>, ctx)
@@ -191,8 +224,18 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
     let (pools, drive_pools) = reflect(Api::<CachePool>::all(client.clone()));
     let (datasets, drive_datasets) = reflect(Api::<DatasetCache>::all(client.clone()));
     let (checkpoints, drive_checkpoints) = reflect(Api::<CheckpointSync>::all(client.clone()));
-    let stores = Stores { nodes, pools, datasets, checkpoints };
-    tokio::spawn(futures::future::join4(drive_nodes, drive_pools, drive_datasets, drive_checkpoints));
+    let stores = Stores {
+        nodes,
+        pools,
+        datasets,
+        checkpoints,
+    };
+    tokio::spawn(futures::future::join4(
+        drive_nodes,
+        drive_pools,
+        drive_datasets,
+        drive_checkpoints,
+    ));
 
     let admin_state = {
         let (d, c) = (stores.datasets.clone(), stores.checkpoints.clone());
@@ -205,16 +248,34 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
             }),
         })
     };
-    let listener = tokio::net::TcpListener::bind(config.admin_addr).await.map_err(|source| RunError::Admin { addr: config.admin_addr, source })?;
+    let listener = tokio::net::TcpListener::bind(config.admin_addr)
+        .await
+        .map_err(|source| RunError::Admin {
+            addr: config.admin_addr,
+            source,
+        })?;
     tokio::spawn(admin::serve(listener, admin_state.clone()));
     info!(addr = %config.admin_addr, "admin server listening");
 
-    for ready in [stores.nodes.wait_until_ready().boxed(), stores.pools.wait_until_ready().boxed()] {
+    for ready in [
+        stores.nodes.wait_until_ready().boxed(),
+        stores.pools.wait_until_ready().boxed(),
+    ] {
         ready.await.map_err(|_| RunError::StoreNeverSynced)?;
     }
-    stores.datasets.wait_until_ready().await.map_err(|_| RunError::StoreNeverSynced)?;
-    stores.checkpoints.wait_until_ready().await.map_err(|_| RunError::StoreNeverSynced)?;
-    admin_state.ready.store(true, std::sync::atomic::Ordering::Release);
+    stores
+        .datasets
+        .wait_until_ready()
+        .await
+        .map_err(|_| RunError::StoreNeverSynced)?;
+    stores
+        .checkpoints
+        .wait_until_ready()
+        .await
+        .map_err(|_| RunError::StoreNeverSynced)?;
+    admin_state
+        .ready
+        .store(true, std::sync::atomic::Ordering::Release);
     info!("caches synced");
 
     let lock = match config.leader_election.clone() {
@@ -233,9 +294,16 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
     let ctx = Arc::new(Context {
         client: client.clone(),
         stores,
-        recorder: Recorder::new(client.clone(), Reporter { controller: config.reporter.clone(), instance: None }),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: config.reporter.clone(),
+                instance: None,
+            },
+        ),
         metrics,
-        stale_after: SignedDuration::try_from(config.stale_after).unwrap_or(SignedDuration::from_secs(120)),
+        stale_after: SignedDuration::try_from(config.stale_after)
+            .unwrap_or(SignedDuration::from_secs(120)),
         now: Timestamp::now,
     });
     let (stop_datasets, stopped_datasets) = futures::channel::oneshot::channel::<()>();
@@ -286,11 +354,21 @@ mod tests {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let server = tokio::spawn(async move {
             let (request, send) = handle.next_request().await.unwrap();
-            assert_eq!(request.uri().path(), "/apis/tidepool.dev/v1alpha1/datasetcaches");
+            assert_eq!(
+                request.uri().path(),
+                "/apis/tidepool.dev/v1alpha1/datasetcaches"
+            );
             // What an API server without the CRD answers.
-            send.send_response(Response::builder().status(404).body(Body::from(b"404 page not found\n".to_vec())).unwrap());
+            send.send_response(
+                Response::builder()
+                    .status(404)
+                    .body(Body::from(b"404 page not found\n".to_vec()))
+                    .unwrap(),
+            );
         });
-        let err = ensure_crds_installed(&Client::new(service, "default")).await.unwrap_err();
+        let err = ensure_crds_installed(&Client::new(service, "default"))
+            .await
+            .unwrap_err();
         server.await.unwrap();
         let message = err.to_string();
         assert!(message.contains("datasetcaches.tidepool.dev"), "{message}");

@@ -10,14 +10,20 @@ fn main() -> anyhow::Result<()> {
     if check {
         args.remove(0);
     }
-    let root = args.first().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
+    let root = args
+        .first()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
     if check {
         let stale = tidepool_api::generate::stale_files(&root)?;
         for path in &stale {
             eprintln!("stale: {}", path.display());
         }
         if !stale.is_empty() {
-            anyhow::bail!("generated CRDs are stale; run {}", tidepool_api::generate::GENERATE_COMMAND);
+            anyhow::bail!(
+                "generated CRDs are stale; run {}",
+                tidepool_api::generate::GENERATE_COMMAND
+            );
         }
         return Ok(());
     }

@@ -101,9 +101,21 @@ pub fn desired_spec(
     checkpoints: &[&CheckpointSync],
     releasing: Option<&str>,
 ) -> CachePoolSpec {
-    let Some(labels) = labels else { return CachePoolSpec::default() };
-    let has_dataset = |uid: Option<String>| pool.spec.datasets.iter().any(|a| Some(&a.owner.uid) == uid.as_ref());
-    let has_checkpoint = |uid: Option<String>| pool.spec.checkpoint_syncs.iter().any(|a| Some(&a.owner.uid) == uid.as_ref());
+    let Some(labels) = labels else {
+        return CachePoolSpec::default();
+    };
+    let has_dataset = |uid: Option<String>| {
+        pool.spec
+            .datasets
+            .iter()
+            .any(|a| Some(&a.owner.uid) == uid.as_ref())
+    };
+    let has_checkpoint = |uid: Option<String>| {
+        pool.spec
+            .checkpoint_syncs
+            .iter()
+            .any(|a| Some(&a.owner.uid) == uid.as_ref())
+    };
     let mut spec = CachePoolSpec {
         datasets: datasets
             .iter()
@@ -123,14 +135,27 @@ pub fn desired_spec(
 }
 
 /// Pools whose spec must change, with their new spec, in pool-name order.
-pub fn changed_pools(observed: &Observed<'_>, releasing: Option<&str>) -> Vec<(String, CachePoolSpec)> {
-    let labels: BTreeMap<String, &BTreeMap<String, String>> = observed.nodes.iter().map(|n| (n.name_any(), n.labels())).collect();
+pub fn changed_pools(
+    observed: &Observed<'_>,
+    releasing: Option<&str>,
+) -> Vec<(String, CachePoolSpec)> {
+    let labels: BTreeMap<String, &BTreeMap<String, String>> = observed
+        .nodes
+        .iter()
+        .map(|n| (n.name_any(), n.labels()))
+        .collect();
     let mut changed: Vec<_> = observed
         .pools
         .iter()
         .filter_map(|pool| {
             let name = pool.name_any();
-            let spec = desired_spec(pool, labels.get(&name).copied(), observed.datasets, observed.checkpoints, releasing);
+            let spec = desired_spec(
+                pool,
+                labels.get(&name).copied(),
+                observed.datasets,
+                observed.checkpoints,
+                releasing,
+            );
             (spec != pool.spec).then_some((name, spec))
         })
         .collect();
@@ -140,19 +165,33 @@ pub fn changed_pools(observed: &Observed<'_>, releasing: Option<&str>) -> Vec<(S
 
 /// Names of the pools (that exist, with a node) a dataset should be assigned to.
 pub fn dataset_nodes<'a>(d: &DatasetCache, observed: &Observed<'a>) -> Vec<&'a CachePool> {
-    let labels: BTreeMap<String, &BTreeMap<String, String>> = observed.nodes.iter().map(|n| (n.name_any(), n.labels())).collect();
+    let labels: BTreeMap<String, &BTreeMap<String, String>> = observed
+        .nodes
+        .iter()
+        .map(|n| (n.name_any(), n.labels()))
+        .collect();
     observed
         .pools
         .iter()
-        .filter(|p| labels.get(&p.name_any()).is_some_and(|l| selects(d.spec.node_selector.as_ref(), l)))
+        .filter(|p| {
+            labels
+                .get(&p.name_any())
+                .is_some_and(|l| selects(d.spec.node_selector.as_ref(), l))
+        })
         .copied()
         .collect()
 }
 
 /// Pools (that exist, with a node) a checkpoint sync runs on: all of them.
 pub fn checkpoint_nodes<'a>(observed: &Observed<'a>) -> Vec<&'a CachePool> {
-    let nodes: std::collections::BTreeSet<String> = observed.nodes.iter().map(|n| n.name_any()).collect();
-    observed.pools.iter().filter(|p| nodes.contains(&p.name_any())).copied().collect()
+    let nodes: std::collections::BTreeSet<String> =
+        observed.nodes.iter().map(|n| n.name_any()).collect();
+    observed
+        .pools
+        .iter()
+        .filter(|p| nodes.contains(&p.name_any()))
+        .copied()
+        .collect()
 }
 
 #[cfg(test)]
@@ -170,7 +209,12 @@ mod tests {
         Node {
             metadata: ObjectMeta {
                 name: Some(name.into()),
-                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
                 ..Default::default()
             },
             ..Default::default()
@@ -185,7 +229,10 @@ mod tests {
         let mut d = DatasetCache::new(
             name,
             DatasetCacheSpec {
-                source: LakeLocation { url: format!("https://a.blob.core.windows.net/c/{name}"), credentials: None },
+                source: LakeLocation {
+                    url: format!("https://a.blob.core.windows.net/c/{name}"),
+                    credentials: None,
+                },
                 node_selector: selector,
                 ..Default::default()
             },
@@ -204,16 +251,26 @@ mod tests {
     }
 
     fn gpu_selector() -> LabelSelector {
-        LabelSelector { match_labels: Some([("gpu".to_owned(), "h100".to_owned())].into()), ..Default::default() }
+        LabelSelector {
+            match_labels: Some([("gpu".to_owned(), "h100".to_owned())].into()),
+            ..Default::default()
+        }
     }
 
     fn names(spec: &CachePoolSpec) -> Vec<String> {
-        spec.datasets.iter().map(|a| format!("{}/{}", a.owner.namespace, a.owner.name)).collect()
+        spec.datasets
+            .iter()
+            .map(|a| format!("{}/{}", a.owner.namespace, a.owner.name))
+            .collect()
     }
 
     #[test]
     fn selector_table() {
-        let labels: BTreeMap<String, String> = [("gpu".to_owned(), "h100".to_owned()), ("zone".to_owned(), "a".to_owned())].into();
+        let labels: BTreeMap<String, String> = [
+            ("gpu".to_owned(), "h100".to_owned()),
+            ("zone".to_owned(), "a".to_owned()),
+        ]
+        .into();
         let expr = |key: &str, op: &str, values: &[&str]| LabelSelector {
             match_expressions: Some(vec![LabelSelectorRequirement {
                 key: key.into(),
@@ -226,12 +283,27 @@ mod tests {
             ("absent selects all", None, true),
             ("empty selects all", Some(LabelSelector::default()), true),
             ("matchLabels hit", Some(gpu_selector()), true),
-            ("matchLabels miss", Some(LabelSelector { match_labels: Some([("gpu".to_owned(), "a100".to_owned())].into()), ..Default::default() }), false),
+            (
+                "matchLabels miss",
+                Some(LabelSelector {
+                    match_labels: Some([("gpu".to_owned(), "a100".to_owned())].into()),
+                    ..Default::default()
+                }),
+                false,
+            ),
             ("In hit", Some(expr("zone", "In", &["a", "b"])), true),
             ("NotIn miss", Some(expr("zone", "NotIn", &["a"])), false),
             ("Exists", Some(expr("gpu", "Exists", &[])), true),
-            ("DoesNotExist", Some(expr("gpu", "DoesNotExist", &[])), false),
-            ("bad operator selects nothing", Some(expr("gpu", "Near", &["x"])), false),
+            (
+                "DoesNotExist",
+                Some(expr("gpu", "DoesNotExist", &[])),
+                false,
+            ),
+            (
+                "bad operator selects nothing",
+                Some(expr("gpu", "Near", &["x"])),
+                false,
+            ),
         ];
         for (name, selector, want) in cases {
             assert_eq!(selects(selector.as_ref(), &labels), want, "{name}");
@@ -247,17 +319,33 @@ mod tests {
         let all = dataset("ml", "all", None);
         let h100 = dataset("ml", "h100-only", Some(gpu_selector()));
         let ck = checkpoint("ckpt");
-        let observed = Observed { nodes: &[&n1, &n2, &n3], pools: &[&p1, &p2], datasets: &[&h100, &all], checkpoints: &[&ck] };
+        let observed = Observed {
+            nodes: &[&n1, &n2, &n3],
+            pools: &[&p1, &p2],
+            datasets: &[&h100, &all],
+            checkpoints: &[&ck],
+        };
         let changed = changed_pools(&observed, None);
-        assert_eq!(changed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["n1", "n2"], "only existing pools");
-        assert_eq!(names(&changed[0].1), ["ml/all", "ml/h100-only"], "sorted, both match n1");
+        assert_eq!(
+            changed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["n1", "n2"],
+            "only existing pools"
+        );
+        assert_eq!(
+            names(&changed[0].1),
+            ["ml/all", "ml/h100-only"],
+            "sorted, both match n1"
+        );
         assert_eq!(names(&changed[1].1), ["ml/all"]);
         for (_, spec) in &changed {
             assert_eq!(spec.checkpoint_syncs.len(), 1);
             assert_eq!(spec.checkpoint_syncs[0].volume_handle, "tidepool-uid-ckpt");
         }
         let a = &changed[0].1.datasets[0];
-        assert_eq!(a.owner.generation, 3, "the agent sees which generation it serves");
+        assert_eq!(
+            a.owner.generation, 3,
+            "the agent sees which generation it serves"
+        );
         assert_eq!(a.source.url, "https://a.blob.core.windows.net/c/all");
     }
 
@@ -267,8 +355,16 @@ mod tests {
         let d = dataset("ml", "a", None);
         let mut p1 = pool("n1");
         p1.spec = desired_spec(&p1, Some(n1.labels()), &[&d], &[], None);
-        let observed = Observed { nodes: &[&n1], pools: &[&p1], datasets: &[&d], checkpoints: &[] };
-        assert!(changed_pools(&observed, None).is_empty(), "no write when nothing changed");
+        let observed = Observed {
+            nodes: &[&n1],
+            pools: &[&p1],
+            datasets: &[&d],
+            checkpoints: &[],
+        };
+        assert!(
+            changed_pools(&observed, None).is_empty(),
+            "no write when nothing changed"
+        );
     }
 
     #[test]
@@ -279,7 +375,12 @@ mod tests {
         p1.spec = desired_spec(&p1, Some(before.labels()), &[&d], &[], None);
         assert_eq!(names(&p1.spec), ["ml/a"]);
         let after = node("n1", &[("gpu", "none")]);
-        let observed = Observed { nodes: &[&after], pools: &[&p1], datasets: &[&d], checkpoints: &[] };
+        let observed = Observed {
+            nodes: &[&after],
+            pools: &[&p1],
+            datasets: &[&d],
+            checkpoints: &[],
+        };
         let changed = changed_pools(&observed, None);
         assert_eq!(changed.len(), 1);
         assert!(changed[0].1.datasets.is_empty());
@@ -294,8 +395,16 @@ mod tests {
         p1.spec = desired_spec(&p1, Some(n1.labels()), &[&d], &[], None);
         let p2 = pool("n2"); // joined after the deletion started
         d.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(10).unwrap()));
-        let observed = Observed { nodes: &[&n1, &n2], pools: &[&p1, &p2], datasets: &[&d], checkpoints: &[] };
-        assert!(changed_pools(&observed, None).is_empty(), "kept on n1, not added to n2");
+        let observed = Observed {
+            nodes: &[&n1, &n2],
+            pools: &[&p1, &p2],
+            datasets: &[&d],
+            checkpoints: &[],
+        };
+        assert!(
+            changed_pools(&observed, None).is_empty(),
+            "kept on n1, not added to n2"
+        );
         let released = changed_pools(&observed, Some("uid-ml-a"));
         assert_eq!(released.len(), 1);
         assert_eq!(released[0].0, "n1");
@@ -308,16 +417,29 @@ mod tests {
         let n1 = node("n1", &[]);
         let mut p1 = pool("n1");
         p1.spec = desired_spec(&p1, Some(n1.labels()), &[&d], &[], None);
-        let observed = Observed { nodes: &[], pools: &[&p1], datasets: &[&d], checkpoints: &[] };
-        assert_eq!(changed_pools(&observed, None)[0].1, CachePoolSpec::default());
-        assert!(dataset_nodes(&d, &observed).is_empty(), "not desired there either");
+        let observed = Observed {
+            nodes: &[],
+            pools: &[&p1],
+            datasets: &[&d],
+            checkpoints: &[],
+        };
+        assert_eq!(
+            changed_pools(&observed, None)[0].1,
+            CachePoolSpec::default()
+        );
+        assert!(
+            dataset_nodes(&d, &observed).is_empty(),
+            "not desired there either"
+        );
     }
 
     #[test]
     fn many_nodes_many_datasets() {
         // 200 nodes in 4 GPU classes, 50 datasets each selecting one class or all.
         let classes = ["h100", "a100", "l40s", "mi300"];
-        let nodes: Vec<Node> = (0..200).map(|i| node(&format!("n{i:03}"), &[("gpu", classes[i % 4])])).collect();
+        let nodes: Vec<Node> = (0..200)
+            .map(|i| node(&format!("n{i:03}"), &[("gpu", classes[i % 4])]))
+            .collect();
         let pools: Vec<CachePool> = (0..200).map(|i| pool(&format!("n{i:03}"))).collect();
         let datasets: Vec<DatasetCache> = (0..50)
             .map(|i| {
@@ -328,8 +450,17 @@ mod tests {
                 dataset(&format!("team{}", i % 3), &format!("ds{i:02}"), selector)
             })
             .collect();
-        let (nodes_r, pools_r, ds_r): (Vec<_>, Vec<_>, Vec<_>) = (nodes.iter().collect(), pools.iter().collect(), datasets.iter().collect());
-        let observed = Observed { nodes: &nodes_r, pools: &pools_r, datasets: &ds_r, checkpoints: &[] };
+        let (nodes_r, pools_r, ds_r): (Vec<_>, Vec<_>, Vec<_>) = (
+            nodes.iter().collect(),
+            pools.iter().collect(),
+            datasets.iter().collect(),
+        );
+        let observed = Observed {
+            nodes: &nodes_r,
+            pools: &pools_r,
+            datasets: &ds_r,
+            checkpoints: &[],
+        };
         let changed = changed_pools(&observed, None);
         assert_eq!(changed.len(), 200);
         // 10 datasets select all (i % 5 == 0); the other 40 are spread over 4 classes.
@@ -338,12 +469,23 @@ mod tests {
             let class = classes[i % 4];
             let want = datasets
                 .iter()
-                .filter(|d| d.spec.node_selector.as_ref().is_none_or(|s| s.match_labels.as_ref().unwrap()["gpu"] == class))
+                .filter(|d| {
+                    d.spec
+                        .node_selector
+                        .as_ref()
+                        .is_none_or(|s| s.match_labels.as_ref().unwrap()["gpu"] == class)
+                })
                 .count();
             assert_eq!(spec.datasets.len(), want, "{name}");
         }
         let total: usize = changed.iter().map(|(_, s)| s.datasets.len()).sum();
-        let expected: usize = datasets.iter().map(|d| dataset_nodes(d, &observed).len()).sum();
-        assert_eq!(total, expected, "pool specs and per-dataset node sets agree");
+        let expected: usize = datasets
+            .iter()
+            .map(|d| dataset_nodes(d, &observed).len())
+            .sum();
+        assert_eq!(
+            total, expected,
+            "pool specs and per-dataset node sets agree"
+        );
     }
 }

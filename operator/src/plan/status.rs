@@ -91,7 +91,12 @@ fn to_i32(n: usize) -> i32 {
 const LISTED_NODES: usize = 5;
 
 fn list_nodes(names: &[String]) -> String {
-    let mut text = names.iter().take(LISTED_NODES).cloned().collect::<Vec<_>>().join(", ");
+    let mut text = names
+        .iter()
+        .take(LISTED_NODES)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > LISTED_NODES {
         text.push_str(&format!(" and {} more", names.len() - LISTED_NODES));
     }
@@ -124,7 +129,12 @@ fn common_conditions(
     };
     conditions::set(conditions, ready, generation, clock.now);
     let reporting = if stale_nodes.is_empty() {
-        ConditionUpdate { type_: POOLS_REPORTING, status: true, reason: "HeartbeatsFresh", message: "every assigned node's agent is reporting".to_owned() }
+        ConditionUpdate {
+            type_: POOLS_REPORTING,
+            status: true,
+            reason: "HeartbeatsFresh",
+            message: "every assigned node's agent is reporting".to_owned(),
+        }
     } else {
         ConditionUpdate {
             type_: POOLS_REPORTING,
@@ -143,12 +153,18 @@ fn common_conditions(
 /// Status of `d`, assigned to `pools`.
 pub fn dataset_status(d: &DatasetCache, pools: &[&CachePool], clock: &Clock) -> DatasetCacheStatus {
     let uid = d.uid().unwrap_or_default();
-    let mut tally = Tally { desired: pools.len(), ..Default::default() };
+    let mut tally = Tally {
+        desired: pools.len(),
+        ..Default::default()
+    };
     let mut stale_nodes = Vec::new();
     let mut bytes_cached = 0i64;
     let mut snapshots: BTreeMap<&str, (usize, &DatasetNodeStatus)> = BTreeMap::new();
     for pool in pools {
-        let entry = pool.status.as_ref().and_then(|s| s.datasets.iter().find(|e| e.uid == uid));
+        let entry = pool
+            .status
+            .as_ref()
+            .and_then(|s| s.datasets.iter().find(|e| e.uid == uid));
         if let Some(e) = entry {
             bytes_cached = bytes_cached.saturating_add(e.bytes_cached);
         }
@@ -172,9 +188,24 @@ pub fn dataset_status(d: &DatasetCache, pools: &[&CachePool], clock: &Clock) -> 
     let snapshot = snapshots
         .iter()
         .max_by_key(|(id, (count, _))| (*count, *id))
-        .map(|(id, (_, e))| SnapshotSummary { id: (*id).to_owned(), objects: e.objects, bytes: e.bytes_total });
-    let mut conditions = d.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
-    common_conditions(&mut conditions, &tally, &stale_nodes, clock, d.metadata.generation, "dataset");
+        .map(|(id, (_, e))| SnapshotSummary {
+            id: (*id).to_owned(),
+            objects: e.objects,
+            bytes: e.bytes_total,
+        });
+    let mut conditions = d
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    common_conditions(
+        &mut conditions,
+        &tally,
+        &stale_nodes,
+        clock,
+        d.metadata.generation,
+        "dataset",
+    );
     DatasetCacheStatus {
         observed_generation: d.metadata.generation,
         phase: tally.phase(),
@@ -189,9 +220,16 @@ pub fn dataset_status(d: &DatasetCache, pools: &[&CachePool], clock: &Clock) -> 
 }
 
 /// Status of `c`, assigned to `pools`.
-pub fn checkpoint_status(c: &CheckpointSync, pools: &[&CachePool], clock: &Clock) -> CheckpointSyncStatus {
+pub fn checkpoint_status(
+    c: &CheckpointSync,
+    pools: &[&CachePool],
+    clock: &Clock,
+) -> CheckpointSyncStatus {
     let uid = c.uid().unwrap_or_default();
-    let mut tally = Tally { desired: pools.len(), ..Default::default() };
+    let mut tally = Tally {
+        desired: pools.len(),
+        ..Default::default()
+    };
     let mut stale_nodes = Vec::new();
     let mut pending_bytes = 0i64;
     let mut committed: Option<i64> = None;
@@ -199,7 +237,10 @@ pub fn checkpoint_status(c: &CheckpointSync, pools: &[&CachePool], clock: &Clock
     // nothing durable yet.
     let mut durable: Option<Option<i64>> = None;
     for pool in pools {
-        let entry: Option<&CheckpointNodeStatus> = pool.status.as_ref().and_then(|s| s.checkpoint_syncs.iter().find(|e| e.uid == uid));
+        let entry: Option<&CheckpointNodeStatus> = pool
+            .status
+            .as_ref()
+            .and_then(|s| s.checkpoint_syncs.iter().find(|e| e.uid == uid));
         if let Some(e) = entry {
             pending_bytes = pending_bytes.saturating_add(e.pending_bytes);
             if let Some(step) = e.latest_committed_step {
@@ -221,8 +262,19 @@ pub fn checkpoint_status(c: &CheckpointSync, pools: &[&CachePool], clock: &Clock
             None => {}
         }
     }
-    let mut conditions = c.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
-    common_conditions(&mut conditions, &tally, &stale_nodes, clock, c.metadata.generation, "checkpoint sync");
+    let mut conditions = c
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    common_conditions(
+        &mut conditions,
+        &tally,
+        &stale_nodes,
+        clock,
+        c.metadata.generation,
+        "checkpoint sync",
+    );
     CheckpointSyncStatus {
         observed_generation: c.metadata.generation,
         phase: tally.phase(),
@@ -241,7 +293,8 @@ pub fn checkpoint_status(c: &CheckpointSync, pools: &[&CachePool], clock: &Clock
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use tidepool_api::{
-        CachePoolSpec, CachePoolStatus, DatasetCacheSpec, checkpoint_sync::CheckpointSyncSpec, conditions::find,
+        CachePoolSpec, CachePoolStatus, DatasetCacheSpec, checkpoint_sync::CheckpointSyncSpec,
+        conditions::find,
     };
 
     use super::*;
@@ -249,7 +302,10 @@ mod tests {
     const NOW: i64 = 1_000_000;
 
     fn clock() -> Clock {
-        Clock { now: Timestamp::from_second(NOW).unwrap(), stale_after: SignedDuration::from_secs(120) }
+        Clock {
+            now: Timestamp::from_second(NOW).unwrap(),
+            stale_after: SignedDuration::from_secs(120),
+        }
     }
 
     fn dataset() -> DatasetCache {
@@ -261,7 +317,11 @@ mod tests {
     }
 
     /// A pool that reported `age` seconds ago (None: never) with one dataset entry.
-    fn pool(name: &str, age: Option<i64>, entry: Option<(NodeDatasetPhase, &str, i64)>) -> CachePool {
+    fn pool(
+        name: &str,
+        age: Option<i64>,
+        entry: Option<(NodeDatasetPhase, &str, i64)>,
+    ) -> CachePool {
         let mut p = CachePool::new(name, CachePoolSpec::default());
         p.status = Some(CachePoolStatus {
             heartbeat_time: age.map(|a| Time(Timestamp::from_second(NOW - a).unwrap())),
@@ -290,35 +350,122 @@ mod tests {
     fn phase_table() {
         let cases: Vec<(&str, Vec<CachePool>, Phase, i32, i32)> = vec![
             ("no nodes", vec![], Phase::Pending, 0, 0),
-            ("assigned, nobody reported on it", vec![pool("a", Some(5), None)], Phase::Pending, 1, 0),
-            ("listing", vec![pool("a", Some(5), Some((Listing, "s1", 0)))], Phase::Warming, 1, 0),
-            ("half ready", vec![pool("a", Some(5), Some((Ready, "s1", 1000))), pool("b", Some(5), Some((Warming, "s1", 10)))], Phase::Warming, 2, 1),
-            ("all ready", vec![pool("a", Some(5), Some((Ready, "s1", 1000))), pool("b", Some(1), Some((Ready, "s1", 1000)))], Phase::Ready, 2, 2),
-            ("ready + failed", vec![pool("a", Some(5), Some((Ready, "s1", 1000))), pool("b", Some(5), Some((Failed, "s1", 0)))], Phase::Degraded, 2, 1),
-            ("ready + stale", vec![pool("a", Some(5), Some((Ready, "s1", 1000))), pool("b", Some(500), Some((Ready, "s1", 1000)))], Phase::Degraded, 2, 1),
-            ("only failed", vec![pool("a", Some(5), Some((Failed, "s1", 0)))], Phase::Failed, 1, 0),
-            ("stale says ready: not ready", vec![pool("a", Some(121), Some((Ready, "s1", 1000)))], Phase::Pending, 1, 0),
-            ("never reported", vec![pool("a", None, None)], Phase::Pending, 1, 0),
+            (
+                "assigned, nobody reported on it",
+                vec![pool("a", Some(5), None)],
+                Phase::Pending,
+                1,
+                0,
+            ),
+            (
+                "listing",
+                vec![pool("a", Some(5), Some((Listing, "s1", 0)))],
+                Phase::Warming,
+                1,
+                0,
+            ),
+            (
+                "half ready",
+                vec![
+                    pool("a", Some(5), Some((Ready, "s1", 1000))),
+                    pool("b", Some(5), Some((Warming, "s1", 10))),
+                ],
+                Phase::Warming,
+                2,
+                1,
+            ),
+            (
+                "all ready",
+                vec![
+                    pool("a", Some(5), Some((Ready, "s1", 1000))),
+                    pool("b", Some(1), Some((Ready, "s1", 1000))),
+                ],
+                Phase::Ready,
+                2,
+                2,
+            ),
+            (
+                "ready + failed",
+                vec![
+                    pool("a", Some(5), Some((Ready, "s1", 1000))),
+                    pool("b", Some(5), Some((Failed, "s1", 0))),
+                ],
+                Phase::Degraded,
+                2,
+                1,
+            ),
+            (
+                "ready + stale",
+                vec![
+                    pool("a", Some(5), Some((Ready, "s1", 1000))),
+                    pool("b", Some(500), Some((Ready, "s1", 1000))),
+                ],
+                Phase::Degraded,
+                2,
+                1,
+            ),
+            (
+                "only failed",
+                vec![pool("a", Some(5), Some((Failed, "s1", 0)))],
+                Phase::Failed,
+                1,
+                0,
+            ),
+            (
+                "stale says ready: not ready",
+                vec![pool("a", Some(121), Some((Ready, "s1", 1000)))],
+                Phase::Pending,
+                1,
+                0,
+            ),
+            (
+                "never reported",
+                vec![pool("a", None, None)],
+                Phase::Pending,
+                1,
+                0,
+            ),
         ];
         for (name, pools, phase, desired, ready) in cases {
             let refs: Vec<_> = pools.iter().collect();
             let s = dataset_status(&dataset(), &refs, &clock());
-            assert_eq!((s.phase, s.nodes_desired, s.nodes_ready), (phase, desired, ready), "{name}");
+            assert_eq!(
+                (s.phase, s.nodes_desired, s.nodes_ready),
+                (phase, desired, ready),
+                "{name}"
+            );
             assert_eq!(s.observed_generation, Some(2), "{name}");
         }
     }
 
     #[test]
     fn stale_pools_are_named_in_a_condition() {
-        let pools = [pool("gpu-1", Some(5), Some((Ready, "s1", 1000))), pool("gpu-2", Some(600), Some((Ready, "s1", 1000))), pool("gpu-3", None, None)];
+        let pools = [
+            pool("gpu-1", Some(5), Some((Ready, "s1", 1000))),
+            pool("gpu-2", Some(600), Some((Ready, "s1", 1000))),
+            pool("gpu-3", None, None),
+        ];
         let refs: Vec<_> = pools.iter().collect();
         let s = dataset_status(&dataset(), &refs, &clock());
         let c = find(&s.conditions, POOLS_REPORTING).unwrap();
-        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "StaleHeartbeat"));
-        assert!(c.message.contains("gpu-2, gpu-3") && !c.message.contains("gpu-1"), "{}", c.message);
-        assert_eq!(s.bytes_cached, 2000, "cached bytes still count: the data is on disk");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "StaleHeartbeat")
+        );
+        assert!(
+            c.message.contains("gpu-2, gpu-3") && !c.message.contains("gpu-1"),
+            "{}",
+            c.message
+        );
+        assert_eq!(
+            s.bytes_cached, 2000,
+            "cached bytes still count: the data is on disk"
+        );
         let ready = find(&s.conditions, READY).unwrap();
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Degraded"));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "Degraded")
+        );
     }
 
     #[test]
@@ -331,12 +478,35 @@ mod tests {
             .collect();
         let refs: Vec<_> = pools.iter().collect();
         let s = dataset_status(&dataset(), &refs, &clock());
-        assert_eq!((s.phase, s.nodes_ready, s.bytes_cached), (Phase::Ready, 300, 300_000));
-        assert_eq!(s.snapshot, Some(SnapshotSummary { id: "snap-2".into(), objects: 10, bytes: 1000 }));
+        assert_eq!(
+            (s.phase, s.nodes_ready, s.bytes_cached),
+            (Phase::Ready, 300, 300_000)
+        );
+        assert_eq!(
+            s.snapshot,
+            Some(SnapshotSummary {
+                id: "snap-2".into(),
+                objects: 10,
+                bytes: 1000
+            })
+        );
         assert_eq!(s.claim_name.as_deref(), Some("imagenet"));
         assert_eq!(s.volume_name.as_deref(), Some("tidepool-u1"));
-        let again = dataset_status(&DatasetCache { status: Some(s.clone()), ..dataset() }, &refs, &Clock { now: Timestamp::from_second(NOW + 30).unwrap(), ..clock() });
-        assert_eq!(again.conditions, s.conditions, "same status, same conditions: no churn");
+        let again = dataset_status(
+            &DatasetCache {
+                status: Some(s.clone()),
+                ..dataset()
+            },
+            &refs,
+            &Clock {
+                now: Timestamp::from_second(NOW + 30).unwrap(),
+                ..clock()
+            },
+        );
+        assert_eq!(
+            again.conditions, s.conditions,
+            "same status, same conditions: no churn"
+        );
     }
 
     #[test]
@@ -344,10 +514,20 @@ mod tests {
         let mut p = pool("a", Some(5), Some((Ready, "s1", 1000)));
         p.status.as_mut().unwrap().datasets[0].uid = "old-uid".into();
         let s = dataset_status(&dataset(), &[&p], &clock());
-        assert_eq!((s.phase, s.nodes_ready, s.bytes_cached), (Phase::Pending, 0, 0));
+        assert_eq!(
+            (s.phase, s.nodes_ready, s.bytes_cached),
+            (Phase::Pending, 0, 0)
+        );
     }
 
-    fn ck_pool(name: &str, age: i64, committed: Option<i64>, durable: Option<i64>, pending: i64, failed: bool) -> CachePool {
+    fn ck_pool(
+        name: &str,
+        age: i64,
+        committed: Option<i64>,
+        durable: Option<i64>,
+        pending: i64,
+        failed: bool,
+    ) -> CachePool {
         let mut p = CachePool::new(name, CachePoolSpec::default());
         p.status = Some(CachePoolStatus {
             heartbeat_time: Some(Time(Timestamp::from_second(NOW - age).unwrap())),
@@ -370,11 +550,29 @@ mod tests {
     fn checkpoint_durable_step_is_the_minimum_over_nodes_holding_data() {
         let mut c = CheckpointSync::new("ckpt", CheckpointSyncSpec::default());
         c.metadata.uid = Some("c1".into());
-        let cases: Vec<(&str, Vec<CachePool>, Option<i64>, Option<i64>, i64, Phase)> = vec![
-            ("one node", vec![ck_pool("a", 1, Some(300), Some(200), 5, false)], Some(300), Some(200), 5, Phase::Ready),
+        type Case = (
+            &'static str,
+            Vec<CachePool>,
+            Option<i64>,
+            Option<i64>,
+            i64,
+            Phase,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "one node",
+                vec![ck_pool("a", 1, Some(300), Some(200), 5, false)],
+                Some(300),
+                Some(200),
+                5,
+                Phase::Ready,
+            ),
             (
                 "two holders: the slower bounds it",
-                vec![ck_pool("a", 1, Some(300), Some(300), 0, false), ck_pool("b", 1, Some(300), Some(100), 7, false)],
+                vec![
+                    ck_pool("a", 1, Some(300), Some(300), 0, false),
+                    ck_pool("b", 1, Some(300), Some(100), 7, false),
+                ],
                 Some(300),
                 Some(100),
                 7,
@@ -382,7 +580,10 @@ mod tests {
             ),
             (
                 "a node without data does not hold it back",
-                vec![ck_pool("a", 1, Some(300), Some(300), 0, false), ck_pool("b", 1, None, None, 0, false)],
+                vec![
+                    ck_pool("a", 1, Some(300), Some(300), 0, false),
+                    ck_pool("b", 1, None, None, 0, false),
+                ],
                 Some(300),
                 Some(300),
                 0,
@@ -390,7 +591,10 @@ mod tests {
             ),
             (
                 "a holder with nothing durable yet",
-                vec![ck_pool("a", 1, Some(300), Some(300), 0, false), ck_pool("b", 1, Some(100), None, 9, false)],
+                vec![
+                    ck_pool("a", 1, Some(300), Some(300), 0, false),
+                    ck_pool("b", 1, Some(100), None, 9, false),
+                ],
                 Some(300),
                 None,
                 9,
@@ -398,18 +602,37 @@ mod tests {
             ),
             (
                 "upload failing on one node",
-                vec![ck_pool("a", 1, Some(300), Some(300), 0, false), ck_pool("b", 1, Some(300), Some(200), 9, true)],
+                vec![
+                    ck_pool("a", 1, Some(300), Some(300), 0, false),
+                    ck_pool("b", 1, Some(300), Some(200), 9, true),
+                ],
                 Some(300),
                 Some(200),
                 9,
                 Phase::Degraded,
             ),
-            ("stale node", vec![ck_pool("a", 999, Some(300), Some(300), 0, false)], Some(300), Some(300), 0, Phase::Pending),
+            (
+                "stale node",
+                vec![ck_pool("a", 999, Some(300), Some(300), 0, false)],
+                Some(300),
+                Some(300),
+                0,
+                Phase::Pending,
+            ),
         ];
         for (name, pools, committed, durable, pending, phase) in cases {
             let refs: Vec<_> = pools.iter().collect();
             let s = checkpoint_status(&c, &refs, &clock());
-            assert_eq!((s.latest_committed_step, s.latest_durable_step, s.pending_bytes, s.phase), (committed, durable, pending, phase), "{name}");
+            assert_eq!(
+                (
+                    s.latest_committed_step,
+                    s.latest_durable_step,
+                    s.pending_bytes,
+                    s.phase
+                ),
+                (committed, durable, pending, phase),
+                "{name}"
+            );
         }
     }
 }

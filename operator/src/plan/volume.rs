@@ -19,13 +19,15 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::core::v1::{
         CSIPersistentVolumeSource, ObjectReference, PersistentVolume, PersistentVolumeClaim,
-        PersistentVolumeClaimSpec, PersistentVolumeSpec, SecretReference, VolumeResourceRequirements,
+        PersistentVolumeClaimSpec, PersistentVolumeSpec, SecretReference,
+        VolumeResourceRequirements,
     },
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
 };
 use kube::ResourceExt;
 use tidepool_api::volume::{
-    ATTR_KIND, ATTR_NAME, ATTR_NAMESPACE, ATTR_UID, CSI_DRIVER, LABEL_KIND, LABEL_NAME, LABEL_NAMESPACE,
+    ATTR_KIND, ATTR_NAME, ATTR_NAMESPACE, ATTR_UID, CSI_DRIVER, LABEL_KIND, LABEL_NAME,
+    LABEL_NAMESPACE,
 };
 
 use super::Workload;
@@ -43,7 +45,10 @@ pub fn volume_name(uid: &str) -> String {
 fn owner_labels<W: Workload>(obj: &W) -> BTreeMap<String, String> {
     BTreeMap::from([
         (LABEL_KIND.to_owned(), W::KIND.to_owned()),
-        (LABEL_NAMESPACE.to_owned(), obj.namespace().unwrap_or_default()),
+        (
+            LABEL_NAMESPACE.to_owned(),
+            obj.namespace().unwrap_or_default(),
+        ),
         (LABEL_NAME.to_owned(), obj.name_any()),
     ])
 }
@@ -60,12 +65,22 @@ pub fn desired_pv<W: Workload>(obj: &W) -> PersistentVolume {
         .credentials
         .as_ref()
         .and_then(|c| c.secret_ref.as_ref())
-        .map(|s| SecretReference { name: Some(s.name.clone()), namespace: Some(namespace.clone()) });
+        .map(|s| SecretReference {
+            name: Some(s.name.clone()),
+            namespace: Some(namespace.clone()),
+        });
     PersistentVolume {
-        metadata: ObjectMeta { name: Some(name.clone()), labels: Some(owner_labels(obj)), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some(owner_labels(obj)),
+            ..Default::default()
+        },
         spec: Some(PersistentVolumeSpec {
             access_modes: Some(vec![W::ACCESS_MODE.to_owned()]),
-            capacity: Some(BTreeMap::from([("storage".to_owned(), Quantity(NOMINAL_CAPACITY.to_owned()))])),
+            capacity: Some(BTreeMap::from([(
+                "storage".to_owned(),
+                Quantity(NOMINAL_CAPACITY.to_owned()),
+            )])),
             claim_ref: Some(ObjectReference {
                 api_version: Some("v1".to_owned()),
                 kind: Some("PersistentVolumeClaim".to_owned()),
@@ -109,7 +124,10 @@ pub fn desired_pvc<W: Workload>(obj: &W) -> PersistentVolumeClaim {
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(vec![W::ACCESS_MODE.to_owned()]),
             resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".to_owned(), Quantity(NOMINAL_CAPACITY.to_owned()))])),
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    Quantity(NOMINAL_CAPACITY.to_owned()),
+                )])),
                 ..Default::default()
             }),
             storage_class_name: Some(String::new()),
@@ -125,7 +143,9 @@ pub fn desired_pvc<W: Workload>(obj: &W) -> PersistentVolumeClaim {
 /// is never taken over).
 pub fn controlled_by<W: Workload>(pvc: &PersistentVolumeClaim, obj: &W) -> bool {
     let uid = obj.uid();
-    pvc.owner_references().iter().any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref())
+    pvc.owner_references()
+        .iter()
+        .any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref())
 }
 
 #[cfg(test)]
@@ -143,18 +163,30 @@ mod tests {
         let mut d = DatasetCache::new(
             "imagenet",
             DatasetCacheSpec {
-                source: LakeLocation { url: "https://a.blob.core.windows.net/c/imagenet".into(), credentials },
+                source: LakeLocation {
+                    url: "https://a.blob.core.windows.net/c/imagenet".into(),
+                    credentials,
+                },
                 claim_name: claim.map(str::to_owned),
                 ..Default::default()
             },
         );
-        d.metadata = ObjectMeta { namespace: Some("ml".into()), uid: Some("u1".into()), ..d.metadata };
+        d.metadata = ObjectMeta {
+            namespace: Some("ml".into()),
+            uid: Some("u1".into()),
+            ..d.metadata
+        };
         d
     }
 
     #[test]
     fn dataset_pv_is_read_only_prebound_and_names_the_dataset() {
-        let secret = LakeCredentials { secret_ref: Some(SecretRef { name: "lake-sas".into() }), ..Default::default() };
+        let secret = LakeCredentials {
+            secret_ref: Some(SecretRef {
+                name: "lake-sas".into(),
+            }),
+            ..Default::default()
+        };
         let d = dataset(Some(secret), Some("train-data"));
         let pv = desired_pv(&d);
         let spec = pv.spec.unwrap();
@@ -168,18 +200,43 @@ mod tests {
         assert_eq!(attrs[ATTR_KIND], "DatasetCache");
         assert_eq!(attrs[ATTR_NAMESPACE], "ml");
         assert_eq!(attrs[ATTR_NAME], "imagenet");
-        let secret = csi.node_stage_secret_ref.expect("secret credentials reach NodeStageVolume");
-        assert_eq!((secret.name.as_deref(), secret.namespace.as_deref()), (Some("lake-sas"), Some("ml")));
+        let secret = csi
+            .node_stage_secret_ref
+            .expect("secret credentials reach NodeStageVolume");
+        assert_eq!(
+            (secret.name.as_deref(), secret.namespace.as_deref()),
+            (Some("lake-sas"), Some("ml"))
+        );
         let claim = spec.claim_ref.unwrap();
-        assert_eq!((claim.namespace.as_deref(), claim.name.as_deref()), (Some("ml"), Some("train-data")));
-        assert_eq!(spec.persistent_volume_reclaim_policy.as_deref(), Some("Retain"));
+        assert_eq!(
+            (claim.namespace.as_deref(), claim.name.as_deref()),
+            (Some("ml"), Some("train-data"))
+        );
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Retain")
+        );
     }
 
     #[test]
     fn no_stage_secret_without_secret_credentials() {
-        for creds in [None, Some(LakeCredentials { managed_identity: Some(ManagedIdentity::default()), ..Default::default() })] {
+        for creds in [
+            None,
+            Some(LakeCredentials {
+                managed_identity: Some(ManagedIdentity::default()),
+                ..Default::default()
+            }),
+        ] {
             let pv = desired_pv(&dataset(creds.clone(), None));
-            assert!(pv.spec.unwrap().csi.unwrap().node_stage_secret_ref.is_none(), "{creds:?}");
+            assert!(
+                pv.spec
+                    .unwrap()
+                    .csi
+                    .unwrap()
+                    .node_stage_secret_ref
+                    .is_none(),
+                "{creds:?}"
+            );
         }
     }
 
@@ -191,11 +248,18 @@ mod tests {
         assert_eq!(pvc.metadata.namespace.as_deref(), Some("ml"));
         let spec = pvc.spec.as_ref().unwrap();
         assert_eq!(spec.volume_name.as_deref(), Some("tidepool-u1"));
-        assert_eq!(spec.storage_class_name.as_deref(), Some(""), "no default StorageClass may capture the claim");
+        assert_eq!(
+            spec.storage_class_name.as_deref(),
+            Some(""),
+            "no default StorageClass may capture the claim"
+        );
         assert!(controlled_by(&pvc, &d));
         let mut other = d.clone();
         other.metadata.uid = Some("u2".into());
-        assert!(!controlled_by(&pvc, &other), "a PVC of another incarnation is not ours");
+        assert!(
+            !controlled_by(&pvc, &other),
+            "a PVC of another incarnation is not ours"
+        );
     }
 
     #[test]
@@ -207,6 +271,9 @@ mod tests {
         let spec = pv.spec.unwrap();
         assert_eq!(spec.access_modes, Some(vec!["ReadWriteMany".to_owned()]));
         assert_eq!(spec.csi.unwrap().read_only, Some(false));
-        assert_eq!(desired_pvc(&c).spec.unwrap().access_modes, Some(vec!["ReadWriteMany".to_owned()]));
+        assert_eq!(
+            desired_pvc(&c).spec.unwrap().access_modes,
+            Some(vec!["ReadWriteMany".to_owned()])
+        );
     }
 }

@@ -25,7 +25,8 @@ use kube::{
 };
 use serde_json::{Value, json};
 use tidepool_api::{
-    CachePool, CachePoolSpec, CachePoolStatus, CheckpointSync, DatasetCache, DatasetCacheSpec, LakeLocation,
+    CachePool, CachePoolSpec, CachePoolStatus, CheckpointSync, DatasetCache, DatasetCacheSpec,
+    LakeLocation,
     cache_pool::{DatasetNodeStatus, NodeDatasetPhase},
     checkpoint_sync::CheckpointSyncSpec,
     lake::{LakeCredentials, SecretRef},
@@ -50,17 +51,37 @@ struct Expect {
     respond: Box<dyn FnOnce(Value) -> (StatusCode, Value) + Send>,
 }
 
-fn expect(method: Method, path: &'static str, respond: impl FnOnce(Value) -> (StatusCode, Value) + Send + 'static) -> Expect {
-    Expect { method, path, query: &[], respond: Box::new(respond) }
+fn expect(
+    method: Method,
+    path: &'static str,
+    respond: impl FnOnce(Value) -> (StatusCode, Value) + Send + 'static,
+) -> Expect {
+    Expect {
+        method,
+        path,
+        query: &[],
+        respond: Box::new(respond),
+    }
 }
 
 /// A server-side apply: PATCH with our field manager, forced.
-fn expect_apply(path: &'static str, respond: impl FnOnce(Value) -> (StatusCode, Value) + Send + 'static) -> Expect {
-    Expect { method: Method::PATCH, path, query: &["fieldManager=tidepool-operator", "force=true"], respond: Box::new(respond) }
+fn expect_apply(
+    path: &'static str,
+    respond: impl FnOnce(Value) -> (StatusCode, Value) + Send + 'static,
+) -> Expect {
+    Expect {
+        method: Method::PATCH,
+        path,
+        query: &["fieldManager=tidepool-operator", "force=true"],
+        respond: Box::new(respond),
+    }
 }
 
 fn not_found() -> (StatusCode, Value) {
-    (StatusCode::NOT_FOUND, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}))
+    (
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+    )
 }
 
 fn ok(v: impl serde::Serialize) -> (StatusCode, Value) {
@@ -68,23 +89,45 @@ fn ok(v: impl serde::Serialize) -> (StatusCode, Value) {
 }
 
 /// Serve `expected` in order; then assert that no further request arrives.
-fn verifier(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>, expected: Vec<Expect>) -> tokio::task::JoinHandle<()> {
+fn verifier(
+    mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+    expected: Vec<Expect>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         for (i, e) in expected.into_iter().enumerate() {
-            let (request, send) = handle.next_request().await.unwrap_or_else(|| panic!("request #{i} ({} {}) never came", e.method, e.path));
+            let (request, send) = handle
+                .next_request()
+                .await
+                .unwrap_or_else(|| panic!("request #{i} ({} {}) never came", e.method, e.path));
             let got = format!("{} {}", request.method(), request.uri().path());
             assert_eq!(got, format!("{} {}", e.method, e.path), "request #{i}");
             let query = request.uri().query().unwrap_or_default().to_owned();
             for q in e.query {
-                assert!(query.contains(q), "request #{i} {got}: query {query:?} lacks {q}");
+                assert!(
+                    query.contains(q),
+                    "request #{i} {got}: query {query:?} lacks {q}"
+                );
             }
             let bytes = request.into_body().collect_bytes().await.unwrap();
-            let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
             let (status, answer) = (e.respond)(body);
-            send.send_response(Response::builder().status(status).body(Body::from(serde_json::to_vec(&answer).unwrap())).unwrap());
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
         }
         if let Some((request, _)) = handle.next_request().await {
-            panic!("unexpected extra request: {} {}", request.method(), request.uri());
+            panic!(
+                "unexpected extra request: {} {}",
+                request.method(),
+                request.uri()
+            );
         }
     })
 }
@@ -118,8 +161,19 @@ async fn run<K: Reconciled>(obj: K, world: World, expected: Vec<Expect>) -> Resu
     let (checkpoints, _w4) = writer(&world.checkpoints);
     let ctx = Arc::new(Context {
         client: client.clone(),
-        stores: Stores { nodes, pools, datasets, checkpoints },
-        recorder: Recorder::new(client, Reporter { controller: "tidepool-operator".into(), instance: None }),
+        stores: Stores {
+            nodes,
+            pools,
+            datasets,
+            checkpoints,
+        },
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "tidepool-operator".into(),
+                instance: None,
+            },
+        ),
         metrics: Metrics::shared(),
         stale_after: SignedDuration::from_secs(120),
         now,
@@ -132,7 +186,14 @@ async fn run<K: Reconciled>(obj: K, world: World, expected: Vec<Expect>) -> Resu
 }
 
 fn node(name: &str, gpu: &str) -> Node {
-    Node { metadata: ObjectMeta { name: Some(name.into()), labels: Some([("gpu".to_owned(), gpu.to_owned())].into()), ..Default::default() }, ..Default::default() }
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some([("gpu".to_owned(), gpu.to_owned())].into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
 }
 
 fn pool(name: &str, heartbeat_age: i64, dataset_phase: Option<NodeDatasetPhase>) -> CachePool {
@@ -167,9 +228,17 @@ fn dataset() -> DatasetCache {
         DatasetCacheSpec {
             source: LakeLocation {
                 url: "https://acct.blob.core.windows.net/datasets/imagenet".into(),
-                credentials: Some(LakeCredentials { secret_ref: Some(SecretRef { name: "lake-sas".into() }), ..Default::default() }),
+                credentials: Some(LakeCredentials {
+                    secret_ref: Some(SecretRef {
+                        name: "lake-sas".into(),
+                    }),
+                    ..Default::default()
+                }),
             },
-            node_selector: Some(LabelSelector { match_labels: Some([("gpu".to_owned(), "h100".to_owned())].into()), ..Default::default() }),
+            node_selector: Some(LabelSelector {
+                match_labels: Some([("gpu".to_owned(), "h100".to_owned())].into()),
+                ..Default::default()
+            }),
             ..Default::default()
         },
     );
@@ -183,7 +252,10 @@ fn dataset() -> DatasetCache {
 /// Pools with `d` already assigned where it matches.
 fn assigned(mut pools: Vec<CachePool>, nodes: &[Node], d: &DatasetCache) -> Vec<CachePool> {
     for p in &mut pools {
-        let labels = nodes.iter().find(|n| n.metadata.name == p.metadata.name).map(|n| n.metadata.labels.clone().unwrap_or_default());
+        let labels = nodes
+            .iter()
+            .find(|n| n.metadata.name == p.metadata.name)
+            .map(|n| n.metadata.labels.clone().unwrap_or_default());
         p.spec = desired_spec(p, labels.as_ref(), &[d], &[], None);
     }
     pools
@@ -196,8 +268,16 @@ fn owned_pvc(d: &DatasetCache) -> PersistentVolumeClaim {
 fn with_status(mut d: DatasetCache, pools: &[CachePool], nodes: &[Node]) -> DatasetCache {
     let pools_r: Vec<&CachePool> = pools.iter().collect();
     let nodes_r: Vec<&Node> = nodes.iter().collect();
-    let observed = Observed { nodes: &nodes_r, pools: &pools_r, datasets: &[], checkpoints: &[] };
-    let clock = Clock { now: now(), stale_after: SignedDuration::from_secs(120) };
+    let observed = Observed {
+        nodes: &nodes_r,
+        pools: &pools_r,
+        datasets: &[],
+        checkpoints: &[],
+    };
+    let clock = Clock {
+        now: now(),
+        stale_after: SignedDuration::from_secs(120),
+    };
     d.status = Some(d.plan_status(&d.assigned_pools(&observed), &clock));
     d
 }
@@ -212,10 +292,18 @@ const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ml/events";
 async fn new_dataset_gets_its_finalizer_before_anything_else() {
     let mut d = dataset();
     d.metadata.finalizers = None;
-    let world = World { nodes: vec![node("n1", "h100")], pools: vec![pool("n1", 5, None)], datasets: vec![d.clone()], checkpoints: vec![] };
+    let world = World {
+        nodes: vec![node("n1", "h100")],
+        pools: vec![pool("n1", 5, None)],
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
     let obj = d.clone();
     let expected = vec![expect(Method::PATCH, DSC, move |body| {
-        assert!(body.to_string().contains(FINALIZER), "json patch adds the finalizer: {body}");
+        assert!(
+            body.to_string().contains(FINALIZER),
+            "json patch adds the finalizer: {body}"
+        );
         let mut o = obj;
         o.metadata.finalizers = Some(vec![FINALIZER.into()]);
         ok(o)
@@ -228,7 +316,15 @@ async fn new_dataset_gets_its_finalizer_before_anything_else() {
 async fn new_dataset_creates_pv_and_pvc_assigns_matching_pools_and_reports_ready() {
     let d = dataset();
     let nodes = vec![node("n1", "h100"), node("n2", "a100")];
-    let world = World { nodes, pools: vec![pool("n1", 5, Some(NodeDatasetPhase::Ready)), pool("n2", 5, None)], datasets: vec![d.clone()], checkpoints: vec![] };
+    let world = World {
+        nodes,
+        pools: vec![
+            pool("n1", 5, Some(NodeDatasetPhase::Ready)),
+            pool("n2", 5, None),
+        ],
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
     let pool_answer = pool("n1", 5, Some(NodeDatasetPhase::Ready));
     let status_obj = d.clone();
     let expected = vec![
@@ -236,7 +332,10 @@ async fn new_dataset_creates_pv_and_pvc_assigns_matching_pools_and_reports_ready
         expect_apply(PV, |body| {
             assert_eq!(body["spec"]["csi"]["driver"], "csi.tidepool.dev");
             assert_eq!(body["spec"]["accessModes"], json!(["ReadOnlyMany"]));
-            assert_eq!(body["spec"]["csi"]["nodeStageSecretRef"], json!({"name": "lake-sas", "namespace": "ml"}));
+            assert_eq!(
+                body["spec"]["csi"]["nodeStageSecretRef"],
+                json!({"name": "lake-sas", "namespace": "ml"})
+            );
             assert_eq!(body["spec"]["claimRef"]["name"], "imagenet");
             ok(body)
         }),
@@ -248,10 +347,18 @@ async fn new_dataset_creates_pv_and_pvc_assigns_matching_pools_and_reports_ready
             ok(body)
         }),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n1", move |body| {
-            let datasets = body["spec"]["datasets"].as_array().expect("datasets assigned");
+            let datasets = body["spec"]["datasets"]
+                .as_array()
+                .expect("datasets assigned");
             assert_eq!(datasets.len(), 1);
-            assert_eq!(datasets[0]["owner"], json!({"namespace": "ml", "name": "imagenet", "uid": "u1", "generation": 1}));
-            assert_eq!(datasets[0]["source"]["credentials"]["secretRef"]["name"], "lake-sas");
+            assert_eq!(
+                datasets[0]["owner"],
+                json!({"namespace": "ml", "name": "imagenet", "uid": "u1", "generation": 1})
+            );
+            assert_eq!(
+                datasets[0]["source"]["credentials"]["secretRef"]["name"],
+                "lake-sas"
+            );
             ok(pool_answer)
         }),
         // n2 (gpu=a100) is not selected: no write to it.
@@ -262,7 +369,14 @@ async fn new_dataset_creates_pv_and_pvc_assigns_matching_pools_and_reports_ready
         }),
         expect_apply(DSC_STATUS, move |body| {
             let s = &body["status"];
-            assert_eq!((s["phase"].as_str(), s["nodesDesired"].as_i64(), s["nodesReady"].as_i64()), (Some("Ready"), Some(1), Some(1)));
+            assert_eq!(
+                (
+                    s["phase"].as_str(),
+                    s["nodesDesired"].as_i64(),
+                    s["nodesReady"].as_i64()
+                ),
+                (Some("Ready"), Some(1), Some(1))
+            );
             assert_eq!(s["bytesCached"], 300);
             assert_eq!(s["snapshot"]["id"], "s1");
             assert_eq!(s["claimName"], "imagenet");
@@ -271,45 +385,93 @@ async fn new_dataset_creates_pv_and_pvc_assigns_matching_pools_and_reports_ready
         }),
     ];
     let action = run(d, world, expected).await.unwrap();
-    assert_eq!(action, Action::requeue(Duration::from_secs(60)), "requeue at half the staleness bound");
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(60)),
+        "requeue at half the staleness bound"
+    );
 }
 
 #[tokio::test]
 async fn steady_state_reconcile_only_reads() {
     let nodes = vec![node("n1", "h100")];
-    let pools = assigned(vec![pool("n1", 5, Some(NodeDatasetPhase::Ready))], &nodes, &dataset());
+    let pools = assigned(
+        vec![pool("n1", 5, Some(NodeDatasetPhase::Ready))],
+        &nodes,
+        &dataset(),
+    );
     let d = with_status(dataset(), &pools, &nodes);
     let pvc = owned_pvc(&d);
     let pv = crate::plan::volume::desired_pv(&d);
-    let world = World { nodes, pools, datasets: vec![d.clone()], checkpoints: vec![] };
-    let expected = vec![expect(Method::GET, PV, move |_| ok(pv)), expect(Method::GET, PVC, move |_| ok(pvc))];
+    let world = World {
+        nodes,
+        pools,
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
+    let expected = vec![
+        expect(Method::GET, PV, move |_| ok(pv)),
+        expect(Method::GET, PVC, move |_| ok(pvc)),
+    ];
     run(d, world, expected).await.unwrap();
 }
 
 #[tokio::test]
 async fn stale_pool_counts_as_not_ready_and_says_so() {
     let nodes = vec![node("n1", "h100"), node("n2", "h100")];
-    let fresh = assigned(vec![pool("n1", 5, Some(NodeDatasetPhase::Ready)), pool("n2", 5, Some(NodeDatasetPhase::Ready))], &nodes, &dataset());
+    let fresh = assigned(
+        vec![
+            pool("n1", 5, Some(NodeDatasetPhase::Ready)),
+            pool("n2", 5, Some(NodeDatasetPhase::Ready)),
+        ],
+        &nodes,
+        &dataset(),
+    );
     let d = with_status(dataset(), &fresh, &nodes);
     assert_eq!(d.status.as_ref().unwrap().phase, Phase::Ready);
     // n2's agent stops reporting 10 minutes ago; its last word was "Ready".
     let mut pools = fresh.clone();
-    pools[1].status.as_mut().unwrap().heartbeat_time = Some(Time(Timestamp::from_second(NOW - 600).unwrap()));
-    let world = World { nodes, pools, datasets: vec![d.clone()], checkpoints: vec![] };
-    let (pvc, pv, obj) = (owned_pvc(&d), crate::plan::volume::desired_pv(&d), d.clone());
+    pools[1].status.as_mut().unwrap().heartbeat_time =
+        Some(Time(Timestamp::from_second(NOW - 600).unwrap()));
+    let world = World {
+        nodes,
+        pools,
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
+    let (pvc, pv, obj) = (
+        owned_pvc(&d),
+        crate::plan::volume::desired_pv(&d),
+        d.clone(),
+    );
     let expected = vec![
         expect(Method::GET, PV, move |_| ok(pv)),
         expect(Method::GET, PVC, move |_| ok(pvc)),
         expect(Method::POST, EVENTS, |body| {
-            assert_eq!((body["type"].as_str(), body["reason"].as_str()), (Some("Warning"), Some("Degraded")));
+            assert_eq!(
+                (body["type"].as_str(), body["reason"].as_str()),
+                (Some("Warning"), Some("Degraded"))
+            );
             assert_eq!(body["note"], "phase Ready -> Degraded");
             ok(body)
         }),
         expect_apply(DSC_STATUS, move |body| {
             let s = &body["status"];
-            assert_eq!((s["phase"].as_str(), s["nodesReady"].as_i64()), (Some("Degraded"), Some(1)));
-            let cond = s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "PoolsReporting").unwrap().clone();
-            assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("False"), Some("StaleHeartbeat")));
+            assert_eq!(
+                (s["phase"].as_str(), s["nodesReady"].as_i64()),
+                (Some("Degraded"), Some(1))
+            );
+            let cond = s["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "PoolsReporting")
+                .unwrap()
+                .clone();
+            assert_eq!(
+                (cond["status"].as_str(), cond["reason"].as_str()),
+                (Some("False"), Some("StaleHeartbeat"))
+            );
             assert!(cond["message"].as_str().unwrap().contains("n2"), "{cond}");
             ok(obj)
         }),
@@ -320,12 +482,21 @@ async fn stale_pool_counts_as_not_ready_and_says_so() {
 #[tokio::test]
 async fn foreign_pvc_of_the_same_name_is_not_taken_over() {
     let nodes = vec![node("n1", "h100")];
-    let pools = assigned(vec![pool("n1", 5, Some(NodeDatasetPhase::Ready))], &nodes, &dataset());
+    let pools = assigned(
+        vec![pool("n1", 5, Some(NodeDatasetPhase::Ready))],
+        &nodes,
+        &dataset(),
+    );
     let d = dataset();
     let mut foreign = owned_pvc(&d);
     foreign.metadata.owner_references = None;
     let pv = crate::plan::volume::desired_pv(&d);
-    let world = World { nodes, pools, datasets: vec![d.clone()], checkpoints: vec![] };
+    let world = World {
+        nodes,
+        pools,
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
     let obj = d.clone();
     let expected = vec![
         expect(Method::GET, PV, move |_| ok(pv)),
@@ -337,9 +508,18 @@ async fn foreign_pvc_of_the_same_name_is_not_taken_over() {
         expect_apply(DSC_STATUS, move |body| {
             let s = &body["status"];
             assert_eq!(s["phase"], "Failed");
-            let ready = s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+            let ready = s["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Ready")
+                .unwrap()
+                .clone();
             assert_eq!(ready["reason"], "ClaimConflict");
-            assert!(ready["message"].as_str().unwrap().contains("ml/imagenet"), "{ready}");
+            assert!(
+                ready["message"].as_str().unwrap().contains("ml/imagenet"),
+                "{ready}"
+            );
             ok(obj)
         }),
     ];
@@ -354,21 +534,44 @@ fn deleting(mut d: DatasetCache) -> DatasetCache {
 #[tokio::test]
 async fn deletion_waits_while_the_claim_is_in_use_and_keeps_pool_assignments() {
     let nodes = vec![node("n1", "h100")];
-    let pools = assigned(vec![pool("n1", 5, Some(NodeDatasetPhase::Ready))], &nodes, &dataset());
+    let pools = assigned(
+        vec![pool("n1", 5, Some(NodeDatasetPhase::Ready))],
+        &nodes,
+        &dataset(),
+    );
     let d = deleting(with_status(dataset(), &pools, &nodes));
     let pvc = owned_pvc(&d);
     let mut terminating = pvc.clone();
     terminating.metadata.deletion_timestamp = Some(Time(now()));
     terminating.metadata.finalizers = Some(vec!["kubernetes.io/pvc-protection".into()]);
-    let world = World { nodes, pools, datasets: vec![d.clone()], checkpoints: vec![] };
+    let world = World {
+        nodes,
+        pools,
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
     let obj = d.clone();
     let expected = vec![
         expect(Method::GET, PVC, move |_| ok(pvc)),
         expect(Method::DELETE, PVC, move |_| ok(terminating)),
         expect_apply(DSC_STATUS, move |body| {
-            let cond = body["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Deleting").unwrap().clone();
-            assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("True"), Some("WaitingForClaim")));
-            assert!(cond["message"].as_str().unwrap().contains("while a pod uses it"));
+            let cond = body["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Deleting")
+                .unwrap()
+                .clone();
+            assert_eq!(
+                (cond["status"].as_str(), cond["reason"].as_str()),
+                (Some("True"), Some("WaitingForClaim"))
+            );
+            assert!(
+                cond["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("while a pod uses it")
+            );
             ok(obj)
         }),
         // No pool write, no PV delete, no finalizer removal while the pod reads.
@@ -380,13 +583,27 @@ async fn deletion_waits_while_the_claim_is_in_use_and_keeps_pool_assignments() {
 #[tokio::test]
 async fn second_wait_does_not_delete_again_or_rewrite_status() {
     let nodes = vec![node("n1", "h100")];
-    let pools = assigned(vec![pool("n1", 5, Some(NodeDatasetPhase::Ready))], &nodes, &dataset());
+    let pools = assigned(
+        vec![pool("n1", 5, Some(NodeDatasetPhase::Ready))],
+        &nodes,
+        &dataset(),
+    );
     let mut d = deleting(with_status(dataset(), &pools, &nodes));
     let update = ConditionUpdate { type_: DELETING, status: true, reason: "WaitingForClaim", message: "waiting for PersistentVolumeClaim ml/imagenet to go away; Kubernetes keeps it while a pod uses it".into() };
-    conditions::set(&mut d.status.as_mut().unwrap().conditions, update, Some(1), now());
+    conditions::set(
+        &mut d.status.as_mut().unwrap().conditions,
+        update,
+        Some(1),
+        now(),
+    );
     let mut terminating = owned_pvc(&d);
     terminating.metadata.deletion_timestamp = Some(Time(now()));
-    let world = World { nodes, pools, datasets: vec![d.clone()], checkpoints: vec![] };
+    let world = World {
+        nodes,
+        pools,
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
     let expected = vec![expect(Method::GET, PVC, move |_| ok(terminating))];
     assert!(run(d, world, expected).await.unwrap_err().is_waiting());
 }
@@ -394,29 +611,53 @@ async fn second_wait_does_not_delete_again_or_rewrite_status() {
 #[tokio::test]
 async fn deletion_after_claim_is_gone_releases_pools_deletes_pv_and_removes_finalizer() {
     let nodes = vec![node("n1", "h100"), node("n2", "h100")];
-    let pools = assigned(vec![pool("n1", 5, Some(NodeDatasetPhase::Ready)), pool("n2", 5, None)], &nodes, &dataset());
+    let pools = assigned(
+        vec![
+            pool("n1", 5, Some(NodeDatasetPhase::Ready)),
+            pool("n2", 5, None),
+        ],
+        &nodes,
+        &dataset(),
+    );
     let d = deleting(with_status(dataset(), &pools, &nodes));
     let pv = crate::plan::volume::desired_pv(&d);
     let (p1, p2, obj) = (pools[0].clone(), pools[1].clone(), d.clone());
-    let world = World { nodes, pools, datasets: vec![d.clone()], checkpoints: vec![] };
+    let world = World {
+        nodes,
+        pools,
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
     let expected = vec![
         expect(Method::GET, PVC, |_| not_found()),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n1", move |body| {
-            assert!(body["spec"].get("datasets").is_none(), "assignment released: {body}");
+            assert!(
+                body["spec"].get("datasets").is_none(),
+                "assignment released: {body}"
+            );
             ok(p1)
         }),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n2", move |body| {
-            assert!(body["spec"].get("datasets").is_none(), "assignment released: {body}");
+            assert!(
+                body["spec"].get("datasets").is_none(),
+                "assignment released: {body}"
+            );
             ok(p2)
         }),
         expect(Method::DELETE, PV, move |_| ok(pv)),
         expect(Method::PATCH, DSC, move |body| {
             let ops = body.to_string();
-            assert!(ops.contains("\"remove\"") && ops.contains("/metadata/finalizers/0"), "{ops}");
+            assert!(
+                ops.contains("\"remove\"") && ops.contains("/metadata/finalizers/0"),
+                "{ops}"
+            );
             ok(obj)
         }),
     ];
-    assert_eq!(run(d, world, expected).await.unwrap(), Action::await_change());
+    assert_eq!(
+        run(d, world, expected).await.unwrap(),
+        Action::await_change()
+    );
 }
 
 #[tokio::test]
@@ -424,47 +665,90 @@ async fn cleanup_tolerates_apply_never_having_run() {
     // Deleted before the first apply: no PVC, no assignment, no PV.
     let d = deleting(dataset());
     let obj = d.clone();
-    let world = World { nodes: vec![node("n1", "h100")], pools: vec![pool("n1", 5, None)], datasets: vec![d.clone()], checkpoints: vec![] };
+    let world = World {
+        nodes: vec![node("n1", "h100")],
+        pools: vec![pool("n1", 5, None)],
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
     let expected = vec![
         expect(Method::GET, PVC, |_| not_found()),
         expect(Method::DELETE, PV, |_| not_found()),
         expect(Method::PATCH, DSC, move |_| ok(obj)),
     ];
-    assert_eq!(run(d, world, expected).await.unwrap(), Action::await_change());
+    assert_eq!(
+        run(d, world, expected).await.unwrap(),
+        Action::await_change()
+    );
 }
 
 #[tokio::test]
 async fn checkpoint_sync_is_read_write_and_assigned_to_every_pool() {
-    let mut c = CheckpointSync::new("ckpt", CheckpointSyncSpec { destination: LakeLocation { url: "https://acct.blob.core.windows.net/ckpt/run1".into(), credentials: None }, ..Default::default() });
+    let mut c = CheckpointSync::new(
+        "ckpt",
+        CheckpointSyncSpec {
+            destination: LakeLocation {
+                url: "https://acct.blob.core.windows.net/ckpt/run1".into(),
+                credentials: None,
+            },
+            ..Default::default()
+        },
+    );
     c.metadata.namespace = Some("ml".into());
     c.metadata.uid = Some("c1".into());
     c.metadata.generation = Some(1);
     c.metadata.finalizers = Some(vec![FINALIZER.into()]);
     let nodes = vec![node("n1", "h100"), node("n2", "a100")];
-    let world = World { nodes, pools: vec![pool("n1", 5, None), pool("n2", 5, None)], datasets: vec![], checkpoints: vec![c.clone()] };
+    let world = World {
+        nodes,
+        pools: vec![pool("n1", 5, None), pool("n2", 5, None)],
+        datasets: vec![],
+        checkpoints: vec![c.clone()],
+    };
     let (p1, p2, obj) = (pool("n1", 5, None), pool("n2", 5, None), c.clone());
     let expected = vec![
-        expect(Method::GET, "/api/v1/persistentvolumes/tidepool-c1", |_| not_found()),
+        expect(Method::GET, "/api/v1/persistentvolumes/tidepool-c1", |_| {
+            not_found()
+        }),
         expect_apply("/api/v1/persistentvolumes/tidepool-c1", |body| {
             assert_eq!(body["spec"]["accessModes"], json!(["ReadWriteMany"]));
-            assert!(body["spec"]["csi"].get("nodeStageSecretRef").is_none(), "anonymous: no secret");
+            assert!(
+                body["spec"]["csi"].get("nodeStageSecretRef").is_none(),
+                "anonymous: no secret"
+            );
             ok(body)
         }),
-        expect(Method::GET, "/api/v1/namespaces/ml/persistentvolumeclaims/ckpt", |_| not_found()),
+        expect(
+            Method::GET,
+            "/api/v1/namespaces/ml/persistentvolumeclaims/ckpt",
+            |_| not_found(),
+        ),
         expect_apply("/api/v1/namespaces/ml/persistentvolumeclaims/ckpt", ok),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n1", move |body| {
-            assert_eq!(body["spec"]["checkpointSyncs"][0]["volumeHandle"], "tidepool-c1");
+            assert_eq!(
+                body["spec"]["checkpointSyncs"][0]["volumeHandle"],
+                "tidepool-c1"
+            );
             ok(p1)
         }),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n2", move |body| {
             assert_eq!(body["spec"]["checkpointSyncs"][0]["owner"]["name"], "ckpt");
             ok(p2)
         }),
-        expect_apply("/apis/tidepool.dev/v1alpha1/namespaces/ml/checkpointsyncs/ckpt/status", move |body| {
-            // Both agents are alive but have not reported on the sync yet.
-            assert_eq!((body["status"]["phase"].as_str(), body["status"]["nodesDesired"].as_i64()), (Some("Pending"), Some(2)));
-            ok(obj)
-        }),
+        expect_apply(
+            "/apis/tidepool.dev/v1alpha1/namespaces/ml/checkpointsyncs/ckpt/status",
+            move |body| {
+                // Both agents are alive but have not reported on the sync yet.
+                assert_eq!(
+                    (
+                        body["status"]["phase"].as_str(),
+                        body["status"]["nodesDesired"].as_i64()
+                    ),
+                    (Some("Pending"), Some(2))
+                );
+                ok(obj)
+            },
+        ),
     ];
     run(c, world, expected).await.unwrap();
 }
@@ -474,10 +758,27 @@ async fn relabelled_node_gets_assignment_on_next_reconcile() {
     // n2 was a100 (nothing assigned); it is now h100.
     let nodes = vec![node("n1", "h100"), node("n2", "h100")];
     let before = vec![node("n1", "h100"), node("n2", "a100")];
-    let pools = assigned(vec![pool("n1", 5, Some(NodeDatasetPhase::Ready)), pool("n2", 5, None)], &before, &dataset());
+    let pools = assigned(
+        vec![
+            pool("n1", 5, Some(NodeDatasetPhase::Ready)),
+            pool("n2", 5, None),
+        ],
+        &before,
+        &dataset(),
+    );
     let d = with_status(dataset(), &pools, &before);
-    let (pv, pvc, p2, obj) = (crate::plan::volume::desired_pv(&d), owned_pvc(&d), pools[1].clone(), d.clone());
-    let world = World { nodes, pools, datasets: vec![d.clone()], checkpoints: vec![] };
+    let (pv, pvc, p2, obj) = (
+        crate::plan::volume::desired_pv(&d),
+        owned_pvc(&d),
+        pools[1].clone(),
+        d.clone(),
+    );
+    let world = World {
+        nodes,
+        pools,
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
     let expected = vec![
         expect(Method::GET, PV, move |_| ok(pv)),
         expect(Method::GET, PVC, move |_| ok(pvc)),
@@ -490,7 +791,13 @@ async fn relabelled_node_gets_assignment_on_next_reconcile() {
             ok(body)
         }),
         expect_apply(DSC_STATUS, move |body| {
-            assert_eq!((body["status"]["nodesDesired"].as_i64(), body["status"]["nodesReady"].as_i64()), (Some(2), Some(1)));
+            assert_eq!(
+                (
+                    body["status"]["nodesDesired"].as_i64(),
+                    body["status"]["nodesReady"].as_i64()
+                ),
+                (Some(2), Some(1))
+            );
             ok(obj)
         }),
     ];
@@ -501,5 +808,8 @@ async fn relabelled_node_gets_assignment_on_next_reconcile() {
 fn labels_are_plain() {
     // Guard the assumption the scenarios rely on: nodes carry the label we select on.
     let n = node("n1", "h100");
-    assert_eq!(n.metadata.labels, Some(BTreeMap::from([("gpu".to_owned(), "h100".to_owned())])));
+    assert_eq!(
+        n.metadata.labels,
+        Some(BTreeMap::from([("gpu".to_owned(), "h100".to_owned())]))
+    );
 }
