@@ -17,6 +17,12 @@ pub enum Error {
         /// Name of the PVC.
         name: String,
     },
+    /// A pool changed between observing and writing it (optimistic concurrency).
+    #[error("CachePool {pool} changed while its spec was planned; retrying on a fresh view")]
+    PoolChanged {
+        /// The pool (node) name.
+        pool: String,
+    },
     /// The object lacks metadata the API server always sets (namespace, uid).
     #[error("object has no {0}; was it read from the API server?")]
     MissingMetadata(&'static str),
@@ -32,6 +38,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::WaitingForClaim { .. } => "waiting_for_claim",
             Error::MissingMetadata(_) => "missing_metadata",
+            Error::PoolChanged { .. } => "pool_changed",
             Error::Finalizer(inner) => match &**inner {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),

@@ -237,6 +237,113 @@ mod tests {
         }
     }
 
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+
+    fn config() -> LeaderElectionConfig {
+        LeaderElectionConfig {
+            namespace: "tidepool-system".into(),
+            lease_name: "tidepool-operator".into(),
+            identity: "pod-a".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+        }
+    }
+
+    /// Answer each request in turn with (expected method, status, body).
+    async fn attempt(
+        answers: Vec<(Method, u16, serde_json::Value)>,
+    ) -> (Result<bool, LeaderError>, Vec<serde_json::Value>) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server =
+            tokio::spawn(async move {
+                let mut bodies = Vec::new();
+                for (method, status, answer) in answers {
+                    let (request, send) = handle.next_request().await.expect("request");
+                    assert_eq!(request.method(), method);
+                    assert!(request.uri().path().starts_with(
+                        "/apis/coordination.k8s.io/v1/namespaces/tidepool-system/leases"
+                    ));
+                    let bytes = request.into_body().collect_bytes().await.unwrap();
+                    bodies.push(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null));
+                    send.send_response(
+                        Response::builder()
+                            .status(status)
+                            .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                            .unwrap(),
+                    );
+                }
+                assert!(handle.next_request().await.is_none(), "no further request");
+                bodies
+            });
+        let lock = LeaseLock::new(Client::new(service, "default"), config());
+        let result = lock
+            .try_acquire_or_renew(Timestamp::from_second(1000).unwrap())
+            .await;
+        drop(lock);
+        (result, server.await.unwrap())
+    }
+
+    fn not_found() -> serde_json::Value {
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
+    }
+
+    #[tokio::test]
+    async fn first_candidate_creates_the_lease_and_leads() {
+        let lease = serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "tidepool-operator"}});
+        let (result, bodies) = attempt(vec![
+            (Method::GET, 404, not_found()),
+            (Method::POST, 201, lease),
+        ])
+        .await;
+        assert!(result.unwrap());
+        assert_eq!(bodies[1]["spec"]["holderIdentity"], "pod-a");
+        assert_eq!(bodies[1]["spec"]["leaseDurationSeconds"], 15);
+    }
+
+    #[tokio::test]
+    async fn losing_a_race_means_waiting_not_failing() {
+        let conflict = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409});
+        let (result, _) = attempt(vec![
+            (Method::GET, 404, not_found()),
+            (Method::POST, 409, conflict),
+        ])
+        .await;
+        assert!(!result.unwrap());
+    }
+
+    #[tokio::test]
+    async fn expired_lease_is_taken_over_with_its_resource_version() {
+        let expired = serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "tidepool-operator", "resourceVersion": "42"},
+            "spec": {"holderIdentity": "pod-b", "leaseDurationSeconds": 15, "renewTime": "1970-01-01T00:16:00.000000Z", "leaseTransitions": 3}
+        });
+        let (result, bodies) = attempt(vec![
+            (Method::GET, 200, expired.clone()),
+            (Method::PUT, 200, expired),
+        ])
+        .await;
+        assert!(result.unwrap());
+        assert_eq!(
+            bodies[1]["metadata"]["resourceVersion"], "42",
+            "optimistic: a concurrent taker gets 409"
+        );
+        assert_eq!(bodies[1]["spec"]["holderIdentity"], "pod-a");
+        assert_eq!(bodies[1]["spec"]["leaseTransitions"], 4);
+    }
+
+    #[tokio::test]
+    async fn valid_lease_of_another_replica_is_left_alone() {
+        let held = serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "tidepool-operator", "resourceVersion": "42"},
+            "spec": {"holderIdentity": "pod-b", "leaseDurationSeconds": 15, "renewTime": "1970-01-01T00:16:35.000000Z"}
+        });
+        let (result, _) = attempt(vec![(Method::GET, 200, held)]).await;
+        assert!(!result.unwrap());
+    }
+
     #[test]
     fn decision_table() {
         let now = Timestamp::from_second(1000).unwrap();

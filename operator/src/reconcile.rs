@@ -64,6 +64,9 @@ pub const FINALIZER: &str = "tidepool.dev/cleanup";
 /// Requeue delay while deletion waits for a PVC: pods usually go away within seconds
 /// to minutes, and the check is one GET.
 pub const CLAIM_WAIT_REQUEUE: Duration = Duration::from_secs(5);
+/// Requeue delay after a pool changed under a reconcile: the watch delivers the new
+/// version within milliseconds, a second is plenty.
+pub const POOL_CHANGED_REQUEUE: Duration = Duration::from_secs(1);
 /// Requeue delay after an API failure.
 pub const ERROR_REQUEUE: Duration = Duration::from_secs(15);
 
@@ -154,6 +157,17 @@ pub async fn reconcile<K: Reconciled>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
 
 /// Requeue policy and error accounting.
 pub fn error_policy<K: Reconciled>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::PoolChanged { .. } = error {
+        // Not a fault: another reconcile wrote the pool first. Retry on a fresh view soon.
+        ctx.metrics
+            .errors
+            .get_or_create(&ErrorLabels {
+                kind: K::KIND,
+                error: error.metric_label(),
+            })
+            .inc();
+        return Action::requeue(POOL_CHANGED_REQUEUE);
+    }
     if error.is_waiting() {
         info!(kind = K::KIND, name = %obj.name_any(), %error, "deletion waiting");
         return Action::requeue(CLAIM_WAIT_REQUEUE);
@@ -208,13 +222,33 @@ async fn sync_pools(ctx: &Context, releasing: Option<&str>) -> Result<Vec<Arc<Ca
     let api: Api<CachePool> = Api::all(ctx.client.clone());
     for (name, spec) in changed_pools(&observed, releasing) {
         info!(pool = %name, datasets = spec.datasets.len(), checkpoint_syncs = spec.checkpoint_syncs.len(), "assigning pool");
+        // The observed resourceVersion is a precondition: a spec planned from a stale
+        // view (another reconcile wrote the pool since) is refused with 409 instead of
+        // undoing that write, and the reconcile retries on a fresh view.
+        let resource_version = pools
+            .iter()
+            .find(|p| p.name_any() == name)
+            .and_then(|p| p.resource_version());
+        let mut metadata = serde_json::Map::new();
+        if let Some(rv) = resource_version {
+            metadata.insert("resourceVersion".to_owned(), rv.into());
+        }
         let body = serde_json::json!({
             "apiVersion": CachePool::api_version(&()),
             "kind": CachePool::kind(&()),
+            "metadata": metadata,
             "spec": spec,
         });
-        api.patch(&name, &apply_params(), &Patch::Apply(&body))
-            .await?;
+        match api
+            .patch(&name, &apply_params(), &Patch::Apply(&body))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                return Err(Error::PoolChanged { pool: name });
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(snap.pools)
 }

@@ -5,7 +5,7 @@
 //! missing, extra, reordered or wrong request fails the scenario: the verifier
 //! asserts each request as it arrives, then that none follows.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::{
@@ -199,6 +199,7 @@ fn node(name: &str, gpu: &str) -> Node {
 fn pool(name: &str, heartbeat_age: i64, dataset_phase: Option<NodeDatasetPhase>) -> CachePool {
     let mut p = CachePool::new(name, CachePoolSpec::default());
     p.metadata.uid = Some(format!("pool-{name}"));
+    p.metadata.resource_version = Some("7".into());
     p.status = Some(CachePoolStatus {
         heartbeat_time: Some(Time(Timestamp::from_second(NOW - heartbeat_age).unwrap())),
         capacity_bytes: 1 << 40,
@@ -784,6 +785,10 @@ async fn relabelled_node_gets_assignment_on_next_reconcile() {
         expect(Method::GET, PVC, move |_| ok(pvc)),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n2", move |body| {
             assert_eq!(body["spec"]["datasets"][0]["owner"]["name"], "imagenet");
+            assert_eq!(
+                body["metadata"]["resourceVersion"], "7",
+                "written only over what was planned from"
+            );
             ok(p2)
         }),
         expect(Method::POST, EVENTS, |body| {
@@ -804,12 +809,32 @@ async fn relabelled_node_gets_assignment_on_next_reconcile() {
     run(d, world, expected).await.unwrap();
 }
 
-#[test]
-fn labels_are_plain() {
-    // Guard the assumption the scenarios rely on: nodes carry the label we select on.
-    let n = node("n1", "h100");
-    assert_eq!(
-        n.metadata.labels,
-        Some(BTreeMap::from([("gpu".to_owned(), "h100".to_owned())]))
+#[tokio::test]
+async fn pool_changed_under_the_reconcile_is_retried_not_overwritten() {
+    let d = dataset();
+    let world = World {
+        nodes: vec![node("n1", "h100")],
+        pools: vec![pool("n1", 5, None)],
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
+    let (pv, pvc) = (crate::plan::volume::desired_pv(&d), owned_pvc(&d));
+    let expected = vec![
+        expect(Method::GET, PV, move |_| ok(pv)),
+        expect(Method::GET, PVC, move |_| ok(pvc)),
+        expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n1", |_| {
+            (
+                StatusCode::CONFLICT,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                       "message": "the object has been modified; please apply your changes to the latest version and try again"}),
+            )
+        }),
+        // No status write from a stale view.
+    ];
+    let err = run(d, world, expected).await.unwrap_err();
+    assert!(
+        matches!(err, Error::PoolChanged { ref pool } if pool == "n1"),
+        "{err}"
     );
+    assert_eq!(err.metric_label(), "pool_changed");
 }
