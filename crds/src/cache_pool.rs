@@ -1,0 +1,252 @@
+//! `CachePool`: one per node, named after the node, owned by its `Node` (so it is
+//! garbage-collected with it).
+//!
+//! Two writers, two halves, never crossing:
+//! - `spec` is written by the operator only: the datasets and checkpoint syncs assigned
+//!   to the node, each self-contained (source, credential reference and the namespace
+//!   it resolves in, policies, owner uid and generation), so the agent acts without
+//!   reading any `DatasetCache` or `CheckpointSync`.
+//! - `status` is written by the node's agent only: capacity, usage, a heartbeat and
+//!   per-assignment progress. A heartbeat older than the operator's staleness bound
+//!   makes the node count as not ready.
+//!
+//! Each node's agent creates its own pool when it starts; the operator assigns into
+//! pools that exist and never creates one.
+
+// `printcolumn(type_ = …)` repeats by design; clippy reads the derive's arguments as
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    checkpoint_sync::{CommitRule, Retention},
+    dataset_cache::{Prefetch, Refresh},
+    lake::LakeLocation,
+};
+
+/// The cache pool of one node: what should be resident there (spec, from the operator)
+/// and what is (status, from the node's agent).
+#[derive(
+    CustomResource, Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Default,
+)]
+#[kube(
+    group = "tidepool.dev",
+    version = "v1alpha1",
+    kind = "CachePool",
+    shortname = "cpool",
+    category = "tidepool",
+    status = "CachePoolStatus",
+    doc = "The node-local NVMe cache of one node (named after the node): assignments from the operator, progress from the node's agent.",
+    printcolumn(
+        name = "Datasets",
+        type_ = "integer",
+        json_path = ".status.datasetCount",
+        description = "Datasets the agent serves"
+    ),
+    printcolumn(
+        name = "Capacity",
+        type_ = "integer",
+        json_path = ".status.capacityBytes",
+        description = "Pool capacity in bytes"
+    ),
+    printcolumn(
+        name = "Used",
+        type_ = "integer",
+        json_path = ".status.usedBytes",
+        description = "Bytes used in the pool"
+    ),
+    printcolumn(
+        name = "Heartbeat",
+        type_ = "date",
+        json_path = ".status.heartbeatTime",
+        description = "Last report from the node's agent"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CachePoolSpec {
+    /// Datasets that should be resident on this node. Written by the operator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<DatasetAssignment>,
+    /// Checkpoint syncs that run on this node. Written by the operator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoint_syncs: Vec<CheckpointAssignment>,
+}
+
+/// Identity of the object an assignment comes from.
+#[derive(
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    Clone,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    PartialOrd,
+    Ord,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AssignmentOwner {
+    /// Namespace of the owning object; credential references resolve in it.
+    pub namespace: String,
+    /// Name of the owning object.
+    pub name: String,
+    /// Uid of the owning object: a deleted and re-created object is a new assignment.
+    pub uid: String,
+    /// `metadata.generation` of the owning object this assignment was computed from.
+    #[serde(default)]
+    pub generation: i64,
+}
+
+/// One dataset the node should cache.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DatasetAssignment {
+    /// The `DatasetCache` this comes from.
+    pub owner: AssignmentOwner,
+    /// CSI volume handle of the dataset's PersistentVolume.
+    pub volume_handle: String,
+    /// Lake prefix and credential reference (resolved in `owner.namespace`).
+    pub source: LakeLocation,
+    /// Prefetch policy.
+    #[serde(default)]
+    pub prefetch: Prefetch,
+    /// Refresh policy.
+    #[serde(default)]
+    pub refresh: Refresh,
+    /// Never evict.
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+/// One checkpoint sync the node should run.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointAssignment {
+    /// The `CheckpointSync` this comes from.
+    pub owner: AssignmentOwner,
+    /// CSI volume handle of the checkpoint PersistentVolume.
+    pub volume_handle: String,
+    /// Lake prefix and credential reference (resolved in `owner.namespace`).
+    pub destination: LakeLocation,
+    /// Commit rule.
+    #[serde(default)]
+    pub commit: CommitRule,
+    /// Retention.
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+/// What the node's agent reports. Written by the agent only.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CachePoolStatus {
+    /// The pool `metadata.generation` (spec) the agent has acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pool capacity in bytes.
+    #[serde(default)]
+    pub capacity_bytes: i64,
+    /// Bytes used in the pool.
+    #[serde(default)]
+    pub used_bytes: i64,
+    /// When the agent last reported. The operator treats a pool whose heartbeat is
+    /// older than its staleness bound as not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_time: Option<Time>,
+    /// Number of entries in `datasets` (for `kubectl get`).
+    #[serde(default)]
+    pub dataset_count: i32,
+    /// Per-dataset progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<DatasetNodeStatus>,
+    /// Per-checkpoint-sync progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoint_syncs: Vec<CheckpointNodeStatus>,
+    /// Agent conditions (e.g. `Ready`, `DiskPressure`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Progress of one dataset on one node.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DatasetNodeStatus {
+    /// Namespace of the `DatasetCache`.
+    pub namespace: String,
+    /// Name of the `DatasetCache`.
+    pub name: String,
+    /// Uid of the `DatasetCache` (a report about an older incarnation is ignored).
+    pub uid: String,
+    /// Pending, Listing, Warming, Ready or Failed.
+    #[serde(default)]
+    pub phase: NodeDatasetPhase,
+    /// Snapshot being served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Objects in the snapshot.
+    #[serde(default)]
+    pub objects: i64,
+    /// Bytes cached on this node.
+    #[serde(default)]
+    pub bytes_cached: i64,
+    /// Total bytes of the snapshot.
+    #[serde(default)]
+    pub bytes_total: i64,
+    /// Human-readable detail, e.g. why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Phase of one dataset on one node.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum NodeDatasetPhase {
+    /// Assigned, not started.
+    #[default]
+    Pending,
+    /// Listing the source into a snapshot.
+    Listing,
+    /// Prefetching.
+    Warming,
+    /// Serving reads (for `OnDemand`: as soon as the snapshot is listed).
+    Ready,
+    /// Cannot serve; see `message`.
+    Failed,
+}
+
+/// Progress of one checkpoint sync on one node.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointNodeStatus {
+    /// Namespace of the `CheckpointSync`.
+    pub namespace: String,
+    /// Name of the `CheckpointSync`.
+    pub name: String,
+    /// Uid of the `CheckpointSync`.
+    pub uid: String,
+    /// Latest step committed on this node; absent if the node holds no checkpoint data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_committed_step: Option<i64>,
+    /// Latest step whose part on this node is uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_durable_step: Option<i64>,
+    /// Bytes committed on this node and not yet uploaded.
+    #[serde(default)]
+    pub pending_bytes: i64,
+    /// Set when uploads fail; see `message`.
+    #[serde(default)]
+    pub failed: bool,
+    /// Human-readable detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

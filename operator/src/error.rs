@@ -1,0 +1,54 @@
+//! The reconciler boundary's error type. Each variant maps to one metric label and one
+//! requeue policy (see `reconcile::error_policy`).
+
+/// Reconcile errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API request failed.
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// Deletion waits for the PVC, which Kubernetes keeps while a pod uses it.
+    #[error(
+        "waiting for PersistentVolumeClaim {namespace}/{name} to be deleted; Kubernetes keeps it while a pod uses it"
+    )]
+    WaitingForClaim {
+        /// Namespace of the PVC.
+        namespace: String,
+        /// Name of the PVC.
+        name: String,
+    },
+    /// A pool changed between observing and writing it (optimistic concurrency).
+    #[error("CachePool {pool} changed while its spec was planned; retrying on a fresh view")]
+    PoolChanged {
+        /// The pool (node) name.
+        pool: String,
+    },
+    /// The object lacks metadata the API server always sets (namespace, uid).
+    #[error("object has no {0}; was it read from the API server?")]
+    MissingMetadata(&'static str),
+    /// Adding or removing the finalizer failed, or the wrapped work failed.
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// Label of `tidepool_reconcile_errors_total{error=…}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::WaitingForClaim { .. } => "waiting_for_claim",
+            Error::MissingMetadata(_) => "missing_metadata",
+            Error::PoolChanged { .. } => "pool_changed",
+            Error::Finalizer(inner) => match &**inner {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+        }
+    }
+
+    /// Whether this is a normal wait rather than a fault.
+    pub fn is_waiting(&self) -> bool {
+        self.metric_label() == "waiting_for_claim"
+    }
+}

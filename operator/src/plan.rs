@@ -1,0 +1,50 @@
+//! Pure planning: (spec, observed) → desired children, pool assignments and status.
+//!
+//! Nothing here talks to the API server or reads a clock: reconcilers pass in what
+//! they observed (from reflector stores) and the current time, then write what comes
+//! out. That keeps every decision table-testable, including clusters with many nodes
+//! and many datasets.
+//!
+//! - [`volume`]: the PersistentVolume and the pre-bound PVC of an object.
+//! - [`pool`]: the full spec of every `CachePool`, from every object and node label.
+//! - [`status`]: status aggregated from the pools an object is assigned to.
+
+pub mod pool;
+pub mod status;
+pub mod volume;
+
+use tidepool_api::{CheckpointSync, DatasetCache, LakeLocation};
+
+/// What the planners need to know about a `DatasetCache` or `CheckpointSync`.
+pub trait Workload: kube::Resource<DynamicType = ()> {
+    /// Kind, as in the API.
+    const KIND: &'static str;
+    /// `ReadOnlyMany` for datasets, `ReadWriteMany` for checkpoints.
+    const ACCESS_MODE: &'static str;
+    /// Where the data lives in the lake.
+    fn location(&self) -> &LakeLocation;
+    /// The PVC name pods mount.
+    fn claim(&self) -> String;
+}
+
+impl Workload for DatasetCache {
+    const KIND: &'static str = "DatasetCache";
+    const ACCESS_MODE: &'static str = "ReadOnlyMany";
+    fn location(&self) -> &LakeLocation {
+        &self.spec.source
+    }
+    fn claim(&self) -> String {
+        self.claim_name()
+    }
+}
+
+impl Workload for CheckpointSync {
+    const KIND: &'static str = "CheckpointSync";
+    const ACCESS_MODE: &'static str = "ReadWriteMany";
+    fn location(&self) -> &LakeLocation {
+        &self.spec.destination
+    }
+    fn claim(&self) -> String {
+        self.claim_name()
+    }
+}
