@@ -5,6 +5,7 @@
 //! residency) → `lake` (object-store trait and implementations).
 
 pub mod cache;
+pub mod cli;
 pub mod fs;
 pub mod lake;
 pub mod testing;

@@ -1,1 +1,26 @@
-fn main() {}
+//! `tidepool`: parse arguments, set up logging and the runtime, run a library command.
+use clap::Parser;
+use tidepool_csi::cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let env = |k: &str| std::env::var(k).ok();
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Mount(a) => tidepool_csi::cli::mount(a, &env).await,
+            Command::Prewarm(a) => tidepool_csi::cli::prewarm(a, &env).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidepool: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

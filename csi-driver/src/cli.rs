@@ -1,0 +1,377 @@
+//! The `tidepool` command line: argument types (parsed by the binary) and the commands
+//! that run the library's pieces for a user without Kubernetes.
+//!
+//! Nothing here reads the environment or argv itself: `main.rs` parses [`Cli`] and
+//! passes an environment lookup, so every command is testable in-process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::cache::dataset::{Dataset, PrewarmProgress, include_set};
+use crate::cache::{CacheConfig, CachePool};
+use crate::fs::{DatasetFs, FsConfig, Mount, MountStats, is_mounted, mount_config};
+use crate::lake::azure::{AzureLake, AzureOptions};
+use crate::lake::credentials::EnvLookup;
+use crate::lake::retry::{RetryConfig, RetryingLake};
+use crate::lake::{Credentials, Lake, LakeUrl};
+
+#[derive(Parser, Debug)]
+#[command(name = "tidepool", version, about = "GPU-adjacent storage: datasets from Azure Blob on local NVMe, mounted read-only with FUSE", long_about = None)]
+pub struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `tidepool_csi=debug`.
+    #[arg(long, global = true, env = "TIDEPOOL_LOG", default_value = "warn,tidepool_csi=info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mount a lake prefix read-only at MOUNTPOINT, backed by a local cache. Runs in the
+    /// foreground until SIGTERM/SIGINT or `umount MOUNTPOINT`, then exits with nothing
+    /// left mounted.
+    Mount(MountArgs),
+    /// Fill the cache with a lake prefix (or the files matching --include) ahead of a job.
+    Prewarm(PrewarmArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LakeArgs {
+    /// SAS token (default: $AZURE_STORAGE_SAS_TOKEN). A SAS in the URL's query also works.
+    /// Otherwise $AZURE_STORAGE_KEY (account key), then workload identity
+    /// ($AZURE_FEDERATED_TOKEN_FILE, $AZURE_CLIENT_ID, $AZURE_TENANT_ID,
+    /// $AZURE_AUTHORITY_HOST), else anonymous.
+    #[arg(long, value_name = "TOKEN", hide_env_values = true)]
+    pub sas_token: Option<String>,
+    /// Use the machine's managed identity ($AZURE_CLIENT_ID picks a user-assigned one).
+    #[arg(long)]
+    pub managed_identity: bool,
+    /// Extra trusted CA certificates (PEM) for private endpoints or proxies.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Attempts per lake request (transient errors: throttling, resets, timeouts).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub retries: u32,
+    /// Timeout of one lake request attempt.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub request_timeout: Duration,
+    /// Longest a lake request may take, retries included; after that a read fails with EIO.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub deadline: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// Cache pool directory on local NVMe (created if missing; shared by every mount).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: PathBuf,
+    /// Pool capacity: files are evicted (least recently used first) above 90% of it.
+    #[arg(long, default_value = "100GiB", value_parser = parse_size, value_name = "SIZE")]
+    pub cache_size: u64,
+    /// Files up to this size are fetched whole when opened.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub small_file_threshold: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Prefetch {
+    /// Fetch blocks when they are first read.
+    OnDemand,
+    /// Fetch the whole dataset in the background as soon as it is mounted.
+    Eager,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// e.g. https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX, or for Azurite
+    /// http://127.0.0.1:10000/devstoreaccount1/CONTAINER/PREFIX
+    #[arg(value_name = "LAKE_URL")]
+    pub url: String,
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    #[command(flatten)]
+    pub lake: LakeArgs,
+    #[arg(long, value_enum, default_value = "on-demand")]
+    pub prefetch: Prefetch,
+    /// `pinned` (list once; the mount never changes) or an interval such as `10m`
+    /// (list again that often; new opens see the new snapshot, open files keep theirs).
+    #[arg(long, default_value = "pinned", value_parser = parse_refresh, value_name = "pinned|INTERVAL")]
+    pub refresh: Refresh,
+    /// Let other users read the mount (default when running as root).
+    #[arg(long)]
+    pub allow_other: Option<bool>,
+    /// Never use FUSE passthrough, even for fully cached files.
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub threads: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct PrewarmArgs {
+    #[arg(value_name = "LAKE_URL")]
+    pub url: String,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    #[command(flatten)]
+    pub lake: LakeArgs,
+    /// Only files whose path inside the dataset matches this glob (repeatable), e.g.
+    /// `train/**/*.parquet`.
+    #[arg(long = "include", value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Files fetched at the same time.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub parallel: usize,
+    /// No progress bar (for logs).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refresh {
+    Pinned,
+    Every(Duration),
+}
+
+fn parse_refresh(s: &str) -> Result<Refresh, String> {
+    if s.eq_ignore_ascii_case("pinned") {
+        return Ok(Refresh::Pinned);
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= Duration::from_secs(1) => Ok(Refresh::Every(d)),
+        Ok(_) => Err("the refresh interval must be at least 1s".into()),
+        Err(e) => Err(format!("expected `pinned` or an interval like `10m` ({e})")),
+    }
+}
+
+/// Sizes like `500GiB`, `2T`, `64MB`, `1048576`. K/M/G/T and KiB/MiB/GiB/TiB are powers
+/// of 1024 (what `df -h` shows); KB/MB/GB/TB are powers of 1000.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size; try 100GiB or 500G"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}; use K, M, G, T (or KiB.., KB..)")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+fn open_lake(url: &LakeUrl, args: &LakeArgs, env: EnvLookup<'_>) -> anyhow::Result<Arc<dyn Lake>> {
+    let creds = Credentials::resolve(args.sas_token.clone(), args.managed_identity, env)?;
+    let options = AzureOptions { ca_file: args.ca_file.clone(), ..AzureOptions::default() };
+    let azure = AzureLake::connect(url, &creds, &options).with_context(|| format!("connecting to {url}"))?;
+    tracing::info!(lake = %url, credentials = creds.kind(), "lake client ready");
+    let retry = RetryConfig {
+        max_attempts: args.retries.max(1),
+        attempt_timeout: args.request_timeout,
+        deadline: args.deadline,
+        ..RetryConfig::default()
+    };
+    Ok(Arc::new(RetryingLake::new(Arc::new(azure), retry)))
+}
+
+fn cache_config(args: &CacheArgs) -> CacheConfig {
+    let mut c = CacheConfig::new(&args.cache_dir, args.cache_size);
+    c.small_file_threshold = args.small_file_threshold;
+    c
+}
+
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn human(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
+/// `tidepool mount`.
+pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
+    let url = LakeUrl::parse(&args.url)?;
+    if !args.mountpoint.is_dir() {
+        bail!("mount point {} is not a directory; create it first (mkdir -p {})", args.mountpoint.display(), args.mountpoint.display());
+    }
+    if is_mounted(&args.mountpoint.canonicalize()?) {
+        bail!("{} is already a mount point; unmount it first (umount {})", args.mountpoint.display(), args.mountpoint.display());
+    }
+    let lake = open_lake(&url, &args.lake, env)?;
+    let pool = CachePool::open(cache_config(&args.cache)).context("opening the cache pool")?;
+    let ds = Arc::new(Dataset::open(pool.clone(), url.clone(), lake, false, |_| {}).await.with_context(|| format!("listing {url}"))?);
+    let root = unsafe { libc::geteuid() } == 0;
+    let ttl = match args.refresh {
+        Refresh::Pinned => Duration::from_secs(24 * 3600),
+        Refresh::Every(d) => d.min(Duration::from_secs(60)),
+    };
+    let stats = Arc::new(MountStats::default());
+    let fs = DatasetFs::new(
+        ds.clone(),
+        tokio::runtime::Handle::current(),
+        FsConfig { ttl, passthrough: !args.no_passthrough, uid: unsafe { libc::getuid() }, gid: unsafe { libc::getgid() } },
+        stats,
+    );
+    let config = mount_config(args.allow_other.unwrap_or(root), args.threads, &url.to_string());
+    let mountpoint = args.mountpoint.clone();
+    let mount = tokio::task::spawn_blocking(move || Mount::spawn(fs, &mountpoint, &config))
+        .await?
+        .with_context(|| format!("mounting at {} (needs /dev/fuse, and root or fusermount3 from the fuse3 package)", args.mountpoint.display()))?;
+    let (seq, snap) = ds.current();
+    let sum = snap.summary();
+    // Status lines must not kill the mount if whoever started it closed our stdout.
+    say(format_args!(
+        "tidepool: mounted {url} at {} ({} files, {}, snapshot {seq}); stop with Ctrl-C or umount",
+        args.mountpoint.display(),
+        sum.objects,
+        human(sum.bytes)
+    ));
+    let mut background = Vec::new();
+    if args.prefetch == Prefetch::Eager {
+        let ds = ds.clone();
+        background.push(tokio::spawn(async move {
+            let progress = PrewarmProgress::default();
+            match ds.prewarm(None, 16, &progress).await {
+                Ok(s) => tracing::info!(files = s.files, bytes = s.bytes, failed = s.failed.len(), "eager prefetch done"),
+                Err(e) => tracing::warn!(error = %e, "eager prefetch failed"),
+            }
+        }));
+    }
+    if let Refresh::Every(every) = args.refresh {
+        let ds = ds.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = ds.refresh().await {
+                    tracing::warn!(error = %e, "refresh failed; keeping the current snapshot");
+                }
+            }
+        }));
+    }
+    let handle = mount.unmount_handle();
+    let mp = mount.mountpoint.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = poll.tick() => if !is_mounted(&mp) { tracing::info!("unmounted from outside"); break },
+        }
+    }
+    for b in background {
+        b.abort();
+    }
+    handle.unmount().context("unmounting")?;
+    tokio::task::spawn_blocking(move || mount.join()).await?.context("stopping the FUSE session")?;
+    pool.flush()?;
+    say(format_args!("tidepool: unmounted {}", mp.display()));
+    Ok(())
+}
+
+/// `tidepool prewarm`.
+pub async fn prewarm(args: PrewarmArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
+    let url = LakeUrl::parse(&args.url)?;
+    let include = include_set(&args.include)?;
+    let lake = open_lake(&url, &args.lake, env)?;
+    let pool = CachePool::open(cache_config(&args.cache)).context("opening the cache pool")?;
+    let ds = Arc::new(Dataset::open(pool.clone(), url.clone(), lake, false, |_| {}).await.with_context(|| format!("listing {url}"))?);
+    let progress = Arc::new(PrewarmProgress::default());
+    let started = Instant::now();
+    let bar = (!args.quiet).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}")
+                .expect("static template"),
+        );
+        b
+    });
+    let ticker = bar.clone().map(|b| {
+        let p = progress.clone();
+        tokio::spawn(async move {
+            loop {
+                b.set_length(p.bytes_total.load(Ordering::Relaxed));
+                b.set_position(p.bytes_done.load(Ordering::Relaxed));
+                b.set_message(format!("{}/{} files", p.files_done.load(Ordering::Relaxed), p.files_total.load(Ordering::Relaxed)));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    });
+    let summary = ds.prewarm(include.as_ref(), args.parallel, &progress).await?;
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let fetched = pool.fetched();
+    println!(
+        "tidepool: prewarmed {} files, {} in {:.1}s ({} fetched from the lake, {}/s); cache holds {} of {}",
+        summary.files,
+        human(summary.bytes),
+        secs,
+        human(fetched),
+        human((fetched as f64 / secs.max(0.001)) as u64),
+        human(pool.used()),
+        human(pool.config().capacity)
+    );
+    if !summary.failed.is_empty() {
+        for (blob, err) in summary.failed.iter().take(20) {
+            eprintln!("  failed: {blob}: {err}");
+        }
+        bail!("{} files could not be fetched (first errors above); run prewarm again to retry them", summary.failed.len());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("100GiB").unwrap(), 100 << 30);
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        assert_eq!(parse_size("64MB").unwrap(), 64_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert!(parse_size("ten gigs").unwrap_err().contains("not a size"));
+        assert!(parse_size("10Q").unwrap_err().contains("unknown size unit"));
+    }
+
+    #[test]
+    fn refresh_policies() {
+        assert_eq!(parse_refresh("pinned").unwrap(), Refresh::Pinned);
+        assert_eq!(parse_refresh("10m").unwrap(), Refresh::Every(Duration::from_secs(600)));
+        assert!(parse_refresh("0s").is_err());
+        assert!(parse_refresh("sometimes").unwrap_err().contains("pinned"));
+    }
+
+    #[test]
+    fn help_documents_every_flag() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let help = Cli::command().find_subcommand_mut("mount").unwrap().render_long_help().to_string();
+        for flag in ["--cache-dir", "--cache-size", "--prefetch", "--refresh", "--sas-token", "--managed-identity", "--deadline"] {
+            assert!(help.contains(flag), "mount --help lacks {flag}");
+        }
+    }
+}
