@@ -97,6 +97,8 @@ pub enum CacheError {
     Corrupt { blob: String, what: String },
     #[error("cache directory {dir} holds format {found:?}, this tidepool reads v1; use another --cache-dir or delete that one")]
     Format { dir: PathBuf, found: String },
+    #[error("cache directory {dir} is in use by another tidepool process; give each process its own --cache-dir (one agent per node serves every mount)")]
+    InUse { dir: PathBuf },
     #[error("a cached block failed verification and must be fetched again")]
     Refetch,
     #[error("internal error: {0}")]
@@ -276,10 +278,21 @@ impl CachePool {
             Err(_) => std::fs::write(&format, FORMAT).map_err(|e| CacheError::io(&format, e))?,
         }
         let index_path = v1.join("index.redb");
-        let index = Database::builder()
-            .set_cache_size(16 << 20)
-            .create(&index_path)
-            .map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
+        // One process owns a pool (on a node, the agent serves every mount from it). A
+        // pool just closed in this process may still be released by its background
+        // task for a moment, hence the short wait.
+        let mut waited = Duration::ZERO;
+        let index = loop {
+            match Database::builder().set_cache_size(16 << 20).create(&index_path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if waited < Duration::from_secs(2) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    waited += Duration::from_millis(20);
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(CacheError::InUse { dir: config.dir.clone() }),
+                Err(e) => return Err(CacheError::Index { path: index_path.clone(), detail: e.to_string() }),
+            }
+        };
         let mut used = 0u64;
         {
             let tx = index.begin_write().map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
