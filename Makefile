@@ -27,8 +27,9 @@ generate: ## regenerate CRD YAML in crds/ and charts/tidepool/crds/
 check-generated: ## fail if committed CRD YAML differs from the types
 	$(CARGO) run -q --locked -p tidepool-api --bin crdgen -- --check
 
-bench: ## speed report (JSON); lands with the rest of issue 2
-	@echo "make bench: not implemented yet (the benchmark report is still open in issue 2)"; exit 2
+bench: deps ## speed report: warm vs local disk, cold vs SDK download, small files -> bench-report.json
+	$(CARGO) build --release --locked -p tidepool-csi --bin tidepool --example bench
+	TIDEPOOL_BIN=$(CURDIR)/target/release/tidepool ./target/release/examples/bench
 
 images kind-up deploy e2e sanity: ## cluster targets: land with the CSI, chart and e2e issues
 	@echo "make $@: not implemented yet (needs the CSI driver, chart and e2e work of later issues)"; exit 2

@@ -119,3 +119,26 @@ async fn prewarm_fetches_exactly_the_included_files_then_reads_need_no_lake() {
     let err = include_set(&["train/[".to_owned()]).unwrap_err();
     assert!(err.to_string().contains("train/["), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_swaps_in_a_new_snapshot_only_when_the_lake_changed() {
+    let lake = Arc::new(MemoryLake::new());
+    lake.insert("m/a.txt", "version one");
+    let dir = tempfile::tempdir().unwrap();
+    let (_pool, ds) = open(dir.path(), &lake, 1 << 30).await;
+    let (seq1, snap1) = ds.current();
+    assert!(!ds.refresh().await.unwrap(), "nothing changed: same snapshot");
+    assert_eq!(ds.current().0, seq1);
+    lake.insert("m/a.txt", "version two!");
+    lake.insert("m/b.txt", "new file");
+    assert!(ds.refresh().await.unwrap(), "changed lake: new snapshot");
+    let (seq2, snap2) = ds.current();
+    assert_ne!(seq1, seq2);
+    assert!(snap2.lookup(1, "b.txt").unwrap().is_some());
+    assert_eq!(snap2.lookup(1, "a.txt").unwrap().unwrap().size, 12);
+    // The old snapshot still answers for inodes handed out before the refresh.
+    assert!(ds.snapshot(seq1).is_some());
+    assert!(snap1.lookup(1, "b.txt").unwrap().is_none());
+    let new_a = snap2.lookup(1, "a.txt").unwrap().unwrap();
+    assert_eq!(ds.blob(&new_a).unwrap().read(0, 100).await.unwrap(), b"version two!");
+}
