@@ -459,7 +459,10 @@ impl Filesystem for DatasetFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(f) = self.handles.lock().remove(&fh.0) {
+        // Take the handle out first: `open` locks `io` then `handles`, so holding
+        // `handles` while locking `io` here would deadlock against it.
+        let removed = self.handles.lock().remove(&fh.0);
+        if let Some(f) = removed {
             let mut io = self.io.lock();
             if let Some(state) = io.get_mut(&f.ino) {
                 if f.passthrough {
