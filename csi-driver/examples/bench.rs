@@ -21,25 +21,12 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 use tidepool_csi::lake::{BlockId, Lake};
-use tidepool_csi::testing::Azurite;
+use tidepool_csi::testing::{Azurite, pattern};
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
 
 const BIG: u64 = 1 << 30;
 const PART: u64 = 8 << 20;
 const SMALL_FILES: usize = 5000;
-
-fn chunk(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 fn drop_page_cache() {
     unsafe { libc::sync() };
@@ -119,7 +106,7 @@ async fn main() {
         use std::io::Write;
         let mut f = std::fs::File::create(local.join("big.bin")).unwrap();
         for i in 0..BIG / PART {
-            let data = chunk(i, PART as usize);
+            let data = pattern(i, PART as usize);
             f.write_all(&data).unwrap();
             let id = BlockId::numbered("bench", i as u32);
             lake.put_block("ds/big.bin", &id, Bytes::from(data), None).await.unwrap();
@@ -134,7 +121,7 @@ async fn main() {
             let local = local.clone();
             async move {
                 let size = 4096 + (i * 7919) % 60_000;
-                let data = chunk(10_000 + i as u64, size);
+                let data = pattern(10_000 + i as u64, size);
                 let rel = format!("small/d{:02}/f{i:05}.bin", i % 50);
                 std::fs::create_dir_all(local.join(&rel).parent().unwrap()).unwrap();
                 std::fs::write(local.join(&rel), &data).unwrap();

@@ -167,14 +167,10 @@ impl DatasetFs {
     }
 }
 
-fn errno_for(e: &CacheError) -> Errno {
-    match e {
-        CacheError::Lake(l) => match l.root() {
-            crate::lake::LakeError::NotFound { .. } | crate::lake::LakeError::Changed { .. } => Errno::EIO,
-            _ => Errno::EIO,
-        },
-        _ => Errno::EIO,
-    }
+/// Every cache failure a reader can meet (lake error, changed blob, corrupt block, local
+/// I/O) is EIO; the log line names the blob and the cause.
+fn errno_for(_: &CacheError) -> Errno {
+    Errno::EIO
 }
 
 impl Filesystem for DatasetFs {

@@ -7,3 +7,18 @@
 pub mod azurite;
 
 pub use self::azurite::{Azurite, TlsFiles};
+
+/// Deterministic, position-dependent test content (xorshift64): a block served at the
+/// wrong offset or from the wrong version changes the bytes, so equality checks catch it.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}

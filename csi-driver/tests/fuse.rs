@@ -17,21 +17,9 @@ use tidepool_csi::lake::faults::{Fault, FaultyLake};
 use tidepool_csi::lake::memory::MemoryLake;
 use tidepool_csi::lake::retry::{RetryConfig, RetryingLake};
 use tidepool_csi::lake::{Lake, LakeUrl, Op};
+use tidepool_csi::testing::pattern;
 
 const BLOCK: u64 = 64 * 1024;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    // xorshift: different bytes at every offset, so a misplaced block shows.
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 struct Fixture {
     rt: tokio::runtime::Runtime,

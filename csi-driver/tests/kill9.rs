@@ -10,21 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tidepool_csi::fs::{is_mounted, unmount_path};
 use tidepool_csi::lake::{BlockId, Lake};
-use tidepool_csi::testing::Azurite;
+use tidepool_csi::testing::{Azurite, pattern};
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
-
-fn content(len: usize) -> Vec<u8> {
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 fn mount(url: &str, mnt: &Path, cache: &Path) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tidepool"))
@@ -47,7 +34,7 @@ async fn kill_9_mid_read_then_remount_reads_exact_bytes_and_sigterm_unmounts() {
     let azurite = Azurite::start();
     azurite.create_container("data").await;
     let lake = azurite.lake("data").await;
-    let data = content(48 << 20);
+    let data = pattern(7, 48 << 20);
     let mut ids = vec![];
     for (i, chunk) in data.chunks(8 << 20).enumerate() {
         let id = BlockId::numbered("t", i as u32);
