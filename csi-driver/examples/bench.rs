@@ -83,6 +83,14 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
+/// Marks a phase boundary on stderr with CLOCK_MONOTONIC, so a profile taken with
+/// `perf record -k CLOCK_MONOTONIC` can be cut to one phase (`perf report --time A,B`).
+fn phase(name: &str) {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    eprintln!("bench: phase {name} at {}.{:06}", ts.tv_sec, ts.tv_nsec / 1000);
+}
+
 fn mbs(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / 1e6 / secs.max(1e-9)
 }
@@ -132,6 +140,7 @@ async fn main() {
 
     // 2b. Plain parallel SDK download (16 ranges in flight), bytes discarded.
     drop_page_cache();
+    phase("sdk-download");
     let t = Instant::now();
     let got: u64 = futures::stream::iter(0..BIG / PART)
         .map(|i| {
@@ -152,18 +161,25 @@ async fn main() {
     let child = mount(&bin, &url, &mnt, &cache);
     // 2a. Cold through the mount.
     drop_page_cache();
+    phase("cold");
     let (n, cold_secs) = read_tree(&mnt.join("big.bin"));
     assert_eq!(n, BIG);
     // Fill the small-file tree into the cache (untimed), then the warm passes.
+    phase("small-fill");
     read_tree(&mnt.join("small"));
     drop_page_cache();
+    phase("warm");
     let (_, warm_secs) = read_tree(&mnt.join("big.bin"));
     drop_page_cache();
+    phase("local");
     let (_, local_secs) = read_tree(&local.join("big.bin"));
     drop_page_cache();
+    phase("small-warm");
     let (small_bytes, small_warm_secs) = read_tree(&mnt.join("small"));
     drop_page_cache();
+    phase("small-local");
     let (_, small_local_secs) = read_tree(&local.join("small"));
+    phase("end");
     stop(child);
 
     let row = |name: &str, ours: f64, base: f64, bytes: u64, target: f64| {

@@ -18,7 +18,10 @@
 //!
 //! Capacity: `used` counts resident bytes. When it passes the high watermark (90% of
 //! `--cache-size`) the evictor deletes whole files, least recently opened first, down to
-//! the low watermark (80%), never touching a file that is open. The LRU index is
+//! the low watermark (80%), never touching a file that is open. The most recently opened
+//! files (`max_open_blobs`) stay open after their last reader closes them, so the next
+//! epoch of a training job opens them without touching the disk's metadata; the evictor
+//! closes such an idle file before deleting it. The LRU index is
 //! updated in batches (an open or a landed block is a memory update; a background task
 //! commits them every second), so a warm read never waits for the index.
 
@@ -64,6 +67,13 @@ pub struct CacheConfig {
     pub max_readahead: u64,
     pub high_watermark: f64,
     pub low_watermark: f64,
+    /// Cached files kept open after their last reader closed them (two descriptors
+    /// each). Capped by the process's open-file limit at pool open.
+    pub max_open_blobs: usize,
+    /// The running boot, which decides whether cached blocks need a check before they
+    /// are served (see residency.rs). Read from the kernel; tests set it to simulate a
+    /// reboot.
+    pub boot: residency::BootId,
 }
 
 impl CacheConfig {
@@ -79,6 +89,8 @@ impl CacheConfig {
             max_readahead: 64 << 20,
             high_watermark: 0.90,
             low_watermark: 0.80,
+            max_open_blobs: 8192,
+            boot: residency::current_boot(),
         }
     }
 }
@@ -119,11 +131,59 @@ pub(crate) struct PoolShared {
     used: AtomicU64,
     pending: Mutex<HashMap<String, PendingUse>>,
     open: Mutex<HashMap<String, Weak<CachedBlob>>>,
+    idle: Mutex<IdleBlobs>,
     pressure: Arc<Notify>,
     index: Database,
     index_path: PathBuf,
     /// Bytes fetched from the lake since start (reports and tests).
     pub fetched: AtomicU64,
+}
+
+/// The most recently opened blobs, kept open (least recently opened dropped first).
+#[derive(Debug, Default)]
+struct IdleBlobs {
+    cap: usize,
+    tick: u64,
+    by_key: HashMap<String, (Arc<CachedBlob>, u64)>,
+    order: std::collections::BTreeMap<u64, String>,
+}
+
+impl IdleBlobs {
+    fn touch(&mut self, key: &str, blob: &Arc<CachedBlob>) {
+        if self.cap == 0 {
+            return;
+        }
+        self.tick += 1;
+        if let Some((_, t)) = self.by_key.insert(key.to_owned(), (blob.clone(), self.tick)) {
+            self.order.remove(&t);
+        }
+        self.order.insert(self.tick, key.to_owned());
+        while self.by_key.len() > self.cap {
+            let Some((_, k)) = self.order.pop_first() else { break };
+            self.by_key.remove(&k);
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Arc<CachedBlob>> {
+        let (b, t) = self.by_key.remove(key)?;
+        self.order.remove(&t);
+        Some(b)
+    }
+}
+
+/// Raises the soft open-file limit to the hard one; returns the soft limit now.
+fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return want.rlim_cur;
+        }
+    }
+    lim.rlim_cur
 }
 
 #[derive(Debug, Default)]
@@ -210,6 +270,8 @@ impl PoolShared {
                 for item in lru.iter().map_err(|e| self.index_err(e))? {
                     let (k, _) = item.map_err(|e| self.index_err(e))?;
                     let (atime, key) = k.value();
+                    // An idle file is closed, then deleted like any other.
+                    drop(self.idle.lock().remove(key));
                     if self.is_open(key) {
                         continue;
                     }
@@ -263,6 +325,19 @@ impl PoolShared {
 #[derive(Clone, Debug)]
 pub struct CachePool {
     shared: Arc<PoolShared>,
+    _owner: Arc<PoolOwner>,
+}
+
+/// Dropped with the last `CachePool` handle: closes the idle files, which hold the
+/// shared state (so that the pool, its index and its lock are released).
+#[derive(Debug)]
+struct PoolOwner(Arc<PoolShared>);
+
+impl Drop for PoolOwner {
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut *self.0.idle.lock());
+        drop(idle);
+    }
 }
 
 impl CachePool {
@@ -307,8 +382,12 @@ impl CachePool {
             }
             tx.commit().map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
         }
+        // Two descriptors per idle file; leave room for everything else.
+        let fd_room = (raise_nofile_limit().saturating_sub(1024) / 2) as usize;
+        let idle = IdleBlobs { cap: config.max_open_blobs.min(fd_room), ..Default::default() };
         let shared = Arc::new(PoolShared {
             fetches: Semaphore::new(config.max_fetches.max(1)),
+            idle: Mutex::new(idle),
             config,
             used: AtomicU64::new(used),
             pending: Mutex::default(),
@@ -330,7 +409,7 @@ impl CachePool {
                 }
             }
         });
-        Ok(CachePool { shared })
+        Ok(CachePool { _owner: Arc::new(PoolOwner(shared.clone())), shared })
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -357,13 +436,20 @@ impl CachePool {
         let key = blob_key(lake_id, &entry.blob, &entry.etag.0);
         let mut open = self.shared.open.lock();
         if let Some(b) = open.get(&key).and_then(Weak::upgrade) {
+            drop(open);
+            self.shared.idle.lock().touch(&key, &b);
+            self.shared.touch(&key);
             return Ok(b);
         }
         let dir = self.root().join("blobs").join(&key[..2]);
         let b = Arc::new(CachedBlob::open(key.clone(), entry, dir, lake.clone(), self.shared.clone())?);
-        open.retain(|_, w| w.strong_count() > 0);
+        // Forget closed files now and then (amortised: not on every open).
+        if open.len() >= 1024 && open.len().is_power_of_two() {
+            open.retain(|_, w| w.strong_count() > 0);
+        }
         open.insert(key.clone(), Arc::downgrade(&b));
         drop(open);
+        self.shared.idle.lock().touch(&key, &b);
         self.shared.touch(&key);
         Ok(b)
     }

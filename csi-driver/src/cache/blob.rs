@@ -7,7 +7,7 @@
 //!   shared future in `inflight`, the others await it.
 //! - Every fetched block is checked before it is written: its length, and for a blob that
 //!   is one block with a `Content-MD5`, the MD5. Its CRC32C is stored in the map and
-//!   re-checked the first time the block is served from disk in a new process.
+//!   re-checked before the block is first served after a reboot (residency.rs).
 //! - The number of GETs in flight is bounded by the pool's semaphore, so memory held by
 //!   fetch buffers is at most `max_fetches × block size`.
 
@@ -67,7 +67,7 @@ impl CachedBlob {
         if data.metadata().map_err(|e| CacheError::io(&data_path, e))?.len() != entry.size {
             data.set_len(entry.size).map_err(|e| CacheError::io(&data_path, e))?;
         }
-        let map = Residency::open(&map_path, pool.config.block_size, entry.size).map_err(|e| CacheError::io(&map_path, e))?;
+        let map = Residency::open(&map_path, pool.config.block_size, entry.size, pool.config.boot).map_err(|e| CacheError::io(&map_path, e))?;
         Ok(CachedBlob {
             key,
             blob: entry.blob.clone(),
@@ -199,8 +199,7 @@ impl CachedBlob {
         let mut buf = vec![0u8; (r.end - r.start) as usize];
         self.data.read_exact_at(&mut buf, r.start).map_err(|e| CacheError::io(&self.data_path, e))?;
         if crc32c::crc32c(&buf) == self.map.crc(i) {
-            self.map.mark_verified(i);
-            Ok(())
+            self.map.mark_verified(i).map_err(|e| CacheError::io(&self.data_path, e))
         } else {
             tracing::warn!(blob = %self.blob, block = i, "cached block failed its checksum; fetching it again");
             self.map.drop_block(i).map_err(|e| CacheError::io(&self.data_path, e))?;

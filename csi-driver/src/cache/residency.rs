@@ -3,29 +3,59 @@
 //!
 //! File format (`<key>.map`, little endian):
 //! - header, 64 bytes: magic `TPRESMAP`, format version (u32), block size (u32), blob
-//!   size (u64), flags (u32: bit 0 = whole-object MD5 verified), zero padding;
+//!   size (u64), flags (u32: bit 0 = whole-object MD5 verified), the *trusted boot*
+//!   (16 bytes, see below), zero padding;
 //! - one 8-byte slot per block: CRC32C of the block's bytes (u32) then the marker
 //!   `RSDT` (u32). A slot without the marker is a block that is not resident.
 //!
 //! Crash safety rests on one ordering: a block's data is written to the data file
 //! *before* its slot is written, each with a single `pwrite`. A process killed at any
-//! moment leaves either no slot (the block is fetched again) or a slot whose data write
-//! had completed. To also cover power loss, where the kernel may persist pages out of
-//! order, a block read from disk is checked against its CRC32C before it is first served
-//! in each process ([`Residency::is_verified`]); a mismatch drops the slot and the block
-//! is fetched again.
+//! moment (`kill -9`, OOM) leaves either no slot (the block is fetched again) or a slot
+//! whose data write had completed: both writes are in the kernel's page cache, which
+//! outlives the process and which every later reader sees.
+//!
+//! Power loss or a kernel crash is different: the kernel may have persisted the slot and
+//! not the data. So the map records the boot (Linux `boot_id`) during which every
+//! resident block was either written or checked against its CRC32C. Opened in that same
+//! boot, every resident block is trusted as is; opened in a later boot, each block is
+//! checked before it is first served ([`Residency::is_verified`]), a mismatch drops the
+//! slot so the block is fetched again, and once every resident block has been checked the
+//! map is stamped with the new boot. This keeps warm opens free of re-reads (a 1 GiB
+//! file opened again is not read twice) while never trusting bytes across a crash.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 const MAGIC: &[u8; 8] = b"TPRESMAP";
 const VERSION: u32 = 1;
 const HEADER: u64 = 64;
 const MARKER: u32 = u32::from_le_bytes(*b"RSDT");
 pub const FLAG_MD5_VERIFIED: u32 = 1;
+const BOOT_AT: u64 = 28;
+
+/// Identity of one boot of the machine. All zeros means unknown: never trusted.
+pub type BootId = [u8; 16];
+
+/// This boot's id, from `/proc/sys/kernel/random/boot_id` (zeros if unreadable, which
+/// makes every open verify its blocks: slower, never unsafe).
+pub fn current_boot() -> BootId {
+    let mut id = [0u8; 16];
+    let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else { return id };
+    let hex: Vec<u8> = s.trim().bytes().filter(|b| *b != b'-').collect();
+    if hex.len() != 32 {
+        return [0; 16];
+    }
+    for (i, pair) in hex.chunks(2).enumerate() {
+        match std::str::from_utf8(pair).ok().and_then(|p| u8::from_str_radix(p, 16).ok()) {
+            Some(b) => id[i] = b,
+            None => return [0; 16],
+        }
+    }
+    id
+}
 
 #[derive(Debug)]
 pub struct Residency {
@@ -37,6 +67,9 @@ pub struct Residency {
     verified: Bits,
     crcs: Vec<AtomicU32>,
     flags: AtomicU32,
+    boot: BootId,
+    /// The header names this boot: every resident block is verified.
+    trusted: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -60,12 +93,18 @@ impl Bits {
     fn count(&self) -> u64 {
         self.0.iter().map(|w| w.load(Ordering::Acquire).count_ones() as u64).sum()
     }
+    fn fill_from(&self, other: &Bits) {
+        for (a, b) in self.0.iter().zip(&other.0) {
+            a.store(b.load(Ordering::Acquire), Ordering::Release);
+        }
+    }
 }
 
 impl Residency {
     /// Opens the map at `path`, creating it if missing. A map whose header does not match
     /// (another block size or blob size: a foreign or corrupt file) is reset to empty.
-    pub fn open(path: &Path, block_size: u64, size: u64) -> io::Result<Self> {
+    /// `boot` is the running boot ([`current_boot`]): a map stamped with it is trusted.
+    pub fn open(path: &Path, block_size: u64, size: u64, boot: BootId) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let blocks = size.div_ceil(block_size);
         let r = Residency {
@@ -77,6 +116,8 @@ impl Residency {
             verified: Bits::new(blocks),
             crcs: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
             flags: AtomicU32::new(0),
+            boot,
+            trusted: AtomicBool::new(false),
         };
         let mut header = [0u8; HEADER as usize];
         let ok = r.file.read_exact_at(&mut header, 0).is_ok()
@@ -91,8 +132,11 @@ impl Residency {
             header[8..12].copy_from_slice(&VERSION.to_le_bytes());
             header[12..16].copy_from_slice(&(block_size as u32).to_le_bytes());
             header[16..24].copy_from_slice(&size.to_le_bytes());
+            // Nothing is resident, so nothing is unverified: trusted from the start.
+            header[BOOT_AT as usize..BOOT_AT as usize + 16].copy_from_slice(&boot);
             r.file.write_all_at(&header, 0)?;
             r.file.set_len(HEADER + blocks * 8)?;
+            r.trusted.store(boot != [0; 16], Ordering::Release);
             return Ok(r);
         }
         r.flags.store(u32::from_le_bytes(header[24..28].try_into().unwrap()), Ordering::Release);
@@ -115,7 +159,38 @@ impl Residency {
                 break;
             }
         }
+        let stamped: BootId = header[BOOT_AT as usize..BOOT_AT as usize + 16].try_into().unwrap();
+        if stamped == boot && boot != [0; 16] {
+            r.verified.fill_from(&r.resident);
+            r.trusted.store(true, Ordering::Release);
+        } else {
+            r.maybe_trust()?;
+        }
         Ok(r)
+    }
+
+    /// Stamps the header with this boot once no resident block is left unverified.
+    fn maybe_trust(&self) -> io::Result<()> {
+        if self.trusted.load(Ordering::Acquire) || self.boot == [0; 16] {
+            return Ok(());
+        }
+        // Per word, resident before verified: a block that stays resident and
+        // unverified throughout is always seen (a block being added may be seen as
+        // unverified for a moment, which only delays the stamp).
+        for (r, v) in self.resident.0.iter().zip(&self.verified.0) {
+            let r = r.load(Ordering::Acquire);
+            if r & !v.load(Ordering::Acquire) != 0 {
+                return Ok(());
+            }
+        }
+        self.file.write_all_at(&self.boot, BOOT_AT)?;
+        self.trusted.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether every resident block may be served without a check (see the module docs).
+    pub fn is_trusted(&self) -> bool {
+        self.trusted.load(Ordering::Acquire)
     }
 
     pub fn block_size(&self) -> u64 {
@@ -157,8 +232,8 @@ impl Residency {
         self.resident_blocks() == self.blocks
     }
 
-    /// Every block resident and checked in this process: safe to hand the file to the
-    /// kernel for passthrough reads.
+    /// Every block resident and written or checked in this boot: safe to hand the file
+    /// to the kernel for passthrough reads.
     pub fn is_fully_verified(&self) -> bool {
         self.verified.count() == self.blocks
     }
@@ -173,19 +248,21 @@ impl Residency {
         self.crcs[i as usize].store(crc, Ordering::Release);
         self.resident.set(i, true);
         self.verified.set(i, true);
-        Ok(())
+        self.maybe_trust()
     }
 
     /// A block read from disk matched its checksum.
-    pub fn mark_verified(&self, i: u64) {
+    pub fn mark_verified(&self, i: u64) -> io::Result<()> {
         self.verified.set(i, true);
+        self.maybe_trust()
     }
 
     /// Forget block `i` (its bytes failed verification).
     pub fn drop_block(&self, i: u64) -> io::Result<()> {
         self.resident.set(i, false);
         self.verified.set(i, false);
-        self.file.write_all_at(&[0u8; 8], HEADER + i * 8)
+        self.file.write_all_at(&[0u8; 8], HEADER + i * 8)?;
+        self.maybe_trust()
     }
 
     pub fn flags(&self) -> u32 {
@@ -219,11 +296,14 @@ fn read_up_to(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
 mod tests {
     use super::*;
 
+    const BOOT_A: BootId = [1; 16];
+    const BOOT_B: BootId = [2; 16];
+
     #[test]
     fn slots_survive_reopen_and_torn_slots_are_not_resident() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m");
-        let r = Residency::open(&p, 4, 10).unwrap();
+        let r = Residency::open(&p, 4, 10, BOOT_A).unwrap();
         assert_eq!(r.blocks(), 3);
         assert_eq!(r.block_range(2), 8..10);
         r.mark_resident(0, 7).unwrap();
@@ -232,13 +312,46 @@ mod tests {
         // Simulate a slot torn by a crash: crc written, marker not.
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&5u32.to_le_bytes(), HEADER + 8).unwrap();
-        let r = Residency::open(&p, 4, 10).unwrap();
+        let r = Residency::open(&p, 4, 10, BOOT_A).unwrap();
         assert!(r.is_resident(0) && !r.is_resident(1) && r.is_resident(2));
         assert_eq!(r.crc(2), 9);
-        assert!(!r.is_verified(0), "blocks from disk are verified again in a new process");
         assert_eq!(r.resident_bytes(), 4 + 2);
         // Another geometry resets the map.
-        let r = Residency::open(&p, 8, 10).unwrap();
+        let r = Residency::open(&p, 8, 10, BOOT_A).unwrap();
         assert_eq!(r.resident_blocks(), 0);
+    }
+
+    #[test]
+    fn blocks_are_trusted_within_a_boot_and_checked_again_after_a_reboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let r = Residency::open(&p, 4, 12, BOOT_A).unwrap();
+        r.mark_resident(0, 1).unwrap();
+        r.mark_resident(1, 2).unwrap();
+        drop(r);
+        // Same boot (a restarted process): everything resident is served as is.
+        let r = Residency::open(&p, 4, 12, BOOT_A).unwrap();
+        assert!(r.is_trusted() && r.is_verified(0) && r.is_verified(1));
+        drop(r);
+        // Next boot: nothing is served before it is checked.
+        let r = Residency::open(&p, 4, 12, BOOT_B).unwrap();
+        assert!(!r.is_trusted() && !r.is_verified(0) && !r.is_verified(1));
+        // A block written now does not make the old ones trusted.
+        r.mark_resident(2, 3).unwrap();
+        assert!(!r.is_trusted() && !r.is_verified(0));
+        drop(r);
+        let r = Residency::open(&p, 4, 12, BOOT_B).unwrap();
+        assert!(!r.is_verified(0), "the map is not stamped while a block is unchecked");
+        r.mark_verified(0).unwrap();
+        r.drop_block(1).unwrap(); // block 1 failed its check
+        assert!(!r.is_trusted(), "block 2 is still unchecked");
+        r.mark_verified(2).unwrap();
+        assert!(r.is_trusted(), "stamped once no resident block is unchecked");
+        drop(r);
+        let r = Residency::open(&p, 4, 12, BOOT_B).unwrap();
+        assert!(r.is_verified(0) && !r.is_resident(1) && r.is_verified(2));
+        // An unknown boot (no boot_id) never trusts.
+        let r = Residency::open(&p, 4, 12, [0; 16]).unwrap();
+        assert!(!r.is_trusted() && !r.is_verified(0));
     }
 }
