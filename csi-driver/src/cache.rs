@@ -61,7 +61,12 @@ pub struct CacheConfig {
     pub block_size: u64,
     /// Files up to this size are fetched whole when opened.
     pub small_file_threshold: u64,
-    /// Ranged GETs in flight across the pool (bounds fetch memory to this × block size).
+    /// Largest ranged GET: consecutive missing blocks (sequential readahead, whole small
+    /// files) are fetched by one GET of up to this many bytes, streamed block by block.
+    /// 8 MiB: fewer, larger requests amortise a far region's round trip.
+    pub get_size: u64,
+    /// Ranged GETs in flight across the pool. Each holds at most two blocks, so fetch
+    /// memory is bounded by this × 2 × block size (128 MiB by default).
     pub max_fetches: usize,
     /// Largest sequential readahead window, in bytes.
     pub max_readahead: u64,
@@ -79,14 +84,20 @@ pub struct CacheConfig {
 impl CacheConfig {
     pub const DEFAULT_BLOCK: u64 = 4 << 20;
 
+    /// Blocks per ranged GET (at least one).
+    pub fn blocks_per_get(&self) -> u64 {
+        (self.get_size / self.block_size.max(1)).max(1)
+    }
+
     pub fn new(dir: impl Into<PathBuf>, capacity: u64) -> Self {
         CacheConfig {
             dir: dir.into(),
             capacity,
             block_size: Self::DEFAULT_BLOCK,
             small_file_threshold: 1 << 20,
-            max_fetches: 32,
-            max_readahead: 64 << 20,
+            get_size: 8 << 20,
+            max_fetches: 16,
+            max_readahead: 128 << 20,
             high_watermark: 0.90,
             low_watermark: 0.80,
             max_open_blobs: 8192,

@@ -16,10 +16,12 @@
 //! Invariants every implementation keeps:
 //! - Object names are full blob names inside the container (the dataset prefix is part
 //!   of the name); listing returns them in lexicographic (UTF-8 byte) order, as Azure does.
-//! - `get_range` with an ETag never returns bytes of another version: a changed blob is
-//!   [`LakeError::Changed`], never mixed content.
-//! - A returned body has exactly the requested length (or up to the end of the blob);
-//!   a short body is [`LakeError::Truncated`], never silently accepted.
+//! - `get_stream` / `get_range` with an ETag never return bytes of another version: a
+//!   changed blob is [`LakeError::Changed`], never mixed content.
+//! - A body has exactly the requested length (or up to the end of the blob); a short
+//!   body ends its stream with [`LakeError::Truncated`], never silently.
+//! - Bodies stream: a ranged read of any size holds one network chunk at a time, and
+//!   [`retry::RetryingLake`] resumes a body that broke off from the next byte.
 //! - No error message or `Debug` output contains a credential.
 
 pub mod azure;
@@ -34,7 +36,9 @@ use std::ops::Range;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::BoxStream;
 
 pub use self::credentials::{Credentials, Secret};
 pub use self::url::LakeUrl;
@@ -169,6 +173,10 @@ impl LakeError {
 
 pub type LakeResult<T> = Result<T, LakeError>;
 
+/// A body arriving in order. It yields exactly the bytes asked for (clipped at the end
+/// of the object) and then ends, or it ends with an error.
+pub type ByteStream = BoxStream<'static, LakeResult<Bytes>>;
+
 /// A container-scoped object store with exactly the operations Tidepool needs.
 #[async_trait]
 pub trait Lake: Send + Sync + fmt::Debug + 'static {
@@ -186,9 +194,26 @@ pub trait Lake: Send + Sync + fmt::Debug + 'static {
     /// Properties of one object.
     async fn head(&self, name: &str) -> LakeResult<ObjectMeta>;
 
-    /// Bytes `range` of the object, only if its ETag is still `etag`. A range reaching
-    /// past the end is clipped to the end.
-    async fn get_range(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<Bytes>;
+    /// Bytes `range` of the object as a stream, only if its ETag is still `etag`. A
+    /// range reaching past the end is clipped to the end. Errors known before the first
+    /// byte (not found, changed, denied) are returned here, the rest by the stream.
+    async fn get_stream(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<ByteStream>;
+
+    /// Bytes `range` of the object in one buffer (the whole range is held in memory:
+    /// for small ranges; large reads use [`Lake::get_stream`]).
+    async fn get_range(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<Bytes> {
+        let mut body = self.get_stream(name, range.clone(), etag).await?;
+        let Some(first) = body.next().await.transpose()? else { return Ok(Bytes::new()) };
+        let Some(second) = body.next().await.transpose()? else { return Ok(first) };
+        let cap = (range.end - range.start).min(64 << 20) as usize;
+        let mut buf = BytesMut::with_capacity(cap.max(first.len() + second.len()));
+        buf.extend_from_slice(&first);
+        buf.extend_from_slice(&second);
+        while let Some(chunk) = body.next().await {
+            buf.extend_from_slice(&chunk?);
+        }
+        Ok(buf.freeze())
+    }
 
     /// Create or replace a whole object in one request (small objects).
     async fn put(&self, name: &str, data: Bytes) -> LakeResult<ETag>;

@@ -175,11 +175,48 @@ async fn a_block_damaged_before_a_reboot_is_caught_and_fetched_again() {
     let mut bytes = std::fs::read(&data_path).unwrap();
     bytes[2 * BLOCK as usize + 17] ^= 0xff;
     std::fs::write(&data_path, bytes).unwrap();
-    let gets = lake.gets.load(Ordering::Relaxed);
+    let served = lake.bytes_served.load(Ordering::Relaxed);
 
     let (_pool, ds, e) = open_in_boot(2).await;
     let blob = ds.blob(&e).unwrap();
     assert_eq!(blob.read(0, want.len()).await.unwrap(), want, "after a reboot every block is checked before it is served");
-    assert_eq!(lake.gets.load(Ordering::Relaxed), gets + 1, "only the damaged block is fetched again");
+    assert_eq!(lake.bytes_served.load(Ordering::Relaxed), served + BLOCK, "only the damaged block is fetched again");
     assert!(blob.residency().is_trusted(), "all blocks checked: trusted for the rest of this boot");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_block_get_that_breaks_off_is_resumed_and_every_byte_is_exact() {
+    use std::time::Duration;
+    use tidepool_csi::lake::Op;
+    use tidepool_csi::lake::faults::{Fault, FaultyLake};
+    use tidepool_csi::lake::retry::{RetryConfig, RetryingLake};
+
+    let mem = Arc::new(MemoryLake::new());
+    let want = body(9, 10 * BLOCK + 77);
+    mem.insert("m/run.bin", want.clone());
+    let faulty = Arc::new(FaultyLake::new(mem.clone()));
+    let retry = RetryConfig {
+        attempt_timeout: Duration::from_millis(300),
+        base_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        ..RetryConfig::default()
+    };
+    let lake: Arc<dyn Lake> = Arc::new(RetryingLake::new(faulty.clone(), retry));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = CacheConfig::new(dir.path(), 1 << 30);
+    cfg.block_size = BLOCK;
+    cfg.get_size = 4 * BLOCK;
+    let pool = CachePool::open(cfg).unwrap();
+    let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/m").unwrap();
+    let ds = Dataset::open(pool, url, lake, false, |_| {}).await.unwrap();
+    let (_, snap) = ds.current();
+    let e = snap.lookup(1, "run.bin").unwrap().unwrap();
+    let blob = ds.blob(&e).unwrap();
+    // The first GET's body breaks off halfway, the resumed one stalls halfway.
+    faulty.fail(Op::Get, Fault::Truncate, 1);
+    faulty.fail(Op::Get, Fault::Stall, 1);
+    assert_eq!(blob.read(0, want.len()).await.unwrap(), want);
+    assert_eq!(blob.residency().resident_blocks(), 11);
+    // Three GETs of up to four blocks cover the file; the two faults add two resumes.
+    assert_eq!(faulty.calls(Op::Get), 3 + 2);
 }

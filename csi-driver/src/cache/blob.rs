@@ -4,12 +4,15 @@
 //! - Blocks are fetched with ranged GETs pinned to the snapshot's ETag, so bytes of two
 //!   versions never mix; a changed blob fails the read (EIO upstream) and says so.
 //! - Concurrent readers of the same missing block share one fetch: the first creates a
-//!   shared future in `inflight`, the others await it.
+//!   shared future in `inflight`, the others await it. Consecutive missing blocks are
+//!   fetched by one streamed GET (up to `get_size`); each block is written and served
+//!   as soon as its own bytes are in, and a body that breaks off is resumed (retry.rs).
 //! - Every fetched block is checked before it is written: its length, and for a blob that
 //!   is one block with a `Content-MD5`, the MD5. Its CRC32C is stored in the map and
 //!   re-checked before the block is first served after a reboot (residency.rs).
-//! - The number of GETs in flight is bounded by the pool's semaphore, so memory held by
-//!   fetch buffers is at most `max_fetches × block size`.
+//! - The number of GETs in flight is bounded by the pool's semaphore, and a GET holds at
+//!   most two blocks (one filling, one being written), so memory held by fetches is at
+//!   most `max_fetches × 2 × block size`.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -18,8 +21,10 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use futures::FutureExt;
+use bytes::{Bytes, BytesMut};
+use futures::channel::oneshot;
 use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
 use md5::{Digest, Md5};
 use parking_lot::Mutex;
 
@@ -29,6 +34,13 @@ use super::{CacheError, PoolShared};
 use crate::lake::{Lake, LakeError};
 
 type FetchResult = Result<(), Arc<CacheError>>;
+
+async fn join_write(w: tokio::task::JoinHandle<Result<(), CacheError>>) -> FetchResult {
+    match w.await {
+        Ok(r) => r.map_err(Arc::new),
+        Err(e) => Err(Arc::new(CacheError::Internal(format!("block write failed: {e}")))),
+    }
+}
 type FetchFuture = Shared<BoxFuture<'static, FetchResult>>;
 
 #[derive(Debug)]
@@ -96,67 +108,162 @@ impl CachedBlob {
         range.start / bs..end.div_ceil(bs)
     }
 
-    /// Makes blocks `blocks` resident, fetching the missing ones (in parallel, one fetch
-    /// per block however many callers ask).
+    /// Makes blocks `blocks` resident, fetching the missing ones (consecutive missing
+    /// blocks in one ranged GET; one fetch per block however many callers ask).
     pub async fn ensure(self: &Arc<Self>, blocks: Range<u64>) -> Result<(), Arc<CacheError>> {
-        let waits: Vec<FetchFuture> = blocks
-            .filter(|&i| !self.map.is_resident(i))
-            .map(|i| self.fetch(i))
-            .collect();
-        for r in futures::future::join_all(waits).await {
+        for r in futures::future::join_all(self.request(blocks, false)).await {
             r?;
         }
         Ok(())
     }
 
     /// Starts fetching blocks in the background (readahead); errors surface on read.
+    /// The range is extended to a whole GET so that a sliding window asks for
+    /// full-size GETs, not one block at a time.
     pub fn prefetch(self: &Arc<Self>, blocks: Range<u64>) {
-        for i in blocks.filter(|&i| i < self.map.blocks()) {
-            if !self.map.is_resident(i) {
-                let _ = self.fetch(i);
-            }
-        }
+        let per = self.pool.config.blocks_per_get();
+        let end = blocks.end.div_ceil(per).saturating_mul(per).min(self.map.blocks());
+        drop(self.request(blocks.start..end, true));
     }
 
-    fn fetch(self: &Arc<Self>, i: u64) -> FetchFuture {
+    /// One future per block of `blocks` that is not resident. Missing blocks nobody is
+    /// fetching yet are grouped into runs of consecutive blocks, each fetched by one
+    /// ranged GET of at most `blocks_per_get` blocks (runs of readahead also break at
+    /// multiples of it, so a sliding window issues whole GETs).
+    fn request(self: &Arc<Self>, blocks: Range<u64>, aligned: bool) -> Vec<FetchFuture> {
+        let per = self.pool.config.blocks_per_get();
+        let mut out = Vec::new();
+        let mut run: Vec<oneshot::Sender<FetchResult>> = Vec::new();
+        let mut run_start = 0;
         let mut inflight = self.inflight.lock();
-        if let Some(f) = inflight.get(&i) {
-            return f.clone();
-        }
-        let this = self.clone();
-        let task = tokio::spawn(async move {
-            let r = this.fetch_block(i).await.map_err(Arc::new);
-            this.inflight.lock().remove(&i);
-            r
-        });
-        let fut: FetchFuture = async move {
-            match task.await {
-                Ok(r) => r,
-                Err(e) => Err(Arc::new(CacheError::Internal(format!("fetch task failed: {e}")))),
+        for i in blocks.start..blocks.end.min(self.map.blocks()) {
+            let joins = self.map.is_resident(i) || inflight.contains_key(&i);
+            let full = run.len() as u64 >= per || (aligned && i % per == 0);
+            if !run.is_empty() && (joins || full) {
+                self.clone().spawn_run(run_start, std::mem::take(&mut run));
             }
+            if self.map.is_resident(i) {
+                continue;
+            }
+            if let Some(f) = inflight.get(&i) {
+                out.push(f.clone());
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let fut: FetchFuture = rx
+                .map(|r| r.unwrap_or_else(|_| Err(Arc::new(CacheError::Internal("fetch task ended early".into())))))
+                .boxed()
+                .shared();
+            inflight.insert(i, fut.clone());
+            out.push(fut);
+            if run.is_empty() {
+                run_start = i;
+            }
+            run.push(tx);
         }
-        .boxed()
-        .shared();
-        inflight.insert(i, fut.clone());
-        fut
+        if !run.is_empty() {
+            self.clone().spawn_run(run_start, run);
+        }
+        out
     }
 
-    async fn fetch_block(&self, i: u64) -> Result<(), CacheError> {
+    fn spawn_run(self: Arc<Self>, first: u64, waiters: Vec<oneshot::Sender<FetchResult>>) {
+        tokio::spawn(async move {
+            let n = waiters.len() as u64;
+            let mut waiters = waiters.into_iter();
+            let mut next = first;
+            let r = self.fetch_run(first, n, &mut |i, r| {
+                next = i + 1;
+                self.inflight.lock().remove(&i);
+                if let Some(w) = waiters.next() {
+                    let _ = w.send(r);
+                }
+            })
+            .await;
+            if let Err(e) = r {
+                let e = Arc::new(e);
+                for i in next..first + n {
+                    self.inflight.lock().remove(&i);
+                    if let Some(w) = waiters.next() {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+
+    /// Fetches blocks `first..first + n` with one streamed GET. Each block is written
+    /// and recorded as soon as its bytes are in (`done(i, Ok)`), while the next one is
+    /// still arriving; at most one block is being filled and one written per GET.
+    async fn fetch_run(
+        self: &Arc<Self>,
+        first: u64,
+        n: u64,
+        done: &mut (dyn FnMut(u64, FetchResult) + Send),
+    ) -> Result<(), CacheError> {
+        let _permit = self.pool.fetches.acquire().await.map_err(|_| CacheError::Internal("pool closed".into()))?;
+        let range = self.map.block_range(first).start..self.map.block_range(first + n - 1).end;
+        let mut body = self.lake.get_stream(&self.blob, range, &self.etag).await.map_err(|e| self.lake_error(e))?;
+        let mut next = first;
+        let mut buf = BytesMut::new();
+        let mut writing: Option<(u64, tokio::task::JoinHandle<Result<(), CacheError>>)> = None;
+        while next < first + n {
+            let Some(chunk) = body.next().await else { break };
+            let mut chunk = chunk.map_err(|e| self.lake_error(e))?;
+            while !chunk.is_empty() && next < first + n {
+                let r = self.map.block_range(next);
+                let want = (r.end - r.start) as usize - buf.len();
+                let part = chunk.split_to(want.min(chunk.len()));
+                let block = if buf.is_empty() && part.len() == want {
+                    part // a chunk that holds the whole block: no copy
+                } else {
+                    if buf.capacity() == 0 {
+                        buf.reserve((r.end - r.start) as usize);
+                    }
+                    buf.extend_from_slice(&part);
+                    if buf.len() < (r.end - r.start) as usize {
+                        continue;
+                    }
+                    buf.split().freeze()
+                };
+                if let Some((i, w)) = writing.take() {
+                    done(i, join_write(w).await);
+                }
+                let this = self.clone();
+                writing = Some((next, tokio::task::spawn_blocking(move || this.store_block(next, block))));
+                next += 1;
+            }
+        }
+        if let Some((i, w)) = writing.take() {
+            let r = join_write(w).await;
+            let failed = r.as_ref().err().map(|e| CacheError::Internal(e.to_string()));
+            done(i, r);
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        if next < first + n {
+            let got = self.map.block_range(next).start - self.map.block_range(first).start;
+            let expected = self.map.block_range(first + n - 1).end - self.map.block_range(first).start;
+            return Err(CacheError::Lake(LakeError::Truncated { name: self.blob.clone(), expected, got }));
+        }
+        Ok(())
+    }
+
+    fn lake_error(&self, e: LakeError) -> CacheError {
+        if let LakeError::Changed { .. } = e.root() {
+            tracing::error!(blob = %self.blob, etag = %self.etag, "blob changed in the lake since the snapshot; refusing to mix versions");
+        }
+        CacheError::Lake(e)
+    }
+
+    /// Checks, writes and records one fetched block (on a blocking thread: a 4 MiB
+    /// write into the page cache must not stall the runtime's network work).
+    fn store_block(&self, i: u64, body: Bytes) -> Result<(), CacheError> {
         if self.map.is_resident(i) {
             return Ok(());
         }
         let range = self.map.block_range(i);
-        let want = range.end - range.start;
-        let _permit = self.pool.fetches.acquire().await.map_err(|_| CacheError::Internal("pool closed".into()))?;
-        let body = self.lake.get_range(&self.blob, range.clone(), &self.etag).await.map_err(|e| {
-            if let LakeError::Changed { .. } = e.root() {
-                tracing::error!(blob = %self.blob, etag = %self.etag, "blob changed in the lake since the snapshot; refusing to mix versions");
-            }
-            CacheError::Lake(e)
-        })?;
-        if body.len() as u64 != want {
-            return Err(CacheError::Lake(LakeError::Truncated { name: self.blob.clone(), expected: want, got: body.len() as u64 }));
-        }
         if self.map.blocks() == 1 {
             if let Some(md5) = self.md5 {
                 if <[u8; 16]>::from(Md5::digest(&body)) != md5 {
@@ -170,7 +277,7 @@ impl CachedBlob {
         if self.map.blocks() == 1 && self.md5.is_some() {
             let _ = self.map.set_flag(FLAG_MD5_VERIFIED);
         }
-        self.pool.block_landed(&self.key, want);
+        self.pool.block_landed(&self.key, range.end - range.start);
         Ok(())
     }
 

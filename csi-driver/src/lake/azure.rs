@@ -12,10 +12,11 @@
 //!   token from workload or managed identity (see [`identity`]); or nothing.
 //!
 //! Invariants:
-//! - `get_range` sends `If-Match` and checks the answer: the served ETag must be the
+//! - `get_stream` sends `If-Match` and checks the answer: the served ETag must be the
 //!   pinned one and the body must have exactly the length the lake announced for the
-//!   clipped range; otherwise `Changed` / `Truncated`. A body longer than announced is
-//!   an error, so memory stays bounded by the requested range.
+//!   clipped range; otherwise `Changed` / `Truncated`. The body is passed on chunk by
+//!   chunk as it arrives (nothing is buffered here); a body longer than announced is
+//!   an error.
 //! - Errors are mapped by status and error code ([`errors`]); any SDK text that goes
 //!   into an error passes through a scrubber that strips URL queries and known
 //!   secrets. `Debug` and [`Lake::describe`] print the URL and the credential kind only.
@@ -44,13 +45,14 @@ use azure_storage_blob::{
     },
     BlobContainerClient, BlobContainerClientOptions,
 };
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use self::errors::{Ctx, Scrubber};
 use self::sas::{AccountKey, BadAccountKey, SasPolicy, SasSource};
 use super::{
-    BlockId, Credentials, ETag, Lake, LakeError, LakeResult, LakeUrl, LeaseId, ListPage, ObjectMeta, Op, Secret,
+    BlockId, ByteStream, Credentials, ETag, Lake, LakeError, LakeResult, LakeUrl, LeaseId, ListPage, ObjectMeta, Op,
+    Secret,
 };
 
 /// How to reach Azure, beyond the URL and the credentials.
@@ -273,9 +275,9 @@ impl Lake for AzureLake {
         })
     }
 
-    async fn get_range(&self, name: &str, range: Range<u64>, want: &ETag) -> LakeResult<Bytes> {
+    async fn get_stream(&self, name: &str, range: Range<u64>, want: &ETag) -> LakeResult<ByteStream> {
         if range.start >= range.end {
-            return Ok(Bytes::new());
+            return Ok(futures::stream::empty().boxed());
         }
         let len = range.end - range.start;
         let blob = self.container.blob_client(name);
@@ -298,7 +300,7 @@ impl Lake for AzureLake {
                     return Err(LakeError::Changed { name: name.to_owned(), expected: want.clone() });
                 }
                 if range.start >= meta.size {
-                    return Ok(Bytes::new());
+                    return Ok(futures::stream::empty().boxed());
                 }
                 return Err(errors::map(&e, &ctx, &self.scrub));
             }
@@ -343,31 +345,15 @@ impl Lake for AzureLake {
         if !whole && expected > len {
             return Err(self.protocol(Op::Get, name, format!("asked for {len} bytes, the lake announced {expected}")));
         }
-        let mut buf = BytesMut::with_capacity(expected.min(len) as usize);
-        let mut body = rsp.body;
-        while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(b) => {
-                    if buf.len() as u64 + b.len() as u64 > expected {
-                        return Err(self.protocol(Op::Get, name, format!("body longer than the announced {expected} bytes")));
-                    }
-                    buf.extend_from_slice(&b);
-                }
-                Err(_) => {
-                    return Err(LakeError::Truncated { name: name.to_owned(), expected, got: buf.len() as u64 });
-                }
-            }
-        }
-        if (buf.len() as u64) < expected {
-            return Err(LakeError::Truncated { name: name.to_owned(), expected, got: buf.len() as u64 });
-        }
-        let mut data = buf.freeze();
-        if whole {
-            let a = range.start.min(data.len() as u64) as usize;
-            let b = range.end.min(data.len() as u64) as usize;
-            data = data.slice(a..b);
-        }
-        Ok(data)
+        // Without Content-Range the body is the whole blob: pass on only the asked part.
+        let (skip, take) = if whole {
+            let end = range.end.min(expected);
+            (range.start.min(end), end - range.start.min(end))
+        } else {
+            (0, expected)
+        };
+        let body = Body { rsp: rsp.body, name: name.to_owned(), expected, got: 0, skip, take, done: false };
+        Ok(futures::stream::unfold(body, Body::next).boxed())
     }
 
     async fn put(&self, name: &str, data: Bytes) -> LakeResult<ETag> {
@@ -476,5 +462,50 @@ mod tests {
         let lake = AzureLake::connect(&url, &Credentials::Anonymous, &AzureOptions::default()).unwrap();
         assert!(!format!("{lake:?}").contains("URLSECRET"));
         assert!(!lake.describe().contains("URLSECRET"));
+    }
+}
+
+/// A download body being passed on: counts what arrives against what was announced.
+struct Body {
+    rsp: azure_core::http::AsyncResponseBody,
+    name: String,
+    expected: u64,
+    got: u64,
+    /// Bytes of the body to drop before the asked range, then bytes to pass on.
+    skip: u64,
+    take: u64,
+    done: bool,
+}
+
+impl Body {
+    async fn next(mut self) -> Option<(LakeResult<Bytes>, Self)> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let err = match self.rsp.next().await {
+                Some(Ok(mut chunk)) => {
+                    self.got += chunk.len() as u64;
+                    if self.got > self.expected {
+                        LakeError::Other { op: Op::Get, name: self.name.clone(), status: 0, detail: format!("body longer than the announced {} bytes", self.expected) }
+                    } else {
+                        let drop = self.skip.min(chunk.len() as u64);
+                        self.skip -= drop;
+                        let _ = chunk.split_to(drop as usize);
+                        chunk.truncate(self.take.min(chunk.len() as u64) as usize);
+                        self.take -= chunk.len() as u64;
+                        if chunk.is_empty() {
+                            continue;
+                        }
+                        return Some((Ok(chunk), self));
+                    }
+                }
+                Some(Err(_)) => LakeError::Truncated { name: self.name.clone(), expected: self.expected, got: self.got },
+                None if self.got < self.expected => LakeError::Truncated { name: self.name.clone(), expected: self.expected, got: self.got },
+                None => return None,
+            };
+            self.done = true;
+            return Some((Err(err), self));
+        }
     }
 }

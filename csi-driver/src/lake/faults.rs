@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use parking_lot::Mutex;
 
 use super::*;
@@ -24,8 +25,11 @@ pub enum Fault {
     Throttle,
     /// The connection drops before an answer.
     Reset,
-    /// A GET body ends early (half of what was asked).
+    /// A GET body breaks off after half of what was asked (connection dropped).
     Truncate,
+    /// A GET body stops after half of what was asked and never sends more (a stalled
+    /// connection that stays open).
+    Stall,
     /// No answer at all (until the caller's timeout cancels the call).
     Hang,
 }
@@ -108,7 +112,7 @@ impl FaultyLake {
             Fault::Throttle => Err(LakeError::Throttled { op, name: name.into(), status: 503 }),
             Fault::Reset => Err(LakeError::Connection { op, name: name.into(), detail: "connection reset by peer (injected)".into() }),
             Fault::Hang => std::future::pending().await,
-            Fault::Truncate => Ok(Some(Fault::Truncate)),
+            Fault::Truncate | Fault::Stall => Ok(Some(fault)),
         }
     }
 }
@@ -129,15 +133,20 @@ impl Lake for FaultyLake {
         self.inner.head(name).await
     }
 
-    async fn get_range(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<Bytes> {
+    async fn get_stream(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<ByteStream> {
         let fault = self.before(Op::Get, name).await?;
-        let body = self.inner.get_range(name, range.clone(), etag).await?;
-        if fault == Some(Fault::Truncate) {
-            // What a real client sees when the connection dies mid-body: the length
-            // check in the transport turns the short body into this error.
-            return Err(LakeError::Truncated { name: name.into(), expected: body.len() as u64, got: body.len() as u64 / 2 });
-        }
-        Ok(body)
+        let body = self.inner.get_stream(name, range, etag).await?;
+        let Some(fault) = fault else { return Ok(body) };
+        // Test-only: the body is gathered to know where its middle is.
+        let whole = body.collect::<Vec<_>>().await.into_iter().collect::<LakeResult<Vec<Bytes>>>()?.concat();
+        let half = Bytes::from(whole[..whole.len() / 2].to_vec());
+        let (expected, got) = (whole.len() as u64, half.len() as u64);
+        let first = futures::stream::iter([Ok(half)]);
+        Ok(match fault {
+            // What a real client sees when the connection dies mid-body.
+            Fault::Truncate => first.chain(futures::stream::iter([Err(LakeError::Truncated { name: name.into(), expected, got })])).boxed(),
+            _ => first.chain(futures::stream::pending()).boxed(),
+        })
     }
 
     async fn put(&self, name: &str, data: Bytes) -> LakeResult<ETag> {

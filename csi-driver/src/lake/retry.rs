@@ -9,6 +9,12 @@
 //! sees an error it can handle instead of a hung `read()`.
 //!
 //! Permanent errors (not found, changed, denied) are returned at once.
+//!
+//! Streamed bodies ([`Lake::get_stream`]): opening the stream follows the policy above;
+//! then every wait for the next chunk is bounded by `attempt_timeout`, and a body that
+//! breaks off or stalls with a transient error is resumed from the next byte with a new
+//! request (the same policy again), up to `max_attempts` resumes per body. Bytes already
+//! passed on are never fetched or passed on twice.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -16,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 
 use super::*;
 
@@ -55,47 +62,104 @@ impl RetryingLake {
         RetryingLake { inner, config }
     }
 
-    async fn run<T, F, Fut>(&self, op: Op, name: &str, mut f: F) -> LakeResult<T>
+    async fn run<T, F, Fut>(&self, op: Op, name: &str, f: F) -> LakeResult<T>
     where
         F: FnMut() -> Fut + Send,
         Fut: Future<Output = LakeResult<T>> + Send,
         T: Send,
     {
-        let started = Instant::now();
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let left = self.config.deadline.saturating_sub(started.elapsed());
-            let limit = self.config.attempt_timeout.min(left);
-            let err = match tokio::time::timeout(limit, f()).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if !e.is_transient() => return Err(e),
-                Ok(Err(e)) => e,
-                Err(_) => LakeError::Timeout { op, name: name.into(), secs: limit.as_secs_f64() },
-            };
-            let backoff = self.backoff(attempt);
-            let out_of_time = started.elapsed() + backoff >= self.config.deadline;
-            if attempt >= self.config.max_attempts || out_of_time {
-                tracing::warn!(%op, name, attempts = attempt, error = %err, "lake request failed, giving up");
-                return Err(LakeError::Exhausted {
-                    op,
-                    name: name.into(),
-                    attempts: attempt,
-                    secs: started.elapsed().as_secs_f64(),
-                    last: Box::new(err),
-                });
-            }
-            tracing::debug!(%op, name, attempt, error = %err, backoff_ms = backoff.as_millis() as u64, "lake request failed, retrying");
-            tokio::time::sleep(backoff).await;
-        }
+        run(&self.config, op, name, f).await
     }
+}
 
-    /// Exponential backoff with full jitter (spreads the retries of many readers that
-    /// were throttled together).
-    fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.config.base_backoff.saturating_mul(1u32 << attempt.min(16));
-        let cap = exp.min(self.config.max_backoff);
-        cap.mul_f64(rand::random::<f64>().max(0.1))
+async fn run<T, F, Fut>(config: &RetryConfig, op: Op, name: &str, mut f: F) -> LakeResult<T>
+where
+    F: FnMut() -> Fut + Send,
+    Fut: Future<Output = LakeResult<T>> + Send,
+    T: Send,
+{
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let left = config.deadline.saturating_sub(started.elapsed());
+        let limit = config.attempt_timeout.min(left);
+        let err = match tokio::time::timeout(limit, f()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if !e.is_transient() => return Err(e),
+            Ok(Err(e)) => e,
+            Err(_) => LakeError::Timeout { op, name: name.into(), secs: limit.as_secs_f64() },
+        };
+        let backoff = backoff(config, attempt);
+        let out_of_time = started.elapsed() + backoff >= config.deadline;
+        if attempt >= config.max_attempts || out_of_time {
+            tracing::warn!(%op, name, attempts = attempt, error = %err, "lake request failed, giving up");
+            return Err(LakeError::Exhausted {
+                op,
+                name: name.into(),
+                attempts: attempt,
+                secs: started.elapsed().as_secs_f64(),
+                last: Box::new(err),
+            });
+        }
+        tracing::debug!(%op, name, attempt, error = %err, backoff_ms = backoff.as_millis() as u64, "lake request failed, retrying");
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Exponential backoff with full jitter (spreads the retries of many readers that were
+/// throttled together).
+fn backoff(config: &RetryConfig, attempt: u32) -> Duration {
+    let exp = config.base_backoff.saturating_mul(1u32 << attempt.min(16));
+    let cap = exp.min(config.max_backoff);
+    cap.mul_f64(rand::random::<f64>().max(0.1))
+}
+
+/// A body that resumes where it broke off.
+struct Resuming {
+    inner: Arc<dyn Lake>,
+    config: RetryConfig,
+    name: String,
+    etag: ETag,
+    /// Next byte to pass on, and the end of the asked range.
+    pos: u64,
+    end: u64,
+    body: ByteStream,
+    resumes: u32,
+    done: bool,
+}
+
+impl Resuming {
+    async fn next(mut self) -> Option<(LakeResult<Bytes>, Self)> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let err = match tokio::time::timeout(self.config.attempt_timeout, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    self.pos += chunk.len() as u64;
+                    return Some((Ok(chunk), self));
+                }
+                Ok(None) => return None,
+                Ok(Some(Err(e))) => e,
+                Err(_) => LakeError::Timeout { op: Op::Get, name: self.name.clone(), secs: self.config.attempt_timeout.as_secs_f64() },
+            };
+            if !err.is_transient() || self.resumes >= self.config.max_attempts {
+                self.done = true;
+                return Some((Err(err), self));
+            }
+            self.resumes += 1;
+            tracing::debug!(name = %self.name, at = self.pos, resume = self.resumes, error = %err, "body broke off; resuming");
+            tokio::time::sleep(backoff(&self.config, self.resumes)).await;
+            let (inner, range, etag) = (self.inner.clone(), self.pos..self.end, self.etag.clone());
+            match run(&self.config, Op::Get, &self.name, || inner.get_stream(&self.name, range.clone(), &etag)).await {
+                Ok(body) => self.body = body,
+                Err(e) => {
+                    self.done = true;
+                    return Some((Err(e), self));
+                }
+            }
+        }
     }
 }
 
@@ -113,8 +177,20 @@ impl Lake for RetryingLake {
         self.run(Op::Head, name, || self.inner.head(name)).await
     }
 
-    async fn get_range(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<Bytes> {
-        self.run(Op::Get, name, || self.inner.get_range(name, range.clone(), etag)).await
+    async fn get_stream(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<ByteStream> {
+        let body = self.run(Op::Get, name, || self.inner.get_stream(name, range.clone(), etag)).await?;
+        let body = Resuming {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+            name: name.to_owned(),
+            etag: etag.clone(),
+            pos: range.start,
+            end: range.end,
+            body,
+            resumes: 0,
+            done: false,
+        };
+        Ok(futures::stream::unfold(body, Resuming::next).boxed())
     }
 
     async fn put(&self, name: &str, data: Bytes) -> LakeResult<ETag> {
@@ -194,5 +270,39 @@ mod tests {
         let lake = RetryingLake::new(faulty.clone(), fast());
         assert!(matches!(lake.get_range("f", 0..4, &etag).await, Err(LakeError::Changed { .. })));
         assert_eq!(faulty.calls(Op::Get), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_off_or_stalls_resumes_from_the_next_byte() {
+        let mem = Arc::new(MemoryLake::new());
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let etag = mem.insert("f", data.clone());
+        let faulty = Arc::new(FaultyLake::new(mem.clone()));
+        faulty.fail(Op::Get, Fault::Truncate, 1);
+        faulty.fail(Op::Get, Fault::Stall, 1);
+        let lake = RetryingLake::new(faulty.clone(), fast());
+        let mut body = lake.get_stream("f", 10..900_000, &etag).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(chunk) = body.next().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(got, data[10..900_000], "every byte once, in order");
+        assert_eq!(faulty.calls(Op::Get), 3, "one request, then two resumes");
+        // Each resume asks only for the rest: the whole range, then its last half, then
+        // its last quarter (restarting from the start would serve three whole ranges).
+        let r = 900_000 - 10;
+        assert_eq!(mem.bytes_served.load(std::sync::atomic::Ordering::Relaxed), r + r - r / 2 + (r - r / 2 - (r - r / 2) / 2));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_keeps_breaking_off_ends_with_an_error() {
+        let mem = Arc::new(MemoryLake::new());
+        let etag = mem.insert("f", vec![7u8; 10_000]);
+        let faulty = Arc::new(FaultyLake::new(mem));
+        faulty.fail_always(Op::Get, Fault::Truncate);
+        let lake = RetryingLake::new(faulty.clone(), fast());
+        let err = lake.get_range("f", 0..10_000, &etag).await.unwrap_err();
+        assert!(matches!(err.root(), LakeError::Truncated { .. }), "{err}");
+        assert_eq!(faulty.calls(Op::Get), 1 + fast().max_attempts as u64);
     }
 }
