@@ -144,6 +144,9 @@ pub(crate) struct PoolShared {
     open: Mutex<HashMap<String, Weak<CachedBlob>>>,
     idle: Mutex<IdleBlobs>,
     pressure: Arc<Notify>,
+    /// Held by index commits and the start-up scan, so a file is never in neither
+    /// `pending` nor the index while the scan looks for it.
+    maintenance: Mutex<()>,
     index: Database,
     index_path: PathBuf,
     /// Bytes fetched from the lake since start (reports and tests).
@@ -232,6 +235,7 @@ impl PoolShared {
 
     /// Commits batched index updates.
     fn flush(&self) -> Result<(), CacheError> {
+        let _m = self.maintenance.lock();
         let batch: Vec<(String, PendingUse)> = self.pending.lock().drain().collect();
         if batch.is_empty() {
             return Ok(());
@@ -254,6 +258,64 @@ impl PoolShared {
         }
         tx.commit().map_err(|e| self.index_err(e))?;
         Ok(())
+    }
+
+    /// Brings the index in line with the residency maps on disk: blocks that landed
+    /// after the last index commit before a crash (in files the index knows or not) are
+    /// counted, so the evictor sees every byte on disk. Runs in the background at start,
+    /// one `blobs/` subdirectory at a time (memory stays bounded however many files the
+    /// pool holds; one small read per cached file). Returns the bytes corrected.
+    fn reconcile(&self) -> Result<u64, CacheError> {
+        let blobs = self.config.dir.join("v1/blobs");
+        let mut found = 0u64;
+        let Ok(subdirs) = std::fs::read_dir(&blobs) else { return Ok(0) };
+        for sub in subdirs.flatten() {
+            let keys: Vec<String> = match std::fs::read_dir(sub.path()) {
+                Ok(rd) => rd.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".map").map(str::to_owned)).collect(),
+                Err(_) => continue,
+            };
+            let _m = self.maintenance.lock();
+            let tx = self.index.begin_read().map_err(|e| self.index_err(e))?;
+            let files = tx.open_table(FILES).map_err(|e| self.index_err(e))?;
+            for key in keys {
+                let indexed = files.get(key.as_str()).map_err(|e| self.index_err(e))?.map(|v| v.value().0);
+                // Under `open`: a file being opened now is counted by its own landings.
+                let open = self.open.lock();
+                if open.contains_key(&key) || self.pending.lock().contains_key(&key) {
+                    continue;
+                }
+                let map = sub.path().join(format!("{key}.map"));
+                let Ok(Some(on_disk)) = residency::resident_bytes_at(&map) else { continue };
+                let delta = on_disk as i64 - indexed.unwrap_or(0) as i64;
+                if delta == 0 {
+                    continue;
+                }
+                let touched = match indexed {
+                    Some(_) => None,
+                    None => Some(
+                        std::fs::metadata(&map)
+                            .and_then(|m| m.modified())
+                            .ok()
+                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                            .map(|d| d.as_secs())
+                            .unwrap_or_else(now_secs),
+                    ),
+                };
+                if delta > 0 {
+                    self.used.fetch_add(delta as u64, Ordering::AcqRel);
+                } else {
+                    let n = delta.unsigned_abs();
+                    self.used.fetch_sub(n.min(self.used.load(Ordering::Acquire)), Ordering::AcqRel);
+                }
+                self.pending.lock().insert(key, PendingUse { bytes: delta, touched });
+                drop(open);
+                found += delta.unsigned_abs();
+            }
+        }
+        if found > 0 {
+            tracing::info!(bytes = found, "cache index corrected from the files on disk (blocks that landed just before a crash)");
+        }
+        Ok(found)
     }
 
     fn is_open(&self, key: &str) -> bool {
@@ -404,6 +466,7 @@ impl CachePool {
             pending: Mutex::default(),
             open: Mutex::default(),
             pressure: Arc::new(Notify::new()),
+            maintenance: Mutex::new(()),
             index,
             index_path,
             fetched: AtomicU64::new(0),
@@ -411,6 +474,11 @@ impl CachePool {
         let weak = Arc::downgrade(&shared);
         let pressure = shared.pressure.clone();
         tokio::spawn(async move {
+            let Some(s) = weak.upgrade() else { return };
+            let r = tokio::task::spawn_blocking(move || s.reconcile()).await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "scanning the cache for files missing from the index failed");
+            }
             loop {
                 let _ = tokio::time::timeout(Duration::from_secs(1), pressure.notified()).await;
                 let Some(s) = weak.upgrade() else { return };

@@ -220,3 +220,35 @@ async fn a_multi_block_get_that_breaks_off_is_resumed_and_every_byte_is_exact() 
     // Three GETs of up to four blocks cover the file; the two faults add two resumes.
     assert_eq!(faulty.calls(Op::Get), 3 + 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_the_index_lost_in_a_crash_are_counted_again_at_the_next_start() {
+    let lake = Arc::new(MemoryLake::new());
+    lake.insert("m/a.bin", body(1, 3 * BLOCK));
+    lake.insert("m/b.bin", body(2, 2 * BLOCK + 1));
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (pool, ds) = open(dir.path(), &lake, 1 << 30).await;
+        let (_, snap) = ds.current();
+        for name in ["a.bin", "b.bin"] {
+            let e = snap.lookup(1, name).unwrap().unwrap();
+            ds.blob(&e).unwrap().read(0, 1 << 20).await.unwrap();
+        }
+        assert_eq!(pool.used(), 5 * BLOCK + 1);
+        pool.flush().unwrap();
+    }
+    // A crash between a block landing and the next index commit leaves files the
+    // index does not count; losing the whole index is the extreme case of that.
+    std::fs::remove_file(dir.path().join("v1/index.redb")).unwrap();
+    let (pool, ds) = open(dir.path(), &lake, 1 << 30).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pool.used() != 5 * BLOCK + 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(pool.used(), 5 * BLOCK + 1, "every cached byte on disk is counted (and so can be evicted)");
+    let (_, snap) = ds.current();
+    let e = snap.lookup(1, "b.bin").unwrap().unwrap();
+    assert_eq!(ds.blob(&e).unwrap().read(0, 1 << 20).await.unwrap(), body(2, 2 * BLOCK + 1));
+    assert_eq!(lake.bytes_served.load(Ordering::Relaxed), 5 * BLOCK + 1, "and reused, not fetched again");
+    assert_eq!(pool.used(), 5 * BLOCK + 1, "a reused file is not counted twice");
+}

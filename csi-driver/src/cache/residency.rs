@@ -279,6 +279,42 @@ impl Residency {
     }
 }
 
+/// Resident bytes recorded in the map at `path`, read without opening it for use (the
+/// pool's start-up scan). `None` if it is not a map of this format.
+pub fn resident_bytes_at(path: &Path) -> io::Result<Option<u64>> {
+    let file = File::open(path)?;
+    let mut header = [0u8; HEADER as usize];
+    if read_up_to(&file, &mut header, 0)? < HEADER as usize
+        || &header[0..8] != MAGIC
+        || u32::from_le_bytes(header[8..12].try_into().unwrap()) != VERSION
+    {
+        return Ok(None);
+    }
+    let block_size = u32::from_le_bytes(header[12..16].try_into().unwrap()) as u64;
+    let size = u64::from_le_bytes(header[16..24].try_into().unwrap());
+    if block_size == 0 {
+        return Ok(None);
+    }
+    let blocks = size.div_ceil(block_size);
+    let mut bytes = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut i = 0u64;
+    while i < blocks {
+        let n = ((blocks - i) * 8).min(buf.len() as u64) as usize;
+        let got = read_up_to(&file, &mut buf[..n], HEADER + i * 8)?;
+        for slot in buf[..got].chunks_exact(8) {
+            if u32::from_le_bytes(slot[4..8].try_into().unwrap()) == MARKER {
+                bytes += (block_size * (i + 1)).min(size) - block_size * i;
+            }
+            i += 1;
+        }
+        if got < n {
+            break;
+        }
+    }
+    Ok(Some(bytes))
+}
+
 fn read_up_to(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
