@@ -319,7 +319,7 @@ impl Filesystem for DatasetFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & (libc::O_TRUNC | libc::O_CREAT) != 0 {
             return reply.error(Errno::EROFS);
         }
-        let (_, e) = match self.entry(ino) {
+        let (seq, e) = match self.entry(ino) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
@@ -336,10 +336,16 @@ impl Filesystem for DatasetFs {
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let cfg = self.ds.pool().config();
-        if !blob.residency().is_complete() && e.size <= cfg.small_file_threshold {
-            // Small files are fetched whole at open: the first read will need them all.
+        if e.size <= cfg.small_file_threshold {
             let _guard = self.rt.enter();
-            blob.prefetch(0..blob.residency().blocks());
+            let cold = !blob.residency().is_complete();
+            if cold {
+                // Small files are fetched whole at open: the first read will need them all.
+                blob.prefetch(0..blob.residency().blocks());
+            }
+            if let Some(snap) = self.ds.snapshot(seq) {
+                self.ds.small_file_opened(seq, &snap, &e, cold);
+            }
         }
         let window = 2 * cfg.block_size;
         let flags = FopenFlags::FOPEN_KEEP_CACHE;

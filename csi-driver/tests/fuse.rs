@@ -293,3 +293,63 @@ fn walk(dir: &Path) -> impl Iterator<Item = PathBuf> {
     }
     out.into_iter()
 }
+
+fn small_files_lake(n: u64) -> Arc<MemoryLake> {
+    let lake = Arc::new(MemoryLake::new());
+    for i in 0..n {
+        lake.insert(&format!("ds/imgs/{i:04}.jpg"), pattern(500 + i, 1000));
+    }
+    lake
+}
+
+/// Waits (bounded) until the lake has served at least `bytes` in all.
+fn served_at_least(lake: &MemoryLake, bytes: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lake.bytes_served.load(Ordering::Relaxed) < bytes && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    lake.bytes_served.load(Ordering::Relaxed)
+}
+
+#[test]
+fn a_walk_in_listing_order_gets_the_next_small_files_fetched_ahead_either_way() {
+    use tidepool_csi::cache::dataset::WALK_AHEAD;
+    let lake = small_files_lake(200);
+    let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |_| {});
+    // Forwards: three files in listing order...
+    for i in 0..3 {
+        assert_eq!(fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(), pattern(500 + i, 1000));
+    }
+    // ...and the next ones are on their way before anyone opens them (the walk is
+    // seen at the second open; the third file was already fetched ahead).
+    let ahead = WALK_AHEAD as u64;
+    let got = served_at_least(&lake, (2 + ahead) * 1000);
+    assert!(got >= (2 + ahead) * 1000, "forward walk: next files prefetched ({got} bytes served)");
+    // Backwards from the end (a walk that pops a stack).
+    let before = lake.bytes_served.load(Ordering::Relaxed);
+    for i in (196..200).rev() {
+        assert_eq!(fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(), pattern(500 + i, 1000));
+    }
+    let got = served_at_least(&lake, before + (2 + ahead) * 1000) - before;
+    assert!(got >= (2 + ahead) * 1000, "backward walk: previous files prefetched ({got} bytes served)");
+    // The walk goes on to the start: every file reads back exactly, and however much
+    // was fetched ahead, no file was fetched twice.
+    for i in (0..196).rev() {
+        assert_eq!(fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(), pattern(500 + i, 1000));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lake.bytes_served.load(Ordering::Relaxed), 200 * 1000);
+}
+
+#[test]
+fn random_opens_fetch_only_what_is_read() {
+    let lake = small_files_lake(2000);
+    let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |_| {});
+    // Far apart, in no order: no walk to follow.
+    let picks = [1500u64, 20, 1900, 700, 1200, 90, 1650, 400];
+    for &i in &picks {
+        assert_eq!(fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(), pattern(500 + i, 1000));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lake.bytes_served.load(Ordering::Relaxed), picks.len() as u64 * 1000, "nothing fetched that was not read");
+}

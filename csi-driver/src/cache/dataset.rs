@@ -1,5 +1,14 @@
 //! A dataset: one lake prefix, its snapshots, and the work of filling the cache for it.
 //!
+//! Listing-order readahead for small files: a small file costs a whole round trip to
+//! the lake, so a reader that opens small files one after another pays that latency
+//! per file. Readers that walk the dataset in listing order, forwards (`find`, `tar`,
+//! `os.walk`, a sorted file list) or backwards (a walk that pops a stack), are
+//! recognised from their opens (each within a few entries of the previous one, in one
+//! direction), and the next small files along that direction are fetched before they
+//! are asked for, `WALK_AHEAD` at a time. A few walkers are tracked at once (data loader
+//! workers that each walk their own part); random access is never prefetched for.
+//!
 //! The current snapshot answers new lookups; snapshots replaced by a refresh stay open
 //! for the inodes and files that still use them (a refresh never changes what an open
 //! file reads). Snapshot files live under `v1/datasets/<id>/snapshots/`, with `current`
@@ -12,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::snapshot::{Entry, Snapshot};
 use super::{CacheError, CachePool, blob_key};
@@ -30,6 +39,29 @@ pub struct Dataset {
     dir: PathBuf,
     current: RwLock<(u32, Arc<Snapshot>)>,
     older: RwLock<HashMap<u32, Arc<Snapshot>>>,
+    walks: Mutex<Vec<Walk>>,
+}
+
+/// Opens this close (in entries) to the previous one continue a walk.
+const WALK_NEAR: u64 = 64;
+/// Small files fetched ahead of a walker.
+pub const WALK_AHEAD: usize = 32;
+/// Walkers tracked at once.
+const WALKERS: usize = 8;
+
+/// One reader walking the listing: where it was, which way it goes, and how far ahead
+/// its files are already being fetched.
+#[derive(Debug, Clone)]
+struct Walk {
+    seq: u32,
+    last: u64,
+    forward: bool,
+    frontier: u64,
+    streak: u32,
+    used: u64,
+    /// The walk met a file that was not cached: it is reading from the lake, so it is
+    /// worth fetching ahead of (a walk over a warm cache is left alone).
+    cold: bool,
 }
 
 /// Live counters of a prewarm, read by progress bars and status.
@@ -117,6 +149,7 @@ impl Dataset {
             dir,
             current: RwLock::new((seq, Arc::new(snap))),
             older: RwLock::new(HashMap::new()),
+            walks: Mutex::new(Vec::new()),
         })
     }
 
@@ -155,6 +188,57 @@ impl Dataset {
         let old = std::mem::replace(&mut *self.current.write(), (next, Arc::new(snap)));
         self.older.write().insert(old.0, old.1);
         Ok(true)
+    }
+
+    /// Tells the dataset that small file `e` of snapshot `seq` was opened (`cold`: it
+    /// was not in the cache). A walk in listing order gets the next small files fetched
+    /// in the background (see the module docs). Needs a tokio runtime context.
+    pub fn small_file_opened(self: &Arc<Self>, seq: u32, snap: &Arc<Snapshot>, e: &Entry, cold: bool) {
+        let ahead = {
+            let mut walks = self.walks.lock();
+            let tick = walks.iter().map(|w| w.used).max().unwrap_or(0) + 1;
+            let found = walks.iter().position(|w| w.seq == seq && w.last != e.ino && w.last.abs_diff(e.ino) <= WALK_NEAR);
+            let Some(i) = found else {
+                let w = Walk { seq, last: e.ino, forward: true, frontier: e.ino, streak: 0, used: tick, cold };
+                if walks.len() < WALKERS {
+                    walks.push(w);
+                } else if let Some(old) = walks.iter_mut().min_by_key(|w| w.used) {
+                    *old = w;
+                }
+                return;
+            };
+            let w = &mut walks[i];
+            let forward = e.ino > w.last;
+            if forward != w.forward || w.streak == 0 {
+                w.forward = forward;
+                w.frontier = e.ino;
+            }
+            w.streak += 1;
+            w.last = e.ino;
+            w.used = tick;
+            w.cold |= cold;
+            // Keep WALK_AHEAD files ahead: extend once half of them have been opened.
+            let left = if forward { w.frontier.saturating_sub(e.ino) } else { e.ino.saturating_sub(w.frontier) };
+            if !w.cold || left > WALK_AHEAD as u64 / 2 {
+                return;
+            }
+            let next = if forward { snap.files_from(w.frontier, WALK_AHEAD) } else { snap.files_before(w.frontier, WALK_AHEAD) };
+            let Ok(next) = next else { return };
+            let Some(last) = next.last() else { return };
+            w.frontier = last.ino;
+            next
+        };
+        let threshold = self.pool.config().small_file_threshold;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for f in ahead.into_iter().filter(|f| f.size > 0 && f.size <= threshold) {
+                match this.blob(&f) {
+                    Ok(b) if !b.residency().is_complete() => b.prefetch(0..b.residency().blocks()),
+                    Ok(_) => {}
+                    Err(err) => tracing::debug!(blob = %f.blob, error = %err, "walk readahead: cannot open the cache file"),
+                }
+            }
+        });
     }
 
     /// The cached copy of a file of this dataset.

@@ -303,6 +303,28 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// Files before `before_ino` in listing order, nearest first (up to `n`).
+    pub fn files_before(&self, before_ino: u64, n: usize) -> Result<Vec<Entry>, SnapshotError> {
+        let err = store_err(&self.path);
+        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let en = tx.open_table(ENTRIES).map_err(|e| err(e.into()))?;
+        let mut out = Vec::new();
+        for item in en.range(..before_ino).map_err(|e| err(e.into()))?.rev() {
+            let (k, v) = item.map_err(|e| err(e.into()))?;
+            if let Some(e) = Entry::decode(k.value(), v.value()) {
+                if e.kind == Kind::File {
+                    out.push(e);
+                    if out.len() >= n {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Streaming tree builder.
 struct Builder {
     prefix: String,
