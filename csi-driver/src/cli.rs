@@ -73,7 +73,8 @@ pub struct CacheArgs {
     /// Pool capacity: files are evicted (least recently used first) above 90% of it.
     #[arg(long, default_value = "100GiB", value_parser = parse_size, value_name = "SIZE")]
     pub cache_size: u64,
-    /// Files up to this size are fetched whole when opened.
+    /// Files up to this size are fetched whole when opened; a reader that opens them in
+    /// listing order (either direction) gets the next ones fetched ahead.
     #[arg(long, default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
     pub small_file_threshold: u64,
 }

@@ -252,3 +252,30 @@ async fn files_the_index_lost_in_a_crash_are_counted_again_at_the_next_start() {
     assert_eq!(lake.bytes_served.load(Ordering::Relaxed), 5 * BLOCK + 1, "and reused, not fetched again");
     assert_eq!(pool.used(), 5 * BLOCK + 1, "a reused file is not counted twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_block_blob_is_checked_against_its_content_md5_once_complete() {
+    let lake = Arc::new(MemoryLake::new());
+    let good = body(4, 6 * BLOCK + 5);
+    lake.insert("m/good.bin", good.clone());
+    // A writer that set a Content-MD5 that does not describe the bytes.
+    let odd = body(5, 3 * BLOCK);
+    lake.insert_with_md5("m/odd.bin", odd.clone(), Some([7; 16]));
+    let dir = tempfile::tempdir().unwrap();
+    let (_pool, ds) = open(dir.path(), &lake, 1 << 30).await;
+    let (_, snap) = ds.current();
+
+    let e = snap.lookup(1, "good.bin").unwrap().unwrap();
+    let blob = ds.blob(&e).unwrap();
+    assert_eq!(blob.read(0, 1 << 20).await.unwrap(), good);
+    assert!(blob.md5_verified(), "the whole local copy matches the lake's MD5");
+
+    let before = lake.bytes_served.load(Ordering::Relaxed);
+    let e = snap.lookup(1, "odd.bin").unwrap().unwrap();
+    let blob = ds.blob(&e).unwrap();
+    assert_eq!(blob.read(0, 1 << 20).await.unwrap(), odd, "the lake's bytes are served");
+    assert!(blob.md5_mismatch() && !blob.md5_verified());
+    assert_eq!(lake.bytes_served.load(Ordering::Relaxed) - before, 2 * odd.len() as u64, "fetched once more before concluding");
+    assert_eq!(blob.read(0, 1 << 20).await.unwrap(), odd);
+    assert_eq!(lake.bytes_served.load(Ordering::Relaxed) - before, 2 * odd.len() as u64, "and not again");
+}

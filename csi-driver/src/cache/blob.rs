@@ -8,7 +8,8 @@
 //!   fetched by one streamed GET (up to `get_size`); each block is written and served
 //!   as soon as its own bytes are in, and a body that breaks off is resumed (retry.rs).
 //! - Every fetched block is checked before it is written: its length, and for a blob that
-//!   is one block with a `Content-MD5`, the MD5. Its CRC32C is stored in the map and
+//!   is one block with a `Content-MD5`, the MD5 (a multi-block blob's MD5 is checked over
+//!   the local copy once its last block is in). Its CRC32C is stored in the map and
 //!   re-checked before the block is first served after a reboot (residency.rs).
 //! - The number of GETs in flight is bounded by the pool's semaphore, and a GET holds at
 //!   most two blocks (one filling, one being written), so memory held by fetches is at
@@ -20,6 +21,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
@@ -28,7 +30,7 @@ use futures::{FutureExt, StreamExt};
 use md5::{Digest, Md5};
 use parking_lot::Mutex;
 
-use super::residency::{FLAG_MD5_VERIFIED, Residency};
+use super::residency::{FLAG_MD5_MISMATCH, FLAG_MD5_REFETCHED, FLAG_MD5_VERIFIED, Residency};
 use super::snapshot::Entry;
 use super::{CacheError, PoolShared};
 use crate::lake::{Lake, LakeError};
@@ -54,6 +56,7 @@ pub struct CachedBlob {
     data: File,
     map: Residency,
     inflight: Mutex<HashMap<u64, FetchFuture>>,
+    md5_checking: AtomicBool,
     lake: Arc<dyn Lake>,
     pool: Arc<PoolShared>,
 }
@@ -90,6 +93,7 @@ impl CachedBlob {
             data,
             map,
             inflight: Mutex::new(HashMap::new()),
+            md5_checking: AtomicBool::new(false),
             lake,
             pool,
         })
@@ -278,7 +282,64 @@ impl CachedBlob {
             let _ = self.map.set_flag(FLAG_MD5_VERIFIED);
         }
         self.pool.block_landed(&self.key, range.end - range.start);
+        if self.map.blocks() > 1 && self.map.is_complete() {
+            self.check_whole_md5()?;
+        }
         Ok(())
+    }
+
+    /// Once every block of a multi-block blob is in, checks the blob's `Content-MD5`
+    /// over the local copy (one read-back, on this blocking thread; readers are not
+    /// waiting for it). A mismatch drops every block so the next reads fetch them
+    /// again; a second mismatch means the lake's MD5 itself disagrees with the bytes it
+    /// serves under the pinned ETag, which is recorded and logged, and those bytes are
+    /// served as they are.
+    fn check_whole_md5(&self) -> Result<(), CacheError> {
+        let Some(want) = self.md5 else { return Ok(()) };
+        if self.map.flags() & (FLAG_MD5_VERIFIED | FLAG_MD5_MISMATCH) != 0 || self.md5_checking.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let r = self.whole_md5();
+        self.md5_checking.store(false, Ordering::Release);
+        let io = |e| CacheError::io(&self.data_path, e);
+        if r.map_err(io)? == want {
+            return self.map.set_flag(FLAG_MD5_VERIFIED).map_err(io);
+        }
+        if self.map.flags() & FLAG_MD5_REFETCHED == 0 {
+            tracing::warn!(blob = %self.blob, "cached copy does not match the blob's Content-MD5; fetching it again");
+            self.map.set_flag(FLAG_MD5_REFETCHED).map_err(io)?;
+            for i in 0..self.map.blocks() {
+                let r = self.map.block_range(i);
+                self.map.drop_block(i).map_err(io)?;
+                self.pool.block_dropped(&self.key, r.end - r.start);
+            }
+            return Ok(());
+        }
+        tracing::error!(blob = %self.blob, etag = %self.etag, "the lake's Content-MD5 for this blob does not match the bytes it serves (fetched twice); serving the lake's bytes as they are");
+        self.map.set_flag(FLAG_MD5_MISMATCH).map_err(io)
+    }
+
+    fn whole_md5(&self) -> std::io::Result<[u8; 16]> {
+        let mut h = Md5::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < self.size {
+            let n = (self.size - off).min(buf.len() as u64) as usize;
+            self.data.read_exact_at(&mut buf[..n], off)?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        Ok(h.finalize().into())
+    }
+
+    /// Whether the local copy matched the blob's whole-object `Content-MD5`.
+    pub fn md5_verified(&self) -> bool {
+        self.map.flags() & FLAG_MD5_VERIFIED != 0
+    }
+
+    /// Whether the lake's `Content-MD5` was found not to match its bytes.
+    pub fn md5_mismatch(&self) -> bool {
+        self.map.flags() & FLAG_MD5_MISMATCH != 0
     }
 
     /// Reads `len` bytes at `offset` from resident blocks, verifying any block served for
@@ -290,7 +351,8 @@ impl CachedBlob {
         }
         for i in self.blocks_for(offset..end) {
             if !self.map.is_resident(i) {
-                return Err(CacheError::Internal(format!("block {i} of {} is not resident", self.blob)));
+                // Dropped since the caller looked (a failed check): fetch it again.
+                return Err(CacheError::Refetch);
             }
             if !self.map.is_verified(i) {
                 self.verify_block(i)?;

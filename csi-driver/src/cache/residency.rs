@@ -3,7 +3,8 @@
 //!
 //! File format (`<key>.map`, little endian):
 //! - header, 64 bytes: magic `TPRESMAP`, format version (u32), block size (u32), blob
-//!   size (u64), flags (u32: bit 0 = whole-object MD5 verified), the *trusted boot*
+//!   size (u64), flags (u32: bit 0 = whole-object MD5 verified, bit 1 = fetched again
+//!   after an MD5 mismatch, bit 2 = the lake's MD5 disagrees with its bytes), the *trusted boot*
 //!   (16 bytes, see below), zero padding;
 //! - one 8-byte slot per block: CRC32C of the block's bytes (u32) then the marker
 //!   `RSDT` (u32). A slot without the marker is a block that is not resident.
@@ -34,6 +35,11 @@ const VERSION: u32 = 1;
 const HEADER: u64 = 64;
 const MARKER: u32 = u32::from_le_bytes(*b"RSDT");
 pub const FLAG_MD5_VERIFIED: u32 = 1;
+/// The whole-object MD5 did not match once and the blocks were fetched again.
+pub const FLAG_MD5_REFETCHED: u32 = 2;
+/// The whole-object MD5 did not match the bytes the lake served, twice: the lake's
+/// `Content-MD5` is wrong for this version (reads serve what the lake serves).
+pub const FLAG_MD5_MISMATCH: u32 = 4;
 const BOOT_AT: u64 = 28;
 
 /// Identity of one boot of the machine. All zeros means unknown: never trusted.

@@ -53,13 +53,21 @@ impl MemoryLake {
     /// Store an object directly (test set-up); returns its new ETag.
     pub fn insert(&self, name: &str, data: impl Into<Bytes>) -> ETag {
         let data = data.into();
+        let md5 = Md5::digest(&data).into();
+        self.insert_with_md5(name, data, Some(md5))
+    }
+
+    /// Like [`MemoryLake::insert`] with a chosen `Content-MD5` (none, or a wrong one, as
+    /// some writers leave).
+    pub fn insert_with_md5(&self, name: &str, data: impl Into<Bytes>, content_md5: Option<[u8; 16]>) -> ETag {
+        let data = data.into();
         let etag = self.next_etag();
         let meta = ObjectMeta {
             name: name.to_owned(),
             size: data.len() as u64,
             etag: etag.clone(),
             last_modified: SystemTime::now(),
-            content_md5: Some(Md5::digest(&data).into()),
+            content_md5,
         };
         self.state.lock().objects.insert(name.to_owned(), Object { data, meta });
         etag
