@@ -103,6 +103,16 @@ fn phase(name: &str) {
     eprintln!("bench: phase {name} at {}.{:06}", ts.tv_sec, ts.tv_nsec / 1000);
 }
 
+/// CPU seconds (user + system, all threads) a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name (which may hold spaces) start at "state".
+    let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let field = |i: usize| rest.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(11) + field(12)) / ticks
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -182,6 +192,9 @@ async fn main() {
     let mnt = work.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let mut samples: HashMap<&str, Vec<f64>> = HashMap::new();
+    // CPU seconds per cold pass, per process: on a small machine the cold path is
+    // bound by CPU shared with Azurite, and this shows who spends it.
+    let mut cpu_samples: HashMap<&str, Vec<f64>> = HashMap::new();
 
     // What this machine charges for filling the page cache right after it was dropped:
     // every cold path that lands bytes on local disk pays it (VMs that return freed
@@ -208,9 +221,12 @@ async fn main() {
         drop_page_cache();
         phase("sdk-to-file");
         let target = work.path().join("download.bin");
+        let cpu = (cpu_secs(std::process::id()), cpu_secs(azurite.pid()));
         let t = Instant::now();
         sdk_download(&lake, &etag, Some(&target)).await;
         samples.entry("sdk_to_file").or_default().push(t.elapsed().as_secs_f64());
+        cpu_samples.entry("sdk_to_file_client").or_default().push(cpu_secs(std::process::id()) - cpu.0);
+        cpu_samples.entry("sdk_to_file_azurite").or_default().push(cpu_secs(azurite.pid()) - cpu.1);
         std::fs::remove_file(&target).unwrap();
 
         drop_page_cache();
@@ -226,9 +242,14 @@ async fn main() {
         child = Some(mount(&bin, &url, &mnt, &cache));
         drop_page_cache();
         phase("cold");
+        let pid = child.as_ref().unwrap().id();
+        let cpu = (cpu_secs(pid), cpu_secs(std::process::id()), cpu_secs(azurite.pid()));
         let (n, secs) = read_tree(&mnt.join("big.bin"));
         assert_eq!(n, BIG);
         samples.entry("cold").or_default().push(secs);
+        cpu_samples.entry("cold_tidepool").or_default().push(cpu_secs(pid) - cpu.0);
+        cpu_samples.entry("cold_reader").or_default().push(cpu_secs(std::process::id()) - cpu.1);
+        cpu_samples.entry("cold_azurite").or_default().push(cpu_secs(azurite.pid()) - cpu.2);
         if round + 1 < ROUNDS {
             let _ = std::fs::remove_dir_all(&cache);
         }
@@ -286,6 +307,7 @@ async fn main() {
             "files_per_s": SMALL_FILES as f64 / small_cold_secs,
             "secs": small_cold_secs,
         },
+        "cold_cpu_secs_median": cpu_samples.iter().map(|(k, v)| (k.to_string(), median(v))).collect::<HashMap<_, _>>(),
         "samples_secs": samples,
         "notes": "medians of the rounds; page cache dropped before every timed pass; the cold baseline is the SDK's 16-way ranged download written to a local file (what a user does without Tidepool), the discarding download is the network ceiling; Azurite stands in for the lake's API, not its speed",
     });

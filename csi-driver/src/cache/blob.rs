@@ -37,6 +37,37 @@ use crate::lake::{Lake, LakeError};
 
 type FetchResult = Result<(), Arc<CacheError>>;
 
+/// `len` bytes at `offset` into a new buffer, without zeroing it first (this is the
+/// read path of every non-passthrough read).
+fn read_exact_at_uninit(file: &File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: the destination is the vector's spare capacity, `len - done` bytes
+        // long; `pread` writes at most that many, and `set_len` below covers only
+        // bytes it reported as written.
+        let n = unsafe {
+            libc::pread(file.as_raw_fd(), buf.as_mut_ptr().add(done).cast(), len - done, (offset + done as u64) as libc::off_t)
+        };
+        match n {
+            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cache file shorter than its blob")),
+            n if n > 0 => {
+                done += n as usize;
+                // SAFETY: the first `done` bytes were written by `pread`.
+                unsafe { buf.set_len(done) };
+            }
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(buf)
+}
+
 async fn join_write(w: tokio::task::JoinHandle<Result<(), CacheError>>) -> FetchResult {
     match w.await {
         Ok(r) => r.map_err(Arc::new),
@@ -358,9 +389,7 @@ impl CachedBlob {
                 self.verify_block(i)?;
             }
         }
-        let mut buf = vec![0u8; (end - offset) as usize];
-        self.data.read_exact_at(&mut buf, offset).map_err(|e| CacheError::io(&self.data_path, e))?;
-        Ok(buf)
+        read_exact_at_uninit(&self.data, (end - offset) as usize, offset).map_err(|e| CacheError::io(&self.data_path, e))
     }
 
     fn verify_block(&self, i: u64) -> Result<(), CacheError> {

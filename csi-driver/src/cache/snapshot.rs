@@ -284,40 +284,31 @@ impl Snapshot {
 
     /// Every file in listing order, streamed in chunks of `chunk` (prefetch walks this).
     pub fn files_from(&self, after_ino: u64, chunk: usize) -> Result<Vec<Entry>, SnapshotError> {
-        let err = store_err(&self.path);
-        let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let en = tx.open_table(ENTRIES).map_err(|e| err(e.into()))?;
-        let mut out = Vec::new();
-        for item in en.range(after_ino + 1..).map_err(|e| err(e.into()))? {
-            let (k, v) = item.map_err(|e| err(e.into()))?;
-            if let Some(e) = Entry::decode(k.value(), v.value()) {
-                if e.kind == Kind::File {
-                    out.push(e);
-                    if out.len() >= chunk {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(out)
+        self.files_near(after_ino, true, chunk)
     }
-}
 
-impl Snapshot {
     /// Files before `before_ino` in listing order, nearest first (up to `n`).
     pub fn files_before(&self, before_ino: u64, n: usize) -> Result<Vec<Entry>, SnapshotError> {
+        self.files_near(before_ino, false, n)
+    }
+
+    /// Up to `n` files after (`forward`) or before `ino` in listing order, nearest first.
+    fn files_near(&self, ino: u64, forward: bool, n: usize) -> Result<Vec<Entry>, SnapshotError> {
         let err = store_err(&self.path);
         let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
         let en = tx.open_table(ENTRIES).map_err(|e| err(e.into()))?;
+        let items: Box<dyn Iterator<Item = _>> = if forward {
+            Box::new(en.range(ino.saturating_add(1)..).map_err(|e| err(e.into()))?)
+        } else {
+            Box::new(en.range(..ino).map_err(|e| err(e.into()))?.rev())
+        };
         let mut out = Vec::new();
-        for item in en.range(..before_ino).map_err(|e| err(e.into()))?.rev() {
+        for item in items {
             let (k, v) = item.map_err(|e| err(e.into()))?;
-            if let Some(e) = Entry::decode(k.value(), v.value()) {
-                if e.kind == Kind::File {
-                    out.push(e);
-                    if out.len() >= n {
-                        break;
-                    }
+            if let Some(e) = Entry::decode(k.value(), v.value()).filter(|e| e.kind == Kind::File) {
+                out.push(e);
+                if out.len() >= n {
+                    break;
                 }
             }
         }

@@ -168,6 +168,11 @@ impl Azurite {
         std::fs::read_to_string(self.dir.path().join("azurite.log")).unwrap_or_default()
     }
 
+    /// The Azurite process (CPU accounting in `make bench`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
