@@ -5,7 +5,8 @@
 //! - Inode numbers: 1 is the root of the *current* snapshot; every other inode is
 //!   `seq << 40 | local`, the snapshot's sequence number and the entry's number in it,
 //!   both persistent. An inode keeps resolving in its own snapshot after a refresh, so
-//!   open files and cached dentries keep the version they saw.
+//!   open files and cached dentries keep the version they saw. Lookups and forgets are
+//!   counted per snapshot, so a replaced snapshot is released once the kernel forgot it.
 //! - Caching: a pinned snapshot never changes, so entries and attributes are cached by
 //!   the kernel for a day and file pages are kept across opens (`FOPEN_KEEP_CACHE`);
 //!   with `--refresh <interval>`, for that interval.
@@ -196,12 +197,21 @@ impl Filesystem for DatasetFs {
             Err(e) => return reply.error(e),
         };
         match snap.lookup(local, name) {
-            Ok(Some(e)) => reply.entry(&self.cfg.ttl, &self.attr(seq, &e), Self::generation()),
+            Ok(Some(e)) => {
+                self.ds.hold(seq, 1);
+                reply.entry(&self.cfg.ttl, &self.attr(seq, &e), Self::generation())
+            }
             Ok(None) => reply.error(Errno::ENOENT),
             Err(err) => {
                 tracing::error!(error = %err, "lookup failed");
                 reply.error(Errno::EIO)
             }
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if ino.0 != 1 {
+            self.ds.forget((ino.0 >> SEQ_SHIFT) as u32, nlookup);
         }
     }
 
@@ -301,11 +311,15 @@ impl Filesystem for DatasetFs {
         }
         match snap.children(local, off - 2, 512) {
             Ok(children) => {
+                let mut added = 0;
                 for (pos, e) in children {
                     if reply.add(Self::ino(seq, e.ino), pos + 3, &e.name, &self.cfg.ttl, &self.attr(seq, &e), Self::generation()) {
                         break;
                     }
+                    added += 1;
                 }
+                // Every entry but "." and ".." is a reference the kernel will forget.
+                self.ds.hold(seq, added);
                 reply.ok()
             }
             Err(err) => {

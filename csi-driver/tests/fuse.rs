@@ -353,3 +353,59 @@ fn random_opens_fetch_only_what_is_read() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(lake.bytes_served.load(Ordering::Relaxed), picks.len() as u64 * 1000, "nothing fetched that was not read");
 }
+
+fn snapshot_files(cache: &Path) -> usize {
+    walk(&cache.join("v1/datasets")).filter(|p| p.extension().is_some_and(|e| e == "redb")).count()
+}
+
+/// Asks the kernel to drop unused dentries and inodes (it then sends FORGETs).
+fn drop_dentries() {
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+}
+
+#[test]
+fn a_replaced_snapshot_is_released_once_the_kernel_forgot_it() {
+    let lake = Arc::new(MemoryLake::new());
+    lake.insert("ds/a.txt", "version one");
+    let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |_| {});
+    let ds = fx.ds.clone().unwrap();
+    let open = fs::File::open(fx.path("a.txt")).unwrap();
+    let read_open = || {
+        let mut buf = [0u8; 64];
+        let n = open.read_at(&mut buf, 0).unwrap();
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+    assert_eq!(read_open(), "version one");
+    lake.insert("ds/a.txt", "version two!");
+    assert!(fx.rt.block_on(ds.refresh()).unwrap());
+    // The open file still needs the old snapshot: kept, whatever the kernel drops.
+    drop_dentries();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(ds.open_snapshots(), 2);
+    assert_eq!(snapshot_files(fx.cache.path()), 2);
+    assert_eq!(read_open(), "version one", "an open file keeps its version");
+    // Closed and forgotten by the kernel: released, file and all.
+    drop(open);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ds.open_snapshots() > 1 && Instant::now() < deadline {
+        drop_dentries();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ds.open_snapshots(), 1, "only the current snapshot is kept");
+    assert_eq!(snapshot_files(fx.cache.path()), 1, "the replaced snapshot's file is deleted");
+    assert_eq!(fs::read_to_string(fx.path("a.txt")).unwrap(), "version two!");
+    // Refresh after refresh, the mount keeps one snapshot on disk once the kernel
+    // lets go of the old ones.
+    for v in ["three", "four", "five"] {
+        lake.insert("ds/a.txt", format!("version {v}"));
+        assert!(fx.rt.block_on(ds.refresh()).unwrap());
+        drop_dentries(); // instead of waiting out the entry TTL
+        assert_eq!(fs::read_to_string(fx.path("a.txt")).unwrap(), format!("version {v}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while snapshot_files(fx.cache.path()) > 1 && Instant::now() < deadline {
+        drop_dentries();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!((ds.open_snapshots(), snapshot_files(fx.cache.path())), (1, 1));
+}

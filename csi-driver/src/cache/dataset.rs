@@ -11,7 +11,10 @@
 //!
 //! The current snapshot answers new lookups; snapshots replaced by a refresh stay open
 //! for the inodes and files that still use them (a refresh never changes what an open
-//! file reads). Snapshot files live under `v1/datasets/<id>/snapshots/`, with `current`
+//! file reads). The file system reports the kernel's references per snapshot
+//! ([`Dataset::hold`], [`Dataset::forget`]); a replaced snapshot is closed and its file
+//! deleted once the kernel holds nothing of it, so a mount refreshed for weeks keeps
+//! only the snapshots still in use. Snapshot files live under `v1/datasets/<id>/snapshots/`, with `current`
 //! naming the one in use so a restarted agent can keep serving the same inodes.
 
 use std::collections::HashMap;
@@ -39,6 +42,8 @@ pub struct Dataset {
     dir: PathBuf,
     current: RwLock<(u32, Arc<Snapshot>)>,
     older: RwLock<HashMap<u32, Arc<Snapshot>>>,
+    /// Kernel references (lookup counts) per snapshot.
+    refs: Mutex<HashMap<u32, u64>>,
     walks: Mutex<Vec<Walk>>,
 }
 
@@ -149,6 +154,7 @@ impl Dataset {
             dir,
             current: RwLock::new((seq, Arc::new(snap))),
             older: RwLock::new(HashMap::new()),
+            refs: Mutex::new(HashMap::new()),
             walks: Mutex::new(Vec::new()),
         })
     }
@@ -186,8 +192,48 @@ impl Dataset {
         write_current(&self.dir, next)?;
         tracing::info!(dataset = %self.url, snapshot = next, objects = snap.summary().objects, "refreshed: new snapshot");
         let old = std::mem::replace(&mut *self.current.write(), (next, Arc::new(snap)));
-        self.older.write().insert(old.0, old.1);
+        let refs = self.refs.lock();
+        if refs.get(&old.0).copied().unwrap_or(0) > 0 {
+            self.older.write().insert(old.0, old.1);
+        } else {
+            drop(old);
+            self.remove_snapshot_file(seq);
+        }
         Ok(true)
+    }
+
+    /// The kernel took `n` more references to inodes of snapshot `seq`.
+    pub fn hold(&self, seq: u32, n: u64) {
+        *self.refs.lock().entry(seq).or_default() += n;
+    }
+
+    /// The kernel dropped `n` references to inodes of snapshot `seq`; a replaced
+    /// snapshot nobody references any more is closed and deleted.
+    pub fn forget(&self, seq: u32, n: u64) {
+        let mut refs = self.refs.lock();
+        let Some(count) = refs.get_mut(&seq) else { return };
+        *count = count.saturating_sub(n);
+        if *count > 0 {
+            return;
+        }
+        refs.remove(&seq);
+        if self.current.read().0 == seq {
+            return;
+        }
+        if self.older.write().remove(&seq).is_some() {
+            tracing::debug!(dataset = %self.url, snapshot = seq, "replaced snapshot no longer used; deleted");
+            self.remove_snapshot_file(seq);
+        }
+    }
+
+    /// Snapshots open now (the current one and replaced ones still in use).
+    pub fn open_snapshots(&self) -> usize {
+        1 + self.older.read().len()
+    }
+
+    fn remove_snapshot_file(&self, seq: u32) {
+        // Unlinking a file still open elsewhere is fine: the space goes when it closes.
+        let _ = std::fs::remove_file(self.dir.join("snapshots").join(format!("{seq}.redb")));
     }
 
     /// Tells the dataset that small file `e` of snapshot `seq` was opened (`cold`: it
