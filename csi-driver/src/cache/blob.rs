@@ -294,7 +294,7 @@ impl CachedBlob {
 
     /// Checks, writes and records one fetched block (on a blocking thread: a 4 MiB
     /// write into the page cache must not stall the runtime's network work).
-    fn store_block(&self, i: u64, body: Bytes) -> Result<(), CacheError> {
+    fn store_block(self: &Arc<Self>, i: u64, body: Bytes) -> Result<(), CacheError> {
         if self.map.is_resident(i) {
             return Ok(());
         }
@@ -313,15 +313,21 @@ impl CachedBlob {
             let _ = self.map.set_flag(FLAG_MD5_VERIFIED);
         }
         self.pool.block_landed(&self.key, range.end - range.start);
-        if self.map.blocks() > 1 && self.map.is_complete() {
-            self.check_whole_md5()?;
+        if self.map.blocks() > 1 && self.map.is_complete() && self.md5.is_some() {
+            // After this block's readers are answered, not before.
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = this.check_whole_md5() {
+                    tracing::warn!(blob = %this.blob, error = %e, "whole-blob MD5 check failed");
+                }
+            });
         }
         Ok(())
     }
 
     /// Once every block of a multi-block blob is in, checks the blob's `Content-MD5`
-    /// over the local copy (one read-back, on this blocking thread; readers are not
-    /// waiting for it). A mismatch drops every block so the next reads fetch them
+    /// over the local copy (one read-back, on a blocking thread of its own; no reader
+    /// waits for it). A mismatch drops every block so the next reads fetch them
     /// again; a second mismatch means the lake's MD5 itself disagrees with the bytes it
     /// serves under the pinned ETag, which is recorded and logged, and those bytes are
     /// served as they are.
