@@ -88,6 +88,10 @@ pub struct CachedBlob {
     map: Residency,
     inflight: Mutex<HashMap<u64, FetchFuture>>,
     md5_checking: AtomicBool,
+    /// One block write at a time per file: concurrent buffered writes to one file
+    /// serialise on its inode lock anyway, and waiting here sleeps where the kernel
+    /// would spin.
+    writing: Mutex<()>,
     lake: Arc<dyn Lake>,
     pool: Arc<PoolShared>,
 }
@@ -125,6 +129,7 @@ impl CachedBlob {
             map,
             inflight: Mutex::new(HashMap::new()),
             md5_checking: AtomicBool::new(false),
+            writing: Mutex::new(()),
             lake,
             pool,
         })
@@ -307,7 +312,10 @@ impl CachedBlob {
             }
         }
         let crc = crc32c::crc32c(&body);
-        self.data.write_all_at(&body, range.start).map_err(|e| CacheError::io(&self.data_path, e))?;
+        {
+            let _one = self.writing.lock();
+            self.data.write_all_at(&body, range.start).map_err(|e| CacheError::io(&self.data_path, e))?;
+        }
         self.map.mark_resident(i, crc).map_err(|e| CacheError::io(&self.data_path, e))?;
         if self.map.blocks() == 1 && self.md5.is_some() {
             let _ = self.map.set_flag(FLAG_MD5_VERIFIED);
