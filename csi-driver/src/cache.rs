@@ -447,10 +447,8 @@ impl CachePool {
             {
                 let files = tx.open_table(FILES).map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
                 tx.open_table(LRU).map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
-                for item in files.iter().map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })? {
-                    if let Ok((_, v)) = item {
-                        used += v.value().0;
-                    }
+                for (_, v) in files.iter().map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?.flatten() {
+                    used += v.value().0;
                 }
             }
             tx.commit().map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;

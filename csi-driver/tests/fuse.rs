@@ -124,7 +124,7 @@ fn directory_listing_matches_the_lake() {
     let shard = fs::metadata(fx.path("train/shard-007.bin")).unwrap();
     assert_eq!(shard.len(), 1000 + 7 * 37);
     assert!(shard.is_file());
-    assert_eq!(shard.permissions().readonly(), true);
+    assert!(shard.permissions().readonly());
     assert!(fs::metadata(fx.path("train/nested/deep")).unwrap().is_dir());
     assert_eq!(fs::read_to_string(fx.path("train/nested/deep/file.json")).unwrap(), "{}");
     assert_eq!(fs::metadata(fx.path("nope")).unwrap_err().kind(), std::io::ErrorKind::NotFound);

@@ -304,13 +304,11 @@ impl CachedBlob {
             return Ok(());
         }
         let range = self.map.block_range(i);
-        if self.map.blocks() == 1 {
-            if let Some(md5) = self.md5 {
-                if <[u8; 16]>::from(Md5::digest(&body)) != md5 {
+        if self.map.blocks() == 1
+            && let Some(md5) = self.md5
+                && <[u8; 16]>::from(Md5::digest(&body)) != md5 {
                     return Err(CacheError::Corrupt { blob: self.blob.clone(), what: "Content-MD5 of the fetched bytes does not match the lake's".into() });
                 }
-            }
-        }
         let crc = crc32c::crc32c(&body);
         {
             let _one = self.writing.lock();

@@ -436,35 +436,6 @@ impl Lake for AzureLake {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn content_range_parses() {
-        assert_eq!(content_range("bytes 3-9/100"), Some((3, 9, 100)));
-        assert_eq!(content_range("bytes */100"), None);
-    }
-
-    #[test]
-    fn etags_are_stored_quoted() {
-        assert_eq!(etag(&Etag::from("0x1".to_owned())).0, "\"0x1\"");
-        assert_eq!(etag(&Etag::from("\"0x1\"".to_owned())).0, "\"0x1\"");
-    }
-
-    #[test]
-    fn bearer_over_http_is_refused_without_showing_secrets() {
-        let url = LakeUrl::parse("http://127.0.0.1:1/devstoreaccount1/data?sig=URLSECRET").unwrap();
-        let creds = Credentials::ManagedIdentity { client_id: None };
-        let err = AzureLake::connect(&url, &creds, &AzureOptions::default()).unwrap_err();
-        assert!(matches!(err, AzureSetupError::InsecureBearer { .. }), "{err}");
-        assert!(!err.to_string().contains("URLSECRET"));
-        let lake = AzureLake::connect(&url, &Credentials::Anonymous, &AzureOptions::default()).unwrap();
-        assert!(!format!("{lake:?}").contains("URLSECRET"));
-        assert!(!lake.describe().contains("URLSECRET"));
-    }
-}
-
 /// A download body being passed on: counts what arrives against what was announced.
 struct Body {
     rsp: azure_core::http::AsyncResponseBody,
@@ -507,5 +478,34 @@ impl Body {
             self.done = true;
             return Some((Err(err), self));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_parses() {
+        assert_eq!(content_range("bytes 3-9/100"), Some((3, 9, 100)));
+        assert_eq!(content_range("bytes */100"), None);
+    }
+
+    #[test]
+    fn etags_are_stored_quoted() {
+        assert_eq!(etag(&Etag::from("0x1".to_owned())).0, "\"0x1\"");
+        assert_eq!(etag(&Etag::from("\"0x1\"".to_owned())).0, "\"0x1\"");
+    }
+
+    #[test]
+    fn bearer_over_http_is_refused_without_showing_secrets() {
+        let url = LakeUrl::parse("http://127.0.0.1:1/devstoreaccount1/data?sig=URLSECRET").unwrap();
+        let creds = Credentials::ManagedIdentity { client_id: None };
+        let err = AzureLake::connect(&url, &creds, &AzureOptions::default()).unwrap_err();
+        assert!(matches!(err, AzureSetupError::InsecureBearer { .. }), "{err}");
+        assert!(!err.to_string().contains("URLSECRET"));
+        let lake = AzureLake::connect(&url, &Credentials::Anonymous, &AzureOptions::default()).unwrap();
+        assert!(!format!("{lake:?}").contains("URLSECRET"));
+        assert!(!lake.describe().contains("URLSECRET"));
     }
 }

@@ -136,11 +136,10 @@ impl Lake for MemoryLake {
     }
 
     async fn put_block(&self, name: &str, id: &BlockId, data: Bytes, md5: Option<[u8; 16]>) -> LakeResult<()> {
-        if let Some(want) = md5 {
-            if <[u8; 16]>::from(Md5::digest(&data)) != want {
+        if let Some(want) = md5
+            && <[u8; 16]>::from(Md5::digest(&data)) != want {
                 return Err(LakeError::Other { op: Op::PutBlock, name: name.into(), status: 400, detail: "Md5Mismatch".into() });
             }
-        }
         self.state.lock().staged.insert((name.to_owned(), id.0.clone()), data);
         Ok(())
     }

@@ -55,7 +55,7 @@ impl LakeUrl {
         let path_style = host == "localhost" || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok();
         let mut segments: Vec<String> = parsed
             .path_segments()
-            .map(|s| s.map(|p| percent_decode(p)).collect())
+            .map(|s| s.map(percent_decode).collect())
             .unwrap_or_default();
         let mut endpoint = parsed.clone();
         endpoint.set_query(None);
@@ -140,13 +140,12 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+        if bytes[i] == b'%' && i + 2 < bytes.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
                 out.push(v);
                 i += 3;
                 continue;
             }
-        }
         out.push(bytes[i]);
         i += 1;
     }
