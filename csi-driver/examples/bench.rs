@@ -29,8 +29,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tidepool_csi::lake::azure::AzureLake;
 use tidepool_csi::lake::{BlockId, ETag, Lake};
-use tidepool_csi::testing::{Azurite, pattern};
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
+use tidepool_csi::testing::{Azurite, pattern};
 
 const BIG: u64 = 1 << 30;
 const PART: u64 = 8 << 20;
@@ -85,7 +85,9 @@ fn mount(bin: &Path, url: &str, mnt: &Path, cache: &Path) -> Child {
         .spawn()
         .expect("tidepool binary");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert!(line.contains("mounted"), "{line}");
     child
 }
@@ -98,18 +100,34 @@ fn stop(mut child: Child) {
 /// Marks a phase boundary on stderr with CLOCK_MONOTONIC, so a profile taken with
 /// `perf record -k CLOCK_MONOTONIC` can be cut to one phase (`perf report --time A,B`).
 fn phase(name: &str) {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    eprintln!("bench: phase {name} at {}.{:06}", ts.tv_sec, ts.tv_nsec / 1000);
+    eprintln!(
+        "bench: phase {name} at {}.{:06}",
+        ts.tv_sec,
+        ts.tv_nsec / 1000
+    );
 }
 
 /// CPU seconds (user + system, all threads) a process has used so far.
 fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
     // Fields after the command name (which may hold spaces) start at "state".
-    let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let field = |i: usize| rest.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let field = |i: usize| {
+        rest.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (field(11) + field(12)) / ticks
 }
 
@@ -127,10 +145,15 @@ async fn sdk_download(lake: &Arc<AzureLake>, etag: &ETag, to: Option<&Path>) {
         .map(|i| {
             let (lake, etag, file) = (lake.clone(), etag.clone(), file.clone());
             async move {
-                let body = lake.get_range("ds/big.bin", i * PART..(i + 1) * PART, &etag).await.unwrap();
+                let body = lake
+                    .get_range("ds/big.bin", i * PART..(i + 1) * PART, &etag)
+                    .await
+                    .unwrap();
                 let n = body.len() as u64;
                 if let Some(f) = file {
-                    tokio::task::spawn_blocking(move || f.write_all_at(&body, i * PART).unwrap()).await.unwrap();
+                    tokio::task::spawn_blocking(move || f.write_all_at(&body, i * PART).unwrap())
+                        .await
+                        .unwrap();
                 }
                 n
             }
@@ -147,11 +170,20 @@ fn mbs(bytes: u64, secs: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let bin: PathBuf = std::env::var("TIDEPOOL_BIN").map(PathBuf::from).unwrap_or_else(|_| {
-        std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("tidepool")
-    });
+    let bin: PathBuf = std::env::var("TIDEPOOL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::env::current_exe()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .join("tidepool")
+        });
     let out = std::env::var("BENCH_REPORT").unwrap_or_else(|_| "bench-report.json".into());
-    let work = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target".into())).unwrap();
+    let work = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target".into()))
+        .unwrap();
     let azurite = Azurite::start();
     azurite.create_container("bench").await;
     let lake = Arc::new(azurite.lake("bench").await);
@@ -167,7 +199,9 @@ async fn main() {
             let data = pattern(i, PART as usize);
             f.write_all(&data).unwrap();
             let id = BlockId::numbered("bench", i as u32);
-            lake.put_block("ds/big.bin", &id, Bytes::from(data), None).await.unwrap();
+            lake.put_block("ds/big.bin", &id, Bytes::from(data), None)
+                .await
+                .unwrap();
             ids.push(id);
         }
     }
@@ -183,7 +217,9 @@ async fn main() {
                 let rel = format!("small/d{:02}/f{i:05}.bin", i % 50);
                 std::fs::create_dir_all(local.join(&rel).parent().unwrap()).unwrap();
                 std::fs::write(local.join(&rel), &data).unwrap();
-                lake.put(&format!("ds/{rel}"), Bytes::from(data)).await.unwrap();
+                lake.put(&format!("ds/{rel}"), Bytes::from(data))
+                    .await
+                    .unwrap();
             }
         })
         .await;
@@ -224,16 +260,28 @@ async fn main() {
         let cpu = (cpu_secs(std::process::id()), cpu_secs(azurite.pid()));
         let t = Instant::now();
         sdk_download(&lake, &etag, Some(&target)).await;
-        samples.entry("sdk_to_file").or_default().push(t.elapsed().as_secs_f64());
-        cpu_samples.entry("sdk_to_file_client").or_default().push(cpu_secs(std::process::id()) - cpu.0);
-        cpu_samples.entry("sdk_to_file_azurite").or_default().push(cpu_secs(azurite.pid()) - cpu.1);
+        samples
+            .entry("sdk_to_file")
+            .or_default()
+            .push(t.elapsed().as_secs_f64());
+        cpu_samples
+            .entry("sdk_to_file_client")
+            .or_default()
+            .push(cpu_secs(std::process::id()) - cpu.0);
+        cpu_samples
+            .entry("sdk_to_file_azurite")
+            .or_default()
+            .push(cpu_secs(azurite.pid()) - cpu.1);
         std::fs::remove_file(&target).unwrap();
 
         drop_page_cache();
         phase("sdk-discard");
         let t = Instant::now();
         sdk_download(&lake, &etag, None).await;
-        samples.entry("sdk_discard").or_default().push(t.elapsed().as_secs_f64());
+        samples
+            .entry("sdk_discard")
+            .or_default()
+            .push(t.elapsed().as_secs_f64());
 
         if let Some(c) = child.take() {
             stop(c);
@@ -243,13 +291,26 @@ async fn main() {
         drop_page_cache();
         phase("cold");
         let pid = child.as_ref().unwrap().id();
-        let cpu = (cpu_secs(pid), cpu_secs(std::process::id()), cpu_secs(azurite.pid()));
+        let cpu = (
+            cpu_secs(pid),
+            cpu_secs(std::process::id()),
+            cpu_secs(azurite.pid()),
+        );
         let (n, secs) = read_tree(&mnt.join("big.bin"));
         assert_eq!(n, BIG);
         samples.entry("cold").or_default().push(secs);
-        cpu_samples.entry("cold_tidepool").or_default().push(cpu_secs(pid) - cpu.0);
-        cpu_samples.entry("cold_reader").or_default().push(cpu_secs(std::process::id()) - cpu.1);
-        cpu_samples.entry("cold_azurite").or_default().push(cpu_secs(azurite.pid()) - cpu.2);
+        cpu_samples
+            .entry("cold_tidepool")
+            .or_default()
+            .push(cpu_secs(pid) - cpu.0);
+        cpu_samples
+            .entry("cold_reader")
+            .or_default()
+            .push(cpu_secs(std::process::id()) - cpu.1);
+        cpu_samples
+            .entry("cold_azurite")
+            .or_default()
+            .push(cpu_secs(azurite.pid()) - cpu.2);
         if round + 1 < ROUNDS {
             let _ = std::fs::remove_dir_all(&cache);
         }
@@ -265,8 +326,14 @@ async fn main() {
     read_tree(&mnt.join("big.bin"));
     read_tree(&local.join("big.bin"));
     // Then ours and local alternate, each going first in every other round.
-    let pairs = [("warm", mnt.join("big.bin")), ("local", local.join("big.bin"))];
-    let small = [("small_warm", mnt.join("small")), ("small_local", local.join("small"))];
+    let pairs = [
+        ("warm", mnt.join("big.bin")),
+        ("local", local.join("big.bin")),
+    ];
+    let small = [
+        ("small_warm", mnt.join("small")),
+        ("small_local", local.join("small")),
+    ];
     for set in [&pairs, &small] {
         for round in 0..WARM_ROUNDS {
             for k in 0..2 {

@@ -40,7 +40,10 @@ fn tidepool_bin() -> PathBuf {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).expect("target dir").join("tidepool")
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("tidepool")
 }
 
 fn mib_s(bytes: u64, d: Duration) -> f64 {
@@ -72,13 +75,23 @@ fn read_tree(root: &Path, expect: &BTreeMap<String, (u64, u32)>) -> (u64, Durati
                 crc = crc32c::crc32c_append(crc, &buf[..n]);
                 len += n as u64;
             }
-            let want = expect.get(&rel).unwrap_or_else(|| panic!("unexpected file {rel} in the mount"));
-            assert_eq!((len, crc), *want, "{rel}: content differs from what was uploaded");
+            let want = expect
+                .get(&rel)
+                .unwrap_or_else(|| panic!("unexpected file {rel} in the mount"));
+            assert_eq!(
+                (len, crc),
+                *want,
+                "{rel}: content differs from what was uploaded"
+            );
             total += len;
             seen += 1;
         }
     }
-    assert_eq!(seen, expect.len(), "every uploaded file is visible in the mount");
+    assert_eq!(
+        seen,
+        expect.len(),
+        "every uploaded file is visible in the mount"
+    );
     (total, started.elapsed())
 }
 
@@ -96,7 +109,10 @@ async fn main() {
     azurite.create_container("datasets").await;
     let lake = azurite.lake("datasets").await;
 
-    println!("== 2/5 uploading a generated dataset: {SMALL_FILES} small files + {LARGE_FILES} x {} MiB", LARGE_SIZE >> 20);
+    println!(
+        "== 2/5 uploading a generated dataset: {SMALL_FILES} small files + {LARGE_FILES} x {} MiB",
+        LARGE_SIZE >> 20
+    );
     let mut expect = BTreeMap::new();
     let upload_started = Instant::now();
     let mut uploaded = 0u64;
@@ -104,7 +120,10 @@ async fn main() {
         let size = 2_000 + (i * 7_919) % 250_000;
         let data = bytes_for(i, 0, size as usize);
         let name = format!("imagenet-mini/train/class-{:02}/img-{i:04}.jpg", i % 10);
-        expect.insert(name["imagenet-mini/".len()..].to_owned(), (size, crc32c::crc32c(&data)));
+        expect.insert(
+            name["imagenet-mini/".len()..].to_owned(),
+            (size, crc32c::crc32c(&data)),
+        );
         lake.put(&name, Bytes::from(data)).await.expect("put");
         uploaded += size;
     }
@@ -118,15 +137,24 @@ async fn main() {
             let data = bytes_for(1000 + i, off, n as usize);
             crc = crc32c::crc32c_append(crc, &data);
             let id = BlockId::numbered("demo", ids.len() as u32);
-            lake.put_block(&name, &id, Bytes::from(data), None).await.expect("put block");
+            lake.put_block(&name, &id, Bytes::from(data), None)
+                .await
+                .expect("put block");
             ids.push(id);
             off += n;
         }
-        lake.put_block_list(&name, &ids, None).await.expect("put block list");
+        lake.put_block_list(&name, &ids, None)
+            .await
+            .expect("put block list");
         expect.insert(name["imagenet-mini/".len()..].to_owned(), (LARGE_SIZE, crc));
         uploaded += LARGE_SIZE;
     }
-    println!("   {} files, {:.0} MiB in {:.1}s", expect.len(), uploaded as f64 / (1 << 20) as f64, upload_started.elapsed().as_secs_f64());
+    println!(
+        "   {} files, {:.0} MiB in {:.1}s",
+        expect.len(),
+        uploaded as f64 / (1 << 20) as f64,
+        upload_started.elapsed().as_secs_f64()
+    );
 
     let work = tempfile::tempdir().expect("tempdir");
     let mnt = work.path().join("mnt");
@@ -140,7 +168,10 @@ async fn main() {
         .arg("--cache-dir")
         .arg(&cache)
         .args(["--cache-size", "4GiB"])
-        .env("AZURE_STORAGE_KEY", tidepool_csi::testing::azurite::ACCOUNT_KEY)
+        .env(
+            "AZURE_STORAGE_KEY",
+            tidepool_csi::testing::azurite::ACCOUNT_KEY,
+        )
         .stdout(Stdio::piped())
         .spawn()
         .expect("run the tidepool binary (cargo build --release first)");
@@ -152,10 +183,21 @@ async fn main() {
     println!("== 4/5 reading every file through the mount and verifying checksums");
     drop_page_cache();
     let (bytes, cold) = read_tree(&mnt, &expect);
-    println!("   cold (from the lake): {:.0} MiB in {:.2}s = {:.0} MiB/s", bytes as f64 / (1 << 20) as f64, cold.as_secs_f64(), mib_s(bytes, cold));
+    println!(
+        "   cold (from the lake): {:.0} MiB in {:.2}s = {:.0} MiB/s",
+        bytes as f64 / (1 << 20) as f64,
+        cold.as_secs_f64(),
+        mib_s(bytes, cold)
+    );
     drop_page_cache();
     let (bytes, warm) = read_tree(&mnt, &expect);
-    println!("   warm (from local NVMe cache): {:.0} MiB in {:.2}s = {:.0} MiB/s ({:.1}x cold)", bytes as f64 / (1 << 20) as f64, warm.as_secs_f64(), mib_s(bytes, warm), cold.as_secs_f64() / warm.as_secs_f64());
+    println!(
+        "   warm (from local NVMe cache): {:.0} MiB in {:.2}s = {:.0} MiB/s ({:.1}x cold)",
+        bytes as f64 / (1 << 20) as f64,
+        warm.as_secs_f64(),
+        mib_s(bytes, warm),
+        cold.as_secs_f64() / warm.as_secs_f64()
+    );
     println!("   all {} checksums match", expect.len());
 
     println!("== 5/5 stopping the mount (SIGTERM) and cleaning up");
@@ -165,8 +207,13 @@ async fn main() {
         println!("   {l}");
     }
     assert!(status.success(), "tidepool exited with {status}");
-    let still = std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(&mnt.to_string_lossy().into_owned());
+    let still = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(&mnt.to_string_lossy().into_owned());
     assert!(!still, "nothing may be left mounted");
     drop(azurite);
-    println!("demo OK in {:.1}s: every byte read through the mount matched the lake; nothing left mounted", t0.elapsed().as_secs_f64());
+    println!(
+        "demo OK in {:.1}s: every byte read through the mount matched the lake; nothing left mounted",
+        t0.elapsed().as_secs_f64()
+    );
 }

@@ -111,16 +111,23 @@ pub enum CacheError {
     #[error(transparent)]
     Lake(#[from] LakeError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Snapshot(#[from] snapshot::SnapshotError),
     #[error("cache index {path}: {detail}")]
     Index { path: PathBuf, detail: String },
     #[error("{blob}: {what}; the block was discarded")]
     Corrupt { blob: String, what: String },
-    #[error("cache directory {dir} holds format {found:?}, this tidepool reads v1; use another --cache-dir or delete that one")]
+    #[error(
+        "cache directory {dir} holds format {found:?}, this tidepool reads v1; use another --cache-dir or delete that one"
+    )]
     Format { dir: PathBuf, found: String },
-    #[error("cache directory {dir} is in use by another tidepool process; give each process its own --cache-dir (one agent per node serves every mount)")]
+    #[error(
+        "cache directory {dir} is in use by another tidepool process; give each process its own --cache-dir (one agent per node serves every mount)"
+    )]
     InUse { dir: PathBuf },
     #[error("a cached block failed verification and must be fetched again")]
     Refetch,
@@ -130,7 +137,10 @@ pub enum CacheError {
 
 impl CacheError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        CacheError::Io { path: path.to_owned(), source }
+        CacheError::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -168,12 +178,17 @@ impl IdleBlobs {
             return;
         }
         self.tick += 1;
-        if let Some((_, t)) = self.by_key.insert(key.to_owned(), (blob.clone(), self.tick)) {
+        if let Some((_, t)) = self
+            .by_key
+            .insert(key.to_owned(), (blob.clone(), self.tick))
+        {
             self.order.remove(&t);
         }
         self.order.insert(self.tick, key.to_owned());
         while self.by_key.len() > self.cap {
-            let Some((_, k)) = self.order.pop_first() else { break };
+            let Some((_, k)) = self.order.pop_first() else {
+                break;
+            };
             self.by_key.remove(&k);
         }
     }
@@ -187,12 +202,18 @@ impl IdleBlobs {
 
 /// Raises the soft open-file limit to the hard one; returns the soft limit now.
 fn raise_nofile_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return 1024;
     }
     if lim.rlim_cur < lim.rlim_max {
-        let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
             return want.rlim_cur;
         }
@@ -207,7 +228,10 @@ struct PendingUse {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 impl PoolShared {
@@ -221,16 +245,24 @@ impl PoolShared {
     }
 
     pub(crate) fn block_dropped(&self, key: &str, n: u64) {
-        self.used.fetch_sub(n.min(self.used.load(Ordering::Acquire)), Ordering::AcqRel);
+        self.used
+            .fetch_sub(n.min(self.used.load(Ordering::Acquire)), Ordering::AcqRel);
         self.pending.lock().entry(key.to_owned()).or_default().bytes -= n as i64;
     }
 
     fn touch(&self, key: &str) {
-        self.pending.lock().entry(key.to_owned()).or_default().touched = Some(now_secs());
+        self.pending
+            .lock()
+            .entry(key.to_owned())
+            .or_default()
+            .touched = Some(now_secs());
     }
 
     fn index_err(&self, e: impl std::fmt::Display) -> CacheError {
-        CacheError::Index { path: self.index_path.clone(), detail: e.to_string() }
+        CacheError::Index {
+            path: self.index_path.clone(),
+            detail: e.to_string(),
+        }
     }
 
     /// Commits batched index updates.
@@ -245,15 +277,22 @@ impl PoolShared {
             let mut files = tx.open_table(FILES).map_err(|e| self.index_err(e))?;
             let mut lru = tx.open_table(LRU).map_err(|e| self.index_err(e))?;
             for (key, p) in batch {
-                let old = files.get(key.as_str()).map_err(|e| self.index_err(e))?.map(|v| v.value());
+                let old = files
+                    .get(key.as_str())
+                    .map_err(|e| self.index_err(e))?
+                    .map(|v| v.value());
                 let (bytes, atime) = old.unwrap_or((0, now_secs()));
                 let bytes = (bytes as i64 + p.bytes).max(0) as u64;
                 let new_atime = p.touched.unwrap_or(atime);
                 if old.is_some() && new_atime != atime {
-                    lru.remove((atime, key.as_str())).map_err(|e| self.index_err(e))?;
+                    lru.remove((atime, key.as_str()))
+                        .map_err(|e| self.index_err(e))?;
                 }
-                files.insert(key.as_str(), (bytes, new_atime)).map_err(|e| self.index_err(e))?;
-                lru.insert((new_atime, key.as_str()), ()).map_err(|e| self.index_err(e))?;
+                files
+                    .insert(key.as_str(), (bytes, new_atime))
+                    .map_err(|e| self.index_err(e))?;
+                lru.insert((new_atime, key.as_str()), ())
+                    .map_err(|e| self.index_err(e))?;
             }
         }
         tx.commit().map_err(|e| self.index_err(e))?;
@@ -268,24 +307,39 @@ impl PoolShared {
     fn reconcile(&self) -> Result<u64, CacheError> {
         let blobs = self.config.dir.join("v1/blobs");
         let mut found = 0u64;
-        let Ok(subdirs) = std::fs::read_dir(&blobs) else { return Ok(0) };
+        let Ok(subdirs) = std::fs::read_dir(&blobs) else {
+            return Ok(0);
+        };
         for sub in subdirs.flatten() {
             let keys: Vec<String> = match std::fs::read_dir(sub.path()) {
-                Ok(rd) => rd.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".map").map(str::to_owned)).collect(),
+                Ok(rd) => rd
+                    .flatten()
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()?
+                            .strip_suffix(".map")
+                            .map(str::to_owned)
+                    })
+                    .collect(),
                 Err(_) => continue,
             };
             let _m = self.maintenance.lock();
             let tx = self.index.begin_read().map_err(|e| self.index_err(e))?;
             let files = tx.open_table(FILES).map_err(|e| self.index_err(e))?;
             for key in keys {
-                let indexed = files.get(key.as_str()).map_err(|e| self.index_err(e))?.map(|v| v.value().0);
+                let indexed = files
+                    .get(key.as_str())
+                    .map_err(|e| self.index_err(e))?
+                    .map(|v| v.value().0);
                 // Under `open`: a file being opened now is counted by its own landings.
                 let open = self.open.lock();
                 if open.contains_key(&key) || self.pending.lock().contains_key(&key) {
                     continue;
                 }
                 let map = sub.path().join(format!("{key}.map"));
-                let Ok(Some(on_disk)) = residency::resident_bytes_at(&map) else { continue };
+                let Ok(Some(on_disk)) = residency::resident_bytes_at(&map) else {
+                    continue;
+                };
                 let delta = on_disk as i64 - indexed.unwrap_or(0) as i64;
                 if delta == 0 {
                     continue;
@@ -305,21 +359,34 @@ impl PoolShared {
                     self.used.fetch_add(delta as u64, Ordering::AcqRel);
                 } else {
                     let n = delta.unsigned_abs();
-                    self.used.fetch_sub(n.min(self.used.load(Ordering::Acquire)), Ordering::AcqRel);
+                    self.used
+                        .fetch_sub(n.min(self.used.load(Ordering::Acquire)), Ordering::AcqRel);
                 }
-                self.pending.lock().insert(key, PendingUse { bytes: delta, touched });
+                self.pending.lock().insert(
+                    key,
+                    PendingUse {
+                        bytes: delta,
+                        touched,
+                    },
+                );
                 drop(open);
                 found += delta.unsigned_abs();
             }
         }
         if found > 0 {
-            tracing::info!(bytes = found, "cache index corrected from the files on disk (blocks that landed just before a crash)");
+            tracing::info!(
+                bytes = found,
+                "cache index corrected from the files on disk (blocks that landed just before a crash)"
+            );
         }
         Ok(found)
     }
 
     fn is_open(&self, key: &str) -> bool {
-        self.open.lock().get(key).is_some_and(|w| w.strong_count() > 0)
+        self.open
+            .lock()
+            .get(key)
+            .is_some_and(|w| w.strong_count() > 0)
     }
 
     /// Evicts least recently used files that are not open until `used` is under the low
@@ -348,7 +415,11 @@ impl PoolShared {
                     if self.is_open(key) {
                         continue;
                     }
-                    let bytes = files.get(key).map_err(|e| self.index_err(e))?.map(|v| v.value().0).unwrap_or(0);
+                    let bytes = files
+                        .get(key)
+                        .map_err(|e| self.index_err(e))?
+                        .map(|v| v.value().0)
+                        .unwrap_or(0);
                     out.push((atime, key.to_owned(), bytes));
                     if out.len() >= 256 {
                         break;
@@ -372,8 +443,12 @@ impl PoolShared {
                     let _ = std::fs::remove_file(dir.join(format!("{key}.map")));
                     let _ = std::fs::remove_file(dir.join(format!("{key}.data")));
                     files.remove(key.as_str()).map_err(|e| self.index_err(e))?;
-                    lru.remove((atime, key.as_str())).map_err(|e| self.index_err(e))?;
-                    self.used.fetch_sub(bytes.min(self.used.load(Ordering::Acquire)), Ordering::AcqRel);
+                    lru.remove((atime, key.as_str()))
+                        .map_err(|e| self.index_err(e))?;
+                    self.used.fetch_sub(
+                        bytes.min(self.used.load(Ordering::Acquire)),
+                        Ordering::AcqRel,
+                    );
                     freed += bytes;
                     tracing::debug!(key, bytes, "evicted");
                     if self.used.load(Ordering::Acquire) <= low {
@@ -388,7 +463,11 @@ impl PoolShared {
             }
         }
         if freed > 0 {
-            tracing::info!(freed, used = self.used.load(Ordering::Acquire), "evicted cached files");
+            tracing::info!(
+                freed,
+                used = self.used.load(Ordering::Acquire),
+                "evicted cached files"
+            );
         }
         Ok(freed)
     }
@@ -422,7 +501,12 @@ impl CachePool {
         let format = v1.join("FORMAT");
         match std::fs::read_to_string(&format) {
             Ok(s) if s == FORMAT => {}
-            Ok(s) => return Err(CacheError::Format { dir: config.dir.clone(), found: s.trim().to_owned() }),
+            Ok(s) => {
+                return Err(CacheError::Format {
+                    dir: config.dir.clone(),
+                    found: s.trim().to_owned(),
+                });
+            }
             Err(_) => std::fs::write(&format, FORMAT).map_err(|e| CacheError::io(&format, e))?,
         }
         let index_path = v1.join("index.redb");
@@ -431,31 +515,67 @@ impl CachePool {
         // task for a moment, hence the short wait.
         let mut waited = Duration::ZERO;
         let index = loop {
-            match Database::builder().set_cache_size(16 << 20).create(&index_path) {
+            match Database::builder()
+                .set_cache_size(16 << 20)
+                .create(&index_path)
+            {
                 Ok(db) => break db,
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) if waited < Duration::from_secs(2) => {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if waited < Duration::from_secs(2) =>
+                {
                     std::thread::sleep(Duration::from_millis(20));
                     waited += Duration::from_millis(20);
                 }
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(CacheError::InUse { dir: config.dir.clone() }),
-                Err(e) => return Err(CacheError::Index { path: index_path.clone(), detail: e.to_string() }),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(CacheError::InUse {
+                        dir: config.dir.clone(),
+                    });
+                }
+                Err(e) => {
+                    return Err(CacheError::Index {
+                        path: index_path.clone(),
+                        detail: e.to_string(),
+                    });
+                }
             }
         };
         let mut used = 0u64;
         {
-            let tx = index.begin_write().map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
+            let tx = index.begin_write().map_err(|e| CacheError::Index {
+                path: index_path.clone(),
+                detail: e.to_string(),
+            })?;
             {
-                let files = tx.open_table(FILES).map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
-                tx.open_table(LRU).map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
-                for (_, v) in files.iter().map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?.flatten() {
+                let files = tx.open_table(FILES).map_err(|e| CacheError::Index {
+                    path: index_path.clone(),
+                    detail: e.to_string(),
+                })?;
+                tx.open_table(LRU).map_err(|e| CacheError::Index {
+                    path: index_path.clone(),
+                    detail: e.to_string(),
+                })?;
+                for (_, v) in files
+                    .iter()
+                    .map_err(|e| CacheError::Index {
+                        path: index_path.clone(),
+                        detail: e.to_string(),
+                    })?
+                    .flatten()
+                {
                     used += v.value().0;
                 }
             }
-            tx.commit().map_err(|e| CacheError::Index { path: index_path.clone(), detail: e.to_string() })?;
+            tx.commit().map_err(|e| CacheError::Index {
+                path: index_path.clone(),
+                detail: e.to_string(),
+            })?;
         }
         // Two descriptors per idle file; leave room for everything else.
         let fd_room = (raise_nofile_limit().saturating_sub(1024) / 2) as usize;
-        let idle = IdleBlobs { cap: config.max_open_blobs.min(fd_room), ..Default::default() };
+        let idle = IdleBlobs {
+            cap: config.max_open_blobs.min(fd_room),
+            ..Default::default()
+        };
         let shared = Arc::new(PoolShared {
             fetches: Semaphore::new(config.max_fetches.max(1)),
             idle: Mutex::new(idle),
@@ -480,13 +600,17 @@ impl CachePool {
             loop {
                 let _ = tokio::time::timeout(Duration::from_secs(1), pressure.notified()).await;
                 let Some(s) = weak.upgrade() else { return };
-                let r = tokio::task::spawn_blocking(move || s.flush().and_then(|_| s.evict())).await;
+                let r =
+                    tokio::task::spawn_blocking(move || s.flush().and_then(|_| s.evict())).await;
                 if let Ok(Err(e)) = r {
                     tracing::warn!(error = %e, "cache index maintenance failed");
                 }
             }
         });
-        Ok(CachePool { _owner: Arc::new(PoolOwner(shared.clone())), shared })
+        Ok(CachePool {
+            _owner: Arc::new(PoolOwner(shared.clone())),
+            shared,
+        })
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -509,7 +633,12 @@ impl CachePool {
 
     /// The cached copy of `entry` (a file of a snapshot of `lake`), opened or created.
     /// One `CachedBlob` per version exists at a time, however many handles use it.
-    pub fn blob(&self, lake_id: &str, lake: &Arc<dyn Lake>, entry: &Entry) -> Result<Arc<CachedBlob>, CacheError> {
+    pub fn blob(
+        &self,
+        lake_id: &str,
+        lake: &Arc<dyn Lake>,
+        entry: &Entry,
+    ) -> Result<Arc<CachedBlob>, CacheError> {
         let key = blob_key(lake_id, &entry.blob, &entry.etag.0);
         let mut open = self.shared.open.lock();
         if let Some(b) = open.get(&key).and_then(Weak::upgrade) {
@@ -519,7 +648,13 @@ impl CachePool {
             return Ok(b);
         }
         let dir = self.root().join("blobs").join(&key[..2]);
-        let b = Arc::new(CachedBlob::open(key.clone(), entry, dir, lake.clone(), self.shared.clone())?);
+        let b = Arc::new(CachedBlob::open(
+            key.clone(),
+            entry,
+            dir,
+            lake.clone(),
+            self.shared.clone(),
+        )?);
         // Forget closed files now and then (amortised: not on every open).
         if open.len() >= 1024 && open.len().is_power_of_two() {
             open.retain(|_, w| w.strong_count() > 0);
@@ -549,5 +684,8 @@ pub fn blob_key(lake_id: &str, blob: &str, etag: &str) -> String {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
-    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -24,7 +24,12 @@ use crate::lake::{Credentials, Lake, LakeUrl};
 #[command(name = "tidepool", version, about = "GPU-adjacent storage: datasets from Azure Blob on local NVMe, mounted read-only with FUSE", long_about = None)]
 pub struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `tidepool_csi=debug`.
-    #[arg(long, global = true, env = "TIDEPOOL_LOG", default_value = "warn,tidepool_csi=info")]
+    #[arg(
+        long,
+        global = true,
+        env = "TIDEPOOL_LOG",
+        default_value = "warn,tidepool_csi=info"
+    )]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,
@@ -157,9 +162,13 @@ fn parse_refresh(s: &str) -> Result<Refresh, String> {
 /// of 1024 (what `df -h` shows); KB/MB/GB/TB are powers of 1000.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size; try 100GiB or 500G"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; try 100GiB or 500G"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,
@@ -170,15 +179,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         "tb" => 1_000_000_000_000,
-        other => return Err(format!("unknown size unit {other:?} in {s:?}; use K, M, G, T (or KiB.., KB..)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?}; use K, M, G, T (or KiB.., KB..)"
+            ));
+        }
     };
     Ok((n * mult as f64) as u64)
 }
 
 fn open_lake(url: &LakeUrl, args: &LakeArgs, env: EnvLookup<'_>) -> anyhow::Result<Arc<dyn Lake>> {
     let creds = Credentials::resolve(args.sas_token.clone(), args.managed_identity, env)?;
-    let options = AzureOptions { ca_file: args.ca_file.clone(), ..AzureOptions::default() };
-    let azure = AzureLake::connect(url, &creds, &options).with_context(|| format!("connecting to {url}"))?;
+    let options = AzureOptions {
+        ca_file: args.ca_file.clone(),
+        ..AzureOptions::default()
+    };
+    let azure = AzureLake::connect(url, &creds, &options)
+        .with_context(|| format!("connecting to {url}"))?;
     tracing::info!(lake = %url, credentials = creds.kind(), "lake client ready");
     let retry = RetryConfig {
         max_attempts: args.retries.max(1),
@@ -210,14 +227,26 @@ fn human(n: u64) -> String {
 pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let url = LakeUrl::parse(&args.url)?;
     if !args.mountpoint.is_dir() {
-        bail!("mount point {} is not a directory; create it first (mkdir -p {})", args.mountpoint.display(), args.mountpoint.display());
+        bail!(
+            "mount point {} is not a directory; create it first (mkdir -p {})",
+            args.mountpoint.display(),
+            args.mountpoint.display()
+        );
     }
     if is_mounted(&args.mountpoint.canonicalize()?) {
-        bail!("{} is already a mount point; unmount it first (umount {})", args.mountpoint.display(), args.mountpoint.display());
+        bail!(
+            "{} is already a mount point; unmount it first (umount {})",
+            args.mountpoint.display(),
+            args.mountpoint.display()
+        );
     }
     let lake = open_lake(&url, &args.lake, env)?;
     let pool = CachePool::open(cache_config(&args.cache)).context("opening the cache pool")?;
-    let ds = Arc::new(Dataset::open(pool.clone(), url.clone(), lake, false, |_| {}).await.with_context(|| format!("listing {url}"))?);
+    let ds = Arc::new(
+        Dataset::open(pool.clone(), url.clone(), lake, false, |_| {})
+            .await
+            .with_context(|| format!("listing {url}"))?,
+    );
     let root = unsafe { libc::geteuid() } == 0;
     let ttl = match args.refresh {
         Refresh::Pinned => Duration::from_secs(24 * 3600),
@@ -227,14 +256,28 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let fs = DatasetFs::new(
         ds.clone(),
         tokio::runtime::Handle::current(),
-        FsConfig { ttl, passthrough: !args.no_passthrough, uid: unsafe { libc::getuid() }, gid: unsafe { libc::getgid() } },
+        FsConfig {
+            ttl,
+            passthrough: !args.no_passthrough,
+            uid: unsafe { libc::getuid() },
+            gid: unsafe { libc::getgid() },
+        },
         stats,
     );
-    let config = mount_config(args.allow_other.unwrap_or(root), args.threads, &url.to_string());
+    let config = mount_config(
+        args.allow_other.unwrap_or(root),
+        args.threads,
+        &url.to_string(),
+    );
     let mountpoint = args.mountpoint.clone();
     let mount = tokio::task::spawn_blocking(move || Mount::spawn(fs, &mountpoint, &config))
         .await?
-        .with_context(|| format!("mounting at {} (needs /dev/fuse, and root or fusermount3 from the fuse3 package)", args.mountpoint.display()))?;
+        .with_context(|| {
+            format!(
+                "mounting at {} (needs /dev/fuse, and root or fusermount3 from the fuse3 package)",
+                args.mountpoint.display()
+            )
+        })?;
     let (seq, snap) = ds.current();
     let sum = snap.summary();
     // Status lines must not kill the mount if whoever started it closed our stdout.
@@ -250,7 +293,12 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         background.push(tokio::spawn(async move {
             let progress = PrewarmProgress::default();
             match ds.prewarm(None, 16, &progress).await {
-                Ok(s) => tracing::info!(files = s.files, bytes = s.bytes, failed = s.failed.len(), "eager prefetch done"),
+                Ok(s) => tracing::info!(
+                    files = s.files,
+                    bytes = s.bytes,
+                    failed = s.failed.len(),
+                    "eager prefetch done"
+                ),
                 Err(e) => tracing::warn!(error = %e, "eager prefetch failed"),
             }
         }));
@@ -281,7 +329,9 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         b.abort();
     }
     handle.unmount().context("unmounting")?;
-    tokio::task::spawn_blocking(move || mount.join()).await?.context("stopping the FUSE session")?;
+    tokio::task::spawn_blocking(move || mount.join())
+        .await?
+        .context("stopping the FUSE session")?;
     pool.flush()?;
     say(format_args!("tidepool: unmounted {}", mp.display()));
     Ok(())
@@ -293,7 +343,11 @@ pub async fn prewarm(args: PrewarmArgs, env: EnvLookup<'_>) -> anyhow::Result<()
     let include = include_set(&args.include)?;
     let lake = open_lake(&url, &args.lake, env)?;
     let pool = CachePool::open(cache_config(&args.cache)).context("opening the cache pool")?;
-    let ds = Arc::new(Dataset::open(pool.clone(), url.clone(), lake, false, |_| {}).await.with_context(|| format!("listing {url}"))?);
+    let ds = Arc::new(
+        Dataset::open(pool.clone(), url.clone(), lake, false, |_| {})
+            .await
+            .with_context(|| format!("listing {url}"))?,
+    );
     let progress = Arc::new(PrewarmProgress::default());
     let started = Instant::now();
     let bar = (!args.quiet).then(|| {
@@ -310,12 +364,18 @@ pub async fn prewarm(args: PrewarmArgs, env: EnvLookup<'_>) -> anyhow::Result<()
             loop {
                 b.set_length(p.bytes_total.load(Ordering::Relaxed));
                 b.set_position(p.bytes_done.load(Ordering::Relaxed));
-                b.set_message(format!("{}/{} files", p.files_done.load(Ordering::Relaxed), p.files_total.load(Ordering::Relaxed)));
+                b.set_message(format!(
+                    "{}/{} files",
+                    p.files_done.load(Ordering::Relaxed),
+                    p.files_total.load(Ordering::Relaxed)
+                ));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
     });
-    let summary = ds.prewarm(include.as_ref(), args.parallel, &progress).await?;
+    let summary = ds
+        .prewarm(include.as_ref(), args.parallel, &progress)
+        .await?;
     if let Some(t) = ticker {
         t.abort();
     }
@@ -338,7 +398,10 @@ pub async fn prewarm(args: PrewarmArgs, env: EnvLookup<'_>) -> anyhow::Result<()
         for (blob, err) in summary.failed.iter().take(20) {
             eprintln!("  failed: {blob}: {err}");
         }
-        bail!("{} files could not be fetched (first errors above); run prewarm again to retry them", summary.failed.len());
+        bail!(
+            "{} files could not be fetched (first errors above); run prewarm again to retry them",
+            summary.failed.len()
+        );
     }
     Ok(())
 }
@@ -361,7 +424,10 @@ mod tests {
     #[test]
     fn refresh_policies() {
         assert_eq!(parse_refresh("pinned").unwrap(), Refresh::Pinned);
-        assert_eq!(parse_refresh("10m").unwrap(), Refresh::Every(Duration::from_secs(600)));
+        assert_eq!(
+            parse_refresh("10m").unwrap(),
+            Refresh::Every(Duration::from_secs(600))
+        );
         assert!(parse_refresh("0s").is_err());
         assert!(parse_refresh("sometimes").unwrap_err().contains("pinned"));
     }
@@ -370,8 +436,20 @@ mod tests {
     fn help_documents_every_flag() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
-        let help = Cli::command().find_subcommand_mut("mount").unwrap().render_long_help().to_string();
-        for flag in ["--cache-dir", "--cache-size", "--prefetch", "--refresh", "--sas-token", "--managed-identity", "--deadline"] {
+        let help = Cli::command()
+            .find_subcommand_mut("mount")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for flag in [
+            "--cache-dir",
+            "--cache-size",
+            "--prefetch",
+            "--refresh",
+            "--sas-token",
+            "--managed-identity",
+            "--deadline",
+        ] {
             assert!(help.contains(flag), "mount --help lacks {flag}");
         }
     }

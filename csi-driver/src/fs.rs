@@ -31,9 +31,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 use parking_lot::Mutex;
 
@@ -97,7 +97,12 @@ pub struct DatasetFs {
 }
 
 impl DatasetFs {
-    pub fn new(ds: Arc<Dataset>, rt: tokio::runtime::Handle, cfg: FsConfig, stats: Arc<MountStats>) -> Self {
+    pub fn new(
+        ds: Arc<Dataset>,
+        rt: tokio::runtime::Handle,
+        cfg: FsConfig,
+        stats: Arc<MountStats>,
+    ) -> Self {
         DatasetFs {
             passthrough: AtomicBool::new(cfg.passthrough),
             ds,
@@ -178,14 +183,20 @@ fn errno_for(_: &CacheError) -> Errno {
 
 impl Filesystem for DatasetFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_PARALLEL_DIROPS,
+        );
         let _ = config.set_max_readahead(1 << 20);
         if self.passthrough.load(Ordering::Relaxed) {
             let ok = config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
                 && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             if !ok {
-                tracing::info!("kernel does not offer FUSE passthrough (needs Linux >= 6.9); warm reads go through Tidepool");
+                tracing::info!(
+                    "kernel does not offer FUSE passthrough (needs Linux >= 6.9); warm reads go through Tidepool"
+                );
                 self.passthrough.store(false, Ordering::Relaxed);
             }
         }
@@ -193,7 +204,9 @@ impl Filesystem for DatasetFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
         let (seq, snap, local) = match self.resolve(parent) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -248,13 +261,23 @@ impl Filesystem for DatasetFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.entry(ino) {
-            Ok((_, e)) if e.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Ok((_, e)) if e.kind == Kind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let (seq, snap, local) = match self.resolve(ino) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -268,7 +291,12 @@ impl Filesystem for DatasetFs {
             off = 1;
         }
         if off == 1 {
-            let parent = snap.get(local).ok().flatten().map(|e| Self::ino(seq, e.parent)).unwrap_or(INodeNo(1));
+            let parent = snap
+                .get(local)
+                .ok()
+                .flatten()
+                .map(|e| Self::ino(seq, e.parent))
+                .unwrap_or(INodeNo(1));
             if reply.add(parent, 2, FileType::Directory, "..") {
                 return reply.ok();
             }
@@ -277,7 +305,11 @@ impl Filesystem for DatasetFs {
         match snap.children(local, off - 2, 512) {
             Ok(children) => {
                 for (pos, e) in children {
-                    let kind = if e.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+                    let kind = if e.kind == Kind::Dir {
+                        FileType::Directory
+                    } else {
+                        FileType::RegularFile
+                    };
                     if reply.add(Self::ino(seq, e.ino), pos + 3, kind, &e.name) {
                         break;
                     }
@@ -291,22 +323,49 @@ impl Filesystem for DatasetFs {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let (seq, snap, local) = match self.resolve(ino) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
-        let Ok(Some(me)) = snap.get(local) else { return reply.error(Errno::ENOENT) };
+        let Ok(Some(me)) = snap.get(local) else {
+            return reply.error(Errno::ENOENT);
+        };
         let mut off = offset;
         if off == 0 {
-            if reply.add(ino, 1, ".", &self.cfg.ttl, &self.attr(seq, &me), Self::generation()) {
+            if reply.add(
+                ino,
+                1,
+                ".",
+                &self.cfg.ttl,
+                &self.attr(seq, &me),
+                Self::generation(),
+            ) {
                 return reply.ok();
             }
             off = 1;
         }
         if off == 1 {
-            let parent = snap.get(me.parent).ok().flatten().unwrap_or_else(|| me.clone());
-            if reply.add(Self::ino(seq, parent.ino), 2, "..", &self.cfg.ttl, &self.attr(seq, &parent), Self::generation()) {
+            let parent = snap
+                .get(me.parent)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| me.clone());
+            if reply.add(
+                Self::ino(seq, parent.ino),
+                2,
+                "..",
+                &self.cfg.ttl,
+                &self.attr(seq, &parent),
+                Self::generation(),
+            ) {
                 return reply.ok();
             }
             off = 2;
@@ -315,7 +374,14 @@ impl Filesystem for DatasetFs {
             Ok(children) => {
                 let mut added = 0;
                 for (pos, e) in children {
-                    if reply.add(Self::ino(seq, e.ino), pos + 3, &e.name, &self.cfg.ttl, &self.attr(seq, &e), Self::generation()) {
+                    if reply.add(
+                        Self::ino(seq, e.ino),
+                        pos + 3,
+                        &e.name,
+                        &self.cfg.ttl,
+                        &self.attr(seq, &e),
+                        Self::generation(),
+                    ) {
                         break;
                     }
                     added += 1;
@@ -332,7 +398,9 @@ impl Filesystem for DatasetFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & (libc::O_TRUNC | libc::O_CREAT) != 0 {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY
+            || flags.0 & (libc::O_TRUNC | libc::O_CREAT) != 0
+        {
             return reply.error(Errno::EROFS);
         }
         let (seq, e) = match self.entry(ino) {
@@ -391,7 +459,16 @@ impl Filesystem for DatasetFs {
         }
         let passthrough = want_passthrough && state.backing.is_some();
         // The handle must exist before the kernel learns its number.
-        self.handles.lock().insert(fh, OpenFile { ino: ino.0, blob, passthrough, next: 0, window });
+        self.handles.lock().insert(
+            fh,
+            OpenFile {
+                ino: ino.0,
+                blob,
+                passthrough,
+                next: 0,
+                window,
+            },
+        );
         match &state.backing {
             Some(id) if want_passthrough => {
                 state.passthrough += 1;
@@ -424,11 +501,20 @@ impl Filesystem for DatasetFs {
         let cfg = self.ds.pool().config();
         let (blob, ahead) = {
             let mut h = self.handles.lock();
-            let Some(f) = h.get_mut(&fh.0) else { return reply.error(Errno::EBADF) };
-            let sequential = offset == f.next || (offset > f.next.saturating_sub(cfg.block_size) && offset <= f.next + cfg.block_size);
-            f.window = if sequential { (f.window * 2).min(cfg.max_readahead.max(cfg.block_size)) } else { 2 * cfg.block_size };
+            let Some(f) = h.get_mut(&fh.0) else {
+                return reply.error(Errno::EBADF);
+            };
+            let sequential = offset == f.next
+                || (offset > f.next.saturating_sub(cfg.block_size)
+                    && offset <= f.next + cfg.block_size);
+            f.window = if sequential {
+                (f.window * 2).min(cfg.max_readahead.max(cfg.block_size))
+            } else {
+                2 * cfg.block_size
+            };
             f.next = offset + size as u64;
-            let ahead = sequential.then(|| f.blob.blocks_for(offset..offset + size as u64 + f.window));
+            let ahead =
+                sequential.then(|| f.blob.blocks_for(offset..offset + size as u64 + f.window));
             (f.blob.clone(), ahead)
         };
         if let Some(ahead) = ahead {
@@ -436,12 +522,16 @@ impl Filesystem for DatasetFs {
             blob.prefetch(ahead);
         }
         let blocks = blob.blocks_for(offset..offset + size as u64);
-        let ready = blocks.clone().all(|i| blob.residency().is_resident(i) && blob.residency().is_verified(i));
+        let ready = blocks
+            .clone()
+            .all(|i| blob.residency().is_resident(i) && blob.residency().is_verified(i));
         let stats = self.stats.clone();
         if ready {
             match blob.read_resident(offset, size as usize) {
                 Ok(buf) => {
-                    stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    stats
+                        .bytes_read
+                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
                     return reply.data(&buf);
                 }
                 Err(CacheError::Refetch) => {}
@@ -524,7 +614,11 @@ pub fn mount_config(allow_other: bool, n_threads: usize, source: &str) -> fuser:
         fuser::MountOption::Subtype("tidepool".into()),
         fuser::MountOption::DefaultPermissions,
     ];
-    c.acl = if allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    c.acl = if allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
     c.n_threads = Some(n_threads.max(1));
     c.clone_fd = true;
     c
@@ -540,7 +634,11 @@ pub struct Mount {
 
 impl Mount {
     /// Mounts `fs` at `mountpoint` and serves it on background threads.
-    pub fn spawn(fs: DatasetFs, mountpoint: &Path, config: &fuser::Config) -> std::io::Result<Mount> {
+    pub fn spawn(
+        fs: DatasetFs,
+        mountpoint: &Path,
+        config: &fuser::Config,
+    ) -> std::io::Result<Mount> {
         let stats = fs.stats.clone();
         let mut session = fuser::Session::new(fs, mountpoint, config)?;
         let unmounter = session.unmount_callable();
@@ -549,8 +647,16 @@ impl Mount {
         if let Err(e) = set_kernel_readahead(&mountpoint, KERNEL_READAHEAD_KB) {
             tracing::debug!(error = %e, "cannot raise the mount's kernel readahead (needs root); reads arrive in 128 KiB requests");
         }
-        let unmounter = UnmountHandle { mountpoint: mountpoint.clone(), _fuser: Arc::new(Mutex::new(unmounter)) };
-        Ok(Mount { stats, mountpoint, unmounter, session: Some(session) })
+        let unmounter = UnmountHandle {
+            mountpoint: mountpoint.clone(),
+            _fuser: Arc::new(Mutex::new(unmounter)),
+        };
+        Ok(Mount {
+            stats,
+            mountpoint,
+            unmounter,
+            session: Some(session),
+        })
     }
 
     /// Something that can unmount from another thread (signal handlers).
@@ -612,15 +718,22 @@ const KERNEL_READAHEAD_KB: u64 = 1024;
 fn set_kernel_readahead(mountpoint: &Path, kb: u64) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(mountpoint)?.dev();
-    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
     std::fs::write(path, kb.to_string())
 }
 
 /// Whether `path` is a mount point now, from `/proc/self/mountinfo`.
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let want = path.to_string_lossy().replace(' ', "\\040");
-    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 /// Unmounts a FUSE mount at `path`; not mounted is Ok.
@@ -635,7 +748,10 @@ pub fn unmount_path(path: &Path) -> std::io::Result<()> {
     }
     let err = std::io::Error::last_os_error();
     if err.raw_os_error() == Some(libc::EPERM) {
-        let st = std::process::Command::new("fusermount3").arg("-u").arg(path).status()?;
+        let st = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(path)
+            .status()?;
         if st.success() {
             return Ok(());
         }
@@ -643,5 +759,8 @@ pub fn unmount_path(path: &Path) -> std::io::Result<()> {
     if err.raw_os_error() == Some(libc::EINVAL) && !is_mounted(path) {
         return Ok(());
     }
-    Err(std::io::Error::new(err.kind(), format!("unmounting {}: {err}", path.display())))
+    Err(std::io::Error::new(
+        err.kind(),
+        format!("unmounting {}: {err}", path.display()),
+    ))
 }

@@ -129,24 +129,47 @@ impl fmt::Display for Op {
 pub enum LakeError {
     #[error("{name}: not found in the lake")]
     NotFound { name: String },
-    #[error("{name}: changed in the lake since it was listed (expected ETag {expected}); refresh the dataset to see the new version")]
+    #[error(
+        "{name}: changed in the lake since it was listed (expected ETag {expected}); refresh the dataset to see the new version"
+    )]
     Changed { name: String, expected: ETag },
-    #[error("{op} {name}: access denied ({status}); check the credentials and that they grant {op} on this container")]
+    #[error(
+        "{op} {name}: access denied ({status}); check the credentials and that they grant {op} on this container"
+    )]
     Denied { op: Op, name: String, status: u16 },
     #[error("{op} {name}: the lake is throttling or unavailable ({status})")]
     Throttled { op: Op, name: String, status: u16 },
     #[error("{op} {name}: no answer within {secs:.1}s")]
     Timeout { op: Op, name: String, secs: f64 },
     #[error("{op} {name}: connection failed: {detail}")]
-    Connection { op: Op, name: String, detail: String },
+    Connection {
+        op: Op,
+        name: String,
+        detail: String,
+    },
     #[error("get {name}: body truncated, got {got} of {expected} bytes")]
-    Truncated { name: String, expected: u64, got: u64 },
+    Truncated {
+        name: String,
+        expected: u64,
+        got: u64,
+    },
     #[error("{name}: lease is held by another writer")]
     LeaseConflict { name: String },
     #[error("{op} {name}: the lake answered {status}: {detail}")]
-    Other { op: Op, name: String, status: u16, detail: String },
+    Other {
+        op: Op,
+        name: String,
+        status: u16,
+        detail: String,
+    },
     #[error("{op} {name}: gave up after {attempts} attempts over {secs:.1}s; last error: {last}")]
-    Exhausted { op: Op, name: String, attempts: u32, secs: f64, last: Box<LakeError> },
+    Exhausted {
+        op: Op,
+        name: String,
+        attempts: u32,
+        secs: f64,
+        last: Box<LakeError>,
+    },
 }
 
 impl LakeError {
@@ -197,14 +220,23 @@ pub trait Lake: Send + Sync + fmt::Debug + 'static {
     /// Bytes `range` of the object as a stream, only if its ETag is still `etag`. A
     /// range reaching past the end is clipped to the end. Errors known before the first
     /// byte (not found, changed, denied) are returned here, the rest by the stream.
-    async fn get_stream(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<ByteStream>;
+    async fn get_stream(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        etag: &ETag,
+    ) -> LakeResult<ByteStream>;
 
     /// Bytes `range` of the object in one buffer (the whole range is held in memory:
     /// for small ranges; large reads use [`Lake::get_stream`]).
     async fn get_range(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<Bytes> {
         let mut body = self.get_stream(name, range.clone(), etag).await?;
-        let Some(first) = body.next().await.transpose()? else { return Ok(Bytes::new()) };
-        let Some(second) = body.next().await.transpose()? else { return Ok(first) };
+        let Some(first) = body.next().await.transpose()? else {
+            return Ok(Bytes::new());
+        };
+        let Some(second) = body.next().await.transpose()? else {
+            return Ok(first);
+        };
         let cap = (range.end - range.start).min(64 << 20) as usize;
         let mut buf = BytesMut::with_capacity(cap.max(first.len() + second.len()));
         buf.extend_from_slice(&first);
@@ -260,7 +292,13 @@ impl<'a> Lister<'a> {
     pub const DEFAULT_PAGE: u32 = 5000;
 
     pub fn new(lake: &'a dyn Lake, prefix: &str) -> Self {
-        Lister { lake, prefix: prefix.to_owned(), marker: None, done: false, page_size: Self::DEFAULT_PAGE }
+        Lister {
+            lake,
+            prefix: prefix.to_owned(),
+            marker: None,
+            done: false,
+            page_size: Self::DEFAULT_PAGE,
+        }
     }
 
     pub fn page_size(mut self, n: u32) -> Self {
@@ -273,7 +311,10 @@ impl<'a> Lister<'a> {
         if self.done {
             return Ok(None);
         }
-        let page = self.lake.list_page(&self.prefix, self.marker.as_deref(), self.page_size).await?;
+        let page = self
+            .lake
+            .list_page(&self.prefix, self.marker.as_deref(), self.page_size)
+            .await?;
         self.marker = page.next;
         self.done = self.marker.is_none();
         Ok(Some(page.objects))

@@ -27,7 +27,10 @@ async fn keyed(az: &Azurite, container: &str) -> AzureLake {
 
 /// Deterministic, position-dependent content: a misplaced byte changes the value.
 fn pattern(n: usize, seed: u8) -> Bytes {
-    (0..n).map(|i| (i as u32).wrapping_mul(31).wrapping_add(seed as u32) as u8).collect::<Vec<u8>>().into()
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(31).wrapping_add(seed as u32) as u8)
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 #[tokio::test]
@@ -42,7 +45,9 @@ async fn listing_pages_filters_by_prefix_and_matches_head() {
         expected.push((name, data.len() as u64, etag, Md5::digest(&data)));
     }
     lake.put("other/x", Bytes::from_static(b"x")).await.unwrap();
-    lake.put("ds-not-a-dir", Bytes::from_static(b"y")).await.unwrap();
+    lake.put("ds-not-a-dir", Bytes::from_static(b"y"))
+        .await
+        .unwrap();
 
     // Three pages of 3, 3 and 1.
     let first = lake.list_page("ds/", None, 3).await.unwrap();
@@ -56,14 +61,24 @@ async fn listing_pages_filters_by_prefix_and_matches_head() {
         seen.extend(page);
     }
     assert_eq!(pages, 3);
-    assert_eq!(seen.len(), 7, "prefix 'ds/' must exclude other/x and ds-not-a-dir");
+    assert_eq!(
+        seen.len(),
+        7,
+        "prefix 'ds/' must exclude other/x and ds-not-a-dir"
+    );
     for (meta, (name, size, etag, md5)) in seen.iter().zip(&expected) {
         assert_eq!(&meta.name, name);
         assert_eq!(meta.size, *size);
-        assert_eq!(&meta.etag, etag, "listing and put must agree on the ETag form");
+        assert_eq!(
+            &meta.etag, etag,
+            "listing and put must agree on the ETag form"
+        );
         assert_eq!(meta.content_md5.as_ref().map(|m| &m[..]), Some(&md5[..]));
         let head = lake.head(name).await.unwrap();
-        assert_eq!(&head, meta, "head and listing must describe the same version");
+        assert_eq!(
+            &head, meta,
+            "head and listing must describe the same version"
+        );
     }
     // A whole-container listing sees all nine, in name order.
     let all = lake.list_page("", None, 5000).await.unwrap();
@@ -82,12 +97,29 @@ async fn ranged_reads_are_exact_clipped_and_pinned_to_the_etag() {
 
     for r in [3..17u64, 0..1000, 511..513, 999..1000] {
         let got = lake.get_range("blob", r.clone(), &etag).await.unwrap();
-        assert_eq!(got, data.slice(r.start as usize..r.end as usize), "range {r:?}");
+        assert_eq!(
+            got,
+            data.slice(r.start as usize..r.end as usize),
+            "range {r:?}"
+        );
     }
     // Past the end: clipped; at or beyond the end: empty.
-    assert_eq!(lake.get_range("blob", 990..5000, &etag).await.unwrap(), data.slice(990..));
-    assert!(lake.get_range("blob", 1000..1010, &etag).await.unwrap().is_empty());
-    assert!(lake.get_range("blob", 5000..6000, &etag).await.unwrap().is_empty());
+    assert_eq!(
+        lake.get_range("blob", 990..5000, &etag).await.unwrap(),
+        data.slice(990..)
+    );
+    assert!(
+        lake.get_range("blob", 1000..1010, &etag)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        lake.get_range("blob", 5000..6000, &etag)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // A new version: reads pinned to the old ETag fail instead of mixing versions.
     let etag2 = lake.put("blob", pattern(1000, 8)).await.unwrap();
@@ -99,21 +131,51 @@ async fn ranged_reads_are_exact_clipped_and_pinned_to_the_etag() {
         }
         other => panic!("expected Changed, got {other:?}"),
     }
-    assert!(matches!(lake.get_range("blob", 2000..3000, &etag).await, Err(LakeError::Changed { .. })));
-    assert_eq!(lake.get_range("blob", 0..10, &etag2).await.unwrap(), pattern(1000, 8).slice(0..10));
+    assert!(matches!(
+        lake.get_range("blob", 2000..3000, &etag).await,
+        Err(LakeError::Changed { .. })
+    ));
+    assert_eq!(
+        lake.get_range("blob", 0..10, &etag2).await.unwrap(),
+        pattern(1000, 8).slice(0..10)
+    );
 
     // An empty blob: every range is empty, and still pinned.
     let empty = lake.put("empty", Bytes::new()).await.unwrap();
-    assert!(lake.get_range("empty", 0..10, &empty).await.unwrap().is_empty());
-    assert!(lake.get_range("empty", 5..10, &empty).await.unwrap().is_empty());
-    lake.put("empty", Bytes::from_static(b"now full")).await.unwrap();
-    assert!(matches!(lake.get_range("empty", 0..10, &empty).await, Err(LakeError::Changed { .. })));
+    assert!(
+        lake.get_range("empty", 0..10, &empty)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        lake.get_range("empty", 5..10, &empty)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    lake.put("empty", Bytes::from_static(b"now full"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        lake.get_range("empty", 0..10, &empty).await,
+        Err(LakeError::Changed { .. })
+    ));
 
     // Missing objects.
-    assert!(matches!(lake.head("nope").await, Err(LakeError::NotFound { .. })));
-    assert!(matches!(lake.get_range("nope", 0..1, &etag).await, Err(LakeError::NotFound { .. })));
+    assert!(matches!(
+        lake.head("nope").await,
+        Err(LakeError::NotFound { .. })
+    ));
+    assert!(matches!(
+        lake.get_range("nope", 0..1, &etag).await,
+        Err(LakeError::NotFound { .. })
+    ));
     lake.delete("blob").await.unwrap();
-    assert!(matches!(lake.get_range("blob", 0..1, &etag2).await, Err(LakeError::NotFound { .. })));
+    assert!(matches!(
+        lake.get_range("blob", 0..1, &etag2).await,
+        Err(LakeError::NotFound { .. })
+    ));
 }
 
 #[tokio::test]
@@ -125,10 +187,19 @@ async fn staged_blocks_commit_to_their_concatenation() {
     // Staged out of order and with checksums where given.
     for i in [2usize, 0, 1] {
         let md5 = (i != 1).then(|| Md5::digest(&parts[i]).into());
-        lake.put_block("big", &ids[i], parts[i].clone(), md5).await.unwrap();
+        lake.put_block("big", &ids[i], parts[i].clone(), md5)
+            .await
+            .unwrap();
     }
     // A block whose checksum does not match is refused.
-    let bad = lake.put_block("big", &BlockId::numbered("up1", 9), pattern(10, 9), Some([0u8; 16])).await;
+    let bad = lake
+        .put_block(
+            "big",
+            &BlockId::numbered("up1", 9),
+            pattern(10, 9),
+            Some([0u8; 16]),
+        )
+        .await;
     assert!(bad.is_err(), "a wrong transactional MD5 must be rejected");
 
     let whole: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
@@ -148,15 +219,24 @@ async fn delete_is_idempotent_and_leases_exclude_other_writers() {
     let lake = keyed(&az, "leases").await;
     lake.put("gone", Bytes::from_static(b"a")).await.unwrap();
     lake.delete("gone").await.unwrap();
-    assert!(matches!(lake.head("gone").await, Err(LakeError::NotFound { .. })));
+    assert!(matches!(
+        lake.head("gone").await,
+        Err(LakeError::NotFound { .. })
+    ));
     lake.delete("gone").await.unwrap();
     lake.delete("never-was").await.unwrap();
 
     lake.put("ckpt", Bytes::from_static(b"v1")).await.unwrap();
     let lease = lake.acquire_lease("ckpt", Some(15)).await.unwrap();
-    assert!(matches!(lake.acquire_lease("ckpt", Some(15)).await, Err(LakeError::LeaseConflict { .. })));
+    assert!(matches!(
+        lake.acquire_lease("ckpt", Some(15)).await,
+        Err(LakeError::LeaseConflict { .. })
+    ));
     assert!(
-        matches!(lake.put("ckpt", Bytes::from_static(b"v2")).await, Err(LakeError::LeaseConflict { .. })),
+        matches!(
+            lake.put("ckpt", Bytes::from_static(b"v2")).await,
+            Err(LakeError::LeaseConflict { .. })
+        ),
         "a write without the lease must not replace a leased blob"
     );
     lake.release_lease("ckpt", &lease).await.unwrap();
@@ -171,25 +251,50 @@ async fn sas_signed_by_us_and_sas_in_the_url_both_work() {
     let az = Azurite::start();
     az.create_container("sas").await;
     let key = AccountKey::new(ACCOUNT, &Secret::new(ACCOUNT_KEY)).unwrap();
-    let sas = key.container_sas("sas", "racwdl", Duration::from_secs(600), time::OffsetDateTime::now_utc());
+    let sas = key.container_sas(
+        "sas",
+        "racwdl",
+        Duration::from_secs(600),
+        time::OffsetDateTime::now_utc(),
+    );
 
     let by_cred = lake(&az, "sas", &Credentials::Sas(sas.clone()));
-    let etag = by_cred.put("a", Bytes::from_static(b"hello")).await.unwrap();
+    let etag = by_cred
+        .put("a", Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
 
     let url = LakeUrl::parse(&format!("{}?{}", az.url("sas", ""), sas.expose())).unwrap();
     let by_url = AzureLake::connect(&url, &Credentials::Anonymous, &az.options()).unwrap();
-    assert_eq!(by_url.get_range("a", 0..5, &etag).await.unwrap(), Bytes::from_static(b"hello"));
+    assert_eq!(
+        by_url.get_range("a", 0..5, &etag).await.unwrap(),
+        Bytes::from_static(b"hello")
+    );
     assert!(!by_url.describe().contains("sig="));
 
     // A read-only SAS cannot write.
-    let ro = key.container_sas("sas", "rl", Duration::from_secs(600), time::OffsetDateTime::now_utc());
+    let ro = key.container_sas(
+        "sas",
+        "rl",
+        Duration::from_secs(600),
+        time::OffsetDateTime::now_utc(),
+    );
     let ro_lake = lake(&az, "sas", &Credentials::Sas(ro));
-    assert_eq!(ro_lake.get_range("a", 1..3, &etag).await.unwrap(), Bytes::from_static(b"el"));
-    assert!(matches!(ro_lake.put("b", Bytes::from_static(b"x")).await, Err(LakeError::Denied { status: 403, .. })));
+    assert_eq!(
+        ro_lake.get_range("a", 1..3, &etag).await.unwrap(),
+        Bytes::from_static(b"el")
+    );
+    assert!(matches!(
+        ro_lake.put("b", Bytes::from_static(b"x")).await,
+        Err(LakeError::Denied { status: 403, .. })
+    ));
 
     // No credential on a private container.
     let anon = lake(&az, "sas", &Credentials::Anonymous);
-    assert!(matches!(anon.head("a").await, Err(LakeError::Denied { .. }) | Err(LakeError::NotFound { .. })));
+    assert!(matches!(
+        anon.head("a").await,
+        Err(LakeError::Denied { .. }) | Err(LakeError::NotFound { .. })
+    ));
 }
 
 #[tokio::test]
@@ -200,10 +305,20 @@ async fn wrong_key_is_denied_and_no_secret_leaks() {
     let wrong = "V1JPTkdLRVlTRUNSRVRXUk9OR0tFWVNFQ1JFVA==";
     let lake = lake(&az, "private", &Credentials::AccountKey(Secret::new(wrong)));
     let err = lake.put("x", Bytes::from_static(b"x")).await.unwrap_err();
-    assert!(matches!(err, LakeError::Denied { status: 403, .. }), "{err:?}");
+    assert!(
+        matches!(err, LakeError::Denied { status: 403, .. }),
+        "{err:?}"
+    );
     let err2 = lake.head("x").await.unwrap_err();
     assert!(matches!(err2, LakeError::Denied { .. }), "{err2:?}");
-    for text in [err.to_string(), format!("{err:?}"), err2.to_string(), format!("{err2:?}"), format!("{lake:?}"), lake.describe()] {
+    for text in [
+        err.to_string(),
+        format!("{err:?}"),
+        err2.to_string(),
+        format!("{err2:?}"),
+        format!("{lake:?}"),
+        lake.describe(),
+    ] {
         assert!(!text.contains(wrong), "key leaked: {text}");
         assert!(!text.contains("sig="), "signature leaked: {text}");
         assert!(!text.contains("V1JPTkdLRVl"), "key leaked: {text}");
@@ -216,7 +331,10 @@ async fn wrong_key_is_denied_and_no_secret_leaks() {
     let dead = AzureLake::connect(&dead, &Credentials::Sas(sas), &AzureOptions::default()).unwrap();
     let err = dead.head("x").await.unwrap_err();
     assert!(matches!(err, LakeError::Connection { .. }), "{err:?}");
-    assert!(!format!("{err} {err:?}").contains("DEADSECRETSIG"), "{err:?}");
+    assert!(
+        !format!("{err} {err:?}").contains("DEADSECRETSIG"),
+        "{err:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -242,7 +360,12 @@ fn access_token(tenant: &str, audience: &str) -> String {
         "aud": audience, "iss": format!("https://sts.windows.net/{tenant}/"),
         "iat": now - 60, "nbf": now - 60, "exp": now + 120, "tid": tenant, "sub": "tidepool-test",
     });
-    format!("{}.{}.{}", b64url(header.to_string().as_bytes()), b64url(claims.to_string().as_bytes()), b64url(b"unsigned"))
+    format!(
+        "{}.{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes()),
+        b64url(b"unsigned")
+    )
 }
 
 fn pem_blocks(path: &std::path::Path) -> Vec<Vec<u8>> {
@@ -254,7 +377,11 @@ fn pem_blocks(path: &std::path::Path) -> Vec<Vec<u8>> {
         if line.starts_with("-----BEGIN") {
             cur = Some(String::new());
         } else if line.starts_with("-----END") {
-            out.push(base64::engine::general_purpose::STANDARD.decode(cur.take().unwrap()).unwrap());
+            out.push(
+                base64::engine::general_purpose::STANDARD
+                    .decode(cur.take().unwrap())
+                    .unwrap(),
+            );
         } else if let Some(c) = cur.as_mut() {
             c.push_str(line.trim());
         }
@@ -267,28 +394,39 @@ fn pem_blocks(path: &std::path::Path) -> Vec<Vec<u8>> {
 async fn start_sts(tls: &TlsFiles, tenant: &'static str, sts: Arc<Mutex<Sts>>) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::rustls;
-    let certs = pem_blocks(&tls.cert).into_iter().map(rustls::pki_types::CertificateDer::from).collect();
+    let certs = pem_blocks(&tls.cert)
+        .into_iter()
+        .map(rustls::pki_types::CertificateDer::from)
+        .collect();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(pem_blocks(&tls.key).remove(0).into());
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let acceptor = acceptor.clone();
             let sts = sts.clone();
             tokio::spawn(async move {
-                let Ok(mut s) = acceptor.accept(tcp).await else { return };
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
                 let (head_end, body_len) = loop {
-                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
@@ -297,26 +435,45 @@ async fn start_sts(tls: &TlsFiles, tenant: &'static str, sts: Arc<Mutex<Sts>>) -
                         let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
                         let len = head
                             .lines()
-                            .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                            .find_map(|l| {
+                                l.strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
                             .unwrap_or(0);
                         break (i + 4, len);
                     }
                 };
                 while buf.len() < head_end + body_len {
-                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
                     buf.extend_from_slice(&chunk[..n]);
                 }
-                let request_line = String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap()]).into_owned();
+                let request_line =
+                    String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap()])
+                        .into_owned();
                 let form: std::collections::HashMap<String, String> =
-                    url::form_urlencoded::parse(&buf[head_end..head_end + body_len]).into_owned().collect();
+                    url::form_urlencoded::parse(&buf[head_end..head_end + body_len])
+                        .into_owned()
+                        .collect();
                 let client_id = form.get("client_id").cloned().unwrap_or_default();
-                let ok_path = request_line.starts_with(&format!("POST /{tenant}/oauth2/v2.0/token"));
-                let (status, body) = if ok_path && form.get("grant_type").map(String::as_str) == Some("client_credentials") {
-                    sts.lock().exchanges.push((client_id.clone(), form.get("client_assertion").cloned().unwrap_or_default()));
-                    let aud = if client_id == "bad-audience" { "https://example.com" } else { "https://storage.azure.com" };
+                let ok_path =
+                    request_line.starts_with(&format!("POST /{tenant}/oauth2/v2.0/token"));
+                let (status, body) = if ok_path
+                    && form.get("grant_type").map(String::as_str) == Some("client_credentials")
+                {
+                    sts.lock().exchanges.push((
+                        client_id.clone(),
+                        form.get("client_assertion").cloned().unwrap_or_default(),
+                    ));
+                    let aud = if client_id == "bad-audience" {
+                        "https://example.com"
+                    } else {
+                        "https://storage.azure.com"
+                    };
                     // 120 s: inside the SDK's 5-minute refresh window, so every request
                     // exchanges again and the test sees the token file being re-read.
                     let body = serde_json::json!({
@@ -325,7 +482,10 @@ async fn start_sts(tls: &TlsFiles, tenant: &'static str, sts: Arc<Mutex<Sts>>) -
                     });
                     ("200 OK", body.to_string())
                 } else {
-                    ("400 Bad Request", r#"{"error":"invalid_request"}"#.to_owned())
+                    (
+                        "400 Bad Request",
+                        r#"{"error":"invalid_request"}"#.to_owned(),
+                    )
                 };
                 let rsp = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -360,20 +520,32 @@ async fn workload_identity_bearer_tokens_over_https() {
 
     let lake = lake(&az, "wid", &wi("good-client"));
     let etag = lake.put("model.bin", pattern(5000, 4)).await.unwrap();
-    assert_eq!(sts.lock().exchanges.last().unwrap(), &("good-client".to_owned(), "service-account-token-1".to_owned()));
+    assert_eq!(
+        sts.lock().exchanges.last().unwrap(),
+        &(
+            "good-client".to_owned(),
+            "service-account-token-1".to_owned()
+        )
+    );
 
     // The kubelet rotates the token: the next exchange must send the new one.
     std::fs::write(&token_file, "service-account-token-2\n").unwrap();
     let got = lake.get_range("model.bin", 100..200, &etag).await.unwrap();
     assert_eq!(got, pattern(5000, 4).slice(100..200));
-    assert_eq!(sts.lock().exchanges.last().unwrap().1, "service-account-token-2");
+    assert_eq!(
+        sts.lock().exchanges.last().unwrap().1,
+        "service-account-token-2"
+    );
     assert_eq!(lake.head("model.bin").await.unwrap().size, 5000);
 
     // Azurite really checks the token: a wrong audience is denied.
     let bad = self::lake(&az, "wid", &wi("bad-audience"));
     let err = bad.head("model.bin").await.unwrap_err();
     assert!(matches!(err, LakeError::Denied { .. }), "{err:?}");
-    assert!(!format!("{err} {err:?}").contains("service-account-token"), "{err:?}");
+    assert!(
+        !format!("{err} {err:?}").contains("service-account-token"),
+        "{err:?}"
+    );
 
     // An unknown tenant path at the token endpoint is a denied identity, not a hang.
     let other = Credentials::WorkloadIdentity(WorkloadIdentity {
@@ -382,7 +554,10 @@ async fn workload_identity_bearer_tokens_over_https() {
         tenant_id: "00000000-0000-0000-0000-000000000000".into(),
         authority_host: Some(authority.clone()),
     });
-    let err = self::lake(&az, "wid", &other).head("model.bin").await.unwrap_err();
+    let err = self::lake(&az, "wid", &other)
+        .head("model.bin")
+        .await
+        .unwrap_err();
     assert!(matches!(err, LakeError::Denied { .. }), "{err:?}");
 
     // An unreachable token endpoint is a connection failure (worth retrying).
@@ -392,7 +567,10 @@ async fn workload_identity_bearer_tokens_over_https() {
         tenant_id: TENANT.into(),
         authority_host: Some("https://127.0.0.1:9/".into()),
     });
-    let err = self::lake(&az, "wid", &unreachable).head("model.bin").await.unwrap_err();
+    let err = self::lake(&az, "wid", &unreachable)
+        .head("model.bin")
+        .await
+        .unwrap_err();
     assert!(matches!(err, LakeError::Connection { .. }), "{err:?}");
     assert!(err.is_transient());
 
@@ -401,4 +579,3 @@ async fn workload_identity_bearer_tokens_over_https() {
     assert_eq!(keyed.head("model.bin").await.unwrap().etag, etag);
     let _: &ETag = &etag;
 }
-

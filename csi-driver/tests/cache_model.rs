@@ -16,7 +16,11 @@ const SIZES: &[u64] = &[0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 9 * BLOCK + 123];
 
 #[derive(Clone, Debug)]
 enum Step {
-    Read { file: usize, offset: u64, len: usize },
+    Read {
+        file: usize,
+        offset: u64,
+        len: usize,
+    },
     Restart,
     Evict,
 }
@@ -30,16 +34,24 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 fn body(i: usize, len: u64) -> Vec<u8> {
-    (0..len).map(|j| (j.wrapping_mul(31) ^ (i as u64 * 7)) as u8).collect()
+    (0..len)
+        .map(|j| (j.wrapping_mul(31) ^ (i as u64 * 7)) as u8)
+        .collect()
 }
 
-async fn open(dir: &std::path::Path, lake: &Arc<MemoryLake>, capacity: u64) -> (CachePool, Dataset) {
+async fn open(
+    dir: &std::path::Path,
+    lake: &Arc<MemoryLake>,
+    capacity: u64,
+) -> (CachePool, Dataset) {
     let mut cfg = CacheConfig::new(dir, capacity);
     cfg.block_size = BLOCK;
     let pool = CachePool::open(cfg).unwrap();
     let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/m").unwrap();
     let lake: Arc<dyn Lake> = lake.clone();
-    let ds = Dataset::open(pool.clone(), url, lake, true, |_| {}).await.unwrap();
+    let ds = Dataset::open(pool.clone(), url, lake, true, |_| {})
+        .await
+        .unwrap();
     (pool, ds)
 }
 
@@ -92,8 +104,14 @@ proptest! {
 async fn prewarm_fetches_exactly_the_included_files_then_reads_need_no_lake() {
     let lake = Arc::new(MemoryLake::new());
     for i in 0..20u64 {
-        lake.insert(&format!("m/train/part-{i:02}.parquet"), body(i as usize, 3 * BLOCK + i));
-        lake.insert(&format!("m/eval/part-{i:02}.parquet"), body(100 + i as usize, BLOCK));
+        lake.insert(
+            &format!("m/train/part-{i:02}.parquet"),
+            body(i as usize, 3 * BLOCK + i),
+        );
+        lake.insert(
+            &format!("m/eval/part-{i:02}.parquet"),
+            body(100 + i as usize, BLOCK),
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let (_pool, ds) = open(dir.path(), &lake, 1 << 30).await;
@@ -110,11 +128,22 @@ async fn prewarm_fetches_exactly_the_included_files_then_reads_need_no_lake() {
     let (_, snap) = ds.current();
     let train = snap.lookup(1, "train").unwrap().unwrap();
     let e = snap.lookup(train.ino, "part-07.parquet").unwrap().unwrap();
-    assert_eq!(ds.blob(&e).unwrap().read(0, 1 << 20).await.unwrap(), body(7, 3 * BLOCK + 7));
-    assert_eq!(lake.gets.load(Ordering::Relaxed), gets, "prewarmed file read with no GET");
+    assert_eq!(
+        ds.blob(&e).unwrap().read(0, 1 << 20).await.unwrap(),
+        body(7, 3 * BLOCK + 7)
+    );
+    assert_eq!(
+        lake.gets.load(Ordering::Relaxed),
+        gets,
+        "prewarmed file read with no GET"
+    );
     let eval = snap.lookup(1, "eval").unwrap().unwrap();
     let e = snap.lookup(eval.ino, "part-07.parquet").unwrap().unwrap();
-    assert_eq!(ds.blob(&e).unwrap().residency().resident_blocks(), 0, "excluded files are not fetched");
+    assert_eq!(
+        ds.blob(&e).unwrap().residency().resident_blocks(),
+        0,
+        "excluded files are not fetched"
+    );
     // A bad glob is a clear error naming the pattern.
     let err = include_set(&["train/[".to_owned()]).unwrap_err();
     assert!(err.to_string().contains("train/["), "{err}");
@@ -128,7 +157,10 @@ async fn refresh_swaps_in_a_new_snapshot_only_when_the_lake_changed() {
     let (_pool, ds) = open(dir.path(), &lake, 1 << 30).await;
     let (seq1, snap1) = ds.current();
     ds.hold(seq1, 1); // what the kernel does when it learns an inode
-    assert!(!ds.refresh().await.unwrap(), "nothing changed: same snapshot");
+    assert!(
+        !ds.refresh().await.unwrap(),
+        "nothing changed: same snapshot"
+    );
     assert_eq!(ds.current().0, seq1);
     lake.insert("m/a.txt", "version two!");
     lake.insert("m/b.txt", "new file");
@@ -145,7 +177,10 @@ async fn refresh_swaps_in_a_new_snapshot_only_when_the_lake_changed() {
     assert!(ds.snapshot(seq1).is_none());
     assert_eq!(ds.open_snapshots(), 1);
     let new_a = snap2.lookup(1, "a.txt").unwrap().unwrap();
-    assert_eq!(ds.blob(&new_a).unwrap().read(0, 100).await.unwrap(), b"version two!");
+    assert_eq!(
+        ds.blob(&new_a).unwrap().read(0, 100).await.unwrap(),
+        b"version two!"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +198,9 @@ async fn a_block_damaged_before_a_reboot_is_caught_and_fetched_again() {
             cfg.boot = [boot; 16];
             let pool = CachePool::open(cfg).unwrap();
             let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/m").unwrap();
-            let ds = Dataset::open(pool.clone(), url, lake as Arc<dyn Lake>, true, |_| {}).await.unwrap();
+            let ds = Dataset::open(pool.clone(), url, lake as Arc<dyn Lake>, true, |_| {})
+                .await
+                .unwrap();
             let (_, snap) = ds.current();
             let e = snap.lookup(1, "w.bin").unwrap().unwrap();
             (pool, ds, e)
@@ -184,9 +221,20 @@ async fn a_block_damaged_before_a_reboot_is_caught_and_fetched_again() {
 
     let (_pool, ds, e) = open_in_boot(2).await;
     let blob = ds.blob(&e).unwrap();
-    assert_eq!(blob.read(0, want.len()).await.unwrap(), want, "after a reboot every block is checked before it is served");
-    assert_eq!(lake.bytes_served.load(Ordering::Relaxed), served + BLOCK, "only the damaged block is fetched again");
-    assert!(blob.residency().is_trusted(), "all blocks checked: trusted for the rest of this boot");
+    assert_eq!(
+        blob.read(0, want.len()).await.unwrap(),
+        want,
+        "after a reboot every block is checked before it is served"
+    );
+    assert_eq!(
+        lake.bytes_served.load(Ordering::Relaxed),
+        served + BLOCK,
+        "only the damaged block is fetched again"
+    );
+    assert!(
+        blob.residency().is_trusted(),
+        "all blocks checked: trusted for the rest of this boot"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,12 +298,27 @@ async fn files_the_index_lost_in_a_crash_are_counted_again_at_the_next_start() {
     while pool.used() != 5 * BLOCK + 1 && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(pool.used(), 5 * BLOCK + 1, "every cached byte on disk is counted (and so can be evicted)");
+    assert_eq!(
+        pool.used(),
+        5 * BLOCK + 1,
+        "every cached byte on disk is counted (and so can be evicted)"
+    );
     let (_, snap) = ds.current();
     let e = snap.lookup(1, "b.bin").unwrap().unwrap();
-    assert_eq!(ds.blob(&e).unwrap().read(0, 1 << 20).await.unwrap(), body(2, 2 * BLOCK + 1));
-    assert_eq!(lake.bytes_served.load(Ordering::Relaxed), 5 * BLOCK + 1, "and reused, not fetched again");
-    assert_eq!(pool.used(), 5 * BLOCK + 1, "a reused file is not counted twice");
+    assert_eq!(
+        ds.blob(&e).unwrap().read(0, 1 << 20).await.unwrap(),
+        body(2, 2 * BLOCK + 1)
+    );
+    assert_eq!(
+        lake.bytes_served.load(Ordering::Relaxed),
+        5 * BLOCK + 1,
+        "and reused, not fetched again"
+    );
+    assert_eq!(
+        pool.used(),
+        5 * BLOCK + 1,
+        "a reused file is not counted twice"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,12 +336,19 @@ async fn a_multi_block_blob_is_checked_against_its_content_md5_once_complete() {
     let e = snap.lookup(1, "good.bin").unwrap().unwrap();
     let blob = ds.blob(&e).unwrap();
     assert_eq!(blob.read(0, 1 << 20).await.unwrap(), good);
-    assert!(eventually(|| blob.md5_verified()).await, "the whole local copy matches the lake's MD5");
+    assert!(
+        eventually(|| blob.md5_verified()).await,
+        "the whole local copy matches the lake's MD5"
+    );
 
     let before = lake.bytes_served.load(Ordering::Relaxed);
     let e = snap.lookup(1, "odd.bin").unwrap().unwrap();
     let blob = ds.blob(&e).unwrap();
-    assert_eq!(blob.read(0, 1 << 20).await.unwrap(), odd, "the lake's bytes are served");
+    assert_eq!(
+        blob.read(0, 1 << 20).await.unwrap(),
+        odd,
+        "the lake's bytes are served"
+    );
     // The check runs once the last block is in, beside the readers: it drops the copy,
     // which the next read (perhaps the one still running) fetches again, and the
     // second mismatch is recorded.
@@ -286,9 +356,17 @@ async fn a_multi_block_blob_is_checked_against_its_content_md5_once_complete() {
     assert_eq!(blob.read(0, 1 << 20).await.unwrap(), odd);
     assert!(eventually(|| blob.md5_mismatch()).await);
     assert!(!blob.md5_verified());
-    assert_eq!(lake.bytes_served.load(Ordering::Relaxed) - before, 2 * odd.len() as u64, "fetched once more before concluding");
+    assert_eq!(
+        lake.bytes_served.load(Ordering::Relaxed) - before,
+        2 * odd.len() as u64,
+        "fetched once more before concluding"
+    );
     assert_eq!(blob.read(0, 1 << 20).await.unwrap(), odd);
-    assert_eq!(lake.bytes_served.load(Ordering::Relaxed) - before, 2 * odd.len() as u64, "and not again");
+    assert_eq!(
+        lake.bytes_served.load(Ordering::Relaxed) - before,
+        2 * odd.len() as u64,
+        "and not again"
+    );
 }
 
 /// Polls `f` for up to ten seconds.

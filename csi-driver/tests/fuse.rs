@@ -35,9 +35,20 @@ impl Fixture {
         self.mnt.path().join(p)
     }
 
-    fn mount(lake: Arc<dyn Lake>, cache: tempfile::TempDir, tweak: impl FnOnce(&mut CacheConfig)) -> Fixture {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    fn mount(
+        lake: Arc<dyn Lake>,
+        cache: tempfile::TempDir,
+        tweak: impl FnOnce(&mut CacheConfig),
+    ) -> Fixture {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
         let mnt = tempfile::tempdir().unwrap();
         let mut cfg = CacheConfig::new(cache.path(), 1 << 30);
         cfg.block_size = BLOCK;
@@ -54,11 +65,24 @@ impl Fixture {
         let fs = DatasetFs::new(
             ds.clone(),
             rt.handle().clone(),
-            FsConfig { ttl: Duration::from_secs(60), passthrough: true, uid: 0, gid: 0 },
+            FsConfig {
+                ttl: Duration::from_secs(60),
+                passthrough: true,
+                uid: 0,
+                gid: 0,
+            },
             stats.clone(),
         );
-        let mount = Mount::spawn(fs, mnt.path(), &mount_config(true, 4, "tidepool-test")).expect("mount (needs root and /dev/fuse)");
-        Fixture { rt, cache, mnt, mount: Some(mount), stats, ds: Some(ds) }
+        let mount = Mount::spawn(fs, mnt.path(), &mount_config(true, 4, "tidepool-test"))
+            .expect("mount (needs root and /dev/fuse)");
+        Fixture {
+            rt,
+            cache,
+            mnt,
+            mount: Some(mount),
+            stats,
+            ds: Some(ds),
+        }
     }
 
     fn unmount(&mut self) {
@@ -78,7 +102,10 @@ impl Drop for Fixture {
 
 fn is_mounted(p: &Path) -> bool {
     let p = fs::canonicalize(p).unwrap_or(p.to_owned());
-    fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
 }
 
 fn sample_lake() -> (Arc<MemoryLake>, Vec<u8>) {
@@ -88,7 +115,10 @@ fn sample_lake() -> (Arc<MemoryLake>, Vec<u8>) {
     lake.insert("ds/small.txt", "hello tidepool\n");
     lake.insert("ds/empty", Vec::new());
     for i in 0..50 {
-        lake.insert(&format!("ds/train/shard-{i:03}.bin"), pattern(100 + i, 1000 + i as usize * 37));
+        lake.insert(
+            &format!("ds/train/shard-{i:03}.bin"),
+            pattern(100 + i, 1000 + i as usize * 37),
+        );
     }
     lake.insert("ds/train/nested/deep/file.json", "{}");
     lake.insert("elsewhere/not-in-dataset", "x");
@@ -101,14 +131,24 @@ fn reads_are_byte_exact_at_odd_offsets_and_sizes() {
     let fx = Fixture::mount(lake, tempfile::tempdir().unwrap(), |_| {});
     let f = fs::File::open(fx.path("big.bin")).unwrap();
     assert_eq!(f.metadata().unwrap().len(), big.len() as u64);
-    for (off, len) in [(0, 1), (1, 4095), (BLOCK - 3, 7), (3 * BLOCK + 17, 2 * BLOCK + 5), (big.len() as u64 - 10, 100), (big.len() as u64 + 5, 10)] {
+    for (off, len) in [
+        (0, 1),
+        (1, 4095),
+        (BLOCK - 3, 7),
+        (3 * BLOCK + 17, 2 * BLOCK + 5),
+        (big.len() as u64 - 10, 100),
+        (big.len() as u64 + 5, 10),
+    ] {
         let mut buf = vec![0u8; len as usize];
         let n = f.read_at(&mut buf, off).unwrap();
         let want = &big[(off as usize).min(big.len())..((off + len) as usize).min(big.len())];
         assert_eq!(&buf[..n], want, "offset {off} len {len}");
     }
     assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
-    assert_eq!(fs::read_to_string(fx.path("small.txt")).unwrap(), "hello tidepool\n");
+    assert_eq!(
+        fs::read_to_string(fx.path("small.txt")).unwrap(),
+        "hello tidepool\n"
+    );
     assert_eq!(fs::read(fx.path("empty")).unwrap(), b"");
 }
 
@@ -116,18 +156,30 @@ fn reads_are_byte_exact_at_odd_offsets_and_sizes() {
 fn directory_listing_matches_the_lake() {
     let (lake, _) = sample_lake();
     let fx = Fixture::mount(lake, tempfile::tempdir().unwrap(), |_| {});
-    let mut root: Vec<String> = fs::read_dir(fx.mnt.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut root: Vec<String> = fs::read_dir(fx.mnt.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     root.sort();
     assert_eq!(root, ["big.bin", "empty", "small.txt", "train"]);
-    let train: Vec<_> = fs::read_dir(fx.path("train")).unwrap().map(|e| e.unwrap()).collect();
+    let train: Vec<_> = fs::read_dir(fx.path("train"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect();
     assert_eq!(train.len(), 51);
     let shard = fs::metadata(fx.path("train/shard-007.bin")).unwrap();
     assert_eq!(shard.len(), 1000 + 7 * 37);
     assert!(shard.is_file());
     assert!(shard.permissions().readonly());
     assert!(fs::metadata(fx.path("train/nested/deep")).unwrap().is_dir());
-    assert_eq!(fs::read_to_string(fx.path("train/nested/deep/file.json")).unwrap(), "{}");
-    assert_eq!(fs::metadata(fx.path("nope")).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    assert_eq!(
+        fs::read_to_string(fx.path("train/nested/deep/file.json")).unwrap(),
+        "{}"
+    );
+    assert_eq!(
+        fs::metadata(fx.path("nope")).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
 }
 
 #[test]
@@ -152,7 +204,11 @@ fn many_concurrent_readers_get_the_same_bytes_and_each_block_is_fetched_once() {
         }
     });
     let served = lake.bytes_served.load(Ordering::Relaxed) - before;
-    assert_eq!(served, big.len() as u64, "each byte is fetched exactly once however many readers want it");
+    assert_eq!(
+        served,
+        big.len() as u64,
+        "each byte is fetched exactly once however many readers want it"
+    );
 }
 
 #[test]
@@ -166,8 +222,16 @@ fn fully_resident_files_are_opened_with_passthrough() {
     drop_caches(&fx.path("big.bin"));
     assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
     // Both later opens (the fadvise one and the read) are passthrough.
-    assert_eq!(fx.stats.passthrough_opens.load(Ordering::Relaxed), 2, "opens of a resident file are passthrough");
-    assert_eq!(fx.stats.reads.load(Ordering::Relaxed), reads_cold, "passthrough reads never reach Tidepool");
+    assert_eq!(
+        fx.stats.passthrough_opens.load(Ordering::Relaxed),
+        2,
+        "opens of a resident file are passthrough"
+    );
+    assert_eq!(
+        fx.stats.reads.load(Ordering::Relaxed),
+        reads_cold,
+        "passthrough reads never reach Tidepool"
+    );
 }
 
 fn drop_caches(p: &Path) {
@@ -181,14 +245,27 @@ fn drop_caches(p: &Path) {
 fn every_kind_of_write_is_refused_with_erofs() {
     let (lake, _) = sample_lake();
     let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |_| {});
-    let erofs = |r: std::io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
-    erofs(fs::OpenOptions::new().write(true).open(fx.path("small.txt")).map(|_| ()));
+    let erofs =
+        |r: std::io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    erofs(
+        fs::OpenOptions::new()
+            .write(true)
+            .open(fx.path("small.txt"))
+            .map(|_| ()),
+    );
     erofs(fs::File::create(fx.path("new.txt")).map(|_| ()));
     erofs(fs::create_dir(fx.path("newdir")));
     erofs(fs::remove_file(fx.path("small.txt")));
     erofs(fs::rename(fx.path("small.txt"), fx.path("moved.txt")));
-    assert_eq!(fs::read_to_string(fx.path("small.txt")).unwrap(), "hello tidepool\n", "nothing was lost");
-    assert_eq!(&lake.content("ds/small.txt").unwrap()[..], b"hello tidepool\n");
+    assert_eq!(
+        fs::read_to_string(fx.path("small.txt")).unwrap(),
+        "hello tidepool\n",
+        "nothing was lost"
+    );
+    assert_eq!(
+        &lake.content("ds/small.txt").unwrap()[..],
+        b"hello tidepool\n"
+    );
 }
 
 #[test]
@@ -237,7 +314,11 @@ fn lake_faults_are_retried_and_a_dead_lake_fails_with_eio_in_bounded_time() {
     let t = Instant::now();
     let err = f.read_exact_at(&mut buf, 9 * BLOCK).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    assert!(t.elapsed() < Duration::from_secs(20), "a dead lake must not hang a read ({:?})", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "a dead lake must not hang a read ({:?})",
+        t.elapsed()
+    );
     // Healed: the same read works.
     faulty.heal();
     f.read_exact_at(&mut buf, 9 * BLOCK).unwrap();
@@ -260,7 +341,11 @@ fn cache_survives_remount_and_is_reused() {
     let before = lake.gets.load(Ordering::Relaxed);
     let fx = Fixture::mount(lake.clone(), cache, |_| {});
     assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
-    assert_eq!(lake.gets.load(Ordering::Relaxed), before, "warm cache: no GET after remount");
+    assert_eq!(
+        lake.gets.load(Ordering::Relaxed),
+        before,
+        "warm cache: no GET after remount"
+    );
 }
 
 #[test]
@@ -269,17 +354,35 @@ fn eviction_keeps_the_pool_under_its_size() {
     for i in 0..40 {
         lake.insert(&format!("ds/f{i:02}"), pattern(i, 2 * BLOCK as usize));
     }
-    let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |c| c.capacity = 20 * BLOCK);
+    let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |c| {
+        c.capacity = 20 * BLOCK
+    });
     for i in 0..40 {
-        assert_eq!(fs::read(fx.path(&format!("f{i:02}"))).unwrap(), pattern(i, 2 * BLOCK as usize));
+        assert_eq!(
+            fs::read(fx.path(&format!("f{i:02}"))).unwrap(),
+            pattern(i, 2 * BLOCK as usize)
+        );
     }
     let pool = fx.ds.as_ref().unwrap().pool().clone();
     pool.evict_now().unwrap();
-    assert!(pool.used() <= 18 * BLOCK, "used {} over the high watermark", pool.used());
-    let on_disk: u64 = walk(&fx.cache.path().join("v1/blobs")).filter(|p| p.extension().is_some_and(|e| e == "data")).map(|p| fs::metadata(p).unwrap().len()).sum();
-    assert!(on_disk <= 20 * BLOCK, "{on_disk} bytes of data files on disk");
+    assert!(
+        pool.used() <= 18 * BLOCK,
+        "used {} over the high watermark",
+        pool.used()
+    );
+    let on_disk: u64 = walk(&fx.cache.path().join("v1/blobs"))
+        .filter(|p| p.extension().is_some_and(|e| e == "data"))
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        on_disk <= 20 * BLOCK,
+        "{on_disk} bytes of data files on disk"
+    );
     // Evicted files read again correctly.
-    assert_eq!(fs::read(fx.path("f00")).unwrap(), pattern(0, 2 * BLOCK as usize));
+    assert_eq!(
+        fs::read(fx.path("f00")).unwrap(),
+        pattern(0, 2 * BLOCK as usize)
+    );
 }
 
 fn walk(dir: &Path) -> impl Iterator<Item = PathBuf> {
@@ -288,7 +391,11 @@ fn walk(dir: &Path) -> impl Iterator<Item = PathBuf> {
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
-            if p.is_dir() { stack.push(p) } else { out.push(p) }
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                out.push(p)
+            }
         }
     }
     out.into_iter()
@@ -318,24 +425,39 @@ fn a_walk_in_listing_order_gets_the_next_small_files_fetched_ahead_either_way() 
     let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |_| {});
     // Forwards: three files in listing order...
     for i in 0..3 {
-        assert_eq!(fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(), pattern(500 + i, 1000));
+        assert_eq!(
+            fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(),
+            pattern(500 + i, 1000)
+        );
     }
     // ...and the next ones are on their way before anyone opens them (the walk is
     // seen at the second open; the third file was already fetched ahead).
     let ahead = WALK_AHEAD as u64;
     let got = served_at_least(&lake, (2 + ahead) * 1000);
-    assert!(got >= (2 + ahead) * 1000, "forward walk: next files prefetched ({got} bytes served)");
+    assert!(
+        got >= (2 + ahead) * 1000,
+        "forward walk: next files prefetched ({got} bytes served)"
+    );
     // Backwards from the end (a walk that pops a stack).
     let before = lake.bytes_served.load(Ordering::Relaxed);
     for i in (196..200).rev() {
-        assert_eq!(fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(), pattern(500 + i, 1000));
+        assert_eq!(
+            fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(),
+            pattern(500 + i, 1000)
+        );
     }
     let got = served_at_least(&lake, before + (2 + ahead) * 1000) - before;
-    assert!(got >= (2 + ahead) * 1000, "backward walk: previous files prefetched ({got} bytes served)");
+    assert!(
+        got >= (2 + ahead) * 1000,
+        "backward walk: previous files prefetched ({got} bytes served)"
+    );
     // The walk goes on to the start: every file reads back exactly, and however much
     // was fetched ahead, no file was fetched twice.
     for i in (0..196).rev() {
-        assert_eq!(fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(), pattern(500 + i, 1000));
+        assert_eq!(
+            fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(),
+            pattern(500 + i, 1000)
+        );
     }
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(lake.bytes_served.load(Ordering::Relaxed), 200 * 1000);
@@ -348,14 +470,23 @@ fn random_opens_fetch_only_what_is_read() {
     // Far apart, in no order: no walk to follow.
     let picks = [1500u64, 20, 1900, 700, 1200, 90, 1650, 400];
     for &i in &picks {
-        assert_eq!(fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(), pattern(500 + i, 1000));
+        assert_eq!(
+            fs::read(fx.path(&format!("imgs/{i:04}.jpg"))).unwrap(),
+            pattern(500 + i, 1000)
+        );
     }
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(lake.bytes_served.load(Ordering::Relaxed), picks.len() as u64 * 1000, "nothing fetched that was not read");
+    assert_eq!(
+        lake.bytes_served.load(Ordering::Relaxed),
+        picks.len() as u64 * 1000,
+        "nothing fetched that was not read"
+    );
 }
 
 fn snapshot_files(cache: &Path) -> usize {
-    walk(&cache.join("v1/datasets")).filter(|p| p.extension().is_some_and(|e| e == "redb")).count()
+    walk(&cache.join("v1/datasets"))
+        .filter(|p| p.extension().is_some_and(|e| e == "redb"))
+        .count()
 }
 
 /// Asks the kernel to drop unused dentries and inodes (it then sends FORGETs).
@@ -392,20 +523,33 @@ fn a_replaced_snapshot_is_released_once_the_kernel_forgot_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(ds.open_snapshots(), 1, "only the current snapshot is kept");
-    assert_eq!(snapshot_files(fx.cache.path()), 1, "the replaced snapshot's file is deleted");
-    assert_eq!(fs::read_to_string(fx.path("a.txt")).unwrap(), "version two!");
+    assert_eq!(
+        snapshot_files(fx.cache.path()),
+        1,
+        "the replaced snapshot's file is deleted"
+    );
+    assert_eq!(
+        fs::read_to_string(fx.path("a.txt")).unwrap(),
+        "version two!"
+    );
     // Refresh after refresh, the mount keeps one snapshot on disk once the kernel
     // lets go of the old ones.
     for v in ["three", "four", "five"] {
         lake.insert("ds/a.txt", format!("version {v}"));
         assert!(fx.rt.block_on(ds.refresh()).unwrap());
         drop_dentries(); // instead of waiting out the entry TTL
-        assert_eq!(fs::read_to_string(fx.path("a.txt")).unwrap(), format!("version {v}"));
+        assert_eq!(
+            fs::read_to_string(fx.path("a.txt")).unwrap(),
+            format!("version {v}")
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while snapshot_files(fx.cache.path()) > 1 && Instant::now() < deadline {
         drop_dentries();
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!((ds.open_snapshots(), snapshot_files(fx.cache.path())), (1, 1));
+    assert_eq!(
+        (ds.open_snapshots(), snapshot_files(fx.cache.path())),
+        (1, 1)
+    );
 }

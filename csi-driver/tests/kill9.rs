@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tidepool_csi::fs::{is_mounted, unmount_path};
 use tidepool_csi::lake::{BlockId, Lake};
-use tidepool_csi::testing::{Azurite, pattern};
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
+use tidepool_csi::testing::{Azurite, pattern};
 
 fn mount(url: &str, mnt: &Path, cache: &Path) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tidepool"))
@@ -24,7 +24,9 @@ fn mount(url: &str, mnt: &Path, cache: &Path) -> Child {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert!(line.contains("mounted"), "mount did not come up: {line:?}");
     child
 }
@@ -38,10 +40,14 @@ async fn kill_9_mid_read_then_remount_reads_exact_bytes_and_sigterm_unmounts() {
     let mut ids = vec![];
     for (i, chunk) in data.chunks(8 << 20).enumerate() {
         let id = BlockId::numbered("t", i as u32);
-        lake.put_block("ds/model.bin", &id, Bytes::copy_from_slice(chunk), None).await.unwrap();
+        lake.put_block("ds/model.bin", &id, Bytes::copy_from_slice(chunk), None)
+            .await
+            .unwrap();
         ids.push(id);
     }
-    lake.put_block_list("ds/model.bin", &ids, None).await.unwrap();
+    lake.put_block_list("ds/model.bin", &ids, None)
+        .await
+        .unwrap();
     let url = azurite.url("data", "ds");
     let work = tempfile::tempdir().unwrap();
     let (mnt, cache) = (work.path().join("mnt"), work.path().join("cache"));
@@ -70,7 +76,11 @@ async fn kill_9_mid_read_then_remount_reads_exact_bytes_and_sigterm_unmounts() {
     assert!(cache.join("v1/blobs").exists(), "the cache pool survived");
 
     let mut second = mount(&url, &mnt, &cache);
-    assert_eq!(std::fs::read(&path).unwrap(), data, "after kill -9 and remount every byte matches the lake");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        data,
+        "after kill -9 and remount every byte matches the lake"
+    );
     unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
     let status = second.wait().unwrap();
     assert!(status.success(), "SIGTERM is a clean exit: {status}");

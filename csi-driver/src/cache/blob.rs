@@ -48,10 +48,20 @@ fn read_exact_at_uninit(file: &File, len: usize, offset: u64) -> std::io::Result
         // long; `pread` writes at most that many, and `set_len` below covers only
         // bytes it reported as written.
         let n = unsafe {
-            libc::pread(file.as_raw_fd(), buf.as_mut_ptr().add(done).cast(), len - done, (offset + done as u64) as libc::off_t)
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(done).cast(),
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
         };
         match n {
-            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cache file shorter than its blob")),
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "cache file shorter than its blob",
+                ));
+            }
             n if n > 0 => {
                 done += n as usize;
                 // SAFETY: the first `done` bytes were written by `pread`.
@@ -71,7 +81,9 @@ fn read_exact_at_uninit(file: &File, len: usize, offset: u64) -> std::io::Result
 async fn join_write(w: tokio::task::JoinHandle<Result<(), CacheError>>) -> FetchResult {
     match w.await {
         Ok(r) => r.map_err(Arc::new),
-        Err(e) => Err(Arc::new(CacheError::Internal(format!("block write failed: {e}")))),
+        Err(e) => Err(Arc::new(CacheError::Internal(format!(
+            "block write failed: {e}"
+        )))),
     }
 }
 type FetchFuture = Shared<BoxFuture<'static, FetchResult>>;
@@ -114,10 +126,22 @@ impl CachedBlob {
             .truncate(false)
             .open(&data_path)
             .map_err(|e| CacheError::io(&data_path, e))?;
-        if data.metadata().map_err(|e| CacheError::io(&data_path, e))?.len() != entry.size {
-            data.set_len(entry.size).map_err(|e| CacheError::io(&data_path, e))?;
+        if data
+            .metadata()
+            .map_err(|e| CacheError::io(&data_path, e))?
+            .len()
+            != entry.size
+        {
+            data.set_len(entry.size)
+                .map_err(|e| CacheError::io(&data_path, e))?;
         }
-        let map = Residency::open(&map_path, pool.config.block_size, entry.size, pool.config.boot).map_err(|e| CacheError::io(&map_path, e))?;
+        let map = Residency::open(
+            &map_path,
+            pool.config.block_size,
+            entry.size,
+            pool.config.boot,
+        )
+        .map_err(|e| CacheError::io(&map_path, e))?;
         Ok(CachedBlob {
             key,
             blob: entry.blob.clone(),
@@ -162,7 +186,11 @@ impl CachedBlob {
     /// full-size GETs, not one block at a time.
     pub fn prefetch(self: &Arc<Self>, blocks: Range<u64>) {
         let per = self.pool.config.blocks_per_get();
-        let end = blocks.end.div_ceil(per).saturating_mul(per).min(self.map.blocks());
+        let end = blocks
+            .end
+            .div_ceil(per)
+            .saturating_mul(per)
+            .min(self.map.blocks());
         drop(self.request(blocks.start..end, true));
     }
 
@@ -191,7 +219,13 @@ impl CachedBlob {
             }
             let (tx, rx) = oneshot::channel();
             let fut: FetchFuture = rx
-                .map(|r| r.unwrap_or_else(|_| Err(Arc::new(CacheError::Internal("fetch task ended early".into())))))
+                .map(|r| {
+                    r.unwrap_or_else(|_| {
+                        Err(Arc::new(CacheError::Internal(
+                            "fetch task ended early".into(),
+                        )))
+                    })
+                })
                 .boxed()
                 .shared();
             inflight.insert(i, fut.clone());
@@ -212,14 +246,15 @@ impl CachedBlob {
             let n = waiters.len() as u64;
             let mut waiters = waiters.into_iter();
             let mut next = first;
-            let r = self.fetch_run(first, n, &mut |i, r| {
-                next = i + 1;
-                self.inflight.lock().remove(&i);
-                if let Some(w) = waiters.next() {
-                    let _ = w.send(r);
-                }
-            })
-            .await;
+            let r = self
+                .fetch_run(first, n, &mut |i, r| {
+                    next = i + 1;
+                    self.inflight.lock().remove(&i);
+                    if let Some(w) = waiters.next() {
+                        let _ = w.send(r);
+                    }
+                })
+                .await;
             if let Err(e) = r {
                 let e = Arc::new(e);
                 for i in next..first + n {
@@ -241,14 +276,25 @@ impl CachedBlob {
         n: u64,
         done: &mut (dyn FnMut(u64, FetchResult) + Send),
     ) -> Result<(), CacheError> {
-        let _permit = self.pool.fetches.acquire().await.map_err(|_| CacheError::Internal("pool closed".into()))?;
+        let _permit = self
+            .pool
+            .fetches
+            .acquire()
+            .await
+            .map_err(|_| CacheError::Internal("pool closed".into()))?;
         let range = self.map.block_range(first).start..self.map.block_range(first + n - 1).end;
-        let mut body = self.lake.get_stream(&self.blob, range, &self.etag).await.map_err(|e| self.lake_error(e))?;
+        let mut body = self
+            .lake
+            .get_stream(&self.blob, range, &self.etag)
+            .await
+            .map_err(|e| self.lake_error(e))?;
         let mut next = first;
         let mut buf = BytesMut::new();
         let mut writing: Option<(u64, tokio::task::JoinHandle<Result<(), CacheError>>)> = None;
         while next < first + n {
-            let Some(chunk) = body.next().await else { break };
+            let Some(chunk) = body.next().await else {
+                break;
+            };
             let mut chunk = chunk.map_err(|e| self.lake_error(e))?;
             while !chunk.is_empty() && next < first + n {
                 let r = self.map.block_range(next);
@@ -270,13 +316,19 @@ impl CachedBlob {
                     done(i, join_write(w).await);
                 }
                 let this = self.clone();
-                writing = Some((next, tokio::task::spawn_blocking(move || this.store_block(next, block))));
+                writing = Some((
+                    next,
+                    tokio::task::spawn_blocking(move || this.store_block(next, block)),
+                ));
                 next += 1;
             }
         }
         if let Some((i, w)) = writing.take() {
             let r = join_write(w).await;
-            let failed = r.as_ref().err().map(|e| CacheError::Internal(e.to_string()));
+            let failed = r
+                .as_ref()
+                .err()
+                .map(|e| CacheError::Internal(e.to_string()));
             done(i, r);
             if let Some(e) = failed {
                 return Err(e);
@@ -284,8 +336,13 @@ impl CachedBlob {
         }
         if next < first + n {
             let got = self.map.block_range(next).start - self.map.block_range(first).start;
-            let expected = self.map.block_range(first + n - 1).end - self.map.block_range(first).start;
-            return Err(CacheError::Lake(LakeError::Truncated { name: self.blob.clone(), expected, got }));
+            let expected =
+                self.map.block_range(first + n - 1).end - self.map.block_range(first).start;
+            return Err(CacheError::Lake(LakeError::Truncated {
+                name: self.blob.clone(),
+                expected,
+                got,
+            }));
         }
         Ok(())
     }
@@ -306,15 +363,23 @@ impl CachedBlob {
         let range = self.map.block_range(i);
         if self.map.blocks() == 1
             && let Some(md5) = self.md5
-                && <[u8; 16]>::from(Md5::digest(&body)) != md5 {
-                    return Err(CacheError::Corrupt { blob: self.blob.clone(), what: "Content-MD5 of the fetched bytes does not match the lake's".into() });
-                }
+            && <[u8; 16]>::from(Md5::digest(&body)) != md5
+        {
+            return Err(CacheError::Corrupt {
+                blob: self.blob.clone(),
+                what: "Content-MD5 of the fetched bytes does not match the lake's".into(),
+            });
+        }
         let crc = crc32c::crc32c(&body);
         {
             let _one = self.writing.lock();
-            self.data.write_all_at(&body, range.start).map_err(|e| CacheError::io(&self.data_path, e))?;
+            self.data
+                .write_all_at(&body, range.start)
+                .map_err(|e| CacheError::io(&self.data_path, e))?;
         }
-        self.map.mark_resident(i, crc).map_err(|e| CacheError::io(&self.data_path, e))?;
+        self.map
+            .mark_resident(i, crc)
+            .map_err(|e| CacheError::io(&self.data_path, e))?;
         if self.map.blocks() == 1 && self.md5.is_some() {
             let _ = self.map.set_flag(FLAG_MD5_VERIFIED);
         }
@@ -339,7 +404,9 @@ impl CachedBlob {
     /// served as they are.
     fn check_whole_md5(&self) -> Result<(), CacheError> {
         let Some(want) = self.md5 else { return Ok(()) };
-        if self.map.flags() & (FLAG_MD5_VERIFIED | FLAG_MD5_MISMATCH) != 0 || self.md5_checking.swap(true, Ordering::AcqRel) {
+        if self.map.flags() & (FLAG_MD5_VERIFIED | FLAG_MD5_MISMATCH) != 0
+            || self.md5_checking.swap(true, Ordering::AcqRel)
+        {
             return Ok(());
         }
         let r = self.whole_md5();
@@ -401,25 +468,36 @@ impl CachedBlob {
                 self.verify_block(i)?;
             }
         }
-        read_exact_at_uninit(&self.data, (end - offset) as usize, offset).map_err(|e| CacheError::io(&self.data_path, e))
+        read_exact_at_uninit(&self.data, (end - offset) as usize, offset)
+            .map_err(|e| CacheError::io(&self.data_path, e))
     }
 
     fn verify_block(&self, i: u64) -> Result<(), CacheError> {
         let r = self.map.block_range(i);
         let mut buf = vec![0u8; (r.end - r.start) as usize];
-        self.data.read_exact_at(&mut buf, r.start).map_err(|e| CacheError::io(&self.data_path, e))?;
+        self.data
+            .read_exact_at(&mut buf, r.start)
+            .map_err(|e| CacheError::io(&self.data_path, e))?;
         if crc32c::crc32c(&buf) == self.map.crc(i) {
-            self.map.mark_verified(i).map_err(|e| CacheError::io(&self.data_path, e))
+            self.map
+                .mark_verified(i)
+                .map_err(|e| CacheError::io(&self.data_path, e))
         } else {
             tracing::warn!(blob = %self.blob, block = i, "cached block failed its checksum; fetching it again");
-            self.map.drop_block(i).map_err(|e| CacheError::io(&self.data_path, e))?;
+            self.map
+                .drop_block(i)
+                .map_err(|e| CacheError::io(&self.data_path, e))?;
             self.pool.block_dropped(&self.key, r.end - r.start);
             Err(CacheError::Refetch)
         }
     }
 
     /// Reads through the cache: fetches what is missing, then serves from disk.
-    pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> Result<Vec<u8>, Arc<CacheError>> {
+    pub async fn read(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, Arc<CacheError>> {
         let end = (offset + len as u64).min(self.size);
         if offset >= end {
             return Ok(Vec::new());
@@ -432,7 +510,10 @@ impl CachedBlob {
                 r => return r.map_err(Arc::new),
             }
         }
-        Err(Arc::new(CacheError::Corrupt { blob: self.blob.clone(), what: "block failed verification twice".into() }))
+        Err(Arc::new(CacheError::Corrupt {
+            blob: self.blob.clone(),
+            what: "block failed verification twice".into(),
+        }))
     }
 
     /// The local data file, for passthrough. Only valid while fully verified.

@@ -101,10 +101,16 @@ pub fn include_set(patterns: &[String]) -> Result<Option<GlobSet>, GlobError> {
     }
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        let g = Glob::new(p).map_err(|e| GlobError { pattern: p.clone(), reason: e.kind().to_string() })?;
+        let g = Glob::new(p).map_err(|e| GlobError {
+            pattern: p.clone(),
+            reason: e.kind().to_string(),
+        })?;
         b.add(g);
     }
-    b.build().map(Some).map_err(|e| GlobError { pattern: patterns.join(","), reason: e.to_string() })
+    b.build().map(Some).map_err(|e| GlobError {
+        pattern: patterns.join(","),
+        reason: e.to_string(),
+    })
 }
 
 impl Dataset {
@@ -123,16 +129,26 @@ impl Dataset {
         let dir = pool.root().join("datasets").join(id);
         let snaps = dir.join("snapshots");
         std::fs::create_dir_all(&snaps).map_err(|e| CacheError::io(&snaps, e))?;
-        let prev: Option<u32> = std::fs::read_to_string(dir.join("current")).ok().and_then(|s| s.trim().parse().ok());
+        let prev: Option<u32> = std::fs::read_to_string(dir.join("current"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
         let reused = match (reuse, prev) {
-            (true, Some(seq)) => Snapshot::open(&snaps.join(format!("{seq}.redb"))).ok().map(|s| (seq, s)),
+            (true, Some(seq)) => Snapshot::open(&snaps.join(format!("{seq}.redb")))
+                .ok()
+                .map(|s| (seq, s)),
             _ => None,
         };
         let (seq, snap) = match reused {
             Some(x) => x,
             None => {
                 let seq = prev.map(|p| (p + 1) % (1 << SEQ_BITS)).unwrap_or(1).max(1);
-                let s = Snapshot::build(lake.as_ref(), &url.prefix, &snaps.join(format!("{seq}.redb")), progress).await?;
+                let s = Snapshot::build(
+                    lake.as_ref(),
+                    &url.prefix,
+                    &snaps.join(format!("{seq}.redb")),
+                    progress,
+                )
+                .await?;
                 write_current(&dir, seq)?;
                 (seq, s)
             }
@@ -211,7 +227,9 @@ impl Dataset {
     /// snapshot nobody references any more is closed and deleted.
     pub fn forget(&self, seq: u32, n: u64) {
         let mut refs = self.refs.lock();
-        let Some(count) = refs.get_mut(&seq) else { return };
+        let Some(count) = refs.get_mut(&seq) else {
+            return;
+        };
         *count = count.saturating_sub(n);
         if *count > 0 {
             return;
@@ -239,13 +257,29 @@ impl Dataset {
     /// Tells the dataset that small file `e` of snapshot `seq` was opened (`cold`: it
     /// was not in the cache). A walk in listing order gets the next small files fetched
     /// in the background (see the module docs). Needs a tokio runtime context.
-    pub fn small_file_opened(self: &Arc<Self>, seq: u32, snap: &Arc<Snapshot>, e: &Entry, cold: bool) {
+    pub fn small_file_opened(
+        self: &Arc<Self>,
+        seq: u32,
+        snap: &Arc<Snapshot>,
+        e: &Entry,
+        cold: bool,
+    ) {
         let ahead = {
             let mut walks = self.walks.lock();
             let tick = walks.iter().map(|w| w.used).max().unwrap_or(0) + 1;
-            let found = walks.iter().position(|w| w.seq == seq && w.last != e.ino && w.last.abs_diff(e.ino) <= WALK_NEAR);
+            let found = walks.iter().position(|w| {
+                w.seq == seq && w.last != e.ino && w.last.abs_diff(e.ino) <= WALK_NEAR
+            });
             let Some(i) = found else {
-                let w = Walk { seq, last: e.ino, forward: true, frontier: e.ino, streak: 0, used: tick, cold };
+                let w = Walk {
+                    seq,
+                    last: e.ino,
+                    forward: true,
+                    frontier: e.ino,
+                    streak: 0,
+                    used: tick,
+                    cold,
+                };
                 if walks.len() < WALKERS {
                     walks.push(w);
                 } else if let Some(old) = walks.iter_mut().min_by_key(|w| w.used) {
@@ -264,11 +298,19 @@ impl Dataset {
             w.used = tick;
             w.cold |= cold;
             // Keep WALK_AHEAD files ahead: extend once half of them have been opened.
-            let left = if forward { w.frontier.saturating_sub(e.ino) } else { e.ino.saturating_sub(w.frontier) };
+            let left = if forward {
+                w.frontier.saturating_sub(e.ino)
+            } else {
+                e.ino.saturating_sub(w.frontier)
+            };
             if !w.cold || left > WALK_AHEAD as u64 / 2 {
                 return;
             }
-            let next = if forward { snap.files_from(w.frontier, WALK_AHEAD) } else { snap.files_before(w.frontier, WALK_AHEAD) };
+            let next = if forward {
+                snap.files_from(w.frontier, WALK_AHEAD)
+            } else {
+                snap.files_before(w.frontier, WALK_AHEAD)
+            };
             let Ok(next) = next else { return };
             let Some(last) = next.last() else { return };
             w.frontier = last.ino;
@@ -277,11 +319,16 @@ impl Dataset {
         let threshold = self.pool.config().small_file_threshold;
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            for f in ahead.into_iter().filter(|f| f.size > 0 && f.size <= threshold) {
+            for f in ahead
+                .into_iter()
+                .filter(|f| f.size > 0 && f.size <= threshold)
+            {
                 match this.blob(&f) {
                     Ok(b) if !b.residency().is_complete() => b.prefetch(0..b.residency().blocks()),
                     Ok(_) => {}
-                    Err(err) => tracing::debug!(blob = %f.blob, error = %err, "walk readahead: cannot open the cache file"),
+                    Err(err) => {
+                        tracing::debug!(blob = %f.blob, error = %err, "walk readahead: cannot open the cache file")
+                    }
                 }
             }
         });

@@ -49,13 +49,18 @@ pub type BootId = [u8; 16];
 /// makes every open verify its blocks: slower, never unsafe).
 pub fn current_boot() -> BootId {
     let mut id = [0u8; 16];
-    let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else { return id };
+    let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+        return id;
+    };
     let hex: Vec<u8> = s.trim().bytes().filter(|b| *b != b'-').collect();
     if hex.len() != 32 {
         return [0; 16];
     }
     for (i, pair) in hex.chunks(2).enumerate() {
-        match std::str::from_utf8(pair).ok().and_then(|p| u8::from_str_radix(p, 16).ok()) {
+        match std::str::from_utf8(pair)
+            .ok()
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+        {
             Some(b) => id[i] = b,
             None => return [0; 16],
         }
@@ -97,7 +102,10 @@ impl Bits {
         }
     }
     fn count(&self) -> u64 {
-        self.0.iter().map(|w| w.load(Ordering::Acquire).count_ones() as u64).sum()
+        self.0
+            .iter()
+            .map(|w| w.load(Ordering::Acquire).count_ones() as u64)
+            .sum()
     }
     fn fill_from(&self, other: &Bits) {
         for (a, b) in self.0.iter().zip(&other.0) {
@@ -111,7 +119,12 @@ impl Residency {
     /// (another block size or blob size: a foreign or corrupt file) is reset to empty.
     /// `boot` is the running boot ([`current_boot`]): a map stamped with it is trusted.
     pub fn open(path: &Path, block_size: u64, size: u64, boot: BootId) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         let blocks = size.div_ceil(block_size);
         let r = Residency {
             file,
@@ -145,7 +158,10 @@ impl Residency {
             r.trusted.store(boot != [0; 16], Ordering::Release);
             return Ok(r);
         }
-        r.flags.store(u32::from_le_bytes(header[24..28].try_into().unwrap()), Ordering::Release);
+        r.flags.store(
+            u32::from_le_bytes(header[24..28].try_into().unwrap()),
+            Ordering::Release,
+        );
         // Read slots in bounded chunks (a 1 TiB blob has 256 Ki slots = 2 MiB).
         let mut buf = vec![0u8; 64 * 1024];
         let mut i = 0u64;
@@ -165,7 +181,9 @@ impl Residency {
                 break;
             }
         }
-        let stamped: BootId = header[BOOT_AT as usize..BOOT_AT as usize + 16].try_into().unwrap();
+        let stamped: BootId = header[BOOT_AT as usize..BOOT_AT as usize + 16]
+            .try_into()
+            .unwrap();
         if stamped == boot && boot != [0; 16] {
             r.verified.fill_from(&r.resident);
             r.trusted.store(true, Ordering::Release);
@@ -231,7 +249,10 @@ impl Residency {
 
     /// Bytes of the blob held locally.
     pub fn resident_bytes(&self) -> u64 {
-        (0..self.blocks).filter(|&i| self.is_resident(i)).map(|i| self.block_range(i).end - self.block_range(i).start).sum()
+        (0..self.blocks)
+            .filter(|&i| self.is_resident(i))
+            .map(|i| self.block_range(i).end - self.block_range(i).start)
+            .sum()
     }
 
     pub fn is_complete(&self) -> bool {
@@ -383,12 +404,18 @@ mod tests {
         assert!(!r.is_trusted() && !r.is_verified(0));
         drop(r);
         let r = Residency::open(&p, 4, 12, BOOT_B).unwrap();
-        assert!(!r.is_verified(0), "the map is not stamped while a block is unchecked");
+        assert!(
+            !r.is_verified(0),
+            "the map is not stamped while a block is unchecked"
+        );
         r.mark_verified(0).unwrap();
         r.drop_block(1).unwrap(); // block 1 failed its check
         assert!(!r.is_trusted(), "block 2 is still unchecked");
         r.mark_verified(2).unwrap();
-        assert!(r.is_trusted(), "stamped once no resident block is unchecked");
+        assert!(
+            r.is_trusted(),
+            "stamped once no resident block is unchecked"
+        );
         drop(r);
         let r = Residency::open(&p, 4, 12, BOOT_B).unwrap();
         assert!(r.is_verified(0) && !r.is_resident(1) && r.is_verified(2));

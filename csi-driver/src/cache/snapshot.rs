@@ -101,7 +101,11 @@ impl Entry {
         let size = r.u64()?;
         let secs = r.u64()?;
         let nanos = r.u32()?;
-        let md5 = if r.u8()? == 1 { Some(r.take(16)?.try_into().ok()?) } else { None };
+        let md5 = if r.u8()? == 1 {
+            Some(r.take(16)?.try_into().ok()?)
+        } else {
+            None
+        };
         let name = r.str()?;
         let blob = r.str()?;
         let etag = ETag(r.str()?);
@@ -133,10 +137,12 @@ impl Reader<'_> {
         self.take(1).map(|b| b[0])
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
     }
     fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
     }
     fn str(&mut self) -> Option<String> {
         let n = self.u32()? as usize;
@@ -158,13 +164,19 @@ pub enum SnapshotError {
     #[error("listing the lake failed: {0}")]
     Lake(#[from] LakeError),
     #[error("snapshot store {path}: {source}")]
-    Store { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
+    Store {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("snapshot {path} is incomplete (a crash during listing?); it will be rebuilt")]
     Incomplete { path: PathBuf },
 }
 
 fn store_err(path: &Path) -> impl Fn(redb::Error) -> SnapshotError + '_ {
-    move |e| SnapshotError::Store { path: path.to_owned(), source: Box::new(e) }
+    move |e| SnapshotError::Store {
+        path: path.to_owned(),
+        source: Box::new(e),
+    }
 }
 
 /// A read-only, complete snapshot.
@@ -206,27 +218,47 @@ impl Snapshot {
         b.finish(&db).map_err(&err)?;
         let summary = b.summary;
         let digest = b.digest;
-        Ok(Snapshot { db, path: path.to_owned(), summary, digest })
+        Ok(Snapshot {
+            db,
+            path: path.to_owned(),
+            summary,
+            digest,
+        })
     }
 
     /// Opens a complete snapshot written earlier.
     pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
         let err = store_err(path);
-        let db = Database::builder().set_cache_size(32 << 20).open(path).map_err(|e| err(e.into()))?;
+        let db = Database::builder()
+            .set_cache_size(32 << 20)
+            .open(path)
+            .map_err(|e| err(e.into()))?;
         let (summary, digest, complete) = {
             let tx = db.begin_read().map_err(|e| err(e.into()))?;
             let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
             let get = |k: &str| meta.get(k).ok().flatten().map(|v| v.value()).unwrap_or(0);
             (
-                Summary { objects: get("objects"), bytes: get("bytes"), dirs: get("dirs"), skipped: get("skipped") },
+                Summary {
+                    objects: get("objects"),
+                    bytes: get("bytes"),
+                    dirs: get("dirs"),
+                    skipped: get("skipped"),
+                },
                 get("digest"),
                 get("complete") == 1,
             )
         };
         if !complete {
-            return Err(SnapshotError::Incomplete { path: path.to_owned() });
+            return Err(SnapshotError::Incomplete {
+                path: path.to_owned(),
+            });
         }
-        Ok(Snapshot { db, path: path.to_owned(), summary, digest })
+        Ok(Snapshot {
+            db,
+            path: path.to_owned(),
+            summary,
+            digest,
+        })
     }
 
     pub fn summary(&self) -> Summary {
@@ -245,7 +277,9 @@ impl Snapshot {
         let err = store_err(&self.path);
         let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
         let t = tx.open_table(ENTRIES).map_err(|e| err(e.into()))?;
-        Ok(t.get(ino).map_err(|e| err(e.into()))?.and_then(|v| Entry::decode(ino, v.value())))
+        Ok(t.get(ino)
+            .map_err(|e| err(e.into()))?
+            .and_then(|v| Entry::decode(ino, v.value())))
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Option<Entry>, SnapshotError> {
@@ -253,7 +287,9 @@ impl Snapshot {
         let ino = {
             let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
             let t = tx.open_table(LOOKUP).map_err(|e| err(e.into()))?;
-            t.get((parent, name)).map_err(|e| err(e.into()))?.map(|v| v.value())
+            t.get((parent, name))
+                .map_err(|e| err(e.into()))?
+                .map(|v| v.value())
         };
         match ino {
             Some(ino) => self.get(ino),
@@ -263,16 +299,28 @@ impl Snapshot {
 
     /// Up to `max` children of `dir` from position `from` on, with their positions
     /// (a position + 1 is the cookie for the next call).
-    pub fn children(&self, dir: u64, from: u64, max: usize) -> Result<Vec<(u64, Entry)>, SnapshotError> {
+    pub fn children(
+        &self,
+        dir: u64,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Entry)>, SnapshotError> {
         let err = store_err(&self.path);
         let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
         let ch = tx.open_table(CHILDREN).map_err(|e| err(e.into()))?;
         let en = tx.open_table(ENTRIES).map_err(|e| err(e.into()))?;
         let mut out = Vec::new();
-        for item in ch.range((dir, from)..(dir, u64::MAX)).map_err(|e| err(e.into()))? {
+        for item in ch
+            .range((dir, from)..(dir, u64::MAX))
+            .map_err(|e| err(e.into()))?
+        {
             let (k, v) = item.map_err(|e| err(e.into()))?;
             let ino = v.value();
-            if let Some(e) = en.get(ino).map_err(|e| err(e.into()))?.and_then(|b| Entry::decode(ino, b.value())) {
+            if let Some(e) = en
+                .get(ino)
+                .map_err(|e| err(e.into()))?
+                .and_then(|b| Entry::decode(ino, b.value()))
+            {
                 out.push((k.value().1, e));
             }
             if out.len() >= max {
@@ -298,7 +346,10 @@ impl Snapshot {
         let tx = self.db.begin_read().map_err(|e| err(e.into()))?;
         let en = tx.open_table(ENTRIES).map_err(|e| err(e.into()))?;
         let items: Box<dyn Iterator<Item = _>> = if forward {
-            Box::new(en.range(ino.saturating_add(1)..).map_err(|e| err(e.into()))?)
+            Box::new(
+                en.range(ino.saturating_add(1)..)
+                    .map_err(|e| err(e.into()))?,
+            )
         } else {
             Box::new(en.range(..ino).map_err(|e| err(e.into()))?.rev())
         };
@@ -353,7 +404,9 @@ impl Builder {
     }
 
     fn add(&mut self, obj: ObjectMeta) {
-        let Some(rel) = obj.name.strip_prefix(&self.prefix) else { return };
+        let Some(rel) = obj.name.strip_prefix(&self.prefix) else {
+            return;
+        };
         let rel = rel.to_owned();
         if rel.is_empty() {
             return;
@@ -361,7 +414,12 @@ impl Builder {
         let is_marker = rel.ends_with('/');
         let trimmed = rel.trim_end_matches('/');
         let parts: Vec<&str> = trimmed.split('/').collect();
-        if trimmed.is_empty() || parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") || (is_marker && obj.size > 0) {
+        if trimmed.is_empty()
+            || parts
+                .iter()
+                .any(|p| p.is_empty() || *p == "." || *p == "..")
+            || (is_marker && obj.size > 0)
+        {
             tracing::warn!(blob = %obj.name, "skipping a blob whose name cannot be a path in the mount");
             self.summary.skipped += 1;
             return;
@@ -369,7 +427,11 @@ impl Builder {
         self.mix(obj.name.as_bytes());
         self.mix(&obj.size.to_le_bytes());
         self.mix(obj.etag.0.as_bytes());
-        let dirs = if is_marker { &parts[..] } else { &parts[..parts.len() - 1] };
+        let dirs = if is_marker {
+            &parts[..]
+        } else {
+            &parts[..parts.len() - 1]
+        };
         // Pop directories that are not ancestors of this name.
         let mut depth = 0;
         while depth + 1 < self.stack.len() && depth < dirs.len() {
@@ -437,7 +499,11 @@ impl Builder {
 
     fn flush(&mut self, db: &Database, last: bool) -> Result<(), redb::Error> {
         let mut tx = db.begin_write()?;
-        tx.set_durability(if last { redb::Durability::Immediate } else { redb::Durability::None })?;
+        tx.set_durability(if last {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })?;
         {
             let mut en = tx.open_table(ENTRIES)?;
             let mut ch = tx.open_table(CHILDREN)?;
@@ -468,8 +534,14 @@ impl Builder {
                 en.insert(ROOT, root.encode().as_slice())?;
                 // Hide shadowed files from readdir too.
                 for (ino, name) in self.shadowed.drain(..) {
-                    tracing::warn!(name, "a file and a directory share a name; the directory is shown");
-                    let parent = en.get(ino)?.and_then(|v| Entry::decode(ino, v.value())).map(|e| e.parent);
+                    tracing::warn!(
+                        name,
+                        "a file and a directory share a name; the directory is shown"
+                    );
+                    let parent = en
+                        .get(ino)?
+                        .and_then(|v| Entry::decode(ino, v.value()))
+                        .map(|e| e.parent);
                     if let Some(parent) = parent {
                         let pos = ch
                             .range((parent, 0)..(parent, u64::MAX))?
@@ -513,21 +585,38 @@ mod tests {
         let lake = MemoryLake::new();
         for n in names {
             // Directory markers are zero-length, as ADLS and tools write them.
-            let body = if n.ends_with('/') { Vec::new() } else { n.as_bytes().to_vec() };
+            let body = if n.ends_with('/') {
+                Vec::new()
+            } else {
+                n.as_bytes().to_vec()
+            };
             lake.insert(n, body);
         }
         let dir = tempfile::tempdir().unwrap();
-        let s = Snapshot::build(&lake, "ds/", &dir.path().join("s.redb"), |_| {}).await.unwrap();
+        let s = Snapshot::build(&lake, "ds/", &dir.path().join("s.redb"), |_| {})
+            .await
+            .unwrap();
         (dir, s)
     }
 
     fn names(s: &Snapshot, dir: u64) -> Vec<String> {
-        s.children(dir, 0, 1000).unwrap().into_iter().map(|(_, e)| e.name).collect()
+        s.children(dir, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.name)
+            .collect()
     }
 
     #[tokio::test]
     async fn flat_listing_becomes_a_tree() {
-        let (_d, s) = build(&["ds/a/b/c.bin", "ds/a/b-c", "ds/a/b/d.bin", "ds/top.txt", "other/x"]).await;
+        let (_d, s) = build(&[
+            "ds/a/b/c.bin",
+            "ds/a/b-c",
+            "ds/a/b/d.bin",
+            "ds/top.txt",
+            "other/x",
+        ])
+        .await;
         assert_eq!(s.summary().objects, 4);
         assert_eq!(s.summary().dirs, 2);
         let mut root = names(&s, ROOT);

@@ -34,16 +34,19 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use azure_core::{
     credentials::TokenCredential,
-    http::{policies::Policy, ClientOptions, Etag, RequestContent, RetryOptions, StatusCode, Transport},
+    http::{
+        ClientOptions, Etag, RequestContent, RetryOptions, StatusCode, Transport, policies::Policy,
+    },
 };
 use azure_storage_blob::{
-    models::{
-        BlobClientAcquireLeaseOptions, BlobClientAcquireLeaseResultHeaders, BlobClientDownloadOptions,
-        BlobClientGetPropertiesResultHeaders, BlobClientUploadOptions, BlobContainerClientListBlobsOptions,
-        BlockBlobClientCommitBlockListOptions, BlockBlobClientCommitBlockListResultHeaders,
-        BlockBlobClientStageBlockOptions, BlockLookupList,
-    },
     BlobContainerClient, BlobContainerClientOptions,
+    models::{
+        BlobClientAcquireLeaseOptions, BlobClientAcquireLeaseResultHeaders,
+        BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders, BlobClientUploadOptions,
+        BlobContainerClientListBlobsOptions, BlockBlobClientCommitBlockListOptions,
+        BlockBlobClientCommitBlockListResultHeaders, BlockBlobClientStageBlockOptions,
+        BlockLookupList,
+    },
 };
 use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -51,8 +54,8 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use self::errors::{Ctx, Scrubber};
 use self::sas::{AccountKey, BadAccountKey, SasPolicy, SasSource};
 use super::{
-    BlockId, ByteStream, Credentials, ETag, Lake, LakeError, LakeResult, LakeUrl, LeaseId, ListPage, ObjectMeta, Op,
-    Secret,
+    BlockId, ByteStream, Credentials, ETag, Lake, LakeError, LakeResult, LakeUrl, LeaseId,
+    ListPage, ObjectMeta, Op, Secret,
 };
 
 /// How to reach Azure, beyond the URL and the credentials.
@@ -94,7 +97,9 @@ pub enum AzureSetupError {
     CaFile { path: PathBuf, detail: String },
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(String),
-    #[error("{kind} credentials send bearer tokens, which need an https lake URL; {url} is not https")]
+    #[error(
+        "{kind} credentials send bearer tokens, which need an https lake URL; {url} is not https"
+    )]
     InsecureBearer { kind: &'static str, url: String },
     #[error("cannot set up {kind} credentials: {detail}")]
     Credential { kind: &'static str, detail: String },
@@ -124,28 +129,46 @@ pub fn http_transport(options: &AzureOptions) -> Result<Transport, AzureSetupErr
         .read_timeout(options.read_timeout)
         .redirect(reqwest::redirect::Policy::none());
     if let Some(path) = &options.ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| AzureSetupError::CaFile { path: path.clone(), detail: e.to_string() })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| AzureSetupError::CaFile { path: path.clone(), detail: e.to_string() })?;
+        let pem = std::fs::read(path).map_err(|e| AzureSetupError::CaFile {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| AzureSetupError::CaFile {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
         if certs.is_empty() {
-            return Err(AzureSetupError::CaFile { path: path.clone(), detail: "no PEM certificate in it".into() });
+            return Err(AzureSetupError::CaFile {
+                path: path.clone(),
+                detail: "no PEM certificate in it".into(),
+            });
         }
         builder = builder.tls_certs_merge(certs);
     }
-    let client = builder.build().map_err(|e| AzureSetupError::HttpClient(e.to_string()))?;
+    let client = builder
+        .build()
+        .map_err(|e| AzureSetupError::HttpClient(e.to_string()))?;
     Ok(Transport::new(Arc::new(client)))
 }
 
 /// Client options with our transport and the SDK's retries switched off.
 pub fn client_options(options: &AzureOptions) -> Result<ClientOptions, AzureSetupError> {
-    Ok(ClientOptions { retry: RetryOptions::none(), transport: Some(http_transport(options)?), ..Default::default() })
+    Ok(ClientOptions {
+        retry: RetryOptions::none(),
+        transport: Some(http_transport(options)?),
+        ..Default::default()
+    })
 }
 
 impl AzureLake {
     /// A client for `url`'s container. Builds clients only; sends no request (the first
     /// lake operation shows whether the credentials work).
-    pub fn connect(url: &LakeUrl, credentials: &Credentials, options: &AzureOptions) -> Result<Self, AzureSetupError> {
+    pub fn connect(
+        url: &LakeUrl,
+        credentials: &Credentials,
+        options: &AzureOptions,
+    ) -> Result<Self, AzureSetupError> {
         // No trailing slash: the SDK appends the blob name as a further path segment,
         // and `container/` would make every name start with `/`.
         let mut container_url = url.container_url();
@@ -164,15 +187,24 @@ impl AzureLake {
             }
             Credentials::Anonymous => url.sas.clone().map(SasSource::Static),
             Credentials::WorkloadIdentity(wi) => {
-                token = Some(identity::workload_identity(wi, client_options.clone()).map_err(|e| {
-                    AzureSetupError::Credential { kind: credentials.kind(), detail: Scrubber::default().scrub(&e.to_string()) }
-                })?);
+                token = Some(
+                    identity::workload_identity(wi, client_options.clone()).map_err(|e| {
+                        AzureSetupError::Credential {
+                            kind: credentials.kind(),
+                            detail: Scrubber::default().scrub(&e.to_string()),
+                        }
+                    })?,
+                );
                 None
             }
             Credentials::ManagedIdentity { client_id } => {
-                token = Some(identity::managed_identity(client_id.as_deref(), client_options.clone()).map_err(|e| {
-                    AzureSetupError::Credential { kind: credentials.kind(), detail: Scrubber::default().scrub(&e.to_string()) }
-                })?);
+                token = Some(
+                    identity::managed_identity(client_id.as_deref(), client_options.clone())
+                        .map_err(|e| AzureSetupError::Credential {
+                            kind: credentials.kind(),
+                            detail: Scrubber::default().scrub(&e.to_string()),
+                        })?,
+                );
                 None
             }
         };
@@ -183,7 +215,10 @@ impl AzureLake {
             secrets.push(s.clone());
         }
         if token.is_some() && container_url.scheme() != "https" {
-            return Err(AzureSetupError::InsecureBearer { kind: credentials.kind(), url: shown });
+            return Err(AzureSetupError::InsecureBearer {
+                kind: credentials.kind(),
+                url: shown,
+            });
         }
         if let Some(src) = sas_source {
             let policy: Arc<dyn Policy> = Arc::new(SasPolicy(Arc::new(src)));
@@ -192,25 +227,53 @@ impl AzureLake {
         let container = BlobContainerClient::new(
             container_url,
             token,
-            Some(BlobContainerClientOptions { client_options, ..Default::default() }),
+            Some(BlobContainerClientOptions {
+                client_options,
+                ..Default::default()
+            }),
         )
-        .map_err(|e| AzureSetupError::Client { url: shown.clone(), detail: Scrubber::default().scrub(&e.to_string()) })?;
-        Ok(AzureLake { container, url: shown, kind: credentials.kind(), scrub: Scrubber::new(secrets) })
+        .map_err(|e| AzureSetupError::Client {
+            url: shown.clone(),
+            detail: Scrubber::default().scrub(&e.to_string()),
+        })?;
+        Ok(AzureLake {
+            container,
+            url: shown,
+            kind: credentials.kind(),
+            scrub: Scrubber::new(secrets),
+        })
     }
 
     fn err(&self, op: Op, name: &str, e: &azure_core::Error) -> LakeError {
-        errors::map(e, &Ctx { op, name, if_match: None }, &self.scrub)
+        errors::map(
+            e,
+            &Ctx {
+                op,
+                name,
+                if_match: None,
+            },
+            &self.scrub,
+        )
     }
 
     fn protocol(&self, op: Op, name: &str, detail: impl Into<String>) -> LakeError {
-        LakeError::Other { op, name: name.to_owned(), status: 0, detail: detail.into() }
+        LakeError::Other {
+            op,
+            name: name.to_owned(),
+            status: 0,
+            detail: detail.into(),
+        }
     }
 }
 
 /// ETags in headers come quoted, in listings unquoted: store them quoted.
 fn etag(e: &Etag) -> ETag {
     let s = e.to_string();
-    if s.starts_with('"') || s.starts_with("W/") { ETag(s) } else { ETag(format!("\"{s}\"")) }
+    if s.starts_with('"') || s.starts_with("W/") {
+        ETag(s)
+    } else {
+        ETag(format!("\"{s}\""))
+    }
 }
 
 fn md5(v: Option<Vec<u8>>) -> Option<[u8; 16]> {
@@ -222,7 +285,11 @@ fn content_range(s: &str) -> Option<(u64, u64, u64)> {
     let rest = s.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
     let (a, b) = range.split_once('-')?;
-    Some((a.trim().parse().ok()?, b.trim().parse().ok()?, total.trim().parse().ok()?))
+    Some((
+        a.trim().parse().ok()?,
+        b.trim().parse().ok()?,
+        total.trim().parse().ok()?,
+    ))
 }
 
 #[async_trait]
@@ -231,7 +298,12 @@ impl Lake for AzureLake {
         format!("{} ({})", self.url, self.kind)
     }
 
-    async fn list_page(&self, prefix: &str, marker: Option<&str>, max_results: u32) -> LakeResult<ListPage> {
+    async fn list_page(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        max_results: u32,
+    ) -> LakeResult<ListPage> {
         let options = BlobContainerClientListBlobsOptions {
             prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
             marker: marker.map(str::to_owned),
@@ -239,43 +311,89 @@ impl Lake for AzureLake {
             maxresults: Some(max_results.clamp(1, 5000) as i32),
             ..Default::default()
         };
-        let pager = self.container.list_blobs(Some(options)).map_err(|e| self.err(Op::List, prefix, &e))?;
+        let pager = self
+            .container
+            .list_blobs(Some(options))
+            .map_err(|e| self.err(Op::List, prefix, &e))?;
         let mut pages = pager.into_pages();
-        let Some(page) = pages.try_next().await.map_err(|e| self.err(Op::List, prefix, &e))? else {
+        let Some(page) = pages
+            .try_next()
+            .await
+            .map_err(|e| self.err(Op::List, prefix, &e))?
+        else {
             return Ok(ListPage::default());
         };
-        let page = page.into_model().map_err(|e| self.err(Op::List, prefix, &e))?;
+        let page = page
+            .into_model()
+            .map_err(|e| self.err(Op::List, prefix, &e))?;
         let mut objects = Vec::with_capacity(page.blob_items.len());
         for item in page.blob_items {
-            let name = item.name.ok_or_else(|| self.protocol(Op::List, prefix, "listing entry without a name"))?;
-            let props = item.properties.ok_or_else(|| self.protocol(Op::List, &name, "listing entry without properties"))?;
-            let etag = props.etag.as_ref().map(etag).ok_or_else(|| self.protocol(Op::List, &name, "no ETag"))?;
+            let name = item
+                .name
+                .ok_or_else(|| self.protocol(Op::List, prefix, "listing entry without a name"))?;
+            let props = item.properties.ok_or_else(|| {
+                self.protocol(Op::List, &name, "listing entry without properties")
+            })?;
+            let etag = props
+                .etag
+                .as_ref()
+                .map(etag)
+                .ok_or_else(|| self.protocol(Op::List, &name, "no ETag"))?;
             objects.push(ObjectMeta {
                 size: props.content_length.unwrap_or(0),
                 etag,
-                last_modified: props.last_modified.map(SystemTime::from).unwrap_or(SystemTime::UNIX_EPOCH),
+                last_modified: props
+                    .last_modified
+                    .map(SystemTime::from)
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
                 content_md5: md5(props.content_md5),
                 name,
             });
         }
-        Ok(ListPage { objects, next: page.next_marker.filter(|m| !m.is_empty()) })
+        Ok(ListPage {
+            objects,
+            next: page.next_marker.filter(|m| !m.is_empty()),
+        })
     }
 
     async fn head(&self, name: &str) -> LakeResult<ObjectMeta> {
         let blob = self.container.blob_client(name);
-        let rsp = blob.get_properties(None).await.map_err(|e| self.err(Op::Head, name, &e))?;
-        let bad = |e: azure_core::Error| self.protocol(Op::Head, name, format!("unreadable header: {}", self.scrub.scrub(&e.to_string())));
-        let etag = rsp.etag().map_err(bad)?.as_ref().map(etag).ok_or_else(|| self.protocol(Op::Head, name, "no ETag"))?;
+        let rsp = blob
+            .get_properties(None)
+            .await
+            .map_err(|e| self.err(Op::Head, name, &e))?;
+        let bad = |e: azure_core::Error| {
+            self.protocol(
+                Op::Head,
+                name,
+                format!("unreadable header: {}", self.scrub.scrub(&e.to_string())),
+            )
+        };
+        let etag = rsp
+            .etag()
+            .map_err(bad)?
+            .as_ref()
+            .map(etag)
+            .ok_or_else(|| self.protocol(Op::Head, name, "no ETag"))?;
         Ok(ObjectMeta {
             name: name.to_owned(),
             size: rsp.content_length().map_err(bad)?.unwrap_or(0),
             etag,
-            last_modified: rsp.last_modified().map_err(bad)?.map(SystemTime::from).unwrap_or(SystemTime::UNIX_EPOCH),
+            last_modified: rsp
+                .last_modified()
+                .map_err(bad)?
+                .map(SystemTime::from)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
             content_md5: md5(rsp.content_md5().map_err(bad)?),
         })
     }
 
-    async fn get_stream(&self, name: &str, range: Range<u64>, want: &ETag) -> LakeResult<ByteStream> {
+    async fn get_stream(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        want: &ETag,
+    ) -> LakeResult<ByteStream> {
         if range.start >= range.end {
             return Ok(futures::stream::empty().boxed());
         }
@@ -290,14 +408,21 @@ impl Lake for AzureLake {
             partition_size: NonZero::new(usize::try_from(len).unwrap_or(usize::MAX)),
             ..Default::default()
         };
-        let ctx = Ctx { op: Op::Get, name, if_match: Some(want) };
+        let ctx = Ctx {
+            op: Op::Get,
+            name,
+            if_match: Some(want),
+        };
         let rsp = match blob.download(Some(options)).await {
             Ok(r) => r,
             Err(e) if e.http_status() == Some(StatusCode::RequestedRangeNotSatisfiable) => {
                 // The range starts at or past the end: empty, if the blob is still ours.
                 let meta = self.head(name).await?;
                 if &meta.etag != want {
-                    return Err(LakeError::Changed { name: name.to_owned(), expected: want.clone() });
+                    return Err(LakeError::Changed {
+                        name: name.to_owned(),
+                        expected: want.clone(),
+                    });
                 }
                 if range.start >= meta.size {
                     return Ok(futures::stream::empty().boxed());
@@ -308,8 +433,12 @@ impl Lake for AzureLake {
                 return Err(match errors::map(&e, &ctx, &self.scrub) {
                     // If-Match fails on a deleted blob too (Azurite answers 412 where
                     // Azure answers 404): tell a deleted blob from a replaced one.
-                    LakeError::Changed { .. } if matches!(self.head(name).await, Err(LakeError::NotFound { .. })) => {
-                        LakeError::NotFound { name: name.to_owned() }
+                    LakeError::Changed { .. }
+                        if matches!(self.head(name).await, Err(LakeError::NotFound { .. })) =>
+                    {
+                        LakeError::NotFound {
+                            name: name.to_owned(),
+                        }
                     }
                     other => other,
                 });
@@ -317,9 +446,16 @@ impl Lake for AzureLake {
         };
         let served = rsp.properties.etag.as_ref().map(etag);
         if served.as_ref().is_some_and(|s| s != want) {
-            return Err(LakeError::Changed { name: name.to_owned(), expected: want.clone() });
+            return Err(LakeError::Changed {
+                name: name.to_owned(),
+                expected: want.clone(),
+            });
         }
-        let header = |k: &str| rsp.headers.get_optional_str(&azure_core::http::headers::HeaderName::from(k.to_owned())).map(str::to_owned);
+        let header = |k: &str| {
+            rsp.headers
+                .get_optional_str(&azure_core::http::headers::HeaderName::from(k.to_owned()))
+                .map(str::to_owned)
+        };
         let announced: Option<u64> = header("content-length").and_then(|v| v.parse().ok());
         // What the lake says it is sending, and where in the blob that starts.
         // What the lake says it is sending. Without Content-Range the answer is the
@@ -331,7 +467,11 @@ impl Lake for AzureLake {
                 // `b == a - 1` is an empty range at the end (Azurite answers so where
                 // Azure answers 416).
                 if a != range.start || b + 1 < a {
-                    return Err(self.protocol(Op::Get, name, format!("asked for bytes from {}, got {a}-{b}", range.start)));
+                    return Err(self.protocol(
+                        Op::Get,
+                        name,
+                        format!("asked for bytes from {}, got {a}-{b}", range.start),
+                    ));
                 }
                 b + 1 - a
             }
@@ -340,10 +480,18 @@ impl Lake for AzureLake {
         if let Some(n) = announced
             && n != expected
         {
-            return Err(self.protocol(Op::Get, name, format!("Content-Length {n} disagrees with Content-Range ({expected})")));
+            return Err(self.protocol(
+                Op::Get,
+                name,
+                format!("Content-Length {n} disagrees with Content-Range ({expected})"),
+            ));
         }
         if !whole && expected > len {
-            return Err(self.protocol(Op::Get, name, format!("asked for {len} bytes, the lake announced {expected}")));
+            return Err(self.protocol(
+                Op::Get,
+                name,
+                format!("asked for {len} bytes, the lake announced {expected}"),
+            ));
         }
         // Without Content-Range the body is the whole blob: pass on only the asked part.
         let (skip, take) = if whole {
@@ -352,7 +500,15 @@ impl Lake for AzureLake {
         } else {
             (0, expected)
         };
-        let body = Body { rsp: rsp.body, name: name.to_owned(), expected, got: 0, skip, take, done: false };
+        let body = Body {
+            rsp: rsp.body,
+            name: name.to_owned(),
+            expected,
+            got: 0,
+            skip,
+            take,
+            done: false,
+        };
         Ok(futures::stream::unfold(body, Body::next).boxed())
     }
 
@@ -364,11 +520,23 @@ impl Lake for AzureLake {
             partition_size: NonZero::new((data.len() as u64).max(1)),
             ..Default::default()
         };
-        let rsp = blob.upload(data.into(), Some(options)).await.map_err(|e| self.err(Op::Put, name, &e))?;
-        rsp.etag.as_ref().map(etag).ok_or_else(|| self.protocol(Op::Put, name, "no ETag in the answer"))
+        let rsp = blob
+            .upload(data.into(), Some(options))
+            .await
+            .map_err(|e| self.err(Op::Put, name, &e))?;
+        rsp.etag
+            .as_ref()
+            .map(etag)
+            .ok_or_else(|| self.protocol(Op::Put, name, "no ETag in the answer"))
     }
 
-    async fn put_block(&self, name: &str, id: &BlockId, data: Bytes, md5: Option<[u8; 16]>) -> LakeResult<()> {
+    async fn put_block(
+        &self,
+        name: &str,
+        id: &BlockId,
+        data: Bytes,
+        md5: Option<[u8; 16]>,
+    ) -> LakeResult<()> {
         let blob = self.container.blob_client(name).block_blob_client();
         let options = BlockBlobClientStageBlockOptions {
             transactional_content_md5: md5.map(|m| m.to_vec()),
@@ -382,21 +550,34 @@ impl Lake for AzureLake {
         Ok(())
     }
 
-    async fn put_block_list(&self, name: &str, ids: &[BlockId], content_md5: Option<[u8; 16]>) -> LakeResult<ETag> {
+    async fn put_block_list(
+        &self,
+        name: &str,
+        ids: &[BlockId],
+        content_md5: Option<[u8; 16]>,
+    ) -> LakeResult<ETag> {
         let blob = self.container.blob_client(name).block_blob_client();
         let list = BlockLookupList {
             latest: Some(ids.iter().map(|id| id.0.as_bytes().to_vec()).collect()),
             ..Default::default()
         };
-        let content: RequestContent<BlockLookupList, _> =
-            list.try_into().map_err(|e: azure_core::Error| self.err(Op::PutBlockList, name, &e))?;
+        let content: RequestContent<BlockLookupList, _> = list
+            .try_into()
+            .map_err(|e: azure_core::Error| self.err(Op::PutBlockList, name, &e))?;
         let options = BlockBlobClientCommitBlockListOptions {
             blob_content_md5: content_md5.map(|m| m.to_vec()),
             ..Default::default()
         };
-        let rsp = blob.commit_block_list(content, Some(options)).await.map_err(|e| self.err(Op::PutBlockList, name, &e))?;
-        let tag = rsp.etag().map_err(|e| self.err(Op::PutBlockList, name, &e))?;
-        tag.as_ref().map(etag).ok_or_else(|| self.protocol(Op::PutBlockList, name, "no ETag in the answer"))
+        let rsp = blob
+            .commit_block_list(content, Some(options))
+            .await
+            .map_err(|e| self.err(Op::PutBlockList, name, &e))?;
+        let tag = rsp
+            .etag()
+            .map_err(|e| self.err(Op::PutBlockList, name, &e))?;
+        tag.as_ref()
+            .map(etag)
+            .ok_or_else(|| self.protocol(Op::PutBlockList, name, "no ETag in the answer"))
     }
 
     async fn delete(&self, name: &str) -> LakeResult<()> {
@@ -419,14 +600,23 @@ impl Lake for AzureLake {
             .await
             .map_err(|e| self.err(Op::Lease, name, &e))?;
         let id = rsp.lease_id().map_err(|e| self.err(Op::Lease, name, &e))?;
-        id.map(LeaseId).ok_or_else(|| self.protocol(Op::Lease, name, "no lease id in the answer"))
+        id.map(LeaseId)
+            .ok_or_else(|| self.protocol(Op::Lease, name, "no lease id in the answer"))
     }
 
     async fn release_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {
         let blob = self.container.blob_client(name);
         match blob.release_lease(lease.0.clone(), None).await {
             Ok(_) => Ok(()),
-            Err(e) => match errors::map(&e, &Ctx { op: Op::Lease, name, if_match: None }, &self.scrub) {
+            Err(e) => match errors::map(
+                &e,
+                &Ctx {
+                    op: Op::Lease,
+                    name,
+                    if_match: None,
+                },
+                &self.scrub,
+            ) {
                 // Gone, or no longer ours (expired and taken or broken): not held by us
                 // any more, which is what releasing wants.
                 LakeError::NotFound { .. } | LakeError::LeaseConflict { .. } => Ok(()),
@@ -458,7 +648,15 @@ impl Body {
                 Some(Ok(mut chunk)) => {
                     self.got += chunk.len() as u64;
                     if self.got > self.expected {
-                        LakeError::Other { op: Op::Get, name: self.name.clone(), status: 0, detail: format!("body longer than the announced {} bytes", self.expected) }
+                        LakeError::Other {
+                            op: Op::Get,
+                            name: self.name.clone(),
+                            status: 0,
+                            detail: format!(
+                                "body longer than the announced {} bytes",
+                                self.expected
+                            ),
+                        }
                     } else {
                         let drop = self.skip.min(chunk.len() as u64);
                         self.skip -= drop;
@@ -471,8 +669,16 @@ impl Body {
                         return Some((Ok(chunk), self));
                     }
                 }
-                Some(Err(_)) => LakeError::Truncated { name: self.name.clone(), expected: self.expected, got: self.got },
-                None if self.got < self.expected => LakeError::Truncated { name: self.name.clone(), expected: self.expected, got: self.got },
+                Some(Err(_)) => LakeError::Truncated {
+                    name: self.name.clone(),
+                    expected: self.expected,
+                    got: self.got,
+                },
+                None if self.got < self.expected => LakeError::Truncated {
+                    name: self.name.clone(),
+                    expected: self.expected,
+                    got: self.got,
+                },
                 None => return None,
             };
             self.done = true;
@@ -502,9 +708,13 @@ mod tests {
         let url = LakeUrl::parse("http://127.0.0.1:1/devstoreaccount1/data?sig=URLSECRET").unwrap();
         let creds = Credentials::ManagedIdentity { client_id: None };
         let err = AzureLake::connect(&url, &creds, &AzureOptions::default()).unwrap_err();
-        assert!(matches!(err, AzureSetupError::InsecureBearer { .. }), "{err}");
+        assert!(
+            matches!(err, AzureSetupError::InsecureBearer { .. }),
+            "{err}"
+        );
         assert!(!err.to_string().contains("URLSECRET"));
-        let lake = AzureLake::connect(&url, &Credentials::Anonymous, &AzureOptions::default()).unwrap();
+        let lake =
+            AzureLake::connect(&url, &Credentials::Anonymous, &AzureOptions::default()).unwrap();
         assert!(!format!("{lake:?}").contains("URLSECRET"));
         assert!(!lake.describe().contains("URLSECRET"));
     }

@@ -60,7 +60,9 @@ pub enum Credentials {
     AccountKey(Secret),
     WorkloadIdentity(WorkloadIdentity),
     /// The VM's or node's managed identity; `client_id` picks a user-assigned one.
-    ManagedIdentity { client_id: Option<String> },
+    ManagedIdentity {
+        client_id: Option<String>,
+    },
 }
 
 /// The process environment as a lookup, so that libraries never read `std::env`
@@ -83,22 +85,32 @@ impl Credentials {
     ) -> Result<Self, CredentialsError> {
         let nonempty = |k: &str| env(k).filter(|v| !v.trim().is_empty());
         if let Some(sas) = sas_flag.filter(|s| !s.trim().is_empty()) {
-            return Ok(Credentials::Sas(Secret::new(sas.trim().trim_start_matches('?').to_owned())));
+            return Ok(Credentials::Sas(Secret::new(
+                sas.trim().trim_start_matches('?').to_owned(),
+            )));
         }
         if managed_identity {
-            return Ok(Credentials::ManagedIdentity { client_id: nonempty(Self::ENV_CLIENT_ID) });
+            return Ok(Credentials::ManagedIdentity {
+                client_id: nonempty(Self::ENV_CLIENT_ID),
+            });
         }
         if let Some(sas) = nonempty(Self::ENV_SAS) {
-            return Ok(Credentials::Sas(Secret::new(sas.trim().trim_start_matches('?').to_owned())));
+            return Ok(Credentials::Sas(Secret::new(
+                sas.trim().trim_start_matches('?').to_owned(),
+            )));
         }
         if let Some(key) = nonempty(Self::ENV_KEY) {
             return Ok(Credentials::AccountKey(Secret::new(key.trim().to_owned())));
         }
         if let Some(file) = nonempty(Self::ENV_TOKEN_FILE) {
-            let client_id = nonempty(Self::ENV_CLIENT_ID)
-                .ok_or(CredentialsError::Missing { var: Self::ENV_CLIENT_ID, because: Self::ENV_TOKEN_FILE })?;
-            let tenant_id = nonempty(Self::ENV_TENANT_ID)
-                .ok_or(CredentialsError::Missing { var: Self::ENV_TENANT_ID, because: Self::ENV_TOKEN_FILE })?;
+            let client_id = nonempty(Self::ENV_CLIENT_ID).ok_or(CredentialsError::Missing {
+                var: Self::ENV_CLIENT_ID,
+                because: Self::ENV_TOKEN_FILE,
+            })?;
+            let tenant_id = nonempty(Self::ENV_TENANT_ID).ok_or(CredentialsError::Missing {
+                var: Self::ENV_TENANT_ID,
+                because: Self::ENV_TOKEN_FILE,
+            })?;
             return Ok(Credentials::WorkloadIdentity(WorkloadIdentity {
                 token_file: PathBuf::from(file),
                 client_id,
@@ -123,8 +135,13 @@ impl Credentials {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CredentialsError {
-    #[error("{because} is set, so workload identity is used, but {var} is not; set {var} (the workload identity's {var})")]
-    Missing { var: &'static str, because: &'static str },
+    #[error(
+        "{because} is set, so workload identity is used, but {var} is not; set {var} (the workload identity's {var})"
+    )]
+    Missing {
+        var: &'static str,
+        because: &'static str,
+    },
 }
 
 #[cfg(test)]
@@ -133,30 +150,61 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn precedence_flag_then_env_sas_key_workload_anonymous() {
-        let e = env(&[("AZURE_STORAGE_SAS_TOKEN", "?sv=1&sig=a"), ("AZURE_STORAGE_KEY", "k")]);
+        let e = env(&[
+            ("AZURE_STORAGE_SAS_TOKEN", "?sv=1&sig=a"),
+            ("AZURE_STORAGE_KEY", "k"),
+        ]);
         let look = |k: &str| e.get(k).cloned();
-        assert_eq!(Credentials::resolve(Some("sig=flag".into()), false, &look).unwrap(), Credentials::Sas(Secret::new("sig=flag")));
-        assert_eq!(Credentials::resolve(None, false, &look).unwrap(), Credentials::Sas(Secret::new("sv=1&sig=a")));
-        let e = env(&[("AZURE_STORAGE_KEY", "k"), ("AZURE_FEDERATED_TOKEN_FILE", "/t")]);
+        assert_eq!(
+            Credentials::resolve(Some("sig=flag".into()), false, &look).unwrap(),
+            Credentials::Sas(Secret::new("sig=flag"))
+        );
+        assert_eq!(
+            Credentials::resolve(None, false, &look).unwrap(),
+            Credentials::Sas(Secret::new("sv=1&sig=a"))
+        );
+        let e = env(&[
+            ("AZURE_STORAGE_KEY", "k"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/t"),
+        ]);
         let look = |k: &str| e.get(k).cloned();
-        assert_eq!(Credentials::resolve(None, false, &look).unwrap().kind(), "account-key");
-        assert_eq!(Credentials::resolve(None, true, &look).unwrap().kind(), "managed-identity");
+        assert_eq!(
+            Credentials::resolve(None, false, &look).unwrap().kind(),
+            "account-key"
+        );
+        assert_eq!(
+            Credentials::resolve(None, true, &look).unwrap().kind(),
+            "managed-identity"
+        );
         let none = |_: &str| None;
-        assert_eq!(Credentials::resolve(None, false, &none).unwrap(), Credentials::Anonymous);
+        assert_eq!(
+            Credentials::resolve(None, false, &none).unwrap(),
+            Credentials::Anonymous
+        );
     }
 
     #[test]
     fn workload_identity_needs_client_and_tenant() {
-        let e = env(&[("AZURE_FEDERATED_TOKEN_FILE", "/var/run/token"), ("AZURE_CLIENT_ID", "cid")]);
+        let e = env(&[
+            ("AZURE_FEDERATED_TOKEN_FILE", "/var/run/token"),
+            ("AZURE_CLIENT_ID", "cid"),
+        ]);
         let look = |k: &str| e.get(k).cloned();
         let err = Credentials::resolve(None, false, &look).unwrap_err();
         assert!(err.to_string().contains("AZURE_TENANT_ID"), "{err}");
-        let e = env(&[("AZURE_FEDERATED_TOKEN_FILE", "/t"), ("AZURE_CLIENT_ID", "c"), ("AZURE_TENANT_ID", "t")]);
+        let e = env(&[
+            ("AZURE_FEDERATED_TOKEN_FILE", "/t"),
+            ("AZURE_CLIENT_ID", "c"),
+            ("AZURE_TENANT_ID", "t"),
+        ]);
         let look = |k: &str| e.get(k).cloned();
         match Credentials::resolve(None, false, &look).unwrap() {
             Credentials::WorkloadIdentity(w) => {

@@ -65,12 +65,18 @@ impl FaultyLake {
 
     /// Inject `fault` into the next `times` calls of `op`.
     pub fn fail(&self, op: Op, fault: Fault, times: u32) {
-        self.rules.lock().entry(op).or_default().push(Rule { fault, remaining: Some(times) });
+        self.rules.lock().entry(op).or_default().push(Rule {
+            fault,
+            remaining: Some(times),
+        });
     }
 
     /// Inject `fault` into every call of `op` until [`FaultyLake::heal`].
     pub fn fail_always(&self, op: Op, fault: Fault) {
-        self.rules.lock().entry(op).or_default().push(Rule { fault, remaining: None });
+        self.rules.lock().entry(op).or_default().push(Rule {
+            fault,
+            remaining: None,
+        });
     }
 
     /// Add `delay` before every call of `op`.
@@ -109,8 +115,16 @@ impl FaultyLake {
         let Some(fault) = fault else { return Ok(None) };
         self.injected.fetch_add(1, Ordering::Relaxed);
         match fault {
-            Fault::Throttle => Err(LakeError::Throttled { op, name: name.into(), status: 503 }),
-            Fault::Reset => Err(LakeError::Connection { op, name: name.into(), detail: "connection reset by peer (injected)".into() }),
+            Fault::Throttle => Err(LakeError::Throttled {
+                op,
+                name: name.into(),
+                status: 503,
+            }),
+            Fault::Reset => Err(LakeError::Connection {
+                op,
+                name: name.into(),
+                detail: "connection reset by peer (injected)".into(),
+            }),
             Fault::Hang => std::future::pending().await,
             Fault::Truncate | Fault::Stall => Ok(Some(fault)),
         }
@@ -123,7 +137,12 @@ impl Lake for FaultyLake {
         format!("faulty({})", self.inner.describe())
     }
 
-    async fn list_page(&self, prefix: &str, marker: Option<&str>, max: u32) -> LakeResult<ListPage> {
+    async fn list_page(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        max: u32,
+    ) -> LakeResult<ListPage> {
         self.before(Op::List, prefix).await?;
         self.inner.list_page(prefix, marker, max).await
     }
@@ -133,18 +152,34 @@ impl Lake for FaultyLake {
         self.inner.head(name).await
     }
 
-    async fn get_stream(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<ByteStream> {
+    async fn get_stream(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        etag: &ETag,
+    ) -> LakeResult<ByteStream> {
         let fault = self.before(Op::Get, name).await?;
         let body = self.inner.get_stream(name, range, etag).await?;
         let Some(fault) = fault else { return Ok(body) };
         // Test-only: the body is gathered to know where its middle is.
-        let whole = body.collect::<Vec<_>>().await.into_iter().collect::<LakeResult<Vec<Bytes>>>()?.concat();
+        let whole = body
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<LakeResult<Vec<Bytes>>>()?
+            .concat();
         let half = Bytes::from(whole[..whole.len() / 2].to_vec());
         let (expected, got) = (whole.len() as u64, half.len() as u64);
         let first = futures::stream::iter([Ok(half)]);
         Ok(match fault {
             // What a real client sees when the connection dies mid-body.
-            Fault::Truncate => first.chain(futures::stream::iter([Err(LakeError::Truncated { name: name.into(), expected, got })])).boxed(),
+            Fault::Truncate => first
+                .chain(futures::stream::iter([Err(LakeError::Truncated {
+                    name: name.into(),
+                    expected,
+                    got,
+                })]))
+                .boxed(),
             _ => first.chain(futures::stream::pending()).boxed(),
         })
     }
@@ -154,12 +189,23 @@ impl Lake for FaultyLake {
         self.inner.put(name, data).await
     }
 
-    async fn put_block(&self, name: &str, id: &BlockId, data: Bytes, md5: Option<[u8; 16]>) -> LakeResult<()> {
+    async fn put_block(
+        &self,
+        name: &str,
+        id: &BlockId,
+        data: Bytes,
+        md5: Option<[u8; 16]>,
+    ) -> LakeResult<()> {
         self.before(Op::PutBlock, name).await?;
         self.inner.put_block(name, id, data, md5).await
     }
 
-    async fn put_block_list(&self, name: &str, ids: &[BlockId], md5: Option<[u8; 16]>) -> LakeResult<ETag> {
+    async fn put_block_list(
+        &self,
+        name: &str,
+        ids: &[BlockId],
+        md5: Option<[u8; 16]>,
+    ) -> LakeResult<ETag> {
         self.before(Op::PutBlockList, name).await?;
         self.inner.put_block_list(name, ids, md5).await
     }

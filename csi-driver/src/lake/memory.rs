@@ -47,7 +47,10 @@ impl MemoryLake {
     }
 
     fn next_etag(&self) -> ETag {
-        ETag(format!("\"0x{:016X}\"", self.version.fetch_add(1, Ordering::Relaxed) + 1))
+        ETag(format!(
+            "\"0x{:016X}\"",
+            self.version.fetch_add(1, Ordering::Relaxed) + 1
+        ))
     }
 
     /// Store an object directly (test set-up); returns its new ETag.
@@ -59,7 +62,12 @@ impl MemoryLake {
 
     /// Like [`MemoryLake::insert`] with a chosen `Content-MD5` (none, or a wrong one, as
     /// some writers leave).
-    pub fn insert_with_md5(&self, name: &str, data: impl Into<Bytes>, content_md5: Option<[u8; 16]>) -> ETag {
+    pub fn insert_with_md5(
+        &self,
+        name: &str,
+        data: impl Into<Bytes>,
+        content_md5: Option<[u8; 16]>,
+    ) -> ETag {
         let data = data.into();
         let etag = self.next_etag();
         let meta = ObjectMeta {
@@ -69,7 +77,10 @@ impl MemoryLake {
             last_modified: SystemTime::now(),
             content_md5,
         };
-        self.state.lock().objects.insert(name.to_owned(), Object { data, meta });
+        self.state
+            .lock()
+            .objects
+            .insert(name.to_owned(), Object { data, meta });
         etag
     }
 
@@ -85,7 +96,12 @@ impl Lake for MemoryLake {
         "memory://".into()
     }
 
-    async fn list_page(&self, prefix: &str, marker: Option<&str>, max: u32) -> LakeResult<ListPage> {
+    async fn list_page(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        max: u32,
+    ) -> LakeResult<ListPage> {
         let st = self.state.lock();
         let start = marker.unwrap_or(prefix).to_owned();
         let mut objects = Vec::new();
@@ -108,23 +124,41 @@ impl Lake for MemoryLake {
 
     async fn head(&self, name: &str) -> LakeResult<ObjectMeta> {
         let st = self.state.lock();
-        st.objects.get(name).map(|o| o.meta.clone()).ok_or_else(|| LakeError::NotFound { name: name.into() })
+        st.objects
+            .get(name)
+            .map(|o| o.meta.clone())
+            .ok_or_else(|| LakeError::NotFound { name: name.into() })
     }
 
-    async fn get_stream(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<ByteStream> {
+    async fn get_stream(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        etag: &ETag,
+    ) -> LakeResult<ByteStream> {
         self.gets.fetch_add(1, Ordering::Relaxed);
         let st = self.state.lock();
-        let o = st.objects.get(name).ok_or_else(|| LakeError::NotFound { name: name.into() })?;
+        let o = st
+            .objects
+            .get(name)
+            .ok_or_else(|| LakeError::NotFound { name: name.into() })?;
         if &o.meta.etag != etag {
-            return Err(LakeError::Changed { name: name.into(), expected: etag.clone() });
+            return Err(LakeError::Changed {
+                name: name.into(),
+                expected: etag.clone(),
+            });
         }
         let len = o.data.len() as u64;
         let start = range.start.min(len) as usize;
         let end = range.end.min(len) as usize;
         let body = o.data.slice(start..end.max(start));
-        self.bytes_served.fetch_add(body.len() as u64, Ordering::Relaxed);
+        self.bytes_served
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
         // In network-sized chunks, so consumers meet bodies split anywhere.
-        let chunks: Vec<LakeResult<Bytes>> = (0..body.len()).step_by(CHUNK).map(|i| Ok(body.slice(i..(i + CHUNK).min(body.len())))).collect();
+        let chunks: Vec<LakeResult<Bytes>> = (0..body.len())
+            .step_by(CHUNK)
+            .map(|i| Ok(body.slice(i..(i + CHUNK).min(body.len()))))
+            .collect();
         Ok(futures::stream::iter(chunks).boxed())
     }
 
@@ -135,16 +169,36 @@ impl Lake for MemoryLake {
         Ok(self.insert(name, data))
     }
 
-    async fn put_block(&self, name: &str, id: &BlockId, data: Bytes, md5: Option<[u8; 16]>) -> LakeResult<()> {
+    async fn put_block(
+        &self,
+        name: &str,
+        id: &BlockId,
+        data: Bytes,
+        md5: Option<[u8; 16]>,
+    ) -> LakeResult<()> {
         if let Some(want) = md5
-            && <[u8; 16]>::from(Md5::digest(&data)) != want {
-                return Err(LakeError::Other { op: Op::PutBlock, name: name.into(), status: 400, detail: "Md5Mismatch".into() });
-            }
-        self.state.lock().staged.insert((name.to_owned(), id.0.clone()), data);
+            && <[u8; 16]>::from(Md5::digest(&data)) != want
+        {
+            return Err(LakeError::Other {
+                op: Op::PutBlock,
+                name: name.into(),
+                status: 400,
+                detail: "Md5Mismatch".into(),
+            });
+        }
+        self.state
+            .lock()
+            .staged
+            .insert((name.to_owned(), id.0.clone()), data);
         Ok(())
     }
 
-    async fn put_block_list(&self, name: &str, ids: &[BlockId], content_md5: Option<[u8; 16]>) -> LakeResult<ETag> {
+    async fn put_block_list(
+        &self,
+        name: &str,
+        ids: &[BlockId],
+        content_md5: Option<[u8; 16]>,
+    ) -> LakeResult<ETag> {
         let mut buf = BytesMut::new();
         {
             let st = self.state.lock();
@@ -152,12 +206,15 @@ impl Lake for MemoryLake {
                 return Err(LakeError::LeaseConflict { name: name.into() });
             }
             for id in ids {
-                let b = st.staged.get(&(name.to_owned(), id.0.clone())).ok_or_else(|| LakeError::Other {
-                    op: Op::PutBlockList,
-                    name: name.into(),
-                    status: 400,
-                    detail: format!("InvalidBlockList: block {} was never staged", id.0),
-                })?;
+                let b = st
+                    .staged
+                    .get(&(name.to_owned(), id.0.clone()))
+                    .ok_or_else(|| LakeError::Other {
+                        op: Op::PutBlockList,
+                        name: name.into(),
+                        status: 400,
+                        detail: format!("InvalidBlockList: block {} was never staged", id.0),
+                    })?;
                 buf.extend_from_slice(b);
             }
         }
@@ -227,21 +284,50 @@ mod tests {
     async fn ranged_get_is_pinned_to_etag_and_clipped() {
         let lake = MemoryLake::new();
         let e1 = lake.insert("f", "hello world");
-        assert_eq!(&lake.get_range("f", 6..100, &e1).await.unwrap()[..], b"world");
+        assert_eq!(
+            &lake.get_range("f", 6..100, &e1).await.unwrap()[..],
+            b"world"
+        );
         lake.insert("f", "HELLO WORLD");
-        assert!(matches!(lake.get_range("f", 0..5, &e1).await, Err(LakeError::Changed { .. })));
+        assert!(matches!(
+            lake.get_range("f", 0..5, &e1).await,
+            Err(LakeError::Changed { .. })
+        ));
     }
 
     #[tokio::test]
     async fn blocks_commit_in_list_order_and_leases_exclude() {
         let lake = MemoryLake::new();
-        lake.put_block("o", &BlockId::numbered("u", 1), Bytes::from_static(b"world"), None).await.unwrap();
-        lake.put_block("o", &BlockId::numbered("u", 0), Bytes::from_static(b"hello "), None).await.unwrap();
+        lake.put_block(
+            "o",
+            &BlockId::numbered("u", 1),
+            Bytes::from_static(b"world"),
+            None,
+        )
+        .await
+        .unwrap();
+        lake.put_block(
+            "o",
+            &BlockId::numbered("u", 0),
+            Bytes::from_static(b"hello "),
+            None,
+        )
+        .await
+        .unwrap();
         assert!(lake.head("o").await.is_err(), "staged blocks are invisible");
-        lake.put_block_list("o", &[BlockId::numbered("u", 0), BlockId::numbered("u", 1)], None).await.unwrap();
+        lake.put_block_list(
+            "o",
+            &[BlockId::numbered("u", 0), BlockId::numbered("u", 1)],
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!(&lake.content("o").unwrap()[..], b"hello world");
         let lease = lake.acquire_lease("o", Some(15)).await.unwrap();
-        assert!(matches!(lake.acquire_lease("o", Some(15)).await, Err(LakeError::LeaseConflict { .. })));
+        assert!(matches!(
+            lake.acquire_lease("o", Some(15)).await,
+            Err(LakeError::LeaseConflict { .. })
+        ));
         lake.release_lease("o", &lease).await.unwrap();
         lake.delete("o").await.unwrap();
         lake.delete("o").await.unwrap();

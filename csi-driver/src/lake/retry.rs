@@ -88,7 +88,11 @@ where
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) if !e.is_transient() => return Err(e),
             Ok(Err(e)) => e,
-            Err(_) => LakeError::Timeout { op, name: name.into(), secs: limit.as_secs_f64() },
+            Err(_) => LakeError::Timeout {
+                op,
+                name: name.into(),
+                secs: limit.as_secs_f64(),
+            },
         };
         let backoff = backoff(config, attempt);
         let out_of_time = started.elapsed() + backoff >= config.deadline;
@@ -135,15 +139,20 @@ impl Resuming {
             if self.done {
                 return None;
             }
-            let err = match tokio::time::timeout(self.config.attempt_timeout, self.body.next()).await {
-                Ok(Some(Ok(chunk))) => {
-                    self.pos += chunk.len() as u64;
-                    return Some((Ok(chunk), self));
-                }
-                Ok(None) => return None,
-                Ok(Some(Err(e))) => e,
-                Err(_) => LakeError::Timeout { op: Op::Get, name: self.name.clone(), secs: self.config.attempt_timeout.as_secs_f64() },
-            };
+            let err =
+                match tokio::time::timeout(self.config.attempt_timeout, self.body.next()).await {
+                    Ok(Some(Ok(chunk))) => {
+                        self.pos += chunk.len() as u64;
+                        return Some((Ok(chunk), self));
+                    }
+                    Ok(None) => return None,
+                    Ok(Some(Err(e))) => e,
+                    Err(_) => LakeError::Timeout {
+                        op: Op::Get,
+                        name: self.name.clone(),
+                        secs: self.config.attempt_timeout.as_secs_f64(),
+                    },
+                };
             if !err.is_transient() || self.resumes >= self.config.max_attempts {
                 self.done = true;
                 return Some((Err(err), self));
@@ -152,7 +161,11 @@ impl Resuming {
             tracing::debug!(name = %self.name, at = self.pos, resume = self.resumes, error = %err, "body broke off; resuming");
             tokio::time::sleep(backoff(&self.config, self.resumes)).await;
             let (inner, range, etag) = (self.inner.clone(), self.pos..self.end, self.etag.clone());
-            match run(&self.config, Op::Get, &self.name, || inner.get_stream(&self.name, range.clone(), &etag)).await {
+            match run(&self.config, Op::Get, &self.name, || {
+                inner.get_stream(&self.name, range.clone(), &etag)
+            })
+            .await
+            {
                 Ok(body) => self.body = body,
                 Err(e) => {
                     self.done = true;
@@ -169,16 +182,33 @@ impl Lake for RetryingLake {
         self.inner.describe()
     }
 
-    async fn list_page(&self, prefix: &str, marker: Option<&str>, max: u32) -> LakeResult<ListPage> {
-        self.run(Op::List, prefix, || self.inner.list_page(prefix, marker, max)).await
+    async fn list_page(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        max: u32,
+    ) -> LakeResult<ListPage> {
+        self.run(Op::List, prefix, || {
+            self.inner.list_page(prefix, marker, max)
+        })
+        .await
     }
 
     async fn head(&self, name: &str) -> LakeResult<ObjectMeta> {
         self.run(Op::Head, name, || self.inner.head(name)).await
     }
 
-    async fn get_stream(&self, name: &str, range: Range<u64>, etag: &ETag) -> LakeResult<ByteStream> {
-        let body = self.run(Op::Get, name, || self.inner.get_stream(name, range.clone(), etag)).await?;
+    async fn get_stream(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        etag: &ETag,
+    ) -> LakeResult<ByteStream> {
+        let body = self
+            .run(Op::Get, name, || {
+                self.inner.get_stream(name, range.clone(), etag)
+            })
+            .await?;
         let body = Resuming {
             inner: self.inner.clone(),
             config: self.config.clone(),
@@ -194,15 +224,33 @@ impl Lake for RetryingLake {
     }
 
     async fn put(&self, name: &str, data: Bytes) -> LakeResult<ETag> {
-        self.run(Op::Put, name, || self.inner.put(name, data.clone())).await
+        self.run(Op::Put, name, || self.inner.put(name, data.clone()))
+            .await
     }
 
-    async fn put_block(&self, name: &str, id: &BlockId, data: Bytes, md5: Option<[u8; 16]>) -> LakeResult<()> {
-        self.run(Op::PutBlock, name, || self.inner.put_block(name, id, data.clone(), md5)).await
+    async fn put_block(
+        &self,
+        name: &str,
+        id: &BlockId,
+        data: Bytes,
+        md5: Option<[u8; 16]>,
+    ) -> LakeResult<()> {
+        self.run(Op::PutBlock, name, || {
+            self.inner.put_block(name, id, data.clone(), md5)
+        })
+        .await
     }
 
-    async fn put_block_list(&self, name: &str, ids: &[BlockId], md5: Option<[u8; 16]>) -> LakeResult<ETag> {
-        self.run(Op::PutBlockList, name, || self.inner.put_block_list(name, ids, md5)).await
+    async fn put_block_list(
+        &self,
+        name: &str,
+        ids: &[BlockId],
+        md5: Option<[u8; 16]>,
+    ) -> LakeResult<ETag> {
+        self.run(Op::PutBlockList, name, || {
+            self.inner.put_block_list(name, ids, md5)
+        })
+        .await
     }
 
     async fn delete(&self, name: &str) -> LakeResult<()> {
@@ -210,11 +258,13 @@ impl Lake for RetryingLake {
     }
 
     async fn acquire_lease(&self, name: &str, secs: Option<u32>) -> LakeResult<LeaseId> {
-        self.run(Op::Lease, name, || self.inner.acquire_lease(name, secs)).await
+        self.run(Op::Lease, name, || self.inner.acquire_lease(name, secs))
+            .await
     }
 
     async fn release_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {
-        self.run(Op::Lease, name, || self.inner.release_lease(name, lease)).await
+        self.run(Op::Lease, name, || self.inner.release_lease(name, lease))
+            .await
     }
 }
 
@@ -243,7 +293,10 @@ mod tests {
         faulty.fail(Op::Get, Fault::Reset, 1);
         faulty.fail(Op::Get, Fault::Truncate, 1);
         let lake = RetryingLake::new(faulty.clone(), fast());
-        assert_eq!(&lake.get_range("f", 0..4, &etag).await.unwrap()[..], b"data");
+        assert_eq!(
+            &lake.get_range("f", 0..4, &etag).await.unwrap()[..],
+            b"data"
+        );
         assert_eq!(faulty.calls(Op::Get), 4);
     }
 
@@ -256,7 +309,11 @@ mod tests {
         let lake = RetryingLake::new(faulty.clone(), fast());
         let t = Instant::now();
         let err = lake.get_range("f", 0..4, &etag).await.unwrap_err();
-        assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            t.elapsed()
+        );
         assert!(matches!(err.root(), LakeError::Timeout { .. }), "{err}");
         assert!(err.to_string().contains("gave up after"), "{err}");
     }
@@ -268,7 +325,10 @@ mod tests {
         mem.insert("f", "new!");
         let faulty = Arc::new(FaultyLake::new(mem));
         let lake = RetryingLake::new(faulty.clone(), fast());
-        assert!(matches!(lake.get_range("f", 0..4, &etag).await, Err(LakeError::Changed { .. })));
+        assert!(matches!(
+            lake.get_range("f", 0..4, &etag).await,
+            Err(LakeError::Changed { .. })
+        ));
         assert_eq!(faulty.calls(Op::Get), 1);
     }
 
@@ -291,7 +351,10 @@ mod tests {
         // Each resume asks only for the rest: the whole range, then its last half, then
         // its last quarter (restarting from the start would serve three whole ranges).
         let r = 900_000 - 10;
-        assert_eq!(mem.bytes_served.load(std::sync::atomic::Ordering::Relaxed), r + r - r / 2 + (r - r / 2 - (r - r / 2) / 2));
+        assert_eq!(
+            mem.bytes_served.load(std::sync::atomic::Ordering::Relaxed),
+            r + r - r / 2 + (r - r / 2 - (r - r / 2) / 2)
+        );
     }
 
     #[tokio::test]

@@ -32,15 +32,23 @@ pub struct LakeUrl {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LakeUrlError {
-    #[error("lake URL {0:?} is not a URL; expected https://<account>.blob.core.windows.net/<container>/<prefix>")]
+    #[error(
+        "lake URL {0:?} is not a URL; expected https://<account>.blob.core.windows.net/<container>/<prefix>"
+    )]
     Syntax(String),
     #[error("lake URL {0:?} must use http or https")]
     Scheme(String),
-    #[error("lake URL {0:?} names no container; expected https://<account>.<host>/<container>/<prefix>")]
+    #[error(
+        "lake URL {0:?} names no container; expected https://<account>.<host>/<container>/<prefix>"
+    )]
     NoContainer(String),
-    #[error("lake URL {0:?} names no account; for an emulator use http://127.0.0.1:10000/<account>/<container>/<prefix>")]
+    #[error(
+        "lake URL {0:?} names no account; for an emulator use http://127.0.0.1:10000/<account>/<container>/<prefix>"
+    )]
     NoAccount(String),
-    #[error("lake URL {url:?}: container name {container:?} is invalid (3-63 characters of a-z, 0-9 and single '-', starting with a letter or digit)")]
+    #[error(
+        "lake URL {url:?}: container name {container:?} is invalid (3-63 characters of a-z, 0-9 and single '-', starting with a letter or digit)"
+    )]
     BadContainer { url: String, container: String },
 }
 
@@ -51,8 +59,11 @@ impl LakeUrl {
         if parsed.scheme() != "http" && parsed.scheme() != "https" {
             return Err(LakeUrlError::Scheme(redacted));
         }
-        let host = parsed.host_str().ok_or_else(|| LakeUrlError::Syntax(redacted.clone()))?;
-        let path_style = host == "localhost" || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok();
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| LakeUrlError::Syntax(redacted.clone()))?;
+        let path_style =
+            host == "localhost" || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok();
         let mut segments: Vec<String> = parsed
             .path_segments()
             .map(|s| s.map(percent_decode).collect())
@@ -79,20 +90,34 @@ impl LakeUrl {
             _ => return Err(LakeUrlError::NoContainer(redacted)),
         };
         if !valid_container(&container) {
-            return Err(LakeUrlError::BadContainer { url: redacted, container });
+            return Err(LakeUrlError::BadContainer {
+                url: redacted,
+                container,
+            });
         }
         let mut prefix = segments.join("/");
         prefix = prefix.trim_start_matches('/').to_owned();
         if !prefix.is_empty() && !prefix.ends_with('/') {
             prefix.push('/');
         }
-        let sas = parsed.query().filter(|q| !q.is_empty()).map(|q| Secret::new(q.to_owned()));
-        Ok(LakeUrl { endpoint, account, container, prefix, sas })
+        let sas = parsed
+            .query()
+            .filter(|q| !q.is_empty())
+            .map(|q| Secret::new(q.to_owned()));
+        Ok(LakeUrl {
+            endpoint,
+            account,
+            container,
+            prefix,
+            sas,
+        })
     }
 
     /// The container's URL (no prefix, no query).
     pub fn container_url(&self) -> url::Url {
-        self.endpoint.join(&format!("{}/", self.container)).expect("container names are URL-safe")
+        self.endpoint
+            .join(&format!("{}/", self.container))
+            .expect("container names are URL-safe")
     }
 }
 
@@ -129,7 +154,8 @@ fn valid_container(c: &str) -> bool {
         return true;
     }
     (3..=63).contains(&c.len())
-        && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && c.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && c.as_bytes()[0] != b'-'
         && !c.ends_with('-')
         && !c.contains("--")
@@ -140,12 +166,14 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
         out.push(bytes[i]);
         i += 1;
     }
@@ -163,7 +191,10 @@ mod tests {
         assert_eq!(u.container, "data");
         assert_eq!(u.prefix, "imagenet/train/");
         assert_eq!(u.endpoint.as_str(), "https://acct.blob.core.windows.net/");
-        assert_eq!(u.container_url().as_str(), "https://acct.blob.core.windows.net/data/");
+        assert_eq!(
+            u.container_url().as_str(),
+            "https://acct.blob.core.windows.net/data/"
+        );
         assert!(u.sas.is_none());
     }
 
@@ -173,13 +204,20 @@ mod tests {
         assert_eq!(u.account, "devstoreaccount1");
         assert_eq!(u.container, "dsets");
         assert_eq!(u.prefix, "");
-        assert_eq!(u.endpoint.as_str(), "http://127.0.0.1:10000/devstoreaccount1/");
-        assert_eq!(u.to_string(), "http://127.0.0.1:10000/devstoreaccount1/dsets/");
+        assert_eq!(
+            u.endpoint.as_str(),
+            "http://127.0.0.1:10000/devstoreaccount1/"
+        );
+        assert_eq!(
+            u.to_string(),
+            "http://127.0.0.1:10000/devstoreaccount1/dsets/"
+        );
     }
 
     #[test]
     fn sas_in_query_is_kept_secret_and_never_displayed() {
-        let u = LakeUrl::parse("https://a.blob.core.windows.net/c1c/p?sv=2022&sig=SECRETSIG").unwrap();
+        let u =
+            LakeUrl::parse("https://a.blob.core.windows.net/c1c/p?sv=2022&sig=SECRETSIG").unwrap();
         assert_eq!(u.sas.as_ref().unwrap().expose(), "sv=2022&sig=SECRETSIG");
         assert!(!u.to_string().contains("SECRETSIG"));
         assert!(!format!("{u:?}").contains("SECRETSIG"));
@@ -189,10 +227,22 @@ mod tests {
 
     #[test]
     fn bad_urls_name_the_problem() {
-        assert!(matches!(LakeUrl::parse("not a url"), Err(LakeUrlError::Syntax(_))));
-        assert!(matches!(LakeUrl::parse("ftp://a.b/c"), Err(LakeUrlError::Scheme(_))));
-        assert!(matches!(LakeUrl::parse("https://a.blob.core.windows.net/"), Err(LakeUrlError::NoContainer(_))));
-        assert!(matches!(LakeUrl::parse("http://127.0.0.1:10000/"), Err(LakeUrlError::NoAccount(_))));
+        assert!(matches!(
+            LakeUrl::parse("not a url"),
+            Err(LakeUrlError::Syntax(_))
+        ));
+        assert!(matches!(
+            LakeUrl::parse("ftp://a.b/c"),
+            Err(LakeUrlError::Scheme(_))
+        ));
+        assert!(matches!(
+            LakeUrl::parse("https://a.blob.core.windows.net/"),
+            Err(LakeUrlError::NoContainer(_))
+        ));
+        assert!(matches!(
+            LakeUrl::parse("http://127.0.0.1:10000/"),
+            Err(LakeUrlError::NoAccount(_))
+        ));
         let e = LakeUrl::parse("https://a.blob.core.windows.net/Bad_Name/x").unwrap_err();
         assert!(e.to_string().contains("Bad_Name"), "{e}");
     }

@@ -20,13 +20,14 @@ use azure_core::http::Url;
 use azure_storage_blob::{BlobContainerClient, BlobContainerClientOptions};
 
 use crate::lake::azure::sas::AccountKey;
-use crate::lake::azure::{client_options, AzureLake, AzureOptions};
+use crate::lake::azure::{AzureLake, AzureOptions, client_options};
 use crate::lake::{Credentials, LakeUrl, Secret};
 
 /// Azurite's built-in account.
 pub const ACCOUNT: &str = "devstoreaccount1";
 /// Azurite's well-known key for [`ACCOUNT`] (public, documented by Microsoft).
-pub const ACCOUNT_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+pub const ACCOUNT_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 /// Environment override for the Azurite executable.
 pub const ENV_BIN: &str = "TIDEPOOL_AZURITE_BIN";
@@ -56,22 +57,68 @@ impl TlsFiles {
              keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
         )?;
         let p = |p: PathBuf| p.to_string_lossy().into_owned();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         let mut ca = vec!["req", "-x509"];
         ca.extend(ec);
-        let (ca_key, ca_pem, key, csr, cert) = (p(f("ca.key")), p(f("ca.pem")), p(f("key.pem")), p(f("leaf.csr")), p(f("cert.pem")));
-        ca.extend(["-keyout", &ca_key, "-out", &ca_pem, "-days", "2", "-subj", "/CN=tidepool test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+        let (ca_key, ca_pem, key, csr, cert) = (
+            p(f("ca.key")),
+            p(f("ca.pem")),
+            p(f("key.pem")),
+            p(f("leaf.csr")),
+            p(f("cert.pem")),
+        );
+        ca.extend([
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca_pem,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tidepool test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
         let mut leaf = vec!["req"];
         leaf.extend(ec);
         leaf.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=127.0.0.1"]);
         let ext_s = p(ext);
-        let sign = ["x509", "-req", "-in", &csr, "-CA", &ca_pem, "-CAkey", &ca_key, "-CAcreateserial", "-out", &cert,
-            "-days", "2", "-extfile", &ext_s];
+        let sign = [
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            &ext_s,
+        ];
         for args in [ca.as_slice(), leaf.as_slice(), sign.as_slice()] {
-            let out = Command::new("openssl").args(args).stdin(Stdio::null()).output().map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot run openssl (needed for Azurite over HTTPS): {e}"))
-            })?;
+            let out = Command::new("openssl")
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("cannot run openssl (needed for Azurite over HTTPS): {e}"),
+                    )
+                })?;
             if !out.status.success() {
                 return Err(std::io::Error::other(format!(
                     "openssl {} failed: {}",
@@ -80,7 +127,11 @@ impl TlsFiles {
                 )));
             }
         }
-        Ok(TlsFiles { ca: f("ca.pem"), cert: f("cert.pem"), key: f("key.pem") })
+        Ok(TlsFiles {
+            ca: f("ca.pem"),
+            cert: f("cert.pem"),
+            key: f("key.pem"),
+        })
     }
 }
 
@@ -115,12 +166,16 @@ impl Azurite {
     pub fn bin() -> PathBuf {
         match std::env::var_os(ENV_BIN) {
             Some(p) if !p.is_empty() => PathBuf::from(p),
-            _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("node_modules/.bin/azurite-blob"),
+            _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("node_modules/.bin/azurite-blob"),
         }
     }
 
     fn spawn(https: bool) -> std::io::Result<Azurite> {
-        let dir = tempfile::Builder::new().prefix("tidepool-azurite-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("tidepool-azurite-")
+            .tempdir()?;
         let data = dir.path().join("data");
         std::fs::create_dir(&data)?;
         let tls = if https {
@@ -134,19 +189,40 @@ impl Azurite {
         let log = std::fs::File::create(dir.path().join("azurite.log"))?;
         let bin = Self::bin();
         let mut cmd = Command::new(&bin);
-        cmd.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--location"])
-            .arg(&data)
-            .args(["--disableTelemetry", "--skipApiVersionCheck", "--silent"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        cmd.args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "--location",
+        ])
+        .arg(&data)
+        .args(["--disableTelemetry", "--skipApiVersionCheck", "--silent"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         if let Some(t) = &tls {
-            cmd.arg("--cert").arg(&t.cert).arg("--key").arg(&t.key).args(["--oauth", "basic"]);
+            cmd.arg("--cert")
+                .arg(&t.cert)
+                .arg("--key")
+                .arg(&t.key)
+                .args(["--oauth", "basic"]);
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {}: {e} (run `npm ci` at the repository root, or set {ENV_BIN})", bin.display())))?;
-        let mut az = Azurite { child, port, tls, dir };
+        let child = cmd.spawn().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot run {}: {e} (run `npm ci` at the repository root, or set {ENV_BIN})",
+                    bin.display()
+                ),
+            )
+        })?;
+        let mut az = Azurite {
+            child,
+            port,
+            tls,
+            dir,
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         loop {
@@ -154,10 +230,16 @@ impl Azurite {
                 return Ok(az);
             }
             if let Some(status) = az.child.try_wait()? {
-                return Err(std::io::Error::other(format!("azurite exited with {status}: {}", az.log())));
+                return Err(std::io::Error::other(format!(
+                    "azurite exited with {status}: {}",
+                    az.log()
+                )));
             }
             if Instant::now() > deadline {
-                return Err(std::io::Error::other(format!("azurite did not listen within {START_TIMEOUT:?}: {}", az.log())));
+                return Err(std::io::Error::other(format!(
+                    "azurite did not listen within {START_TIMEOUT:?}: {}",
+                    az.log()
+                )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -185,7 +267,11 @@ impl Azurite {
 
     /// Path-style lake URL of `container` and `prefix`.
     pub fn url(&self, container: &str, prefix: &str) -> String {
-        format!("{}{container}/{}", self.endpoint(), prefix.trim_start_matches('/'))
+        format!(
+            "{}{container}/{}",
+            self.endpoint(),
+            prefix.trim_start_matches('/')
+        )
     }
 
     /// The CA that signed the HTTPS certificate (HTTPS instances only).
@@ -200,7 +286,10 @@ impl Azurite {
 
     /// Client options that trust this instance.
     pub fn options(&self) -> AzureOptions {
-        AzureOptions { ca_file: self.ca_file().map(Path::to_path_buf), ..AzureOptions::default() }
+        AzureOptions {
+            ca_file: self.ca_file().map(Path::to_path_buf),
+            ..AzureOptions::default()
+        }
     }
 
     /// The account key as a credential.
@@ -211,12 +300,24 @@ impl Azurite {
     /// Creates `name` (Ok if it exists), authenticated with an account SAS.
     pub async fn create_container(&self, name: &str) {
         let key = AccountKey::new(ACCOUNT, &Self::account_key()).expect("well-known key is base64");
-        let sas = key.account_sas("sco", "racwdl", Duration::from_secs(3600), time::OffsetDateTime::now_utc());
+        let sas = key.account_sas(
+            "sco",
+            "racwdl",
+            Duration::from_secs(3600),
+            time::OffsetDateTime::now_utc(),
+        );
         let mut url = Url::parse(&format!("{}{name}", self.endpoint())).expect("valid URL");
         url.set_query(Some(sas.expose()));
         let options = client_options(&self.options()).expect("client options");
-        let client = BlobContainerClient::new(url, None, Some(BlobContainerClientOptions { client_options: options, ..Default::default() }))
-            .expect("container client");
+        let client = BlobContainerClient::new(
+            url,
+            None,
+            Some(BlobContainerClientOptions {
+                client_options: options,
+                ..Default::default()
+            }),
+        )
+        .expect("container client");
         match client.create(None).await {
             Ok(_) => {}
             Err(e) if e.http_status() == Some(azure_core::http::StatusCode::Conflict) => {}
@@ -231,8 +332,12 @@ impl Azurite {
     pub async fn lake(&self, container: &str) -> AzureLake {
         self.create_container(container).await;
         let url = LakeUrl::parse(&self.url(container, "")).expect("harness URLs parse");
-        AzureLake::connect(&url, &Credentials::AccountKey(Self::account_key()), &self.options())
-            .expect("lake on Azurite")
+        AzureLake::connect(
+            &url,
+            &Credentials::AccountKey(Self::account_key()),
+            &self.options(),
+        )
+        .expect("lake on Azurite")
     }
 }
 
@@ -245,5 +350,7 @@ impl Drop for Azurite {
 
 /// A port the OS considers free on 127.0.0.1 now.
 fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
 }

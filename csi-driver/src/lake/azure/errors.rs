@@ -32,7 +32,12 @@ impl std::fmt::Debug for Scrubber {
 
 impl Scrubber {
     pub fn new(secrets: impl IntoIterator<Item = Secret>) -> Self {
-        Scrubber { secrets: secrets.into_iter().filter(|s| !s.expose().is_empty()).collect() }
+        Scrubber {
+            secrets: secrets
+                .into_iter()
+                .filter(|s| !s.expose().is_empty())
+                .collect(),
+        }
     }
 
     pub fn scrub(&self, text: &str) -> String {
@@ -79,24 +84,32 @@ pub fn map(err: &azure_core::Error, ctx: &Ctx<'_>, scrub: &Scrubber) -> LakeErro
     let name = ctx.name.to_owned();
     let op = ctx.op;
     match err.kind() {
-        ErrorKind::HttpResponse { status, error_code, .. } => {
-            map_status(u16::from(*status), error_code.as_deref(), ctx)
-        }
-        ErrorKind::Connection | ErrorKind::Io => {
-            LakeError::Connection { op, name, detail: scrub.scrub(&chain(err)) }
-        }
+        ErrorKind::HttpResponse {
+            status, error_code, ..
+        } => map_status(u16::from(*status), error_code.as_deref(), ctx),
+        ErrorKind::Connection | ErrorKind::Io => LakeError::Connection {
+            op,
+            name,
+            detail: scrub.scrub(&chain(err)),
+        },
         ErrorKind::Credential => {
             // Find what the token exchange itself ran into.
             let mut src = err.source();
             while let Some(e) = src {
                 if let Some(inner) = e.downcast_ref::<azure_core::Error>() {
                     match inner.kind() {
-                        ErrorKind::HttpResponse { status, error_code, .. } => {
+                        ErrorKind::HttpResponse {
+                            status, error_code, ..
+                        } => {
                             let s = u16::from(*status);
                             if s == 429 || s >= 500 {
                                 return map_status(s, error_code.as_deref(), ctx);
                             }
-                            return LakeError::Denied { op, name, status: s };
+                            return LakeError::Denied {
+                                op,
+                                name,
+                                status: s,
+                            };
                         }
                         ErrorKind::Connection | ErrorKind::Io => {
                             return LakeError::Connection {
@@ -112,11 +125,24 @@ pub fn map(err: &azure_core::Error, ctx: &Ctx<'_>, scrub: &Scrubber) -> LakeErro
             }
             let text = chain(err);
             if text.contains("error sending request") || text.contains("onnect") {
-                return LakeError::Connection { op, name, detail: format!("getting a token: {}", scrub.scrub(&text)) };
+                return LakeError::Connection {
+                    op,
+                    name,
+                    detail: format!("getting a token: {}", scrub.scrub(&text)),
+                };
             }
-            LakeError::Denied { op, name, status: 401 }
+            LakeError::Denied {
+                op,
+                name,
+                status: 401,
+            }
         }
-        _ => LakeError::Other { op, name, status: 0, detail: scrub.scrub(&chain(err)) },
+        _ => LakeError::Other {
+            op,
+            name,
+            status: 0,
+            detail: scrub.scrub(&chain(err)),
+        },
     }
 }
 
@@ -127,13 +153,21 @@ pub fn map_status(status: u16, code: Option<&str>, ctx: &Ctx<'_>) -> LakeError {
     match status {
         404 => LakeError::NotFound { name },
         409 | 412 if code_str.starts_with("Lease") => LakeError::LeaseConflict { name },
-        412 if ctx.if_match.is_some() => {
-            LakeError::Changed { name, expected: ctx.if_match.cloned().expect("checked") }
-        }
+        412 if ctx.if_match.is_some() => LakeError::Changed {
+            name,
+            expected: ctx.if_match.cloned().expect("checked"),
+        },
         401 | 403 => LakeError::Denied { op, name, status },
         429 | 503 => LakeError::Throttled { op, name, status },
-        500 if matches!(code_str, "ServerBusy" | "OperationTimedOut") => LakeError::Throttled { op, name, status },
-        _ => LakeError::Other { op, name, status, detail: code_str.to_owned() },
+        500 if matches!(code_str, "ServerBusy" | "OperationTimedOut") => {
+            LakeError::Throttled { op, name, status }
+        }
+        _ => LakeError::Other {
+            op,
+            name,
+            status,
+            detail: code_str.to_owned(),
+        },
     }
 }
 
@@ -160,23 +194,61 @@ mod tests {
     fn scrub_removes_queries_and_secrets() {
         let s = Scrubber::new([Secret::new("KEYKEY")]);
         let t = s.scrub("error sending request for url (http://h/c/b?sv=1&sig=ABC%2B) key KEYKEY");
-        assert_eq!(t, "error sending request for url (http://h/c/b?<redacted>) key <redacted>");
+        assert_eq!(
+            t,
+            "error sending request for url (http://h/c/b?<redacted>) key <redacted>"
+        );
         assert_eq!(s.scrub("bad sig=XYZ tail"), "bad sig=<redacted>");
     }
 
     #[test]
     fn statuses_map_to_kinds() {
         let e = ETag("\"0x1\"".into());
-        let get = Ctx { op: Op::Get, name: "a", if_match: Some(&e) };
-        let put = Ctx { op: Op::Put, name: "a", if_match: None };
-        assert!(matches!(map_status(404, Some("BlobNotFound"), &get), LakeError::NotFound { .. }));
-        assert!(matches!(map_status(412, Some("ConditionNotMet"), &get), LakeError::Changed { .. }));
-        assert!(matches!(map_status(412, Some("LeaseIdMissing"), &put), LakeError::LeaseConflict { .. }));
-        assert!(matches!(map_status(409, Some("LeaseAlreadyPresent"), &put), LakeError::LeaseConflict { .. }));
-        assert!(matches!(map_status(403, Some("AuthenticationFailed"), &put), LakeError::Denied { status: 403, .. }));
-        assert!(matches!(map_status(503, Some("ServerBusy"), &put), LakeError::Throttled { .. }));
-        assert!(matches!(map_status(500, Some("ServerBusy"), &put), LakeError::Throttled { .. }));
-        assert!(matches!(map_status(429, None, &put), LakeError::Throttled { .. }));
-        assert!(matches!(map_status(500, Some("InternalError"), &put), LakeError::Other { status: 500, .. }));
+        let get = Ctx {
+            op: Op::Get,
+            name: "a",
+            if_match: Some(&e),
+        };
+        let put = Ctx {
+            op: Op::Put,
+            name: "a",
+            if_match: None,
+        };
+        assert!(matches!(
+            map_status(404, Some("BlobNotFound"), &get),
+            LakeError::NotFound { .. }
+        ));
+        assert!(matches!(
+            map_status(412, Some("ConditionNotMet"), &get),
+            LakeError::Changed { .. }
+        ));
+        assert!(matches!(
+            map_status(412, Some("LeaseIdMissing"), &put),
+            LakeError::LeaseConflict { .. }
+        ));
+        assert!(matches!(
+            map_status(409, Some("LeaseAlreadyPresent"), &put),
+            LakeError::LeaseConflict { .. }
+        ));
+        assert!(matches!(
+            map_status(403, Some("AuthenticationFailed"), &put),
+            LakeError::Denied { status: 403, .. }
+        ));
+        assert!(matches!(
+            map_status(503, Some("ServerBusy"), &put),
+            LakeError::Throttled { .. }
+        ));
+        assert!(matches!(
+            map_status(500, Some("ServerBusy"), &put),
+            LakeError::Throttled { .. }
+        ));
+        assert!(matches!(
+            map_status(429, None, &put),
+            LakeError::Throttled { .. }
+        ));
+        assert!(matches!(
+            map_status(500, Some("InternalError"), &put),
+            LakeError::Other { status: 500, .. }
+        ));
     }
 }

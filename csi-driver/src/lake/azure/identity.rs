@@ -21,8 +21,8 @@ use azure_core::{
     http::{ClientMethodOptions, ClientOptions},
 };
 use azure_identity::{
-    ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions, ManagedIdentityCredential,
-    ManagedIdentityCredentialOptions, UserAssignedId,
+    ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions,
+    ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId,
 };
 
 use crate::lake::credentials::WorkloadIdentity;
@@ -40,7 +40,10 @@ impl ClientAssertion for FederatedTokenFile {
         let token = tokio::fs::read_to_string(&self.0).await.map_err(|e| {
             azure_core::Error::with_message(
                 ErrorKind::Credential,
-                format!("cannot read the federated token file {}: {e}", self.0.display()),
+                format!(
+                    "cannot read the federated token file {}: {e}",
+                    self.0.display()
+                ),
             )
         })?;
         Ok(token.trim().to_owned())
@@ -52,7 +55,10 @@ pub fn workload_identity(
     client_options: ClientOptions,
 ) -> azure_core::Result<Arc<dyn TokenCredential>> {
     let mut client_options = client_options;
-    let authority = wi.authority_host.clone().unwrap_or_else(|| PUBLIC_AUTHORITY.to_owned());
+    let authority = wi
+        .authority_host
+        .clone()
+        .unwrap_or_else(|| PUBLIC_AUTHORITY.to_owned());
     let mut cloud = CustomConfiguration::default();
     cloud.authority_host = authority;
     client_options.cloud = Some(Arc::new(CloudConfiguration::Custom(cloud)));

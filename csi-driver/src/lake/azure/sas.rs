@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use azure_core::http::{
-    policies::{Policy, PolicyResult},
     Context, Request,
+    policies::{Policy, PolicyResult},
 };
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -54,7 +54,9 @@ impl std::fmt::Debug for AccountKey {
 
 /// The account key is not base64 (the message never repeats it).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("the account key of {account} is not valid base64; copy key1 or key2 from the storage account's Access keys")]
+#[error(
+    "the account key of {account} is not valid base64; copy key1 or key2 from the storage account's Access keys"
+)]
 pub struct BadAccountKey {
     pub account: String,
 }
@@ -63,11 +65,19 @@ impl AccountKey {
     pub fn new(account: &str, key: &Secret) -> Result<Self, BadAccountKey> {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(key.expose().trim())
-            .map_err(|_| BadAccountKey { account: account.to_owned() })?;
+            .map_err(|_| BadAccountKey {
+                account: account.to_owned(),
+            })?;
         if decoded.is_empty() {
-            return Err(BadAccountKey { account: account.to_owned() });
+            return Err(BadAccountKey {
+                account: account.to_owned(),
+            });
         }
-        Ok(AccountKey { account: account.to_owned(), key: key.clone(), decoded: Arc::new(decoded) })
+        Ok(AccountKey {
+            account: account.to_owned(),
+            key: key.clone(),
+            decoded: Arc::new(decoded),
+        })
     }
 
     pub fn account(&self) -> &str {
@@ -80,14 +90,21 @@ impl AccountKey {
     }
 
     fn sign(&self, string_to_sign: &str) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.decoded).expect("HMAC accepts any key length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.decoded).expect("HMAC accepts any key length");
         mac.update(string_to_sign.as_bytes());
         base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
     }
 
     /// A service SAS for one container (`sr=c`), valid from now (back-dated for clock
     /// skew) for `validity`. `permissions` in Azure's canonical order, e.g. `racwdl`.
-    pub fn container_sas(&self, container: &str, permissions: &str, validity: Duration, now: OffsetDateTime) -> Secret {
+    pub fn container_sas(
+        &self,
+        container: &str,
+        permissions: &str,
+        validity: Duration,
+        now: OffsetDateTime,
+    ) -> Secret {
         let start = iso8601(now - CLOCK_SKEW);
         let expiry = iso8601(now + validity);
         let canonical = format!("/blob/{}/{}", self.account, container);
@@ -95,7 +112,22 @@ impl AccountKey {
         // sp, st, se, canonicalizedResource, si, sip, spr, sv, sr, snapshot time,
         // encryption scope, rscc, rscd, rsce, rscl, rsct.
         let string_to_sign = [
-            permissions, &start, &expiry, &canonical, "", "", "", SAS_VERSION, "c", "", "", "", "", "", "", "",
+            permissions,
+            &start,
+            &expiry,
+            &canonical,
+            "",
+            "",
+            "",
+            SAS_VERSION,
+            "c",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
         ]
         .join("\n");
         let sig = self.sign(&string_to_sign);
@@ -110,14 +142,31 @@ impl AccountKey {
 
     /// An account SAS for the blob service (`ss=b`) on `resource_types` (`s`ervice,
     /// `c`ontainer, `o`bject), e.g. to create containers in tests and demos.
-    pub fn account_sas(&self, resource_types: &str, permissions: &str, validity: Duration, now: OffsetDateTime) -> Secret {
+    pub fn account_sas(
+        &self,
+        resource_types: &str,
+        permissions: &str,
+        validity: Duration,
+        now: OffsetDateTime,
+    ) -> Secret {
         let start = iso8601(now - CLOCK_SKEW);
         let expiry = iso8601(now + validity);
         // "Create an account SAS", version 2020-12-06 and later: account, sp, ss, srt,
         // st, se, sip, spr, sv, encryption scope, and a trailing newline.
-        let string_to_sign =
-            [self.account.as_str(), permissions, "b", resource_types, &start, &expiry, "", "", SAS_VERSION, "", ""]
-                .join("\n");
+        let string_to_sign = [
+            self.account.as_str(),
+            permissions,
+            "b",
+            resource_types,
+            &start,
+            &expiry,
+            "",
+            "",
+            SAS_VERSION,
+            "",
+            "",
+        ]
+        .join("\n");
         let sig = self.sign(&string_to_sign);
         Secret::new(format!(
             "sv={SAS_VERSION}&ss=b&srt={resource_types}&sp={permissions}&st={}&se={}&sig={}",
@@ -152,15 +201,29 @@ pub enum SasSource {
     /// A token given by the user (query string without `?`).
     Static(Secret),
     /// Signed by us for one container, renewed when half its validity has passed.
-    Signed { key: AccountKey, container: String, validity: Duration, current: Mutex<Option<(Secret, OffsetDateTime)>> },
+    Signed {
+        key: AccountKey,
+        container: String,
+        validity: Duration,
+        current: Mutex<Option<(Secret, OffsetDateTime)>>,
+    },
 }
 
 impl std::fmt::Debug for SasSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SasSource::Static(_) => f.write_str("SasSource::Static(<redacted>)"),
-            SasSource::Signed { key, container, validity, .. } => {
-                write!(f, "SasSource::Signed({}/{container}, valid {validity:?}, <redacted>)", key.account())
+            SasSource::Signed {
+                key,
+                container,
+                validity,
+                ..
+            } => {
+                write!(
+                    f,
+                    "SasSource::Signed({}/{container}, valid {validity:?}, <redacted>)",
+                    key.account()
+                )
             }
         }
     }
@@ -171,7 +234,12 @@ impl SasSource {
     pub const PERMISSIONS: &'static str = "racwdl";
 
     pub fn signed(key: AccountKey, container: &str, validity: Duration) -> Self {
-        SasSource::Signed { key, container: container.to_owned(), validity, current: Mutex::new(None) }
+        SasSource::Signed {
+            key,
+            container: container.to_owned(),
+            validity,
+            current: Mutex::new(None),
+        }
     }
 
     /// The token to send now, signing a new one if the current one is past half-life.
@@ -182,7 +250,12 @@ impl SasSource {
     fn token_at(&self, now: OffsetDateTime) -> Secret {
         match self {
             SasSource::Static(s) => s.clone(),
-            SasSource::Signed { key, container, validity, current } => {
+            SasSource::Signed {
+                key,
+                container,
+                validity,
+                current,
+            } => {
                 let mut cur = current.lock();
                 match &*cur {
                     Some((tok, renew_at)) if now < *renew_at => tok.clone(),
@@ -203,7 +276,12 @@ pub struct SasPolicy(pub Arc<SasSource>);
 
 #[async_trait]
 impl Policy for SasPolicy {
-    async fn send(&self, ctx: &Context, request: &mut Request, next: &[Arc<dyn Policy>]) -> PolicyResult {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
         let token = self.0.token();
         let sas = token.expose().trim_start_matches('?');
         let url = request.url_mut();
@@ -220,7 +298,8 @@ impl Policy for SasPolicy {
 mod tests {
     use super::*;
 
-    const DEV_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+    const DEV_KEY: &str =
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
     fn at(s: &str) -> OffsetDateTime {
         OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap()
@@ -229,14 +308,23 @@ mod tests {
     #[test]
     fn container_sas_signs_the_spec_string() {
         let key = AccountKey::new("devstoreaccount1", &Secret::new(DEV_KEY)).unwrap();
-        let sas = key.container_sas("data", "racwdl", Duration::from_secs(3600), at("2026-01-02T03:04:05Z"));
+        let sas = key.container_sas(
+            "data",
+            "racwdl",
+            Duration::from_secs(3600),
+            at("2026-01-02T03:04:05Z"),
+        );
         let q = sas.expose();
         assert!(q.starts_with("sv=2022-11-02&sr=c&sp=racwdl&st=2026-01-02T02%3A59%3A05Z&se=2026-01-02T04%3A04%3A05Z&sig="), "{q}");
         // Independent recomputation of the documented string-to-sign.
         let sts = "racwdl\n2026-01-02T02:59:05Z\n2026-01-02T04:04:05Z\n/blob/devstoreaccount1/data\n\n\n\n2022-11-02\nc\n\n\n\n\n\n\n";
         let expect = key.sign(sts);
         let sig = q.rsplit_once("sig=").unwrap().1;
-        let decoded: String = url::form_urlencoded::parse(format!("s={sig}").as_bytes()).next().unwrap().1.into_owned();
+        let decoded: String = url::form_urlencoded::parse(format!("s={sig}").as_bytes())
+            .next()
+            .unwrap()
+            .1
+            .into_owned();
         assert_eq!(decoded, expect);
     }
 
