@@ -18,7 +18,9 @@
 //!
 //! Capacity: `used` counts resident bytes. When it passes the high watermark (90% of
 //! `--cache-size`) the evictor deletes whole files, least recently opened first, down to
-//! the low watermark (80%), never touching a file that is open. The most recently opened
+//! the low watermark (80%), never touching a file that is open. If the open files alone
+//! overflow the pool (a file larger than it), blocks are shed from the largest open
+//! files, those behind their reader first (see `CachedBlob::shed_blocks`). The most recently opened
 //! files (`max_open_blobs`) stay open after their last reader closes them, so the next
 //! epoch of a training job opens them without touching the disk's metadata; the evictor
 //! closes such an idle file before deleting it. The LRU index is
@@ -460,6 +462,24 @@ impl PoolShared {
             tx.commit().map_err(|e| self.index_err(e))?;
             if done {
                 break;
+            }
+        }
+        // Still over: the open files alone overflow the pool (one may be larger than
+        // it). Shed blocks of the largest open files.
+        if self.used.load(Ordering::Acquire) > high {
+            let mut open: Vec<Arc<CachedBlob>> = self
+                .open
+                .lock()
+                .values()
+                .filter_map(Weak::upgrade)
+                .collect();
+            open.sort_by_key(|b| std::cmp::Reverse(b.residency().resident_bytes()));
+            for b in open {
+                let used = self.used.load(Ordering::Acquire);
+                if used <= low {
+                    break;
+                }
+                freed += b.shed_blocks(used - low);
             }
         }
         if freed > 0 {

@@ -435,22 +435,24 @@ impl Filesystem for DatasetFs {
         let flags = FopenFlags::FOPEN_KEEP_CACHE;
         let mut io = self.io.lock();
         let state = io.entry(ino.0).or_default();
-        let want_passthrough = state.passthrough > 0
-            || (state.cached == 0
-                && self.passthrough.load(Ordering::Relaxed)
-                && e.size > 0
-                && blob.residency().is_complete()
-                && match blob.verify_all() {
-                    Ok(v) => v,
-                    Err(err) => {
-                        tracing::warn!(blob = %e.blob, error = %err, "verification before passthrough failed");
-                        false
-                    }
-                });
+        // A passthrough open pins the file (none of it is shed while the kernel reads
+        // it directly); a second handle joins the first one's pin.
+        let want_passthrough = if state.passthrough > 0 {
+            blob.pin_passthrough();
+            true
+        } else if state.cached == 0 && self.passthrough.load(Ordering::Relaxed) && e.size > 0 {
+            blob.begin_passthrough().unwrap_or_else(|err| {
+                tracing::warn!(blob = %e.blob, error = %err, "verification before passthrough failed");
+                false
+            })
+        } else {
+            false
+        };
         if want_passthrough && state.backing.is_none() {
             match reply.open_backing(blob.data_file()) {
                 Ok(id) => state.backing = Some(id),
                 Err(err) => {
+                    blob.end_passthrough();
                     if self.passthrough.swap(false, Ordering::Relaxed) {
                         tracing::warn!(error = %err, "FUSE passthrough refused by the kernel; using ordinary reads from now on");
                     }
@@ -574,6 +576,7 @@ impl Filesystem for DatasetFs {
             let mut io = self.io.lock();
             if let Some(state) = io.get_mut(&f.ino) {
                 if f.passthrough {
+                    f.blob.end_passthrough();
                     state.passthrough -= 1;
                 } else {
                     state.cached -= 1;

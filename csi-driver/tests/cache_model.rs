@@ -380,3 +380,44 @@ async fn eventually(f: impl Fn() -> bool) -> bool {
     }
     true
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_larger_than_the_pool_is_read_whole_within_the_pool() {
+    let lake = Arc::new(MemoryLake::new());
+    let want = body(6, 60 * BLOCK);
+    lake.insert_with_md5("m/huge.bin", want.clone(), None);
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, ds) = open(dir.path(), &lake, 20 * BLOCK).await;
+    let (_, snap) = ds.current();
+    let e = snap.lookup(1, "huge.bin").unwrap().unwrap();
+    let blob = ds.blob(&e).unwrap();
+    // One reader streams through three times the pool while the file stays open.
+    for i in 0..60u64 {
+        let got = blob.read(i * BLOCK, BLOCK as usize).await.unwrap();
+        assert_eq!(
+            got,
+            want[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize],
+            "block {i}"
+        );
+        if i % 5 == 4 {
+            pool.evict_now().unwrap();
+            assert!(
+                pool.used() <= 18 * BLOCK,
+                "block {i}: {} bytes used, over the high watermark",
+                pool.used()
+            );
+        }
+    }
+    use std::os::unix::fs::MetadataExt;
+    let on_disk = std::fs::metadata(&blob.data_path).unwrap().blocks() * 512;
+    assert!(
+        on_disk <= 20 * BLOCK,
+        "{on_disk} bytes allocated on disk for a pool of {}",
+        20 * BLOCK
+    );
+    // What was shed reads back exactly (fetched again).
+    assert_eq!(
+        blob.read(0, 3 * BLOCK as usize).await.unwrap(),
+        want[..3 * BLOCK as usize]
+    );
+}

@@ -553,3 +553,40 @@ fn a_replaced_snapshot_is_released_once_the_kernel_forgot_it() {
         (1, 1)
     );
 }
+
+#[test]
+fn open_files_overflowing_the_pool_shed_blocks_but_never_under_a_passthrough_reader() {
+    let lake = Arc::new(MemoryLake::new());
+    // `a` is the larger, so it is the evictor's first choice were it not pinned.
+    let (a, b) = (
+        pattern(71, 16 * BLOCK as usize),
+        pattern(72, 12 * BLOCK as usize),
+    );
+    lake.insert("ds/a.bin", a.clone());
+    lake.insert("ds/b.bin", b.clone());
+    let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |c| {
+        c.capacity = 20 * BLOCK
+    });
+    let pool = fx.ds.as_ref().unwrap().pool().clone();
+    assert_eq!(fs::read(fx.path("a.bin")).unwrap(), a);
+    // Opened again, fully cached: the kernel reads it directly.
+    let pt_before = fx.stats.passthrough_opens.load(Ordering::Relaxed);
+    let fa = fs::File::open(fx.path("a.bin")).unwrap();
+    assert_eq!(
+        fx.stats.passthrough_opens.load(Ordering::Relaxed),
+        pt_before + 1
+    );
+    // A second open file pushes the pool over: only its own blocks can go.
+    let fb = fs::File::open(fx.path("b.bin")).unwrap();
+    let mut got = vec![0u8; b.len()];
+    fb.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == b);
+    pool.evict_now().unwrap();
+    assert!(pool.used() <= 18 * BLOCK, "{} bytes used", pool.used());
+    let mut got = vec![0u8; a.len()];
+    fa.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == a, "the passthrough reader's file is whole");
+    let mut got = vec![0u8; b.len()];
+    fb.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == b, "shed blocks of the other are fetched again");
+}

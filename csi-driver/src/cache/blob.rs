@@ -21,14 +21,14 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
 use md5::{Digest, Md5};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::residency::{FLAG_MD5_MISMATCH, FLAG_MD5_REFETCHED, FLAG_MD5_VERIFIED, Residency};
 use super::snapshot::Entry;
@@ -104,6 +104,14 @@ pub struct CachedBlob {
     /// serialise on its inode lock anyway, and waiting here sleeps where the kernel
     /// would spin.
     writing: Mutex<()>,
+    /// Readers of local bytes hold it shared; shedding blocks (a file larger than the
+    /// pool) holds it exclusively, so no reader ever sees a hole punched under it.
+    shed: RwLock<()>,
+    /// Open passthrough handles: the kernel reads the file directly, so nothing of it
+    /// may be shed while any is open.
+    pinned: AtomicU32,
+    /// Last block served, where a sequential reader is now.
+    last_read: AtomicU64,
     lake: Arc<dyn Lake>,
     pool: Arc<PoolShared>,
 }
@@ -154,6 +162,9 @@ impl CachedBlob {
             inflight: Mutex::new(HashMap::new()),
             md5_checking: AtomicBool::new(false),
             writing: Mutex::new(()),
+            shed: RwLock::new(()),
+            pinned: AtomicU32::new(0),
+            last_read: AtomicU64::new(0),
             lake,
             pool,
         })
@@ -409,7 +420,15 @@ impl CachedBlob {
         {
             return Ok(());
         }
-        let r = self.whole_md5();
+        let r = {
+            // Shed blocks would read as zeros: check only a copy that is whole.
+            let _reading = self.shed.read();
+            if !self.map.is_complete() {
+                self.md5_checking.store(false, Ordering::Release);
+                return Ok(());
+            }
+            self.whole_md5()
+        };
         self.md5_checking.store(false, Ordering::Release);
         let io = |e| CacheError::io(&self.data_path, e);
         if r.map_err(io)? == want {
@@ -459,9 +478,12 @@ impl CachedBlob {
         if offset >= end {
             return Ok(Vec::new());
         }
-        for i in self.blocks_for(offset..end) {
+        let _reading = self.shed.read();
+        let blocks = self.blocks_for(offset..end);
+        self.last_read.store(blocks.end - 1, Ordering::Relaxed);
+        for i in blocks {
             if !self.map.is_resident(i) {
-                // Dropped since the caller looked (a failed check): fetch it again.
+                // Dropped since the caller looked (a failed check, or shed): fetch it again.
                 return Err(CacheError::Refetch);
             }
             if !self.map.is_verified(i) {
@@ -519,6 +541,75 @@ impl CachedBlob {
     /// The local data file, for passthrough. Only valid while fully verified.
     pub fn data_file(&self) -> &File {
         &self.data
+    }
+
+    /// Pins the file for a passthrough open if it is fully resident and verified:
+    /// until [`Self::end_passthrough`], none of its blocks is shed.
+    pub fn begin_passthrough(&self) -> Result<bool, CacheError> {
+        let _reading = self.shed.read();
+        if !self.map.is_complete() || !self.verify_all()? {
+            return Ok(false);
+        }
+        self.pinned.fetch_add(1, Ordering::AcqRel);
+        Ok(true)
+    }
+
+    /// One more passthrough handle on a file already pinned by another.
+    pub fn pin_passthrough(&self) {
+        self.pinned.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn end_passthrough(&self) {
+        self.pinned.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Frees up to `want` bytes of this open file's blocks, for a pool that its open
+    /// files alone overflow (a file larger than the pool): blocks behind where it is
+    /// being read first, then the furthest ahead, never the readahead just ahead of the
+    /// reader, a block being fetched, or anything of a file open with passthrough.
+    /// The slot is cleared before the hole is punched, so a crash in between leaves a
+    /// block to fetch again, never a slot over a hole. Returns the bytes freed.
+    pub(super) fn shed_blocks(&self, want: u64) -> u64 {
+        let _exclusive = self.shed.write();
+        if self.pinned.load(Ordering::Acquire) > 0 {
+            return 0;
+        }
+        let blocks = self.map.blocks();
+        let at = self.last_read.load(Ordering::Relaxed).min(blocks);
+        let keep = (self.pool.config.max_readahead / self.map.block_size()).max(1) + 1;
+        let behind = 0..at;
+        let far_ahead = (at.saturating_add(keep).min(blocks)..blocks).rev();
+        let mut freed = 0;
+        for i in behind.chain(far_ahead) {
+            if freed >= want {
+                break;
+            }
+            if !self.map.is_resident(i) || self.inflight.lock().contains_key(&i) {
+                continue;
+            }
+            let r = self.map.block_range(i);
+            if self.map.drop_block(i).is_err() {
+                break;
+            }
+            use std::os::fd::AsRawFd;
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: plain fallocate(2) on a descriptor this struct owns.
+            let punched = unsafe {
+                libc::fallocate(
+                    self.data.as_raw_fd(),
+                    mode,
+                    r.start as libc::off_t,
+                    (r.end - r.start) as libc::off_t,
+                )
+            } == 0;
+            if !punched {
+                tracing::warn!(blob = %self.blob, error = %std::io::Error::last_os_error(), "cannot punch a hole in a cache file; the pool can overflow while a file larger than it is open");
+                break;
+            }
+            self.pool.block_dropped(&self.key, r.end - r.start);
+            freed += r.end - r.start;
+        }
+        freed
     }
 
     /// Checks every resident block not yet verified in this process (used before a
