@@ -188,6 +188,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
+/// The lake at `url`, the cache pool and a fresh snapshot of the dataset.
+async fn open_dataset(
+    url: &LakeUrl,
+    lake: &LakeArgs,
+    cache: &CacheArgs,
+    env: EnvLookup<'_>,
+) -> anyhow::Result<Arc<Dataset>> {
+    let lake = open_lake(url, lake, env)?;
+    let pool = CachePool::open(cache_config(cache)).context("opening the cache pool")?;
+    let ds = Dataset::open(pool, url.clone(), lake, false, |_| {})
+        .await
+        .with_context(|| format!("listing {url}"))?;
+    Ok(Arc::new(ds))
+}
+
 fn open_lake(url: &LakeUrl, args: &LakeArgs, env: EnvLookup<'_>) -> anyhow::Result<Arc<dyn Lake>> {
     let creds = Credentials::resolve(args.sas_token.clone(), args.managed_identity, env)?;
     let options = AzureOptions {
@@ -240,13 +255,8 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             args.mountpoint.display()
         );
     }
-    let lake = open_lake(&url, &args.lake, env)?;
-    let pool = CachePool::open(cache_config(&args.cache)).context("opening the cache pool")?;
-    let ds = Arc::new(
-        Dataset::open(pool.clone(), url.clone(), lake, false, |_| {})
-            .await
-            .with_context(|| format!("listing {url}"))?,
-    );
+    let ds = open_dataset(&url, &args.lake, &args.cache, env).await?;
+    let pool = ds.pool().clone();
     let root = unsafe { libc::geteuid() } == 0;
     let ttl = match args.refresh {
         Refresh::Pinned => Duration::from_secs(24 * 3600),
@@ -341,13 +351,8 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
 pub async fn prewarm(args: PrewarmArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let url = LakeUrl::parse(&args.url)?;
     let include = include_set(&args.include)?;
-    let lake = open_lake(&url, &args.lake, env)?;
-    let pool = CachePool::open(cache_config(&args.cache)).context("opening the cache pool")?;
-    let ds = Arc::new(
-        Dataset::open(pool.clone(), url.clone(), lake, false, |_| {})
-            .await
-            .with_context(|| format!("listing {url}"))?,
-    );
+    let ds = open_dataset(&url, &args.lake, &args.cache, env).await?;
+    let pool = ds.pool().clone();
     let progress = Arc::new(PrewarmProgress::default());
     let started = Instant::now();
     let bar = (!args.quiet).then(|| {

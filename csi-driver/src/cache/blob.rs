@@ -471,8 +471,9 @@ impl CachedBlob {
         self.map.flags() & FLAG_MD5_MISMATCH != 0
     }
 
-    /// Reads `len` bytes at `offset` from resident blocks, verifying any block served for
-    /// the first time in this process. Blocks must be resident (see [`Self::ensure`]).
+    /// Reads `len` bytes at `offset` from resident blocks, checking any block not yet
+    /// checked in this boot (see residency.rs). Blocks must be resident (see
+    /// [`Self::ensure`]); one dropped meanwhile gives [`CacheError::Refetch`].
     pub fn read_resident(&self, offset: u64, len: usize) -> Result<Vec<u8>, CacheError> {
         let end = (offset + len as u64).min(self.size);
         if offset >= end {
@@ -538,7 +539,8 @@ impl CachedBlob {
         }))
     }
 
-    /// The local data file, for passthrough. Only valid while fully verified.
+    /// The local data file, for passthrough: hand it to the kernel only while the file
+    /// is pinned by [`Self::begin_passthrough`].
     pub fn data_file(&self) -> &File {
         &self.data
     }
@@ -612,9 +614,9 @@ impl CachedBlob {
         freed
     }
 
-    /// Checks every resident block not yet verified in this process (used before a
-    /// fully resident file is handed to the kernel for passthrough).
-    pub fn verify_all(&self) -> Result<bool, CacheError> {
+    /// Checks every resident block not yet checked in this boot; whether all blocks
+    /// are now resident and checked (see [`Self::begin_passthrough`]).
+    fn verify_all(&self) -> Result<bool, CacheError> {
         for i in 0..self.map.blocks() {
             if self.map.is_resident(i) && !self.map.is_verified(i) {
                 match self.verify_block(i) {
