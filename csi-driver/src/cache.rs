@@ -29,6 +29,7 @@
 
 pub mod blob;
 pub mod dataset;
+mod read_buffer;
 pub mod residency;
 pub mod snapshot;
 
@@ -72,6 +73,15 @@ pub struct CacheConfig {
     pub max_fetches: usize,
     /// Largest sequential readahead window, in bytes.
     pub max_readahead: u64,
+    /// Blocks fetched for a reader are held in memory until it has read them, up to
+    /// this many bytes pool-wide (see read_buffer.rs). 256 MiB: two readers' full
+    /// readahead windows; past it the oldest are dropped and read from disk instead.
+    pub read_buffer: u64,
+    /// Write whole blocks to cache files with direct I/O (`O_DIRECT`): they reach the
+    /// NVMe without a second copy in the page cache (the reader's FUSE pages are the
+    /// one copy in RAM). Falls back to buffered writes by itself where the file
+    /// system refuses direct I/O.
+    pub direct_io: bool,
     pub high_watermark: f64,
     pub low_watermark: f64,
     /// Cached files kept open after their last reader closed them (two descriptors
@@ -100,6 +110,8 @@ impl CacheConfig {
             get_size: 8 << 20,
             max_fetches: 16,
             max_readahead: 128 << 20,
+            read_buffer: 256 << 20,
+            direct_io: true,
             high_watermark: 0.90,
             low_watermark: 0.80,
             max_open_blobs: 8192,
@@ -163,6 +175,12 @@ pub(crate) struct PoolShared {
     index_path: PathBuf,
     /// Bytes fetched from the lake since start (reports and tests).
     pub fetched: AtomicU64,
+    /// Blocks fetched for readers and not yet read by them.
+    pub(crate) read_buffer: read_buffer::ReadBuffer,
+    /// Direct I/O for block writes: on until the file system refuses it once.
+    pub(crate) direct_io: std::sync::atomic::AtomicBool,
+    /// Numbers each opened `CachedBlob` (its key in the read buffer).
+    pub(crate) next_blob_id: AtomicU64,
 }
 
 /// The most recently opened blobs, kept open (least recently opened dropped first).
@@ -590,12 +608,14 @@ impl CachePool {
                 detail: e.to_string(),
             })?;
         }
-        // Two descriptors per idle file; leave room for everything else.
-        let fd_room = (raise_nofile_limit().saturating_sub(1024) / 2) as usize;
+        // Two descriptors per idle file (three while a large one is being filled);
+        // leave room for everything else.
+        let fd_room = (raise_nofile_limit().saturating_sub(1024) / 3) as usize;
         let idle = IdleBlobs {
             cap: config.max_open_blobs.min(fd_room),
             ..Default::default()
         };
+        let (config_read_buffer, config_direct_io) = (config.read_buffer, config.direct_io);
         let shared = Arc::new(PoolShared {
             fetches: Semaphore::new(config.max_fetches.max(1)),
             idle: Mutex::new(idle),
@@ -608,6 +628,9 @@ impl CachePool {
             index,
             index_path,
             fetched: AtomicU64::new(0),
+            read_buffer: read_buffer::ReadBuffer::new(config_read_buffer),
+            direct_io: std::sync::atomic::AtomicBool::new(config_direct_io),
+            next_blob_id: AtomicU64::new(1),
         });
         let weak = Arc::downgrade(&shared);
         let pressure = shared.pressure.clone();
@@ -645,6 +668,16 @@ impl CachePool {
     /// Bytes fetched from the lake by this process.
     pub fn fetched(&self) -> u64 {
         self.shared.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of fetched blocks held in memory for their readers (see read_buffer.rs).
+    pub fn read_buffer_bytes(&self) -> u64 {
+        self.shared.read_buffer.bytes()
+    }
+
+    /// Whether block writes still use direct I/O (off once the file system refused it).
+    pub fn direct_io(&self) -> bool {
+        self.shared.direct_io.load(Ordering::Relaxed)
     }
 
     pub fn root(&self) -> PathBuf {

@@ -524,9 +524,7 @@ impl Filesystem for DatasetFs {
             blob.prefetch(ahead);
         }
         let blocks = blob.blocks_for(offset..offset + size as u64);
-        let ready = blocks
-            .clone()
-            .all(|i| blob.residency().is_resident(i) && blob.residency().is_verified(i));
+        let ready = blob.is_ready(blocks);
         let stats = self.stats.clone();
         if ready {
             match blob.read_resident(offset, size as usize) {

@@ -179,7 +179,7 @@ async fn refresh_swaps_in_a_new_snapshot_only_when_the_lake_changed() {
     let new_a = snap2.lookup(1, "a.txt").unwrap().unwrap();
     assert_eq!(
         ds.blob(&new_a).unwrap().read(0, 100).await.unwrap(),
-        b"version two!"
+        &b"version two!"[..]
     );
 }
 

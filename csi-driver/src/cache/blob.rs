@@ -11,9 +11,14 @@
 //!   is one block with a `Content-MD5`, the MD5 (a multi-block blob's MD5 is checked over
 //!   the local copy once its last block is in). Its CRC32C is stored in the map and
 //!   re-checked before the block is first served after a reboot (residency.rs).
+//! - Whole blocks are written with direct I/O where the file system takes it: the bytes
+//!   reach the NVMe without a copy in the page cache (a cold read would otherwise hold
+//!   every byte twice in RAM, as the cache file and as the FUSE file). Blocks fetched for
+//!   a reader are then served to it from memory (read_buffer.rs), not read back.
+//!   The tail of a blob and small files are written through the page cache.
 //! - The number of GETs in flight is bounded by the pool's semaphore, and a GET holds at
 //!   most two blocks (one filling, one being written), so memory held by fetches is at
-//!   most `max_fetches × 2 × block size`.
+//!   most `max_fetches × 2 × block size`, plus the pool's read buffer.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -23,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
@@ -37,11 +42,46 @@ use crate::lake::{Lake, LakeError};
 
 type FetchResult = Result<(), Arc<CacheError>>;
 
-/// `len` bytes at `offset` into a new buffer, without zeroing it first (this is the
-/// read path of every non-passthrough read).
-fn read_exact_at_uninit(file: &File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+/// Direct I/O needs the buffer, the file offset and the length aligned to the device's
+/// logical block; 4096 covers every logical block size in use (512 and 4096).
+const DIO_ALIGN: usize = 4096;
+
+/// A block being assembled from a body's chunks, in memory aligned for direct I/O.
+struct BlockBuf {
+    vec: Vec<u8>,
+    off: usize,
+}
+
+impl BlockBuf {
+    fn new(len: usize) -> Self {
+        let mut vec: Vec<u8> = Vec::with_capacity(len + DIO_ALIGN - 1);
+        let off = vec.as_ptr().align_offset(DIO_ALIGN).min(DIO_ALIGN - 1);
+        vec.resize(off, 0);
+        BlockBuf { vec, off }
+    }
+
+    fn len(&self) -> usize {
+        self.vec.len() - self.off
+    }
+
+    /// Appends within the capacity reserved at `new` (never reallocates, so the start
+    /// stays aligned).
+    fn extend(&mut self, b: &[u8]) {
+        debug_assert!(self.vec.len() + b.len() <= self.vec.capacity());
+        self.vec.extend_from_slice(b);
+    }
+
+    fn freeze(self) -> Bytes {
+        Bytes::from(self.vec).slice(self.off..)
+    }
+}
+
+/// `len` bytes at `offset` appended to `buf`, without zeroing them first (this is the
+/// read path of every non-passthrough read that the read buffer does not answer).
+fn append_at(file: &File, buf: &mut Vec<u8>, len: usize, offset: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    buf.reserve(len);
+    let base = buf.len();
     let mut done = 0usize;
     while done < len {
         // SAFETY: the destination is the vector's spare capacity, `len - done` bytes
@@ -50,7 +90,7 @@ fn read_exact_at_uninit(file: &File, len: usize, offset: u64) -> std::io::Result
         let n = unsafe {
             libc::pread(
                 file.as_raw_fd(),
-                buf.as_mut_ptr().add(done).cast(),
+                buf.as_mut_ptr().add(base + done).cast(),
                 len - done,
                 (offset + done as u64) as libc::off_t,
             )
@@ -64,8 +104,8 @@ fn read_exact_at_uninit(file: &File, len: usize, offset: u64) -> std::io::Result
             }
             n if n > 0 => {
                 done += n as usize;
-                // SAFETY: the first `done` bytes were written by `pread`.
-                unsafe { buf.set_len(done) };
+                // SAFETY: the `done` bytes after `base` were written by `pread`.
+                unsafe { buf.set_len(base + done) };
             }
             _ => {
                 let e = std::io::Error::last_os_error();
@@ -75,7 +115,7 @@ fn read_exact_at_uninit(file: &File, len: usize, offset: u64) -> std::io::Result
             }
         }
     }
-    Ok(buf)
+    Ok(())
 }
 
 async fn join_write(w: tokio::task::JoinHandle<Result<(), CacheError>>) -> FetchResult {
@@ -97,6 +137,11 @@ pub struct CachedBlob {
     pub md5: Option<[u8; 16]>,
     pub data_path: PathBuf,
     data: File,
+    /// The data file opened with `O_DIRECT` for whole-block writes, opened at the first
+    /// one (`None` inside: the file system refused it).
+    direct: std::sync::OnceLock<Option<File>>,
+    /// This blob's key in the pool's read buffer.
+    id: u64,
     map: Residency,
     inflight: Mutex<HashMap<u64, FetchFuture>>,
     md5_checking: AtomicBool,
@@ -114,6 +159,12 @@ pub struct CachedBlob {
     last_read: AtomicU64,
     lake: Arc<dyn Lake>,
     pool: Arc<PoolShared>,
+}
+
+impl Drop for CachedBlob {
+    fn drop(&mut self) {
+        self.pool.read_buffer.forget(self.id);
+    }
 }
 
 impl CachedBlob {
@@ -158,6 +209,8 @@ impl CachedBlob {
             md5: entry.md5,
             data_path,
             data,
+            direct: std::sync::OnceLock::new(),
+            id: pool.next_blob_id.fetch_add(1, Ordering::Relaxed),
             map,
             inflight: Mutex::new(HashMap::new()),
             md5_checking: AtomicBool::new(false),
@@ -184,15 +237,25 @@ impl CachedBlob {
     }
 
     /// Makes blocks `blocks` resident, fetching the missing ones (consecutive missing
-    /// blocks in one ranged GET; one fetch per block however many callers ask).
+    /// blocks in one ranged GET; one fetch per block however many callers ask). For
+    /// filling the cache (prewarm): fetched blocks are not held for a reader.
     pub async fn ensure(self: &Arc<Self>, blocks: Range<u64>) -> Result<(), Arc<CacheError>> {
-        for r in futures::future::join_all(self.request(blocks, false)).await {
+        self.ensure_for(blocks, false).await
+    }
+
+    async fn ensure_for(
+        self: &Arc<Self>,
+        blocks: Range<u64>,
+        hold: bool,
+    ) -> Result<(), Arc<CacheError>> {
+        for r in futures::future::join_all(self.request(blocks, false, hold)).await {
             r?;
         }
         Ok(())
     }
 
-    /// Starts fetching blocks in the background (readahead); errors surface on read.
+    /// Starts fetching blocks in the background for a reader about to read them
+    /// (readahead, small files at open); errors surface on read.
     /// The range is extended to a whole GET so that a sliding window asks for
     /// full-size GETs, not one block at a time.
     pub fn prefetch(self: &Arc<Self>, blocks: Range<u64>) {
@@ -202,14 +265,20 @@ impl CachedBlob {
             .div_ceil(per)
             .saturating_mul(per)
             .min(self.map.blocks());
-        drop(self.request(blocks.start..end, true));
+        drop(self.request(blocks.start..end, true, true));
     }
 
     /// One future per block of `blocks` that is not resident. Missing blocks nobody is
     /// fetching yet are grouped into runs of consecutive blocks, each fetched by one
     /// ranged GET of at most `blocks_per_get` blocks (runs of readahead also break at
-    /// multiples of it, so a sliding window issues whole GETs).
-    fn request(self: &Arc<Self>, blocks: Range<u64>, aligned: bool) -> Vec<FetchFuture> {
+    /// multiples of it, so a sliding window issues whole GETs). `hold`: keep the
+    /// fetched blocks in the read buffer for the reader who asked.
+    fn request(
+        self: &Arc<Self>,
+        blocks: Range<u64>,
+        aligned: bool,
+        hold: bool,
+    ) -> Vec<FetchFuture> {
         let per = self.pool.config.blocks_per_get();
         let mut out = Vec::new();
         let mut run: Vec<oneshot::Sender<FetchResult>> = Vec::new();
@@ -219,7 +288,8 @@ impl CachedBlob {
             let joins = self.map.is_resident(i) || inflight.contains_key(&i);
             let full = run.len() as u64 >= per || (aligned && i % per == 0);
             if !run.is_empty() && (joins || full) {
-                self.clone().spawn_run(run_start, std::mem::take(&mut run));
+                self.clone()
+                    .spawn_run(run_start, std::mem::take(&mut run), hold);
             }
             if self.map.is_resident(i) {
                 continue;
@@ -247,18 +317,23 @@ impl CachedBlob {
             run.push(tx);
         }
         if !run.is_empty() {
-            self.clone().spawn_run(run_start, run);
+            self.clone().spawn_run(run_start, run, hold);
         }
         out
     }
 
-    fn spawn_run(self: Arc<Self>, first: u64, waiters: Vec<oneshot::Sender<FetchResult>>) {
+    fn spawn_run(
+        self: Arc<Self>,
+        first: u64,
+        waiters: Vec<oneshot::Sender<FetchResult>>,
+        hold: bool,
+    ) {
         tokio::spawn(async move {
             let n = waiters.len() as u64;
             let mut waiters = waiters.into_iter();
             let mut next = first;
             let r = self
-                .fetch_run(first, n, &mut |i, r| {
+                .fetch_run(first, n, hold, &mut |i, r| {
                     next = i + 1;
                     self.inflight.lock().remove(&i);
                     if let Some(w) = waiters.next() {
@@ -285,6 +360,7 @@ impl CachedBlob {
         self: &Arc<Self>,
         first: u64,
         n: u64,
+        hold: bool,
         done: &mut (dyn FnMut(u64, FetchResult) + Send),
     ) -> Result<(), CacheError> {
         let _permit = self
@@ -300,7 +376,7 @@ impl CachedBlob {
             .await
             .map_err(|e| self.lake_error(e))?;
         let mut next = first;
-        let mut buf = BytesMut::new();
+        let mut buf: Option<BlockBuf> = None;
         let mut writing: Option<(u64, tokio::task::JoinHandle<Result<(), CacheError>>)> = None;
         while next < first + n {
             let Some(chunk) = body.next().await else {
@@ -309,27 +385,21 @@ impl CachedBlob {
             let mut chunk = chunk.map_err(|e| self.lake_error(e))?;
             while !chunk.is_empty() && next < first + n {
                 let r = self.map.block_range(next);
-                let want = (r.end - r.start) as usize - buf.len();
-                let part = chunk.split_to(want.min(chunk.len()));
-                let block = if buf.is_empty() && part.len() == want {
-                    part // a chunk that holds the whole block: no copy
-                } else {
-                    if buf.capacity() == 0 {
-                        buf.reserve((r.end - r.start) as usize);
-                    }
-                    buf.extend_from_slice(&part);
-                    if buf.len() < (r.end - r.start) as usize {
-                        continue;
-                    }
-                    buf.split().freeze()
-                };
+                let len = (r.end - r.start) as usize;
+                let b = buf.get_or_insert_with(|| BlockBuf::new(len));
+                let part = chunk.split_to((len - b.len()).min(chunk.len()));
+                b.extend(&part);
+                if b.len() < len {
+                    continue;
+                }
+                let block = buf.take().expect("filled above").freeze();
                 if let Some((i, w)) = writing.take() {
                     done(i, join_write(w).await);
                 }
                 let this = self.clone();
                 writing = Some((
                     next,
-                    tokio::task::spawn_blocking(move || this.store_block(next, block)),
+                    tokio::task::spawn_blocking(move || this.store_block(next, block, hold)),
                 ));
                 next += 1;
             }
@@ -366,9 +436,13 @@ impl CachedBlob {
     }
 
     /// Checks, writes and records one fetched block (on a blocking thread: a 4 MiB
-    /// write into the page cache must not stall the runtime's network work).
-    fn store_block(self: &Arc<Self>, i: u64, body: Bytes) -> Result<(), CacheError> {
+    /// write must not stall the runtime's network work); `hold`: then keeps it in the
+    /// read buffer for the reader waiting for it.
+    fn store_block(self: &Arc<Self>, i: u64, body: Bytes, hold: bool) -> Result<(), CacheError> {
         if self.map.is_resident(i) {
+            if hold {
+                self.pool.read_buffer.insert(self.id, i, body);
+            }
             return Ok(());
         }
         let range = self.map.block_range(i);
@@ -384,13 +458,15 @@ impl CachedBlob {
         let crc = crc32c::crc32c(&body);
         {
             let _one = self.writing.lock();
-            self.data
-                .write_all_at(&body, range.start)
+            self.write_block(&body, range.start)
                 .map_err(|e| CacheError::io(&self.data_path, e))?;
         }
         self.map
             .mark_resident(i, crc)
             .map_err(|e| CacheError::io(&self.data_path, e))?;
+        if hold {
+            self.pool.read_buffer.insert(self.id, i, body);
+        }
         if self.map.blocks() == 1 && self.md5.is_some() {
             let _ = self.map.set_flag(FLAG_MD5_VERIFIED);
         }
@@ -405,6 +481,42 @@ impl CachedBlob {
             });
         }
         Ok(())
+    }
+
+    /// Writes one block's bytes at `at`: with direct I/O when the block is whole and
+    /// aligned and the file system takes it, else through the page cache. The first
+    /// refusal (`EINVAL`: a file system without `O_DIRECT`, or stricter alignment)
+    /// turns direct I/O off for the pool, once, with a log line.
+    fn write_block(&self, body: &[u8], at: u64) -> std::io::Result<()> {
+        let aligned = body.len() >= DIO_ALIGN
+            && body.len().is_multiple_of(DIO_ALIGN)
+            && at.is_multiple_of(DIO_ALIGN as u64)
+            && (body.as_ptr() as usize).is_multiple_of(DIO_ALIGN);
+        if aligned && self.pool.direct_io.load(Ordering::Relaxed) {
+            let direct = self.direct.get_or_init(|| {
+                use std::os::unix::fs::OpenOptionsExt;
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&self.data_path)
+                    .map_err(|e| self.direct_io_refused(e))
+                    .ok()
+            });
+            if let Some(f) = direct {
+                match f.write_all_at(body, at) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct_io_refused(e),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.data.write_all_at(body, at)
+    }
+
+    fn direct_io_refused(&self, e: std::io::Error) {
+        if self.pool.direct_io.swap(false, Ordering::Relaxed) {
+            tracing::info!(file = %self.data_path.display(), error = %e, "the cache directory's file system refuses direct I/O; writing blocks through the page cache");
+        }
     }
 
     /// Once every block of a multi-block blob is in, checks the blob's `Content-MD5`
@@ -437,6 +549,7 @@ impl CachedBlob {
         if self.map.flags() & FLAG_MD5_REFETCHED == 0 {
             tracing::warn!(blob = %self.blob, "cached copy does not match the blob's Content-MD5; fetching it again");
             self.map.set_flag(FLAG_MD5_REFETCHED).map_err(io)?;
+            self.pool.read_buffer.forget(self.id);
             for i in 0..self.map.blocks() {
                 let r = self.map.block_range(i);
                 self.map.drop_block(i).map_err(io)?;
@@ -458,6 +571,13 @@ impl CachedBlob {
             h.update(&buf[..n]);
             off += n as u64;
         }
+        if self.pool.direct_io.load(Ordering::Relaxed) {
+            // The blocks were written around the page cache; do not leave the whole
+            // file there now for one check (clean pages: dropping them is only a hint).
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain posix_fadvise(2) on a descriptor this struct owns.
+            unsafe { libc::posix_fadvise(self.data.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
         Ok(h.finalize().into())
     }
 
@@ -471,28 +591,74 @@ impl CachedBlob {
         self.map.flags() & FLAG_MD5_MISMATCH != 0
     }
 
-    /// Reads `len` bytes at `offset` from resident blocks, checking any block not yet
-    /// checked in this boot (see residency.rs). Blocks must be resident (see
-    /// [`Self::ensure`]); one dropped meanwhile gives [`CacheError::Refetch`].
-    pub fn read_resident(&self, offset: u64, len: usize) -> Result<Vec<u8>, CacheError> {
+    /// Whether a read of `blocks` can be answered now, without a fetch: each block is
+    /// held in the read buffer, or resident and checked in this boot.
+    pub fn is_ready(&self, blocks: Range<u64>) -> bool {
+        blocks.into_iter().all(|i| {
+            (self.map.is_resident(i) && self.map.is_verified(i))
+                || self.pool.read_buffer.contains(self.id, i)
+        })
+    }
+
+    /// Reads `len` bytes at `offset`: from the read buffer where it holds the blocks
+    /// (without a copy when one block covers the read), else from resident blocks on
+    /// disk, checking any block not yet checked in this boot (see residency.rs). A
+    /// held block is released once a read has covered its end. Blocks must be held or
+    /// resident (see [`Self::ensure`]); one dropped meanwhile gives
+    /// [`CacheError::Refetch`].
+    pub fn read_resident(&self, offset: u64, len: usize) -> Result<Bytes, CacheError> {
         let end = (offset + len as u64).min(self.size);
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let _reading = self.shed.read();
         let blocks = self.blocks_for(offset..end);
         self.last_read.store(blocks.end - 1, Ordering::Relaxed);
-        for i in blocks {
-            if !self.map.is_resident(i) {
-                // Dropped since the caller looked (a failed check, or shed): fetch it again.
-                return Err(CacheError::Refetch);
+        let buffer = &self.pool.read_buffer;
+        let mut held = Vec::with_capacity((blocks.end - blocks.start) as usize);
+        for i in blocks.clone() {
+            let h = buffer.get(self.id, i);
+            if h.is_none() {
+                if !self.map.is_resident(i) {
+                    // Dropped since the caller looked (a failed check, or shed): fetch it again.
+                    return Err(CacheError::Refetch);
+                }
+                if !self.map.is_verified(i) {
+                    self.verify_block(i)?;
+                }
             }
-            if !self.map.is_verified(i) {
-                self.verify_block(i)?;
+            held.push(h);
+        }
+        let release = |i: u64| {
+            if self.map.block_range(i).end <= end {
+                buffer.remove(self.id, i);
+            }
+        };
+        if let [Some(b)] = held.as_slice() {
+            let r = self.map.block_range(blocks.start);
+            let out = b.slice((offset - r.start) as usize..(end - r.start) as usize);
+            release(blocks.start);
+            return Ok(out);
+        }
+        let io = |e| CacheError::io(&self.data_path, e);
+        let mut out = Vec::new();
+        if held.iter().all(Option::is_none) {
+            append_at(&self.data, &mut out, (end - offset) as usize, offset).map_err(io)?;
+            return Ok(Bytes::from(out));
+        }
+        out.reserve((end - offset) as usize);
+        for (i, h) in blocks.zip(held) {
+            let r = self.map.block_range(i);
+            let (a, b) = (offset.max(r.start), end.min(r.end));
+            match h {
+                Some(h) => {
+                    out.extend_from_slice(&h[(a - r.start) as usize..(b - r.start) as usize]);
+                    release(i);
+                }
+                None => append_at(&self.data, &mut out, (b - a) as usize, a).map_err(io)?,
             }
         }
-        read_exact_at_uninit(&self.data, (end - offset) as usize, offset)
-            .map_err(|e| CacheError::io(&self.data_path, e))
+        Ok(Bytes::from(out))
     }
 
     fn verify_block(&self, i: u64) -> Result<(), CacheError> {
@@ -515,19 +681,16 @@ impl CachedBlob {
         }
     }
 
-    /// Reads through the cache: fetches what is missing, then serves from disk.
-    pub async fn read(
-        self: &Arc<Self>,
-        offset: u64,
-        len: usize,
-    ) -> Result<Vec<u8>, Arc<CacheError>> {
+    /// Reads through the cache: fetches what is missing (held for this reader), then
+    /// serves it.
+    pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> Result<Bytes, Arc<CacheError>> {
         let end = (offset + len as u64).min(self.size);
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         // A block that fails verification is dropped and fetched once more.
         for _ in 0..2 {
-            self.ensure(self.blocks_for(offset..end)).await?;
+            self.ensure_for(self.blocks_for(offset..end), true).await?;
             match self.read_resident(offset, len) {
                 Err(CacheError::Refetch) => continue,
                 r => return r.map_err(Arc::new),
