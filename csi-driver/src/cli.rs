@@ -39,7 +39,9 @@ pub struct Cli {
 pub enum Command {
     /// Mount a lake prefix read-only at MOUNTPOINT, backed by a local cache. Runs in the
     /// foreground until SIGTERM/SIGINT or `umount MOUNTPOINT`, then exits with nothing
-    /// left mounted.
+    /// left mounted. If files are still open at SIGTERM/SIGINT, the mount is detached
+    /// (gone from the mount table at once) and they keep reading until closed; a
+    /// second signal stops at once.
     Mount(MountArgs),
     /// Fill the cache with a lake prefix (or the files matching --include) ahead of a job.
     Prewarm(PrewarmArgs),
@@ -338,10 +340,36 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     for b in background {
         b.abort();
     }
-    handle.unmount().context("unmounting")?;
-    tokio::task::spawn_blocking(move || mount.join())
-        .await?
-        .context("stopping the FUSE session")?;
+    let detached = match handle.unmount() {
+        Ok(()) => false,
+        Err(e) if crate::fs::is_busy(&e) => {
+            handle.detach().context("detaching the busy mount")?;
+            say(format_args!(
+                "tidepool: {} is busy (files open in it): detached it from the mount table; open files keep reading until they are closed, then tidepool exits (signal again to stop now)",
+                mp.display()
+            ));
+            true
+        }
+        Err(e) => return Err(e).context("unmounting"),
+    };
+    let mut session = tokio::task::spawn_blocking(move || mount.join());
+    let ended = if detached {
+        tokio::select! {
+            r = &mut session => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+            _ = term.recv() => None,
+        }
+    } else {
+        Some(session.await)
+    };
+    let Some(ended) = ended else {
+        pool.flush()?;
+        anyhow::bail!(
+            "stopped with files still open on the detached mount of {}: their reads fail from now on",
+            mp.display()
+        );
+    };
+    ended?.context("stopping the FUSE session")?;
     pool.flush()?;
     say(format_args!("tidepool: unmounted {}", mp.display()));
     Ok(())

@@ -650,6 +650,7 @@ impl Mount {
         }
         let unmounter = UnmountHandle {
             mountpoint: mountpoint.clone(),
+            detached: Arc::default(),
             _fuser: Arc::new(Mutex::new(unmounter)),
         };
         Ok(Mount {
@@ -685,10 +686,31 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
-            let _ = self.unmounter.unmount();
-            let _ = s.join();
+            // Joining waits for the session to end, which a detached mount does only
+            // when its last open file is closed: join only after a clean unmount, and
+            // otherwise detach and leave the session threads to serve what is open.
+            let unmounted = match self.unmounter.unmount() {
+                Ok(()) => !self.unmounter.was_detached(),
+                Err(e) => {
+                    if !is_busy(&e) {
+                        tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "cannot unmount; detaching instead");
+                    }
+                    if let Err(e) = self.unmounter.detach() {
+                        tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "cannot detach the mount");
+                    }
+                    false
+                }
+            };
+            if unmounted {
+                let _ = s.join();
+            }
         }
     }
+}
+
+/// Whether an unmount failed because files or directories in the mount are in use.
+pub fn is_busy(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EBUSY) || e.kind() == std::io::ErrorKind::ResourceBusy
 }
 
 /// Unmounts a [`Mount`] from any thread; unmounting twice is a no-op.
@@ -700,12 +722,28 @@ impl Drop for Mount {
 #[derive(Clone)]
 pub struct UnmountHandle {
     mountpoint: std::path::PathBuf,
+    detached: Arc<std::sync::atomic::AtomicBool>,
     _fuser: Arc<Mutex<fuser::SessionUnmounter>>,
 }
 
 impl UnmountHandle {
+    /// Unmounts; fails with `EBUSY` (see [`is_busy`]) while anything in it is open.
     pub fn unmount(&self) -> std::io::Result<()> {
         unmount_path(&self.mountpoint)
+    }
+
+    /// Lazy unmount: the mount leaves the mount table now, open files keep working,
+    /// and the session ends when the last of them is closed.
+    pub fn detach(&self) -> std::io::Result<()> {
+        detach_path(&self.mountpoint)?;
+        self.detached
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether [`UnmountHandle::detach`] was used: the session may outlive the mount.
+    pub fn was_detached(&self) -> bool {
+        self.detached.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -737,24 +775,43 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
-/// Unmounts a FUSE mount at `path`; not mounted is Ok.
+/// Unmounts a FUSE mount at `path`; not mounted is Ok; in use is `EBUSY`.
 pub fn unmount_path(path: &Path) -> std::io::Result<()> {
+    umount(path, false)
+}
+
+/// Detaches (lazily unmounts) a FUSE mount at `path`; not mounted is Ok.
+pub fn detach_path(path: &Path) -> std::io::Result<()> {
+    umount(path, true)
+}
+
+fn umount(path: &Path, lazy: bool) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     if !is_mounted(path) {
         return Ok(());
     }
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
         return Ok(());
     }
     let err = std::io::Error::last_os_error();
     if err.raw_os_error() == Some(libc::EPERM) {
-        let st = std::process::Command::new("fusermount3")
-            .arg("-u")
+        let mut cmd = std::process::Command::new("fusermount3");
+        cmd.arg("-u");
+        if lazy {
+            cmd.arg("-z");
+        }
+        let out = cmd
             .arg(path)
-            .status()?;
-        if st.success() {
+            .stderr(std::process::Stdio::piped())
+            .output()?;
+        if out.status.success() {
             return Ok(());
+        }
+        // fusermount3 says "Device or resource busy" where umount2 gives EBUSY.
+        if String::from_utf8_lossy(&out.stderr).contains("busy") {
+            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
         }
     }
     if err.raw_os_error() == Some(libc::EINVAL) && !is_mounted(path) {

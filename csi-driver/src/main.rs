@@ -21,6 +21,9 @@ fn main() -> std::process::ExitCode {
             Command::Prewarm(a) => tidepool_csi::cli::prewarm(a, &env).await,
         }
     });
+    // A FUSE session still serving a detached mount (stopped twice while files were
+    // open) must not keep the process alive: exiting closes its connection.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -13,7 +13,33 @@ use tidepool_csi::lake::{BlockId, Lake};
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
 use tidepool_csi::testing::{Azurite, pattern};
 
-fn mount(url: &str, mnt: &Path, cache: &Path) -> Child {
+/// A running `tidepool mount`, killed if a failed assertion leaves it running (a leaked
+/// mount process would hold the test's output pipe open and hang the run).
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn mount(url: &str, mnt: &Path, cache: &Path) -> Running {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tidepool"))
         .args(["mount", url])
         .arg(mnt)
@@ -28,7 +54,7 @@ fn mount(url: &str, mnt: &Path, cache: &Path) -> Child {
         .read_line(&mut line)
         .unwrap();
     assert!(line.contains("mounted"), "mount did not come up: {line:?}");
-    child
+    Running(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,4 +111,93 @@ async fn kill_9_mid_read_then_remount_reads_exact_bytes_and_sigterm_unmounts() {
     let status = second.wait().unwrap();
     assert!(status.success(), "SIGTERM is a clean exit: {status}");
     assert!(!is_mounted(&canon), "nothing left mounted after SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_file_open_detaches_the_mount_and_keeps_serving_it_until_closed() {
+    let azurite = Azurite::start();
+    azurite.create_container("data").await;
+    let lake = azurite.lake("data").await;
+    let data = pattern(9, 9 << 20);
+    lake.put("ds/open.bin", Bytes::from(data.clone()))
+        .await
+        .unwrap();
+    let url = azurite.url("data", "ds");
+    let work = tempfile::tempdir().unwrap();
+    let (mnt, cache) = (work.path().join("mnt"), work.path().join("cache"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let canon = mnt.canonicalize().unwrap();
+
+    let mut child = mount(&url, &mnt, &cache);
+    let mut f = std::fs::File::open(mnt.join("open.bin")).unwrap();
+    let mut head = vec![0u8; 1 << 20];
+    f.read_exact(&mut head).unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // Gone from the mount table at once, while the process stays to serve the open file.
+    let mut gone = false;
+    for _ in 0..100 {
+        if !is_mounted(&canon) {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(gone, "the busy mount was not detached after SIGTERM");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "tidepool exited while a file of its mount was still open"
+    );
+    let mut rest = Vec::new();
+    f.read_to_end(&mut rest).unwrap();
+    head.extend_from_slice(&rest);
+    assert!(
+        head == data,
+        "the open file reads every byte after the detach"
+    );
+    drop(f);
+    // The last close ends the session: a clean exit.
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("tidepool did not exit after the last open file was closed")
+    });
+    assert!(status.success(), "clean exit: {status}");
+
+    // A second signal stops at once, even with a file open.
+    let mut child = mount(&url, &mnt, &cache);
+    let f = std::fs::File::open(mnt.join("open.bin")).unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    for _ in 0..100 {
+        if !is_mounted(&canon) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("a second SIGTERM did not stop tidepool")
+    });
+    assert!(
+        !status.success(),
+        "stopping with files open is reported: {status}"
+    );
+    assert!(!is_mounted(&canon), "nothing left mounted");
+    drop(f);
 }
