@@ -84,6 +84,15 @@ pub struct CacheArgs {
     /// listing order (either direction) gets the next ones fetched ahead.
     #[arg(long, default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
     pub small_file_threshold: u64,
+    /// Memory for blocks fetched for readers, held until read (pool-wide); a block
+    /// dropped from it early is read back from the cache file instead.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub read_buffer: u64,
+    /// Write the cache files through the page cache instead of with direct I/O (which
+    /// keeps a second copy of the dataset out of RAM; used automatically where the
+    /// file system refuses it).
+    #[arg(long)]
+    pub no_direct_io: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -226,6 +235,8 @@ fn open_lake(url: &LakeUrl, args: &LakeArgs, env: EnvLookup<'_>) -> anyhow::Resu
 fn cache_config(args: &CacheArgs) -> CacheConfig {
     let mut c = CacheConfig::new(&args.cache_dir, args.cache_size);
     c.small_file_threshold = args.small_file_threshold;
+    c.read_buffer = args.read_buffer;
+    c.direct_io = !args.no_direct_io;
     c
 }
 
@@ -482,8 +493,30 @@ mod tests {
             "--sas-token",
             "--managed-identity",
             "--deadline",
+            "--read-buffer",
+            "--no-direct-io",
         ] {
             assert!(help.contains(flag), "mount --help lacks {flag}");
         }
+    }
+
+    #[test]
+    fn memory_and_write_flags_reach_the_pool() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["tidepool", "prewarm", "http://127.0.0.1:1/a/c/p"];
+            argv.extend_from_slice(&["--cache-dir", "/tmp/x"]);
+            argv.extend_from_slice(extra);
+            match Cli::parse_from(argv).command {
+                Command::Prewarm(a) => cache_config(&a.cache),
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        let default = parse(&[]);
+        assert_eq!(default.read_buffer, 256 << 20);
+        assert!(default.direct_io);
+        let set = parse(&["--read-buffer", "64MiB", "--no-direct-io"]);
+        assert_eq!(set.read_buffer, 64 << 20);
+        assert!(!set.direct_io);
     }
 }

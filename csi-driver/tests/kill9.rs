@@ -30,6 +30,22 @@ impl std::ops::DerefMut for Running {
     }
 }
 
+impl Running {
+    /// The exit status, if the process ends within `limit`.
+    fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let end = std::time::Instant::now() + limit;
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return Some(s);
+            }
+            if std::time::Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
@@ -37,6 +53,18 @@ impl Drop for Running {
             let _ = self.0.wait();
         }
     }
+}
+
+/// Whether `path` leaves the mount table within `limit`.
+fn unmounted_within(path: &Path, limit: Duration) -> bool {
+    let end = std::time::Instant::now() + limit;
+    while is_mounted(path) {
+        if std::time::Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
 }
 
 fn mount(url: &str, mnt: &Path, cache: &Path) -> Running {
@@ -134,15 +162,10 @@ async fn sigterm_with_a_file_open_detaches_the_mount_and_keeps_serving_it_until_
     f.read_exact(&mut head).unwrap();
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     // Gone from the mount table at once, while the process stays to serve the open file.
-    let mut gone = false;
-    for _ in 0..100 {
-        if !is_mounted(&canon) {
-            gone = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(gone, "the busy mount was not detached after SIGTERM");
+    assert!(
+        unmounted_within(&canon, Duration::from_secs(5)),
+        "the busy mount was not detached after SIGTERM"
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "tidepool exited while a file of its mount was still open"
@@ -156,44 +179,24 @@ async fn sigterm_with_a_file_open_detaches_the_mount_and_keeps_serving_it_until_
     );
     drop(f);
     // The last close ends the session: a clean exit.
-    let mut status = None;
-    for _ in 0..100 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let status = status.unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("tidepool did not exit after the last open file was closed")
-    });
+    let status = child
+        .exit_within(Duration::from_secs(5))
+        .expect("tidepool did not exit after the last open file was closed");
     assert!(status.success(), "clean exit: {status}");
 
     // A second signal stops at once, even with a file open.
     let mut child = mount(&url, &mnt, &cache);
     let f = std::fs::File::open(mnt.join("open.bin")).unwrap();
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    for _ in 0..100 {
-        if !is_mounted(&canon) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        unmounted_within(&canon, Duration::from_secs(5)),
+        "the busy mount was not detached after the first SIGTERM"
+    );
     std::thread::sleep(Duration::from_millis(200));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let mut status = None;
-    for _ in 0..100 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let status = status.unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("a second SIGTERM did not stop tidepool")
-    });
+    let status = child
+        .exit_within(Duration::from_secs(5))
+        .expect("a second SIGTERM did not stop tidepool");
     assert!(
         !status.success(),
         "stopping with files open is reported: {status}"

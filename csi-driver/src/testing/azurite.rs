@@ -135,6 +135,23 @@ impl TlsFiles {
     }
 }
 
+/// Whether something at `addr` accepts a connection and, over plain HTTP, answers a
+/// request with an HTTP response (any status).
+fn answers(addr: &SocketAddr, tls: bool) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    if tls {
+        return true;
+    }
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let request =
+        b"GET /devstoreaccount1?comp=list HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let mut head = [0u8; 5];
+    s.write_all(request).is_ok() && s.read_exact(&mut head).is_ok() && &head == b"HTTP/"
+}
+
 /// A running Azurite; killed and cleaned up on drop.
 pub struct Azurite {
     child: Child,
@@ -226,7 +243,9 @@ impl Azurite {
         let deadline = Instant::now() + START_TIMEOUT;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // Ready means answering HTTP, not only listening: a request sent the moment
+            // the port opens can still be reset on a loaded machine.
+            if answers(&addr, az.tls.is_some()) && az.child.try_wait()?.is_none() {
                 return Ok(az);
             }
             if let Some(status) = az.child.try_wait()? {
@@ -321,7 +340,10 @@ impl Azurite {
         match client.create(None).await {
             Ok(_) => {}
             Err(e) if e.http_status() == Some(azure_core::http::StatusCode::Conflict) => {}
-            Err(e) => panic!("creating container {name} in Azurite: {e}\n{}", self.log()),
+            Err(e) => panic!(
+                "creating container {name} in Azurite: {e:?}\n{}",
+                self.log()
+            ),
         }
     }
 }
