@@ -708,9 +708,10 @@ impl Drop for Mount {
     }
 }
 
-/// Whether an unmount failed because files or directories in the mount are in use.
+/// Whether an unmount failed because files or directories in the mount are in use
+/// (`EBUSY`; by kind, since the unmount error carries the path in its message).
 pub fn is_busy(e: &std::io::Error) -> bool {
-    e.raw_os_error() == Some(libc::EBUSY) || e.kind() == std::io::ErrorKind::ResourceBusy
+    e.kind() == std::io::ErrorKind::ResourceBusy
 }
 
 /// Unmounts a [`Mount`] from any thread; unmounting twice is a no-op.
@@ -727,7 +728,7 @@ pub struct UnmountHandle {
 }
 
 impl UnmountHandle {
-    /// Unmounts; fails with `EBUSY` (see [`is_busy`]) while anything in it is open.
+    /// Unmounts; fails as [`is_busy`] while anything in it is open.
     pub fn unmount(&self) -> std::io::Result<()> {
         unmount_path(&self.mountpoint)
     }
@@ -775,7 +776,7 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
-/// Unmounts a FUSE mount at `path`; not mounted is Ok; in use is `EBUSY`.
+/// Unmounts a FUSE mount at `path`; not mounted is Ok; in use fails as [`is_busy`].
 pub fn unmount_path(path: &Path) -> std::io::Result<()> {
     umount(path, false)
 }

@@ -33,16 +33,7 @@ impl std::ops::DerefMut for Running {
 impl Running {
     /// The exit status, if the process ends within `limit`.
     fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let end = std::time::Instant::now() + limit;
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return Some(s);
-            }
-            if std::time::Instant::now() > end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        within(limit, || self.0.try_wait().unwrap())
     }
 }
 
@@ -55,16 +46,23 @@ impl Drop for Running {
     }
 }
 
-/// Whether `path` leaves the mount table within `limit`.
-fn unmounted_within(path: &Path, limit: Duration) -> bool {
+/// Polls `f` every 50 ms until it gives a value or `limit` has passed.
+fn within<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = std::time::Instant::now() + limit;
-    while is_mounted(path) {
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
         if std::time::Instant::now() > end {
-            return false;
+            return None;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    true
+}
+
+/// Whether `path` leaves the mount table within `limit`.
+fn unmounted_within(path: &Path, limit: Duration) -> bool {
+    within(limit, || (!is_mounted(path)).then_some(())).is_some()
 }
 
 fn mount(url: &str, mnt: &Path, cache: &Path) -> Running {
