@@ -29,14 +29,15 @@
 
 pub mod blob;
 pub mod dataset;
+mod open_table;
 mod read_buffer;
 pub mod residency;
 pub mod snapshot;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -120,16 +121,19 @@ impl CacheConfig {
     }
 }
 
+/// Cache errors. Each message says everything once (what failed, on what, why) and
+/// exposes no `source()` besides: logs print errors with `%e` and the CLI prints the
+/// chain, and either way a cause must appear exactly once.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error(transparent)]
     Lake(#[from] LakeError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
     #[error("cache index {path}: {detail}")]
     Index { path: PathBuf, detail: String },
@@ -153,7 +157,7 @@ impl CacheError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         CacheError::Io {
             path: path.to_owned(),
-            source,
+            cause: source,
         }
     }
 }
@@ -165,7 +169,8 @@ pub(crate) struct PoolShared {
     pub fetches: Semaphore,
     used: AtomicU64,
     pending: Mutex<HashMap<String, PendingUse>>,
-    open: Mutex<HashMap<String, Weak<CachedBlob>>>,
+    /// Open blob versions, and claims of keys being opened or deleted (open_table.rs).
+    open: open_table::OpenTable<CachedBlob>,
     idle: Mutex<IdleBlobs>,
     pressure: Arc<Notify>,
     /// Held by index commits and the start-up scan, so a file is never in neither
@@ -226,6 +231,7 @@ fn raise_nofile_limit() -> u64 {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    // SAFETY: getrlimit(2) writes one `rlimit` into `lim`, which lives on our stack.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return 1024;
     }
@@ -234,6 +240,7 @@ fn raise_nofile_limit() -> u64 {
             rlim_cur: lim.rlim_max,
             rlim_max: lim.rlim_max,
         };
+        // SAFETY: setrlimit(2) only reads the `rlimit` it is given.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
             return want.rlim_cur;
         }
@@ -265,8 +272,7 @@ impl PoolShared {
     }
 
     pub(crate) fn block_dropped(&self, key: &str, n: u64) {
-        self.used
-            .fetch_sub(n.min(self.used.load(Ordering::Acquire)), Ordering::AcqRel);
+        saturating_sub(&self.used, n);
         self.pending.lock().entry(key.to_owned()).or_default().bytes -= n as i64;
     }
 
@@ -351,9 +357,11 @@ impl PoolShared {
                     .get(key.as_str())
                     .map_err(|e| self.index_err(e))?
                     .map(|v| v.value().0);
-                // Under `open`: a file being opened now is counted by its own landings.
-                let open = self.open.lock();
-                if open.contains_key(&key) || self.pending.lock().contains_key(&key) {
+                // Claimed: a file being opened now is counted by its own landings.
+                let Some(claim) = self.open.try_claim_closed(&key) else {
+                    continue;
+                };
+                if self.pending.lock().contains_key(&key) {
                     continue;
                 }
                 let map = sub.path().join(format!("{key}.map"));
@@ -378,9 +386,7 @@ impl PoolShared {
                 if delta > 0 {
                     self.used.fetch_add(delta as u64, Ordering::AcqRel);
                 } else {
-                    let n = delta.unsigned_abs();
-                    self.used
-                        .fetch_sub(n.min(self.used.load(Ordering::Acquire)), Ordering::AcqRel);
+                    saturating_sub(&self.used, delta.unsigned_abs());
                 }
                 self.pending.lock().insert(
                     key,
@@ -389,7 +395,7 @@ impl PoolShared {
                         touched,
                     },
                 );
-                drop(open);
+                drop(claim);
                 found += delta.unsigned_abs();
             }
         }
@@ -400,13 +406,6 @@ impl PoolShared {
             );
         }
         Ok(found)
-    }
-
-    fn is_open(&self, key: &str) -> bool {
-        self.open
-            .lock()
-            .get(key)
-            .is_some_and(|w| w.strong_count() > 0)
     }
 
     /// Evicts least recently used files that are not open until `used` is under the low
@@ -432,7 +431,7 @@ impl PoolShared {
                     let (atime, key) = k.value();
                     // An idle file is closed, then deleted like any other.
                     drop(self.idle.lock().remove(key));
-                    if self.is_open(key) {
+                    if self.open.in_use(key) {
                         continue;
                     }
                     let bytes = files
@@ -456,19 +455,20 @@ impl PoolShared {
                 let mut files = tx.open_table(FILES).map_err(|e| self.index_err(e))?;
                 let mut lru = tx.open_table(LRU).map_err(|e| self.index_err(e))?;
                 for (atime, key, bytes) in chunk {
-                    if self.is_open(&key) {
+                    // Held until both files are gone: an open of this key waits, then
+                    // starts from nothing (open_table.rs says why it must).
+                    let Some(_deleting) = self.open.try_claim_closed(&key) else {
                         continue;
-                    }
+                    };
                     let dir = blobs.join(&key[..2]);
+                    // The map first: a crash in between leaves a data file without a
+                    // map, which the next open treats as empty.
                     let _ = std::fs::remove_file(dir.join(format!("{key}.map")));
                     let _ = std::fs::remove_file(dir.join(format!("{key}.data")));
                     files.remove(key.as_str()).map_err(|e| self.index_err(e))?;
                     lru.remove((atime, key.as_str()))
                         .map_err(|e| self.index_err(e))?;
-                    self.used.fetch_sub(
-                        bytes.min(self.used.load(Ordering::Acquire)),
-                        Ordering::AcqRel,
-                    );
+                    saturating_sub(&self.used, bytes);
                     freed += bytes;
                     tracing::debug!(key, bytes, "evicted");
                     if self.used.load(Ordering::Acquire) <= low {
@@ -485,12 +485,7 @@ impl PoolShared {
         // Still over: the open files alone overflow the pool (one may be larger than
         // it). Shed blocks of the largest open files.
         if self.used.load(Ordering::Acquire) > high {
-            let mut open: Vec<Arc<CachedBlob>> = self
-                .open
-                .lock()
-                .values()
-                .filter_map(Weak::upgrade)
-                .collect();
+            let mut open = self.open.live();
             open.sort_by_key(|b| std::cmp::Reverse(b.residency().resident_bytes()));
             for b in open {
                 let used = self.used.load(Ordering::Acquire);
@@ -532,8 +527,41 @@ impl Drop for PoolOwner {
 
 impl CachePool {
     /// Opens (or creates) the pool under `config.dir` and starts its background index
-    /// and eviction task on the current tokio runtime.
-    pub fn open(config: CacheConfig) -> Result<Self, CacheError> {
+    /// and eviction task on the current tokio runtime. The file work (the index, the
+    /// wait for a pool another handle is closing) runs on a blocking thread.
+    pub async fn open(config: CacheConfig) -> Result<Self, CacheError> {
+        let shared = tokio::task::spawn_blocking(move || PoolShared::open(config))
+            .await
+            .map_err(|e| CacheError::Internal(format!("opening the cache pool: {e}")))??;
+        let shared = Arc::new(shared);
+        let weak = Arc::downgrade(&shared);
+        let pressure = shared.pressure.clone();
+        tokio::spawn(async move {
+            let Some(s) = weak.upgrade() else { return };
+            let r = tokio::task::spawn_blocking(move || s.reconcile()).await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "scanning the cache for files missing from the index failed");
+            }
+            loop {
+                let _ = tokio::time::timeout(Duration::from_secs(1), pressure.notified()).await;
+                let Some(s) = weak.upgrade() else { return };
+                let r =
+                    tokio::task::spawn_blocking(move || s.flush().and_then(|_| s.evict())).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "cache index maintenance failed");
+                }
+            }
+        });
+        Ok(CachePool {
+            _owner: Arc::new(PoolOwner(shared.clone())),
+            shared,
+        })
+    }
+}
+
+impl PoolShared {
+    /// The blocking part of [`CachePool::open`].
+    fn open(config: CacheConfig) -> Result<PoolShared, CacheError> {
         let v1 = config.dir.join("v1");
         std::fs::create_dir_all(v1.join("blobs")).map_err(|e| CacheError::io(&v1, e))?;
         let format = v1.join("FORMAT");
@@ -616,13 +644,13 @@ impl CachePool {
             ..Default::default()
         };
         let (config_read_buffer, config_direct_io) = (config.read_buffer, config.direct_io);
-        let shared = Arc::new(PoolShared {
+        Ok(PoolShared {
             fetches: Semaphore::new(config.max_fetches.max(1)),
             idle: Mutex::new(idle),
             config,
             used: AtomicU64::new(used),
             pending: Mutex::default(),
-            open: Mutex::default(),
+            open: open_table::OpenTable::default(),
             pressure: Arc::new(Notify::new()),
             maintenance: Mutex::new(()),
             index,
@@ -631,31 +659,11 @@ impl CachePool {
             read_buffer: read_buffer::ReadBuffer::new(config_read_buffer),
             direct_io: std::sync::atomic::AtomicBool::new(config_direct_io),
             next_blob_id: AtomicU64::new(1),
-        });
-        let weak = Arc::downgrade(&shared);
-        let pressure = shared.pressure.clone();
-        tokio::spawn(async move {
-            let Some(s) = weak.upgrade() else { return };
-            let r = tokio::task::spawn_blocking(move || s.reconcile()).await;
-            if let Ok(Err(e)) = r {
-                tracing::warn!(error = %e, "scanning the cache for files missing from the index failed");
-            }
-            loop {
-                let _ = tokio::time::timeout(Duration::from_secs(1), pressure.notified()).await;
-                let Some(s) = weak.upgrade() else { return };
-                let r =
-                    tokio::task::spawn_blocking(move || s.flush().and_then(|_| s.evict())).await;
-                if let Ok(Err(e)) = r {
-                    tracing::warn!(error = %e, "cache index maintenance failed");
-                }
-            }
-        });
-        Ok(CachePool {
-            _owner: Arc::new(PoolOwner(shared.clone())),
-            shared,
         })
     }
+}
 
+impl CachePool {
     pub fn config(&self) -> &CacheConfig {
         &self.shared.config
     }
@@ -693,27 +701,22 @@ impl CachePool {
         entry: &Entry,
     ) -> Result<Arc<CachedBlob>, CacheError> {
         let key = blob_key(lake_id, &entry.blob, &entry.etag.0);
-        let mut open = self.shared.open.lock();
-        if let Some(b) = open.get(&key).and_then(Weak::upgrade) {
-            drop(open);
-            self.shared.idle.lock().touch(&key, &b);
-            self.shared.touch(&key);
-            return Ok(b);
-        }
-        let dir = self.root().join("blobs").join(&key[..2]);
-        let b = Arc::new(CachedBlob::open(
-            key.clone(),
-            entry,
-            dir,
-            lake.clone(),
-            self.shared.clone(),
-        )?);
-        // Forget closed files now and then (amortised: not on every open).
-        if open.len() >= 1024 && open.len().is_power_of_two() {
-            open.retain(|_, w| w.strong_count() > 0);
-        }
-        open.insert(key.clone(), Arc::downgrade(&b));
-        drop(open);
+        let b = match self.shared.open.get_or_claim(&key) {
+            open_table::Claim::Open(b) => b,
+            open_table::Claim::Claimed(claim) => {
+                // Disk I/O with only this key claimed: other opens go on meanwhile.
+                let dir = self.root().join("blobs").join(&key[..2]);
+                let b = Arc::new(CachedBlob::open(
+                    key.clone(),
+                    entry,
+                    dir,
+                    lake.clone(),
+                    self.shared.clone(),
+                )?);
+                claim.publish(&b);
+                b
+            }
+        };
         self.shared.idle.lock().touch(&key, &b);
         self.shared.touch(&key);
         Ok(b)
@@ -730,6 +733,15 @@ impl CachePool {
     }
 }
 
+/// Subtracts `n` from `counter`, stopping at zero, as one atomic step (a load and a
+/// subtract could both see the same value and wrap the counter to ~2^64, after which
+/// the evictor would think the pool overfull and delete every closed file).
+fn saturating_sub(counter: &AtomicU64, n: u64) {
+    let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+        Some(u.saturating_sub(n))
+    });
+}
+
 /// Digest naming one blob version in the pool.
 pub fn blob_key(lake_id: &str, blob: &str, etag: &str) -> String {
     let mut h = Sha256::new();
@@ -741,4 +753,27 @@ pub fn blob_key(lake_id: &str, blob: &str, etag: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_subtractions_past_zero_stop_at_zero() {
+        // Eviction, shedding and failed checks all subtract from `used` at once; the
+        // sum of what they subtract can exceed it (an estimate drifts). It must end at
+        // zero, never wrap to ~2^64 (which would make the evictor empty the pool).
+        let used = AtomicU64::new(1000);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..200_000 {
+                        saturating_sub(&used, 1);
+                    }
+                });
+            }
+        });
+        assert_eq!(used.load(Ordering::Acquire), 0);
+    }
 }

@@ -14,11 +14,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cache::dataset::{Dataset, PrewarmProgress, include_set};
 use crate::cache::{CacheConfig, CachePool};
-use crate::fs::{DatasetFs, FsConfig, Mount, MountStats, is_mounted, mount_config};
+use crate::fs::{DatasetFs, FsConfig, Mount, MountStats, mount_config};
 use crate::lake::azure::{AzureLake, AzureOptions};
 use crate::lake::credentials::EnvLookup;
 use crate::lake::retry::{RetryConfig, RetryingLake};
 use crate::lake::{Credentials, Lake, LakeUrl};
+use crate::mounts::is_mounted;
 
 #[derive(Parser, Debug)]
 #[command(name = "tidepool", version, about = "GPU-adjacent storage: datasets from Azure Blob on local NVMe, mounted read-only with FUSE", long_about = None)]
@@ -207,7 +208,9 @@ async fn open_dataset(
     env: EnvLookup<'_>,
 ) -> anyhow::Result<Arc<Dataset>> {
     let lake = open_lake(url, lake, env)?;
-    let pool = CachePool::open(cache_config(cache)).context("opening the cache pool")?;
+    let pool = CachePool::open(cache_config(cache))
+        .await
+        .context("opening the cache pool")?;
     let ds = Dataset::open(pool, url.clone(), lake, false, |_| {})
         .await
         .with_context(|| format!("listing {url}"))?;
@@ -261,7 +264,7 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             args.mountpoint.display()
         );
     }
-    if is_mounted(&args.mountpoint.canonicalize()?) {
+    if is_mounted(&args.mountpoint.canonicalize()?)? {
         bail!(
             "{} is already a mount point; unmount it first (umount {})",
             args.mountpoint.display(),
@@ -270,7 +273,9 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     }
     let ds = open_dataset(&url, &args.lake, &args.cache, env).await?;
     let pool = ds.pool().clone();
-    let root = unsafe { libc::geteuid() } == 0;
+    // SAFETY: geteuid(2), getuid(2) and getgid(2) take no arguments and cannot fail.
+    let (euid, uid, gid) = unsafe { (libc::geteuid(), libc::getuid(), libc::getgid()) };
+    let root = euid == 0;
     let ttl = match args.refresh {
         Refresh::Pinned => Duration::from_secs(24 * 3600),
         Refresh::Every(d) => d.min(Duration::from_secs(60)),
@@ -282,8 +287,8 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         FsConfig {
             ttl,
             passthrough: !args.no_passthrough,
-            uid: unsafe { libc::getuid() },
-            gid: unsafe { libc::getgid() },
+            uid,
+            gid,
         },
         stats,
     );
@@ -328,11 +333,21 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     }
     if let Refresh::Every(every) = args.refresh {
         let ds = ds.clone();
+        let releaser = mount.snapshot_releaser();
         background.push(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                if let Err(e) = ds.refresh().await {
-                    tracing::warn!(error = %e, "refresh failed; keeping the current snapshot");
+                match ds.refresh().await {
+                    Ok(Some(old)) => {
+                        let releaser = releaser.clone();
+                        // Notifications write to /dev/fuse: off the runtime.
+                        let _ = tokio::task::spawn_blocking(move || releaser.forget_snapshot(&old))
+                            .await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refresh failed; keeping the current snapshot")
+                    }
                 }
             }
         }));
@@ -345,7 +360,11 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = poll.tick() => if !is_mounted(&mp) { tracing::info!("unmounted from outside"); break },
+            _ = poll.tick() => match is_mounted(&mp) {
+                Ok(true) => {}
+                Ok(false) => { tracing::info!("unmounted from outside"); break }
+                Err(e) => tracing::warn!(error = %e, "cannot check the mount table"),
+            },
         }
     }
     for b in background {
@@ -353,7 +372,7 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     }
     let detached = match handle.unmount() {
         Ok(()) => false,
-        Err(e) if crate::fs::is_busy(&e) => {
+        Err(e) if crate::mounts::is_busy(&e) => {
             handle.detach().context("detaching the busy mount")?;
             say(format_args!(
                 "tidepool: {} is busy (files open in it): detached it from the mount table; open files keep reading until they are closed, then tidepool exits (signal again to stop now)",

@@ -41,6 +41,7 @@ use crate::cache::CacheError;
 use crate::cache::blob::CachedBlob;
 use crate::cache::dataset::Dataset;
 use crate::cache::snapshot::{self, Entry, Kind, Snapshot};
+use crate::mounts::{detach_path, is_busy, unmount_path};
 
 const SEQ_SHIFT: u32 = 40;
 const LOCAL_MASK: u64 = (1 << SEQ_SHIFT) - 1;
@@ -441,10 +442,10 @@ impl Filesystem for DatasetFs {
             blob.pin_passthrough();
             true
         } else if state.cached == 0 && self.passthrough.load(Ordering::Relaxed) && e.size > 0 {
-            blob.begin_passthrough().unwrap_or_else(|err| {
-                tracing::warn!(blob = %e.blob, error = %err, "verification before passthrough failed");
-                false
-            })
+            // Never reads the file under this mount-wide lock (a check after a reboot
+            // runs in the background instead).
+            let _guard = self.rt.enter();
+            blob.begin_passthrough()
         } else {
             false
         };
@@ -630,6 +631,7 @@ pub struct Mount {
     pub stats: Arc<MountStats>,
     pub mountpoint: std::path::PathBuf,
     unmounter: UnmountHandle,
+    notifier: SnapshotReleaser,
     session: Option<fuser::BackgroundSession>,
 }
 
@@ -643,6 +645,7 @@ impl Mount {
         let stats = fs.stats.clone();
         let mut session = fuser::Session::new(fs, mountpoint, config)?;
         let unmounter = session.unmount_callable();
+        let notifier = SnapshotReleaser(session.notifier());
         let session = session.spawn()?;
         let mountpoint = mountpoint.canonicalize()?;
         if let Err(e) = set_kernel_readahead(&mountpoint, KERNEL_READAHEAD_KB) {
@@ -657,8 +660,14 @@ impl Mount {
             stats,
             mountpoint,
             unmounter,
+            notifier,
             session: Some(session),
         })
+    }
+
+    /// What a refresh loop uses to let the kernel drop a replaced snapshot.
+    pub fn snapshot_releaser(&self) -> SnapshotReleaser {
+        self.notifier.clone()
     }
 
     /// Something that can unmount from another thread (signal handlers).
@@ -708,10 +717,43 @@ impl Drop for Mount {
     }
 }
 
-/// Whether an unmount failed because files or directories in the mount are in use
-/// (`EBUSY`; by kind, since the unmount error carries the path in its message).
-pub fn is_busy(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::ResourceBusy
+/// Asks the kernel to drop what it caches of a snapshot that a refresh replaced.
+///
+/// The kernel keeps dentries and inodes it looked up until memory pressure evicts them,
+/// which on a node with a lot of RAM can be days; each holds a reference that keeps
+/// the replaced snapshot open (see `Dataset::forget`). Invalidating the root's entries
+/// of the old snapshot makes the kernel drop every unused dentry beneath them, and FUSE
+/// inodes go with their last dentry, each with a FORGET. What a process still holds
+/// (an open file, a working directory) stays until it lets go. New lookups see the
+/// current snapshot.
+#[derive(Clone)]
+pub struct SnapshotReleaser(fuser::Notifier);
+
+impl SnapshotReleaser {
+    /// Invalidates the root's entries of `old`; returns how many the kernel had.
+    pub fn forget_snapshot(&self, old: &Snapshot) -> usize {
+        let mut dropped = 0;
+        let mut from = 0;
+        loop {
+            let children = match old.children(snapshot::ROOT, from, 512) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading a replaced snapshot failed; the kernel keeps its entries until it evicts them");
+                    return dropped;
+                }
+            };
+            let Some((last, _)) = children.last() else {
+                return dropped;
+            };
+            from = last + 1;
+            for (_, e) in &children {
+                // ENOENT: the kernel does not hold this entry; nothing to drop.
+                if self.0.inval_entry(INodeNo(1), OsStr::new(&e.name)).is_ok() {
+                    dropped += 1;
+                }
+            }
+        }
+    }
 }
 
 /// Unmounts a [`Mount`] from any thread; unmounting twice is a no-op.
@@ -764,62 +806,4 @@ fn set_kernel_readahead(mountpoint: &Path, kb: u64) -> std::io::Result<()> {
         libc::minor(dev)
     );
     std::fs::write(path, kb.to_string())
-}
-
-/// Whether `path` is a mount point now, from `/proc/self/mountinfo`.
-pub fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.to_string_lossy().replace(' ', "\\040");
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
-}
-
-/// Unmounts a FUSE mount at `path`; not mounted is Ok; in use fails as [`is_busy`].
-pub fn unmount_path(path: &Path) -> std::io::Result<()> {
-    umount(path, false)
-}
-
-/// Detaches (lazily unmounts) a FUSE mount at `path`; not mounted is Ok.
-pub fn detach_path(path: &Path) -> std::io::Result<()> {
-    umount(path, true)
-}
-
-fn umount(path: &Path, lazy: bool) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    if !is_mounted(path) {
-        return Ok(());
-    }
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let flags = if lazy { libc::MNT_DETACH } else { 0 };
-    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EPERM) {
-        let mut cmd = std::process::Command::new("fusermount3");
-        cmd.arg("-u");
-        if lazy {
-            cmd.arg("-z");
-        }
-        let out = cmd
-            .arg(path)
-            .stderr(std::process::Stdio::piped())
-            .output()?;
-        if out.status.success() {
-            return Ok(());
-        }
-        // fusermount3 says "Device or resource busy" where umount2 gives EBUSY.
-        if String::from_utf8_lossy(&out.stderr).contains("busy") {
-            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
-        }
-    }
-    if err.raw_os_error() == Some(libc::EINVAL) && !is_mounted(path) {
-        return Ok(());
-    }
-    Err(std::io::Error::new(
-        err.kind(),
-        format!("unmounting {}: {err}", path.display()),
-    ))
 }

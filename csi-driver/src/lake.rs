@@ -95,6 +95,27 @@ impl BlockId {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseId(pub String);
 
+impl LeaseId {
+    /// A new random lease id (a version-4 GUID, the form Azure requires of a proposed
+    /// lease id).
+    pub fn random() -> Self {
+        let mut b: [u8; 16] = rand::random();
+        b[6] = (b[6] & 0x0f) | 0x40; // version 4
+        b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+        let hex = |r: std::ops::Range<usize>| -> String {
+            b[r].iter().map(|x| format!("{x:02x}")).collect()
+        };
+        LeaseId(format!(
+            "{}-{}-{}-{}-{}",
+            hex(0..4),
+            hex(4..6),
+            hex(6..8),
+            hex(8..10),
+            hex(10..16)
+        ))
+    }
+}
+
 /// Which operation an error or a fault belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -162,7 +183,7 @@ pub enum LakeError {
         status: u16,
         detail: String,
     },
-    #[error("{op} {name}: gave up after {attempts} attempts over {secs:.1}s; last error: {last}")]
+    #[error("{last} (gave up after {attempts} attempts over {secs:.1}s)")]
     Exhausted {
         op: Op,
         name: String,
@@ -270,8 +291,17 @@ pub trait Lake: Send + Sync + fmt::Debug + 'static {
     /// Delete an object; deleting a missing object is Ok (idempotent).
     async fn delete(&self, name: &str) -> LakeResult<()>;
 
-    /// Acquire a lease for `secs` seconds (15..=60) or infinite (`None`).
-    async fn acquire_lease(&self, name: &str, secs: Option<u32>) -> LakeResult<LeaseId>;
+    /// Acquire a lease for `secs` seconds (15..=60) or infinite (`None`) under the id
+    /// the caller proposes. Acquiring a lease already held under the same id succeeds
+    /// (the lake's own rule), so a retry of an attempt whose answer was lost gets the
+    /// lease instead of being locked out by it; another id gets
+    /// [`LakeError::LeaseConflict`].
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        secs: Option<u32>,
+        proposed: &LeaseId,
+    ) -> LakeResult<LeaseId>;
 
     /// Release a held lease; releasing an expired or released lease is Ok.
     async fn release_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()>;

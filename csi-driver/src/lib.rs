@@ -4,8 +4,12 @@
 //! Dependencies point one way: `cli` → `fs` (FUSE adapter) → `cache` (pool, snapshots,
 //! residency) → `lake` (object-store trait and implementations).
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod cache;
 pub mod cli;
 pub mod fs;
 pub mod lake;
+pub mod mounts;
+#[cfg(feature = "testing")]
 pub mod testing;

@@ -5,8 +5,24 @@
 //! `tidepool` binary's data path.
 
 pub mod azurite;
+pub mod mount_process;
 
 pub use self::azurite::{Azurite, TlsFiles};
+pub use self::mount_process::MountProcess;
+
+/// Polls `f` every 50 ms until it gives a value or `limit` has passed.
+pub fn within<T>(limit: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
 
 /// Deterministic, position-dependent test content (xorshift64): a block served at the
 /// wrong offset or from the wrong version changes the bytes, so equality checks catch it.

@@ -12,7 +12,9 @@ use parking_lot::Mutex;
 use tidepool_csi::lake::azure::sas::AccountKey;
 use tidepool_csi::lake::azure::{AzureLake, AzureOptions};
 use tidepool_csi::lake::credentials::WorkloadIdentity;
-use tidepool_csi::lake::{BlockId, Credentials, ETag, Lake, LakeError, LakeUrl, Lister, Secret};
+use tidepool_csi::lake::{
+    BlockId, Credentials, ETag, Lake, LakeError, LakeUrl, LeaseId, Lister, Secret,
+};
 use tidepool_csi::testing::azurite::{ACCOUNT, ACCOUNT_KEY};
 use tidepool_csi::testing::{Azurite, TlsFiles};
 
@@ -227,11 +229,24 @@ async fn delete_is_idempotent_and_leases_exclude_other_writers() {
     lake.delete("never-was").await.unwrap();
 
     lake.put("ckpt", Bytes::from_static(b"v1")).await.unwrap();
-    let lease = lake.acquire_lease("ckpt", Some(15)).await.unwrap();
+    let proposed = LeaseId::random();
+    let lease = lake
+        .acquire_lease("ckpt", Some(15), &proposed)
+        .await
+        .unwrap();
+    assert_eq!(lease, proposed, "the lake takes the id we propose");
     assert!(matches!(
-        lake.acquire_lease("ckpt", Some(15)).await,
+        lake.acquire_lease("ckpt", Some(15), &LeaseId::random())
+            .await,
         Err(LakeError::LeaseConflict { .. })
     ));
+    assert_eq!(
+        lake.acquire_lease("ckpt", Some(15), &proposed)
+            .await
+            .unwrap(),
+        proposed,
+        "acquiring again under the held id is the holder renewing, not a conflict"
+    );
     assert!(
         matches!(
             lake.put("ckpt", Bytes::from_static(b"v2")).await,
@@ -241,7 +256,10 @@ async fn delete_is_idempotent_and_leases_exclude_other_writers() {
     );
     lake.release_lease("ckpt", &lease).await.unwrap();
     lake.release_lease("ckpt", &lease).await.unwrap();
-    let again = lake.acquire_lease("ckpt", None).await.unwrap();
+    let again = lake
+        .acquire_lease("ckpt", None, &LeaseId::random())
+        .await
+        .unwrap();
     lake.release_lease("ckpt", &again).await.unwrap();
     lake.put("ckpt", Bytes::from_static(b"v3")).await.unwrap();
 }

@@ -15,7 +15,7 @@ use tidepool_csi::testing::pattern;
 const BLOCK: u64 = CacheConfig::DEFAULT_BLOCK;
 
 async fn open(cfg: CacheConfig, lake: &Arc<MemoryLake>) -> (CachePool, Dataset) {
-    let pool = CachePool::open(cfg).unwrap();
+    let pool = CachePool::open(cfg).await.unwrap();
     let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/m").unwrap();
     let lake: Arc<dyn Lake> = lake.clone();
     let ds = Dataset::open(pool.clone(), url, lake, true, |_| {})
@@ -162,6 +162,7 @@ async fn readahead_held_in_memory_stays_within_the_read_buffer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_system_without_direct_io_gets_buffered_writes() {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: mounting a ramfs needs root");
         return;

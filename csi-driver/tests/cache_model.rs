@@ -46,7 +46,7 @@ async fn open(
 ) -> (CachePool, Dataset) {
     let mut cfg = CacheConfig::new(dir, capacity);
     cfg.block_size = BLOCK;
-    let pool = CachePool::open(cfg).unwrap();
+    let pool = CachePool::open(cfg).await.unwrap();
     let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/m").unwrap();
     let lake: Arc<dyn Lake> = lake.clone();
     let ds = Dataset::open(pool.clone(), url, lake, true, |_| {})
@@ -158,13 +158,16 @@ async fn refresh_swaps_in_a_new_snapshot_only_when_the_lake_changed() {
     let (seq1, snap1) = ds.current();
     ds.hold(seq1, 1); // what the kernel does when it learns an inode
     assert!(
-        !ds.refresh().await.unwrap(),
+        ds.refresh().await.unwrap().is_none(),
         "nothing changed: same snapshot"
     );
     assert_eq!(ds.current().0, seq1);
     lake.insert("m/a.txt", "version two!");
     lake.insert("m/b.txt", "new file");
-    assert!(ds.refresh().await.unwrap(), "changed lake: new snapshot");
+    assert!(
+        ds.refresh().await.unwrap().is_some(),
+        "changed lake: new snapshot"
+    );
     let (seq2, snap2) = ds.current();
     assert_ne!(seq1, seq2);
     assert!(snap2.lookup(1, "b.txt").unwrap().is_some());
@@ -196,7 +199,7 @@ async fn a_block_damaged_before_a_reboot_is_caught_and_fetched_again() {
             let mut cfg = CacheConfig::new(&dir, 1 << 30);
             cfg.block_size = BLOCK;
             cfg.boot = [boot; 16];
-            let pool = CachePool::open(cfg).unwrap();
+            let pool = CachePool::open(cfg).await.unwrap();
             let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/m").unwrap();
             let ds = Dataset::open(pool.clone(), url, lake as Arc<dyn Lake>, true, |_| {})
                 .await
@@ -259,7 +262,7 @@ async fn a_multi_block_get_that_breaks_off_is_resumed_and_every_byte_is_exact() 
     let mut cfg = CacheConfig::new(dir.path(), 1 << 30);
     cfg.block_size = BLOCK;
     cfg.get_size = 4 * BLOCK;
-    let pool = CachePool::open(cfg).unwrap();
+    let pool = CachePool::open(cfg).await.unwrap();
     let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/m").unwrap();
     let ds = Dataset::open(pool, url, lake, false, |_| {}).await.unwrap();
     let (_, snap) = ds.current();

@@ -1,6 +1,6 @@
 //! Real FUSE mounts of a dataset (needs root and /dev/fuse, as in CI): what a training
 //! job sees through the mount, with the in-memory lake and the fault injector behind it.
-//! The same paths against Azurite are in `azurite_mount.rs`.
+//! The real binary against Azurite is in `kill9.rs` and `stress.rs`.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
@@ -58,7 +58,7 @@ impl Fixture {
         tweak(&mut cfg);
         let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/ds").unwrap();
         let ds = rt.block_on(async {
-            let pool = CachePool::open(cfg).unwrap();
+            let pool = CachePool::open(cfg).await.unwrap();
             Arc::new(Dataset::open(pool, url, lake, false, |_| {}).await.unwrap())
         });
         let stats = Arc::new(MountStats::default());
@@ -101,11 +101,7 @@ impl Drop for Fixture {
 }
 
 fn is_mounted(p: &Path) -> bool {
-    let p = fs::canonicalize(p).unwrap_or(p.to_owned());
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+    tidepool_csi::mounts::is_mounted(&fs::canonicalize(p).unwrap_or(p.to_owned())).unwrap()
 }
 
 fn sample_lake() -> (Arc<MemoryLake>, Vec<u8>) {
@@ -238,7 +234,35 @@ fn drop_caches(p: &Path) {
     // POSIX_FADV_DONTNEED on the FUSE file drops its pages from the page cache.
     use std::os::fd::AsRawFd;
     let f = fs::File::open(p).unwrap();
+    // SAFETY: posix_fadvise(2) on a descriptor `f` owns for the whole call.
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+#[test]
+fn after_a_reboot_opens_never_wait_for_a_whole_file_check() {
+    let (lake, big) = sample_lake();
+    let cache = tempfile::tempdir().unwrap();
+    let mut fx = Fixture::mount(lake.clone(), cache, |c| c.boot = [1; 16]);
+    assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
+    fx.unmount();
+    let cache = std::mem::replace(&mut fx.cache, tempfile::tempdir().unwrap());
+    drop(fx);
+    // Another boot: every cached block must be checked before it is served again.
+    let fx = Fixture::mount(lake, cache, |c| c.boot = [2; 16]);
+    assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
+    assert_eq!(
+        fx.stats.passthrough_opens.load(Ordering::Relaxed),
+        0,
+        "the first open did not read the whole file to check it (it used ordinary reads, checked block by block)"
+    );
+    // The whole-file check ran in the background: a later open is passthrough.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fx.stats.passthrough_opens.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        drop_caches(&fx.path("big.bin"));
+    }
+    assert!(fx.stats.passthrough_opens.load(Ordering::Relaxed) > 0);
+    assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
 }
 
 #[test]
@@ -508,7 +532,7 @@ fn a_replaced_snapshot_is_released_once_the_kernel_forgot_it() {
     };
     assert_eq!(read_open(), "version one");
     lake.insert("ds/a.txt", "version two!");
-    assert!(fx.rt.block_on(ds.refresh()).unwrap());
+    assert!(fx.rt.block_on(ds.refresh()).unwrap().is_some());
     // The open file still needs the old snapshot: kept, whatever the kernel drops.
     drop_dentries();
     std::thread::sleep(Duration::from_millis(200));
@@ -536,7 +560,7 @@ fn a_replaced_snapshot_is_released_once_the_kernel_forgot_it() {
     // lets go of the old ones.
     for v in ["three", "four", "five"] {
         lake.insert("ds/a.txt", format!("version {v}"));
-        assert!(fx.rt.block_on(ds.refresh()).unwrap());
+        assert!(fx.rt.block_on(ds.refresh()).unwrap().is_some());
         drop_dentries(); // instead of waiting out the entry TTL
         assert_eq!(
             fs::read_to_string(fx.path("a.txt")).unwrap(),
@@ -552,6 +576,45 @@ fn a_replaced_snapshot_is_released_once_the_kernel_forgot_it() {
         (ds.open_snapshots(), snapshot_files(fx.cache.path())),
         (1, 1)
     );
+}
+
+#[test]
+fn a_refresh_lets_the_kernel_drop_the_replaced_snapshot_without_memory_pressure() {
+    let lake = Arc::new(MemoryLake::new());
+    lake.insert("ds/a.txt", "version one");
+    lake.insert("ds/d/e/b.txt", "deep");
+    let fx = Fixture::mount(lake.clone(), tempfile::tempdir().unwrap(), |_| {});
+    let ds = fx.ds.clone().unwrap();
+    let releaser = fx.mount.as_ref().unwrap().snapshot_releaser();
+    // The kernel learns inodes at every level, and one file stays open.
+    assert_eq!(fs::read_to_string(fx.path("d/e/b.txt")).unwrap(), "deep");
+    let open = fs::File::open(fx.path("a.txt")).unwrap();
+    lake.insert("ds/a.txt", "version two!");
+    let old = fx.rt.block_on(ds.refresh()).unwrap().expect("changed");
+    releaser.forget_snapshot(&old);
+    drop(old);
+    let mut buf = [0u8; 32];
+    let n = open.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"version one", "an open file keeps its version");
+    assert_eq!(
+        fs::read_to_string(fx.path("a.txt")).unwrap(),
+        "version two!",
+        "a new open sees the new snapshot at once (no waiting out the entry TTL)"
+    );
+    assert_eq!(
+        ds.open_snapshots(),
+        2,
+        "the open file holds the old snapshot"
+    );
+    drop(open);
+    // No drop_caches here: the kernel lets go by itself once the file is closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ds.open_snapshots() > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ds.open_snapshots(), 1, "the replaced snapshot was released");
+    assert_eq!(snapshot_files(fx.cache.path()), 1, "and its file deleted");
+    assert_eq!(fs::read_to_string(fx.path("d/e/b.txt")).unwrap(), "deep");
 }
 
 #[test]

@@ -2,85 +2,28 @@
 //! middle of a read leaves a cache the next mount reuses without ever serving a block
 //! that was not completely written, and SIGTERM leaves nothing mounted.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tidepool_csi::fs::{is_mounted, unmount_path};
 use tidepool_csi::lake::{BlockId, Lake};
-use tidepool_csi::testing::azurite::ACCOUNT_KEY;
-use tidepool_csi::testing::{Azurite, pattern};
-
-/// A running `tidepool mount`, killed if a failed assertion leaves it running (a leaked
-/// mount process would hold the test's output pipe open and hang the run).
-struct Running(Child);
-
-impl std::ops::Deref for Running {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Running {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Running {
-    /// The exit status, if the process ends within `limit`.
-    fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        within(limit, || self.0.try_wait().unwrap())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Polls `f` every 50 ms until it gives a value or `limit` has passed.
-fn within<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = std::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if std::time::Instant::now() > end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use tidepool_csi::mounts::{is_mounted, unmount_path};
+use tidepool_csi::testing::{Azurite, MountProcess, pattern, within};
 
 /// Whether `path` leaves the mount table within `limit`.
 fn unmounted_within(path: &Path, limit: Duration) -> bool {
-    within(limit, || (!is_mounted(path)).then_some(())).is_some()
+    within(limit, || (!is_mounted(path).unwrap()).then_some(())).is_some()
 }
 
-fn mount(url: &str, mnt: &Path, cache: &Path) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tidepool"))
-        .args(["mount", url])
-        .arg(mnt)
-        .arg("--cache-dir")
-        .arg(cache)
-        .env("AZURE_STORAGE_KEY", ACCOUNT_KEY)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("mounted"), "mount did not come up: {line:?}");
-    Running(child)
+fn mount(url: &str, mnt: &Path, cache: &Path) -> MountProcess {
+    MountProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_tidepool")),
+        url,
+        mnt,
+        cache,
+        &[],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,12 +60,12 @@ async fn kill_9_mid_read_then_remount_reads_exact_bytes_and_sigterm_unmounts() {
         let _ = f.read_to_end(&mut rest); // fails when the mount dies: that is the point
     });
     std::thread::sleep(Duration::from_millis(30));
-    unsafe { libc::kill(first.id() as i32, libc::SIGKILL) };
-    first.wait().unwrap();
+    first.signal(libc::SIGKILL);
+    first.wait();
     reader.join().unwrap();
     // The dead mount stays in the table ("transport endpoint is not connected").
     let canon = mnt.canonicalize().unwrap_or(mnt.clone());
-    if is_mounted(&canon) {
+    if is_mounted(&canon).unwrap() {
         unmount_path(&canon).unwrap();
     }
     assert!(cache.join("v1/blobs").exists(), "the cache pool survived");
@@ -133,10 +76,13 @@ async fn kill_9_mid_read_then_remount_reads_exact_bytes_and_sigterm_unmounts() {
         data,
         "after kill -9 and remount every byte matches the lake"
     );
-    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
-    let status = second.wait().unwrap();
+    second.signal(libc::SIGTERM);
+    let status = second.wait();
     assert!(status.success(), "SIGTERM is a clean exit: {status}");
-    assert!(!is_mounted(&canon), "nothing left mounted after SIGTERM");
+    assert!(
+        !is_mounted(&canon).unwrap(),
+        "nothing left mounted after SIGTERM"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,14 +104,14 @@ async fn sigterm_with_a_file_open_detaches_the_mount_and_keeps_serving_it_until_
     let mut f = std::fs::File::open(mnt.join("open.bin")).unwrap();
     let mut head = vec![0u8; 1 << 20];
     f.read_exact(&mut head).unwrap();
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.signal(libc::SIGTERM);
     // Gone from the mount table at once, while the process stays to serve the open file.
     assert!(
         unmounted_within(&canon, Duration::from_secs(5)),
         "the busy mount was not detached after SIGTERM"
     );
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.is_running(),
         "tidepool exited while a file of its mount was still open"
     );
     let mut rest = Vec::new();
@@ -185,13 +131,13 @@ async fn sigterm_with_a_file_open_detaches_the_mount_and_keeps_serving_it_until_
     // A second signal stops at once, even with a file open.
     let mut child = mount(&url, &mnt, &cache);
     let f = std::fs::File::open(mnt.join("open.bin")).unwrap();
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.signal(libc::SIGTERM);
     assert!(
         unmounted_within(&canon, Duration::from_secs(5)),
         "the busy mount was not detached after the first SIGTERM"
     );
     std::thread::sleep(Duration::from_millis(200));
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.signal(libc::SIGTERM);
     let status = child
         .exit_within(Duration::from_secs(5))
         .expect("a second SIGTERM did not stop tidepool");
@@ -199,6 +145,6 @@ async fn sigterm_with_a_file_open_detaches_the_mount_and_keeps_serving_it_until_
         !status.success(),
         "stopping with files open is reported: {status}"
     );
-    assert!(!is_mounted(&canon), "nothing left mounted");
+    assert!(!is_mounted(&canon).unwrap(), "nothing left mounted");
     drop(f);
 }

@@ -1,12 +1,15 @@
 //! The reconciler boundary's error type. Each variant maps to one metric label and one
 //! requeue policy (see `reconcile::error_policy`).
+//!
+//! Messages carry their cause in the text and expose no `source()`: logs print `%e`
+//! and `anyhow` prints the chain, and either way a cause must appear exactly once.
 
 /// Reconcile errors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A Kubernetes API request failed.
     #[error("Kubernetes API request failed: {0}")]
-    Kube(#[from] kube::Error),
+    Kube(kube::Error),
     /// Deletion waits for the PVC, which Kubernetes keeps while a pod uses it.
     #[error(
         "waiting for PersistentVolumeClaim {namespace}/{name} to be deleted; Kubernetes keeps it while a pod uses it"
@@ -28,7 +31,13 @@ pub enum Error {
     MissingMetadata(&'static str),
     /// Adding or removing the finalizer failed, or the wrapped work failed.
     #[error("{0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl From<kube::Error> for Error {
+    fn from(e: kube::Error) -> Self {
+        Error::Kube(e)
+    }
 }
 
 impl Error {

@@ -1,8 +1,8 @@
 //! Leader election on a `coordination.k8s.io/v1` `Lease`.
 //!
 //! Only the leader writes: controllers start after [`LeaseLock::acquire`] returns and
-//! the process stops when renewal fails for a whole lease duration (a standby replica
-//! then takes over; restarting is simpler and safer than demoting a running
+//! the process stops when renewal has not succeeded for `renew_deadline` (a standby
+//! replica then takes over; restarting is simpler and safer than demoting a running
 //! controller).
 //!
 //! Invariants:
@@ -11,6 +11,11 @@
 //!   on replace, create-if-absent): of two candidates racing, the API server lets
 //!   exactly one win (the other gets 409 Conflict and keeps waiting).
 //! - The decision is the pure [`decide`], table-tested without a server.
+//! - A leader stops leading before anyone else may start: every renewal attempt is
+//!   cut off at the renew deadline, and the deadline is shorter than the lease (the
+//!   client-go rule). A renewal that hangs (a partitioned API server, a stuck
+//!   connection) therefore ends leadership while the lease is still ours, never after
+//!   another replica has taken it over.
 
 use std::time::Duration;
 
@@ -36,19 +41,41 @@ pub struct LeaderElectionConfig {
     pub identity: String,
     /// How long a lease is valid without renewal.
     pub lease_duration: Duration,
-    /// How often the leader renews (well under `lease_duration`).
+    /// How often the leader renews (well under `renew_deadline`).
     pub renew_every: Duration,
+    /// How long the leader keeps leading without a successful renewal; shorter than
+    /// `lease_duration`, so that it has stopped before its lease can expire.
+    pub renew_deadline: Duration,
+}
+
+impl LeaderElectionConfig {
+    /// Checks `renew_every < renew_deadline < lease_duration`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.renew_deadline >= self.lease_duration {
+            return Err(format!(
+                "renew deadline {:?} must be shorter than the lease duration {:?} (a leader must stop before its lease can be taken over)",
+                self.renew_deadline, self.lease_duration
+            ));
+        }
+        if self.renew_every >= self.renew_deadline {
+            return Err(format!(
+                "renewal period {:?} must be shorter than the renew deadline {:?}",
+                self.renew_every, self.renew_deadline
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Leader election errors.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
     /// A Lease request failed.
-    #[error("Lease {namespace}/{name}: {source}")]
+    #[error("Lease {namespace}/{name}: {cause}")]
     Kube {
         namespace: String,
         name: String,
-        source: kube::Error,
+        cause: kube::Error,
     },
     /// Renewal failed for a whole lease duration: another replica may lead now.
     #[error("lost leadership of Lease {namespace}/{name}; exiting so that one leader remains")]
@@ -118,11 +145,11 @@ impl LeaseLock {
         }
     }
 
-    fn err(&self, source: kube::Error) -> LeaderError {
+    fn err(&self, cause: kube::Error) -> LeaderError {
         LeaderError::Kube {
             namespace: self.config.namespace.clone(),
             name: self.config.lease_name.clone(),
-            source,
+            cause,
         }
     }
 
@@ -201,19 +228,23 @@ impl LeaseLock {
     }
 
     /// Renew forever; returns [`LeaderError::Lost`] once renewal has not succeeded for
-    /// a whole lease duration (or someone else holds the lease).
+    /// `renew_deadline` (or someone else holds the lease). Each attempt is cut off at
+    /// the deadline, so this returns while the lease is still ours.
     pub async fn keep_renewing(&self) -> LeaderError {
         let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.config.renew_every).await;
-            match self.try_acquire_or_renew(Timestamp::now()).await {
-                Ok(true) => last_ok = tokio::time::Instant::now(),
-                Ok(false) => break,
-                Err(error) => {
-                    tracing::warn!(%error, "lease renewal failed");
-                    if last_ok.elapsed() >= self.config.lease_duration {
-                        break;
-                    }
+            let left = self.config.renew_deadline.saturating_sub(last_ok.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(left, self.try_acquire_or_renew(Timestamp::now())).await {
+                Ok(Ok(true)) => last_ok = tokio::time::Instant::now(),
+                Ok(Ok(false)) => break,
+                Ok(Err(error)) => tracing::warn!(%error, "lease renewal failed"),
+                Err(_) => {
+                    tracing::warn!(deadline = ?self.config.renew_deadline, "lease renewal did not answer before the renew deadline");
+                    break;
                 }
             }
         }
@@ -246,8 +277,46 @@ mod tests {
             lease_name: "tidepool-operator".into(),
             identity: "pod-a".into(),
             lease_duration: Duration::from_secs(15),
-            renew_every: Duration::from_secs(5),
+            renew_every: Duration::from_secs(2),
+            renew_deadline: Duration::from_secs(10),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_renewal_ends_leadership_before_the_lease_can_expire() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        // The API server takes every request and never answers (a stuck connection).
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(r) = handle.next_request().await {
+                held.push(r);
+            }
+        });
+        let lock = LeaseLock::new(Client::new(service, "default"), config());
+        let start = tokio::time::Instant::now();
+        let lost = tokio::time::timeout(config().lease_duration, lock.keep_renewing()).await;
+        assert!(
+            matches!(lost, Ok(LeaderError::Lost { .. })),
+            "still leading when the lease may already be another replica's"
+        );
+        assert!(start.elapsed() <= config().renew_deadline + Duration::from_millis(1));
+        drop(lock);
+        server.abort();
+    }
+
+    #[test]
+    fn the_renew_deadline_must_fall_inside_the_lease() {
+        assert!(config().validate().is_ok());
+        let mut c = config();
+        c.renew_deadline = c.lease_duration;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .contains("shorter than the lease duration")
+        );
+        let mut c = config();
+        c.renew_every = c.renew_deadline;
+        assert!(c.validate().is_err());
     }
 
     /// Answer each request in turn with (expected method, status, body).

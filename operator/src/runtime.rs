@@ -64,6 +64,9 @@ pub enum RunError {
     /// No usable cluster configuration.
     #[error("cannot configure the Kubernetes client: {0}")]
     Config(String),
+    /// Leader election settings that could leave two leaders.
+    #[error("invalid leader election settings: {0}")]
+    LeaderConfig(String),
     /// A CRD is missing.
     #[error(
         "the {crd} CustomResourceDefinition is not installed; install Tidepool's CRDs with: {INSTALL_CRDS}"
@@ -71,15 +74,15 @@ pub enum RunError {
     CrdsMissing { crd: &'static str },
     /// The API server could not be reached or refused.
     #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
+    Kube(kube::Error),
     /// Leader election failed or leadership was lost.
     #[error(transparent)]
     Leader(#[from] LeaderError),
     /// The admin address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Admin {
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A reflector stopped before syncing.
     #[error("a watch stopped before its cache synced")]
@@ -216,6 +219,9 @@ async fn shutdown_signal() {
 
 /// Run the operator until a shutdown signal (Ok) or a fatal error.
 pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
+    if let Some(le) = &config.leader_election {
+        le.validate().map_err(RunError::LeaderConfig)?;
+    }
     let client = client(&config).await?;
     ensure_crds_installed(&client).await?;
 
@@ -250,9 +256,9 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
     };
     let listener = tokio::net::TcpListener::bind(config.admin_addr)
         .await
-        .map_err(|source| RunError::Admin {
+        .map_err(|cause| RunError::Admin {
             addr: config.admin_addr,
-            source,
+            cause,
         })?;
     tokio::spawn(admin::serve(listener, admin_state.clone()));
     info!(addr = %config.admin_addr, "admin server listening");

@@ -145,6 +145,8 @@ pub struct CachedBlob {
     map: Residency,
     inflight: Mutex<HashMap<u64, FetchFuture>>,
     md5_checking: AtomicBool,
+    /// A background check of the whole file is running (see `verify_in_background`).
+    verifying: AtomicBool,
     /// One block write at a time per file: concurrent buffered writes to one file
     /// serialise on its inode lock anyway, and waiting here sleeps where the kernel
     /// would spin.
@@ -178,28 +180,39 @@ impl CachedBlob {
         std::fs::create_dir_all(&dir).map_err(|e| CacheError::io(&dir, e))?;
         let data_path = dir.join(format!("{key}.data"));
         let map_path = dir.join(format!("{key}.map"));
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&data_path)
-            .map_err(|e| CacheError::io(&data_path, e))?;
-        if data
-            .metadata()
-            .map_err(|e| CacheError::io(&data_path, e))?
-            .len()
-            != entry.size
-        {
-            data.set_len(entry.size)
-                .map_err(|e| CacheError::io(&data_path, e))?;
+        let io = |e| CacheError::io(&data_path, e);
+        // A data file created now starts with an empty map, whatever map is on disk:
+        // the map describes one data file, and a map outliving its data file (deleted
+        // by hand, or an interrupted eviction) would otherwise vouch for holes.
+        let (data, created) = match OpenOptions::new().read(true).write(true).open(&data_path) {
+            Ok(f) => (f, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&data_path)
+                    .map_err(io)?,
+                true,
+            ),
+            Err(e) => return Err(io(e)),
+        };
+        // A blob version never changes size: a data file of another length was cut
+        // short or extended behind our back, and none of its blocks is trusted.
+        let len = data.metadata().map_err(io)?.len();
+        if len != entry.size {
+            data.set_len(entry.size).map_err(io)?;
         }
-        let map = Residency::open(
-            &map_path,
-            pool.config.block_size,
-            entry.size,
-            pool.config.boot,
-        )
+        let (bs, boot) = (pool.config.block_size, pool.config.boot);
+        let map = if created || len != entry.size {
+            // The pool counted the old map's blocks as resident bytes: they are gone.
+            if let Ok(Some(stale)) = super::residency::resident_bytes_at(&map_path) {
+                pool.block_dropped(&key, stale);
+            }
+            Residency::create(&map_path, bs, entry.size, boot)
+        } else {
+            Residency::open(&map_path, bs, entry.size, boot)
+        }
         .map_err(|e| CacheError::io(&map_path, e))?;
         Ok(CachedBlob {
             key,
@@ -214,6 +227,7 @@ impl CachedBlob {
             map,
             inflight: Mutex::new(HashMap::new()),
             md5_checking: AtomicBool::new(false),
+            verifying: AtomicBool::new(false),
             writing: Mutex::new(()),
             shed: RwLock::new(()),
             pinned: AtomicU32::new(0),
@@ -709,14 +723,41 @@ impl CachedBlob {
     }
 
     /// Pins the file for a passthrough open if it is fully resident and verified:
-    /// until [`Self::end_passthrough`], none of its blocks is shed.
-    pub fn begin_passthrough(&self) -> Result<bool, CacheError> {
+    /// until [`Self::end_passthrough`], none of its blocks is shed. Never reads the
+    /// file: a complete file with blocks not yet checked in this boot (after a reboot)
+    /// gets them checked in the background ([`Self::verify_in_background`]) and is
+    /// opened without passthrough meanwhile, its reads checking block by block.
+    pub fn begin_passthrough(self: &Arc<Self>) -> bool {
         let _reading = self.shed.read();
-        if !self.map.is_complete() || !self.verify_all()? {
-            return Ok(false);
+        if !self.map.is_complete() {
+            return false;
+        }
+        if !self.map.is_fully_verified() {
+            self.verify_in_background();
+            return false;
         }
         self.pinned.fetch_add(1, Ordering::AcqRel);
-        Ok(true)
+        true
+    }
+
+    /// Checks every resident block not yet checked in this boot, on a blocking thread
+    /// (once at a time per file), so that the next open can use passthrough. Needs a
+    /// tokio runtime context.
+    pub fn verify_in_background(self: &Arc<Self>) {
+        if self.verifying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = {
+                let _reading = this.shed.read();
+                this.verify_all()
+            };
+            this.verifying.store(false, Ordering::Release);
+            if let Err(e) = r {
+                tracing::warn!(blob = %this.blob, error = %e, "checking cached blocks failed");
+            }
+        });
     }
 
     /// One more passthrough handle on a file already pinned by another.

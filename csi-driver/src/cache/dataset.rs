@@ -33,6 +33,13 @@ use crate::lake::{Lake, LakeUrl};
 /// Snapshot sequence numbers are 24 bits of the inode (see fs.rs); they wrap.
 pub const SEQ_BITS: u32 = 24;
 
+/// Replaced snapshots kept open for the kernel's references to them. A refresh asks
+/// the kernel to drop those references, so only files, directories or working
+/// directories that a process still holds keep a snapshot; past this many the oldest
+/// is closed (its open files keep reading: they hold their cached blob, not the
+/// snapshot). Bounds the open snapshot files of a mount refreshed for weeks.
+pub const MAX_REPLACED: usize = 16;
+
 #[derive(Debug)]
 pub struct Dataset {
     pub url: LakeUrl,
@@ -41,7 +48,10 @@ pub struct Dataset {
     pool: CachePool,
     dir: PathBuf,
     current: RwLock<(u32, Arc<Snapshot>)>,
-    older: RwLock<HashMap<u32, Arc<Snapshot>>>,
+    /// Replaced snapshots still referenced by the kernel, with the refresh count at
+    /// which each was replaced (the oldest is closed first past [`MAX_REPLACED`]).
+    older: RwLock<HashMap<u32, (Arc<Snapshot>, u64)>>,
+    refreshes: AtomicU64,
     /// Kernel references (lookup counts) per snapshot.
     refs: Mutex<HashMap<u32, u64>>,
     walks: Mutex<Vec<Walk>>,
@@ -128,15 +138,25 @@ impl Dataset {
         let id = &blob_key(&lake_id, &url.prefix, "dataset")[..16];
         let dir = pool.root().join("datasets").join(id);
         let snaps = dir.join("snapshots");
-        std::fs::create_dir_all(&snaps).map_err(|e| CacheError::io(&snaps, e))?;
-        let prev: Option<u32> = std::fs::read_to_string(dir.join("current"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        let reused = match (reuse, prev) {
-            (true, Some(seq)) => Snapshot::open(&snaps.join(format!("{seq}.redb")))
-                .ok()
-                .map(|s| (seq, s)),
-            _ => None,
+        // Directory work and opening a stored snapshot (redb may check a file left by a
+        // crash) run on a blocking thread, off the runtime that serves reads.
+        let (prev, reused) = {
+            let (dir, snaps) = (dir.clone(), snaps.clone());
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&snaps).map_err(|e| CacheError::io(&snaps, e))?;
+                let prev: Option<u32> = std::fs::read_to_string(dir.join("current"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
+                let reused = match (reuse, prev) {
+                    (true, Some(seq)) => Snapshot::open(&snaps.join(format!("{seq}.redb")))
+                        .ok()
+                        .map(|s| (seq, s)),
+                    _ => None,
+                };
+                Ok::<_, CacheError>((prev, reused))
+            })
+            .await
+            .map_err(|e| CacheError::Internal(format!("opening the dataset: {e}")))??
         };
         let (seq, snap) = match reused {
             Some(x) => x,
@@ -170,6 +190,7 @@ impl Dataset {
             dir,
             current: RwLock::new((seq, Arc::new(snap))),
             older: RwLock::new(HashMap::new()),
+            refreshes: AtomicU64::new(0),
             refs: Mutex::new(HashMap::new()),
             walks: Mutex::new(Vec::new()),
         })
@@ -189,12 +210,14 @@ impl Dataset {
         if c.0 == seq {
             return Some(c.1.clone());
         }
-        self.older.read().get(&seq).cloned()
+        self.older.read().get(&seq).map(|(s, _)| s.clone())
     }
 
-    /// Lists the lake again; swaps in a new snapshot if anything changed. Returns whether
-    /// it did.
-    pub async fn refresh(&self) -> Result<bool, CacheError> {
+    /// Lists the lake again; swaps in a new snapshot if anything changed. Returns the
+    /// snapshot it replaced, so that the file system can ask the kernel to drop its
+    /// cached entries of it (`fs::Mount::forget_snapshot`); without that a large-RAM
+    /// node keeps them, and the snapshot, for days.
+    pub async fn refresh(&self) -> Result<Option<Arc<Snapshot>>, CacheError> {
         let (seq, cur) = self.current();
         let next = (seq + 1) % (1 << SEQ_BITS);
         let next = if next == 0 { 1 } else { next };
@@ -203,19 +226,28 @@ impl Dataset {
         if snap.digest() == cur.digest() && snap.summary() == cur.summary() {
             drop(snap);
             let _ = std::fs::remove_file(&path);
-            return Ok(false);
+            return Ok(None);
         }
         write_current(&self.dir, next)?;
         tracing::info!(dataset = %self.url, snapshot = next, objects = snap.summary().objects, "refreshed: new snapshot");
         let old = std::mem::replace(&mut *self.current.write(), (next, Arc::new(snap)));
+        let n = self.refreshes.fetch_add(1, Ordering::Relaxed);
         let refs = self.refs.lock();
         if refs.get(&old.0).copied().unwrap_or(0) > 0 {
-            self.older.write().insert(old.0, old.1);
+            let mut older = self.older.write();
+            older.insert(old.0, (old.1.clone(), n));
+            if older.len() > MAX_REPLACED {
+                let oldest = older.iter().min_by_key(|(_, (_, at))| *at).map(|(s, _)| *s);
+                if let Some(oldest) = oldest {
+                    older.remove(&oldest);
+                    self.remove_snapshot_file(oldest);
+                    tracing::warn!(dataset = %self.url, snapshot = oldest, kept = MAX_REPLACED, "closed a replaced snapshot still in use (a process has held its files or directories since {MAX_REPLACED} refreshes ago): open files keep reading, other uses of its paths fail with ESTALE");
+                }
+            }
         } else {
-            drop(old);
             self.remove_snapshot_file(seq);
         }
-        Ok(true)
+        Ok(Some(old.1))
     }
 
     /// The kernel took `n` more references to inodes of snapshot `seq`.

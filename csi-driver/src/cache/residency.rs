@@ -119,6 +119,23 @@ impl Residency {
     /// (another block size or blob size: a foreign or corrupt file) is reset to empty.
     /// `boot` is the running boot ([`current_boot`]): a map stamped with it is trusted.
     pub fn open(path: &Path, block_size: u64, size: u64, boot: BootId) -> io::Result<Self> {
+        Self::open_or_reset(path, block_size, size, boot, false)
+    }
+
+    /// Creates an empty map at `path`, replacing whatever is there. For a data file that
+    /// was just created: a map left over from an earlier data file describes bytes that
+    /// are not in this one.
+    pub fn create(path: &Path, block_size: u64, size: u64, boot: BootId) -> io::Result<Self> {
+        Self::open_or_reset(path, block_size, size, boot, true)
+    }
+
+    fn open_or_reset(
+        path: &Path,
+        block_size: u64,
+        size: u64,
+        boot: BootId,
+        reset: bool,
+    ) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -139,7 +156,8 @@ impl Residency {
             trusted: AtomicBool::new(false),
         };
         let mut header = [0u8; HEADER as usize];
-        let ok = r.file.read_exact_at(&mut header, 0).is_ok()
+        let ok = !reset
+            && r.file.read_exact_at(&mut header, 0).is_ok()
             && &header[0..8] == MAGIC
             && u32::from_le_bytes(header[8..12].try_into().unwrap()) == VERSION
             && u32::from_le_bytes(header[12..16].try_into().unwrap()) as u64 == block_size

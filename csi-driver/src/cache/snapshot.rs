@@ -161,12 +161,12 @@ pub struct Summary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("listing the lake failed: {0}")]
+    #[error(transparent)]
     Lake(#[from] LakeError),
-    #[error("snapshot store {path}: {source}")]
+    #[error("snapshot store {path}: {cause}")]
     Store {
         path: PathBuf,
-        source: Box<dyn std::error::Error + Send + Sync>,
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("snapshot {path} is incomplete (a crash during listing?); it will be rebuilt")]
     Incomplete { path: PathBuf },
@@ -175,7 +175,21 @@ pub enum SnapshotError {
 fn store_err(path: &Path) -> impl Fn(redb::Error) -> SnapshotError + '_ {
     move |e| SnapshotError::Store {
         path: path.to_owned(),
-        source: Box::new(e),
+        cause: Box::new(e),
+    }
+}
+
+/// Runs redb work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, redb::Error> + Send + 'static,
+) -> Result<T, SnapshotError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(store_err(path)),
+        Err(e) => Err(SnapshotError::Store {
+            path: path.to_owned(),
+            cause: Box::new(e),
+        }),
     }
 }
 
@@ -198,31 +212,44 @@ impl Snapshot {
         path: &Path,
         mut progress: impl FnMut(u64),
     ) -> Result<Snapshot, SnapshotError> {
-        let _ = std::fs::remove_file(path);
-        let err = store_err(path);
-        let db = Database::builder()
-            .set_cache_size(32 << 20)
-            .create(path)
-            .map_err(|e| err(e.into()))?;
-        let mut b = Builder::new(prefix);
+        let owned = path.to_owned();
+        // redb's file creation and commits (tens of MiB written and synced per batch)
+        // run on blocking threads, never on the runtime that serves reads.
+        let db = blocking(path, move || {
+            let _ = std::fs::remove_file(&owned);
+            Database::builder()
+                .set_cache_size(32 << 20)
+                .create(&owned)
+                .map_err(redb::Error::from)
+        })
+        .await?;
+        let mut state = (Builder::new(prefix), db);
         let mut lister = Lister::new(lake, prefix);
         while let Some(page) = lister.next_page().await? {
             for obj in page {
-                b.add(obj);
+                state.0.add(obj);
             }
-            if b.pending.len() >= BATCH {
-                b.flush(&db, false).map_err(&err)?;
+            if state.0.pending.len() >= BATCH {
+                state = blocking(path, move || {
+                    let (mut b, db) = state;
+                    b.flush(&db, false)?;
+                    Ok((b, db))
+                })
+                .await?;
             }
-            progress(b.summary.objects);
+            progress(state.0.summary.objects);
         }
-        b.finish(&db).map_err(&err)?;
-        let summary = b.summary;
-        let digest = b.digest;
+        let (b, db) = blocking(path, move || {
+            let (mut b, db) = state;
+            b.finish(&db)?;
+            Ok((b, db))
+        })
+        .await?;
         Ok(Snapshot {
             db,
             path: path.to_owned(),
-            summary,
-            digest,
+            summary: b.summary,
+            digest: b.digest,
         })
     }
 

@@ -588,7 +588,12 @@ impl Lake for AzureLake {
         }
     }
 
-    async fn acquire_lease(&self, name: &str, secs: Option<u32>) -> LakeResult<LeaseId> {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        secs: Option<u32>,
+        proposed: &LeaseId,
+    ) -> LakeResult<LeaseId> {
         // Azure: 15..=60 seconds, or -1 for infinite.
         let duration = match secs {
             Some(s) => s.clamp(15, 60) as i32,
@@ -596,7 +601,13 @@ impl Lake for AzureLake {
         };
         let blob = self.container.blob_client(name);
         let rsp = blob
-            .acquire_lease(duration, Some(BlobClientAcquireLeaseOptions::default()))
+            .acquire_lease(
+                duration,
+                Some(BlobClientAcquireLeaseOptions {
+                    proposed_lease_id: Some(proposed.0.clone()),
+                    ..Default::default()
+                }),
+            )
             .await
             .map_err(|e| self.err(Op::Lease, name, &e))?;
         let id = rsp.lease_id().map_err(|e| self.err(Op::Lease, name, &e))?;

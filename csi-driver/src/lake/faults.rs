@@ -32,6 +32,9 @@ pub enum Fault {
     Stall,
     /// No answer at all (until the caller's timeout cancels the call).
     Hang,
+    /// The request reaches the lake and takes effect, then the connection drops
+    /// before the answer arrives (the caller cannot tell it from [`Fault::Reset`]).
+    LostReply,
 }
 
 #[derive(Debug)]
@@ -126,7 +129,28 @@ impl FaultyLake {
                 detail: "connection reset by peer (injected)".into(),
             }),
             Fault::Hang => std::future::pending().await,
-            Fault::Truncate | Fault::Stall => Ok(Some(fault)),
+            Fault::Truncate | Fault::Stall | Fault::LostReply => Ok(Some(fault)),
+        }
+    }
+
+    /// Applies a fault that strikes after the lake acted ([`Fault::LostReply`]).
+    fn after<T>(
+        &self,
+        fault: Option<Fault>,
+        op: Op,
+        name: &str,
+        r: LakeResult<T>,
+    ) -> LakeResult<T> {
+        match fault {
+            Some(Fault::LostReply) => {
+                drop(r);
+                Err(LakeError::Connection {
+                    op,
+                    name: name.into(),
+                    detail: "connection reset by peer after the request was sent (injected)".into(),
+                })
+            }
+            _ => r,
         }
     }
 }
@@ -185,8 +209,9 @@ impl Lake for FaultyLake {
     }
 
     async fn put(&self, name: &str, data: Bytes) -> LakeResult<ETag> {
-        self.before(Op::Put, name).await?;
-        self.inner.put(name, data).await
+        let fault = self.before(Op::Put, name).await?;
+        let r = self.inner.put(name, data).await;
+        self.after(fault, Op::Put, name, r)
     }
 
     async fn put_block(
@@ -196,8 +221,9 @@ impl Lake for FaultyLake {
         data: Bytes,
         md5: Option<[u8; 16]>,
     ) -> LakeResult<()> {
-        self.before(Op::PutBlock, name).await?;
-        self.inner.put_block(name, id, data, md5).await
+        let fault = self.before(Op::PutBlock, name).await?;
+        let r = self.inner.put_block(name, id, data, md5).await;
+        self.after(fault, Op::PutBlock, name, r)
     }
 
     async fn put_block_list(
@@ -206,22 +232,31 @@ impl Lake for FaultyLake {
         ids: &[BlockId],
         md5: Option<[u8; 16]>,
     ) -> LakeResult<ETag> {
-        self.before(Op::PutBlockList, name).await?;
-        self.inner.put_block_list(name, ids, md5).await
+        let fault = self.before(Op::PutBlockList, name).await?;
+        let r = self.inner.put_block_list(name, ids, md5).await;
+        self.after(fault, Op::PutBlockList, name, r)
     }
 
     async fn delete(&self, name: &str) -> LakeResult<()> {
-        self.before(Op::Delete, name).await?;
-        self.inner.delete(name).await
+        let fault = self.before(Op::Delete, name).await?;
+        let r = self.inner.delete(name).await;
+        self.after(fault, Op::Delete, name, r)
     }
 
-    async fn acquire_lease(&self, name: &str, secs: Option<u32>) -> LakeResult<LeaseId> {
-        self.before(Op::Lease, name).await?;
-        self.inner.acquire_lease(name, secs).await
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        secs: Option<u32>,
+        proposed: &LeaseId,
+    ) -> LakeResult<LeaseId> {
+        let fault = self.before(Op::Lease, name).await?;
+        let r = self.inner.acquire_lease(name, secs, proposed).await;
+        self.after(fault, Op::Lease, name, r)
     }
 
     async fn release_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {
-        self.before(Op::Lease, name).await?;
-        self.inner.release_lease(name, lease).await
+        let fault = self.before(Op::Lease, name).await?;
+        let r = self.inner.release_lease(name, lease).await;
+        self.after(fault, Op::Lease, name, r)
     }
 }

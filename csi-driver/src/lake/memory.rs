@@ -237,17 +237,25 @@ impl Lake for MemoryLake {
         Ok(())
     }
 
-    async fn acquire_lease(&self, name: &str, _secs: Option<u32>) -> LakeResult<LeaseId> {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        _secs: Option<u32>,
+        proposed: &LeaseId,
+    ) -> LakeResult<LeaseId> {
         let mut st = self.state.lock();
         if !st.objects.contains_key(name) {
             return Err(LakeError::NotFound { name: name.into() });
         }
-        if st.leases.contains_key(name) {
-            return Err(LakeError::LeaseConflict { name: name.into() });
+        match st.leases.get(name) {
+            Some(held) if *held != proposed.0 => {
+                Err(LakeError::LeaseConflict { name: name.into() })
+            }
+            _ => {
+                st.leases.insert(name.to_owned(), proposed.0.clone());
+                Ok(proposed.clone())
+            }
         }
-        let id = format!("lease-{}", self.version.fetch_add(1, Ordering::Relaxed));
-        st.leases.insert(name.to_owned(), id.clone());
-        Ok(LeaseId(id))
     }
 
     async fn release_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {
@@ -323,11 +331,19 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(&lake.content("o").unwrap()[..], b"hello world");
-        let lease = lake.acquire_lease("o", Some(15)).await.unwrap();
+        let lease = lake
+            .acquire_lease("o", Some(15), &LeaseId::random())
+            .await
+            .unwrap();
         assert!(matches!(
-            lake.acquire_lease("o", Some(15)).await,
+            lake.acquire_lease("o", Some(15), &LeaseId::random()).await,
             Err(LakeError::LeaseConflict { .. })
         ));
+        assert_eq!(
+            lake.acquire_lease("o", Some(15), &lease).await.unwrap(),
+            lease,
+            "the holder acquiring again keeps its lease"
+        );
         lake.release_lease("o", &lease).await.unwrap();
         lake.delete("o").await.unwrap();
         lake.delete("o").await.unwrap();

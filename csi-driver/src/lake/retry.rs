@@ -257,9 +257,18 @@ impl Lake for RetryingLake {
         self.run(Op::Delete, name, || self.inner.delete(name)).await
     }
 
-    async fn acquire_lease(&self, name: &str, secs: Option<u32>) -> LakeResult<LeaseId> {
-        self.run(Op::Lease, name, || self.inner.acquire_lease(name, secs))
-            .await
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        secs: Option<u32>,
+        proposed: &LeaseId,
+    ) -> LakeResult<LeaseId> {
+        // Every attempt proposes the same id: one that succeeded but whose answer was
+        // lost is repeated as a renewal of our own lease, not refused by it.
+        self.run(Op::Lease, name, || {
+            self.inner.acquire_lease(name, secs, proposed)
+        })
+        .await
     }
 
     async fn release_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {
@@ -367,5 +376,31 @@ mod tests {
         let err = lake.get_range("f", 0..10_000, &etag).await.unwrap_err();
         assert!(matches!(err.root(), LakeError::Truncated { .. }), "{err}");
         assert_eq!(faulty.calls(Op::Get), 1 + fast().max_attempts as u64);
+    }
+
+    #[tokio::test]
+    async fn a_lease_granted_but_whose_answer_was_lost_is_ours_on_retry() {
+        let mem = Arc::new(MemoryLake::new());
+        mem.insert("ckpt", "x");
+        let faulty = Arc::new(FaultyLake::new(mem.clone()));
+        // The lake grants the lease, then the connection drops before the answer.
+        faulty.fail(Op::Lease, Fault::LostReply, 1);
+        let lake = RetryingLake::new(faulty.clone(), fast());
+        let proposed = LeaseId::random();
+        let lease = lake
+            .acquire_lease("ckpt", None, &proposed)
+            .await
+            .expect("the retry gets the lease its first attempt took");
+        assert_eq!(lease, proposed);
+        assert_eq!(faulty.calls(Op::Lease), 2);
+        // And it is really held: another writer is refused, the holder can release.
+        assert!(matches!(
+            mem.acquire_lease("ckpt", None, &LeaseId::random()).await,
+            Err(LakeError::LeaseConflict { .. })
+        ));
+        lake.release_lease("ckpt", &lease).await.unwrap();
+        mem.acquire_lease("ckpt", None, &LeaseId::random())
+            .await
+            .expect("released");
     }
 }
