@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deps demo test soak generate check-generated bench images kind-up deploy e2e sanity
+.PHONY: help deps demo test soak envtest generate check-generated bench images kind-up deploy e2e sanity
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,6 +20,10 @@ test: deps ## unit, property, Azurite and FUSE tests (FUSE tests need root and /
 demo: deps ## Azurite lake -> tidepool mount -> read + verify everything, cold vs warm
 	$(CARGO) build --release --locked -p tidepool-csi --bin tidepool --example demo
 	TIDEPOOL_BIN=$(CURDIR)/target/release/tidepool ./target/release/examples/demo
+
+envtest: ## only the tests against a real kube-apiserver (binaries from $$KUBEBUILDER_ASSETS or setup-envtest's directory)
+	$(CARGO) test --locked -p tidepool-api --test apiserver
+	$(CARGO) test --locked -p tidepool-operator --test envtest
 
 soak: deps ## the stress test (concurrent readers, pool far smaller than the data, refresh, every byte checked) for 10 minutes; SOAK_SECS=N to change
 	TIDEPOOL_STRESS_SECS=$(or $(SOAK_SECS),600) $(CARGO) test --locked -p tidepool-csi --test stress -- --nocapture

@@ -12,6 +12,14 @@
 //!
 //! Each node's agent creates its own pool when it starts; the operator assigns into
 //! pools that exist and never creates one.
+//!
+//! Validation: the pool carries no CEL rules. Its lake locations and policies are
+//! copies of `DatasetCache` and `CheckpointSync` specs that the API server already
+//! validated, and only Tidepool's own components write it; the same rules again,
+//! multiplied by every item of every list, would exceed the API server's CEL cost
+//! budget (it refuses the CRD). What it does carry are bounds on every list and string
+//! ([`MAX_DATASETS`], [`MAX_CHECKPOINT_SYNCS`], names as long as Kubernetes allows), so
+//! that a bug can never grow one object without limit.
 
 // `printcolumn(type_ = …)` repeats by design; clippy reads the derive's arguments as
 // duplicated attributes.
@@ -19,7 +27,49 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
+
+/// Most datasets one node's pool holds. Far more than a node serves at once; the
+/// operator assigns the oldest first and reports the rest as not placed.
+pub const MAX_DATASETS: usize = 256;
+/// Most checkpoint syncs one node's pool holds.
+pub const MAX_CHECKPOINT_SYNCS: usize = 64;
+/// Most conditions in a status.
+const MAX_CONDITIONS: u64 = 16;
+
+/// The schema of `T` with every CEL rule (`x-kubernetes-validations`) removed, at any
+/// depth (see the module docs for why the pool has none).
+fn without_rules<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("x-kubernetes-validations");
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut schema = g.subschema_for::<T>();
+    let mut value = serde_json::to_value(&schema).expect("a schema is JSON");
+    strip(&mut value);
+    schema = Schema::try_from(value).expect("still a schema");
+    schema
+}
+
+/// `without_rules` of a list, at most `MAX` items long.
+fn bounded_list<T: JsonSchema, const MAX: usize>(g: &mut SchemaGenerator) -> Schema {
+    let mut schema = without_rules::<Vec<T>>(g);
+    schema.insert("maxItems".into(), (MAX as u64).into());
+    schema
+}
+
+fn conditions_schema(g: &mut SchemaGenerator) -> Schema {
+    let mut schema = g.subschema_for::<Vec<Condition>>();
+    schema.insert("maxItems".into(), MAX_CONDITIONS.into());
+    schema
+}
 
 use crate::{
     checkpoint_sync::{CommitRule, Retention},
@@ -74,9 +124,11 @@ use crate::{
 pub struct CachePoolSpec {
     /// Datasets that should be resident on this node. Written by the operator.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "bounded_list::<DatasetAssignment, MAX_DATASETS>")]
     pub datasets: Vec<DatasetAssignment>,
     /// Checkpoint syncs that run on this node. Written by the operator.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "bounded_list::<CheckpointAssignment, MAX_CHECKPOINT_SYNCS>")]
     pub checkpoint_syncs: Vec<CheckpointAssignment>,
 }
 
@@ -96,10 +148,13 @@ pub struct CachePoolSpec {
 #[serde(rename_all = "camelCase")]
 pub struct AssignmentOwner {
     /// Namespace of the owning object; credential references resolve in it.
+    #[schemars(length(max = 63))]
     pub namespace: String,
     /// Name of the owning object.
+    #[schemars(length(max = 253))]
     pub name: String,
     /// Uid of the owning object: a deleted and re-created object is a new assignment.
+    #[schemars(length(max = 64))]
     pub uid: String,
     /// `metadata.generation` of the owning object this assignment was computed from.
     #[serde(default)]
@@ -113,6 +168,7 @@ pub struct DatasetAssignment {
     /// The `DatasetCache` this comes from.
     pub owner: AssignmentOwner,
     /// CSI volume handle of the dataset's PersistentVolume.
+    #[schemars(length(max = 128))]
     pub volume_handle: String,
     /// Lake prefix and credential reference (resolved in `owner.namespace`).
     pub source: LakeLocation,
@@ -134,6 +190,7 @@ pub struct CheckpointAssignment {
     /// The `CheckpointSync` this comes from.
     pub owner: AssignmentOwner,
     /// CSI volume handle of the checkpoint PersistentVolume.
+    #[schemars(length(max = 128))]
     pub volume_handle: String,
     /// Lake prefix and credential reference (resolved in `owner.namespace`).
     pub destination: LakeLocation,
@@ -167,12 +224,15 @@ pub struct CachePoolStatus {
     pub dataset_count: i32,
     /// Per-dataset progress.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "bounded_list::<DatasetNodeStatus, MAX_DATASETS>")]
     pub datasets: Vec<DatasetNodeStatus>,
     /// Per-checkpoint-sync progress.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "bounded_list::<CheckpointNodeStatus, MAX_CHECKPOINT_SYNCS>")]
     pub checkpoint_syncs: Vec<CheckpointNodeStatus>,
     /// Agent conditions (e.g. `Ready`, `DiskPressure`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
 }
 
@@ -181,16 +241,20 @@ pub struct CachePoolStatus {
 #[serde(rename_all = "camelCase")]
 pub struct DatasetNodeStatus {
     /// Namespace of the `DatasetCache`.
+    #[schemars(length(max = 63))]
     pub namespace: String,
     /// Name of the `DatasetCache`.
+    #[schemars(length(max = 253))]
     pub name: String,
     /// Uid of the `DatasetCache` (a report about an older incarnation is ignored).
+    #[schemars(length(max = 64))]
     pub uid: String,
     /// Pending, Listing, Warming, Ready or Failed.
     #[serde(default)]
     pub phase: NodeDatasetPhase,
     /// Snapshot being served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub snapshot: Option<String>,
     /// Objects in the snapshot.
     #[serde(default)]
@@ -203,6 +267,7 @@ pub struct DatasetNodeStatus {
     pub bytes_total: i64,
     /// Human-readable detail, e.g. why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub message: Option<String>,
 }
 
@@ -229,10 +294,13 @@ pub enum NodeDatasetPhase {
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointNodeStatus {
     /// Namespace of the `CheckpointSync`.
+    #[schemars(length(max = 63))]
     pub namespace: String,
     /// Name of the `CheckpointSync`.
+    #[schemars(length(max = 253))]
     pub name: String,
     /// Uid of the `CheckpointSync`.
+    #[schemars(length(max = 64))]
     pub uid: String,
     /// Latest step committed on this node; absent if the node holds no checkpoint data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -248,5 +316,6 @@ pub struct CheckpointNodeStatus {
     pub failed: bool,
     /// Human-readable detail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub message: Option<String>,
 }

@@ -24,6 +24,8 @@ pub mod cache_pool;
 pub mod checkpoint_sync;
 pub mod conditions;
 pub mod dataset_cache;
+#[cfg(feature = "envtest")]
+pub mod envtest;
 pub mod generate;
 pub mod lake;
 pub mod volume;

@@ -1,6 +1,8 @@
-//! The CEL rules (`x-kubernetes-validations`) of the generated CRDs, evaluated with
-//! kube-cel (the Kubernetes CEL libraries) against valid and invalid objects: what
-//! the API server accepts and rejects on `kubectl apply`.
+//! The CEL rules (`x-kubernetes-validations`) of the generated CRDs, evaluated in
+//! process with kube-cel: a fast check that runs everywhere, also where no envtest
+//! binaries are installed. It is not the proof: what the API server accepts and refuses
+//! (rule cost budgets included, which kube-cel does not estimate) is checked against a
+//! real kube-apiserver in `apiserver.rs`.
 use serde_json::{Value, json};
 use tidepool_api::generate::crds;
 

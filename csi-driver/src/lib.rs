@@ -13,3 +13,4 @@ pub mod lake;
 pub mod mounts;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tls;

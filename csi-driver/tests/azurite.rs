@@ -418,7 +418,7 @@ async fn start_sts(tls: &TlsFiles, tenant: &'static str, sts: Arc<Mutex<Sts>>) -
         .collect();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(pem_blocks(&tls.key).remove(0).into());
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
+        rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()

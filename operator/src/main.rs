@@ -33,10 +33,14 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    tidepool_operator::runtime::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Colours for a terminal only: a log file or a cluster's log store gets plain text.
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     let args = Args::parse();
     let config = OperatorConfig {

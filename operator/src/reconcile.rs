@@ -51,7 +51,7 @@ use crate::{
     metrics::{ErrorLabels, KindLabels, Metrics},
     plan::{
         Workload,
-        pool::{Observed, changed_pools},
+        pool::{Observed, changed_pools, desired_spec},
         status::Clock,
         volume::{controlled_by, desired_pv, desired_pvc, volume_name},
     },
@@ -97,6 +97,9 @@ pub struct Context {
     pub stale_after: SignedDuration,
     /// The clock (injected so tests are deterministic).
     pub now: fn() -> Timestamp,
+    /// Held while pools are planned and written: one writer at a time (see
+    /// [`sync_pools`]).
+    pub pool_writes: tokio::sync::Mutex<()>,
 }
 
 /// A kind the generic flow reconciles.
@@ -125,6 +128,14 @@ pub trait Reconciled:
     fn conditions(status: &mut Self::Status) -> &mut Vec<Condition>;
     /// Mark a status as failed (e.g. claim conflict).
     fn set_phase(status: &mut Self::Status, phase: Phase);
+    /// Objects of this kind that `pool` names (assignments and status entries).
+    fn named_in(pool: &CachePool) -> Vec<(String, String)>;
+    /// Puts this object into a view of all objects, replacing an older copy of it.
+    fn put_into(
+        &self,
+        datasets: &mut Vec<Arc<DatasetCache>>,
+        checkpoints: &mut Vec<Arc<CheckpointSync>>,
+    );
 }
 
 /// Entry point of the controller: dispatch through the finalizer helper.
@@ -205,10 +216,29 @@ impl Snapshot {
     }
 }
 
-/// Apply every pool spec that differs from the plan. `releasing`: uid whose
-/// assignments go (its cleanup).
-async fn sync_pools(ctx: &Context, releasing: Option<&str>) -> Result<Vec<Arc<CachePool>>, Error> {
-    let snap = Snapshot::take(&ctx.stores);
+/// Attempts at writing one pool whose resourceVersion keeps moving (status writes by
+/// its agent) before the reconcile is retried on a fresh view.
+const POOL_WRITE_ATTEMPTS: usize = 5;
+
+/// Apply every pool spec that differs from the plan. `obj`: the object being reconciled
+/// (put into the view: the controller may see it before the shared stores do);
+/// `releasing`: uid whose assignments go (its cleanup).
+///
+/// Pool writes are serialised in the process (both controllers write pools), and each
+/// is planned from the pool as the server has it right then (one GET per pool that
+/// needs a change), applied with that resourceVersion as a precondition. A conflict
+/// means someone wrote the pool since the GET: usually its agent's status (which moves
+/// the resourceVersion and nothing we plan from), so the pool is read again and planned
+/// again. A spec written by someone else is therefore never undone from a stale view,
+/// and status writes cannot starve spec writes.
+async fn sync_pools<K: Reconciled>(
+    ctx: &Context,
+    obj: &K,
+    releasing: Option<&str>,
+) -> Result<Vec<Arc<CachePool>>, Error> {
+    let _one_writer = ctx.pool_writes.lock().await;
+    let mut snap = Snapshot::take(&ctx.stores);
+    obj.put_into(&mut snap.datasets, &mut snap.checkpoints);
     let nodes: Vec<&Node> = snap.nodes.iter().map(|n| &**n).collect();
     let pools: Vec<&CachePool> = snap.pools.iter().map(|p| &**p).collect();
     let datasets: Vec<&DatasetCache> = snap.datasets.iter().map(|d| &**d).collect();
@@ -220,34 +250,49 @@ async fn sync_pools(ctx: &Context, releasing: Option<&str>) -> Result<Vec<Arc<Ca
         checkpoints: &checkpoints,
     };
     let api: Api<CachePool> = Api::all(ctx.client.clone());
-    for (name, spec) in changed_pools(&observed, releasing) {
-        info!(pool = %name, datasets = spec.datasets.len(), checkpoint_syncs = spec.checkpoint_syncs.len(), "assigning pool");
-        // The observed resourceVersion is a precondition: a spec planned from a stale
-        // view (another reconcile wrote the pool since) is refused with 409 instead of
-        // undoing that write, and the reconcile retries on a fresh view.
-        let resource_version = pools
+    for (name, _) in changed_pools(&observed, releasing) {
+        let labels = nodes
             .iter()
-            .find(|p| p.name_any() == name)
-            .and_then(|p| p.resource_version());
-        let mut metadata = serde_json::Map::new();
-        if let Some(rv) = resource_version {
-            metadata.insert("resourceVersion".to_owned(), rv.into());
-        }
-        let body = serde_json::json!({
-            "apiVersion": CachePool::api_version(&()),
-            "kind": CachePool::kind(&()),
-            "metadata": metadata,
-            "spec": spec,
-        });
-        match api
-            .patch(&name, &apply_params(), &Patch::Apply(&body))
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                return Err(Error::PoolChanged { pool: name });
+            .find(|n| n.name_any() == name)
+            .map(|n| n.labels());
+        let mut written = false;
+        for _ in 0..POOL_WRITE_ATTEMPTS {
+            let Some(fresh) = api.get_opt(&name).await? else {
+                written = true; // the pool is gone (its node was removed)
+                break;
+            };
+            let spec = desired_spec(&fresh, labels, &datasets, &checkpoints, releasing);
+            if spec == fresh.spec {
+                written = true;
+                break;
             }
-            Err(e) => return Err(e.into()),
+            info!(pool = %name, datasets = spec.datasets.len(), checkpoint_syncs = spec.checkpoint_syncs.len(), "assigning pool");
+            let body = serde_json::json!({
+                "apiVersion": CachePool::api_version(&()),
+                "kind": CachePool::kind(&()),
+                "metadata": {"resourceVersion": fresh.resource_version()},
+                // Lists are always sent, empty or not: a server-side apply of an empty
+                // object is stored as null (kubernetes/kubernetes#135841), which the
+                // schema refuses, and the last assignment could never be removed.
+                "spec": {
+                    "datasets": spec.datasets,
+                    "checkpointSyncs": spec.checkpoint_syncs,
+                },
+            });
+            match api
+                .patch(&name, &apply_params(), &Patch::Apply(&body))
+                .await
+            {
+                Ok(_) => {
+                    written = true;
+                    break;
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !written {
+            return Err(Error::PoolChanged { pool: name });
         }
     }
     Ok(snap.pools)
@@ -326,7 +371,7 @@ pub async fn apply<K: Reconciled>(obj: &K, ctx: &Context) -> Result<Action, Erro
         Some(pvc) => !controlled_by(&pvc, obj),
     };
 
-    let pools = sync_pools(ctx, None).await?;
+    let pools = sync_pools(ctx, obj, None).await?;
     let status = {
         let nodes = ctx.stores.nodes.state();
         let nodes: Vec<&Node> = nodes.iter().map(|n| &**n).collect();
@@ -413,7 +458,7 @@ pub async fn cleanup<K: Reconciled>(obj: &K, ctx: &Context) -> Result<Action, Er
         });
     }
 
-    sync_pools(ctx, Some(&uid)).await?;
+    sync_pools(ctx, obj, Some(&uid)).await?;
     let pv_api: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let pv_name = volume_name(&uid);
     match pv_api.delete(&pv_name, &DeleteParams::default()).await {

@@ -23,7 +23,7 @@ use kube::{
     api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
-        Controller, WatchStreamExt, controller,
+        Controller, WatchStreamExt,
         events::{Recorder, Reporter},
         reflector::{self, ObjectRef, Store, reflector},
         watcher::{self, watcher},
@@ -89,8 +89,17 @@ pub enum RunError {
     StoreNeverSynced,
 }
 
+/// Installs ring as the process's rustls crypto provider (idempotent). rustls picks a
+/// provider from its features only when exactly one is compiled in, else the first
+/// connection panics; the workspace compiles only ring, and every entry point installs
+/// it explicitly so that no build combination leaves the choice open.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Build a client from the config.
 pub async fn client(config: &OperatorConfig) -> Result<Client, RunError> {
+    install_crypto_provider();
     let kube_config = match &config.kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
@@ -166,6 +175,65 @@ where
     }
 }
 
+/// Mapper of pool events: the objects of kind `K` the pool names (its assignments and
+/// its agent's reports); a pool that names none (a new node's) goes to every object,
+/// so that the ones selecting it get assigned. An event that changes nothing relevant
+/// ([`pool_relevance`]) goes nowhere.
+fn named_in_pool<K>(
+    own: Store<K>,
+    bucket: Duration,
+) -> impl Fn(CachePool) -> Vec<ObjectRef<K>> + Send + Sync + 'static
+where
+    K: Reconciled + kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    let seen = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
+    move |pool| {
+        let hash = pool_relevance(&pool, bucket);
+        let name = kube::ResourceExt::name_any(&pool);
+        if let Ok(mut seen) = seen.lock()
+            && seen.insert(name, hash) == Some(hash)
+        {
+            return Vec::new();
+        }
+        let named = K::named_in(&pool);
+        if named.is_empty() {
+            return every::<K, CachePool>(own.clone())(pool);
+        }
+        named
+            .into_iter()
+            .map(|(ns, name)| ObjectRef::new(&name).within(&ns))
+            .collect()
+    }
+}
+
+/// What of a pool its objects' status depends on, as a hash: its spec, and its status
+/// except the heartbeat's exact time and the pool-wide byte counts. The heartbeat
+/// counts by `bucket` (half the staleness bound), so an agent reporting every few
+/// seconds triggers its objects at most once a bucket, while a pool that falls silent
+/// or comes back is noticed within one. Without this, every heartbeat of every node
+/// reconciled every object (and with a debounce, heartbeats faster than it starved
+/// reconciles altogether).
+fn pool_relevance(pool: &CachePool, bucket: Duration) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&pool.spec)
+        .unwrap_or_default()
+        .hash(&mut h);
+    if let Some(st) = &pool.status {
+        let mut st = st.clone();
+        let beat = st
+            .heartbeat_time
+            .take()
+            .map(|t| t.0.as_second() / bucket.as_secs().max(1) as i64);
+        beat.hash(&mut h);
+        st.used_bytes = 0;
+        st.capacity_bytes = 0;
+        serde_json::to_string(&st).unwrap_or_default().hash(&mut h);
+    }
+    pool.metadata.deletion_timestamp.is_some().hash(&mut h);
+    h.finish()
+}
+
 fn controller<K>(
     client: &Client,
     ctx: Arc<Context>,
@@ -177,28 +245,29 @@ where
     let wc = watcher::Config::default();
     let ctl = Controller::new(Api::<K>::all(client.clone()), wc.clone());
     let own = ctl.store();
-    // Pool heartbeats and node relabels fan out to every object; debounce merges a
-    // burst of them into one reconcile per object.
-    ctl.with_config(controller::Config::default().debounce(Duration::from_secs(1)))
-        .owns(
-            Api::<PersistentVolumeClaim>::all(client.clone()),
-            wc.clone(),
-        )
-        .watches(
-            Api::<CachePool>::all(client.clone()),
-            wc.clone(),
-            every(own.clone()),
-        )
-        .watches(Api::<Node>::all(client.clone()), wc, every(own))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile::reconcile::<K>, reconcile::error_policy::<K>, ctx)
-        .for_each(|r| {
-            if let Err(error) = r {
-                tracing::debug!(%error, "reconcile failed");
-            }
-            futures::future::ready(())
-        })
-        .boxed()
+    let bucket = ctx.stale_after.unsigned_abs() / 2;
+    // No debounce: it postpones a reconcile for as long as triggers keep coming, which
+    // on a busy cluster can be forever. Requests for one object still merge while one
+    // is pending.
+    ctl.owns(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        wc.clone(),
+    )
+    .watches(
+        Api::<CachePool>::all(client.clone()),
+        wc.clone(),
+        named_in_pool(own.clone(), bucket),
+    )
+    .watches(Api::<Node>::all(client.clone()), wc, every(own))
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile::reconcile::<K>, reconcile::error_policy::<K>, ctx)
+    .for_each(|r| {
+        if let Err(error) = r {
+            tracing::debug!(%error, "reconcile failed");
+        }
+        futures::future::ready(())
+    })
+    .boxed()
 }
 
 async fn shutdown_signal() {
@@ -311,6 +380,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         stale_after: SignedDuration::try_from(config.stale_after)
             .unwrap_or(SignedDuration::from_secs(120)),
         now: Timestamp::now,
+        pool_writes: Default::default(),
     });
     let (stop_datasets, stopped_datasets) = futures::channel::oneshot::channel::<()>();
     let (stop_checkpoints, stopped_checkpoints) = futures::channel::oneshot::channel::<()>();

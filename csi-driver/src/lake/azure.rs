@@ -124,6 +124,7 @@ impl std::fmt::Debug for AzureLake {
 
 /// The HTTP client every Azure request goes through (blob and token requests).
 pub fn http_transport(options: &AzureOptions) -> Result<Transport, AzureSetupError> {
+    crate::tls::install_crypto_provider();
     let mut builder = reqwest::Client::builder()
         .connect_timeout(options.connect_timeout)
         .read_timeout(options.read_timeout)

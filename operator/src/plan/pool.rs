@@ -26,7 +26,10 @@ use kube::{
 };
 use tidepool_api::{
     CachePool, CachePoolSpec, CheckpointSync, DatasetCache,
-    cache_pool::{AssignmentOwner, CheckpointAssignment, DatasetAssignment},
+    cache_pool::{
+        AssignmentOwner, CheckpointAssignment, DatasetAssignment, MAX_CHECKPOINT_SYNCS,
+        MAX_DATASETS,
+    },
 };
 
 use super::volume::volume_name;
@@ -93,6 +96,27 @@ fn keeps<K: kube::Resource>(obj: &K, assigned_now: bool, releasing: Option<&str>
     assigned_now && obj.uid().as_deref() != releasing
 }
 
+/// Keeps the `max` oldest of `objs` (by creation time, then uid): a pool holds at most
+/// that many (the CRD's bound). Those over it are left out, the newest first, and stay
+/// unassigned on this node until older ones go; their status counts this node as not
+/// ready.
+fn oldest_first<K: kube::Resource<DynamicType = ()>>(objs: &mut Vec<&K>, max: usize) {
+    if objs.len() <= max {
+        return;
+    }
+    objs.sort_by(|a, b| {
+        (&a.meta().creation_timestamp.as_ref().map(|t| t.0), a.uid())
+            .cmp(&(&b.meta().creation_timestamp.as_ref().map(|t| t.0), b.uid()))
+    });
+    tracing::warn!(
+        kind = K::kind(&()).as_ref(),
+        wanted = objs.len(),
+        max,
+        "more objects select one node than its cache pool can hold; the newest are not assigned there"
+    );
+    objs.truncate(max);
+}
+
 /// The desired spec of `pool`, whose node has `labels` (None: the node is gone).
 pub fn desired_spec(
     pool: &CachePool,
@@ -116,16 +140,23 @@ pub fn desired_spec(
             .iter()
             .any(|a| Some(&a.owner.uid) == uid.as_ref())
     };
+    let mut datasets: Vec<&DatasetCache> = datasets
+        .iter()
+        .filter(|d| selects(d.spec.node_selector.as_ref(), labels))
+        .filter(|d| keeps(**d, has_dataset(d.uid()), releasing))
+        .copied()
+        .collect();
+    let mut checkpoints: Vec<&CheckpointSync> = checkpoints
+        .iter()
+        .filter(|c| keeps(**c, has_checkpoint(c.uid()), releasing))
+        .copied()
+        .collect();
+    oldest_first(&mut datasets, MAX_DATASETS);
+    oldest_first(&mut checkpoints, MAX_CHECKPOINT_SYNCS);
     let mut spec = CachePoolSpec {
-        datasets: datasets
-            .iter()
-            .filter(|d| selects(d.spec.node_selector.as_ref(), labels))
-            .filter(|d| keeps(**d, has_dataset(d.uid()), releasing))
-            .map(|d| dataset_assignment(d))
-            .collect(),
+        datasets: datasets.iter().map(|d| dataset_assignment(d)).collect(),
         checkpoint_syncs: checkpoints
             .iter()
-            .filter(|c| keeps(**c, has_checkpoint(c.uid()), releasing))
             .map(|c| checkpoint_assignment(c))
             .collect(),
     };
@@ -487,5 +518,34 @@ mod tests {
             total, expected,
             "pool specs and per-dataset node sets agree"
         );
+    }
+
+    #[test]
+    fn a_pool_holds_at_most_its_bound_the_oldest_first() {
+        let labels = BTreeMap::new();
+        let all: Vec<DatasetCache> = (0..MAX_DATASETS + 10)
+            .map(|i| {
+                let mut d = dataset("ml", &format!("d{i:03}"), None);
+                // Created in reverse name order: the oldest have the highest numbers.
+                d.metadata.creation_timestamp =
+                    Some(Time(Timestamp::from_second(1_000_000 - i as i64).unwrap()));
+                d
+            })
+            .collect();
+        let refs: Vec<&DatasetCache> = all.iter().collect();
+        let spec = desired_spec(&pool("n1"), Some(&labels), &refs, &[], None);
+        assert_eq!(spec.datasets.len(), MAX_DATASETS, "bounded as the CRD is");
+        let kept = names(&spec);
+        assert!(
+            kept.contains(&format!("ml/d{:03}", MAX_DATASETS + 9)),
+            "the oldest is kept"
+        );
+        assert!(
+            !kept.contains(&"ml/d000".to_owned()),
+            "the newest is left out"
+        );
+        let mut sorted = kept.clone();
+        sorted.sort();
+        assert_eq!(kept, sorted, "still in (namespace, name) order");
     }
 }

@@ -77,6 +77,18 @@ fn expect_apply(
     }
 }
 
+/// The GET of a pool that precedes each write of it: answered with `pool`.
+fn expect_pool_get(pool: CachePool) -> Expect {
+    let path: &'static str = Box::leak(
+        format!(
+            "/apis/tidepool.dev/v1alpha1/cachepools/{}",
+            pool.metadata.name.as_deref().unwrap()
+        )
+        .into_boxed_str(),
+    );
+    expect(Method::GET, path, move |_| ok(pool))
+}
+
 fn not_found() -> (StatusCode, Value) {
     (
         StatusCode::NOT_FOUND,
@@ -177,6 +189,7 @@ async fn run<K: Reconciled>(obj: K, world: World, expected: Vec<Expect>) -> Resu
         metrics: Metrics::shared(),
         stale_after: SignedDuration::from_secs(120),
         now,
+        pool_writes: Default::default(),
     });
     let server = verifier(handle, expected);
     let result = reconcile(Arc::new(obj), ctx.clone()).await;
@@ -327,6 +340,7 @@ async fn new_dataset_creates_pv_and_pvc_assigns_matching_pools_and_reports_ready
         checkpoints: vec![],
     };
     let pool_answer = pool("n1", 5, Some(NodeDatasetPhase::Ready));
+    let pool_now = pool_answer.clone();
     let status_obj = d.clone();
     let expected = vec![
         expect(Method::GET, PV, |_| not_found()),
@@ -347,6 +361,7 @@ async fn new_dataset_creates_pv_and_pvc_assigns_matching_pools_and_reports_ready
             assert_eq!(body["metadata"]["ownerReferences"][0]["controller"], true);
             ok(body)
         }),
+        expect_pool_get(pool_now),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n1", move |body| {
             let datasets = body["spec"]["datasets"]
                 .as_array()
@@ -623,6 +638,7 @@ async fn deletion_after_claim_is_gone_releases_pools_deletes_pv_and_removes_fina
     let d = deleting(with_status(dataset(), &pools, &nodes));
     let pv = crate::plan::volume::desired_pv(&d);
     let (p1, p2, obj) = (pools[0].clone(), pools[1].clone(), d.clone());
+    let (g1, g2) = (p1.clone(), p2.clone());
     let world = World {
         nodes,
         pools,
@@ -631,16 +647,20 @@ async fn deletion_after_claim_is_gone_releases_pools_deletes_pv_and_removes_fina
     };
     let expected = vec![
         expect(Method::GET, PVC, |_| not_found()),
+        expect_pool_get(g1),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n1", move |body| {
-            assert!(
-                body["spec"].get("datasets").is_none(),
-                "assignment released: {body}"
+            assert_eq!(
+                body["spec"],
+                json!({"datasets": [], "checkpointSyncs": []}),
+                "assignment released, the lists sent empty (never an empty object: the server would store null)"
             );
             ok(p1)
         }),
+        expect_pool_get(g2),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n2", move |body| {
-            assert!(
-                body["spec"].get("datasets").is_none(),
+            assert_eq!(
+                body["spec"]["datasets"],
+                json!([]),
                 "assignment released: {body}"
             );
             ok(p2)
@@ -707,6 +727,7 @@ async fn checkpoint_sync_is_read_write_and_assigned_to_every_pool() {
         checkpoints: vec![c.clone()],
     };
     let (p1, p2, obj) = (pool("n1", 5, None), pool("n2", 5, None), c.clone());
+    let (g1, g2) = (p1.clone(), p2.clone());
     let expected = vec![
         expect(Method::GET, "/api/v1/persistentvolumes/tidepool-c1", |_| {
             not_found()
@@ -725,6 +746,7 @@ async fn checkpoint_sync_is_read_write_and_assigned_to_every_pool() {
             |_| not_found(),
         ),
         expect_apply("/api/v1/namespaces/ml/persistentvolumeclaims/ckpt", ok),
+        expect_pool_get(g1),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n1", move |body| {
             assert_eq!(
                 body["spec"]["checkpointSyncs"][0]["volumeHandle"],
@@ -732,6 +754,7 @@ async fn checkpoint_sync_is_read_write_and_assigned_to_every_pool() {
             );
             ok(p1)
         }),
+        expect_pool_get(g2),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n2", move |body| {
             assert_eq!(body["spec"]["checkpointSyncs"][0]["owner"]["name"], "ckpt");
             ok(p2)
@@ -774,6 +797,7 @@ async fn relabelled_node_gets_assignment_on_next_reconcile() {
         pools[1].clone(),
         d.clone(),
     );
+    let g2 = p2.clone();
     let world = World {
         nodes,
         pools,
@@ -783,11 +807,12 @@ async fn relabelled_node_gets_assignment_on_next_reconcile() {
     let expected = vec![
         expect(Method::GET, PV, move |_| ok(pv)),
         expect(Method::GET, PVC, move |_| ok(pvc)),
+        expect_pool_get(g2),
         expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n2", move |body| {
             assert_eq!(body["spec"]["datasets"][0]["owner"]["name"], "imagenet");
             assert_eq!(
                 body["metadata"]["resourceVersion"], "7",
-                "written only over what was planned from"
+                "written only over what was read just before"
             );
             ok(p2)
         }),
@@ -819,22 +844,83 @@ async fn pool_changed_under_the_reconcile_is_retried_not_overwritten() {
         checkpoints: vec![],
     };
     let (pv, pvc) = (crate::plan::volume::desired_pv(&d), owned_pvc(&d));
-    let expected = vec![
+    let conflict = || {
+        (
+            StatusCode::CONFLICT,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                   "message": "the object has been modified; please apply your changes to the latest version and try again"}),
+        )
+    };
+    // The pool keeps moving under the operator (its agent's status, say). Each
+    // attempt reads it again and writes with what it read; none overwrites blindly.
+    let mut expected = vec![
         expect(Method::GET, PV, move |_| ok(pv)),
         expect(Method::GET, PVC, move |_| ok(pvc)),
-        expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n1", |_| {
-            (
-                StatusCode::CONFLICT,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
-                       "message": "the object has been modified; please apply your changes to the latest version and try again"}),
-            )
-        }),
-        // No status write from a stale view.
     ];
+    for attempt in 0..POOL_WRITE_ATTEMPTS {
+        let mut p = pool("n1", 5, None);
+        p.metadata.resource_version = Some(format!("{}", 10 + attempt));
+        expected.push(expect_pool_get(p));
+        expected.push(expect_apply(
+            "/apis/tidepool.dev/v1alpha1/cachepools/n1",
+            move |body| {
+                assert_eq!(
+                    body["metadata"]["resourceVersion"],
+                    format!("{}", 10 + attempt),
+                    "written over what was just read"
+                );
+                conflict()
+            },
+        ));
+    }
+    // No status write from a stale view.
     let err = run(d, world, expected).await.unwrap_err();
     assert!(
         matches!(err, Error::PoolChanged { ref pool } if pool == "n1"),
         "{err}"
     );
     assert_eq!(err.metric_label(), "pool_changed");
+}
+
+#[tokio::test]
+async fn a_pool_whose_status_moved_is_read_again_and_written() {
+    let d = dataset();
+    let world = World {
+        nodes: vec![node("n1", "h100")],
+        pools: vec![pool("n1", 5, None)],
+        datasets: vec![d.clone()],
+        checkpoints: vec![],
+    };
+    let (pv, pvc, obj) = (
+        crate::plan::volume::desired_pv(&d),
+        owned_pvc(&d),
+        d.clone(),
+    );
+    let mut moved = pool("n1", 4, None);
+    moved.metadata.resource_version = Some("8".into());
+    let answer = moved.clone();
+    let expected = vec![
+        expect(Method::GET, PV, move |_| ok(pv)),
+        expect(Method::GET, PVC, move |_| ok(pvc)),
+        expect_pool_get(pool("n1", 5, None)),
+        expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n1", |_| {
+            (
+                StatusCode::CONFLICT,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "modified"}),
+            )
+        }),
+        // The agent wrote a heartbeat meanwhile: read again, write again.
+        expect_pool_get(moved),
+        expect_apply("/apis/tidepool.dev/v1alpha1/cachepools/n1", move |body| {
+            assert_eq!(body["metadata"]["resourceVersion"], "8");
+            assert_eq!(body["spec"]["datasets"][0]["owner"]["uid"], "u1");
+            ok(answer)
+        }),
+        // A first status (Pending: the agent has not reported on it yet), no event.
+        expect_apply(DSC_STATUS, move |body| {
+            assert_eq!(body["status"]["phase"], "Pending");
+            ok(obj)
+        }),
+    ];
+    run(d, world, expected).await.unwrap();
 }

@@ -1,0 +1,686 @@
+//! The `tidepool-operator` binary, as built (so feature unification and TLS set-up are
+//! what ships), against a real control plane: etcd, kube-apiserver and, when present,
+//! kube-controller-manager (PV binding, PVC protection, garbage collection). See
+//! `tidepool_api::envtest`. Each test skips with a line saying so where the binaries
+//! are missing.
+//!
+//! Node agents do not run here: the tests create Nodes and their CachePools and write
+//! pool status the way an agent does (its own field manager, status subresource).
+//! Tests run one at a time (one operator deployment at a time); each uses its own
+//! namespace and node names.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tidepool_api::envtest::ControlPlane;
+use tidepool_api::{CachePool, CheckpointSync, DatasetCache, Phase, control_plane_or_skip};
+
+/// The field manager an agent writes pool status with.
+const AGENT: &str = "tidepool-agent";
+const URL: &str = "https://acct.blob.core.windows.net/datasets/imagenet";
+
+/// One test at a time: each runs its own operator processes.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A running operator process, killed on drop.
+struct Operator {
+    child: Child,
+    identity: String,
+    log: PathBuf,
+}
+
+impl Operator {
+    fn start(cp: &ControlPlane, lease_ns: &str, identity: &str) -> Operator {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::env::temp_dir().join(format!(
+            "tidepool-operator-{}-{identity}.log",
+            std::process::id()
+        ));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tidepool-operator"))
+            .arg("--kubeconfig")
+            .arg(&cp.kubeconfig)
+            .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+            .args(["--lease-namespace", lease_ns, "--identity", identity])
+            .env("RUST_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Operator {
+            child,
+            identity: identity.to_owned(),
+            log,
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- operator {} log ---\n{}", self.identity, self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `limit`.
+async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct Env {
+    cp: &'static ControlPlane,
+    client: Client,
+    ns: String,
+    /// Unique per test: node names and label values carry it.
+    id: String,
+}
+
+async fn env(cp: &'static ControlPlane, test: &str) -> Env {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let id = format!("{test}-{}", N.fetch_add(1, Ordering::Relaxed));
+    let client = cp.client().await;
+    cp.install_crds(&client).await.unwrap();
+    let ns = format!("t-{id}");
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    Env { cp, client, ns, id }
+}
+
+impl Env {
+    fn node_name(&self, n: &str) -> String {
+        format!("{}-{n}", self.id)
+    }
+
+    /// A Node with `gpu=<gpu>` and `test=<id>` labels, and its CachePool as the node's
+    /// agent creates it: named after the node, owned by it.
+    async fn node_with_pool(&self, n: &str, gpu: &str) -> String {
+        let name = self.node_name(n);
+        let labels = BTreeMap::from([
+            ("gpu".to_owned(), gpu.to_owned()),
+            ("test".to_owned(), self.id.clone()),
+        ]);
+        let node = Api::<Node>::all(self.client.clone())
+            .create(
+                &PostParams::default(),
+                &Node {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        labels: Some(labels),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let pool = CachePool {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Node".into(),
+                    name: name.clone(),
+                    uid: node.uid().unwrap(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            },
+            spec: Default::default(),
+            status: None,
+        };
+        Api::<CachePool>::all(self.client.clone())
+            .create(&PostParams::default(), &pool)
+            .await
+            .unwrap();
+        name
+    }
+
+    async fn pool(&self, name: &str) -> CachePool {
+        Api::<CachePool>::all(self.client.clone())
+            .get(name)
+            .await
+            .unwrap()
+    }
+
+    /// Writes pool status as the node's agent does: heartbeat at `heartbeat`, every
+    /// listed dataset Ready with `bytes` cached.
+    async fn report(&self, pool: &str, heartbeat: Timestamp, datasets: &[(&DatasetCache, i64)]) {
+        let entries: Vec<_> = datasets
+            .iter()
+            .map(|(d, bytes)| {
+                json!({
+                    "namespace": d.namespace().unwrap(),
+                    "name": d.name_any(),
+                    "uid": d.uid().unwrap(),
+                    "phase": "Ready",
+                    "snapshot": "s1",
+                    "objects": 10,
+                    "bytesCached": bytes,
+                    "bytesTotal": bytes,
+                })
+            })
+            .collect();
+        let body = json!({
+            "apiVersion": "tidepool.dev/v1alpha1",
+            "kind": "CachePool",
+            "status": {
+                "capacityBytes": 1_000_000_000_000i64,
+                "usedBytes": 0,
+                "heartbeatTime": Time(heartbeat),
+                "datasetCount": entries.len(),
+                "datasets": entries,
+            }
+        });
+        Api::<CachePool>::all(self.client.clone())
+            .patch_status(pool, &PatchParams::apply(AGENT), &Patch::Apply(&body))
+            .await
+            .unwrap();
+    }
+
+    async fn dataset(&self, name: &str, gpu: &str) -> DatasetCache {
+        let d: DatasetCache = serde_json::from_value(json!({
+            "apiVersion": "tidepool.dev/v1alpha1",
+            "kind": "DatasetCache",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {
+                "source": {"url": URL},
+                "nodeSelector": {"matchLabels": {"gpu": gpu, "test": self.id}},
+            },
+        }))
+        .unwrap();
+        Api::<DatasetCache>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &d)
+            .await
+            .unwrap()
+    }
+
+    async fn get_dataset(&self, name: &str) -> Option<DatasetCache> {
+        Api::<DatasetCache>::namespaced(self.client.clone(), &self.ns)
+            .get_opt(name)
+            .await
+            .unwrap()
+    }
+
+    fn assigned(pool: &CachePool, uid: &str) -> usize {
+        pool.spec
+            .datasets
+            .iter()
+            .filter(|a| a.owner.uid == uid)
+            .count()
+            + pool
+                .spec
+                .checkpoint_syncs
+                .iter()
+                .filter(|a| a.owner.uid == uid)
+                .count()
+    }
+
+    async fn pvc(&self, name: &str) -> Option<PersistentVolumeClaim> {
+        Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &self.ns)
+            .get_opt(name)
+            .await
+            .unwrap()
+    }
+
+    async fn pv(&self, uid: &str) -> Option<PersistentVolume> {
+        Api::<PersistentVolume>::all(self.client.clone())
+            .get_opt(&format!("tidepool-{uid}"))
+            .await
+            .unwrap()
+    }
+}
+
+fn bound(pvc: &PersistentVolumeClaim) -> bool {
+    pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dataset_cache_lifecycle_on_a_real_api_server() {
+    let cp = control_plane_or_skip!("dataset_cache_lifecycle_on_a_real_api_server");
+    let _one = SERIAL.lock().await;
+    let e = env(cp, "dsc").await;
+    let a100 = e.node_with_pool("a", "a100").await;
+    let a100b = e.node_with_pool("b", "a100").await;
+    let h100 = e.node_with_pool("c", "h100").await;
+    let _op = Operator::start(cp, &e.ns, "op-1");
+
+    let d = e.dataset("imagenet", "a100").await;
+    let uid = d.uid().unwrap();
+    // Assigned to exactly the two matching pools, once each.
+    for pool in [&a100, &a100b] {
+        eventually(
+            Duration::from_secs(30),
+            "assignment on a matching pool",
+            || async { (Env::assigned(&e.pool(pool).await, &uid) == 1).then_some(()) },
+        )
+        .await;
+    }
+    assert_eq!(
+        Env::assigned(&e.pool(&h100).await, &uid),
+        0,
+        "not on the h100 pool"
+    );
+    let a = e.pool(&a100).await.spec.datasets[0].clone();
+    assert_eq!(a.source.url, URL);
+    assert_eq!(a.owner.namespace, e.ns);
+    assert_eq!(a.volume_handle, format!("tidepool-{uid}"));
+
+    // PV and PVC exist, pre-bound; with the controller manager they bind.
+    let pvc = eventually(Duration::from_secs(30), "the PVC", || async {
+        e.pvc("imagenet").await
+    })
+    .await;
+    let pv = e.pv(&uid).await.expect("the PV");
+    assert_eq!(
+        pv.spec.as_ref().unwrap().csi.as_ref().unwrap().driver,
+        "csi.tidepool.dev"
+    );
+    assert_eq!(
+        pvc.spec.as_ref().unwrap().access_modes,
+        Some(vec!["ReadOnlyMany".to_owned()])
+    );
+    if e.cp.has_controller_manager() {
+        eventually(Duration::from_secs(60), "PVC Bound", || async {
+            e.pvc("imagenet").await.filter(bound).map(|_| ())
+        })
+        .await;
+    }
+
+    // Agents report: status is summed.
+    let now = Timestamp::now();
+    e.report(&a100, now, &[(&d, 100)]).await;
+    e.report(&a100b, now, &[(&d, 50)]).await;
+    let st = eventually(
+        Duration::from_secs(30),
+        "DatasetCache Ready with 150 bytes",
+        || async {
+            let s = e.get_dataset("imagenet").await?.status?;
+            (s.phase == Phase::Ready && s.bytes_cached == 150).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!((st.nodes_desired, st.nodes_ready), (2, 2));
+    assert_eq!(st.claim_name.as_deref(), Some("imagenet"));
+
+    // One agent goes silent (its last heartbeat is old): that node is not ready.
+    e.report(
+        &a100b,
+        Timestamp::from_second(now.as_second() - 3600).unwrap(),
+        &[(&d, 50)],
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "Degraded after a stale heartbeat",
+        || async {
+            let s = e.get_dataset("imagenet").await?.status?;
+            (s.phase == Phase::Degraded && s.nodes_ready == 1).then_some(())
+        },
+    )
+    .await;
+
+    // Field ownership as the server records it: spec by the operator, status by the agent.
+    let pool = e.pool(&a100).await;
+    let managers: Vec<(String, Option<String>)> = pool
+        .managed_fields()
+        .iter()
+        .map(|m| (m.manager.clone().unwrap_or_default(), m.subresource.clone()))
+        .collect();
+    assert!(
+        managers.contains(&("tidepool-operator".to_owned(), None)),
+        "{managers:?}"
+    );
+    assert!(
+        managers.contains(&(AGENT.to_owned(), Some("status".to_owned()))),
+        "{managers:?}"
+    );
+
+    // Delete: PVC, assignments and PV go, then the object itself (its finalizer released).
+    Api::<DatasetCache>::namespaced(e.client.clone(), &e.ns)
+        .delete("imagenet", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the DatasetCache to be gone",
+        || async { e.get_dataset("imagenet").await.is_none().then_some(()) },
+    )
+    .await;
+    assert!(e.pvc("imagenet").await.is_none(), "PVC deleted");
+    assert!(e.pv(&uid).await.is_none(), "PV deleted");
+    for pool in [&a100, &a100b, &h100] {
+        let p = e.pool(pool).await;
+        assert_eq!(Env::assigned(&p, &uid), 0, "{pool}: assignment released");
+        assert!(
+            p.spec.datasets.is_empty(),
+            "{pool}: the last assignment went"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_sync_gets_a_rwx_claim_and_every_pool() {
+    let cp = control_plane_or_skip!("checkpoint_sync_gets_a_rwx_claim_and_every_pool");
+    let _one = SERIAL.lock().await;
+    let e = env(cp, "cks").await;
+    let pools = [
+        e.node_with_pool("a", "a100").await,
+        e.node_with_pool("b", "h100").await,
+    ];
+    let _op = Operator::start(cp, &e.ns, "op-1");
+    let c: CheckpointSync = serde_json::from_value(json!({
+        "apiVersion": "tidepool.dev/v1alpha1",
+        "kind": "CheckpointSync",
+        "metadata": {"name": "ckpt", "namespace": e.ns},
+        "spec": {"destination": {"url": URL}, "retention": {"keepLocal": 2}},
+    }))
+    .unwrap();
+    let api = Api::<CheckpointSync>::namespaced(e.client.clone(), &e.ns);
+    let c = api.create(&PostParams::default(), &c).await.unwrap();
+    let uid = c.uid().unwrap();
+    for pool in &pools {
+        eventually(
+            Duration::from_secs(30),
+            "assignment on every pool",
+            || async { (Env::assigned(&e.pool(pool).await, &uid) == 1).then_some(()) },
+        )
+        .await;
+    }
+    let pvc = eventually(Duration::from_secs(30), "the PVC", || async {
+        e.pvc("ckpt").await
+    })
+    .await;
+    assert_eq!(
+        pvc.spec.as_ref().unwrap().access_modes,
+        Some(vec!["ReadWriteMany".to_owned()])
+    );
+    if e.cp.has_controller_manager() {
+        eventually(Duration::from_secs(60), "PVC Bound", || async {
+            e.pvc("ckpt").await.filter(bound).map(|_| ())
+        })
+        .await;
+    }
+    api.delete("ckpt", &DeleteParams::default()).await.unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the CheckpointSync to be gone",
+        || async { api.get_opt("ckpt").await.unwrap().is_none().then_some(()) },
+    )
+    .await;
+    assert!(e.pv(&uid).await.is_none());
+    for pool in &pools {
+        assert_eq!(Env::assigned(&e.pool(pool).await, &uid), 0);
+    }
+}
+
+/// The Lease's holder, if any.
+async fn holder(client: &Client, ns: &str) -> Option<String> {
+    Api::<Lease>::namespaced(client.clone(), ns)
+        .get_opt("tidepool-operator")
+        .await
+        .unwrap()?
+        .spec?
+        .holder_identity
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_leader_dies_and_nothing_is_duplicated() {
+    let cp = control_plane_or_skip!(
+        "a_standby_takes_over_when_the_leader_dies_and_nothing_is_duplicated"
+    );
+    let _one = SERIAL.lock().await;
+    let e = env(cp, "leader").await;
+    let pool = e.node_with_pool("a", "a100").await;
+    let mut ops = [
+        Operator::start(cp, &e.ns, "op-a"),
+        Operator::start(cp, &e.ns, "op-b"),
+    ];
+    let first = eventually(Duration::from_secs(30), "a leader", || async {
+        holder(&e.client, &e.ns).await
+    })
+    .await;
+    let d1 = e.dataset("one", "a100").await;
+    eventually(Duration::from_secs(30), "the leader assigns", || async {
+        (Env::assigned(&e.pool(&pool).await, &d1.uid().unwrap()) == 1).then_some(())
+    })
+    .await;
+
+    // kill -9 the leader: the standby takes over within the lease duration (15 s)
+    // plus its retry period.
+    let leader = ops.iter_mut().find(|o| o.identity == first).unwrap();
+    leader.kill9();
+    let killed_at = Instant::now();
+    let second = eventually(Duration::from_secs(30), "the standby to lead", || async {
+        holder(&e.client, &e.ns).await.filter(|h| *h != first)
+    })
+    .await;
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(25),
+        "took over after {:?}",
+        killed_at.elapsed()
+    );
+    let standby = ops.iter_mut().find(|o| o.identity == second).unwrap();
+    assert!(standby.running());
+
+    // The new leader works, and nothing is duplicated.
+    let d2 = e.dataset("two", "a100").await;
+    eventually(
+        Duration::from_secs(30),
+        "the new leader assigns",
+        || async { (Env::assigned(&e.pool(&pool).await, &d2.uid().unwrap()) == 1).then_some(()) },
+    )
+    .await;
+    let p = e.pool(&pool).await;
+    assert_eq!(p.spec.datasets.len(), 2, "{:?}", p.spec.datasets);
+    assert_eq!(Env::assigned(&p, &d1.uid().unwrap()), 1);
+    let pvs = Api::<PersistentVolume>::all(e.client.clone())
+        .list(&ListParams::default().labels(&format!("tidepool.dev/namespace={}", e.ns)))
+        .await
+        .unwrap();
+    let all: Vec<_> = Api::<PersistentVolume>::all(e.client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| (p.name_any(), p.labels().clone()))
+        .collect();
+    assert_eq!(pvs.items.len(), 2, "one PV per DatasetCache: {all:?}");
+    let lease = Api::<Lease>::namespaced(e.client.clone(), &e.ns)
+        .get("tidepool-operator")
+        .await
+        .unwrap();
+    assert_eq!(lease.spec.unwrap().lease_transitions, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_mid_reconcile_converges_after_restart() {
+    let cp = control_plane_or_skip!("an_operator_killed_mid_reconcile_converges_after_restart");
+    let _one = SERIAL.lock().await;
+    let e = env(cp, "restart").await;
+    let pool = e.node_with_pool("a", "a100").await;
+    let mut op = Operator::start(cp, &e.ns, "op-a");
+    let mut uids = vec![];
+    for i in 0..6 {
+        uids.push(e.dataset(&format!("d{i}"), "a100").await.uid().unwrap());
+    }
+    // Killed while those are being reconciled (some written, some not).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    op.kill9();
+    // Restarted under the same identity (a pod restarted in place): it holds the
+    // lease at once.
+    let _op = Operator::start(cp, &e.ns, "op-a");
+    eventually(
+        Duration::from_secs(60),
+        "every dataset assigned once, with a PVC",
+        || async {
+            let p = e.pool(&pool).await;
+            for (i, uid) in uids.iter().enumerate() {
+                if Env::assigned(&p, uid) != 1 || e.pvc(&format!("d{i}")).await.is_none() {
+                    return None;
+                }
+            }
+            (p.spec.datasets.len() == uids.len()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_node_takes_its_pool_with_it_and_statuses_follow() {
+    let cp = control_plane_or_skip!("a_deleted_node_takes_its_pool_with_it_and_statuses_follow");
+    if !cp.has_controller_manager() {
+        tidepool_api::envtest::skip(
+            "a_deleted_node_takes_its_pool_with_it_and_statuses_follow",
+            &"garbage collection needs kube-controller-manager among the envtest binaries",
+        );
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let e = env(cp, "nodegc").await;
+    let a = e.node_with_pool("a", "a100").await;
+    let b = e.node_with_pool("b", "a100").await;
+    let _op = Operator::start(cp, &e.ns, "op-a");
+    let d = e.dataset("data", "a100").await;
+    let now = Timestamp::now();
+    e.report(&a, now, &[(&d, 10)]).await;
+    e.report(&b, now, &[(&d, 10)]).await;
+    eventually(Duration::from_secs(30), "Ready on two nodes", || async {
+        let s = e.get_dataset("data").await?.status?;
+        (s.phase == Phase::Ready && s.nodes_desired == 2).then_some(())
+    })
+    .await;
+    Api::<Node>::all(e.client.clone())
+        .delete(&b, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the pool of the deleted node to be collected",
+        || async {
+            Api::<CachePool>::all(e.client.clone())
+                .get_opt(&b)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "status over the remaining node",
+        || async {
+            let s = e.get_dataset("data").await?.status?;
+            (s.phase == Phase::Ready && s.nodes_desired == 1 && s.bytes_cached == 10).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_status_writes_and_operator_spec_writes_never_conflict() {
+    let cp = control_plane_or_skip!("agent_status_writes_and_operator_spec_writes_never_conflict");
+    let _one = SERIAL.lock().await;
+    let e = env(cp, "owners").await;
+    let pool = e.node_with_pool("a", "a100").await;
+    let _op = Operator::start(cp, &e.ns, "op-a");
+    // The agent reports as fast as it can while the operator assigns and releases.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let agent = {
+        let (client, pool, stop) = (e.client.clone(), pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let api = Api::<CachePool>::all(client);
+            let mut writes = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let body = json!({
+                    "apiVersion": "tidepool.dev/v1alpha1", "kind": "CachePool",
+                    "status": {"heartbeatTime": Time(Timestamp::now()), "usedBytes": writes},
+                });
+                // Server-side apply without force: a conflict would be an error here.
+                api.patch_status(&pool, &PatchParams::apply(AGENT), &Patch::Apply(&body))
+                    .await
+                    .expect("the agent's status write conflicted");
+                writes += 1;
+            }
+            writes
+        })
+    };
+    let mut uids = vec![];
+    for i in 0..5 {
+        uids.push(e.dataset(&format!("d{i}"), "a100").await.uid().unwrap());
+    }
+    eventually(
+        Duration::from_secs(60),
+        "every dataset assigned while the agent writes",
+        || async {
+            let p = e.pool(&pool).await;
+            uids.iter().all(|u| Env::assigned(&p, u) == 1).then_some(())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let writes = agent.await.unwrap();
+    assert!(writes > 10, "the agent kept writing ({writes} writes)");
+    let p = e.pool(&pool).await;
+    assert_eq!(p.spec.datasets.len(), 5);
+    assert!(
+        p.status.unwrap().used_bytes > 0,
+        "the agent's status stayed"
+    );
+}
