@@ -1,50 +1,57 @@
-//! The read-only dataset file system: a thin `fuser::Filesystem` adapter over a
-//! [`Dataset`]. It parses requests, delegates to the snapshot and the cache, and maps
-//! errors to one errno each; it holds no file-system logic of its own.
+//! The read-only dataset file system: a [`FileSystem`](crate::fuse::FileSystem) over a
+//! [`Dataset`]. It parses nothing itself (the session does), delegates to the snapshot
+//! and the cache, and maps errors to one errno each; every method can be called without
+//! a kernel.
 //!
 //! - Inode numbers: 1 is the root of the *current* snapshot; every other inode is
-//!   `seq << 40 | local`, the snapshot's sequence number and the entry's number in it,
-//!   both persistent. An inode keeps resolving in its own snapshot after a refresh, so
-//!   open files and cached dentries keep the version they saw. Lookups and forgets are
-//!   counted per snapshot, so a replaced snapshot is released once the kernel forgot it.
+//!   `seq << 40 | local`, the snapshot's sequence number (23 bits) and the entry's
+//!   number in it, both persistent. An inode keeps resolving in its own snapshot after
+//!   a refresh, so open files and cached dentries keep the version they saw. Lookups
+//!   and forgets are counted per snapshot, so a replaced snapshot is released once the
+//!   kernel forgot it.
+//! - File handles are derived from the inode (`ino`, with bit 63 set for a passthrough
+//!   open), never from a counter in memory: a restarted server that takes over the
+//!   connection understands the handles of files opened before it started.
 //! - Caching: a pinned snapshot never changes, so entries and attributes are cached by
 //!   the kernel for a day and file pages are kept across opens (`FOPEN_KEEP_CACHE`);
 //!   with `--refresh <interval>`, for that interval.
 //! - Reads: a range already resident and verified is served from the local file on the
 //!   FUSE thread; otherwise the read moves to the tokio runtime (the FUSE thread is free
-//!   at once) and replies when the blocks land. Sequential readers grow a readahead
-//!   window of whole blocks, up to `max_readahead`.
-//! - Kernel readahead is raised to 1 MiB per mount (root only), so sequential reads
-//!   arrive as 1 MiB requests rather than 128 KiB ones.
+//!   at once) and replies when the blocks land. Sequential readers (per inode and
+//!   process) grow a readahead window of whole blocks, up to `max_readahead`.
 //! - Passthrough: a file that is fully resident and verified is opened with FUSE
 //!   passthrough (Linux ≥ 6.9), so the kernel reads the local file directly and warm
-//!   reads run at local-disk speed. Where the kernel or privileges do not allow it, the
-//!   first failure is logged once and every later open uses ordinary reads.
+//!   reads run at local-disk speed. The kernel wants one backing file per inode and
+//!   refuses to mix passthrough and page-cache opens of one inode, hence the per-inode
+//!   I/O state.
 //! - Errors: not found → ENOENT; any write → EROFS; a lake failure, a changed blob or
 //!   a corrupt block → EIO (with a log line naming the blob).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
-};
 use parking_lot::Mutex;
 
 use crate::cache::CacheError;
 use crate::cache::blob::CachedBlob;
 use crate::cache::dataset::Dataset;
 use crate::cache::snapshot::{self, Entry, Kind, Snapshot};
+use crate::fuse::{
+    self, AttrOut, Connection, DirBuf, EntryOut, Errno, FileKind, OpenOut, ReplyData, Request,
+    Session, SessionConfig, StatfsOut, Timespec, Ttl, abi::fopen,
+};
 use crate::mounts::{detach_path, is_busy, unmount_path};
 
 const SEQ_SHIFT: u32 = 40;
 const LOCAL_MASK: u64 = (1 << SEQ_SHIFT) - 1;
+/// Set in a file handle opened with passthrough.
+const FH_PASSTHROUGH: u64 = 1 << 63;
+/// Sequential-read trackers kept (one per inode and reading process).
+const MAX_STREAMS: usize = 4096;
 
 /// Counters a user (or a test) can read to see what the mount did.
 #[derive(Debug, Default)]
@@ -67,33 +74,32 @@ pub struct FsConfig {
     pub gid: u32,
 }
 
-struct OpenFile {
-    ino: u64,
-    blob: Arc<CachedBlob>,
-    passthrough: bool,
-    /// Sequential read detection: where the next read would start, and the window.
-    next: u64,
-    window: u64,
-}
-
-#[derive(Default)]
+/// How one inode's open handles do I/O (see the module docs).
+#[derive(Debug)]
 struct InodeIo {
+    blob: Arc<CachedBlob>,
     cached: u32,
     passthrough: u32,
-    /// Kept while passthrough handles are open; dropping it closes the backing reference.
-    backing: Option<BackingId>,
+    backing: Option<u32>,
+}
+
+/// Where a sequential reader is.
+#[derive(Clone, Copy, Debug)]
+struct Stream {
+    next: u64,
+    window: u64,
+    used: u64,
 }
 
 pub struct DatasetFs {
     ds: Arc<Dataset>,
     rt: tokio::runtime::Handle,
     cfg: FsConfig,
-    handles: Mutex<HashMap<u64, OpenFile>>,
-    /// Per inode: how its open handles do I/O. The kernel refuses to mix page-cache and
-    /// passthrough handles of one inode, and wants one backing id per inode.
     io: Mutex<HashMap<u64, InodeIo>>,
-    next_fh: AtomicU64,
+    streams: Mutex<HashMap<(u64, u32), Stream>>,
+    tick: AtomicU64,
     passthrough: AtomicBool,
+    conn: OnceLock<Connection>,
     pub stats: Arc<MountStats>,
 }
 
@@ -109,247 +115,196 @@ impl DatasetFs {
             ds,
             rt,
             cfg,
-            handles: Mutex::new(HashMap::new()),
             io: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            streams: Mutex::new(HashMap::new()),
+            tick: AtomicU64::new(0),
+            conn: OnceLock::new(),
             stats,
         }
     }
 
-    fn resolve(&self, ino: INodeNo) -> Result<(u32, Arc<Snapshot>, u64), Errno> {
-        let ino = ino.0;
+    fn resolve(&self, ino: u64) -> Result<(u32, Arc<Snapshot>, u64), Errno> {
         if ino == 1 {
             let (seq, s) = self.ds.current();
             return Ok((seq, s, snapshot::ROOT));
         }
         let seq = (ino >> SEQ_SHIFT) as u32;
-        let snap = self.ds.snapshot(seq).ok_or(Errno::ESTALE)?;
+        let snap = self.ds.snapshot(seq).ok_or(libc::ESTALE)?;
         Ok((seq, snap, ino & LOCAL_MASK))
     }
 
-    fn entry(&self, ino: INodeNo) -> Result<(u32, Entry), Errno> {
+    fn entry(&self, ino: u64) -> Result<(u32, Entry), Errno> {
         let (seq, snap, local) = self.resolve(ino)?;
         match snap.get(local) {
             Ok(Some(e)) => Ok((seq, e)),
-            Ok(None) => Err(Errno::ENOENT),
+            Ok(None) => Err(libc::ENOENT),
             Err(e) => {
                 tracing::error!(error = %e, "snapshot read failed");
-                Err(Errno::EIO)
+                Err(libc::EIO)
             }
         }
     }
 
-    fn ino(seq: u32, local: u64) -> INodeNo {
+    fn ino(seq: u32, local: u64) -> u64 {
         if local == snapshot::ROOT {
             // Every snapshot's root is the mount's root.
-            return INodeNo(1);
+            return 1;
         }
-        INodeNo(((seq as u64) << SEQ_SHIFT) | local)
+        ((seq as u64) << SEQ_SHIFT) | local
     }
 
-    fn attr(&self, seq: u32, e: &Entry) -> FileAttr {
+    fn attr(&self, seq: u32, e: &Entry) -> fuse::abi::Attr {
         let (kind, perm, nlink, size) = match e.kind {
-            Kind::Dir => (FileType::Directory, 0o555, 2, 0),
-            Kind::File => (FileType::RegularFile, 0o444, 1, e.size),
+            Kind::Dir => (FileKind::Dir, 0o555, 2, 0),
+            Kind::File => (FileKind::File, 0o444, 1, e.size),
         };
-        FileAttr {
+        let t = Timespec::from_system(e.mtime);
+        fuse::abi::Attr {
             ino: Self::ino(seq, e.ino),
             size,
             blocks: size.div_ceil(512),
-            atime: e.mtime,
-            mtime: e.mtime,
-            ctime: e.mtime,
-            crtime: e.mtime,
+            atime: t,
+            mtime: t,
+            ctime: t,
             kind,
             perm,
             nlink,
             uid: self.cfg.uid,
             gid: self.cfg.gid,
-            rdev: 0,
             blksize: 128 * 1024,
-            flags: 0,
         }
     }
 
-    fn generation() -> Generation {
-        Generation(0)
+    fn entry_out(&self, seq: u32, e: &Entry) -> EntryOut {
+        let ttl = Ttl::from(self.cfg.ttl);
+        EntryOut {
+            attr: self.attr(seq, e),
+            generation: 0,
+            entry_ttl: ttl,
+            attr_ttl: ttl,
+        }
+    }
+
+    /// The open blob of `ino`, from the I/O table or opened anew (a handle the kernel
+    /// holds from before a restart).
+    fn blob_of(&self, ino: u64) -> Result<Arc<CachedBlob>, Errno> {
+        if let Some(s) = self.io.lock().get(&ino) {
+            return Ok(s.blob.clone());
+        }
+        let (_, e) = self.entry(ino)?;
+        self.ds.blob(&e).map_err(|err| {
+            tracing::error!(blob = %e.blob, error = %err, "open failed");
+            errno_for(&err)
+        })
+    }
+
+    /// Sequential detection for a read of `ino` by `pid`: the readahead range to start,
+    /// if the read continues where this reader's last one ended.
+    fn readahead(&self, ino: u64, pid: u32, offset: u64, size: u64) -> Option<(u64, u64)> {
+        let cfg = self.ds.pool().config();
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        let mut streams = self.streams.lock();
+        if streams.len() >= MAX_STREAMS && !streams.contains_key(&(ino, pid)) {
+            // Forget the least recently used reader.
+            if let Some(k) = streams.iter().min_by_key(|(_, s)| s.used).map(|(k, _)| *k) {
+                streams.remove(&k);
+            }
+        }
+        let s = streams.entry((ino, pid)).or_insert(Stream {
+            next: u64::MAX,
+            window: 2 * cfg.block_size,
+            used: tick,
+        });
+        let sequential = offset == s.next
+            || (s.next != u64::MAX
+                && offset > s.next.saturating_sub(cfg.block_size)
+                && offset <= s.next + cfg.block_size);
+        s.window = if sequential {
+            (s.window * 2).min(cfg.max_readahead.max(cfg.block_size))
+        } else {
+            2 * cfg.block_size
+        };
+        s.next = offset + size;
+        s.used = tick;
+        sequential.then(|| (offset, offset + size + s.window))
     }
 }
 
 /// Every cache failure a reader can meet (lake error, changed blob, corrupt block, local
 /// I/O) is EIO; the log line names the blob and the cause.
 fn errno_for(_: &CacheError) -> Errno {
-    Errno::EIO
+    libc::EIO
 }
 
-impl Filesystem for DatasetFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.add_capabilities(
-            InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO
-                | InitFlags::FUSE_PARALLEL_DIROPS,
-        );
-        let _ = config.set_max_readahead(1 << 20);
-        if self.passthrough.load(Ordering::Relaxed) {
-            let ok = config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
-                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-                && config.set_max_stack_depth(1).is_ok();
-            if !ok {
-                tracing::info!(
-                    "kernel does not offer FUSE passthrough (needs Linux >= 6.9); warm reads go through Tidepool"
-                );
-                self.passthrough.store(false, Ordering::Relaxed);
-            }
+impl fuse::FileSystem for DatasetFs {
+    fn connected(&self, conn: &Connection) {
+        let _ = self.conn.set(conn.clone());
+        if !conn.passthrough() {
+            self.passthrough.store(false, Ordering::Relaxed);
         }
-        Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some(name) = name.to_str() else {
-            return reply.error(Errno::ENOENT);
-        };
-        let (seq, snap, local) = match self.resolve(parent) {
-            Ok(x) => x,
-            Err(e) => return reply.error(e),
-        };
+    fn lookup(&self, _req: &Request, parent: u64, name: &OsStr) -> Result<EntryOut, Errno> {
+        let name = name.to_str().ok_or(libc::ENOENT)?;
+        let (seq, snap, local) = self.resolve(parent)?;
         match snap.lookup(local, name) {
             Ok(Some(e)) => {
                 self.ds.hold(seq, 1);
-                reply.entry(&self.cfg.ttl, &self.attr(seq, &e), Self::generation())
+                Ok(self.entry_out(seq, &e))
             }
-            Ok(None) => reply.error(Errno::ENOENT),
+            Ok(None) => Err(libc::ENOENT),
             Err(err) => {
                 tracing::error!(error = %err, "lookup failed");
-                reply.error(Errno::EIO)
+                Err(libc::EIO)
             }
         }
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        if ino.0 != 1 {
-            self.ds.forget((ino.0 >> SEQ_SHIFT) as u32, nlookup);
+    fn forget(&self, ino: u64, nlookup: u64) {
+        if ino != 1 {
+            self.ds.forget((ino >> SEQ_SHIFT) as u32, nlookup);
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.entry(ino) {
-            Ok((seq, e)) => reply.attr(&self.cfg.ttl, &self.attr(seq, &e)),
-            Err(e) => reply.error(e),
-        }
+    fn getattr(&self, _req: &Request, ino: u64, _fh: Option<u64>) -> Result<AttrOut, Errno> {
+        let (seq, e) = self.entry(ino)?;
+        Ok(AttrOut {
+            attr: self.attr(seq, &e),
+            ttl: Ttl::from(self.cfg.ttl),
+        })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn setattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        reply.error(Errno::EROFS)
-    }
-
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.entry(ino) {
-            Ok((_, e)) if e.kind == Kind::Dir => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(e) => reply.error(e),
+    fn opendir(&self, _req: &Request, ino: u64, _flags: u32) -> Result<OpenOut, Errno> {
+        match self.entry(ino)? {
+            (_, e) if e.kind == Kind::Dir => Ok(OpenOut {
+                fh: 0,
+                flags: fopen::KEEP_CACHE | fopen::CACHE_DIR,
+                backing_id: 0,
+            }),
+            _ => Err(libc::ENOTDIR),
         }
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        ino: u64,
+        _fh: u64,
         offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        let (seq, snap, local) = match self.resolve(ino) {
-            Ok(x) => x,
-            Err(e) => return reply.error(e),
-        };
+        out: &mut DirBuf,
+    ) -> Result<(), Errno> {
+        let (seq, snap, local) = self.resolve(ino)?;
+        let me = snap
+            .get(local)
+            .map_err(|_| libc::EIO)?
+            .ok_or(libc::ENOENT)?;
+        let plus = out.is_plus();
         // Cookies: 1 after ".", 2 after "..", then position + 3.
         let mut off = offset;
         if off == 0 {
-            if reply.add(ino, 1, FileType::Directory, ".") {
-                return reply.ok();
-            }
-            off = 1;
-        }
-        if off == 1 {
-            let parent = snap
-                .get(local)
-                .ok()
-                .flatten()
-                .map(|e| Self::ino(seq, e.parent))
-                .unwrap_or(INodeNo(1));
-            if reply.add(parent, 2, FileType::Directory, "..") {
-                return reply.ok();
-            }
-            off = 2;
-        }
-        match snap.children(local, off - 2, 512) {
-            Ok(children) => {
-                for (pos, e) in children {
-                    let kind = if e.kind == Kind::Dir {
-                        FileType::Directory
-                    } else {
-                        FileType::RegularFile
-                    };
-                    if reply.add(Self::ino(seq, e.ino), pos + 3, kind, &e.name) {
-                        break;
-                    }
-                }
-                reply.ok()
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "readdir failed");
-                reply.error(Errno::EIO)
-            }
-        }
-    }
-
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let (seq, snap, local) = match self.resolve(ino) {
-            Ok(x) => x,
-            Err(e) => return reply.error(e),
-        };
-        let Ok(Some(me)) = snap.get(local) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let mut off = offset;
-        if off == 0 {
-            if reply.add(
-                ino,
-                1,
-                ".",
-                &self.cfg.ttl,
-                &self.attr(seq, &me),
-                Self::generation(),
-            ) {
-                return reply.ok();
+            let e = plus.then(|| self.entry_out(seq, &me));
+            if !out.add(ino, 1, FileKind::Dir, OsStr::new("."), e.as_ref()) {
+                return Ok(());
             }
             off = 1;
         }
@@ -359,67 +314,63 @@ impl Filesystem for DatasetFs {
                 .ok()
                 .flatten()
                 .unwrap_or_else(|| me.clone());
-            if reply.add(
+            let e = plus.then(|| self.entry_out(seq, &parent));
+            if !out.add(
                 Self::ino(seq, parent.ino),
                 2,
-                "..",
-                &self.cfg.ttl,
-                &self.attr(seq, &parent),
-                Self::generation(),
+                FileKind::Dir,
+                OsStr::new(".."),
+                e.as_ref(),
             ) {
-                return reply.ok();
+                return Ok(());
             }
             off = 2;
         }
-        match snap.children(local, off - 2, 512) {
-            Ok(children) => {
-                let mut added = 0;
-                for (pos, e) in children {
-                    if reply.add(
-                        Self::ino(seq, e.ino),
-                        pos + 3,
-                        &e.name,
-                        &self.cfg.ttl,
-                        &self.attr(seq, &e),
-                        Self::generation(),
-                    ) {
-                        break;
-                    }
-                    added += 1;
-                }
-                // Every entry but "." and ".." is a reference the kernel will forget.
-                self.ds.hold(seq, added);
-                reply.ok()
+        let children = snap.children(local, off - 2, 512).map_err(|err| {
+            tracing::error!(error = %err, "readdir failed");
+            libc::EIO
+        })?;
+        let mut added = 0;
+        for (pos, e) in children {
+            let kind = if e.kind == Kind::Dir {
+                FileKind::Dir
+            } else {
+                FileKind::File
+            };
+            let entry = plus.then(|| self.entry_out(seq, &e));
+            if !out.add(
+                Self::ino(seq, e.ino),
+                pos + 3,
+                kind,
+                OsStr::new(&e.name),
+                entry.as_ref(),
+            ) {
+                break;
             }
-            Err(err) => {
-                tracing::error!(error = %err, "readdirplus failed");
-                reply.error(Errno::EIO)
-            }
+            added += 1;
         }
+        if plus {
+            // Every entry but "." and ".." is a reference the kernel will forget.
+            self.ds.hold(seq, added);
+        }
+        Ok(())
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY
-            || flags.0 & (libc::O_TRUNC | libc::O_CREAT) != 0
+    fn open(&self, _req: &Request, ino: u64, flags: u32) -> Result<OpenOut, Errno> {
+        let flags = flags as i32;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT) != 0
         {
-            return reply.error(Errno::EROFS);
+            return Err(libc::EROFS);
         }
-        let (seq, e) = match self.entry(ino) {
-            Ok(x) => x,
-            Err(e) => return reply.error(e),
-        };
+        let (seq, e) = self.entry(ino)?;
         if e.kind == Kind::Dir {
-            return reply.error(Errno::EISDIR);
+            return Err(libc::EISDIR);
         }
-        let blob = match self.ds.blob(&e) {
-            Ok(b) => b,
-            Err(err) => {
-                tracing::error!(blob = %e.blob, error = %err, "open failed");
-                return reply.error(errno_for(&err));
-            }
-        };
+        let blob = self.ds.blob(&e).map_err(|err| {
+            tracing::error!(blob = %e.blob, error = %err, "open failed");
+            errno_for(&err)
+        })?;
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let cfg = self.ds.pool().config();
         if e.size <= cfg.small_file_threshold {
             let _guard = self.rt.enter();
@@ -432,102 +383,77 @@ impl Filesystem for DatasetFs {
                 self.ds.small_file_opened(seq, &snap, &e, cold);
             }
         }
-        let window = 2 * cfg.block_size;
-        let flags = FopenFlags::FOPEN_KEEP_CACHE;
         let mut io = self.io.lock();
-        let state = io.entry(ino.0).or_default();
+        let state = io.entry(ino).or_insert_with(|| InodeIo {
+            blob: blob.clone(),
+            cached: 0,
+            passthrough: 0,
+            backing: None,
+        });
         // A passthrough open pins the file (none of it is shed while the kernel reads
         // it directly); a second handle joins the first one's pin.
         let want_passthrough = if state.passthrough > 0 {
-            blob.pin_passthrough();
+            state.blob.pin_passthrough();
             true
         } else if state.cached == 0 && self.passthrough.load(Ordering::Relaxed) && e.size > 0 {
-            // Never reads the file under this mount-wide lock (a check after a reboot
-            // runs in the background instead).
+            // Never reads the file under this lock (a check after a reboot runs in the
+            // background instead).
             let _guard = self.rt.enter();
-            blob.begin_passthrough()
+            state.blob = blob;
+            state.blob.begin_passthrough()
         } else {
             false
         };
-        if want_passthrough && state.backing.is_none() {
-            match reply.open_backing(blob.data_file()) {
+        if want_passthrough
+            && state.backing.is_none()
+            && let Some(conn) = self.conn.get()
+        {
+            match conn.open_backing(state.blob.data_file()) {
                 Ok(id) => state.backing = Some(id),
                 Err(err) => {
-                    blob.end_passthrough();
+                    state.blob.end_passthrough();
                     if self.passthrough.swap(false, Ordering::Relaxed) {
                         tracing::warn!(error = %err, "FUSE passthrough refused by the kernel; using ordinary reads from now on");
                     }
                 }
             }
         }
-        let passthrough = want_passthrough && state.backing.is_some();
-        // The handle must exist before the kernel learns its number.
-        self.handles.lock().insert(
-            fh,
-            OpenFile {
-                ino: ino.0,
-                blob,
-                passthrough,
-                next: 0,
-                window,
-            },
-        );
-        match &state.backing {
+        match state.backing {
             Some(id) if want_passthrough => {
                 state.passthrough += 1;
                 self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
                 // No FOPEN_KEEP_CACHE here: the kernel fails a passthrough open that
-                // asks for it with EIO (the backing file's own page cache serves).
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+                // asks for it (the backing file's own page cache serves).
+                Ok(OpenOut {
+                    fh: ino | FH_PASSTHROUGH,
+                    flags: fopen::PASSTHROUGH,
+                    backing_id: id,
+                })
             }
             _ => {
                 state.cached += 1;
-                reply.opened(FileHandle(fh), flags);
+                Ok(OpenOut {
+                    fh: ino,
+                    flags: fopen::KEEP_CACHE,
+                    backing_id: 0,
+                })
             }
         }
-        drop(io);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn read(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        reply: ReplyData,
-    ) {
+    fn read(&self, req: &Request, ino: u64, _fh: u64, offset: u64, size: u32, reply: ReplyData) {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        let cfg = self.ds.pool().config();
-        let (blob, ahead) = {
-            let mut h = self.handles.lock();
-            let Some(f) = h.get_mut(&fh.0) else {
-                return reply.error(Errno::EBADF);
-            };
-            let sequential = offset == f.next
-                || (offset > f.next.saturating_sub(cfg.block_size)
-                    && offset <= f.next + cfg.block_size);
-            f.window = if sequential {
-                (f.window * 2).min(cfg.max_readahead.max(cfg.block_size))
-            } else {
-                2 * cfg.block_size
-            };
-            f.next = offset + size as u64;
-            let ahead =
-                sequential.then(|| f.blob.blocks_for(offset..offset + size as u64 + f.window));
-            (f.blob.clone(), ahead)
+        let blob = match self.blob_of(ino) {
+            Ok(b) => b,
+            Err(e) => return reply.error(e),
         };
-        if let Some(ahead) = ahead {
+        if let Some((from, to)) = self.readahead(ino, req.pid, offset, size as u64) {
             let _guard = self.rt.enter();
-            blob.prefetch(ahead);
+            blob.prefetch(blob.blocks_for(from..to));
         }
         let blocks = blob.blocks_for(offset..offset + size as u64);
-        let ready = blob.is_ready(blocks);
         let stats = self.stats.clone();
-        if ready {
+        if blob.is_ready(blocks) {
             match blob.read_resident(offset, size as usize) {
                 Ok(buf) => {
                     stats
@@ -558,72 +484,74 @@ impl Filesystem for DatasetFs {
         });
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        // Take the handle out first: `open` locks `io` then `handles`, so holding
-        // `handles` while locking `io` here would deadlock against it.
-        let removed = self.handles.lock().remove(&fh.0);
-        if let Some(f) = removed {
-            let mut io = self.io.lock();
-            if let Some(state) = io.get_mut(&f.ino) {
-                if f.passthrough {
-                    f.blob.end_passthrough();
-                    state.passthrough -= 1;
-                } else {
-                    state.cached -= 1;
-                }
-                if state.passthrough == 0 && state.cached == 0 {
-                    io.remove(&f.ino);
-                }
+    fn release(&self, req: &Request, ino: u64, fh: u64, _flags: u32) {
+        self.streams.lock().remove(&(ino, req.pid));
+        let mut io = self.io.lock();
+        let Some(state) = io.get_mut(&ino) else {
+            return;
+        };
+        if fh & FH_PASSTHROUGH != 0 {
+            if state.passthrough > 0 {
+                state.passthrough -= 1;
+                state.blob.end_passthrough();
             }
+        } else {
+            state.cached = state.cached.saturating_sub(1);
         }
-        reply.ok()
+        if state.passthrough == 0
+            && state.cached == 0
+            && let Some(s) = io.remove(&ino)
+            && let (Some(id), Some(conn)) = (s.backing, self.conn.get())
+            && let Err(e) = conn.close_backing(id)
+        {
+            tracing::debug!(error = %e, "closing a passthrough backing id failed");
+        }
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, _req: &Request, _ino: u64) -> Result<StatfsOut, Errno> {
         let pool = self.ds.pool();
         let bsize = 4096u64;
         let cap = pool.config().capacity / bsize;
         let free = pool.config().capacity.saturating_sub(pool.used()) / bsize;
-        let files = self.ds.current().1.summary().objects;
-        reply.statfs(cap, free, free, files, 0, bsize as u32, 1024, bsize as u32)
+        Ok(StatfsOut {
+            blocks: cap,
+            bfree: free,
+            bavail: free,
+            files: self.ds.current().1.summary().objects,
+            ffree: 0,
+            bsize: bsize as u32,
+            namelen: 1024,
+            frsize: bsize as u32,
+        })
     }
 
-    fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        if mask.contains(fuser::AccessFlags::W_OK) {
-            return reply.error(Errno::EROFS);
+    fn access(&self, _req: &Request, _ino: u64, mask: u32) -> Result<(), Errno> {
+        if mask as i32 & libc::W_OK != 0 {
+            return Err(libc::EROFS);
         }
-        reply.ok()
+        Ok(())
     }
 }
 
-/// Mount options for a dataset.
-pub fn mount_config(allow_other: bool, n_threads: usize, source: &str) -> fuser::Config {
-    let mut c = fuser::Config::default();
-    c.mount_options = vec![
-        fuser::MountOption::RO,
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoSuid,
-        fuser::MountOption::FSName(source.to_owned()),
-        fuser::MountOption::Subtype("tidepool".into()),
-        fuser::MountOption::DefaultPermissions,
-    ];
-    c.acl = if allow_other {
-        fuser::SessionACL::All
-    } else {
-        fuser::SessionACL::Owner
-    };
-    c.n_threads = Some(n_threads.max(1));
-    c.clone_fd = true;
-    c
+/// Mount settings of a dataset.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    pub options: fuse::MountOptions,
+    pub threads: usize,
+}
+
+/// Mount options for a dataset (`source` is shown in the mount table).
+pub fn mount_config(allow_other: bool, n_threads: usize, source: &str) -> MountConfig {
+    MountConfig {
+        options: fuse::MountOptions {
+            fsname: source.to_owned(),
+            subtype: "tidepool".into(),
+            read_only: true,
+            allow_other,
+            default_permissions: true,
+        },
+        threads: n_threads.max(1),
+    }
 }
 
 /// A mounted dataset; unmounts on drop.
@@ -631,43 +559,37 @@ pub struct Mount {
     pub stats: Arc<MountStats>,
     pub mountpoint: std::path::PathBuf,
     unmounter: UnmountHandle,
-    notifier: SnapshotReleaser,
-    session: Option<fuser::BackgroundSession>,
+    session: Option<Session>,
 }
 
 impl Mount {
     /// Mounts `fs` at `mountpoint` and serves it on background threads.
-    pub fn spawn(
-        fs: DatasetFs,
-        mountpoint: &Path,
-        config: &fuser::Config,
-    ) -> std::io::Result<Mount> {
+    pub fn spawn(fs: DatasetFs, mountpoint: &Path, config: &MountConfig) -> std::io::Result<Mount> {
         let stats = fs.stats.clone();
-        let mut session = fuser::Session::new(fs, mountpoint, config)?;
-        let unmounter = session.unmount_callable();
-        let notifier = SnapshotReleaser(session.notifier());
-        let session = session.spawn()?;
+        let passthrough = fs.cfg.passthrough;
         let mountpoint = mountpoint.canonicalize()?;
+        let fd = fuse::mount(&mountpoint, &config.options)?;
+        let session = Session::start(
+            fuse::Device::new(fd),
+            Arc::new(fs),
+            SessionConfig::read_only(config.threads, passthrough),
+        )?;
+        if session.wait_initialized(Duration::from_secs(10)).is_none() {
+            tracing::warn!("the kernel has not initialised the FUSE connection after 10 s");
+        }
         if let Err(e) = set_kernel_readahead(&mountpoint, KERNEL_READAHEAD_KB) {
             tracing::debug!(error = %e, "cannot raise the mount's kernel readahead (needs root); reads arrive in 128 KiB requests");
         }
         let unmounter = UnmountHandle {
             mountpoint: mountpoint.clone(),
             detached: Arc::default(),
-            _fuser: Arc::new(Mutex::new(unmounter)),
         };
         Ok(Mount {
             stats,
             mountpoint,
             unmounter,
-            notifier,
             session: Some(session),
         })
-    }
-
-    /// What a refresh loop uses to let the kernel drop a replaced snapshot.
-    pub fn snapshot_releaser(&self) -> SnapshotReleaser {
-        self.notifier.clone()
     }
 
     /// Something that can unmount from another thread (signal handlers).
@@ -675,18 +597,31 @@ impl Mount {
         self.unmounter.clone()
     }
 
+    /// What a refresh loop uses to let the kernel drop a replaced snapshot.
+    pub fn snapshot_releaser(&self) -> SnapshotReleaser {
+        SnapshotReleaser(
+            self.session
+                .as_ref()
+                .expect("a live mount has a session")
+                .connection()
+                .clone(),
+        )
+    }
+
     /// Blocks until the file system is unmounted (by `umount` or [`Mount::unmount`]).
     pub fn join(mut self) -> std::io::Result<()> {
-        match self.session.take() {
-            Some(s) => s.join(),
-            None => Ok(()),
+        if let Some(s) = self.session.take() {
+            s.join();
         }
+        Ok(())
     }
 
     pub fn unmount(mut self) -> std::io::Result<()> {
         let r = self.unmounter.unmount();
-        if let Some(s) = self.session.take() {
-            s.join()?;
+        if r.is_ok()
+            && let Some(s) = self.session.take()
+        {
+            s.join();
         }
         r
     }
@@ -711,7 +646,7 @@ impl Drop for Mount {
                 }
             };
             if unmounted {
-                let _ = s.join();
+                s.join();
             }
         }
     }
@@ -727,29 +662,29 @@ impl Drop for Mount {
 /// (an open file, a working directory) stays until it lets go. New lookups see the
 /// current snapshot.
 #[derive(Clone)]
-pub struct SnapshotReleaser(fuser::Notifier);
+pub struct SnapshotReleaser(Connection);
 
 impl SnapshotReleaser {
-    /// Invalidates the root's entries of `old`; returns how many the kernel had.
+    /// Invalidates the root's entries of `old`; returns how many were sent.
     pub fn forget_snapshot(&self, old: &Snapshot) -> usize {
-        let mut dropped = 0;
+        let mut sent = 0;
         let mut from = 0;
         loop {
             let children = match old.children(snapshot::ROOT, from, 512) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading a replaced snapshot failed; the kernel keeps its entries until it evicts them");
-                    return dropped;
+                    return sent;
                 }
             };
             let Some((last, _)) = children.last() else {
-                return dropped;
+                return sent;
             };
             from = last + 1;
             for (_, e) in &children {
-                // ENOENT: the kernel does not hold this entry; nothing to drop.
-                if self.0.inval_entry(INodeNo(1), OsStr::new(&e.name)).is_ok() {
-                    dropped += 1;
+                match self.0.inval_entry(1, OsStr::new(&e.name)) {
+                    Ok(()) => sent += 1,
+                    Err(err) => tracing::debug!(error = %err, "invalidating an entry failed"),
                 }
             }
         }
@@ -757,16 +692,10 @@ impl SnapshotReleaser {
 }
 
 /// Unmounts a [`Mount`] from any thread; unmounting twice is a no-op.
-///
-/// fuser's own unmounter decides from a poll of its first device fd whether the mount
-/// is still there, which is unreliable with one cloned fd per worker thread; this
-/// unmounts the path itself (as root; `fusermount3 -u` otherwise), so the workers see
-/// the connection end and the session can be joined.
 #[derive(Clone)]
 pub struct UnmountHandle {
     mountpoint: std::path::PathBuf,
-    detached: Arc<std::sync::atomic::AtomicBool>,
-    _fuser: Arc<Mutex<fuser::SessionUnmounter>>,
+    detached: Arc<AtomicBool>,
 }
 
 impl UnmountHandle {
@@ -779,14 +708,13 @@ impl UnmountHandle {
     /// and the session ends when the last of them is closed.
     pub fn detach(&self) -> std::io::Result<()> {
         detach_path(&self.mountpoint)?;
-        self.detached
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.detached.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     /// Whether [`UnmountHandle::detach`] was used: the session may outlive the mount.
     pub fn was_detached(&self) -> bool {
-        self.detached.load(std::sync::atomic::Ordering::Relaxed)
+        self.detached.load(Ordering::Relaxed)
     }
 }
 
@@ -797,7 +725,7 @@ const KERNEL_READAHEAD_KB: u64 = 1024;
 /// Sets the readahead of the mount's backing device info. The kernel offers FUSE file
 /// systems 128 KiB at INIT and refuses more there; the sysfs knob (root only) is the
 /// way to raise it, and it applies to files opened afterwards.
-fn set_kernel_readahead(mountpoint: &Path, kb: u64) -> std::io::Result<()> {
+pub fn set_kernel_readahead(mountpoint: &Path, kb: u64) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(mountpoint)?.dev();
     let path = format!(

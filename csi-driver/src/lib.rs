@@ -8,7 +8,9 @@
 
 pub mod cache;
 pub mod cli;
+pub mod fdpass;
 pub mod fs;
+pub mod fuse;
 pub mod lake;
 pub mod mounts;
 #[cfg(feature = "testing")]

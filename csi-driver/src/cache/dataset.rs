@@ -30,8 +30,9 @@ use super::snapshot::{Entry, Snapshot};
 use super::{CacheError, CachePool, blob_key};
 use crate::lake::{Lake, LakeUrl};
 
-/// Snapshot sequence numbers are 24 bits of the inode (see fs.rs); they wrap.
-pub const SEQ_BITS: u32 = 24;
+/// Snapshot sequence numbers are 23 bits of the inode (see fs.rs; the top bit of a
+/// file handle marks passthrough); they wrap.
+pub const SEQ_BITS: u32 = 23;
 
 /// Replaced snapshots kept open for the kernel's references to them. A refresh asks
 /// the kernel to drop those references, so only files, directories or working

@@ -1,0 +1,606 @@
+//! Serving one FUSE connection: worker threads read requests from a /dev/fuse file,
+//! hand them to a [`FileSystem`], and write the replies.
+//!
+//! **Resuming a connection another process initialised.** The kernel sends INIT once
+//! per connection. A node agent that restarts gets the connection's /dev/fuse file back
+//! (the CSI plugin keeps a duplicate, so the connection never lost its last reader) and
+//! must serve it *without* an INIT: [`Session::resume`] starts from the parameters the
+//! first server negotiated (saved by its caller, [`ConnParams`]) and, first of all,
+//! sends `FUSE_NOTIFY_RESEND` (Linux 6.9+): requests the dead server had read but not
+//! answered go back to the kernel's queue and arrive again, so a read that was in
+//! flight waits across the restart instead of hanging forever. This works because every
+//! holder shares one open file description of /dev/fuse (duplicates, never
+//! `FUSE_DEV_IOC_CLONE`): its queue of requests being processed outlives any one
+//! process, whereas a cloned device's queue is aborted when its holder dies.
+//!
+//! Threads: several workers read the same file; the kernel gives each request to one of
+//! them. A file system answers most requests on the worker thread; READ may answer later
+//! from another thread through a [`ReplyData`] (which answers `EIO` if dropped unanswered,
+//! so the kernel never waits forever on a request we lost).
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, OnceLock};
+
+use super::abi::{self, AttrOut, DirBuf, EntryOut, InHeader, OpenOut, StatfsOut, init, op};
+
+/// A positive errno (`libc::ENOENT`, …).
+pub type Errno = i32;
+
+/// The /dev/fuse file of one connection.
+#[derive(Debug)]
+pub struct Device {
+    file: File,
+}
+
+impl Device {
+    pub fn new(fd: OwnedFd) -> Self {
+        Device {
+            file: File::from(fd),
+        }
+    }
+
+    /// A duplicate of the descriptor (the same open file description).
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.file.as_fd().try_clone_to_owned()
+    }
+
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: read(2) into a buffer we own, at most its length.
+        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Writes one whole message (a reply or a notification).
+    pub fn write(&self, msg: &[u8]) -> io::Result<()> {
+        // SAFETY: write(2) of a buffer we own; /dev/fuse takes a message in one write.
+        let n = unsafe { libc::write(self.file.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Registers `file` as a passthrough backing file; returns its id.
+    pub fn open_backing(&self, file: &File) -> io::Result<u32> {
+        // struct fuse_backing_map { int32 fd; uint32 flags; uint64 padding; }
+        let mut map = [0u8; 16];
+        map[0..4].copy_from_slice(&file.as_raw_fd().to_le_bytes());
+        // SAFETY: the ioctl reads 16 bytes from `map`, which lives across the call.
+        let id = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                abi::DEV_IOC_BACKING_OPEN,
+                map.as_ptr(),
+            )
+        };
+        if id < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(id as u32)
+    }
+
+    /// Unregisters a backing id (the kernel keeps the file while files use it).
+    pub fn close_backing(&self, id: u32) -> io::Result<()> {
+        // SAFETY: the ioctl reads one u32 from `id`, which lives across the call.
+        let r = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                abi::DEV_IOC_BACKING_CLOSE,
+                &id as *const u32,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// What a connection's INIT settled, kept by whoever may resume the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConnParams {
+    pub minor: u32,
+    /// Accepted INIT flags (`flags | flags2 << 32`).
+    pub flags: u64,
+    pub max_readahead: u32,
+    pub max_write: u32,
+}
+
+impl ConnParams {
+    pub fn passthrough(&self) -> bool {
+        self.flags & init::PASSTHROUGH != 0
+    }
+}
+
+/// How a session negotiates and runs.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub threads: usize,
+    /// Largest readahead we accept (the kernel offers its own maximum).
+    pub max_readahead: u32,
+    /// Largest WRITE payload (at least 4096); read buffers are sized from it.
+    pub max_write: u32,
+    /// INIT flags the file system wants; the kernel's offer limits them.
+    pub want: u64,
+}
+
+impl SessionConfig {
+    /// A read-only dataset: async reads, readdirplus, parallel lookups, 1 MiB requests,
+    /// and passthrough when `passthrough`.
+    pub fn read_only(threads: usize, passthrough: bool) -> Self {
+        SessionConfig {
+            threads,
+            max_readahead: 1 << 20,
+            max_write: 128 * 1024,
+            want: init::ASYNC_READ
+                | init::DO_READDIRPLUS
+                | init::READDIRPLUS_AUTO
+                | init::PARALLEL_DIROPS
+                | init::MAX_PAGES
+                | init::INIT_EXT
+                | if passthrough { init::PASSTHROUGH } else { 0 },
+        }
+    }
+}
+
+/// The caller of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Request {
+    pub unique: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// What a file system may do on its connection.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    device: Arc<Device>,
+    params: Arc<OnceLock<ConnParams>>,
+}
+
+impl Connection {
+    /// Whether INIT settled on FUSE passthrough.
+    pub fn passthrough(&self) -> bool {
+        self.params.get().is_some_and(ConnParams::passthrough)
+    }
+
+    pub fn params(&self) -> Option<ConnParams> {
+        self.params.get().copied()
+    }
+
+    pub fn open_backing(&self, file: &File) -> io::Result<u32> {
+        self.device.open_backing(file)
+    }
+
+    pub fn close_backing(&self, id: u32) -> io::Result<()> {
+        self.device.close_backing(id)
+    }
+
+    /// Asks the kernel to drop its dentry `name` under `parent` (and, with it, every
+    /// unused dentry and inode below). `ENOENT` (not cached) is success.
+    pub fn inval_entry(&self, parent: u64, name: &OsStr) -> io::Result<()> {
+        match self.device.write(&abi::notify_inval_entry(parent, name)) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            r => r,
+        }
+    }
+}
+
+/// The answer to a READ, possibly given later from another thread.
+pub struct ReplyData {
+    unique: u64,
+    device: Arc<Device>,
+    done: bool,
+}
+
+impl ReplyData {
+    pub fn data(mut self, data: &[u8]) {
+        self.done = true;
+        send(&self.device, abi::message(self.unique, 0, data));
+    }
+
+    pub fn error(mut self, errno: Errno) {
+        self.done = true;
+        send(&self.device, abi::message(self.unique, -errno, &[]));
+    }
+}
+
+impl Drop for ReplyData {
+    fn drop(&mut self) {
+        if !self.done {
+            send(&self.device, abi::message(self.unique, -libc::EIO, &[]));
+        }
+    }
+}
+
+fn send(device: &Device, msg: Vec<u8>) {
+    if let Err(e) = device.write(&msg) {
+        // ENOENT: the request was interrupted meanwhile; nobody waits for the answer.
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            tracing::debug!(error = %e, "writing a FUSE reply failed");
+        }
+    }
+}
+
+/// A file system served over FUSE. Inode numbers are the kernel's node ids (1 is the
+/// root). Methods run on worker threads and must not block for long; READ may reply
+/// later. Write operations default to `EROFS`, anything else to `ENOSYS`.
+#[allow(unused_variables)]
+pub trait FileSystem: Send + Sync + 'static {
+    /// Called once the connection's parameters are known (after INIT, or at resume).
+    fn connected(&self, conn: &Connection) {}
+    fn lookup(&self, req: &Request, parent: u64, name: &OsStr) -> Result<EntryOut, Errno>;
+    fn forget(&self, ino: u64, nlookup: u64) {}
+    fn getattr(&self, req: &Request, ino: u64, fh: Option<u64>) -> Result<AttrOut, Errno>;
+    fn open(&self, req: &Request, ino: u64, flags: u32) -> Result<OpenOut, Errno>;
+    fn read(&self, req: &Request, ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData);
+    fn release(&self, req: &Request, ino: u64, fh: u64, flags: u32) {}
+    fn opendir(&self, req: &Request, ino: u64, flags: u32) -> Result<OpenOut, Errno>;
+    /// Fills `out` from `offset` (0, or the cookie of the next entry).
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        out: &mut DirBuf,
+    ) -> Result<(), Errno>;
+    fn releasedir(&self, req: &Request, ino: u64, fh: u64) {}
+    fn statfs(&self, req: &Request, ino: u64) -> Result<StatfsOut, Errno>;
+    fn access(&self, req: &Request, ino: u64, mask: u32) -> Result<(), Errno> {
+        Ok(())
+    }
+    /// SETATTR, MKDIR, UNLINK, WRITE, CREATE, RENAME, …: read-only unless overridden.
+    fn write_op(
+        &self,
+        req: &Request,
+        opcode: u32,
+        ino: u64,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, Errno> {
+        Err(libc::EROFS)
+    }
+}
+
+/// A running session; ends when the connection does (unmount, or abort).
+pub struct Session {
+    workers: Vec<std::thread::JoinHandle<()>>,
+    conn: Connection,
+}
+
+impl Session {
+    /// Serves a new connection: the first request is INIT.
+    pub fn start(
+        device: Device,
+        fs: Arc<dyn FileSystem>,
+        config: SessionConfig,
+    ) -> io::Result<Session> {
+        Self::spawn(Arc::new(device), fs, config, None)
+    }
+
+    /// Serves a connection that another process initialised with `params` (see the
+    /// module docs): no INIT comes; requests the previous server left unanswered are
+    /// asked for again first.
+    pub fn resume(
+        device: Device,
+        fs: Arc<dyn FileSystem>,
+        config: SessionConfig,
+        params: ConnParams,
+    ) -> io::Result<Session> {
+        Self::spawn(Arc::new(device), fs, config, Some(params))
+    }
+
+    fn spawn(
+        device: Arc<Device>,
+        fs: Arc<dyn FileSystem>,
+        config: SessionConfig,
+        resume: Option<ConnParams>,
+    ) -> io::Result<Session> {
+        let params = Arc::new(OnceLock::new());
+        let conn = Connection {
+            device: device.clone(),
+            params: params.clone(),
+        };
+        if let Some(p) = resume {
+            let _ = params.set(p);
+            fs.connected(&conn);
+            // Requests the previous server read and never answered come again.
+            if let Err(e) = device.write(&abi::message(0, abi::notify::RESEND, &[])) {
+                tracing::warn!(error = %e, "the kernel cannot resend requests a previous server left unanswered (needs Linux 6.9); those stay unanswered");
+            }
+        }
+        let buf_len = (config.max_write as usize + 64 * 1024).max(abi::MIN_READ_BUFFER);
+        let mut workers = Vec::new();
+        for i in 0..config.threads.max(1) {
+            let worker = Worker {
+                device: device.clone(),
+                fs: fs.clone(),
+                config: config.clone(),
+                conn: conn.clone(),
+            };
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("fuse-{i}"))
+                    .spawn(move || worker.run(buf_len))?,
+            );
+        }
+        Ok(Session { workers, conn })
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The parameters INIT settled; `None` until the kernel has sent INIT.
+    pub fn params(&self) -> Option<ConnParams> {
+        self.conn.params()
+    }
+
+    /// Waits until INIT has been answered (or `timeout` passes).
+    pub fn wait_initialized(&self, timeout: std::time::Duration) -> Option<ConnParams> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(p) = self.params() {
+                return Some(p);
+            }
+            if std::time::Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// Waits for the connection to end.
+    pub fn join(self) {
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+
+    /// Whether every worker has stopped (the connection ended).
+    pub fn is_finished(&self) -> bool {
+        self.workers.iter().all(|w| w.is_finished())
+    }
+}
+
+struct Worker {
+    device: Arc<Device>,
+    fs: Arc<dyn FileSystem>,
+    config: SessionConfig,
+    conn: Connection,
+}
+
+impl Worker {
+    fn run(self, buf_len: usize) {
+        let mut buf = vec![0u8; buf_len];
+        loop {
+            let n = match self.device.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) => match e.raw_os_error() {
+                    // Interrupted, or a request that was aborted before we got it.
+                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ENOENT) => continue,
+                    // Unmounted or aborted: the connection is over.
+                    Some(libc::ENODEV) => return,
+                    _ => {
+                        tracing::error!(error = %e, "reading /dev/fuse failed; stopping this worker");
+                        return;
+                    }
+                },
+            };
+            match InHeader::parse(&buf[..n]) {
+                Ok((h, payload)) => self.dispatch(h, payload),
+                Err(e) => tracing::error!(what = e.0, "malformed FUSE request ignored"),
+            }
+        }
+    }
+
+    fn reply(&self, unique: u64, r: Result<Vec<u8>, Errno>) {
+        match r {
+            Ok(payload) => send(&self.device, abi::message(unique, 0, &payload)),
+            Err(errno) => send(&self.device, abi::message(unique, -errno, &[])),
+        }
+    }
+
+    fn dispatch(&self, h: InHeader, payload: &[u8]) {
+        let req = Request {
+            unique: h.unique,
+            uid: h.uid,
+            gid: h.gid,
+            pid: h.pid,
+        };
+        let fs = &*self.fs;
+        let bad = |e: abi::Malformed| {
+            tracing::warn!(opcode = h.opcode, what = e.0, "malformed FUSE request");
+            libc::EINVAL
+        };
+        let encode = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut v = Vec::with_capacity(128);
+            f(&mut v);
+            v
+        };
+        match h.opcode {
+            op::INIT => self.init(h.unique, payload),
+            op::DESTROY => self.reply(h.unique, Ok(Vec::new())),
+            op::FORGET => {
+                if let Ok(n) = abi::parse_forget(payload) {
+                    fs.forget(h.nodeid, n);
+                }
+            }
+            op::BATCH_FORGET => {
+                if let Ok(list) = abi::parse_batch_forget(payload) {
+                    for (ino, n) in list {
+                        fs.forget(ino, n);
+                    }
+                }
+            }
+            // We answer every request as soon as we can; an interrupt changes nothing.
+            op::INTERRUPT => {}
+            op::LOOKUP => {
+                let r = abi::Cursor(payload)
+                    .name("lookup")
+                    .map_err(bad)
+                    .and_then(|name| fs.lookup(&req, h.nodeid, name))
+                    .map(|e| encode(&|v| e.encode(v)));
+                self.reply(h.unique, r);
+            }
+            op::GETATTR => {
+                let r = abi::parse_getattr(payload)
+                    .map_err(bad)
+                    .and_then(|fh| fs.getattr(&req, h.nodeid, fh))
+                    .map(|a| encode(&|v| a.encode(v)));
+                self.reply(h.unique, r);
+            }
+            op::OPEN => {
+                let r = abi::parse_open(payload)
+                    .map_err(bad)
+                    .and_then(|flags| fs.open(&req, h.nodeid, flags))
+                    .map(|o| encode(&|v| o.encode(v)));
+                self.reply(h.unique, r);
+            }
+            op::OPENDIR => {
+                let r = abi::parse_open(payload)
+                    .map_err(bad)
+                    .and_then(|flags| fs.opendir(&req, h.nodeid, flags))
+                    .map(|o| encode(&|v| o.encode(v)));
+                self.reply(h.unique, r);
+            }
+            op::READ => match abi::ReadIn::parse(payload) {
+                Ok(r) => fs.read(
+                    &req,
+                    h.nodeid,
+                    r.fh,
+                    r.offset,
+                    r.size,
+                    ReplyData {
+                        unique: h.unique,
+                        device: self.device.clone(),
+                        done: false,
+                    },
+                ),
+                Err(e) => self.reply(h.unique, Err(bad(e))),
+            },
+            op::READDIR | op::READDIRPLUS => {
+                let r = abi::ReadIn::parse(payload).map_err(bad).and_then(|r| {
+                    let mut out = DirBuf::new(r.size as usize, h.opcode == op::READDIRPLUS);
+                    fs.readdir(&req, h.nodeid, r.fh, r.offset, &mut out)?;
+                    Ok(out.into_bytes())
+                });
+                self.reply(h.unique, r);
+            }
+            op::RELEASE => {
+                if let Ok(r) = abi::ReleaseIn::parse(payload) {
+                    fs.release(&req, h.nodeid, r.fh, r.flags);
+                }
+                self.reply(h.unique, Ok(Vec::new()));
+            }
+            op::RELEASEDIR => {
+                if let Ok(r) = abi::ReleaseIn::parse(payload) {
+                    fs.releasedir(&req, h.nodeid, r.fh);
+                }
+                self.reply(h.unique, Ok(Vec::new()));
+            }
+            // Nothing is buffered on our side: a flush has nothing to do.
+            op::FLUSH => self.reply(h.unique, Ok(Vec::new())),
+            op::STATFS => {
+                let r = fs.statfs(&req, h.nodeid).map(|s| encode(&|v| s.encode(v)));
+                self.reply(h.unique, r);
+            }
+            op::ACCESS => {
+                let r = abi::parse_access(payload)
+                    .map_err(bad)
+                    .and_then(|mask| fs.access(&req, h.nodeid, mask))
+                    .map(|()| Vec::new());
+                self.reply(h.unique, r);
+            }
+            op::SETATTR
+            | op::SYMLINK
+            | op::MKNOD
+            | op::MKDIR
+            | op::UNLINK
+            | op::RMDIR
+            | op::RENAME
+            | op::RENAME2
+            | op::LINK
+            | op::WRITE
+            | op::CREATE
+            | op::SETXATTR
+            | op::REMOVEXATTR
+            | op::FALLOCATE
+            | op::COPY_FILE_RANGE
+            | op::TMPFILE
+            | op::FSYNC
+            | op::FSYNCDIR
+            | op::SYNCFS => {
+                let r = fs.write_op(&req, h.opcode, h.nodeid, payload);
+                self.reply(h.unique, r);
+            }
+            // xattrs, locks, ioctl, poll, lseek, readlink, bmap: not supported. ENOSYS
+            // makes the kernel stop asking for most of them.
+            _ => self.reply(h.unique, Err(libc::ENOSYS)),
+        }
+    }
+
+    fn init(&self, unique: u64, payload: &[u8]) {
+        let offer = match abi::InitIn::parse(payload) {
+            Ok(o) => o,
+            Err(_) => return self.reply(unique, Err(libc::EINVAL)),
+        };
+        if offer.major > abi::KERNEL_MAJOR {
+            // The kernel sends INIT again with our major version.
+            let out = abi::InitOut {
+                major: abi::KERNEL_MAJOR,
+                minor: abi::KERNEL_MINOR,
+                ..Default::default()
+            };
+            let mut v = Vec::new();
+            out.encode(&mut v);
+            return self.reply(unique, Ok(v));
+        }
+        if offer.major < abi::KERNEL_MAJOR || offer.minor < abi::MIN_MINOR {
+            tracing::error!(
+                major = offer.major,
+                minor = offer.minor,
+                "the kernel's FUSE protocol is too old (need 7.{} or later, Linux 5.7+)",
+                abi::MIN_MINOR
+            );
+            return self.reply(unique, Err(libc::EPROTO));
+        }
+        let flags = offer.flags & self.config.want;
+        if self.config.want & init::PASSTHROUGH != 0 && flags & init::PASSTHROUGH == 0 {
+            tracing::info!(
+                "kernel does not offer FUSE passthrough (needs Linux >= 6.9); warm reads go through Tidepool"
+            );
+        }
+        let params = ConnParams {
+            minor: offer.minor.min(abi::KERNEL_MINOR),
+            flags,
+            max_readahead: offer.max_readahead.min(self.config.max_readahead),
+            max_write: self.config.max_write.max(4096),
+        };
+        let out = abi::InitOut {
+            major: abi::KERNEL_MAJOR,
+            minor: abi::KERNEL_MINOR,
+            max_readahead: params.max_readahead,
+            flags,
+            max_background: 64,
+            congestion_threshold: 48,
+            max_write: params.max_write,
+            time_gran: 1,
+            // 1 MiB requests (256 pages of 4 KiB).
+            max_pages: 256,
+            max_stack_depth: if flags & init::PASSTHROUGH != 0 { 1 } else { 0 },
+        };
+        let _ = self.conn.params.set(params);
+        self.fs.connected(&self.conn);
+        let mut v = Vec::new();
+        out.encode(&mut v);
+        self.reply(unique, Ok(v));
+    }
+}
