@@ -13,7 +13,11 @@ pub mod pool;
 pub mod status;
 pub mod volume;
 
-use tidepool_api::{CheckpointSync, DatasetCache, LakeLocation};
+use kube::ResourceExt;
+use tidepool_api::{
+    CheckpointSync, DatasetCache, LakeLocation,
+    volume::{VolumeAttributes, VolumeKind},
+};
 
 /// What the planners need to know about a `DatasetCache` or `CheckpointSync`.
 pub trait Workload: kube::Resource<DynamicType = ()> {
@@ -25,6 +29,8 @@ pub trait Workload: kube::Resource<DynamicType = ()> {
     fn location(&self) -> &LakeLocation;
     /// The PVC name pods mount.
     fn claim(&self) -> String;
+    /// What the PV tells the node about the volume (see `tidepool_api::volume`).
+    fn volume_attributes(&self) -> VolumeAttributes;
 }
 
 impl Workload for DatasetCache {
@@ -36,6 +42,18 @@ impl Workload for DatasetCache {
     fn claim(&self) -> String {
         self.claim_name()
     }
+    fn volume_attributes(&self) -> VolumeAttributes {
+        VolumeAttributes {
+            kind: VolumeKind::DatasetCache,
+            namespace: self.namespace().unwrap_or_default(),
+            name: self.name_any(),
+            uid: self.uid().unwrap_or_default(),
+            url: self.spec.source.url.clone(),
+            prefetch: self.spec.prefetch.clone(),
+            refresh: self.spec.refresh.clone(),
+            pinned: self.spec.pinned,
+        }
+    }
 }
 
 impl Workload for CheckpointSync {
@@ -46,5 +64,17 @@ impl Workload for CheckpointSync {
     }
     fn claim(&self) -> String {
         self.claim_name()
+    }
+    fn volume_attributes(&self) -> VolumeAttributes {
+        VolumeAttributes {
+            kind: VolumeKind::CheckpointSync,
+            namespace: self.namespace().unwrap_or_default(),
+            name: self.name_any(),
+            uid: self.uid().unwrap_or_default(),
+            url: self.spec.destination.url.clone(),
+            prefetch: Default::default(),
+            refresh: Default::default(),
+            pinned: false,
+        }
     }
 }

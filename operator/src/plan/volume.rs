@@ -25,10 +25,7 @@ use k8s_openapi::{
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
 };
 use kube::ResourceExt;
-use tidepool_api::volume::{
-    ATTR_KIND, ATTR_NAME, ATTR_NAMESPACE, ATTR_UID, CSI_DRIVER, LABEL_KIND, LABEL_NAME,
-    LABEL_NAMESPACE,
-};
+use tidepool_api::volume::{CSI_DRIVER, LABEL_KIND, LABEL_NAME, LABEL_NAMESPACE};
 
 use super::Workload;
 
@@ -93,12 +90,7 @@ pub fn desired_pv<W: Workload>(obj: &W) -> PersistentVolume {
                 volume_handle: name,
                 read_only: Some(read_only),
                 node_stage_secret_ref,
-                volume_attributes: Some(BTreeMap::from([
-                    (ATTR_KIND.to_owned(), W::KIND.to_owned()),
-                    (ATTR_NAMESPACE.to_owned(), namespace),
-                    (ATTR_NAME.to_owned(), obj.name_any()),
-                    (ATTR_UID.to_owned(), uid),
-                ])),
+                volume_attributes: Some(obj.volume_attributes().to_map()),
                 ..Default::default()
             }),
             persistent_volume_reclaim_policy: Some("Retain".to_owned()),
@@ -197,9 +189,20 @@ mod tests {
         assert_eq!(csi.read_only, Some(true));
         assert_eq!(spec.access_modes, Some(vec!["ReadOnlyMany".to_owned()]));
         let attrs = csi.volume_attributes.unwrap();
-        assert_eq!(attrs[ATTR_KIND], "DatasetCache");
-        assert_eq!(attrs[ATTR_NAMESPACE], "ml");
-        assert_eq!(attrs[ATTR_NAME], "imagenet");
+        // What the node parses back: the object, the lake location, the policies;
+        // never a credential.
+        let parsed = tidepool_api::volume::VolumeAttributes::parse(&attrs).unwrap();
+        assert_eq!(parsed.kind, tidepool_api::volume::VolumeKind::DatasetCache);
+        assert_eq!(
+            (
+                parsed.namespace.as_str(),
+                parsed.name.as_str(),
+                parsed.uid.as_str()
+            ),
+            ("ml", "imagenet", "u1")
+        );
+        assert_eq!(parsed.url, d.spec.source.url);
+        assert!(!attrs.values().any(|v| v.contains("lake-sas")), "{attrs:?}");
         let secret = csi
             .node_stage_secret_ref
             .expect("secret credentials reach NodeStageVolume");
