@@ -722,6 +722,26 @@ impl CachePool {
         Ok(b)
     }
 
+    /// Bytes resident in the pool of each of `keys`, as the index knows them (with the
+    /// updates not committed yet). One index read for the lot.
+    pub fn resident_bytes(&self, keys: &[String]) -> Result<Vec<u64>, CacheError> {
+        let s = &self.shared;
+        let tx = s.index.begin_read().map_err(|e| s.index_err(e))?;
+        let files = tx.open_table(FILES).map_err(|e| s.index_err(e))?;
+        let pending = s.pending.lock();
+        keys.iter()
+            .map(|k| {
+                let indexed = files
+                    .get(k.as_str())
+                    .map_err(|e| s.index_err(e))?
+                    .map(|v| v.value().0)
+                    .unwrap_or(0);
+                let delta = pending.get(k).map(|p| p.bytes).unwrap_or(0);
+                Ok((indexed as i64 + delta).max(0) as u64)
+            })
+            .collect()
+    }
+
     /// Commits batched index updates and syncs them (clean shutdown).
     pub fn flush(&self) -> Result<(), CacheError> {
         self.shared.flush()

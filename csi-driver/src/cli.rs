@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub mod agent;
+
 use crate::cache::dataset::{Dataset, PrewarmProgress, include_set};
 use crate::cache::{CacheConfig, CachePool};
 use crate::fs::{DatasetFs, FsConfig, Mount, MountStats, mount_config};
@@ -46,6 +48,9 @@ pub enum Command {
     Mount(MountArgs),
     /// Fill the cache with a lake prefix (or the files matching --include) ahead of a job.
     Prewarm(PrewarmArgs),
+    /// The node agent (one per Kubernetes node): owns the node's cache pool, serves the
+    /// volumes the CSI plugin stages, prewarms and reports the node's CachePool.
+    Agent(agent::AgentArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -243,7 +248,7 @@ fn cache_config(args: &CacheArgs) -> CacheConfig {
     c
 }
 
-fn say(line: std::fmt::Arguments<'_>) {
+pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");

@@ -665,6 +665,11 @@ impl Drop for Mount {
 pub struct SnapshotReleaser(Connection);
 
 impl SnapshotReleaser {
+    /// The releaser of a session's connection.
+    pub fn new(conn: Connection) -> Self {
+        SnapshotReleaser(conn)
+    }
+
     /// Invalidates the root's entries of `old`; returns how many were sent.
     pub fn forget_snapshot(&self, old: &Snapshot) -> usize {
         let mut sent = 0;

@@ -6,6 +6,7 @@
 
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod agent;
 pub mod cache;
 pub mod cli;
 pub mod fdpass;

@@ -22,6 +22,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Mount(a) => tidepool_csi::cli::mount(a, &env).await,
             Command::Prewarm(a) => tidepool_csi::cli::prewarm(a, &env).await,
+            Command::Agent(a) => tidepool_csi::cli::agent::run(a).await,
         }
     });
     // A FUSE session still serving a detached mount (stopped twice while files were

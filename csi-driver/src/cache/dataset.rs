@@ -41,6 +41,9 @@ pub const SEQ_BITS: u32 = 23;
 /// snapshot). Bounds the open snapshot files of a mount refreshed for weeks.
 pub const MAX_REPLACED: usize = 16;
 
+/// The refresh counter's start, above the ages given to snapshots found at open.
+const FIRST_REFRESH: u64 = 1 << 32;
+
 #[derive(Debug)]
 pub struct Dataset {
     pub url: LakeUrl,
@@ -174,11 +177,44 @@ impl Dataset {
                 (seq, s)
             }
         };
-        // Snapshots of earlier runs serve no inode now: remove them.
-        if let Ok(rd) = std::fs::read_dir(&snaps) {
-            for e in rd.flatten() {
-                if e.file_name() != *format!("{seq}.redb") {
-                    let _ = std::fs::remove_file(e.path());
+        // Other snapshots of earlier runs: a fresh start serves no inode of them, so
+        // they go. Reusing (a restarted agent taking over live mounts), the kernel may
+        // still hold inodes of replaced snapshots, with reference counts we no longer
+        // know: the most recent ones are kept, as replaced snapshots, up to the bound.
+        let mut older = HashMap::new();
+        let others: Vec<(u32, PathBuf)> = std::fs::read_dir(&snaps)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let n: u32 = e
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".redb")?
+                    .parse()
+                    .ok()?;
+                (n != seq).then(|| (n, e.path()))
+            })
+            .collect();
+        let mut kept: Vec<(u32, PathBuf)> = Vec::new();
+        for (n, path) in others {
+            if reuse {
+                kept.push((n, path));
+            } else {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        // Newest first: fewest refreshes before the current one.
+        let age = |n: u32| (seq + (1 << SEQ_BITS) - n) % (1 << SEQ_BITS);
+        kept.sort_by_key(|(n, _)| age(*n));
+        for (i, (n, path)) in kept.into_iter().enumerate() {
+            match (i < MAX_REPLACED).then(|| Snapshot::open(&path)) {
+                Some(Ok(s)) => {
+                    // Replaced before any refresh of this run: the lowest ages.
+                    older.insert(n, (Arc::new(s), FIRST_REFRESH - 1 - age(n) as u64));
+                }
+                _ => {
+                    let _ = std::fs::remove_file(path);
                 }
             }
         }
@@ -190,8 +226,8 @@ impl Dataset {
             pool,
             dir,
             current: RwLock::new((seq, Arc::new(snap))),
-            older: RwLock::new(HashMap::new()),
-            refreshes: AtomicU64::new(0),
+            older: RwLock::new(older),
+            refreshes: AtomicU64::new(FIRST_REFRESH),
             refs: Mutex::new(HashMap::new()),
             walks: Mutex::new(Vec::new()),
         })
@@ -365,6 +401,30 @@ impl Dataset {
                 }
             }
         });
+    }
+
+    /// Bytes of the current snapshot's files resident in the pool (streamed a chunk of
+    /// the listing at a time; one index read per chunk).
+    pub fn cached_bytes(&self) -> Result<u64, CacheError> {
+        let (_, snap) = self.current();
+        let mut total = 0;
+        let mut after = 0;
+        loop {
+            let chunk = snap.files_from(after, 4096)?;
+            let Some(last) = chunk.last() else { break };
+            after = last.ino;
+            let keys: Vec<String> = chunk
+                .iter()
+                .map(|e| blob_key(&self.lake_id, &e.blob, &e.etag.0))
+                .collect();
+            let bytes = self.pool.resident_bytes(&keys)?;
+            total += chunk
+                .iter()
+                .zip(bytes)
+                .map(|(e, b)| b.min(e.size))
+                .sum::<u64>();
+        }
+        Ok(total)
     }
 
     /// The cached copy of a file of this dataset.

@@ -1,0 +1,477 @@
+//! The node agent (`tidepool agent`): owns the node's cache pool and serves every
+//! Tidepool volume of the node from it (one copy of each blob, one page cache).
+//!
+//! - **Volumes** come from the CSI plugin over the agent socket ([`protocol`]): the
+//!   plugin mounts FUSE at the staging path and hands over the /dev/fuse descriptor;
+//!   the agent serves it with a [`DatasetFs`]. The plugin keeps a duplicate of every
+//!   descriptor, so a connection outlives an agent restart; the restarted agent gets
+//!   the descriptors again and resumes each session from the parameters it saved at
+//!   INIT (`v1/volumes/<id>.json`; see `fuse/session.rs` for how a live connection is
+//!   taken over). File handles and inode numbers derive from persistent state, so the
+//!   kernel's open files stay valid across the restart.
+//! - **Assignments** come from the node's `CachePool` (when the agent talks to the API
+//!   server, `kube.rs`): each dataset assigned is snapshotted, prewarmed per policy,
+//!   refreshed per policy, and reported in the pool's status.
+//! - **Failures stay local**: a missing Secret, a bad URL, an unreachable lake or a full
+//!   disk fails that volume's call (with the matching code) or that assignment's
+//!   status (in words); every other volume keeps being served.
+
+pub mod datasets;
+pub mod kube;
+pub mod protocol;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tidepool_api::volume::{VolumeAttributes, VolumeKind};
+
+use crate::cache::{CacheError, CachePool};
+use crate::fs::{DatasetFs, FsConfig, MountStats, SnapshotReleaser};
+use crate::fuse::{ConnParams, Device, Session, SessionConfig};
+use crate::lake::{Credentials, LakeError, LakeUrl, Secret};
+use datasets::{LakeSettings, Registry};
+use protocol::{ErrorCode, Request, Response, StageSecrets, VolumeStats};
+
+/// Settings of a node agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    /// Where the CSI plugin connects (`<cache-dir>/agent.sock` by default).
+    pub socket: PathBuf,
+    pub lake: LakeSettings,
+    /// FUSE worker threads per volume.
+    pub fuse_threads: usize,
+    pub passthrough: bool,
+}
+
+/// Why a volume or an assignment cannot be served; each maps to one CSI code.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Credentials(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Lake(LakeError),
+    #[error("the cache disk is full: {0}")]
+    DiskFull(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    pub fn from_cache(e: CacheError) -> Self {
+        match e {
+            CacheError::Lake(l) => AgentError::Lake(l),
+            CacheError::Snapshot(crate::cache::snapshot::SnapshotError::Lake(l)) => {
+                AgentError::Lake(l)
+            }
+            CacheError::Io { ref cause, .. } if cause.raw_os_error() == Some(libc::ENOSPC) => {
+                AgentError::DiskFull(e.to_string())
+            }
+            other => AgentError::Internal(other.to_string()),
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            AgentError::BadRequest(_) => ErrorCode::InvalidArgument,
+            AgentError::Credentials(_) | AgentError::Unsupported(_) => {
+                ErrorCode::FailedPrecondition
+            }
+            AgentError::NotFound(_) => ErrorCode::NotFound,
+            AgentError::DiskFull(_) => ErrorCode::ResourceExhausted,
+            AgentError::Internal(_) => ErrorCode::Internal,
+            AgentError::Lake(l) => match l.root() {
+                LakeError::Denied { .. } => ErrorCode::PermissionDenied,
+                LakeError::NotFound { .. } => ErrorCode::NotFound,
+                LakeError::Throttled { .. }
+                | LakeError::Timeout { .. }
+                | LakeError::Connection { .. }
+                | LakeError::Truncated { .. } => ErrorCode::Unavailable,
+                _ => ErrorCode::Internal,
+            },
+        }
+    }
+}
+
+/// Credentials from a Secret's data (`sasToken` or `accountKey`).
+pub fn credentials_from_secret(data: &StageSecrets) -> Result<Credentials, AgentError> {
+    if let Some(sas) = data.0.get("sasToken").filter(|s| !s.trim().is_empty()) {
+        return Ok(Credentials::Sas(Secret::new(
+            sas.trim().trim_start_matches('?').to_owned(),
+        )));
+    }
+    if let Some(key) = data.0.get("accountKey").filter(|s| !s.trim().is_empty()) {
+        return Ok(Credentials::AccountKey(Secret::new(key.trim().to_owned())));
+    }
+    let mut keys: Vec<&String> = data.0.keys().collect();
+    keys.sort();
+    Err(AgentError::Credentials(format!(
+        "the Secret has neither key sasToken nor key accountKey (it has: {keys:?}); add one of them"
+    )))
+}
+
+/// What a restarted agent needs to take a volume's connection over.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct SavedVolume {
+    volume_id: String,
+    staging_path: PathBuf,
+    attributes: VolumeAttributes,
+    params: ConnParams,
+}
+
+/// A volume being served.
+struct Volume {
+    attributes: VolumeAttributes,
+    served: Arc<datasets::Served>,
+    session: Session,
+    /// Our duplicate of the connection's descriptor (handed back to a restarted plugin).
+    fd: OwnedFd,
+    stats: Arc<MountStats>,
+}
+
+/// The running agent.
+pub struct Agent {
+    pub config: AgentConfig,
+    pub pool: CachePool,
+    pub registry: Registry,
+    rt: tokio::runtime::Handle,
+    volumes: Mutex<HashMap<String, Volume>>,
+    state_dir: PathBuf,
+    /// Resolves the credentials of a volume without stage secrets (from its pool
+    /// assignment); set when the agent talks to the API server.
+    pub assignment_credentials:
+        Mutex<Option<Arc<dyn Fn(&VolumeAttributes) -> Option<Credentials> + Send + Sync>>>,
+}
+
+fn state_file(dir: &Path, volume_id: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(volume_id.as_bytes());
+    let name: String = h[..12].iter().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("{name}.json"))
+}
+
+impl Agent {
+    pub fn new(
+        config: AgentConfig,
+        pool: CachePool,
+        rt: tokio::runtime::Handle,
+    ) -> io::Result<Arc<Agent>> {
+        let state_dir = pool.root().join("volumes");
+        std::fs::create_dir_all(&state_dir)?;
+        Ok(Arc::new(Agent {
+            config,
+            pool,
+            registry: Registry::default(),
+            rt,
+            volumes: Mutex::new(HashMap::new()),
+            state_dir,
+            assignment_credentials: Mutex::new(None),
+        }))
+    }
+
+    /// Volumes served now.
+    pub fn served(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.volumes.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn credentials_for(
+        &self,
+        attrs: &VolumeAttributes,
+        secrets: &StageSecrets,
+    ) -> Result<Credentials, AgentError> {
+        if !secrets.0.is_empty() {
+            return credentials_from_secret(secrets);
+        }
+        let resolver = self.assignment_credentials.lock().clone();
+        Ok(resolver
+            .and_then(|r| r(attrs))
+            .unwrap_or(Credentials::Anonymous))
+    }
+
+    /// Serves the connection `fd` as volume `volume_id` (see [`Request::Serve`]).
+    pub fn serve(
+        self: &Arc<Self>,
+        volume_id: &str,
+        staging_path: &Path,
+        attributes: VolumeAttributes,
+        secrets: &StageSecrets,
+        fresh: bool,
+        fd: OwnedFd,
+    ) -> Result<(), AgentError> {
+        if attributes.kind == VolumeKind::CheckpointSync {
+            return Err(AgentError::Unsupported(
+                "checkpoint volumes (CheckpointSync) are not served by this version of Tidepool: read-write checkpoint volumes come with checkpoint support; only DatasetCache volumes can be mounted".into(),
+            ));
+        }
+        if let Some(v) = self.volumes.lock().get(volume_id)
+            && !v.session.is_finished()
+        {
+            // Already served (a repeated call): nothing to do.
+            return Ok(());
+        }
+        let url =
+            LakeUrl::parse(&attributes.url).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let saved_path = state_file(&self.state_dir, volume_id);
+        let resume = if fresh {
+            None
+        } else {
+            let saved: SavedVolume = std::fs::read(&saved_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or_else(|| {
+                    AgentError::Unsupported(format!(
+                        "volume {volume_id} is mounted, but this agent has no record of its connection to take it over; unstage and stage it again"
+                    ))
+                })?;
+            Some(saved.params)
+        };
+        let credentials = self.credentials_for(&attributes, secrets)?;
+        let served = self.rt.block_on(self.registry.open(
+            &self.pool,
+            &url,
+            &credentials,
+            &self.config.lake,
+        ))?;
+        datasets::apply_policies_in(&self.rt, &served, &attributes.prefetch, &attributes.refresh);
+        let ttl = match attributes
+            .refresh
+            .interval
+            .as_deref()
+            .map(humantime::parse_duration)
+        {
+            Some(Ok(d)) => d.min(Duration::from_secs(60)),
+            _ => Duration::from_secs(24 * 3600),
+        };
+        let stats = Arc::new(MountStats::default());
+        let fs = DatasetFs::new(
+            served.dataset.clone(),
+            self.rt.clone(),
+            FsConfig {
+                ttl,
+                passthrough: self.config.passthrough,
+                uid: 0,
+                gid: 0,
+            },
+            stats.clone(),
+        );
+        let dup = fd
+            .try_clone()
+            .map_err(|e| AgentError::Internal(format!("duplicating the FUSE descriptor: {e}")))?;
+        let config = SessionConfig::read_only(self.config.fuse_threads, self.config.passthrough);
+        let device = Device::new(fd);
+        let session = match resume {
+            Some(params) => Session::resume(device, Arc::new(fs), config, params),
+            None => Session::start(device, Arc::new(fs), config),
+        }
+        .map_err(|e| AgentError::Internal(format!("starting the FUSE session: {e}")))?;
+        let params = match resume {
+            Some(p) => p,
+            None => session
+                .wait_initialized(Duration::from_secs(30))
+                .ok_or_else(|| {
+                    AgentError::Internal(format!(
+                        "the kernel did not initialise the FUSE connection of {} within 30 s",
+                        staging_path.display()
+                    ))
+                })?,
+        };
+        let saved = SavedVolume {
+            volume_id: volume_id.to_owned(),
+            staging_path: staging_path.to_owned(),
+            attributes: attributes.clone(),
+            params,
+        };
+        let tmp = saved_path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&saved).expect("serialisable"))
+            .and_then(|()| std::fs::rename(&tmp, &saved_path))
+            .map_err(|e| AgentError::Internal(format!("recording volume {volume_id}: {e}")))?;
+        served.attach(
+            volume_id,
+            SnapshotReleaser::new(session.connection().clone()),
+        );
+        tracing::info!(volume = volume_id, dataset = %url, staging = %staging_path.display(), resumed = resume.is_some(), "serving volume");
+        self.volumes.lock().insert(
+            volume_id.to_owned(),
+            Volume {
+                attributes,
+                served,
+                session,
+                fd: dup,
+                stats,
+            },
+        );
+        Ok(())
+    }
+
+    /// Forgets volume `volume_id` (unstaged). Idempotent.
+    pub fn release(&self, volume_id: &str) {
+        if let Some(v) = self.volumes.lock().remove(volume_id) {
+            v.served.detach(volume_id);
+            tracing::info!(volume = volume_id, "volume released");
+        }
+        let _ = std::fs::remove_file(state_file(&self.state_dir, volume_id));
+    }
+
+    pub fn stats(&self, volume_id: &str) -> Result<VolumeStats, AgentError> {
+        let volumes = self.volumes.lock();
+        let v = volumes.get(volume_id).ok_or_else(|| {
+            AgentError::NotFound(format!("volume {volume_id} is not served on this node"))
+        })?;
+        let p = v.served.progress.lock().clone();
+        let abnormal = if v.session.is_finished() {
+            Some("the FUSE connection of this volume has ended (unmounted or aborted); unstage and stage it again".to_owned())
+        } else {
+            p.error.clone()
+        };
+        let _ = &v.stats;
+        let _ = &v.attributes;
+        Ok(VolumeStats {
+            bytes_total: p.bytes_total,
+            bytes_cached: p.bytes_cached,
+            objects: p.objects,
+            abnormal,
+        })
+    }
+
+    /// Duplicates of every served volume's descriptor, in `served()` order.
+    fn descriptors(&self) -> (Vec<String>, Vec<OwnedFd>) {
+        let volumes = self.volumes.lock();
+        let mut ids = Vec::new();
+        let mut fds = Vec::new();
+        for (id, v) in volumes.iter() {
+            if let Ok(fd) = v.fd.try_clone() {
+                ids.push(id.clone());
+                fds.push(fd);
+            }
+        }
+        (ids, fds)
+    }
+
+    /// Drops volumes whose connection ended (unmounted without a release).
+    pub fn reap(&self) {
+        let mut volumes = self.volumes.lock();
+        let ended: Vec<String> = volumes
+            .iter()
+            .filter(|(_, v)| v.session.is_finished())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in ended {
+            if let Some(v) = volumes.remove(&id) {
+                v.served.detach(&id);
+                tracing::info!(volume = %id, "volume's connection ended");
+            }
+        }
+    }
+
+    fn handle(self: &Arc<Self>, req: Request, mut fds: Vec<OwnedFd>) -> (Response, Vec<OwnedFd>) {
+        let err = |e: AgentError| Response::Error {
+            code: e.code(),
+            message: e.to_string(),
+        };
+        let r = match req {
+            Request::Ping => Response::Pong {
+                node: self.config.node_name.clone(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            },
+            Request::Serve {
+                volume_id,
+                staging_path,
+                attributes,
+                secrets,
+                fresh,
+            } => match fds.pop() {
+                None => err(AgentError::BadRequest(
+                    "Serve carries no FUSE descriptor".into(),
+                )),
+                Some(fd) => {
+                    match self.serve(&volume_id, &staging_path, attributes, &secrets, fresh, fd) {
+                        Ok(()) => Response::Ok,
+                        Err(e) => {
+                            tracing::warn!(volume = %volume_id, error = %e, "cannot serve volume");
+                            err(e)
+                        }
+                    }
+                }
+            },
+            Request::Release { volume_id } => {
+                self.release(&volume_id);
+                Response::Ok
+            }
+            Request::Stats { volume_id } => match self.stats(&volume_id) {
+                Ok(s) => Response::Stats(s),
+                Err(e) => err(e),
+            },
+            Request::Served => Response::Served {
+                volumes: self.served(),
+            },
+            Request::Descriptors => {
+                let (volumes, fds) = self.descriptors();
+                return (Response::Descriptors { volumes }, fds);
+            }
+        };
+        (r, Vec::new())
+    }
+}
+
+/// Binds the agent socket (0600), replacing a stale one; refuses if another agent
+/// answers on it.
+pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "another node agent serves {}; one agent per node",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the socket until the listener fails; one thread per connection.
+pub fn serve_socket(agent: Arc<Agent>, listener: UnixListener) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            loop {
+                let (req, fds) = match protocol::read_frame::<Request>(&conn) {
+                    Ok(Some(x)) => x,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "agent socket connection ended");
+                        return;
+                    }
+                };
+                let (resp, out) = agent.handle(req, fds);
+                let raw: Vec<i32> = out.iter().map(|f| f.as_raw_fd()).collect();
+                if protocol::write_frame(&conn, &resp, &raw).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}

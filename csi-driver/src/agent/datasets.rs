@@ -1,0 +1,253 @@
+//! The datasets a node agent serves, one [`Dataset`] per lake location, shared by the
+//! volumes that mount it and the `CachePool` assignment that prewarms it.
+//!
+//! Opening is single-flight per location (a second caller waits for the first's
+//! listing), so two volumes of one dataset never build two snapshots in one directory.
+//! A dataset with an `Interval` refresh policy is refreshed in the background, and
+//! every volume serving it is told to let the kernel drop the replaced snapshot.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tidepool_api::dataset_cache::{Prefetch, PrefetchPolicy, Refresh, RefreshPolicy};
+
+use super::AgentError;
+use crate::cache::CachePool;
+use crate::cache::dataset::{Dataset, PrewarmProgress, include_set};
+use crate::fs::SnapshotReleaser;
+use crate::lake::azure::{AzureLake, AzureOptions};
+use crate::lake::retry::{RetryConfig, RetryingLake};
+use crate::lake::{Credentials, Lake, LakeUrl};
+
+/// How the agent reaches lakes.
+#[derive(Clone, Debug, Default)]
+pub struct LakeSettings {
+    pub azure: AzureOptions,
+    pub retry: RetryConfig,
+}
+
+/// What a dataset is doing on this node, for status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Listing done (a snapshot is served).
+    pub listed: bool,
+    /// An `Eager` prewarm is running.
+    pub warming: bool,
+    /// The last prewarm finished with every file.
+    pub warmed: bool,
+    pub bytes_total: u64,
+    pub bytes_cached: u64,
+    pub objects: u64,
+    pub snapshot: Option<u32>,
+    /// The last failure, in words.
+    pub error: Option<String>,
+}
+
+/// One dataset on this node.
+pub struct Served {
+    pub url: LakeUrl,
+    pub dataset: Arc<Dataset>,
+    pub progress: Mutex<Progress>,
+    /// Volumes mounting it: their kernel connections, told about replaced snapshots.
+    releasers: Mutex<HashMap<String, SnapshotReleaser>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    prewarm: Mutex<Option<(Prefetch, Arc<PrewarmProgress>)>>,
+    refresh: Mutex<Option<Duration>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Served {
+    /// Records `releaser` (the kernel connection of volume `volume_id`).
+    pub fn attach(&self, volume_id: &str, releaser: SnapshotReleaser) {
+        self.releasers.lock().insert(volume_id.to_owned(), releaser);
+    }
+
+    pub fn detach(&self, volume_id: &str) {
+        self.releasers.lock().remove(volume_id);
+    }
+
+    /// The counts for status: snapshot totals and bytes cached (from the pool's index,
+    /// streamed over the snapshot's files a chunk at a time).
+    pub fn refresh_counts(&self) {
+        let (seq, snap) = self.dataset.current();
+        let sum = snap.summary();
+        let cached = self.dataset.cached_bytes().unwrap_or(0);
+        let mut p = self.progress.lock();
+        p.listed = true;
+        p.snapshot = Some(seq);
+        p.objects = sum.objects;
+        p.bytes_total = sum.bytes;
+        p.bytes_cached = cached;
+        if let Some((_, prog)) = &*self.prewarm.lock() {
+            p.bytes_cached = p.bytes_cached.max(prog.bytes_done.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// Every dataset of the node, by lake location.
+#[derive(Default)]
+pub struct Registry {
+    served: Mutex<HashMap<String, Arc<Served>>>,
+    opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn key(url: &LakeUrl) -> String {
+    url.to_string()
+}
+
+impl Registry {
+    pub fn get(&self, url: &LakeUrl) -> Option<Arc<Served>> {
+        self.served.lock().get(&key(url)).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Served>> {
+        self.served.lock().values().cloned().collect()
+    }
+
+    /// The dataset at `url`, opened (listed, or its stored snapshot reused) if needed
+    /// with `credentials`. One opening per location at a time.
+    pub async fn open(
+        &self,
+        pool: &CachePool,
+        url: &LakeUrl,
+        credentials: &Credentials,
+        lake: &LakeSettings,
+    ) -> Result<Arc<Served>, AgentError> {
+        if let Some(s) = self.get(url) {
+            return Ok(s);
+        }
+        let gate = self.opening.lock().entry(key(url)).or_default().clone();
+        let _one = gate.lock().await;
+        if let Some(s) = self.get(url) {
+            return Ok(s);
+        }
+        let azure = AzureLake::connect(url, credentials, &lake.azure)
+            .map_err(|e| AgentError::Credentials(format!("connecting to {url}: {e}")))?;
+        let client: Arc<dyn Lake> =
+            Arc::new(RetryingLake::new(Arc::new(azure), lake.retry.clone()));
+        let dataset = Dataset::open(pool.clone(), url.clone(), client, true, |_| {})
+            .await
+            .map_err(AgentError::from_cache)?;
+        let served = Arc::new(Served {
+            url: url.clone(),
+            dataset: Arc::new(dataset),
+            progress: Mutex::new(Progress::default()),
+            releasers: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+            prewarm: Mutex::new(None),
+            refresh: Mutex::new(None),
+        });
+        served.refresh_counts();
+        self.served.lock().insert(key(url), served.clone());
+        Ok(served)
+    }
+
+    /// Forgets a dataset nothing uses any more (its cached data stays, evictable).
+    pub fn close(&self, url: &LakeUrl) {
+        self.served.lock().remove(&key(url));
+    }
+}
+
+/// [`apply_policies`] from a thread outside the runtime.
+pub fn apply_policies_in(
+    rt: &tokio::runtime::Handle,
+    served: &Arc<Served>,
+    prefetch: &Prefetch,
+    refresh: &Refresh,
+) {
+    let _guard = rt.enter();
+    apply_policies(served, prefetch, refresh);
+}
+
+/// Applies the policies of an assignment or a volume to a served dataset: starts the
+/// `Eager` prewarm (once per policy) and the refresh loop (once per interval).
+pub fn apply_policies(served: &Arc<Served>, prefetch: &Prefetch, refresh: &Refresh) {
+    if prefetch.policy == PrefetchPolicy::Eager {
+        let mut current = served.prewarm.lock();
+        let same = current.as_ref().is_some_and(|(p, _)| p == prefetch);
+        if !same {
+            let progress = Arc::new(PrewarmProgress::default());
+            *current = Some((prefetch.clone(), progress.clone()));
+            drop(current);
+            let s = served.clone();
+            let include = prefetch.include.clone();
+            let task = tokio::spawn(async move {
+                let globs = match include_set(&include) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        s.progress.lock().error = Some(e.to_string());
+                        return;
+                    }
+                };
+                s.progress.lock().warming = true;
+                let r = s.dataset.prewarm(globs.as_ref(), 16, &progress).await;
+                let mut p = s.progress.lock();
+                p.warming = false;
+                match r {
+                    Ok(sum) if sum.failed.is_empty() => {
+                        p.warmed = true;
+                        p.error = None;
+                    }
+                    Ok(sum) => {
+                        p.error = Some(format!(
+                            "{} files could not be fetched, e.g. {}: {}",
+                            sum.failed.len(),
+                            sum.failed[0].0,
+                            sum.failed[0].1
+                        ))
+                    }
+                    Err(e) => p.error = Some(format!("prewarm failed: {e}")),
+                }
+                drop(p);
+                s.refresh_counts();
+            });
+            served.tasks.lock().push(task);
+        }
+    }
+    let interval = match (&refresh.policy, &refresh.interval) {
+        (RefreshPolicy::Interval, Some(i)) => humantime::parse_duration(i).ok(),
+        _ => None,
+    };
+    if let Some(every) = interval {
+        let mut current = served.refresh.lock();
+        if *current != Some(every) {
+            *current = Some(every);
+            drop(current);
+            let s = served.clone();
+            let task = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match s.dataset.refresh().await {
+                        Ok(Some(old)) => {
+                            let releasers: Vec<SnapshotReleaser> =
+                                s.releasers.lock().values().cloned().collect();
+                            let _ = tokio::task::spawn_blocking(move || {
+                                for r in releasers {
+                                    r.forget_snapshot(&old);
+                                }
+                            })
+                            .await;
+                            s.refresh_counts();
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(dataset = %s.url, error = %e, "refresh failed; keeping the current snapshot");
+                            s.progress.lock().error = Some(format!("refresh failed: {e}"));
+                        }
+                    }
+                }
+            });
+            served.tasks.lock().push(task);
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The node-local protocol between the CSI plugin and the node agent, over a Unix
+//! socket (mode 0600, root only).
+//!
+//! One request, one response, in lockstep on a connection. A frame is a little-endian
+//! u32 length and that many bytes of JSON; descriptors (the /dev/fuse file of a staged
+//! volume) travel with a frame's first byte as `SCM_RIGHTS`. Lockstep means a reader
+//! never has more than one frame in flight, so descriptors can never be attributed to
+//! the wrong frame.
+//!
+//! Secrets from `NodeStageVolume` cross this socket inside [`StageSecrets`], whose
+//! `Debug` never shows them; nothing here logs a request's body.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tidepool_api::volume::VolumeAttributes;
+
+use crate::fdpass;
+
+/// Largest frame accepted (a request is a few KiB; this bounds a bad peer's cost).
+const MAX_FRAME: usize = 1 << 20;
+
+/// `NodeStageVolume` secrets (the DatasetCache's Secret): never printed.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StageSecrets(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for StageSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StageSecrets({} keys, redacted)", self.0.len())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Is the agent up (CSI `Probe`)?
+    Ping,
+    /// Serve the FUSE connection attached to this frame as volume `volume_id`, mounted
+    /// at `staging_path`. `fresh`: the plugin has just mounted it (INIT is pending);
+    /// otherwise it is a live connection another agent process served (resume).
+    Serve {
+        volume_id: String,
+        staging_path: PathBuf,
+        attributes: VolumeAttributes,
+        secrets: StageSecrets,
+        fresh: bool,
+    },
+    /// The volume was unstaged: forget it.
+    Release { volume_id: String },
+    /// Usage and health of a served volume (CSI `NodeGetVolumeStats`).
+    Stats { volume_id: String },
+    /// Which volumes are served now.
+    Served,
+    /// Duplicates of the descriptors of every served volume (for a restarted plugin).
+    Descriptors,
+}
+
+/// A failure, classified for the CSI side's gRPC status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidArgument,
+    NotFound,
+    FailedPrecondition,
+    PermissionDenied,
+    Unavailable,
+    ResourceExhausted,
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStats {
+    /// Bytes of the dataset's current snapshot.
+    pub bytes_total: u64,
+    /// Of those, bytes cached on this node.
+    pub bytes_cached: u64,
+    /// Files and directories in the snapshot.
+    pub objects: u64,
+    /// Set when the volume cannot serve reads right now, with why.
+    pub abnormal: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Pong {
+        node: String,
+        version: String,
+    },
+    Ok,
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Stats(VolumeStats),
+    Served {
+        volumes: Vec<String>,
+    },
+    /// Descriptors attached in this order.
+    Descriptors {
+        volumes: Vec<String>,
+    },
+}
+
+/// Writes one frame with `fds` attached.
+pub fn write_frame(sock: &UnixStream, body: &impl Serialize, fds: &[RawFd]) -> io::Result<()> {
+    let json = serde_json::to_vec(body).map_err(io::Error::other)?;
+    let mut frame = Vec::with_capacity(4 + json.len());
+    frame.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&json);
+    if fds.is_empty() {
+        (&*sock).write_all(&frame)
+    } else {
+        fdpass::send(sock, &frame, fds)
+    }
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(
+    sock: &UnixStream,
+) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
+    let mut len = [0u8; 4];
+    let (n, fds) = fdpass::recv(sock, &mut len)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n < 4 {
+        (&*sock).read_exact(&mut len[n..])?;
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes refused"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    (&*sock).read_exact(&mut body)?;
+    let value =
+        serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(Some((value, fds)))
+}
+
+/// A connection to the agent, as the CSI plugin holds it.
+pub struct AgentClient {
+    sock: UnixStream,
+}
+
+impl AgentClient {
+    pub fn connect(path: &std::path::Path, timeout: std::time::Duration) -> io::Result<Self> {
+        let sock = UnixStream::connect(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("node agent not reachable at {}: {e}", path.display()),
+            )
+        })?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.set_write_timeout(Some(timeout))?;
+        Ok(AgentClient { sock })
+    }
+
+    /// One round trip; descriptors sent with the request, received with the answer.
+    pub fn call(&self, req: &Request, fds: &[RawFd]) -> io::Result<(Response, Vec<OwnedFd>)> {
+        write_frame(&self.sock, req, fds)?;
+        read_frame(&self.sock)?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the agent closed the connection",
+            )
+        })
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_carry_their_descriptors_and_never_print_secrets() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        let req = Request::Serve {
+            volume_id: "v1".into(),
+            staging_path: "/staging".into(),
+            attributes: tidepool_api::volume::VolumeAttributes::parse(&BTreeMap::from([
+                ("tidepool.dev/kind".to_owned(), "DatasetCache".to_owned()),
+                ("tidepool.dev/namespace".to_owned(), "ml".to_owned()),
+                ("tidepool.dev/name".to_owned(), "d".to_owned()),
+                ("tidepool.dev/uid".to_owned(), "u".to_owned()),
+                (
+                    "tidepool.dev/url".to_owned(),
+                    "http://127.0.0.1:1/acct/c/p".to_owned(),
+                ),
+            ]))
+            .unwrap(),
+            secrets: StageSecrets(BTreeMap::from([(
+                "sasToken".to_owned(),
+                "sig=SECRET".to_owned(),
+            )])),
+            fresh: true,
+        };
+        assert!(!format!("{req:?}").contains("SECRET"));
+        write_frame(&a, &req, &[f.as_raw_fd()]).unwrap();
+        write_frame(&a, &Request::Ping, &[]).unwrap();
+        let (got, fds) = read_frame::<Request>(&b).unwrap().unwrap();
+        assert_eq!(got, req);
+        assert_eq!(fds.len(), 1);
+        let (got, fds) = read_frame::<Request>(&b).unwrap().unwrap();
+        assert_eq!((got, fds.len()), (Request::Ping, 0));
+        drop(a);
+        assert!(read_frame::<Request>(&b).unwrap().is_none());
+    }
+}

@@ -1,0 +1,163 @@
+//! `tidepool agent`: the node agent as a process (see `crate::agent`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::{parse_size, say};
+use crate::agent::datasets::LakeSettings;
+use crate::agent::{Agent, AgentConfig, bind_socket, serve_socket};
+use crate::cache::{CacheConfig, CachePool};
+use crate::lake::azure::AzureOptions;
+use crate::lake::retry::RetryConfig;
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// This node's name (its CachePool is named after it).
+    #[arg(long, env = "NODE_NAME", value_name = "NODE")]
+    pub node_name: String,
+    /// The node's cache pool directory on local NVMe (a hostPath in a cluster).
+    #[arg(long, default_value = "/var/lib/tidepool", value_name = "DIR")]
+    pub cache_dir: PathBuf,
+    /// Pool capacity: files are evicted (least recently used first) above 90% of it.
+    #[arg(long, default_value = "100GiB", value_parser = parse_size, value_name = "SIZE")]
+    pub cache_size: u64,
+    /// Where the CSI plugin reaches the agent (default: <cache-dir>/agent.sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Kubeconfig (default: in-cluster, else $KUBECONFIG or ~/.kube/config).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Serve only what the CSI plugin stages (volume attributes and stage secrets), and
+    /// never talk to the API server: no CachePool, no prewarm of assignments.
+    #[arg(long)]
+    pub no_kube: bool,
+    /// How often the pool's status is written (at most 30 s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub heartbeat: Duration,
+    /// FUSE worker threads per volume.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub threads: usize,
+    /// Never use FUSE passthrough, even for fully cached files.
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// Extra trusted CA certificates (PEM) for private endpoints or proxies.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Attempts per lake request.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub retries: u32,
+    /// Timeout of one lake request attempt.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub request_timeout: Duration,
+    /// Longest a lake request may take, retries included.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub deadline: Duration,
+}
+
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster configuration and no kubeconfig; pass --kubeconfig, or --no-kube to serve staged volumes only")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// `tidepool agent`.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| args.cache_dir.join("agent.sock"));
+    let pool = CachePool::open(CacheConfig::new(&args.cache_dir, args.cache_size))
+        .await
+        .context("opening the cache pool")?;
+    let config = AgentConfig {
+        node_name: args.node_name.clone(),
+        socket: socket.clone(),
+        lake: LakeSettings {
+            azure: AzureOptions {
+                ca_file: args.ca_file.clone(),
+                ..AzureOptions::default()
+            },
+            retry: RetryConfig {
+                max_attempts: args.retries.max(1),
+                attempt_timeout: args.request_timeout,
+                deadline: args.deadline,
+                ..RetryConfig::default()
+            },
+        },
+        fuse_threads: args.threads,
+        passthrough: !args.no_passthrough,
+    };
+    let agent = Agent::new(config, pool.clone(), tokio::runtime::Handle::current())
+        .context("preparing the agent's state directory")?;
+    let listener =
+        bind_socket(&socket).with_context(|| format!("listening on {}", socket.display()))?;
+    {
+        let agent = agent.clone();
+        std::thread::Builder::new()
+            .name("agent-socket".into())
+            .spawn(move || serve_socket(agent, listener))?;
+    }
+    let reaper = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                agent.reap();
+            }
+        })
+    };
+    let kube_task = if args.no_kube {
+        None
+    } else {
+        let client = kube_client(args.kubeconfig.as_ref()).await?;
+        let heartbeat = args.heartbeat.min(Duration::from_secs(30));
+        let a: Arc<Agent> = agent.clone();
+        Some(tokio::spawn(async move {
+            if let Err(e) = crate::agent::kube::run(a, client, heartbeat).await {
+                tracing::error!(error = %e, "the agent cannot manage its CachePool; volumes staged by the CSI plugin are still served");
+            }
+        }))
+    };
+    say(format_args!(
+        "tidepool agent: node {} serving on {} (pool {}, {})",
+        args.node_name,
+        socket.display(),
+        args.cache_dir.display(),
+        if args.no_kube {
+            "no API server"
+        } else {
+            "CachePool watched"
+        }
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    // Mounts are not ours to undo: the CSI plugin holds every connection, and the next
+    // agent takes them over.
+    reaper.abort();
+    if let Some(t) = kube_task {
+        t.abort();
+    }
+    pool.flush()?;
+    tracing::info!(
+        volumes = agent.served().len(),
+        "agent stopping; its volumes wait for the next agent"
+    );
+    Ok(())
+}
