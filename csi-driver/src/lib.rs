@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod cache;
 pub mod cli;
+pub mod csi;
 pub mod fdpass;
 pub mod fs;
 pub mod fuse;

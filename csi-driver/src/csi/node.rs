@@ -1,0 +1,1063 @@
+//! The CSI node logic, kernel- and gRPC-free: staging mounts FUSE and hands the
+//! connection to the agent, publishing bind-mounts the staged volume into a pod.
+//!
+//! What kubelet relies on (the CSI spec's semantics): every call may be repeated and
+//! then succeeds without changing anything; a missing field is `InvalidArgument`
+//! naming it; an unknown volume is `NotFound`; a second call on a volume while one runs
+//! is `Aborted`; unstaging a volume still published is `FailedPrecondition`.
+//!
+//! What survives what: the plugin records each staged volume (`<state-dir>/*.json`:
+//! staging path, attributes, published targets) and keeps a duplicate of its FUSE
+//! descriptor, so the connection outlives an agent restart ([`NodeCore::keep_agent_fed`]
+//! hands the descriptors to the new agent). A restarted plugin gets the duplicates back
+//! from the agent ([`NodeCore::recover`]); a volume whose connection died with both
+//! processes is mounted anew and its targets bound again.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tidepool_api::volume::{VolumeAttributes, VolumeKind};
+
+use super::mounter::Mounter;
+use crate::agent::protocol::{
+    AgentClient, ErrorCode, Request, Response, StageSecrets, VolumeStats,
+};
+use crate::fuse::MountOptions;
+
+/// A gRPC status class, as the CSI spec assigns them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    Aborted,
+    Unavailable,
+    PermissionDenied,
+    ResourceExhausted,
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CsiError {
+    pub code: Code,
+    pub message: String,
+}
+
+fn fail(code: Code, message: impl Into<String>) -> CsiError {
+    CsiError {
+        code,
+        message: message.into(),
+    }
+}
+
+fn missing(field: &str) -> CsiError {
+    fail(Code::InvalidArgument, format!("{field} is required"))
+}
+
+fn internal(what: &str, e: io::Error) -> CsiError {
+    fail(Code::Internal, format!("{what}: {e}"))
+}
+
+impl From<ErrorCode> for Code {
+    fn from(c: ErrorCode) -> Self {
+        match c {
+            ErrorCode::InvalidArgument => Code::InvalidArgument,
+            ErrorCode::NotFound => Code::NotFound,
+            ErrorCode::FailedPrecondition => Code::FailedPrecondition,
+            ErrorCode::PermissionDenied => Code::PermissionDenied,
+            ErrorCode::Unavailable => Code::Unavailable,
+            ErrorCode::ResourceExhausted => Code::ResourceExhausted,
+            ErrorCode::Internal => Code::Internal,
+        }
+    }
+}
+
+/// How the plugin reaches the agent.
+pub trait AgentLink: Send + Sync + 'static {
+    fn call(&self, req: &Request, fds: &[RawFd]) -> io::Result<(Response, Vec<OwnedFd>)>;
+}
+
+/// The agent's Unix socket (one connection per call: calls are rare).
+pub struct SocketLink {
+    pub path: PathBuf,
+    pub timeout: Duration,
+}
+
+impl AgentLink for SocketLink {
+    fn call(&self, req: &Request, fds: &[RawFd]) -> io::Result<(Response, Vec<OwnedFd>)> {
+        AgentClient::connect(&self.path, self.timeout)?.call(req, fds)
+    }
+}
+
+/// The access the volume capability asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// A volume capability as the node logic needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capability {
+    /// `false`: a raw block volume (refused).
+    pub mount: bool,
+    pub access: Access,
+}
+
+/// One staged volume, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Staged {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub attributes: VolumeAttributes,
+    pub targets: BTreeSet<PathBuf>,
+}
+
+/// The records of staged volumes, one file each.
+pub struct Records {
+    dir: PathBuf,
+}
+
+impl Records {
+    pub fn new(dir: PathBuf) -> io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Records { dir })
+    }
+
+    fn path(&self, volume_id: &str) -> PathBuf {
+        use sha2::{Digest, Sha256};
+        let h = Sha256::digest(volume_id.as_bytes());
+        let name: String = h[..12].iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("{name}.json"))
+    }
+
+    pub fn get(&self, volume_id: &str) -> Option<Staged> {
+        let bytes = std::fs::read(self.path(volume_id)).ok()?;
+        serde_json::from_slice::<Staged>(&bytes)
+            .ok()
+            .filter(|s| s.volume_id == volume_id)
+    }
+
+    pub fn put(&self, s: &Staged) -> io::Result<()> {
+        let p = self.path(&s.volume_id);
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(s).map_err(io::Error::other)?)?;
+        std::fs::rename(&tmp, &p)
+    }
+
+    pub fn remove(&self, volume_id: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.path(volume_id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn all(&self) -> Vec<Staged> {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+            .collect()
+    }
+}
+
+/// Held while an operation on one volume runs.
+struct VolumeLock<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for VolumeLock<'_> {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.id);
+    }
+}
+
+/// The node plugin's state and logic.
+pub struct NodeCore {
+    pub node_id: String,
+    mounter: Arc<dyn Mounter>,
+    agent: Arc<dyn AgentLink>,
+    records: Records,
+    busy: Mutex<HashSet<String>>,
+    /// Our duplicates of staged volumes' FUSE descriptors.
+    fds: Mutex<HashMap<String, OwnedFd>>,
+}
+
+/// The usage and health of a volume.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    pub stats: Option<VolumeStats>,
+    /// Set when the volume cannot serve reads, with why.
+    pub abnormal: Option<String>,
+}
+
+impl NodeCore {
+    pub fn new(
+        node_id: String,
+        mounter: Arc<dyn Mounter>,
+        agent: Arc<dyn AgentLink>,
+        records: Records,
+    ) -> Self {
+        NodeCore {
+            node_id,
+            mounter,
+            agent,
+            records,
+            busy: Mutex::new(HashSet::new()),
+            fds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self, volume_id: &str) -> Result<VolumeLock<'_>, CsiError> {
+        if !self.busy.lock().insert(volume_id.to_owned()) {
+            return Err(fail(
+                Code::Aborted,
+                format!("an operation on volume {volume_id} is already in progress; retry later"),
+            ));
+        }
+        Ok(VolumeLock {
+            set: &self.busy,
+            id: volume_id.to_owned(),
+        })
+    }
+
+    fn agent_call(
+        &self,
+        req: &Request,
+        fds: &[RawFd],
+    ) -> Result<(Response, Vec<OwnedFd>), CsiError> {
+        self.agent.call(req, fds).map_err(|e| {
+            fail(
+                Code::Unavailable,
+                format!("{e}; is `tidepool agent` running on this node?"),
+            )
+        })
+    }
+
+    /// Whether the agent answers (CSI `Probe`).
+    pub fn agent_ready(&self) -> bool {
+        matches!(
+            self.agent.call(&Request::Ping, &[]),
+            Ok((Response::Pong { .. }, _))
+        )
+    }
+
+    fn check_capability(
+        cap: Option<&Capability>,
+        kind: Option<VolumeKind>,
+    ) -> Result<(), CsiError> {
+        let cap = cap.ok_or_else(|| missing("volume_capability"))?;
+        if !cap.mount {
+            return Err(fail(
+                Code::InvalidArgument,
+                "volume_capability: block access is not supported; Tidepool volumes are file systems (use a mount capability)",
+            ));
+        }
+        if kind == Some(VolumeKind::DatasetCache) && cap.access == Access::ReadWrite {
+            return Err(fail(
+                Code::InvalidArgument,
+                "volume_capability: a DatasetCache volume is read-only; use a reader access mode (ReadOnlyMany)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `NodeStageVolume`.
+    pub fn stage(
+        &self,
+        volume_id: &str,
+        staging_path: &Path,
+        capability: Option<&Capability>,
+        context: &std::collections::BTreeMap<String, String>,
+        secrets: StageSecrets,
+    ) -> Result<(), CsiError> {
+        if volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        if staging_path.as_os_str().is_empty() {
+            return Err(missing("staging_target_path"));
+        }
+        Self::check_capability(capability, None)?;
+        let attributes = VolumeAttributes::parse(context)
+            .map_err(|e| fail(Code::InvalidArgument, e.to_string()))?;
+        Self::check_capability(capability, Some(attributes.kind))?;
+        if attributes.kind == VolumeKind::CheckpointSync {
+            return Err(fail(
+                Code::FailedPrecondition,
+                "checkpoint volumes (CheckpointSync) cannot be staged by this version of Tidepool: read-write checkpoint volumes come with checkpoint support",
+            ));
+        }
+        let _busy = self.lock(volume_id)?;
+        if let Some(rec) = self.records.get(volume_id) {
+            if rec.staging_path != staging_path {
+                return Err(fail(
+                    Code::FailedPrecondition,
+                    format!(
+                        "volume {volume_id} is already staged at {}; unstage it there first",
+                        rec.staging_path.display()
+                    ),
+                ));
+            }
+            let mounted = self
+                .mounter
+                .is_mounted(staging_path)
+                .map_err(|e| internal("reading the mount table", e))?;
+            if mounted && self.mounter.answers(staging_path) {
+                if rec.attributes != attributes {
+                    return Err(fail(
+                        Code::AlreadyExists,
+                        format!("volume {volume_id} is staged with other attributes"),
+                    ));
+                }
+                return Ok(());
+            }
+        }
+        self.mount_and_serve(volume_id, staging_path, &attributes, secrets)?;
+        let targets = self
+            .records
+            .get(volume_id)
+            .map(|r| r.targets)
+            .unwrap_or_default();
+        self.records
+            .put(&Staged {
+                volume_id: volume_id.to_owned(),
+                staging_path: staging_path.to_owned(),
+                attributes,
+                targets,
+            })
+            .map_err(|e| internal("recording the staged volume", e))?;
+        Ok(())
+    }
+
+    /// Mounts a new connection at `staging_path` and has the agent serve it; undoes
+    /// the mount if the agent cannot.
+    fn mount_and_serve(
+        &self,
+        volume_id: &str,
+        staging_path: &Path,
+        attributes: &VolumeAttributes,
+        secrets: StageSecrets,
+    ) -> Result<(), CsiError> {
+        // Reachable before anything is mounted: a mount nobody serves would hang readers.
+        if !self.agent_ready() {
+            return Err(fail(
+                Code::Unavailable,
+                "the node agent does not answer on its socket; is `tidepool agent` running on this node?",
+            ));
+        }
+        // What is left of a dead connection goes first.
+        self.mounter
+            .unmount(staging_path)
+            .map_err(|e| internal("clearing the staging path", e))?;
+        std::fs::create_dir_all(staging_path)
+            .map_err(|e| internal(&format!("creating {}", staging_path.display()), e))?;
+        let opts = MountOptions {
+            fsname: format!("tidepool:{}/{}", attributes.namespace, attributes.name),
+            subtype: "tidepool".into(),
+            read_only: attributes.kind == VolumeKind::DatasetCache,
+            allow_other: true,
+            default_permissions: true,
+        };
+        let fd = self
+            .mounter
+            .mount_fuse(staging_path, &opts)
+            .map_err(|e| internal("mounting FUSE at the staging path", e))?;
+        let req = Request::Serve {
+            volume_id: volume_id.to_owned(),
+            staging_path: staging_path.to_owned(),
+            attributes: attributes.clone(),
+            secrets,
+            fresh: true,
+        };
+        let answer = self.agent_call(&req, &[fd.as_raw_fd()]);
+        match answer {
+            Ok((Response::Ok, _)) => {
+                self.fds.lock().insert(volume_id.to_owned(), fd);
+                Ok(())
+            }
+            other => {
+                drop(fd);
+                let _ = self.mounter.unmount(staging_path);
+                Err(match other {
+                    Ok((Response::Error { code, message }, _)) => fail(code.into(), message),
+                    Ok((r, _)) => fail(
+                        Code::Internal,
+                        format!("unexpected answer from the agent: {r:?}"),
+                    ),
+                    Err(e) => e,
+                })
+            }
+        }
+    }
+
+    /// `NodeUnstageVolume`.
+    pub fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<(), CsiError> {
+        if volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        if staging_path.as_os_str().is_empty() {
+            return Err(missing("staging_target_path"));
+        }
+        let _busy = self.lock(volume_id)?;
+        if let Some(rec) = self.records.get(volume_id) {
+            for t in &rec.targets {
+                if self.mounter.is_mounted(t).unwrap_or(true) {
+                    return Err(fail(
+                        Code::FailedPrecondition,
+                        format!(
+                            "volume {volume_id} is still published at {}; unpublish it first",
+                            t.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        self.mounter
+            .unmount(staging_path)
+            .map_err(|e| internal("unmounting the staging path", e))?;
+        self.fds.lock().remove(volume_id);
+        // The agent may be down: the record goes anyway, and a restarted agent
+        // forgets volumes no plugin hands it.
+        let _ = self.agent.call(
+            &Request::Release {
+                volume_id: volume_id.to_owned(),
+            },
+            &[],
+        );
+        self.records
+            .remove(volume_id)
+            .map_err(|e| internal("removing the volume's record", e))?;
+        Ok(())
+    }
+
+    /// `NodePublishVolume`.
+    pub fn publish(
+        &self,
+        volume_id: &str,
+        staging_path: &Path,
+        target: &Path,
+        capability: Option<&Capability>,
+        _read_only: bool,
+    ) -> Result<(), CsiError> {
+        if volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        if staging_path.as_os_str().is_empty() {
+            return Err(missing("staging_target_path"));
+        }
+        if target.as_os_str().is_empty() {
+            return Err(missing("target_path"));
+        }
+        Self::check_capability(capability, None)?;
+        let _busy = self.lock(volume_id)?;
+        let mut rec = self.records.get(volume_id).ok_or_else(|| {
+            fail(
+                Code::NotFound,
+                format!("volume {volume_id} is not staged on this node (NodeStageVolume first)"),
+            )
+        })?;
+        Self::check_capability(capability, Some(rec.attributes.kind))?;
+        if rec.staging_path != staging_path {
+            return Err(fail(
+                Code::FailedPrecondition,
+                format!(
+                    "volume {volume_id} is staged at {}, not at {}",
+                    rec.staging_path.display(),
+                    staging_path.display()
+                ),
+            ));
+        }
+        let mounted = |p: &Path| {
+            self.mounter
+                .is_mounted(p)
+                .map_err(|e| internal("reading the mount table", e))
+        };
+        if !mounted(staging_path)? {
+            return Err(fail(
+                Code::FailedPrecondition,
+                format!("the staging mount of volume {volume_id} is gone; stage it again"),
+            ));
+        }
+        if mounted(target)? {
+            if rec.targets.contains(target) {
+                return Ok(());
+            }
+            return Err(fail(
+                Code::AlreadyExists,
+                format!(
+                    "{} is already a mount point of something else",
+                    target.display()
+                ),
+            ));
+        }
+        std::fs::create_dir_all(target)
+            .map_err(|e| internal(&format!("creating {}", target.display()), e))?;
+        // Datasets are read-only whatever the pod asks.
+        let read_only = rec.attributes.kind == VolumeKind::DatasetCache;
+        self.mounter
+            .bind(staging_path, target, read_only)
+            .map_err(|e| internal("bind-mounting the volume", e))?;
+        rec.targets.insert(target.to_owned());
+        self.records
+            .put(&rec)
+            .map_err(|e| internal("recording the published target", e))?;
+        Ok(())
+    }
+
+    /// `NodeUnpublishVolume`.
+    pub fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), CsiError> {
+        if volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        if target.as_os_str().is_empty() {
+            return Err(missing("target_path"));
+        }
+        let _busy = self.lock(volume_id)?;
+        self.mounter
+            .unmount(target)
+            .map_err(|e| internal("unmounting the target path", e))?;
+        // We created the directory at publish; kubelet expects it gone.
+        let _ = std::fs::remove_dir(target);
+        if let Some(mut rec) = self.records.get(volume_id)
+            && rec.targets.remove(target)
+        {
+            self.records
+                .put(&rec)
+                .map_err(|e| internal("recording the unpublished target", e))?;
+        }
+        Ok(())
+    }
+
+    /// `NodeGetVolumeStats`.
+    pub fn stats(&self, volume_id: &str, path: &Path) -> Result<Stats, CsiError> {
+        if volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        if path.as_os_str().is_empty() {
+            return Err(missing("volume_path"));
+        }
+        let rec = self.records.get(volume_id).ok_or_else(|| {
+            fail(
+                Code::NotFound,
+                format!("volume {volume_id} is not staged on this node"),
+            )
+        })?;
+        if rec.staging_path != path && !rec.targets.contains(path) {
+            return Err(fail(
+                Code::NotFound,
+                format!("{} is not a path of volume {volume_id}", path.display()),
+            ));
+        }
+        if !self.mounter.is_mounted(path).unwrap_or(false) {
+            return Err(fail(
+                Code::NotFound,
+                format!("{} is not mounted", path.display()),
+            ));
+        }
+        let mut abnormal = (!self.mounter.answers(path)).then(|| {
+            "the volume's FUSE connection is gone (agent and plugin both stopped?); the plugin mounts it again at its next start".to_owned()
+        });
+        let stats = match self.agent.call(
+            &Request::Stats {
+                volume_id: volume_id.to_owned(),
+            },
+            &[],
+        ) {
+            Ok((Response::Stats(s), _)) => {
+                if abnormal.is_none() {
+                    abnormal = s.abnormal.clone();
+                }
+                Some(s)
+            }
+            Ok((Response::Error { message, .. }, _)) => {
+                abnormal.get_or_insert(message);
+                None
+            }
+            Ok(_) => None,
+            Err(e) => {
+                abnormal.get_or_insert(format!(
+                    "the node agent does not answer ({e}); reads wait until it is back"
+                ));
+                None
+            }
+        };
+        Ok(Stats { stats, abnormal })
+    }
+
+    /// After a restart of the plugin: takes the descriptors of live volumes back from
+    /// the agent, and mounts anew (binding their targets again) the volumes whose
+    /// connection ended. Returns how many volumes were repaired.
+    pub fn recover(&self) -> usize {
+        if let Ok((Response::Descriptors { volumes }, fds)) =
+            self.agent.call(&Request::Descriptors, &[])
+        {
+            let mut ours = self.fds.lock();
+            for (id, fd) in volumes.into_iter().zip(fds) {
+                ours.entry(id).or_insert(fd);
+            }
+        }
+        let mut repaired = 0;
+        for rec in self.records.all() {
+            let alive = self.mounter.is_mounted(&rec.staging_path).unwrap_or(false)
+                && self.mounter.answers(&rec.staging_path)
+                && self.fds.lock().contains_key(&rec.volume_id);
+            if alive {
+                continue;
+            }
+            tracing::warn!(volume = %rec.volume_id, staging = %rec.staging_path.display(), "volume's connection is gone; mounting it again");
+            let Ok(_busy) = self.lock(&rec.volume_id) else {
+                continue;
+            };
+            // Without the stage secrets (not kept on disk), the agent uses the
+            // assignment's credentials.
+            match self.mount_and_serve(
+                &rec.volume_id,
+                &rec.staging_path,
+                &rec.attributes,
+                StageSecrets::default(),
+            ) {
+                Ok(()) => {
+                    for t in &rec.targets {
+                        let _ = self.mounter.unmount(t);
+                        let ro = rec.attributes.kind == VolumeKind::DatasetCache;
+                        if let Err(e) = self.mounter.bind(&rec.staging_path, t, ro) {
+                            tracing::warn!(target = %t.display(), error = %e, "binding a published target again failed");
+                        }
+                    }
+                    repaired += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %rec.volume_id, error = %e, "cannot mount the volume again yet")
+                }
+            }
+        }
+        repaired
+    }
+
+    /// Hands the agent every staged connection it does not serve (it restarted):
+    /// called every second by the plugin.
+    pub fn keep_agent_fed(&self) {
+        let Ok((Response::Served { volumes }, _)) = self.agent.call(&Request::Served, &[]) else {
+            return;
+        };
+        let served: HashSet<String> = volumes.into_iter().collect();
+        let missing: Vec<(String, OwnedFd)> = self
+            .fds
+            .lock()
+            .iter()
+            .filter(|(id, _)| !served.contains(*id))
+            .filter_map(|(id, fd)| Some((id.clone(), fd.try_clone().ok()?)))
+            .collect();
+        for (id, fd) in missing {
+            let Some(rec) = self.records.get(&id) else {
+                continue;
+            };
+            let Ok(_busy) = self.lock(&id) else {
+                continue;
+            };
+            let req = Request::Serve {
+                volume_id: id.clone(),
+                staging_path: rec.staging_path.clone(),
+                attributes: rec.attributes.clone(),
+                secrets: StageSecrets::default(),
+                fresh: false,
+            };
+            match self.agent.call(&req, &[fd.as_raw_fd()]) {
+                Ok((Response::Ok, _)) => {
+                    tracing::info!(volume = %id, "handed the volume to the restarted agent")
+                }
+                Ok((Response::Error { message, .. }, _)) => {
+                    tracing::warn!(volume = %id, error = %message, "the agent cannot take the volume over")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(volume = %id, error = %e, "agent not reachable"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::csi::mounter::{FakeMount, FakeMounter};
+
+    /// An agent that records what it was asked and answers with `serve`.
+    #[derive(Default)]
+    struct FakeAgent {
+        calls: Mutex<Vec<Request>>,
+        served: Mutex<Vec<String>>,
+        serve_error: Mutex<Option<(ErrorCode, String)>>,
+        down: std::sync::atomic::AtomicBool,
+        /// Block Serve until released (to hold a volume's operation in flight).
+        gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl AgentLink for FakeAgent {
+        fn call(&self, req: &Request, fds: &[RawFd]) -> io::Result<(Response, Vec<OwnedFd>)> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "agent down",
+                ));
+            }
+            self.calls.lock().push(req.clone());
+            Ok((
+                match req {
+                    Request::Ping => Response::Pong {
+                        node: "n1".into(),
+                        version: "t".into(),
+                    },
+                    Request::Serve { volume_id, .. } => {
+                        assert_eq!(fds.len(), 1, "Serve carries the connection");
+                        if let Some(rx) = self.gate.lock().take() {
+                            let _ = rx.recv();
+                        }
+                        if let Some((code, message)) = self.serve_error.lock().clone() {
+                            Response::Error { code, message }
+                        } else {
+                            self.served.lock().push(volume_id.clone());
+                            Response::Ok
+                        }
+                    }
+                    Request::Served => Response::Served {
+                        volumes: self.served.lock().clone(),
+                    },
+                    Request::Stats { .. } => Response::Stats(VolumeStats {
+                        bytes_total: 10,
+                        bytes_cached: 5,
+                        objects: 2,
+                        abnormal: None,
+                    }),
+                    Request::Descriptors => Response::Descriptors { volumes: vec![] },
+                    Request::Release { volume_id } => {
+                        self.served.lock().retain(|v| v != volume_id);
+                        Response::Ok
+                    }
+                },
+                Vec::new(),
+            ))
+        }
+    }
+
+    struct Setup {
+        core: Arc<NodeCore>,
+        mounter: Arc<FakeMounter>,
+        agent: Arc<FakeAgent>,
+        dir: tempfile::TempDir,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let mounter = Arc::new(FakeMounter::default());
+        let agent = Arc::new(FakeAgent::default());
+        let core = Arc::new(NodeCore::new(
+            "n1".into(),
+            mounter.clone(),
+            agent.clone(),
+            Records::new(dir.path().join("state")).unwrap(),
+        ));
+        Setup {
+            core,
+            mounter,
+            agent,
+            dir,
+        }
+    }
+
+    fn ctx() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("tidepool.dev/kind".into(), "DatasetCache".into()),
+            ("tidepool.dev/namespace".into(), "ml".into()),
+            ("tidepool.dev/name".into(), "imagenet".into()),
+            ("tidepool.dev/uid".into(), "u1".into()),
+            (
+                "tidepool.dev/url".into(),
+                "http://127.0.0.1:10000/devstoreaccount1/data/ds".into(),
+            ),
+        ])
+    }
+
+    fn ro() -> Capability {
+        Capability {
+            mount: true,
+            access: Access::ReadOnly,
+        }
+    }
+
+    impl Setup {
+        fn staging(&self) -> PathBuf {
+            self.dir.path().join("staging")
+        }
+        fn target(&self, n: u32) -> PathBuf {
+            self.dir.path().join(format!("pod{n}/mount"))
+        }
+        fn stage(&self) -> Result<(), CsiError> {
+            self.core.stage(
+                "v1",
+                &self.staging(),
+                Some(&ro()),
+                &ctx(),
+                StageSecrets::default(),
+            )
+        }
+        fn serves(&self) -> usize {
+            self.agent
+                .calls
+                .lock()
+                .iter()
+                .filter(|r| matches!(r, Request::Serve { .. }))
+                .count()
+        }
+    }
+
+    #[test]
+    fn every_call_twice_succeeds_and_changes_nothing() {
+        let s = setup();
+        s.stage().unwrap();
+        s.stage().unwrap();
+        assert_eq!(s.serves(), 1, "one connection per volume per node");
+        for _ in 0..2 {
+            s.core
+                .publish("v1", &s.staging(), &s.target(1), Some(&ro()), false)
+                .unwrap();
+        }
+        assert_eq!(
+            s.mounter.table.lock().get(&s.target(1)),
+            Some(&FakeMount::Bind {
+                source: s.staging(),
+                read_only: true
+            }),
+            "a dataset is bound read-only even when the pod asks for read-write"
+        );
+        for _ in 0..2 {
+            s.core.unpublish("v1", &s.target(1)).unwrap();
+        }
+        for _ in 0..2 {
+            s.core.unstage("v1", &s.staging()).unwrap();
+        }
+        assert!(s.mounter.table.lock().is_empty(), "nothing left mounted");
+    }
+
+    #[test]
+    fn missing_fields_are_invalid_arguments_naming_the_field() {
+        let s = setup();
+        let e = s
+            .core
+            .stage(
+                "",
+                &s.staging(),
+                Some(&ro()),
+                &ctx(),
+                StageSecrets::default(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.message.contains("volume_id")),
+            (Code::InvalidArgument, true)
+        );
+        let e = s
+            .core
+            .stage(
+                "v1",
+                Path::new(""),
+                Some(&ro()),
+                &ctx(),
+                StageSecrets::default(),
+            )
+            .unwrap_err();
+        assert!(e.message.contains("staging_target_path"), "{e}");
+        let e = s
+            .core
+            .stage("v1", &s.staging(), None, &ctx(), StageSecrets::default())
+            .unwrap_err();
+        assert!(e.message.contains("volume_capability"), "{e}");
+        let mut bad = ctx();
+        bad.remove("tidepool.dev/url");
+        let e = s
+            .core
+            .stage(
+                "v1",
+                &s.staging(),
+                Some(&ro()),
+                &bad,
+                StageSecrets::default(),
+            )
+            .unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument);
+        assert!(e.message.contains("tidepool.dev/url"), "{e}");
+        let e = s
+            .core
+            .publish("v1", &s.staging(), Path::new(""), Some(&ro()), true)
+            .unwrap_err();
+        assert!(e.message.contains("target_path"), "{e}");
+        let e = s.core.stats("v1", Path::new("")).unwrap_err();
+        assert!(e.message.contains("volume_path"), "{e}");
+        let rw = Capability {
+            mount: true,
+            access: Access::ReadWrite,
+        };
+        let e = s
+            .core
+            .stage(
+                "v1",
+                &s.staging(),
+                Some(&rw),
+                &ctx(),
+                StageSecrets::default(),
+            )
+            .unwrap_err();
+        assert!(e.message.contains("read-only"), "{e}");
+        assert!(s.mounter.table.lock().is_empty());
+    }
+
+    #[test]
+    fn unknown_volumes_are_not_found_and_unpublished_ones_go_quietly() {
+        let s = setup();
+        assert_eq!(
+            s.core.stats("nope", &s.staging()).unwrap_err().code,
+            Code::NotFound
+        );
+        assert_eq!(
+            s.core
+                .publish("nope", &s.staging(), &s.target(1), Some(&ro()), true)
+                .unwrap_err()
+                .code,
+            Code::NotFound
+        );
+        s.core.unpublish("nope", &s.target(1)).unwrap();
+        s.core.unstage("nope", &s.staging()).unwrap();
+    }
+
+    #[test]
+    fn unstaging_a_volume_still_published_is_refused() {
+        let s = setup();
+        s.stage().unwrap();
+        s.core
+            .publish("v1", &s.staging(), &s.target(1), Some(&ro()), true)
+            .unwrap();
+        let e = s.core.unstage("v1", &s.staging()).unwrap_err();
+        assert_eq!(e.code, Code::FailedPrecondition);
+        assert!(e.message.contains("pod1"), "{e}");
+        assert!(s.mounter.is_mounted(&s.staging()).unwrap(), "still staged");
+    }
+
+    #[test]
+    fn a_second_operation_while_one_is_in_flight_is_aborted() {
+        let s = setup();
+        let (tx, rx) = std::sync::mpsc::channel();
+        *s.agent.gate.lock() = Some(rx);
+        let core = s.core.clone();
+        let staging = s.staging();
+        let first = std::thread::spawn(move || {
+            core.stage("v1", &staging, Some(&ro()), &ctx(), StageSecrets::default())
+        });
+        // Wait until the first stage is inside Serve.
+        while s.serves() == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let e = s.stage().unwrap_err();
+        assert_eq!(e.code, Code::Aborted);
+        assert_eq!(
+            s.core.unstage("v1", &s.staging()).unwrap_err().code,
+            Code::Aborted
+        );
+        tx.send(()).unwrap();
+        first.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn the_agents_refusal_comes_back_with_its_code_and_nothing_stays_mounted() {
+        let s = setup();
+        *s.agent.serve_error.lock() = Some((
+            ErrorCode::FailedPrecondition,
+            "Secret ml/lake not found; create it with key sasToken".into(),
+        ));
+        let e = s.stage().unwrap_err();
+        assert_eq!(e.code, Code::FailedPrecondition);
+        assert!(e.message.contains("Secret ml/lake"), "{e}");
+        assert!(s.mounter.table.lock().is_empty(), "the mount was undone");
+        s.agent
+            .down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = s.stage().unwrap_err();
+        assert_eq!(e.code, Code::Unavailable);
+        assert!(e.message.contains("tidepool agent"), "{e}");
+        assert!(!s.core.agent_ready());
+    }
+
+    #[test]
+    fn checkpoint_volumes_are_refused_with_a_clear_message() {
+        let s = setup();
+        let mut c = ctx();
+        c.insert("tidepool.dev/kind".into(), "CheckpointSync".into());
+        let rw = Capability {
+            mount: true,
+            access: Access::ReadWrite,
+        };
+        let e = s
+            .core
+            .stage("v2", &s.staging(), Some(&rw), &c, StageSecrets::default())
+            .unwrap_err();
+        assert_eq!(e.code, Code::FailedPrecondition);
+        assert!(e.message.contains("checkpoint"), "{e}");
+    }
+
+    #[test]
+    fn a_restarted_agent_gets_the_connections_again_and_a_dead_one_is_remounted() {
+        let s = setup();
+        s.stage().unwrap();
+        s.core
+            .publish("v1", &s.staging(), &s.target(1), Some(&ro()), true)
+            .unwrap();
+        // The agent restarts: it serves nothing until the plugin hands it the volume.
+        s.agent.served.lock().clear();
+        s.core.keep_agent_fed();
+        let resumes: Vec<bool> = s
+            .agent
+            .calls
+            .lock()
+            .iter()
+            .filter_map(|r| match r {
+                Request::Serve { fresh, .. } => Some(*fresh),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(resumes, [true, false], "handed over as a live connection");
+        // A plugin restart after both died: the connection is dead; recover mounts it
+        // again and binds the target again.
+        let core2 = NodeCore::new(
+            "n1".into(),
+            s.mounter.clone(),
+            s.agent.clone(),
+            Records::new(s.dir.path().join("state")).unwrap(),
+        );
+        s.mounter.dead.lock().push(s.staging());
+        assert_eq!(core2.recover(), 1);
+        assert!(s.mounter.answers(&s.staging()));
+        assert!(s.mounter.is_mounted(&s.target(1)).unwrap());
+        let stats = core2.stats("v1", &s.target(1)).unwrap();
+        assert_eq!(stats.abnormal, None);
+        assert_eq!(stats.stats.unwrap().bytes_cached, 5);
+    }
+
+    #[test]
+    fn a_dead_connection_is_reported_abnormal() {
+        let s = setup();
+        s.stage().unwrap();
+        s.mounter.dead.lock().push(s.staging());
+        let st = s.core.stats("v1", &s.staging()).unwrap();
+        assert!(st.abnormal.unwrap().contains("connection is gone"));
+    }
+}
