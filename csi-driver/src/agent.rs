@@ -247,7 +247,13 @@ impl Agent {
             &credentials,
             &self.config.lake,
         ))?;
-        datasets::apply_policies_in(&self.rt, &served, &attributes.prefetch, &attributes.refresh);
+        datasets::apply_policies_in(
+            &self.rt,
+            &served,
+            &attributes.prefetch,
+            &attributes.refresh,
+            attributes.pinned,
+        );
         let ttl = match attributes
             .refresh
             .interval

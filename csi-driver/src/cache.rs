@@ -52,6 +52,10 @@ use snapshot::Entry;
 const FORMAT: &str = "tidepool cache v1\n";
 const FILES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("files");
 const LRU: TableDefinition<(u64, &str), ()> = TableDefinition::new("lru");
+/// Pins: (blob key, pin id) and the reverse (pin id, blob key). A pinned file is never
+/// evicted; a pin id is a pinned dataset (a blob can be in several).
+const PINNED: TableDefinition<(&str, &str), ()> = TableDefinition::new("pinned");
+const PINS: TableDefinition<(&str, &str), ()> = TableDefinition::new("pins");
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct CacheConfig {
@@ -425,10 +429,19 @@ impl PoolShared {
                 let tx = self.index.begin_read().map_err(|e| self.index_err(e))?;
                 let lru = tx.open_table(LRU).map_err(|e| self.index_err(e))?;
                 let files = tx.open_table(FILES).map_err(|e| self.index_err(e))?;
+                let pinned = tx.open_table(PINNED).map_err(|e| self.index_err(e))?;
                 let mut out = Vec::new();
                 for item in lru.iter().map_err(|e| self.index_err(e))? {
                     let (k, _) = item.map_err(|e| self.index_err(e))?;
                     let (atime, key) = k.value();
+                    if pinned
+                        .range((key, "")..=(key, "\u{10ffff}"))
+                        .map_err(|e| self.index_err(e))?
+                        .next()
+                        .is_some()
+                    {
+                        continue;
+                    }
                     // An idle file is closed, then deleted like any other.
                     drop(self.idle.lock().remove(key));
                     if self.open.in_use(key) {
@@ -616,6 +629,14 @@ impl PoolShared {
                     path: index_path.clone(),
                     detail: e.to_string(),
                 })?;
+                tx.open_table(PINNED).map_err(|e| CacheError::Index {
+                    path: index_path.clone(),
+                    detail: e.to_string(),
+                })?;
+                tx.open_table(PINS).map_err(|e| CacheError::Index {
+                    path: index_path.clone(),
+                    detail: e.to_string(),
+                })?;
                 tx.open_table(LRU).map_err(|e| CacheError::Index {
                     path: index_path.clone(),
                     detail: e.to_string(),
@@ -740,6 +761,61 @@ impl CachePool {
                 Ok((indexed as i64 + delta).max(0) as u64)
             })
             .collect()
+    }
+
+    /// Pins `keys` under `pin_id`: never evicted until [`Self::unpin`] of that id (and of
+    /// every other id that pins them). Idempotent.
+    pub fn pin(&self, pin_id: &str, keys: &[String]) -> Result<(), CacheError> {
+        let s = &self.shared;
+        let tx = s.index.begin_write().map_err(|e| s.index_err(e))?;
+        {
+            let mut pinned = tx.open_table(PINNED).map_err(|e| s.index_err(e))?;
+            let mut pins = tx.open_table(PINS).map_err(|e| s.index_err(e))?;
+            for k in keys {
+                pinned
+                    .insert((k.as_str(), pin_id), ())
+                    .map_err(|e| s.index_err(e))?;
+                pins.insert((pin_id, k.as_str()), ())
+                    .map_err(|e| s.index_err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| s.index_err(e))
+    }
+
+    /// Removes every pin of `pin_id` (a chunk per transaction: a pin may cover millions
+    /// of files). Returns how many were removed.
+    pub fn unpin(&self, pin_id: &str) -> Result<u64, CacheError> {
+        let s = &self.shared;
+        let mut removed = 0;
+        loop {
+            let keys: Vec<String> = {
+                let tx = s.index.begin_read().map_err(|e| s.index_err(e))?;
+                let pins = tx.open_table(PINS).map_err(|e| s.index_err(e))?;
+                pins.range((pin_id, "")..=(pin_id, "\u{10ffff}"))
+                    .map_err(|e| s.index_err(e))?
+                    .take(4096)
+                    .map(|r| r.map(|(k, _)| k.value().1.to_owned()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| s.index_err(e))?
+            };
+            if keys.is_empty() {
+                return Ok(removed);
+            }
+            let tx = s.index.begin_write().map_err(|e| s.index_err(e))?;
+            {
+                let mut pinned = tx.open_table(PINNED).map_err(|e| s.index_err(e))?;
+                let mut pins = tx.open_table(PINS).map_err(|e| s.index_err(e))?;
+                for k in &keys {
+                    pinned
+                        .remove((k.as_str(), pin_id))
+                        .map_err(|e| s.index_err(e))?;
+                    pins.remove((pin_id, k.as_str()))
+                        .map_err(|e| s.index_err(e))?;
+                }
+            }
+            tx.commit().map_err(|e| s.index_err(e))?;
+            removed += keys.len() as u64;
+        }
     }
 
     /// Commits batched index updates and syncs them (clean shutdown).

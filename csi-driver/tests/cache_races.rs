@@ -161,3 +161,61 @@ async fn opening_a_pool_in_use_leaves_the_runtime_running() {
         "the runtime's only thread was blocked during the open ({ticks} ticks of 10 ms in ~2 s)"
     );
 }
+
+/// A pinned dataset is never evicted, however full the pool; unpinned, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_dataset_survives_eviction_and_goes_once_unpinned() {
+    let lake = Arc::new(MemoryLake::new());
+    for i in 0..4 {
+        lake.insert(&format!("pinned/f{i}"), pattern(i, 2 * BLOCK as usize));
+        lake.insert(&format!("other/f{i}"), pattern(100 + i, 2 * BLOCK as usize));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Room for the pinned files (8 blocks) and little more (16 blocks in all).
+    let mut cfg = CacheConfig::new(dir.path(), 10 * BLOCK);
+    cfg.block_size = BLOCK;
+    cfg.max_open_blobs = 0;
+    let pool = CachePool::open(cfg).await.unwrap();
+    let open = |prefix: &str| {
+        let (pool, lake) = (pool.clone(), lake.clone() as Arc<dyn Lake>);
+        let url = LakeUrl::parse(&format!(
+            "http://127.0.0.1:10000/devstoreaccount1/lake/{prefix}"
+        ))
+        .unwrap();
+        async move { Dataset::open(pool, url, lake, false, |_| {}).await.unwrap() }
+    };
+    let (pinned, other) = (open("pinned").await, open("other").await);
+    pinned.pin().unwrap();
+    let read_all = |ds: &Dataset| {
+        let (_, snap) = ds.current();
+        let files = snap.files_from(0, 100).unwrap();
+        let blobs: Vec<_> = files.iter().map(|e| ds.blob(e).unwrap()).collect();
+        async move {
+            for b in blobs {
+                b.read(0, b.size as usize).await.unwrap();
+            }
+        }
+    };
+    read_all(&pinned).await;
+    read_all(&other).await;
+    pool.flush().unwrap();
+    pool.evict_now().unwrap();
+    assert_eq!(
+        pinned.cached_bytes().unwrap(),
+        8 * BLOCK,
+        "every file of the pinned dataset stays"
+    );
+    assert!(
+        other.cached_bytes().unwrap() < 8 * BLOCK,
+        "the other one was evicted"
+    );
+    assert_eq!(pinned.unpin().unwrap(), 4);
+    // Both read again: over the high watermark, now anything may go.
+    read_all(&other).await;
+    pool.flush().unwrap();
+    pool.evict_now().unwrap();
+    assert!(
+        pinned.cached_bytes().unwrap() < 8 * BLOCK,
+        "unpinned, it is evictable like anything else"
+    );
+}

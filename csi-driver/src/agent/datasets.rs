@@ -56,6 +56,7 @@ pub struct Served {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     prewarm: Mutex<Option<(Prefetch, Arc<PrewarmProgress>)>>,
     refresh: Mutex<Option<Duration>>,
+    pinned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Served {
@@ -67,6 +68,25 @@ impl Drop for Served {
 }
 
 impl Served {
+    /// Keeps the dataset's files out of eviction, or makes them evictable again (in
+    /// the background: a pin walks the whole listing).
+    pub fn set_pinned(self: &Arc<Self>, pinned: bool) {
+        if self.pinned.swap(pinned, Ordering::AcqRel) == pinned {
+            return;
+        }
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = if pinned {
+                s.dataset.pin().map(|_| ())
+            } else {
+                s.dataset.unpin().map(|_| ())
+            };
+            if let Err(e) = r {
+                tracing::warn!(dataset = %s.url, error = %e, "changing the dataset's pin failed");
+            }
+        });
+    }
+
     /// Records `releaser` (the kernel connection of volume `volume_id`).
     pub fn attach(&self, volume_id: &str, releaser: SnapshotReleaser) {
         self.releasers.lock().insert(volume_id.to_owned(), releaser);
@@ -146,6 +166,7 @@ impl Registry {
             tasks: Mutex::new(Vec::new()),
             prewarm: Mutex::new(None),
             refresh: Mutex::new(None),
+            pinned: Arc::default(),
         });
         served.refresh_counts();
         self.served.lock().insert(key(url), served.clone());
@@ -164,14 +185,16 @@ pub fn apply_policies_in(
     served: &Arc<Served>,
     prefetch: &Prefetch,
     refresh: &Refresh,
+    pinned: bool,
 ) {
     let _guard = rt.enter();
-    apply_policies(served, prefetch, refresh);
+    apply_policies(served, prefetch, refresh, pinned);
 }
 
 /// Applies the policies of an assignment or a volume to a served dataset: starts the
 /// `Eager` prewarm (once per policy) and the refresh loop (once per interval).
-pub fn apply_policies(served: &Arc<Served>, prefetch: &Prefetch, refresh: &Refresh) {
+pub fn apply_policies(served: &Arc<Served>, prefetch: &Prefetch, refresh: &Refresh, pinned: bool) {
+    served.set_pinned(pinned);
     if prefetch.policy == PrefetchPolicy::Eager {
         let mut current = served.prewarm.lock();
         let same = current.as_ref().is_some_and(|(p, _)| p == prefetch);
@@ -229,6 +252,10 @@ pub fn apply_policies(served: &Arc<Served>, prefetch: &Prefetch, refresh: &Refre
                     tokio::time::sleep(every).await;
                     match s.dataset.refresh().await {
                         Ok(Some(old)) => {
+                            if s.pinned.load(Ordering::Acquire) {
+                                let d = s.dataset.clone();
+                                let _ = tokio::task::spawn_blocking(move || d.pin()).await;
+                            }
                             let releasers: Vec<SnapshotReleaser> =
                                 s.releasers.lock().values().cloned().collect();
                             let _ = tokio::task::spawn_blocking(move || {

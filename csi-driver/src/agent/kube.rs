@@ -167,6 +167,9 @@ impl PoolSync {
             if let Ok(url) = LakeUrl::parse(&a.assignment.source.url)
                 && !self.still_wanted(&url, &wanted)
             {
+                if let Some(s) = &a.served {
+                    s.set_pinned(false);
+                }
                 self.agent.registry.close(&url);
             }
         }
@@ -182,7 +185,12 @@ impl PoolSync {
             let result = self.open(&assignment).await;
             let entry = match result {
                 Ok((creds, served)) => {
-                    datasets::apply_policies(&served, &assignment.prefetch, &assignment.refresh);
+                    datasets::apply_policies(
+                        &served,
+                        &assignment.prefetch,
+                        &assignment.refresh,
+                        assignment.pinned,
+                    );
                     Assigned {
                         assignment,
                         credentials: Some(creds),

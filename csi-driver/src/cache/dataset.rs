@@ -403,6 +403,36 @@ impl Dataset {
         });
     }
 
+    /// The id under which this dataset's files are pinned.
+    pub fn pin_id(&self) -> String {
+        format!("dataset:{}{}", self.lake_id, self.url.prefix)
+    }
+
+    /// Keeps every file of the current snapshot out of eviction (files cached later
+    /// included: the pin names blob versions, cached or not). Call again after a
+    /// refresh; [`Self::unpin`] ends it.
+    pub fn pin(&self) -> Result<(), CacheError> {
+        let (_, snap) = self.current();
+        let id = self.pin_id();
+        let mut after = 0;
+        loop {
+            let chunk = snap.files_from(after, 4096)?;
+            let Some(last) = chunk.last() else { break };
+            after = last.ino;
+            let keys: Vec<String> = chunk
+                .iter()
+                .map(|e| blob_key(&self.lake_id, &e.blob, &e.etag.0))
+                .collect();
+            self.pool.pin(&id, &keys)?;
+        }
+        Ok(())
+    }
+
+    /// Makes this dataset's files evictable again.
+    pub fn unpin(&self) -> Result<u64, CacheError> {
+        self.pool.unpin(&self.pin_id())
+    }
+
     /// Bytes of the current snapshot's files resident in the pool (streamed a chunk of
     /// the listing at a time; one index read per chunk).
     pub fn cached_bytes(&self) -> Result<u64, CacheError> {
