@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub mod agent;
+pub mod csi;
 
 use crate::cache::dataset::{Dataset, PrewarmProgress, include_set};
 use crate::cache::{CacheConfig, CachePool};
@@ -51,6 +52,9 @@ pub enum Command {
     /// The node agent (one per Kubernetes node): owns the node's cache pool, serves the
     /// volumes the CSI plugin stages, prewarms and reports the node's CachePool.
     Agent(agent::AgentArgs),
+    /// The CSI node plugin (one per Kubernetes node, beside the agent): kubelet's
+    /// NodeStage/Publish calls mount the node's volumes, served by the agent.
+    Csi(csi::CsiArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -4,5 +4,6 @@
 //! file-system logic lives in the agent. [`node`] is the logic (kernel- and gRPC-free,
 //! over a [`mounter::Mounter`] and an agent link), [`mounter`] the mount operations.
 
+pub mod grpc;
 pub mod mounter;
 pub mod node;

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod cache;
 pub mod cli;
 pub mod csi;
+pub mod csi_proto;
 pub mod fdpass;
 pub mod fs;
 pub mod fuse;

@@ -23,6 +23,7 @@ fn main() -> std::process::ExitCode {
             Command::Mount(a) => tidepool_csi::cli::mount(a, &env).await,
             Command::Prewarm(a) => tidepool_csi::cli::prewarm(a, &env).await,
             Command::Agent(a) => tidepool_csi::cli::agent::run(a).await,
+            Command::Csi(a) => tidepool_csi::cli::csi::run(a).await,
         }
     });
     // A FUSE session still serving a detached mount (stopped twice while files were

@@ -1,0 +1,107 @@
+//! `tidepool csi`: the CSI node plugin as a process (see `crate::csi`).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use super::say;
+use crate::csi::grpc;
+use crate::csi::mounter::LinuxMounter;
+use crate::csi::node::{NodeCore, Records, SocketLink};
+
+#[derive(Args, Debug)]
+pub struct CsiArgs {
+    /// Where kubelet reaches the plugin.
+    #[arg(long, default_value = "unix:///csi/csi.sock", value_name = "unix:///PATH")]
+    pub endpoint: String,
+    /// This node's name (as kubelet knows it).
+    #[arg(long, env = "NODE_NAME", value_name = "NODE")]
+    pub node_id: String,
+    /// The node agent's socket.
+    #[arg(long, default_value = "/var/lib/tidepool/agent.sock", value_name = "PATH")]
+    pub agent_socket: PathBuf,
+    /// Where staged volumes are recorded (survives restarts of the plugin).
+    #[arg(long, default_value = "/var/lib/tidepool/csi", value_name = "DIR")]
+    pub state_dir: PathBuf,
+}
+
+fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
+    let Some(p) = endpoint.strip_prefix("unix://") else {
+        bail!("--endpoint {endpoint:?} must be unix:///path/to/csi.sock");
+    };
+    if !p.starts_with('/') {
+        bail!("--endpoint {endpoint:?}: the socket path must be absolute (unix:///path)");
+    }
+    Ok(PathBuf::from(p))
+}
+
+/// `tidepool csi`.
+pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
+    let sock = socket_path(&args.endpoint)?;
+    let records = Records::new(args.state_dir.clone())
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let core = Arc::new(NodeCore::new(
+        args.node_id.clone(),
+        Arc::new(LinuxMounter),
+        Arc::new(SocketLink {
+            path: args.agent_socket.clone(),
+            timeout: Duration::from_secs(120),
+        }),
+        records,
+    ));
+    {
+        let core = core.clone();
+        let repaired = tokio::task::spawn_blocking(move || core.recover()).await?;
+        if repaired > 0 {
+            tracing::info!(repaired, "volumes mounted again after both plugin and agent had stopped");
+        }
+    }
+    // A restarted agent gets the connections of staged volumes again within a second.
+    let feeder = {
+        let core = core.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let c = core.clone();
+                let _ = tokio::task::spawn_blocking(move || c.keep_agent_fed()).await;
+            }
+        })
+    };
+    if let Some(dir) = sock.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(&sock) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing the stale socket {}", sock.display()));
+        }
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("listening on {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    say(format_args!(
+        "tidepool csi: {} on node {} listening on {} (agent at {})",
+        grpc::DRIVER_NAME,
+        args.node_id,
+        sock.display(),
+        args.agent_socket.display()
+    ));
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    grpc::serve(core, listener, shutdown).await?;
+    feeder.abort();
+    // Staged volumes stay mounted: the agent keeps serving them, and the next plugin
+    // takes their descriptors back from it.
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
