@@ -132,6 +132,9 @@ struct SavedVolume {
     params: ConnParams,
 }
 
+/// Finds the credentials of a volume from its pool assignment.
+pub type CredentialResolver = Arc<dyn Fn(&VolumeAttributes) -> Option<Credentials> + Send + Sync>;
+
 /// A volume being served.
 struct Volume {
     attributes: VolumeAttributes,
@@ -140,6 +143,8 @@ struct Volume {
     /// Our duplicate of the connection's descriptor (handed back to a restarted plugin).
     fd: OwnedFd,
     stats: Arc<MountStats>,
+    /// The stage secrets it was served with (memory only; never written to disk).
+    secrets: StageSecrets,
 }
 
 /// The running agent.
@@ -152,8 +157,7 @@ pub struct Agent {
     state_dir: PathBuf,
     /// Resolves the credentials of a volume without stage secrets (from its pool
     /// assignment); set when the agent talks to the API server.
-    pub assignment_credentials:
-        Mutex<Option<Arc<dyn Fn(&VolumeAttributes) -> Option<Credentials> + Send + Sync>>>,
+    pub assignment_credentials: Mutex<Option<CredentialResolver>>,
 }
 
 fn state_file(dir: &Path, volume_id: &str) -> PathBuf {
@@ -319,6 +323,7 @@ impl Agent {
                 session,
                 fd: dup,
                 stats,
+                secrets: secrets.clone(),
             },
         );
         Ok(())
@@ -354,18 +359,20 @@ impl Agent {
         })
     }
 
-    /// Duplicates of every served volume's descriptor, in `served()` order.
-    fn descriptors(&self) -> (Vec<String>, Vec<OwnedFd>) {
+    /// Duplicates of every served volume's descriptor, with its stage secrets.
+    fn descriptors(&self) -> (Vec<String>, Vec<StageSecrets>, Vec<OwnedFd>) {
         let volumes = self.volumes.lock();
         let mut ids = Vec::new();
+        let mut secrets = Vec::new();
         let mut fds = Vec::new();
         for (id, v) in volumes.iter() {
             if let Ok(fd) = v.fd.try_clone() {
                 ids.push(id.clone());
+                secrets.push(v.secrets.clone());
                 fds.push(fd);
             }
         }
-        (ids, fds)
+        (ids, secrets, fds)
     }
 
     /// Drops volumes whose connection ended (unmounted without a release).
@@ -426,8 +433,8 @@ impl Agent {
                 volumes: self.served(),
             },
             Request::Descriptors => {
-                let (volumes, fds) = self.descriptors();
-                return (Response::Descriptors { volumes }, fds);
+                let (volumes, secrets, fds) = self.descriptors();
+                return (Response::Descriptors { volumes, secrets }, fds);
             }
         };
         (r, Vec::new())

@@ -24,6 +24,9 @@
 //!   reads run at local-disk speed. The kernel wants one backing file per inode and
 //!   refuses to mix passthrough and page-cache opens of one inode, hence the per-inode
 //!   I/O state.
+//! - Closes never wait on the server (`FOPEN_NOFLUSH`: nothing to flush on a read-only
+//!   tree), so a pod closing a file, or a process exec'ing with one open, is not held
+//!   up while the agent restarts.
 //! - Errors: not found → ENOENT; any write → EROFS; a lake failure, a changed blob or
 //!   a corrupt block → EIO (with a log line naming the blob).
 
@@ -426,7 +429,7 @@ impl fuse::FileSystem for DatasetFs {
                 // asks for it (the backing file's own page cache serves).
                 Ok(OpenOut {
                     fh: ino | FH_PASSTHROUGH,
-                    flags: fopen::PASSTHROUGH,
+                    flags: fopen::PASSTHROUGH | fopen::NOFLUSH,
                     backing_id: id,
                 })
             }
@@ -434,7 +437,7 @@ impl fuse::FileSystem for DatasetFs {
                 state.cached += 1;
                 Ok(OpenOut {
                     fh: ino,
-                    flags: fopen::KEEP_CACHE,
+                    flags: fopen::KEEP_CACHE | fopen::NOFLUSH,
                     backing_id: 0,
                 })
             }

@@ -6,6 +6,7 @@
 
 pub mod azurite;
 pub mod mount_process;
+pub mod node;
 
 pub use self::azurite::{Azurite, TlsFiles};
 pub use self::mount_process::MountProcess;

@@ -35,6 +35,8 @@ impl std::fmt::Debug for StageSecrets {
     }
 }
 
+// A message read once per call and dropped: boxing the large variant saves nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -101,9 +103,12 @@ pub enum Response {
     Served {
         volumes: Vec<String>,
     },
-    /// Descriptors attached in this order.
+    /// Descriptors attached in this order, with each volume's stage secrets (held in
+    /// memory only, so a restarted plugin can hand them to a later agent).
     Descriptors {
         volumes: Vec<String>,
+        #[serde(default)]
+        secrets: Vec<StageSecrets>,
     },
 }
 

@@ -16,13 +16,21 @@ use crate::csi::node::{NodeCore, Records, SocketLink};
 #[derive(Args, Debug)]
 pub struct CsiArgs {
     /// Where kubelet reaches the plugin.
-    #[arg(long, default_value = "unix:///csi/csi.sock", value_name = "unix:///PATH")]
+    #[arg(
+        long,
+        default_value = "unix:///csi/csi.sock",
+        value_name = "unix:///PATH"
+    )]
     pub endpoint: String,
     /// This node's name (as kubelet knows it).
     #[arg(long, env = "NODE_NAME", value_name = "NODE")]
     pub node_id: String,
     /// The node agent's socket.
-    #[arg(long, default_value = "/var/lib/tidepool/agent.sock", value_name = "PATH")]
+    #[arg(
+        long,
+        default_value = "/var/lib/tidepool/agent.sock",
+        value_name = "PATH"
+    )]
     pub agent_socket: PathBuf,
     /// Where staged volumes are recorded (survives restarts of the plugin).
     #[arg(long, default_value = "/var/lib/tidepool/csi", value_name = "DIR")]
@@ -57,17 +65,28 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         let core = core.clone();
         let repaired = tokio::task::spawn_blocking(move || core.recover()).await?;
         if repaired > 0 {
-            tracing::info!(repaired, "volumes mounted again after both plugin and agent had stopped");
+            tracing::info!(
+                repaired,
+                "volumes mounted again after both plugin and agent had stopped"
+            );
         }
     }
-    // A restarted agent gets the connections of staged volumes again within a second.
+    // A restarted agent gets the connections of staged volumes again within a second;
+    // volumes whose connection died (the agent came up after us, or lacked credentials)
+    // are mounted again every few seconds until they can be.
     let feeder = {
         let core = core.clone();
         tokio::spawn(async move {
-            loop {
+            for tick in 1u64.. {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let c = core.clone();
-                let _ = tokio::task::spawn_blocking(move || c.keep_agent_fed()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    c.keep_agent_fed();
+                    if tick % 5 == 0 {
+                        c.recover();
+                    }
+                })
+                .await;
             }
         })
     };

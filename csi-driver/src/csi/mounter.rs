@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -135,7 +135,15 @@ impl Mounter for LinuxMounter {
     }
 
     fn answers(&self, target: &Path) -> bool {
-        std::fs::metadata(target).is_ok()
+        // statfs, not stat: FUSE sends every statfs to the server, while a stat of the
+        // root may be answered from the kernel's attribute cache long after the
+        // connection died.
+        let Ok(path) = cstr(target) else {
+            return false;
+        };
+        let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: a NUL-terminated path and a buffer of the right type.
+        unsafe { libc::statfs(path.as_ptr(), buf.as_mut_ptr()) == 0 }
     }
 }
 
@@ -152,6 +160,17 @@ pub struct FakeMounter {
     pub table: Mutex<BTreeMap<PathBuf, FakeMount>>,
     /// Paths whose mount stops answering (a dead connection).
     pub dead: Mutex<Vec<PathBuf>>,
+    /// The far end of each fake connection's descriptor (a pipe): dropped when the
+    /// connection dies, so the descriptor reports `POLLERR` as /dev/fuse does.
+    peers: Mutex<BTreeMap<PathBuf, OwnedFd>>,
+}
+
+impl FakeMounter {
+    /// The connection mounted at `target` dies (its server and every holder gone).
+    pub fn kill(&self, target: &Path) {
+        self.dead.lock().push(target.to_owned());
+        self.peers.lock().remove(target);
+    }
 }
 
 impl Mounter for FakeMounter {
@@ -164,7 +183,16 @@ impl Mounter for FakeMounter {
             )));
         }
         t.insert(target.to_owned(), FakeMount::Fuse);
-        Ok(std::fs::File::open("/dev/null")?.into())
+        let mut ends = [0; 2];
+        // SAFETY: a two-element array for pipe2 to fill.
+        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned here.
+        let (read, write) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        self.peers.lock().insert(target.to_owned(), read);
+        Ok(write)
     }
 
     fn bind(&self, source: &Path, target: &Path, read_only: bool) -> io::Result<()> {
@@ -181,6 +209,7 @@ impl Mounter for FakeMounter {
     fn unmount(&self, target: &Path) -> io::Result<()> {
         self.table.lock().remove(target);
         self.dead.lock().retain(|p| p != target);
+        self.peers.lock().remove(target);
         Ok(())
     }
 

@@ -191,6 +191,27 @@ pub struct NodeCore {
     busy: Mutex<HashSet<String>>,
     /// Our duplicates of staged volumes' FUSE descriptors.
     fds: Mutex<HashMap<String, OwnedFd>>,
+    /// The stage secrets of staged volumes, in memory only (never on disk): handed to
+    /// a restarted agent with the volume's connection. The agent keeps a copy too, so
+    /// either process may restart; after both did, the agent falls back to the
+    /// credentials of the volume's pool assignment.
+    secrets: Mutex<HashMap<String, StageSecrets>>,
+    /// The last reason each volume could not be mounted again (logged once).
+    repair_failures: Mutex<HashMap<String, String>>,
+}
+
+/// Whether the FUSE connection behind `fd` (a /dev/fuse descriptor) is still up: the
+/// kernel reports `POLLERR` on it once the connection was aborted or unmounted. Never
+/// blocks, unlike a `stat` of the mount while its server is away.
+pub fn connection_alive(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n >= 0 && p.revents & (libc::POLLERR | libc::POLLNVAL) == 0
 }
 
 /// The usage and health of a volume.
@@ -215,6 +236,8 @@ impl NodeCore {
             records,
             busy: Mutex::new(HashSet::new()),
             fds: Mutex::new(HashMap::new()),
+            secrets: Mutex::new(HashMap::new()),
+            repair_failures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -229,6 +252,31 @@ impl NodeCore {
             set: &self.busy,
             id: volume_id.to_owned(),
         })
+    }
+
+    /// Whether the staged volume's connection is up. With our duplicate of its
+    /// descriptor this never touches the mount (a `stat` would wait while the agent
+    /// restarts); without one, a dead mount answers a `stat` at once with an error.
+    fn live(&self, volume_id: &str, staging_path: &Path) -> bool {
+        if !self.mounter.is_mounted(staging_path).unwrap_or(false) {
+            return false;
+        }
+        match self.fds.lock().get(volume_id) {
+            Some(fd) => connection_alive(fd),
+            None => self.mounter.answers(staging_path),
+        }
+    }
+
+    /// Binds every recorded target of `rec` to its (new) staging mount again, so pods
+    /// that had the volume see it again.
+    fn rebind_targets(&self, rec: &Staged) {
+        let ro = rec.attributes.kind == VolumeKind::DatasetCache;
+        for t in &rec.targets {
+            let _ = self.mounter.unmount(t);
+            if let Err(e) = self.mounter.bind(&rec.staging_path, t, ro) {
+                tracing::warn!(target = %t.display(), error = %e, "binding a published target again failed");
+            }
+        }
     }
 
     fn agent_call(
@@ -298,7 +346,8 @@ impl NodeCore {
             ));
         }
         let _busy = self.lock(volume_id)?;
-        if let Some(rec) = self.records.get(volume_id) {
+        let previous = self.records.get(volume_id);
+        if let Some(rec) = &previous {
             if rec.staging_path != staging_path {
                 return Err(fail(
                     Code::FailedPrecondition,
@@ -308,34 +357,36 @@ impl NodeCore {
                     ),
                 ));
             }
-            let mounted = self
-                .mounter
-                .is_mounted(staging_path)
-                .map_err(|e| internal("reading the mount table", e))?;
-            if mounted && self.mounter.answers(staging_path) {
+            if self.live(volume_id, staging_path) {
                 if rec.attributes != attributes {
                     return Err(fail(
                         Code::AlreadyExists,
                         format!("volume {volume_id} is staged with other attributes"),
                     ));
                 }
+                if !secrets.0.is_empty() {
+                    // Rotated secrets reach the next agent that takes the volume over.
+                    self.secrets.lock().insert(volume_id.to_owned(), secrets);
+                }
                 return Ok(());
             }
         }
-        self.mount_and_serve(volume_id, staging_path, &attributes, secrets)?;
-        let targets = self
-            .records
-            .get(volume_id)
-            .map(|r| r.targets)
-            .unwrap_or_default();
+        self.mount_and_serve(volume_id, staging_path, &attributes, &secrets)?;
+        if !secrets.0.is_empty() {
+            self.secrets.lock().insert(volume_id.to_owned(), secrets);
+        }
+        self.repair_failures.lock().remove(volume_id);
+        let rec = Staged {
+            volume_id: volume_id.to_owned(),
+            staging_path: staging_path.to_owned(),
+            attributes,
+            targets: previous.map(|r| r.targets).unwrap_or_default(),
+        };
         self.records
-            .put(&Staged {
-                volume_id: volume_id.to_owned(),
-                staging_path: staging_path.to_owned(),
-                attributes,
-                targets,
-            })
+            .put(&rec)
             .map_err(|e| internal("recording the staged volume", e))?;
+        // Staged again after its connection died: the pods' targets come back too.
+        self.rebind_targets(&rec);
         Ok(())
     }
 
@@ -346,7 +397,7 @@ impl NodeCore {
         volume_id: &str,
         staging_path: &Path,
         attributes: &VolumeAttributes,
-        secrets: StageSecrets,
+        secrets: &StageSecrets,
     ) -> Result<(), CsiError> {
         // Reachable before anything is mounted: a mount nobody serves would hang readers.
         if !self.agent_ready() {
@@ -376,7 +427,7 @@ impl NodeCore {
             volume_id: volume_id.to_owned(),
             staging_path: staging_path.to_owned(),
             attributes: attributes.clone(),
-            secrets,
+            secrets: secrets.clone(),
             fresh: true,
         };
         let answer = self.agent_call(&req, &[fd.as_raw_fd()]);
@@ -426,6 +477,7 @@ impl NodeCore {
             .unmount(staging_path)
             .map_err(|e| internal("unmounting the staging path", e))?;
         self.fds.lock().remove(volume_id);
+        self.secrets.lock().remove(volume_id);
         // The agent may be down: the record goes anyway, and a restarted agent
         // forgets volumes no plugin hands it.
         let _ = self.agent.call(
@@ -564,8 +616,8 @@ impl NodeCore {
                 format!("{} is not mounted", path.display()),
             ));
         }
-        let mut abnormal = (!self.mounter.answers(path)).then(|| {
-            "the volume's FUSE connection is gone (agent and plugin both stopped?); the plugin mounts it again at its next start".to_owned()
+        let mut abnormal = (!self.live(volume_id, &rec.staging_path)).then(|| {
+            "the volume's FUSE connection is gone (the agent and the plugin both stopped); the plugin mounts it again when it can, or NodeStageVolume does".to_owned()
         });
         let stats = match self.agent.call(
             &Request::Stats {
@@ -594,50 +646,57 @@ impl NodeCore {
         Ok(Stats { stats, abnormal })
     }
 
-    /// After a restart of the plugin: takes the descriptors of live volumes back from
-    /// the agent, and mounts anew (binding their targets again) the volumes whose
-    /// connection ended. Returns how many volumes were repaired.
+    /// At the plugin's start and every few seconds after: takes the descriptors of
+    /// live volumes back from the agent, and mounts anew (binding their targets again)
+    /// the volumes whose connection ended. Returns how many volumes were repaired.
     pub fn recover(&self) -> usize {
-        if let Ok((Response::Descriptors { volumes }, fds)) =
+        if let Ok((Response::Descriptors { volumes, secrets }, fds)) =
             self.agent.call(&Request::Descriptors, &[])
         {
             let mut ours = self.fds.lock();
+            let mut kept = self.secrets.lock();
+            let mut secrets = secrets.into_iter();
             for (id, fd) in volumes.into_iter().zip(fds) {
+                if let Some(s) = secrets.next().filter(|s| !s.0.is_empty()) {
+                    kept.entry(id.clone()).or_insert(s);
+                }
                 ours.entry(id).or_insert(fd);
             }
         }
         let mut repaired = 0;
         for rec in self.records.all() {
-            let alive = self.mounter.is_mounted(&rec.staging_path).unwrap_or(false)
-                && self.mounter.answers(&rec.staging_path)
-                && self.fds.lock().contains_key(&rec.volume_id);
-            if alive {
+            if self.live(&rec.volume_id, &rec.staging_path) {
                 continue;
             }
-            tracing::warn!(volume = %rec.volume_id, staging = %rec.staging_path.display(), "volume's connection is gone; mounting it again");
             let Ok(_busy) = self.lock(&rec.volume_id) else {
                 continue;
             };
-            // Without the stage secrets (not kept on disk), the agent uses the
-            // assignment's credentials.
-            match self.mount_and_serve(
-                &rec.volume_id,
-                &rec.staging_path,
-                &rec.attributes,
-                StageSecrets::default(),
-            ) {
+            if self.live(&rec.volume_id, &rec.staging_path) {
+                continue;
+            }
+            // Stage secrets live in memory only: when no process kept them, the
+            // agent uses the credentials of the volume's pool assignment.
+            let secrets = self
+                .secrets
+                .lock()
+                .get(&rec.volume_id)
+                .cloned()
+                .unwrap_or_default();
+            match self.mount_and_serve(&rec.volume_id, &rec.staging_path, &rec.attributes, &secrets)
+            {
                 Ok(()) => {
-                    for t in &rec.targets {
-                        let _ = self.mounter.unmount(t);
-                        let ro = rec.attributes.kind == VolumeKind::DatasetCache;
-                        if let Err(e) = self.mounter.bind(&rec.staging_path, t, ro) {
-                            tracing::warn!(target = %t.display(), error = %e, "binding a published target again failed");
-                        }
-                    }
+                    self.rebind_targets(&rec);
+                    self.repair_failures.lock().remove(&rec.volume_id);
+                    tracing::info!(volume = %rec.volume_id, staging = %rec.staging_path.display(), "volume's connection was gone; mounted it again");
                     repaired += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(volume = %rec.volume_id, error = %e, "cannot mount the volume again yet")
+                    let why = e.to_string();
+                    let mut last = self.repair_failures.lock();
+                    if last.get(&rec.volume_id) != Some(&why) {
+                        tracing::warn!(volume = %rec.volume_id, error = %why, "the volume's connection is gone and it cannot be mounted again yet; retrying");
+                        last.insert(rec.volume_id.clone(), why);
+                    }
                 }
             }
         }
@@ -669,7 +728,7 @@ impl NodeCore {
                 volume_id: id.clone(),
                 staging_path: rec.staging_path.clone(),
                 attributes: rec.attributes.clone(),
-                secrets: StageSecrets::default(),
+                secrets: self.secrets.lock().get(&id).cloned().unwrap_or_default(),
                 fresh: false,
             };
             match self.agent.call(&req, &[fd.as_raw_fd()]) {
@@ -740,7 +799,10 @@ mod tests {
                         objects: 2,
                         abnormal: None,
                     }),
-                    Request::Descriptors => Response::Descriptors { volumes: vec![] },
+                    Request::Descriptors => Response::Descriptors {
+                        volumes: vec![],
+                        secrets: vec![],
+                    },
                     Request::Release { volume_id } => {
                         self.served.lock().retain(|v| v != volume_id);
                         Response::Ok
@@ -1017,7 +1079,10 @@ mod tests {
     #[test]
     fn a_restarted_agent_gets_the_connections_again_and_a_dead_one_is_remounted() {
         let s = setup();
-        s.stage().unwrap();
+        let key = StageSecrets(BTreeMap::from([("accountKey".into(), "K".into())]));
+        s.core
+            .stage("v1", &s.staging(), Some(&ro()), &ctx(), key.clone())
+            .unwrap();
         s.core
             .publish("v1", &s.staging(), &s.target(1), Some(&ro()), true)
             .unwrap();
@@ -1035,6 +1100,21 @@ mod tests {
             })
             .collect();
         assert_eq!(resumes, [true, false], "handed over as a live connection");
+        let handed: Vec<StageSecrets> = s
+            .agent
+            .calls
+            .lock()
+            .iter()
+            .filter_map(|r| match r {
+                Request::Serve { secrets, .. } => Some(secrets.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            handed,
+            [key.clone(), key],
+            "the restarted agent gets the stage secrets with the connection"
+        );
         // A plugin restart after both died: the connection is dead; recover mounts it
         // again and binds the target again.
         let core2 = NodeCore::new(
@@ -1043,7 +1123,7 @@ mod tests {
             s.agent.clone(),
             Records::new(s.dir.path().join("state")).unwrap(),
         );
-        s.mounter.dead.lock().push(s.staging());
+        s.mounter.kill(&s.staging());
         assert_eq!(core2.recover(), 1);
         assert!(s.mounter.answers(&s.staging()));
         assert!(s.mounter.is_mounted(&s.target(1)).unwrap());
@@ -1056,7 +1136,7 @@ mod tests {
     fn a_dead_connection_is_reported_abnormal() {
         let s = setup();
         s.stage().unwrap();
-        s.mounter.dead.lock().push(s.staging());
+        s.mounter.kill(&s.staging());
         let st = s.core.stats("v1", &s.staging()).unwrap();
         assert!(st.abnormal.unwrap().contains("connection is gone"));
     }

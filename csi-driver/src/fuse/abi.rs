@@ -93,6 +93,10 @@ pub mod init {
 pub mod fopen {
     pub const KEEP_CACHE: u32 = 1 << 1;
     pub const CACHE_DIR: u32 = 1 << 3;
+    /// No FLUSH on close (5.16+). A close then never waits on the server, so a
+    /// process closing a file (or exec'ing with it open) is not held up while the
+    /// server restarts.
+    pub const NOFLUSH: u32 = 1 << 5;
     pub const PASSTHROUGH: u32 = 1 << 7;
 }
 

@@ -1,0 +1,156 @@
+//! A node as tests and the bench run it: the real `tidepool agent` (without an API
+//! server) and `tidepool csi` processes, and a CSI client over the plugin's socket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::csi_proto::identity_client::IdentityClient;
+use crate::csi_proto::node_client::NodeClient;
+
+/// One of the node's processes, killed on drop.
+pub struct NodeProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl NodeProcess {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Paths of a test node under one work directory.
+#[derive(Clone, Debug)]
+pub struct NodePaths {
+    pub bin: PathBuf,
+    pub work: PathBuf,
+    pub pool: PathBuf,
+    pub agent_socket: PathBuf,
+    pub csi_socket: PathBuf,
+    pub state: PathBuf,
+}
+
+impl NodePaths {
+    pub fn new(bin: &Path, work: &Path) -> Self {
+        NodePaths {
+            bin: bin.to_owned(),
+            work: work.to_owned(),
+            pool: work.join("pool"),
+            agent_socket: work.join("agent.sock"),
+            csi_socket: work.join("csi.sock"),
+            state: work.join("csi-state"),
+        }
+    }
+
+    fn spawn(&self, name: &str, args: &[&std::ffi::OsStr]) -> NodeProcess {
+        let log = self.work.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(&self.bin)
+            .args(args)
+            .env("TIDEPOOL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log file"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+        NodeProcess { child, log }
+    }
+
+    /// `tidepool agent --no-kube` on this node's pool; returns once its socket answers.
+    pub fn start_agent(&self, cache_size: &str) -> NodeProcess {
+        let p = self.spawn(
+            "agent",
+            &[
+                "agent".as_ref(),
+                "--no-kube".as_ref(),
+                "--node-name".as_ref(),
+                "test-node".as_ref(),
+                "--cache-size".as_ref(),
+                cache_size.as_ref(),
+                "--cache-dir".as_ref(),
+                self.pool.as_os_str(),
+                "--socket".as_ref(),
+                self.agent_socket.as_os_str(),
+            ],
+        );
+        wait_socket(&self.agent_socket, &p);
+        p
+    }
+
+    /// `tidepool csi`; returns once its socket answers.
+    pub fn start_csi(&self) -> NodeProcess {
+        let endpoint = format!("unix://{}", self.csi_socket.display());
+        let _ = std::fs::remove_file(&self.csi_socket);
+        let p = self.spawn(
+            "csi",
+            &[
+                "csi".as_ref(),
+                "--endpoint".as_ref(),
+                endpoint.as_ref(),
+                "--node-id".as_ref(),
+                "test-node".as_ref(),
+                "--agent-socket".as_ref(),
+                self.agent_socket.as_os_str(),
+                "--state-dir".as_ref(),
+                self.state.as_os_str(),
+            ],
+        );
+        wait_socket(&self.csi_socket, &p);
+        p
+    }
+}
+
+fn wait_socket(path: &Path, p: &NodeProcess) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(
+            Instant::now() < end,
+            "{} did not come up:\n{}",
+            path.display(),
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// CSI clients over the plugin's Unix socket.
+pub async fn csi_clients(
+    socket: &Path,
+) -> (
+    IdentityClient<tonic::transport::Channel>,
+    NodeClient<tonic::transport::Channel>,
+) {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::try_from("http://[::1]:50051")
+        .expect("static URI")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect to the CSI socket");
+    (
+        IdentityClient::new(channel.clone()),
+        NodeClient::new(channel),
+    )
+}
