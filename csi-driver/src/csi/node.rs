@@ -170,17 +170,38 @@ impl Records {
     }
 }
 
+/// Who holds a volume's lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holder {
+    /// A CSI call (kubelet's): a second call meanwhile is `Aborted`, as the spec says.
+    Call,
+    /// The plugin's own upkeep (handing connections to a restarted agent, mounting a
+    /// dead volume again): a CSI call waits for it rather than failing.
+    Upkeep,
+}
+
+/// The volumes with an operation in progress.
+#[derive(Default)]
+struct Busy {
+    held: Mutex<HashMap<String, Holder>>,
+    released: parking_lot::Condvar,
+}
+
 /// Held while an operation on one volume runs.
 struct VolumeLock<'a> {
-    set: &'a Mutex<HashSet<String>>,
+    busy: &'a Busy,
     id: String,
 }
 
 impl Drop for VolumeLock<'_> {
     fn drop(&mut self) {
-        self.set.lock().remove(&self.id);
+        self.busy.held.lock().remove(&self.id);
+        self.busy.released.notify_all();
     }
 }
+
+/// The longest a CSI call waits for the plugin's upkeep of the same volume.
+const UPKEEP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The node plugin's state and logic.
 pub struct NodeCore {
@@ -188,7 +209,7 @@ pub struct NodeCore {
     mounter: Arc<dyn Mounter>,
     agent: Arc<dyn AgentLink>,
     records: Records,
-    busy: Mutex<HashSet<String>>,
+    busy: Busy,
     /// Our duplicates of staged volumes' FUSE descriptors.
     fds: Mutex<HashMap<String, OwnedFd>>,
     /// The stage secrets of staged volumes, in memory only (never on disk): handed to
@@ -234,22 +255,56 @@ impl NodeCore {
             mounter,
             agent,
             records,
-            busy: Mutex::new(HashSet::new()),
+            busy: Busy::default(),
             fds: Mutex::new(HashMap::new()),
             secrets: Mutex::new(HashMap::new()),
             repair_failures: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The lock of a CSI call on `volume_id`: `Aborted` while another call holds it;
+    /// waits (up to [`UPKEEP_WAIT`]) while the plugin's upkeep does.
     fn lock(&self, volume_id: &str) -> Result<VolumeLock<'_>, CsiError> {
-        if !self.busy.lock().insert(volume_id.to_owned()) {
-            return Err(fail(
+        let aborted = || {
+            fail(
                 Code::Aborted,
                 format!("an operation on volume {volume_id} is already in progress; retry later"),
-            ));
+            )
+        };
+        let deadline = std::time::Instant::now() + UPKEEP_WAIT;
+        let mut held = self.busy.held.lock();
+        loop {
+            match held.get(volume_id) {
+                None => break,
+                Some(Holder::Call) => return Err(aborted()),
+                Some(Holder::Upkeep) => {
+                    if self
+                        .busy
+                        .released
+                        .wait_until(&mut held, deadline)
+                        .timed_out()
+                    {
+                        return Err(aborted());
+                    }
+                }
+            }
         }
+        held.insert(volume_id.to_owned(), Holder::Call);
         Ok(VolumeLock {
-            set: &self.busy,
+            busy: &self.busy,
+            id: volume_id.to_owned(),
+        })
+    }
+
+    /// The lock of the plugin's upkeep: `None` if anything holds it now.
+    fn upkeep_lock(&self, volume_id: &str) -> Option<VolumeLock<'_>> {
+        let mut held = self.busy.held.lock();
+        if held.contains_key(volume_id) {
+            return None;
+        }
+        held.insert(volume_id.to_owned(), Holder::Upkeep);
+        Some(VolumeLock {
+            busy: &self.busy,
             id: volume_id.to_owned(),
         })
     }
@@ -668,7 +723,7 @@ impl NodeCore {
             if self.live(&rec.volume_id, &rec.staging_path) {
                 continue;
             }
-            let Ok(_busy) = self.lock(&rec.volume_id) else {
+            let Some(_busy) = self.upkeep_lock(&rec.volume_id) else {
                 continue;
             };
             if self.live(&rec.volume_id, &rec.staging_path) {
@@ -721,7 +776,7 @@ impl NodeCore {
             let Some(rec) = self.records.get(&id) else {
                 continue;
             };
-            let Ok(_busy) = self.lock(&id) else {
+            let Some(_busy) = self.upkeep_lock(&id) else {
                 continue;
             };
             let req = Request::Serve {
@@ -1037,6 +1092,32 @@ mod tests {
         );
         tx.send(()).unwrap();
         first.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_call_during_the_plugins_own_upkeep_waits_instead_of_failing() {
+        let s = setup();
+        s.stage().unwrap();
+        // The agent restarted; handing it the connection is held up in Serve.
+        s.agent.served.lock().clear();
+        let (tx, rx) = std::sync::mpsc::channel();
+        *s.agent.gate.lock() = Some(rx);
+        let core = s.core.clone();
+        let upkeep = std::thread::spawn(move || core.keep_agent_fed());
+        while s.serves() < 2 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let core = s.core.clone();
+        let (staging, target) = (s.staging(), s.target(1));
+        let call = std::thread::spawn(move || {
+            core.publish("v1", &staging, &target, Some(&ro()), true)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!call.is_finished(), "the call waits for the upkeep");
+        tx.send(()).unwrap();
+        upkeep.join().unwrap();
+        call.join().unwrap().unwrap();
+        assert!(s.mounter.is_mounted(&s.target(1)).unwrap());
     }
 
     #[test]
