@@ -33,9 +33,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use tidepool_csi::csi_proto as pb;
 use tidepool_csi::lake::azure::AzureLake;
 use tidepool_csi::lake::{BlockId, ETag, Lake};
-use tidepool_csi::csi_proto as pb;
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
 use tidepool_csi::testing::node::{NodePaths, csi_clients};
 use tidepool_csi::testing::{Azurite, pattern};
@@ -533,7 +533,10 @@ async fn node_bench(
         {
             break t.elapsed().as_secs_f64();
         }
-        assert!(t.elapsed().as_secs() < 1200, "prewarm did not finish: {st:?}");
+        assert!(
+            t.elapsed().as_secs() < 1200,
+            "prewarm did not finish: {st:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     let prewarm_mem = sampler.finish();

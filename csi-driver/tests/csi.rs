@@ -327,7 +327,11 @@ async fn a_staged_dataset_published_twice_reads_byte_exact_from_one_cache() {
         }
     }
     assert!(ok >= 1, "one of the concurrent stages did it");
-    assert_eq!(n.mounts_left(), vec![n.staging()], "one mount for the volume");
+    assert_eq!(
+        n.mounts_left(),
+        vec![n.staging()],
+        "one mount for the volume"
+    );
     for _ in 0..2 {
         node.node_stage_volume(n.stage_req()).await.unwrap();
     }
@@ -539,5 +543,9 @@ async fn upstream_csi_sanity_passes_where_installed() {
         String::from_utf8_lossy(&out.stderr),
         csi.log()
     );
-    assert_eq!(n.mounts_left(), Vec::<PathBuf>::new(), "nothing left mounted");
+    assert_eq!(
+        n.mounts_left(),
+        Vec::<PathBuf>::new(),
+        "nothing left mounted"
+    );
 }

@@ -1109,9 +1109,8 @@ mod tests {
         }
         let core = s.core.clone();
         let (staging, target) = (s.staging(), s.target(1));
-        let call = std::thread::spawn(move || {
-            core.publish("v1", &staging, &target, Some(&ro()), true)
-        });
+        let call =
+            std::thread::spawn(move || core.publish("v1", &staging, &target, Some(&ro()), true));
         std::thread::sleep(Duration::from_millis(100));
         assert!(!call.is_finished(), "the call waits for the upkeep");
         tx.send(()).unwrap();

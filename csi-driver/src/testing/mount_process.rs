@@ -19,14 +19,32 @@ impl MountProcess {
     /// and returns once it printed its "mounted" line. Panics with what it printed
     /// otherwise (test support).
     pub fn start(bin: &Path, url: &str, mnt: &Path, cache: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(bin)
-            .args(["mount", url])
+        Self::start_logged(bin, url, mnt, cache, extra, None)
+    }
+
+    /// [`Self::start`] with the process's log (stderr) written to `log`.
+    pub fn start_logged(
+        bin: &Path,
+        url: &str,
+        mnt: &Path,
+        cache: &Path,
+        extra: &[&str],
+        log: Option<&Path>,
+    ) -> Self {
+        let mut cmd = Command::new(bin);
+        cmd.args(["mount", url])
             .arg(mnt)
             .arg("--cache-dir")
             .arg(cache)
             .args(extra)
             .env("AZURE_STORAGE_KEY", ACCOUNT_KEY)
-            .stdout(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some(log) = log {
+            let f = std::fs::File::create(log)
+                .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+            cmd.stderr(f);
+        }
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let mut line = String::new();
