@@ -38,7 +38,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -50,6 +50,10 @@ use blob::CachedBlob;
 use snapshot::Entry;
 
 const FORMAT: &str = "tidepool cache v1\n";
+/// The longest the index goes without a durable commit.
+const DURABLE_EVERY: Duration = Duration::from_secs(5);
+/// The longest a landing block waits for the evictor when the pool is full.
+const ROOM_WAIT: Duration = Duration::from_secs(2);
 const FILES: TableDefinition<&str, (u64, u64)> = TableDefinition::new("files");
 const LRU: TableDefinition<(u64, &str), ()> = TableDefinition::new("lru");
 /// Pins: (blob key, pin id) and the reverse (pin id, blob key). A pinned file is never
@@ -180,6 +184,10 @@ pub(crate) struct PoolShared {
     /// Held by index commits and the start-up scan, so a file is never in neither
     /// `pending` nor the index while the scan looks for it.
     maintenance: Mutex<()>,
+    /// When the index was last committed durably (see [`PoolShared::durability`]).
+    last_durable: Mutex<Instant>,
+    /// Eviction passes finished (see [`PoolShared::wait_for_room`]).
+    evict_passes: AtomicU64,
     index: Database,
     index_path: PathBuf,
     /// Bytes fetched from the lake since start (reports and tests).
@@ -295,14 +303,59 @@ impl PoolShared {
         }
     }
 
-    /// Commits batched index updates.
+    /// How an index commit is made: durable (fsync) at most every
+    /// [`DURABLE_EVERY`] or when `force`d, otherwise not. The evictor commits many
+    /// times a second under pressure, and an fsync stuck behind a busy disk held it up
+    /// while fetches kept landing (the pool overshot its size by half). A crash loses
+    /// at most the last seconds of index updates, which the pool's start puts right:
+    /// blocks on disk the index missed are counted again (`reconcile`), and entries of
+    /// files already deleted are evicted again harmlessly.
+    fn durability(&self, force: bool) -> redb::Durability {
+        let mut last = self.last_durable.lock();
+        if force || last.elapsed() >= DURABLE_EVERY {
+            *last = Instant::now();
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        }
+    }
+
+    /// Before a block of `n` bytes lands: while the pool is over its capacity (the
+    /// evictor behind, on a stalled disk or a burst of fetches), waits for it, so the
+    /// pool's disk use stays bounded. The block lands anyway once two eviction passes
+    /// ended without making room (the files open right now are all the pool holds;
+    /// they shed what they can) or after [`ROOM_WAIT`]: a reader never waits forever.
+    /// Runs on a blocking thread.
+    pub(crate) fn wait_for_room(&self, n: u64) {
+        let full = |s: &Self| s.used.load(Ordering::Acquire) + n > s.config.capacity;
+        if !full(self) {
+            return;
+        }
+        let passes = self.evict_passes.load(Ordering::Acquire);
+        let end = Instant::now() + ROOM_WAIT;
+        while full(self)
+            && Instant::now() < end
+            && self.evict_passes.load(Ordering::Acquire) < passes + 2
+        {
+            self.pressure.notify_one();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Commits batched index updates (durably now and then, see [`Self::durability`]).
     fn flush(&self) -> Result<(), CacheError> {
+        self.flush_with(false)
+    }
+
+    fn flush_with(&self, durable: bool) -> Result<(), CacheError> {
         let _m = self.maintenance.lock();
         let batch: Vec<(String, PendingUse)> = self.pending.lock().drain().collect();
-        if batch.is_empty() {
+        if batch.is_empty() && !durable {
             return Ok(());
         }
-        let tx = self.index.begin_write().map_err(|e| self.index_err(e))?;
+        let mut tx = self.index.begin_write().map_err(|e| self.index_err(e))?;
+        tx.set_durability(self.durability(durable))
+            .map_err(|e| self.index_err(e))?;
         {
             let mut files = tx.open_table(FILES).map_err(|e| self.index_err(e))?;
             let mut lru = tx.open_table(LRU).map_err(|e| self.index_err(e))?;
@@ -415,6 +468,12 @@ impl PoolShared {
     /// Evicts least recently used files that are not open until `used` is under the low
     /// watermark. Returns the bytes freed.
     fn evict(&self) -> Result<u64, CacheError> {
+        let r = self.evict_pass();
+        self.evict_passes.fetch_add(1, Ordering::AcqRel);
+        r
+    }
+
+    fn evict_pass(&self) -> Result<u64, CacheError> {
         let high = (self.config.capacity as f64 * self.config.high_watermark) as u64;
         let low = (self.config.capacity as f64 * self.config.low_watermark) as u64;
         if self.used.load(Ordering::Acquire) <= high {
@@ -462,7 +521,9 @@ impl PoolShared {
             if chunk.is_empty() {
                 break;
             }
-            let tx = self.index.begin_write().map_err(|e| self.index_err(e))?;
+            let mut tx = self.index.begin_write().map_err(|e| self.index_err(e))?;
+            tx.set_durability(self.durability(false))
+                .map_err(|e| self.index_err(e))?;
             let mut done = false;
             {
                 let mut files = tx.open_table(FILES).map_err(|e| self.index_err(e))?;
@@ -674,6 +735,8 @@ impl PoolShared {
             open: open_table::OpenTable::default(),
             pressure: Arc::new(Notify::new()),
             maintenance: Mutex::new(()),
+            last_durable: Mutex::new(Instant::now()),
+            evict_passes: AtomicU64::new(0),
             index,
             index_path,
             fetched: AtomicU64::new(0),
@@ -819,8 +882,9 @@ impl CachePool {
     }
 
     /// Commits batched index updates and syncs them (clean shutdown).
+    /// Commits the index's pending updates durably (at shutdown).
     pub fn flush(&self) -> Result<(), CacheError> {
-        self.shared.flush()
+        self.shared.flush_with(true)
     }
 
     /// Runs eviction now if the pool is over its high watermark.

@@ -219,3 +219,39 @@ async fn a_pinned_dataset_survives_eviction_and_goes_once_unpinned() {
         "unpinned, it is evictable like anything else"
     );
 }
+
+/// A block fetched for an open file lands in that file, even when the file's path names
+/// another file by now (this one evicted, and created again by a later open). Before
+/// the fix, the first whole-block write opened the *path* for direct I/O and wrote into
+/// the other file, while this one kept holes that its map called cached: reads served
+/// from the fetched blocks were right, later reads from disk were not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetched_blocks_land_in_the_open_file_even_if_its_path_names_another_by_now() {
+    let lake = Arc::new(MemoryLake::new());
+    let data = pattern(5, 4 * BLOCK as usize);
+    lake.insert("m/big", data.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = CacheConfig::new(dir.path(), 64 * BLOCK);
+    cfg.block_size = BLOCK;
+    cfg.small_file_threshold = BLOCK;
+    cfg.get_size = BLOCK;
+    let pool = CachePool::open(cfg).await.unwrap();
+    let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/m").unwrap();
+    let ds = Dataset::open(pool, url, lake as Arc<dyn Lake>, false, |_| {})
+        .await
+        .unwrap();
+    let (_, snap) = ds.current();
+    let e = snap.lookup(1, "big").unwrap().unwrap();
+    let blob = ds.blob(&e).unwrap();
+    std::fs::remove_file(&blob.data_path).unwrap();
+    std::fs::write(&blob.data_path, b"another file").unwrap();
+    for pass in 0..3 {
+        let got = blob.read(0, data.len()).await.unwrap();
+        assert!(got == data, "pass {pass}: the open file's own bytes");
+    }
+    assert_eq!(
+        std::fs::read(&blob.data_path).unwrap(),
+        b"another file",
+        "the other file is untouched"
+    );
+}

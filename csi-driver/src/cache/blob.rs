@@ -470,6 +470,7 @@ impl CachedBlob {
             });
         }
         let crc = crc32c::crc32c(&body);
+        self.pool.wait_for_room(range.end - range.start);
         {
             let _one = self.writing.lock();
             self.write_block(&body, range.start)
@@ -508,11 +509,16 @@ impl CachedBlob {
             && (body.as_ptr() as usize).is_multiple_of(DIO_ALIGN);
         if aligned && self.pool.direct_io.load(Ordering::Relaxed) {
             let direct = self.direct.get_or_init(|| {
+                use std::os::fd::AsRawFd;
                 use std::os::unix::fs::OpenOptionsExt;
+                // The same file as `self.data`, reopened through its descriptor, never
+                // by path: the path may name another file by now (evicted and created
+                // again by a later open), and writes there would leave this file's
+                // blocks as holes that fail their checks.
                 OpenOptions::new()
                     .write(true)
                     .custom_flags(libc::O_DIRECT)
-                    .open(&self.data_path)
+                    .open(format!("/proc/self/fd/{}", self.data.as_raw_fd()))
                     .map_err(|e| self.direct_io_refused(e))
                     .ok()
             });
