@@ -658,3 +658,45 @@ fn open_files_overflowing_the_pool_shed_blocks_but_never_under_a_passthrough_rea
     fb.read_exact_at(&mut got, 0).unwrap();
     assert!(got == b, "shed blocks of the other are fetched again");
 }
+
+/// Two ranks on one node, one an epoch behind the other in time: the second reads the
+/// same cold file while the first one's fetches are still in flight. Both read every
+/// byte exact, and the lake serves each byte once: the second reader waits for the
+/// blocks being fetched, never fetches them again.
+#[test]
+fn a_second_reader_of_a_file_being_fetched_gets_the_same_fetch() {
+    let mem = Arc::new(MemoryLake::new());
+    let big = pattern(5, (24 * BLOCK + 999) as usize);
+    mem.insert("ds/big.bin", big.clone());
+    let faulty = Arc::new(FaultyLake::new(mem.clone()));
+    // A far lake: every GET takes a while, so the two readers overlap.
+    faulty.set_latency(Op::Get, Duration::from_millis(100));
+    let fx = Fixture::mount(faulty, tempfile::tempdir().unwrap(), |_| {});
+    let readers: Vec<_> = [0u64, 50]
+        .into_iter()
+        .map(|delay| {
+            let path = fx.path("big.bin");
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(delay));
+                let f = fs::File::open(&path).unwrap();
+                let mut out = Vec::new();
+                let mut buf = vec![0u8; 128 * 1024];
+                loop {
+                    let n = f.read_at(&mut buf, out.len() as u64).unwrap();
+                    if n == 0 {
+                        return out;
+                    }
+                    out.extend_from_slice(&buf[..n]);
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        assert!(r.join().unwrap() == big, "every byte exact");
+    }
+    assert_eq!(
+        mem.bytes_served.load(Ordering::Relaxed),
+        big.len() as u64,
+        "each byte fetched from the lake once"
+    );
+}
