@@ -88,6 +88,13 @@ async fn a_cold_read_keeps_one_copy_in_ram_and_releases_what_it_read() {
             "blocks read to their end are released from memory"
         );
         assert!(blob.residency().is_complete(), "every block cached");
+        // The whole-file Content-MD5 check reads the file back once, in the background,
+        // and drops its pages after: measure once it is done.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !blob.md5_verified() && std::time::Instant::now() < end {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(blob.md5_verified(), "the copy was checked against the lake's MD5");
         let cached = page_cache_fraction(&blob.data_path);
         if direct {
             assert!(
