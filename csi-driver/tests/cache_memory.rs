@@ -94,7 +94,10 @@ async fn a_cold_read_keeps_one_copy_in_ram_and_releases_what_it_read() {
         while !blob.md5_verified() && std::time::Instant::now() < end {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert!(blob.md5_verified(), "the copy was checked against the lake's MD5");
+        assert!(
+            blob.md5_verified(),
+            "the copy was checked against the lake's MD5"
+        );
         let cached = page_cache_fraction(&blob.data_path);
         if direct {
             assert!(

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use super::node::{Access, Capability, Code, CsiError, NodeCore};
 use crate::agent::protocol::StageSecrets;
 use crate::csi_proto as pb;
+use pb::controller_server::{Controller, ControllerServer};
 use pb::identity_server::{Identity, IdentityServer};
 use pb::node_server::{Node, NodeServer};
 
@@ -107,6 +108,27 @@ impl Identity for IdentityService {
             .await
             .unwrap_or(false);
         Ok(Response::new(pb::ProbeResponse { ready: Some(ready) }))
+    }
+}
+
+/// Only `ControllerGetCapabilities`, for conformance tools (see proto/csi.proto):
+/// the plugin advertises no Controller service.
+pub struct ControllerService;
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<pb::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<pb::ControllerGetCapabilitiesResponse>, Status> {
+        use pb::controller_service_capability::{Rpc, Type, rpc};
+        Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
+            capabilities: vec![pb::ControllerServiceCapability {
+                r#type: Some(Type::Rpc(Rpc {
+                    r#type: rpc::Type::Unknown as i32,
+                })),
+            }],
+        }))
     }
 }
 
@@ -255,7 +277,8 @@ impl Node for NodeService {
     }
 }
 
-/// Serves both services on `listener` until `shutdown` resolves.
+/// Serves the Identity and Node services (and `ControllerGetCapabilities`) on
+/// `listener` until `shutdown` resolves.
 pub async fn serve(
     core: Arc<NodeCore>,
     listener: tokio::net::UnixListener,
@@ -268,6 +291,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService { core: core.clone() }))
         .add_service(NodeServer::new(NodeService { core }))
+        .add_service(ControllerServer::new(ControllerService))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
