@@ -189,7 +189,12 @@ async fn a_file_system_without_direct_io_gets_buffered_writes() {
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
+            // Detached: the pool's background task may still hold a file there for
+            // a moment, and a busy unmount would leave the ramfs behind.
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .status();
         }
     }
     let _unmount = Unmount(dir.path());
