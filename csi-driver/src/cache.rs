@@ -37,7 +37,7 @@ pub mod snapshot;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -188,6 +188,9 @@ pub(crate) struct PoolShared {
     last_durable: Mutex<Instant>,
     /// Eviction passes finished (see [`PoolShared::wait_for_room`]).
     evict_passes: AtomicU64,
+    /// The last pass left the pool over its capacity: what it holds is open or pinned,
+    /// and waiting for the evictor would only slow readers down.
+    evict_stuck: AtomicBool,
     index: Database,
     index_path: PathBuf,
     /// Bytes fetched from the lake since start (reports and tests).
@@ -325,10 +328,12 @@ impl PoolShared {
     /// pool's disk use stays bounded. The block lands anyway once two eviction passes
     /// ended without making room (the files open right now are all the pool holds;
     /// they shed what they can) or after [`ROOM_WAIT`]: a reader never waits forever.
-    /// Runs on a blocking thread.
+    /// No wait at all while the last pass found nothing it could free (everything
+    /// open or pinned): each block would pay for passes that cannot help. Runs on a
+    /// blocking thread.
     pub(crate) fn wait_for_room(&self, n: u64) {
         let full = |s: &Self| s.used.load(Ordering::Acquire) + n > s.config.capacity;
-        if !full(self) {
+        if !full(self) || self.evict_stuck.load(Ordering::Acquire) {
             return;
         }
         let passes = self.evict_passes.load(Ordering::Acquire);
@@ -469,6 +474,10 @@ impl PoolShared {
     /// watermark. Returns the bytes freed.
     fn evict(&self) -> Result<u64, CacheError> {
         let r = self.evict_pass();
+        self.evict_stuck.store(
+            self.used.load(Ordering::Acquire) > self.config.capacity,
+            Ordering::Release,
+        );
         self.evict_passes.fetch_add(1, Ordering::AcqRel);
         r
     }
@@ -557,9 +566,27 @@ impl PoolShared {
             }
         }
         // Still over: the open files alone overflow the pool (one may be larger than
-        // it). Shed blocks of the largest open files.
+        // it). Shed blocks of the largest open files, never of a pinned dataset's (a
+        // pinned file can be live for a moment after its readers left, while its
+        // whole-file check runs).
         if self.used.load(Ordering::Acquire) > high {
             let mut open = self.open.live();
+            {
+                let tx = self.index.begin_read().map_err(|e| self.index_err(e))?;
+                let pinned = tx.open_table(PINNED).map_err(|e| self.index_err(e))?;
+                let mut keep = Vec::with_capacity(open.len());
+                for b in open {
+                    let is_pinned = pinned
+                        .range((b.key.as_str(), "")..=(b.key.as_str(), "\u{10ffff}"))
+                        .map_err(|e| self.index_err(e))?
+                        .next()
+                        .is_some();
+                    if !is_pinned {
+                        keep.push(b);
+                    }
+                }
+                open = keep;
+            }
             open.sort_by_key(|b| std::cmp::Reverse(b.residency().resident_bytes()));
             for b in open {
                 let used = self.used.load(Ordering::Acquire);
@@ -737,6 +764,7 @@ impl PoolShared {
             maintenance: Mutex::new(()),
             last_durable: Mutex::new(Instant::now()),
             evict_passes: AtomicU64::new(0),
+            evict_stuck: AtomicBool::new(false),
             index,
             index_path,
             fetched: AtomicU64::new(0),
