@@ -55,13 +55,18 @@ pub struct Served {
     releasers: Mutex<HashMap<String, SnapshotReleaser>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     prewarm: Mutex<Option<(Prefetch, Arc<PrewarmProgress>)>>,
-    refresh: Mutex<Option<Duration>>,
+    /// The refresh loop running, with its interval: one at most, replaced when the
+    /// interval changes and stopped when the policy stops asking for it.
+    refresh: Mutex<Option<(Duration, tokio::task::JoinHandle<()>)>>,
     pinned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Served {
     fn drop(&mut self) {
         for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+        if let Some((_, t)) = self.refresh.lock().take() {
             t.abort();
         }
     }
@@ -192,7 +197,8 @@ pub fn apply_policies_in(
 }
 
 /// Applies the policies of an assignment or a volume to a served dataset: starts the
-/// `Eager` prewarm (once per policy) and the refresh loop (once per interval).
+/// `Eager` prewarm (once per policy) and keeps one refresh loop at the asked interval
+/// (replaced when the interval changes, stopped when the policy is `Pinned`).
 pub fn apply_policies(served: &Arc<Served>, prefetch: &Prefetch, refresh: &Refresh, pinned: bool) {
     served.set_pinned(pinned);
     if prefetch.policy == PrefetchPolicy::Eager {
@@ -241,40 +247,129 @@ pub fn apply_policies(served: &Arc<Served>, prefetch: &Prefetch, refresh: &Refre
         (RefreshPolicy::Interval, Some(i)) => humantime::parse_duration(i).ok(),
         _ => None,
     };
-    if let Some(every) = interval {
-        let mut current = served.refresh.lock();
-        if *current != Some(every) {
-            *current = Some(every);
-            drop(current);
-            let s = served.clone();
-            let task = tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    match s.dataset.refresh().await {
-                        Ok(Some(old)) => {
-                            if s.pinned.load(Ordering::Acquire) {
-                                let d = s.dataset.clone();
-                                let _ = tokio::task::spawn_blocking(move || d.pin()).await;
-                            }
-                            let releasers: Vec<SnapshotReleaser> =
-                                s.releasers.lock().values().cloned().collect();
-                            let _ = tokio::task::spawn_blocking(move || {
-                                for r in releasers {
-                                    r.forget_snapshot(&old);
-                                }
-                            })
-                            .await;
-                            s.refresh_counts();
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::warn!(dataset = %s.url, error = %e, "refresh failed; keeping the current snapshot");
-                            s.progress.lock().error = Some(format!("refresh failed: {e}"));
-                        }
+    let mut current = served.refresh.lock();
+    if current.as_ref().map(|(d, _)| *d) == interval {
+        return;
+    }
+    // Another interval, or none any more: the running loop stops first.
+    if let Some((_, old)) = current.take() {
+        old.abort();
+    }
+    let Some(every) = interval else {
+        return;
+    };
+    // The loop holds the dataset weakly: it ends with the last user of the dataset
+    // (a strong reference here would keep both alive forever).
+    let weak = Arc::downgrade(served);
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(s) = weak.upgrade() else {
+                return;
+            };
+            match s.dataset.refresh().await {
+                Ok(Some(old)) => {
+                    if s.pinned.load(Ordering::Acquire) {
+                        let d = s.dataset.clone();
+                        let _ = tokio::task::spawn_blocking(move || d.pin()).await;
                     }
+                    let releasers: Vec<SnapshotReleaser> =
+                        s.releasers.lock().values().cloned().collect();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for r in releasers {
+                            r.forget_snapshot(&old);
+                        }
+                    })
+                    .await;
+                    s.refresh_counts();
                 }
-            });
-            served.tasks.lock().push(task);
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(dataset = %s.url, error = %e, "refresh failed; keeping the current snapshot");
+                    s.progress.lock().error = Some(format!("refresh failed: {e}"));
+                }
+            }
         }
+    });
+    *current = Some((every, task));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheConfig;
+    use crate::lake::Op;
+    use crate::lake::faults::FaultyLake;
+    use crate::lake::memory::MemoryLake;
+
+    fn every(interval: &str) -> Refresh {
+        Refresh {
+            policy: RefreshPolicy::Interval,
+            interval: Some(interval.into()),
+        }
+    }
+
+    /// One refresh loop at a time, at the interval last asked; none once the policy is
+    /// `Pinned`; none once the dataset is dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_refresh_loop_follows_the_policy() {
+        let mem = Arc::new(MemoryLake::new());
+        mem.insert("d/a", "x");
+        let lake = Arc::new(FaultyLake::new(mem));
+        let dir = tempfile::tempdir().unwrap();
+        let pool = CachePool::open(CacheConfig::new(dir.path(), 1 << 30))
+            .await
+            .unwrap();
+        let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/d").unwrap();
+        let dataset = Dataset::open(pool, url.clone(), lake.clone(), false, |_| {})
+            .await
+            .unwrap();
+        let s = Arc::new(Served {
+            url,
+            dataset: Arc::new(dataset),
+            progress: Mutex::new(Progress::default()),
+            releasers: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+            prewarm: Mutex::new(None),
+            refresh: Mutex::new(None),
+            pinned: Arc::default(),
+        });
+        let lists = || lake.calls(Op::List);
+        let quiet = |ms| tokio::time::sleep(Duration::from_millis(ms));
+        let none = Prefetch::default();
+
+        apply_policies(&s, &none, &every("40ms"), false);
+        quiet(400).await;
+        assert!(lists() >= 4, "refreshed every 40 ms ({} listings)", lists());
+        // A longer interval replaces the loop: the 40 ms one stops.
+        apply_policies(&s, &none, &every("1h"), false);
+        quiet(100).await;
+        let before = lists();
+        quiet(400).await;
+        assert_eq!(
+            lists(),
+            before,
+            "the old loop stopped with the new interval"
+        );
+        // The same policy again changes nothing; back to a short one, it refreshes.
+        apply_policies(&s, &none, &every("1h"), false);
+        apply_policies(&s, &none, &every("40ms"), false);
+        quiet(300).await;
+        assert!(lists() > before, "the new loop refreshes");
+        // Pinned: no loop.
+        apply_policies(&s, &none, &Refresh::default(), false);
+        quiet(100).await;
+        let pinned = lists();
+        quiet(400).await;
+        assert_eq!(lists(), pinned, "no refresh once pinned");
+        // A running loop does not keep the dataset alive.
+        apply_policies(&s, &none, &every("40ms"), false);
+        let weak = Arc::downgrade(&s);
+        drop(s);
+        quiet(200).await;
+        assert!(
+            weak.upgrade().is_none(),
+            "the dataset was dropped with its last user"
+        );
     }
 }
