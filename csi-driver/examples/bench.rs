@@ -42,7 +42,7 @@ use tidepool_csi::csi_proto as pb;
 use tidepool_csi::lake::azure::AzureLake;
 use tidepool_csi::lake::{BlockId, ETag, Lake};
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
-use tidepool_csi::testing::node::{NodePaths, csi_clients};
+use tidepool_csi::testing::node::{NodePaths, csi_clients, ro_capability, volume_stats};
 use tidepool_csi::testing::{Azurite, pattern};
 
 const BIG: u64 = 1 << 30;
@@ -535,17 +535,6 @@ fn volume_context(url: &str, name: &str, prefetch: &str) -> HashMap<String, Stri
     ])
 }
 
-fn ro_capability() -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(pb::volume_capability::AccessType::Mount(
-            pb::volume_capability::MountVolume::default(),
-        )),
-        access_mode: Some(pb::volume_capability::AccessMode {
-            mode: pb::volume_capability::access_mode::Mode::MultiNodeReaderOnly as i32,
-        }),
-    }
-}
-
 /// Section 4: the node side, driven over the CSI socket.
 async fn node_bench(bin: &Path, azurite: &Azurite, work: &Path, local: &Path) -> serde_json::Value {
     let paths = NodePaths::new(bin, &work.join("node"));
@@ -572,15 +561,7 @@ async fn node_bench(bin: &Path, azurite: &Azurite, work: &Path, local: &Path) ->
         .await
         .unwrap();
     let prewarm_secs = loop {
-        let st = node
-            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-                volume_id: "prewarm".into(),
-                volume_path: staging("prewarm").display().to_string(),
-                staging_target_path: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let st = volume_stats(&mut node, "prewarm", &staging("prewarm")).await;
         if let Some(u) = st.usage.first()
             && u.total > 0
             && u.used == u.total

@@ -15,7 +15,7 @@ use tidepool_csi::csi_proto as pb;
 use tidepool_csi::lake::{BlockId, Lake};
 use tidepool_csi::mounts::{is_mounted, mount_points};
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
-use tidepool_csi::testing::node::{NodePaths, csi_clients};
+use tidepool_csi::testing::node::{NodePaths, csi_clients, ro_capability, volume_stats};
 use tidepool_csi::testing::{Azurite, pattern};
 use tonic::Code;
 
@@ -64,17 +64,6 @@ async fn node() -> Node {
     }
 }
 
-fn ro_cap() -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(pb::volume_capability::AccessType::Mount(
-            pb::volume_capability::MountVolume::default(),
-        )),
-        access_mode: Some(pb::volume_capability::AccessMode {
-            mode: pb::volume_capability::access_mode::Mode::MultiNodeReaderOnly as i32,
-        }),
-    }
-}
-
 impl Node {
     fn staging(&self) -> PathBuf {
         self.paths.work.join("kubelet/staging/vol1")
@@ -100,7 +89,7 @@ impl Node {
             volume_id: "vol1".into(),
             publish_context: Default::default(),
             staging_target_path: self.staging().display().to_string(),
-            volume_capability: Some(ro_cap()),
+            volume_capability: Some(ro_capability()),
             secrets: HashMap::from([("accountKey".into(), ACCOUNT_KEY.into())]),
             volume_context: self.context(),
         }
@@ -111,7 +100,7 @@ impl Node {
             publish_context: Default::default(),
             staging_target_path: self.staging().display().to_string(),
             target_path: self.target(pod).display().to_string(),
-            volume_capability: Some(ro_cap()),
+            volume_capability: Some(ro_capability()),
             readonly: true,
             secrets: Default::default(),
             volume_context: self.context(),
@@ -343,15 +332,7 @@ async fn a_staged_dataset_published_twice_reads_byte_exact_from_one_cache() {
     n.check_all(&n.target(1));
     // Everything is in the node's one cache now: with the lake gone, the second pod
     // reads all of it through its own target.
-    let stats = node
-        .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-            volume_id: "vol1".into(),
-            volume_path: n.target(1).display().to_string(),
-            staging_target_path: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = volume_stats(&mut node, "vol1", &n.target(1)).await;
     assert_eq!(
         stats.volume_condition.as_ref().map(|c| c.abnormal),
         Some(false)
@@ -461,15 +442,7 @@ async fn volumes_survive_kill_9_of_the_agent_of_the_plugin_and_of_both() {
         logs()
     );
     n.check_all(&n.target(1));
-    let stats = node
-        .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-            volume_id: "vol1".into(),
-            volume_path: n.target(1).display().to_string(),
-            staging_target_path: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = volume_stats(&mut node, "vol1", &n.target(1)).await;
     assert_eq!(
         stats.volume_condition.as_ref().map(|c| c.abnormal),
         Some(false),

@@ -73,6 +73,19 @@ impl Drop for Served {
 }
 
 impl Served {
+    fn new(url: LakeUrl, dataset: Dataset) -> Arc<Self> {
+        Arc::new(Served {
+            url,
+            dataset: Arc::new(dataset),
+            progress: Mutex::new(Progress::default()),
+            releasers: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+            prewarm: Mutex::new(None),
+            refresh: Mutex::new(None),
+            pinned: Arc::default(),
+        })
+    }
+
     /// Keeps the dataset's files out of eviction, or makes them evictable again (in
     /// the background: a pin walks the whole listing).
     pub fn set_pinned(self: &Arc<Self>, pinned: bool) {
@@ -163,16 +176,7 @@ impl Registry {
         let dataset = Dataset::open(pool.clone(), url.clone(), client, true, |_| {})
             .await
             .map_err(AgentError::from_cache)?;
-        let served = Arc::new(Served {
-            url: url.clone(),
-            dataset: Arc::new(dataset),
-            progress: Mutex::new(Progress::default()),
-            releasers: Mutex::new(HashMap::new()),
-            tasks: Mutex::new(Vec::new()),
-            prewarm: Mutex::new(None),
-            refresh: Mutex::new(None),
-            pinned: Arc::default(),
-        });
+        let served = Served::new(url.clone(), dataset);
         served.refresh_counts();
         self.served.lock().insert(key(url), served.clone());
         Ok(served)
@@ -324,16 +328,7 @@ mod tests {
         let dataset = Dataset::open(pool, url.clone(), lake.clone(), false, |_| {})
             .await
             .unwrap();
-        let s = Arc::new(Served {
-            url,
-            dataset: Arc::new(dataset),
-            progress: Mutex::new(Progress::default()),
-            releasers: Mutex::new(HashMap::new()),
-            tasks: Mutex::new(Vec::new()),
-            prewarm: Mutex::new(None),
-            refresh: Mutex::new(None),
-            pinned: Arc::default(),
-        });
+        let s = Served::new(url, dataset);
         let lists = || lake.calls(Op::List);
         let quiet = |ms| tokio::time::sleep(Duration::from_millis(ms));
         let none = Prefetch::default();

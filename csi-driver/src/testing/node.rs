@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::csi_proto as pb;
 use crate::csi_proto::identity_client::IdentityClient;
 use crate::csi_proto::node_client::NodeClient;
 
@@ -153,4 +154,32 @@ pub async fn csi_clients(
         IdentityClient::new(channel.clone()),
         NodeClient::new(channel),
     )
+}
+
+/// A read-only mount capability, as kubelet sends it for a dataset PVC.
+pub fn ro_capability() -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(pb::volume_capability::AccessType::Mount(
+            pb::volume_capability::MountVolume::default(),
+        )),
+        access_mode: Some(pb::volume_capability::AccessMode {
+            mode: pb::volume_capability::access_mode::Mode::MultiNodeReaderOnly as i32,
+        }),
+    }
+}
+
+/// `NodeGetVolumeStats` of `volume_id` at `path`; panics on an error (test support).
+pub async fn volume_stats(
+    node: &mut NodeClient<tonic::transport::Channel>,
+    volume_id: &str,
+    path: &Path,
+) -> pb::NodeGetVolumeStatsResponse {
+    node.node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+        volume_id: volume_id.into(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("NodeGetVolumeStats of {volume_id}: {e}"))
+    .into_inner()
 }
