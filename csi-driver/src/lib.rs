@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod cache;
+pub mod checkpoint;
 pub mod cli;
 pub mod csi;
 pub mod csi_proto;
