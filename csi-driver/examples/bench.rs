@@ -266,7 +266,7 @@ async fn main() {
                 let rel = format!("small/{name}");
                 std::fs::create_dir_all(local.join(&rel).parent().unwrap()).unwrap();
                 std::fs::write(local.join(&rel), &data).unwrap();
-                lake.put(&format!("ds/{rel}"), Bytes::from(data))
+                lake.put(&format!("ds/{rel}"), Bytes::from(data), &Default::default())
                     .await
                     .unwrap();
             }

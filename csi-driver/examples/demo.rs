@@ -124,7 +124,9 @@ async fn main() {
             name["imagenet-mini/".len()..].to_owned(),
             (size, crc32c::crc32c(&data)),
         );
-        lake.put(&name, Bytes::from(data)).await.expect("put");
+        lake.put(&name, Bytes::from(data), &Default::default())
+            .await
+            .expect("put");
         uploaded += size;
     }
     for i in 0..LARGE_FILES {

@@ -2,7 +2,8 @@
 //!
 //! Everything above this module talks to a [`Lake`]: a narrow, container-scoped trait
 //! with exactly the operations Tidepool uses (list, head, ranged get pinned to an ETag,
-//! put, staged blocks, delete, leases). Implementations:
+//! put (optionally create-only), staged blocks and their listing, delete, leases).
+//! Implementations:
 //!
 //! - [`azure::AzureLake`]: Microsoft's `azure_storage_blob` SDK (also against Azurite);
 //! - [`memory::MemoryLake`]: in-process, for fast unit and property tests;
@@ -22,6 +23,10 @@
 //!   body ends its stream with [`LakeError::Truncated`], never silently.
 //! - Bodies stream: a ranged read of any size holds one network chunk at a time, and
 //!   [`retry::RetryingLake`] resumes a body that broke off from the next byte.
+//! - A [`BlockId`] is a short ASCII string; on the wire it is base64-encoded (Azure's
+//!   rule) and [`Lake::get_block_list`] decodes it again, so ids round-trip exactly.
+//! - `Content-MD5` given to [`Lake::put`] or [`Lake::put_block_list`] is what a later
+//!   [`Lake::head`] or listing reports as [`ObjectMeta::content_md5`].
 //! - No error message or `Debug` output contains a credential.
 
 pub mod azure;
@@ -79,15 +84,61 @@ pub struct ListPage {
     pub next: Option<String>,
 }
 
-/// A block id for staged uploads (Put Block / Put Block List). Azure requires every id
-/// of one blob to have the same length; [`BlockId::numbered`] guarantees that.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// A block id for staged uploads (Put Block / Put Block List).
+///
+/// Azure's rules, which every implementation enforces: at most 64 bytes, and every
+/// uncommitted block of one blob has an id of the same length (staging an id of
+/// another length is refused with `InvalidBlobOrBlock`). [`BlockId::numbered`] with a
+/// fixed-length tag keeps both. The string's bytes are the id: implementations
+/// base64-encode them on the wire and [`Lake::get_block_list`] decodes them, so an id
+/// read back equals the one staged. Ids staged by other writers that are not UTF-8
+/// come back converted lossily (they contain U+FFFD and never equal an ASCII id).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlockId(pub String);
 
 impl BlockId {
     /// Fixed-width id for block `n` of an upload, unique per `upload` tag.
     pub fn numbered(upload: &str, n: u32) -> Self {
         BlockId(format!("{upload}-{n:08}"))
+    }
+}
+
+/// The blocks the lake holds for one blob name (Get Block List, type "all"): the
+/// committed list in blob order, and the staged but uncommitted blocks (in staging
+/// order). Sizes in bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockList {
+    pub committed: Vec<(BlockId, u64)>,
+    pub uncommitted: Vec<(BlockId, u64)>,
+}
+
+/// Options of a one-request [`Lake::put`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PutOptions {
+    /// MD5 of `data`: the lake refuses the write if the bytes it received differ (sent as
+    /// `Content-MD5`) and stores it as the blob's `Content-MD5`. Without it the lake
+    /// computes and stores the MD5 itself (Azure does so for Put Blob).
+    pub content_md5: Option<[u8; 16]>,
+    /// Create only: `If-None-Match: *`. An existing blob is left alone and the put
+    /// fails with [`LakeError::Exists`].
+    pub if_none_match_any: bool,
+}
+
+impl PutOptions {
+    /// A create-only put (`If-None-Match: *`).
+    pub fn create_only() -> Self {
+        PutOptions {
+            if_none_match_any: true,
+            ..Default::default()
+        }
+    }
+
+    /// The same options with `Content-MD5` set.
+    pub fn with_md5(self, md5: [u8; 16]) -> Self {
+        PutOptions {
+            content_md5: Some(md5),
+            ..self
+        }
     }
 }
 
@@ -125,7 +176,10 @@ pub enum Op {
     Put,
     PutBlock,
     PutBlockList,
+    /// Get Block List.
+    BlockList,
     Delete,
+    /// Acquire, renew and release.
     Lease,
 }
 
@@ -138,6 +192,7 @@ impl fmt::Display for Op {
             Op::Put => "put",
             Op::PutBlock => "put block",
             Op::PutBlockList => "put block list",
+            Op::BlockList => "get block list",
             Op::Delete => "delete",
             Op::Lease => "lease",
         };
@@ -176,6 +231,12 @@ pub enum LakeError {
     },
     #[error("{name}: lease is held by another writer")]
     LeaseConflict { name: String },
+    #[error(
+        "{name}: our lease is lost (released, broken, or expired and taken by another writer); stop writing and acquire it again"
+    )]
+    LeaseLost { name: String },
+    #[error("{name}: already exists in the lake; a create-only write leaves it as it is")]
+    Exists { name: String },
     #[error("{op} {name}: the lake answered {status}: {detail}")]
     Other {
         op: Op,
@@ -268,8 +329,11 @@ pub trait Lake: Send + Sync + fmt::Debug + 'static {
         Ok(buf.freeze())
     }
 
-    /// Create or replace a whole object in one request (small objects).
-    async fn put(&self, name: &str, data: Bytes) -> LakeResult<ETag>;
+    /// Create or replace a whole object in one request (small objects). With
+    /// [`PutOptions::if_none_match_any`] an existing object is
+    /// [`LakeError::Exists`]; with [`PutOptions::content_md5`] a body damaged on the way
+    /// is refused and the MD5 is stored with the object.
+    async fn put(&self, name: &str, data: Bytes, opts: &PutOptions) -> LakeResult<ETag>;
 
     /// Stage one block of a large upload. `md5` is checked by the lake when given.
     async fn put_block(
@@ -280,13 +344,25 @@ pub trait Lake: Send + Sync + fmt::Debug + 'static {
         md5: Option<[u8; 16]>,
     ) -> LakeResult<()>;
 
-    /// Commit staged blocks, in order, as the object's content.
+    /// Commit blocks, in order, as the object's content. Each id is looked up among the
+    /// uncommitted blocks first, then among the object's committed blocks (Azure's
+    /// "latest"), so repeating a commit whose answer was lost succeeds with the same
+    /// content. Uncommitted blocks left out are discarded. `content_md5` (the MD5 of the
+    /// whole content) is stored as the object's `Content-MD5`; the lake does not check
+    /// it (each block was checked when staged). Without it the object has none.
     async fn put_block_list(
         &self,
         name: &str,
         ids: &[BlockId],
         content_md5: Option<[u8; 16]>,
     ) -> LakeResult<ETag>;
+
+    /// Committed and uncommitted blocks of `name` (Get Block List, type "all"), ids
+    /// decoded. A name with nothing at all (no blob, no staged block) has two empty
+    /// lists, not [`LakeError::NotFound`] (Azure and Azurite answer 404 `BlobNotFound`
+    /// there); a name with staged blocks but no committed blob lists them as
+    /// uncommitted. A blob written by a single put has no committed blocks.
+    async fn get_block_list(&self, name: &str) -> LakeResult<BlockList>;
 
     /// Delete an object; deleting a missing object is Ok (idempotent).
     async fn delete(&self, name: &str) -> LakeResult<()>;
@@ -302,6 +378,13 @@ pub trait Lake: Send + Sync + fmt::Debug + 'static {
         secs: Option<u32>,
         proposed: &LeaseId,
     ) -> LakeResult<LeaseId>;
+
+    /// Renew a lease we hold, restarting its duration from now (an infinite lease stays
+    /// infinite). Renewing a lease that expired but that nobody took since succeeds (the
+    /// lake's rule). A lease released, broken, or taken by another id is
+    /// [`LakeError::LeaseLost`]: the caller no longer holds the blob and must stop
+    /// writing. A missing blob is [`LakeError::NotFound`]. Renewing is idempotent.
+    async fn renew_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()>;
 
     /// Release a held lease; releasing an expired or released lease is Ok.
     async fn release_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()>;

@@ -149,9 +149,13 @@ async fn upload(az: &Azurite) -> u64 {
     for i in 0..20u64 {
         let data = pattern(i, 100_000 + i as usize * 7_000);
         total += data.len() as u64;
-        lake.put(&format!("ds/f{i:02}.bin"), Bytes::from(data))
-            .await
-            .unwrap();
+        lake.put(
+            &format!("ds/f{i:02}.bin"),
+            Bytes::from(data),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
     }
     total
 }

@@ -2,6 +2,8 @@
 //! credential mode Azurite can check (SAS signed by our signer, account key, SAS in the
 //! URL, bearer tokens from workload identity over HTTPS with `--oauth basic`), plus a
 //! wrong key, which must be `Denied` without the key or a signature in the message.
+//! Also what the checkpoint upload relies on: create-only puts, checked and stored
+//! MD5s, block lists (ids round-trip through base64), lease renewal and its loss.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +15,7 @@ use tidepool_csi::lake::azure::sas::AccountKey;
 use tidepool_csi::lake::azure::{AzureLake, AzureOptions};
 use tidepool_csi::lake::credentials::WorkloadIdentity;
 use tidepool_csi::lake::{
-    BlockId, Credentials, ETag, Lake, LakeError, LakeUrl, LeaseId, Lister, Secret,
+    BlockId, Credentials, ETag, Lake, LakeError, LakeUrl, LeaseId, Lister, PutOptions, Secret,
 };
 use tidepool_csi::testing::azurite::{ACCOUNT, ACCOUNT_KEY};
 use tidepool_csi::testing::{Azurite, TlsFiles};
@@ -43,13 +45,22 @@ async fn listing_pages_filters_by_prefix_and_matches_head() {
     for i in 0..7 {
         let name = format!("ds/file-{i:02}.bin");
         let data = pattern(100 + i, i as u8);
-        let etag = lake.put(&name, data.clone()).await.unwrap();
+        let etag = lake
+            .put(&name, data.clone(), &PutOptions::default())
+            .await
+            .unwrap();
         expected.push((name, data.len() as u64, etag, Md5::digest(&data)));
     }
-    lake.put("other/x", Bytes::from_static(b"x")).await.unwrap();
-    lake.put("ds-not-a-dir", Bytes::from_static(b"y"))
+    lake.put("other/x", Bytes::from_static(b"x"), &PutOptions::default())
         .await
         .unwrap();
+    lake.put(
+        "ds-not-a-dir",
+        Bytes::from_static(b"y"),
+        &PutOptions::default(),
+    )
+    .await
+    .unwrap();
 
     // Three pages of 3, 3 and 1.
     let first = lake.list_page("ds/", None, 3).await.unwrap();
@@ -95,7 +106,10 @@ async fn ranged_reads_are_exact_clipped_and_pinned_to_the_etag() {
     let az = Azurite::start();
     let lake = keyed(&az, "ranges").await;
     let data = pattern(1000, 7);
-    let etag = lake.put("blob", data.clone()).await.unwrap();
+    let etag = lake
+        .put("blob", data.clone(), &PutOptions::default())
+        .await
+        .unwrap();
 
     for r in [3..17u64, 0..1000, 511..513, 999..1000] {
         let got = lake.get_range("blob", r.clone(), &etag).await.unwrap();
@@ -124,7 +138,10 @@ async fn ranged_reads_are_exact_clipped_and_pinned_to_the_etag() {
     );
 
     // A new version: reads pinned to the old ETag fail instead of mixing versions.
-    let etag2 = lake.put("blob", pattern(1000, 8)).await.unwrap();
+    let etag2 = lake
+        .put("blob", pattern(1000, 8), &PutOptions::default())
+        .await
+        .unwrap();
     assert_ne!(etag, etag2);
     match lake.get_range("blob", 0..10, &etag).await {
         Err(LakeError::Changed { name, expected }) => {
@@ -143,7 +160,10 @@ async fn ranged_reads_are_exact_clipped_and_pinned_to_the_etag() {
     );
 
     // An empty blob: every range is empty, and still pinned.
-    let empty = lake.put("empty", Bytes::new()).await.unwrap();
+    let empty = lake
+        .put("empty", Bytes::new(), &PutOptions::default())
+        .await
+        .unwrap();
     assert!(
         lake.get_range("empty", 0..10, &empty)
             .await
@@ -156,9 +176,13 @@ async fn ranged_reads_are_exact_clipped_and_pinned_to_the_etag() {
             .unwrap()
             .is_empty()
     );
-    lake.put("empty", Bytes::from_static(b"now full"))
-        .await
-        .unwrap();
+    lake.put(
+        "empty",
+        Bytes::from_static(b"now full"),
+        &PutOptions::default(),
+    )
+    .await
+    .unwrap();
     assert!(matches!(
         lake.get_range("empty", 0..10, &empty).await,
         Err(LakeError::Changed { .. })
@@ -219,7 +243,9 @@ async fn staged_blocks_commit_to_their_concatenation() {
 async fn delete_is_idempotent_and_leases_exclude_other_writers() {
     let az = Azurite::start();
     let lake = keyed(&az, "leases").await;
-    lake.put("gone", Bytes::from_static(b"a")).await.unwrap();
+    lake.put("gone", Bytes::from_static(b"a"), &PutOptions::default())
+        .await
+        .unwrap();
     lake.delete("gone").await.unwrap();
     assert!(matches!(
         lake.head("gone").await,
@@ -228,7 +254,9 @@ async fn delete_is_idempotent_and_leases_exclude_other_writers() {
     lake.delete("gone").await.unwrap();
     lake.delete("never-was").await.unwrap();
 
-    lake.put("ckpt", Bytes::from_static(b"v1")).await.unwrap();
+    lake.put("ckpt", Bytes::from_static(b"v1"), &PutOptions::default())
+        .await
+        .unwrap();
     let proposed = LeaseId::random();
     let lease = lake
         .acquire_lease("ckpt", Some(15), &proposed)
@@ -249,7 +277,8 @@ async fn delete_is_idempotent_and_leases_exclude_other_writers() {
     );
     assert!(
         matches!(
-            lake.put("ckpt", Bytes::from_static(b"v2")).await,
+            lake.put("ckpt", Bytes::from_static(b"v2"), &PutOptions::default())
+                .await,
             Err(LakeError::LeaseConflict { .. })
         ),
         "a write without the lease must not replace a leased blob"
@@ -261,7 +290,168 @@ async fn delete_is_idempotent_and_leases_exclude_other_writers() {
         .await
         .unwrap();
     lake.release_lease("ckpt", &again).await.unwrap();
-    lake.put("ckpt", Bytes::from_static(b"v3")).await.unwrap();
+    lake.put("ckpt", Bytes::from_static(b"v3"), &PutOptions::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn create_only_puts_refuse_existing_blobs_and_md5s_are_checked_and_kept() {
+    let az = Azurite::start();
+    let lake = keyed(&az, "create").await;
+    let data = pattern(3000, 5);
+    let md5: [u8; 16] = Md5::digest(&data).into();
+    let etag = lake
+        .put(
+            "m/1",
+            data.clone(),
+            &PutOptions::create_only().with_md5(md5),
+        )
+        .await
+        .unwrap();
+    let head = lake.head("m/1").await.unwrap();
+    assert_eq!(
+        (head.size, head.content_md5, &head.etag),
+        (3000, Some(md5), &etag)
+    );
+    match lake
+        .put("m/1", pattern(10, 6), &PutOptions::create_only())
+        .await
+    {
+        Err(LakeError::Exists { name }) => assert_eq!(name, "m/1"),
+        other => panic!("expected Exists, got {other:?}"),
+    }
+    assert_eq!(lake.head("m/1").await.unwrap().etag, etag, "left alone");
+    // A plain put still replaces it.
+    lake.put("m/1", pattern(10, 6), &PutOptions::default())
+        .await
+        .unwrap();
+    // A body that does not match its MD5 is refused, and nothing is written.
+    let err = lake
+        .put(
+            "m/2",
+            data.clone(),
+            &PutOptions::default().with_md5([7; 16]),
+        )
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(matches!(
+        lake.head("m/2").await,
+        Err(LakeError::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn block_lists_round_trip_ids_and_sizes() {
+    let az = Azurite::start();
+    let lake = keyed(&az, "blocklist").await;
+    // A name with nothing: Azurite answers 404 BlobNotFound, the lake two empty lists.
+    let empty = lake.get_block_list("nothing").await.unwrap();
+    assert!(empty.committed.is_empty() && empty.uncommitted.is_empty());
+
+    // Ids with characters that base64 turns into '+' and '/' round-trip exactly.
+    let ids: Vec<BlockId> = ["tp1-?>~-0", "tp1-?>~-1"]
+        .iter()
+        .map(|s| BlockId((*s).into()))
+        .collect();
+    let parts = [pattern(1000, 1), pattern(24, 2)];
+    for (id, part) in ids.iter().zip(&parts) {
+        lake.put_block("b", id, part.clone(), Some(Md5::digest(part).into()))
+            .await
+            .unwrap();
+    }
+    let listed = lake.get_block_list("b").await.unwrap();
+    assert!(listed.committed.is_empty());
+    let mut staged = listed.uncommitted.clone();
+    staged.sort();
+    assert_eq!(staged, [(ids[0].clone(), 1000), (ids[1].clone(), 24)]);
+    // Staged blocks are not a blob.
+    assert!(matches!(
+        lake.head("b").await,
+        Err(LakeError::NotFound { .. })
+    ));
+    // An id of another length is refused while these are staged.
+    let err = lake
+        .put_block("b", &BlockId("x".into()), pattern(5, 3), None)
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+
+    // Committed without an MD5: the blob has none (the lake computes none for a
+    // block list).
+    let etag = lake.put_block_list("b", &ids, None).await.unwrap();
+    assert_eq!(lake.head("b").await.unwrap().content_md5, None);
+    let listed = lake.get_block_list("b").await.unwrap();
+    assert_eq!(
+        listed.committed,
+        [(ids[0].clone(), 1000), (ids[1].clone(), 24)]
+    );
+    assert!(listed.uncommitted.is_empty(), "{listed:?}");
+    // The same commit again (as after a lost answer) finds the committed blocks, and
+    // this time stores the MD5.
+    let whole: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+    let md5: [u8; 16] = Md5::digest(&whole).into();
+    let etag2 = lake.put_block_list("b", &ids, Some(md5)).await.unwrap();
+    assert_ne!(etag, etag2);
+    let head = lake.head("b").await.unwrap();
+    assert_eq!((head.size, head.content_md5), (1024, Some(md5)));
+    assert_eq!(
+        lake.get_range("b", 0..1024, &etag2).await.unwrap(),
+        Bytes::from(whole)
+    );
+    // A blob written by one put has no blocks.
+    lake.put("b", pattern(10, 4), &PutOptions::default())
+        .await
+        .unwrap();
+    assert!(lake.get_block_list("b").await.unwrap().committed.is_empty());
+}
+
+#[tokio::test]
+async fn leases_renew_and_a_lost_lease_is_named() {
+    let az = Azurite::start();
+    let lake = keyed(&az, "renew").await;
+    lake.put("lock", Bytes::from_static(b"x"), &PutOptions::default())
+        .await
+        .unwrap();
+    let ours = lake
+        .acquire_lease("lock", Some(15), &LeaseId::random())
+        .await
+        .unwrap();
+    lake.renew_lease("lock", &ours).await.unwrap();
+    lake.renew_lease("lock", &ours).await.unwrap();
+    let stranger = LeaseId::random();
+    assert!(matches!(
+        lake.renew_lease("lock", &stranger).await,
+        Err(LakeError::LeaseLost { .. })
+    ));
+    // Expired and not taken since: still ours to renew (after that, it is held again).
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    lake.renew_lease("lock", &ours)
+        .await
+        .expect("an expired lease nobody took is renewed");
+    assert!(matches!(
+        lake.acquire_lease("lock", Some(15), &stranger).await,
+        Err(LakeError::LeaseConflict { .. })
+    ));
+    // Released (or taken by another writer): lost, with words saying what to do.
+    lake.release_lease("lock", &ours).await.unwrap();
+    let err = lake.renew_lease("lock", &ours).await.unwrap_err();
+    assert!(matches!(err, LakeError::LeaseLost { .. }), "{err:?}");
+    assert!(err.to_string().contains("acquire it again"), "{err}");
+    let theirs = lake
+        .acquire_lease("lock", Some(15), &stranger)
+        .await
+        .unwrap();
+    assert!(matches!(
+        lake.renew_lease("lock", &ours).await,
+        Err(LakeError::LeaseLost { .. })
+    ));
+    lake.release_lease("lock", &theirs).await.unwrap();
+    assert!(matches!(
+        lake.renew_lease("gone", &ours).await,
+        Err(LakeError::NotFound { .. })
+    ));
 }
 
 #[tokio::test]
@@ -278,7 +468,7 @@ async fn sas_signed_by_us_and_sas_in_the_url_both_work() {
 
     let by_cred = lake(&az, "sas", &Credentials::Sas(sas.clone()));
     let etag = by_cred
-        .put("a", Bytes::from_static(b"hello"))
+        .put("a", Bytes::from_static(b"hello"), &PutOptions::default())
         .await
         .unwrap();
 
@@ -303,7 +493,9 @@ async fn sas_signed_by_us_and_sas_in_the_url_both_work() {
         Bytes::from_static(b"el")
     );
     assert!(matches!(
-        ro_lake.put("b", Bytes::from_static(b"x")).await,
+        ro_lake
+            .put("b", Bytes::from_static(b"x"), &PutOptions::default())
+            .await,
         Err(LakeError::Denied { status: 403, .. })
     ));
 
@@ -322,7 +514,10 @@ async fn wrong_key_is_denied_and_no_secret_leaks() {
     // Valid base64, wrong key; distinctive so that any leak is found.
     let wrong = "V1JPTkdLRVlTRUNSRVRXUk9OR0tFWVNFQ1JFVA==";
     let lake = lake(&az, "private", &Credentials::AccountKey(Secret::new(wrong)));
-    let err = lake.put("x", Bytes::from_static(b"x")).await.unwrap_err();
+    let err = lake
+        .put("x", Bytes::from_static(b"x"), &PutOptions::default())
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, LakeError::Denied { status: 403, .. }),
         "{err:?}"
@@ -537,7 +732,10 @@ async fn workload_identity_bearer_tokens_over_https() {
     };
 
     let lake = lake(&az, "wid", &wi("good-client"));
-    let etag = lake.put("model.bin", pattern(5000, 4)).await.unwrap();
+    let etag = lake
+        .put("model.bin", pattern(5000, 4), &PutOptions::default())
+        .await
+        .unwrap();
     assert_eq!(
         sts.lock().exchanges.last().unwrap(),
         &(

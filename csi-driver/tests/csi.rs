@@ -37,9 +37,13 @@ async fn node() -> Node {
     for i in 0..12u64 {
         let data = pattern(i, 50_000 + 37_000 * i as usize);
         let name = format!("dir{}/f{i:02}.bin", i % 3);
-        lake.put(&format!("ds/{name}"), Bytes::from(data.clone()))
-            .await
-            .unwrap();
+        lake.put(
+            &format!("ds/{name}"),
+            Bytes::from(data.clone()),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
         files.push((name, data));
     }
     let big = pattern(99, BIG);

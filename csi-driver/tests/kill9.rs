@@ -91,9 +91,13 @@ async fn sigterm_with_a_file_open_detaches_the_mount_and_keeps_serving_it_until_
     azurite.create_container("data").await;
     let lake = azurite.lake("data").await;
     let data = pattern(9, 9 << 20);
-    lake.put("ds/open.bin", Bytes::from(data.clone()))
-        .await
-        .unwrap();
+    lake.put(
+        "ds/open.bin",
+        Bytes::from(data.clone()),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     let url = azurite.url("data", "ds");
     let work = tempfile::tempdir().unwrap();
     let (mnt, cache) = (work.path().join("mnt"), work.path().join("cache"));

@@ -32,7 +32,9 @@ type Versions = Arc<Mutex<HashMap<String, HashSet<u32>>>>;
 
 async fn upload(lake: &impl Lake, name: &str, data: &[u8]) {
     if data.len() <= 4 * MIB {
-        lake.put(name, Bytes::copy_from_slice(data)).await.unwrap();
+        lake.put(name, Bytes::copy_from_slice(data), &Default::default())
+            .await
+            .unwrap();
         return;
     }
     let mut ids = vec![];

@@ -12,6 +12,14 @@
 //!   token from workload or managed identity (see [`identity`]); or nothing.
 //!
 //! Invariants:
+//! - A put with [`PutOptions::content_md5`] sends it twice: as `Content-MD5`, which the
+//!   lake checks against the body it received (the SDK's upload does not expose that
+//!   header; [`Md5Policy`] adds it from the request's context), and as
+//!   `x-ms-blob-content-md5`, which is stored with the blob. Put Block sends its
+//!   transactional MD5; Put Block List stores the whole-content MD5.
+//! - Block ids go on the wire base64-encoded (the SDK encodes the id's bytes, in
+//!   Stage Block and in the XML of Put Block List) and come back decoded from Get Block
+//!   List, so our ids round-trip.
 //! - `get_stream` sends `If-Match` and checks the answer: the served ETag must be the
 //!   pinned one and the body must have exactly the length the lake announced for the
 //!   clipped range; otherwise `Changed` / `Truncated`. The body is passed on chunk by
@@ -35,7 +43,9 @@ use async_trait::async_trait;
 use azure_core::{
     credentials::TokenCredential,
     http::{
-        ClientOptions, Etag, RequestContent, RetryOptions, StatusCode, Transport, policies::Policy,
+        ClientMethodOptions, ClientOptions, Context, Etag, Request, RequestContent, RetryOptions,
+        StatusCode, Transport,
+        policies::{Policy, PolicyResult},
     },
 };
 use azure_storage_blob::{
@@ -45,7 +55,7 @@ use azure_storage_blob::{
         BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders, BlobClientUploadOptions,
         BlobContainerClientListBlobsOptions, BlockBlobClientCommitBlockListOptions,
         BlockBlobClientCommitBlockListResultHeaders, BlockBlobClientStageBlockOptions,
-        BlockLookupList,
+        BlockListType, BlockLookupList,
     },
 };
 use bytes::Bytes;
@@ -54,8 +64,8 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use self::errors::{Ctx, Scrubber};
 use self::sas::{AccountKey, BadAccountKey, SasPolicy, SasSource};
 use super::{
-    BlockId, ByteStream, Credentials, ETag, Lake, LakeError, LakeResult, LakeUrl, LeaseId,
-    ListPage, ObjectMeta, Op, Secret,
+    BlockId, BlockList, ByteStream, Credentials, ETag, Lake, LakeError, LakeResult, LakeUrl,
+    LeaseId, ListPage, ObjectMeta, Op, PutOptions, Secret,
 };
 
 /// How to reach Azure, beyond the URL and the credentials.
@@ -225,6 +235,7 @@ impl AzureLake {
             let policy: Arc<dyn Policy> = Arc::new(SasPolicy(Arc::new(src)));
             client_options.per_call_policies.push(policy);
         }
+        client_options.per_call_policies.push(Arc::new(Md5Policy));
         let container = BlobContainerClient::new(
             container_url,
             token,
@@ -265,6 +276,43 @@ impl AzureLake {
             detail: detail.into(),
         }
     }
+}
+
+/// The `Content-MD5` of one request, carried in its context to [`Md5Policy`].
+struct TransactionalMd5([u8; 16]);
+
+/// Adds `Content-MD5` to a request whose context carries a [`TransactionalMd5`] (the
+/// SDK's upload leaves that header out; without it the lake would not check the body).
+#[derive(Debug)]
+struct Md5Policy;
+
+#[async_trait]
+impl Policy for Md5Policy {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
+        use base64::Engine as _;
+        if let Some(TransactionalMd5(md5)) = ctx.value::<TransactionalMd5>() {
+            request.insert_header(
+                "content-md5",
+                base64::engine::general_purpose::STANDARD.encode(md5),
+            );
+        }
+        next[0].send(ctx, request, &next[1..]).await
+    }
+}
+
+/// A block id as our [`BlockId`] (decoded bytes; ids of other writers that are not
+/// UTF-8 are converted lossily and never equal one of ours).
+fn block_id(raw: Option<Vec<u8>>) -> BlockId {
+    let raw = raw.unwrap_or_default();
+    BlockId(match String::from_utf8(raw) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
 }
 
 /// ETags in headers come quoted, in listings unquoted: store them quoted.
@@ -513,18 +561,33 @@ impl Lake for AzureLake {
         Ok(futures::stream::unfold(body, Body::next).boxed())
     }
 
-    async fn put(&self, name: &str, data: Bytes) -> LakeResult<ETag> {
+    async fn put(&self, name: &str, data: Bytes, opts: &PutOptions) -> LakeResult<ETag> {
         let blob = self.container.blob_client(name);
-        let options = BlobClientUploadOptions {
+        let mut options = BlobClientUploadOptions {
             // One Put Blob request whatever the size: staged uploads are the caller's.
             parallel: Some(NonZero::<usize>::MIN),
             partition_size: NonZero::new((data.len() as u64).max(1)),
+            blob_content_md5: opts.content_md5.map(|m| m.to_vec()),
+            if_none_match: opts.if_none_match_any.then(|| Etag::from("*".to_owned())),
             ..Default::default()
         };
-        let rsp = blob
-            .upload(data.into(), Some(options))
-            .await
-            .map_err(|e| self.err(Op::Put, name, &e))?;
+        if let Some(md5) = opts.content_md5 {
+            options.method_options = ClientMethodOptions {
+                context: Context::new().with_value(TransactionalMd5(md5)),
+            };
+        }
+        let rsp = blob.upload(data.into(), Some(options)).await.map_err(|e| {
+            match self.err(Op::Put, name, &e) {
+                // If-None-Match: * on an existing blob: Azure and Azurite answer 409
+                // BlobAlreadyExists (mapped so already); 412 is the generic answer.
+                LakeError::Other { status: 412, .. } if opts.if_none_match_any => {
+                    LakeError::Exists {
+                        name: name.to_owned(),
+                    }
+                }
+                other => other,
+            }
+        })?;
         rsp.etag
             .as_ref()
             .map(etag)
@@ -581,6 +644,29 @@ impl Lake for AzureLake {
             .ok_or_else(|| self.protocol(Op::PutBlockList, name, "no ETag in the answer"))
     }
 
+    async fn get_block_list(&self, name: &str) -> LakeResult<BlockList> {
+        let blob = self.container.blob_client(name).block_blob_client();
+        let list = match blob.get_block_list(BlockListType::All, None).await {
+            Ok(rsp) => rsp
+                .into_model()
+                .map_err(|e| self.err(Op::BlockList, name, &e))?,
+            // Neither a blob nor a staged block: nothing to list (Azure and Azurite
+            // answer 404 BlobNotFound; a missing container stays an error).
+            Err(e) if errors::code(&e) == Some("BlobNotFound") => return Ok(BlockList::default()),
+            Err(e) => return Err(self.err(Op::BlockList, name, &e)),
+        };
+        let blocks = |v: Option<Vec<azure_storage_blob::models::Block>>| {
+            v.unwrap_or_default()
+                .into_iter()
+                .map(|b| (block_id(b.name), b.size.unwrap_or(0).max(0) as u64))
+                .collect()
+        };
+        Ok(BlockList {
+            committed: blocks(list.committed_blocks),
+            uncommitted: blocks(list.uncommitted_blocks),
+        })
+    }
+
     async fn delete(&self, name: &str) -> LakeResult<()> {
         match self.container.blob_client(name).delete(None).await {
             Ok(_) => Ok(()),
@@ -614,6 +700,21 @@ impl Lake for AzureLake {
         let id = rsp.lease_id().map_err(|e| self.err(Op::Lease, name, &e))?;
         id.map(LeaseId)
             .ok_or_else(|| self.protocol(Op::Lease, name, "no lease id in the answer"))
+    }
+
+    async fn renew_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {
+        let blob = self.container.blob_client(name);
+        match blob.renew_lease(lease.0.clone(), None).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(match self.err(Op::Lease, name, &e) {
+                // 409 LeaseIdMismatchWithLeaseOperation (taken by another id, or
+                // released) or LeaseNotPresentWithLeaseOperation (broken): not ours.
+                LakeError::LeaseConflict { .. } => LakeError::LeaseLost {
+                    name: name.to_owned(),
+                },
+                other => other,
+            }),
+        }
     }
 
     async fn release_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {

@@ -3,8 +3,11 @@
 //! truncated bodies and requests that never answer.
 //!
 //! Faults are deterministic (no randomness): each rule fires for the next `times`
-//! matching calls (or forever), so a test can say "the first two GETs are reset" and
-//! assert exactly what the caller sees.
+//! matching calls (or forever), optionally after letting a number of calls through
+//! first, so a test can say "the first two GETs are reset" or "the fourth Put Block
+//! onwards fails" and assert exactly what the caller sees. Rules of one operation apply
+//! in the order they were added. Every operation can be faulted: [`Op::Lease`] covers
+//! acquire, renew and release, [`Op::BlockList`] Get Block List.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -40,6 +43,8 @@ pub enum Fault {
 #[derive(Debug)]
 struct Rule {
     fault: Fault,
+    /// Matching calls let through before the rule starts firing.
+    skip: u32,
     /// Remaining firings; `None` is forever.
     remaining: Option<u32>,
 }
@@ -68,17 +73,21 @@ impl FaultyLake {
 
     /// Inject `fault` into the next `times` calls of `op`.
     pub fn fail(&self, op: Op, fault: Fault, times: u32) {
-        self.rules.lock().entry(op).or_default().push(Rule {
-            fault,
-            remaining: Some(times),
-        });
+        self.fail_after(op, 0, fault, Some(times));
     }
 
     /// Inject `fault` into every call of `op` until [`FaultyLake::heal`].
     pub fn fail_always(&self, op: Op, fault: Fault) {
+        self.fail_after(op, 0, fault, None);
+    }
+
+    /// Let the next `skip` calls of `op` through, then inject `fault` into `times` calls
+    /// (`None`: every call until [`FaultyLake::heal`]).
+    pub fn fail_after(&self, op: Op, skip: u32, fault: Fault, times: Option<u32>) {
         self.rules.lock().entry(op).or_default().push(Rule {
             fault,
-            remaining: None,
+            skip,
+            remaining: times,
         });
     }
 
@@ -106,11 +115,15 @@ impl FaultyLake {
         let fault = {
             let mut rules = self.rules.lock();
             let list = rules.entry(op).or_default();
-            let fault = list.first_mut().map(|r| {
+            let fault = list.first_mut().and_then(|r| {
+                if r.skip > 0 {
+                    r.skip -= 1;
+                    return None;
+                }
                 if let Some(n) = r.remaining.as_mut() {
                     *n -= 1;
                 }
-                r.fault
+                Some(r.fault)
             });
             list.retain(|r| r.remaining != Some(0));
             fault
@@ -208,9 +221,9 @@ impl Lake for FaultyLake {
         })
     }
 
-    async fn put(&self, name: &str, data: Bytes) -> LakeResult<ETag> {
+    async fn put(&self, name: &str, data: Bytes, opts: &PutOptions) -> LakeResult<ETag> {
         let fault = self.before(Op::Put, name).await?;
-        let r = self.inner.put(name, data).await;
+        let r = self.inner.put(name, data, opts).await;
         self.after(fault, Op::Put, name, r)
     }
 
@@ -237,6 +250,12 @@ impl Lake for FaultyLake {
         self.after(fault, Op::PutBlockList, name, r)
     }
 
+    async fn get_block_list(&self, name: &str) -> LakeResult<BlockList> {
+        let fault = self.before(Op::BlockList, name).await?;
+        let r = self.inner.get_block_list(name).await;
+        self.after(fault, Op::BlockList, name, r)
+    }
+
     async fn delete(&self, name: &str) -> LakeResult<()> {
         let fault = self.before(Op::Delete, name).await?;
         let r = self.inner.delete(name).await;
@@ -254,9 +273,61 @@ impl Lake for FaultyLake {
         self.after(fault, Op::Lease, name, r)
     }
 
+    async fn renew_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {
+        let fault = self.before(Op::Lease, name).await?;
+        let r = self.inner.renew_lease(name, lease).await;
+        self.after(fault, Op::Lease, name, r)
+    }
+
     async fn release_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {
         let fault = self.before(Op::Lease, name).await?;
         let r = self.inner.release_lease(name, lease).await;
         self.after(fault, Op::Lease, name, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lake::memory::MemoryLake;
+
+    #[tokio::test]
+    async fn a_rule_can_let_calls_through_before_it_fires() {
+        let lake = FaultyLake::new(Arc::new(MemoryLake::new()));
+        lake.fail_after(Op::PutBlock, 2, Fault::Throttle, Some(1));
+        let ids: Vec<BlockId> = (0..4).map(|n| BlockId::numbered("u", n)).collect();
+        let put = |n: usize| lake.put_block("o", &ids[n], Bytes::from_static(b"x"), None);
+        put(0).await.unwrap();
+        put(1).await.unwrap();
+        assert!(matches!(put(2).await, Err(LakeError::Throttled { .. })));
+        put(3).await.unwrap();
+        assert_eq!(lake.calls(Op::PutBlock), 4);
+        assert_eq!(lake.injected.load(Ordering::Relaxed), 1);
+        // Only the two blocks staged before the fault and the one after are there.
+        let staged = lake.get_block_list("o").await.unwrap().uncommitted;
+        assert_eq!(staged.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn block_listing_and_lease_renewal_can_be_faulted() {
+        let mem = Arc::new(MemoryLake::new());
+        mem.insert("lock", "x");
+        let lake = FaultyLake::new(mem.clone());
+        lake.fail(Op::BlockList, Fault::Reset, 1);
+        assert!(matches!(
+            lake.get_block_list("lock").await,
+            Err(LakeError::Connection { .. })
+        ));
+        lake.get_block_list("lock").await.unwrap();
+        let lease = lake
+            .acquire_lease("lock", Some(15), &LeaseId::random())
+            .await
+            .unwrap();
+        // The renewal reaches the lake, its answer does not.
+        lake.fail(Op::Lease, Fault::LostReply, 1);
+        assert!(lake.renew_lease("lock", &lease).await.is_err());
+        lake.renew_lease("lock", &lease).await.unwrap();
+        assert_eq!(lake.calls(Op::BlockList), 2);
+        assert_eq!(lake.calls(Op::Lease), 3);
     }
 }

@@ -10,6 +10,12 @@
 //!
 //! Permanent errors (not found, changed, denied) are returned at once.
 //!
+//! Every operation is retried: they are all idempotent (a repeated put, Put Block, Put
+//! Block List, delete, renew or release leaves the lake as one would; acquire proposes
+//! the same id each time). The one that is not, a create-only put, is made so: when an
+//! attempt whose answer was lost is followed by [`LakeError::Exists`], the blob is
+//! looked at, and one with exactly our size and MD5 is taken as our own write.
+//!
 //! Streamed bodies ([`Lake::get_stream`]): opening the stream follows the policy above;
 //! then every wait for the next chunk is bounded by `attempt_timeout`, and a body that
 //! breaks off or stalls with a transient error is resumed from the next byte with a new
@@ -223,9 +229,34 @@ impl Lake for RetryingLake {
         Ok(futures::stream::unfold(body, Resuming::next).boxed())
     }
 
-    async fn put(&self, name: &str, data: Bytes) -> LakeResult<ETag> {
-        self.run(Op::Put, name, || self.inner.put(name, data.clone()))
-            .await
+    async fn put(&self, name: &str, data: Bytes, opts: &PutOptions) -> LakeResult<ETag> {
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let r = self
+            .run(Op::Put, name, || {
+                attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.inner.put(name, data.clone(), opts)
+            })
+            .await;
+        match r {
+            // A create-only put refused after an earlier attempt may have created the
+            // blob: ours if it holds exactly our bytes (size and MD5).
+            Err(LakeError::Exists { .. })
+                if attempts.load(std::sync::atomic::Ordering::Relaxed) > 1 =>
+            {
+                use md5::Digest as _;
+                let md5 = opts
+                    .content_md5
+                    .unwrap_or_else(|| md5::Md5::digest(&data).into());
+                let meta = self.head(name).await?;
+                if meta.size == data.len() as u64 && meta.content_md5 == Some(md5) {
+                    tracing::debug!(name, "create-only put: an earlier attempt created the blob");
+                    Ok(meta.etag)
+                } else {
+                    Err(LakeError::Exists { name: name.into() })
+                }
+            }
+            r => r,
+        }
     }
 
     async fn put_block(
@@ -253,6 +284,11 @@ impl Lake for RetryingLake {
         .await
     }
 
+    async fn get_block_list(&self, name: &str) -> LakeResult<BlockList> {
+        self.run(Op::BlockList, name, || self.inner.get_block_list(name))
+            .await
+    }
+
     async fn delete(&self, name: &str) -> LakeResult<()> {
         self.run(Op::Delete, name, || self.inner.delete(name)).await
     }
@@ -269,6 +305,11 @@ impl Lake for RetryingLake {
             self.inner.acquire_lease(name, secs, proposed)
         })
         .await
+    }
+
+    async fn renew_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {
+        self.run(Op::Lease, name, || self.inner.renew_lease(name, lease))
+            .await
     }
 
     async fn release_lease(&self, name: &str, lease: &LeaseId) -> LakeResult<()> {
@@ -402,5 +443,88 @@ mod tests {
         mem.acquire_lease("ckpt", None, &LeaseId::random())
             .await
             .expect("released");
+    }
+
+    #[tokio::test]
+    async fn block_listing_and_lease_renewal_are_retried() {
+        let mem = Arc::new(MemoryLake::new());
+        mem.insert("lock", "x");
+        let faulty = Arc::new(FaultyLake::new(mem.clone()));
+        let lake = RetryingLake::new(faulty.clone(), fast());
+        lake.put_block(
+            "o",
+            &BlockId::numbered("u", 0),
+            Bytes::from_static(b"abc"),
+            None,
+        )
+        .await
+        .unwrap();
+        faulty.fail(Op::BlockList, Fault::Throttle, 2);
+        let listed = lake.get_block_list("o").await.unwrap();
+        assert_eq!(listed.uncommitted, [(BlockId::numbered("u", 0), 3)]);
+        assert_eq!(faulty.calls(Op::BlockList), 3);
+
+        let lease = lake
+            .acquire_lease("lock", Some(15), &LeaseId::random())
+            .await
+            .unwrap();
+        faulty.fail(Op::Lease, Fault::LostReply, 1);
+        faulty.fail(Op::Lease, Fault::Reset, 1);
+        lake.renew_lease("lock", &lease).await.unwrap();
+        // A lost lease is permanent: one call, no retries.
+        let before = faulty.calls(Op::Lease);
+        let other = LeaseId::random();
+        assert!(matches!(
+            lake.renew_lease("lock", &other).await,
+            Err(LakeError::LeaseLost { .. })
+        ));
+        assert_eq!(faulty.calls(Op::Lease), before + 1);
+    }
+
+    #[tokio::test]
+    async fn a_commit_whose_answer_was_lost_succeeds_on_retry() {
+        let mem = Arc::new(MemoryLake::new());
+        let faulty = Arc::new(FaultyLake::new(mem.clone()));
+        let lake = RetryingLake::new(faulty.clone(), fast());
+        let id = BlockId::numbered("u", 0);
+        lake.put_block("o", &id, Bytes::from_static(b"abc"), None)
+            .await
+            .unwrap();
+        faulty.fail(Op::PutBlockList, Fault::LostReply, 1);
+        lake.put_block_list("o", std::slice::from_ref(&id), None)
+            .await
+            .expect("the repeated commit finds the committed block");
+        assert_eq!(faulty.calls(Op::PutBlockList), 2);
+        assert_eq!(&mem.content("o").unwrap()[..], b"abc");
+    }
+
+    #[tokio::test]
+    async fn a_create_only_put_whose_answer_was_lost_is_ours_on_retry() {
+        let mem = Arc::new(MemoryLake::new());
+        let faulty = Arc::new(FaultyLake::new(mem.clone()));
+        let lake = RetryingLake::new(faulty.clone(), fast());
+        // The lake creates the blob, then the connection drops before the answer.
+        faulty.fail(Op::Put, Fault::LostReply, 1);
+        let etag = lake
+            .put("m", Bytes::from_static(b"mine"), &PutOptions::create_only())
+            .await
+            .expect("the blob the first attempt created holds our bytes");
+        assert_eq!(faulty.calls(Op::Put), 2);
+        assert_eq!(mem.head("m").await.unwrap().etag, etag);
+        // Another writer's blob stays Exists, after a lost answer or not.
+        faulty.fail(Op::Put, Fault::Reset, 1);
+        let err = lake
+            .put("m", Bytes::from_static(b"ours"), &PutOptions::create_only())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LakeError::Exists { .. }), "{err}");
+        let err = lake
+            .put("m", Bytes::from_static(b"mine"), &PutOptions::create_only())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, LakeError::Exists { .. }),
+            "refused at the first attempt: not ours, whatever its bytes: {err}"
+        );
     }
 }

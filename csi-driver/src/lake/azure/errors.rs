@@ -3,6 +3,7 @@
 //! The mapping is by HTTP status and Azure error code, never by message text:
 //! - 404 → `NotFound`; 412 on a conditional read (`If-Match`) → `Changed`;
 //! - 409/412 with a `Lease*` error code → `LeaseConflict`;
+//! - 409 `BlobAlreadyExists` (a create-only write) → `Exists`;
 //! - 401/403 → `Denied`; 429, 503 and 500 `ServerBusy`/`OperationTimedOut` → `Throttled`;
 //! - connection and I/O failures → `Connection`; a failed token exchange is classified
 //!   by the error it wraps (an unreachable token endpoint is a connection failure, a
@@ -153,6 +154,7 @@ pub fn map_status(status: u16, code: Option<&str>, ctx: &Ctx<'_>) -> LakeError {
     match status {
         404 => LakeError::NotFound { name },
         409 | 412 if code_str.starts_with("Lease") => LakeError::LeaseConflict { name },
+        409 if code_str == "BlobAlreadyExists" => LakeError::Exists { name },
         412 if ctx.if_match.is_some() => LakeError::Changed {
             name,
             expected: ctx.if_match.cloned().expect("checked"),
@@ -168,6 +170,14 @@ pub fn map_status(status: u16, code: Option<&str>, ctx: &Ctx<'_>) -> LakeError {
             status,
             detail: code_str.to_owned(),
         },
+    }
+}
+
+/// The Azure error code of an HTTP error answer (`BlobNotFound`, ...).
+pub fn code(err: &azure_core::Error) -> Option<&str> {
+    match err.kind() {
+        ErrorKind::HttpResponse { error_code, .. } => error_code.as_deref(),
+        _ => None,
     }
 }
 
@@ -229,6 +239,10 @@ mod tests {
         assert!(matches!(
             map_status(409, Some("LeaseAlreadyPresent"), &put),
             LakeError::LeaseConflict { .. }
+        ));
+        assert!(matches!(
+            map_status(409, Some("BlobAlreadyExists"), &put),
+            LakeError::Exists { .. }
         ));
         assert!(matches!(
             map_status(403, Some("AuthenticationFailed"), &put),
