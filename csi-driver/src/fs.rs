@@ -570,13 +570,21 @@ impl Mount {
     pub fn spawn(fs: DatasetFs, mountpoint: &Path, config: &MountConfig) -> std::io::Result<Mount> {
         let stats = fs.stats.clone();
         let passthrough = fs.cfg.passthrough;
+        let session = SessionConfig::read_only(config.threads, passthrough);
+        Self::serve(Arc::new(fs), stats, mountpoint, &config.options, session)
+    }
+
+    /// Mounts any file system (the checkpoint volume uses this) and serves it.
+    pub fn serve(
+        fs: Arc<dyn fuse::FileSystem>,
+        stats: Arc<MountStats>,
+        mountpoint: &Path,
+        options: &fuse::MountOptions,
+        session: SessionConfig,
+    ) -> std::io::Result<Mount> {
         let mountpoint = mountpoint.canonicalize()?;
-        let fd = fuse::mount(&mountpoint, &config.options)?;
-        let session = Session::start(
-            fuse::Device::new(fd),
-            Arc::new(fs),
-            SessionConfig::read_only(config.threads, passthrough),
-        )?;
+        let fd = fuse::mount(&mountpoint, options)?;
+        let session = Session::start(fuse::Device::new(fd), fs, session)?;
         if session.wait_initialized(Duration::from_secs(10)).is_none() {
             tracing::warn!("the kernel has not initialised the FUSE connection after 10 s");
         }

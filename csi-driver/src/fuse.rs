@@ -12,7 +12,10 @@ pub mod abi;
 pub mod mount;
 pub mod session;
 
-pub use abi::{AttrOut, DirBuf, EntryOut, FileKind, OpenOut, StatfsOut, Timespec, Ttl};
+pub use abi::{
+    AttrOut, CreateIn, DirBuf, EntryOut, FallocateIn, FileKind, OpenOut, RenameIn, SetattrIn,
+    StatfsOut, Timespec, Ttl, WriteIn,
+};
 pub use mount::{MountOptions, mount};
 pub use session::{
     ConnParams, Connection, Device, Errno, FileSystem, ReplyData, Request, Session, SessionConfig,

@@ -577,6 +577,201 @@ pub fn parse_access(b: &[u8]) -> Result<u32, Malformed> {
     Cursor(b).u32("access")
 }
 
+/// `fuse_setattr_in.valid` bits: which fields a SETATTR carries.
+pub mod fattr {
+    pub const MODE: u32 = 1 << 0;
+    pub const UID: u32 = 1 << 1;
+    pub const GID: u32 = 1 << 2;
+    pub const SIZE: u32 = 1 << 3;
+    pub const ATIME: u32 = 1 << 4;
+    pub const MTIME: u32 = 1 << 5;
+    pub const FH: u32 = 1 << 6;
+    pub const ATIME_NOW: u32 = 1 << 7;
+    pub const MTIME_NOW: u32 = 1 << 8;
+    pub const CTIME: u32 = 1 << 10;
+}
+
+/// `fuse_setattr_in` (88 bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetattrIn {
+    pub valid: u32,
+    pub fh: u64,
+    pub size: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl SetattrIn {
+    pub fn parse(b: &[u8]) -> Result<SetattrIn, Malformed> {
+        let mut c = Cursor(b);
+        let w = "setattr";
+        let valid = c.u32(w)?;
+        c.u32(w)?;
+        let fh = c.u64(w)?;
+        let size = c.u64(w)?;
+        c.u64(w)?; // lock_owner
+        let atime = c.u64(w)?;
+        let mtime = c.u64(w)?;
+        c.u64(w)?; // ctime
+        let atimensec = c.u32(w)?;
+        let mtimensec = c.u32(w)?;
+        c.u32(w)?; // ctimensec
+        let mode = c.u32(w)?;
+        c.u32(w)?;
+        let uid = c.u32(w)?;
+        let gid = c.u32(w)?;
+        Ok(SetattrIn {
+            valid,
+            fh,
+            size,
+            atime: Timespec {
+                secs: atime,
+                nanos: atimensec,
+            },
+            mtime: Timespec {
+                secs: mtime,
+                nanos: mtimensec,
+            },
+            mode,
+            uid,
+            gid,
+        })
+    }
+}
+
+/// `fuse_write_in` (40 bytes) and the data after it.
+#[derive(Clone, Copy, Debug)]
+pub struct WriteIn<'a> {
+    pub fh: u64,
+    pub offset: u64,
+    pub data: &'a [u8],
+}
+
+impl<'a> WriteIn<'a> {
+    pub fn parse(b: &'a [u8]) -> Result<WriteIn<'a>, Malformed> {
+        let mut c = Cursor(b);
+        let fh = c.u64("write")?;
+        let offset = c.u64("write")?;
+        let size = c.u32("write")?;
+        c.take(20, "write")?; // write_flags, lock_owner, flags, padding
+        let data = c.take(size as usize, "write data")?;
+        Ok(WriteIn { fh, offset, data })
+    }
+}
+
+/// `fuse_write_out`: how many bytes were written.
+pub fn write_out(size: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8);
+    v.extend_from_slice(&size.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v
+}
+
+/// `fuse_create_in` (16 bytes) and the name: open flags, mode, umask.
+#[derive(Clone, Copy, Debug)]
+pub struct CreateIn<'a> {
+    pub flags: u32,
+    pub mode: u32,
+    pub umask: u32,
+    pub name: &'a OsStr,
+}
+
+impl<'a> CreateIn<'a> {
+    pub fn parse(b: &'a [u8]) -> Result<CreateIn<'a>, Malformed> {
+        let mut c = Cursor(b);
+        let flags = c.u32("create")?;
+        let mode = c.u32("create")?;
+        let umask = c.u32("create")?;
+        c.u32("create")?; // open_flags (7.38) or padding
+        Ok(CreateIn {
+            flags,
+            mode,
+            umask,
+            name: c.name("create name")?,
+        })
+    }
+}
+
+/// `fuse_mknod_in` (16 bytes) and the name.
+pub fn parse_mknod(b: &[u8]) -> Result<(u32, u32, &OsStr), Malformed> {
+    let mut c = Cursor(b);
+    let mode = c.u32("mknod")?;
+    c.u32("mknod")?; // rdev
+    let umask = c.u32("mknod")?;
+    c.u32("mknod")?;
+    Ok((mode, umask, c.name("mknod name")?))
+}
+
+/// `fuse_mkdir_in` (8 bytes) and the name: (mode, umask, name).
+pub fn parse_mkdir(b: &[u8]) -> Result<(u32, u32, &OsStr), Malformed> {
+    let mut c = Cursor(b);
+    let mode = c.u32("mkdir")?;
+    let umask = c.u32("mkdir")?;
+    Ok((mode, umask, c.name("mkdir name")?))
+}
+
+/// RENAME (`fuse_rename_in`, 8 bytes) or RENAME2 (`fuse_rename2_in`, 16 bytes with the
+/// `renameat2` flags), then the old and the new name.
+#[derive(Clone, Copy, Debug)]
+pub struct RenameIn<'a> {
+    pub newdir: u64,
+    pub flags: u32,
+    pub old: &'a OsStr,
+    pub new: &'a OsStr,
+}
+
+impl<'a> RenameIn<'a> {
+    pub fn parse(b: &'a [u8], rename2: bool) -> Result<RenameIn<'a>, Malformed> {
+        let mut c = Cursor(b);
+        let newdir = c.u64("rename")?;
+        let flags = if rename2 {
+            let f = c.u32("rename")?;
+            c.u32("rename")?;
+            f
+        } else {
+            0
+        };
+        Ok(RenameIn {
+            newdir,
+            flags,
+            old: c.name("rename old name")?,
+            new: c.name("rename new name")?,
+        })
+    }
+}
+
+/// `fuse_fsync_in`: (fh, datasync).
+pub fn parse_fsync(b: &[u8]) -> Result<(u64, bool), Malformed> {
+    let mut c = Cursor(b);
+    let fh = c.u64("fsync")?;
+    let flags = c.u32("fsync")?;
+    Ok((fh, flags & 1 != 0))
+}
+
+/// `fuse_fallocate_in`.
+#[derive(Clone, Copy, Debug)]
+pub struct FallocateIn {
+    pub fh: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub mode: u32,
+}
+
+impl FallocateIn {
+    pub fn parse(b: &[u8]) -> Result<FallocateIn, Malformed> {
+        let mut c = Cursor(b);
+        Ok(FallocateIn {
+            fh: c.u64("fallocate")?,
+            offset: c.u64("fallocate")?,
+            length: c.u64("fallocate")?,
+            mode: c.u32("fallocate")?,
+        })
+    }
+}
+
 /// A whole message to the kernel: `fuse_out_header` then `payload`.
 pub fn message(unique: u64, error: i32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(OUT_HEADER + payload.len());

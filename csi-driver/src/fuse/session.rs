@@ -24,7 +24,10 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, OnceLock};
 
-use super::abi::{self, AttrOut, DirBuf, EntryOut, InHeader, OpenOut, StatfsOut, init, op};
+use super::abi::{
+    self, AttrOut, CreateIn, DirBuf, EntryOut, FallocateIn, InHeader, OpenOut, RenameIn, SetattrIn,
+    StatfsOut, WriteIn, init, op,
+};
 
 /// A positive errno (`libc::ENOENT`, …).
 pub type Errno = i32;
@@ -149,6 +152,25 @@ impl SessionConfig {
     }
 }
 
+impl SessionConfig {
+    /// A read-write volume (checkpoints): 1 MiB writes where they come to us, parallel
+    /// directory operations, passthrough when `passthrough`. No readdirplus: a listing
+    /// would hold a lookup per entry that the kernel may never use.
+    pub fn read_write(threads: usize, passthrough: bool) -> Self {
+        SessionConfig {
+            threads,
+            max_readahead: 1 << 20,
+            max_write: 1 << 20,
+            want: init::ASYNC_READ
+                | init::BIG_WRITES
+                | init::PARALLEL_DIROPS
+                | init::MAX_PAGES
+                | init::INIT_EXT
+                | if passthrough { init::PASSTHROUGH } else { 0 },
+        }
+    }
+}
+
 /// The caller of a request.
 #[derive(Clone, Copy, Debug)]
 pub struct Request {
@@ -257,14 +279,67 @@ pub trait FileSystem: Send + Sync + 'static {
     fn access(&self, req: &Request, ino: u64, mask: u32) -> Result<(), Errno> {
         Ok(())
     }
-    /// SETATTR, MKDIR, UNLINK, WRITE, CREATE, RENAME, …: read-only unless overridden.
-    fn write_op(
+    // Writes: a read-only file system keeps these defaults (`EROFS`).
+    fn setattr(&self, req: &Request, ino: u64, attr: &SetattrIn) -> Result<AttrOut, Errno> {
+        Err(libc::EROFS)
+    }
+    /// MKNOD: only regular files are asked of a file system that also answers CREATE.
+    fn mknod(
         &self,
         req: &Request,
-        opcode: u32,
-        ino: u64,
-        payload: &[u8],
-    ) -> Result<Vec<u8>, Errno> {
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<EntryOut, Errno> {
+        Err(libc::EROFS)
+    }
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<EntryOut, Errno> {
+        Err(libc::EROFS)
+    }
+    fn unlink(&self, req: &Request, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        Err(libc::EROFS)
+    }
+    fn rmdir(&self, req: &Request, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        Err(libc::EROFS)
+    }
+    /// RENAME and RENAME2 (`flags` are `renameat2`'s: NOREPLACE, EXCHANGE, WHITEOUT).
+    fn rename(&self, req: &Request, parent: u64, r: &RenameIn<'_>) -> Result<(), Errno> {
+        Err(libc::EROFS)
+    }
+    /// LINK and SYMLINK.
+    fn link(&self, req: &Request, opcode: u32, ino: u64) -> Result<EntryOut, Errno> {
+        Err(libc::EROFS)
+    }
+    fn create(
+        &self,
+        req: &Request,
+        parent: u64,
+        c: &CreateIn<'_>,
+    ) -> Result<(EntryOut, OpenOut), Errno> {
+        Err(libc::EROFS)
+    }
+    fn write(&self, req: &Request, ino: u64, w: &WriteIn<'_>) -> Result<u32, Errno> {
+        Err(libc::EROFS)
+    }
+    fn fsync(&self, req: &Request, ino: u64, fh: u64, datasync: bool) -> Result<(), Errno> {
+        Err(libc::EROFS)
+    }
+    fn fsyncdir(&self, req: &Request, ino: u64, fh: u64, datasync: bool) -> Result<(), Errno> {
+        Err(libc::EROFS)
+    }
+    fn fallocate(&self, req: &Request, ino: u64, f: &FallocateIn) -> Result<(), Errno> {
+        Err(libc::EROFS)
+    }
+    /// SETXATTR, REMOVEXATTR, TMPFILE, SYNCFS: the rest of the writing opcodes.
+    fn other_write(&self, req: &Request, opcode: u32, ino: u64) -> Result<(), Errno> {
         Err(libc::EROFS)
     }
 }
@@ -519,28 +594,100 @@ impl Worker {
                     .map(|()| Vec::new());
                 self.reply(h.unique, r);
             }
-            op::SETATTR
-            | op::SYMLINK
-            | op::MKNOD
-            | op::MKDIR
-            | op::UNLINK
-            | op::RMDIR
-            | op::RENAME
-            | op::RENAME2
-            | op::LINK
-            | op::WRITE
-            | op::CREATE
-            | op::SETXATTR
-            | op::REMOVEXATTR
-            | op::FALLOCATE
-            | op::COPY_FILE_RANGE
-            | op::TMPFILE
-            | op::FSYNC
-            | op::FSYNCDIR
-            | op::SYNCFS => {
-                let r = fs.write_op(&req, h.opcode, h.nodeid, payload);
+            op::SETATTR => {
+                let r = SetattrIn::parse(payload)
+                    .map_err(bad)
+                    .and_then(|a| fs.setattr(&req, h.nodeid, &a))
+                    .map(|a| encode(&|v| a.encode(v)));
                 self.reply(h.unique, r);
             }
+            op::MKNOD => {
+                let r = abi::parse_mknod(payload)
+                    .map_err(bad)
+                    .and_then(|(mode, umask, name)| fs.mknod(&req, h.nodeid, name, mode, umask))
+                    .map(|e| encode(&|v| e.encode(v)));
+                self.reply(h.unique, r);
+            }
+            op::MKDIR => {
+                let r = abi::parse_mkdir(payload)
+                    .map_err(bad)
+                    .and_then(|(mode, umask, name)| fs.mkdir(&req, h.nodeid, name, mode, umask))
+                    .map(|e| encode(&|v| e.encode(v)));
+                self.reply(h.unique, r);
+            }
+            op::UNLINK | op::RMDIR => {
+                let r = abi::Cursor(payload)
+                    .name("unlink")
+                    .map_err(bad)
+                    .and_then(|name| {
+                        if h.opcode == op::UNLINK {
+                            fs.unlink(&req, h.nodeid, name)
+                        } else {
+                            fs.rmdir(&req, h.nodeid, name)
+                        }
+                    })
+                    .map(|()| Vec::new());
+                self.reply(h.unique, r);
+            }
+            op::RENAME | op::RENAME2 => {
+                let r = RenameIn::parse(payload, h.opcode == op::RENAME2)
+                    .map_err(bad)
+                    .and_then(|rn| fs.rename(&req, h.nodeid, &rn))
+                    .map(|()| Vec::new());
+                self.reply(h.unique, r);
+            }
+            op::LINK | op::SYMLINK => {
+                let r = fs
+                    .link(&req, h.opcode, h.nodeid)
+                    .map(|e| encode(&|v| e.encode(v)));
+                self.reply(h.unique, r);
+            }
+            op::CREATE => {
+                let r = CreateIn::parse(payload)
+                    .map_err(bad)
+                    .and_then(|c| fs.create(&req, h.nodeid, &c))
+                    .map(|(e, o)| {
+                        encode(&|v| {
+                            e.encode(v);
+                            o.encode(v)
+                        })
+                    });
+                self.reply(h.unique, r);
+            }
+            op::WRITE => {
+                let r = WriteIn::parse(payload)
+                    .map_err(bad)
+                    .and_then(|w| fs.write(&req, h.nodeid, &w))
+                    .map(abi::write_out);
+                self.reply(h.unique, r);
+            }
+            op::FSYNC | op::FSYNCDIR => {
+                let r = abi::parse_fsync(payload)
+                    .map_err(bad)
+                    .and_then(|(fh, datasync)| {
+                        if h.opcode == op::FSYNC {
+                            fs.fsync(&req, h.nodeid, fh, datasync)
+                        } else {
+                            fs.fsyncdir(&req, h.nodeid, fh, datasync)
+                        }
+                    })
+                    .map(|()| Vec::new());
+                self.reply(h.unique, r);
+            }
+            op::FALLOCATE => {
+                let r = FallocateIn::parse(payload)
+                    .map_err(bad)
+                    .and_then(|f| fs.fallocate(&req, h.nodeid, &f))
+                    .map(|()| Vec::new());
+                self.reply(h.unique, r);
+            }
+            op::SETXATTR | op::REMOVEXATTR | op::TMPFILE | op::SYNCFS => {
+                let r = fs
+                    .other_write(&req, h.opcode, h.nodeid)
+                    .map(|()| Vec::new());
+                self.reply(h.unique, r);
+            }
+            // COPY_FILE_RANGE: ENOSYS makes the kernel copy through READ and WRITE.
             // xattrs, locks, ioctl, poll, lseek, readlink, bmap: not supported. ENOSYS
             // makes the kernel stop asking for most of them.
             _ => self.reply(h.unique, Err(libc::ENOSYS)),
