@@ -5,4 +5,10 @@
 //! the journal; `sync` reads the journal, uploads with `upload`, and publishes part
 //! records and manifests (`manifest`). The lake layout is described in `manifest`.
 
+pub mod commit;
+pub mod journal;
+pub mod manifest;
+pub mod store;
+pub mod sync;
+pub mod tree;
 pub mod upload;

@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub mod agent;
+pub mod checkpoint;
 pub mod csi;
 
 use crate::cache::dataset::{Dataset, PrewarmProgress, include_set};
@@ -41,7 +42,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Mount a lake prefix read-only at MOUNTPOINT, backed by a local cache. Runs in the
+    /// Mount a lake prefix read-only at MOUNTPOINT, backed by a local cache (or, with
+    /// --checkpoint, a read-write checkpoint volume whose committed steps upload to the
+    /// lake prefix). Runs in the
     /// foreground until SIGTERM/SIGINT or `umount MOUNTPOINT`, then exits with nothing
     /// left mounted. If files are still open at SIGTERM/SIGINT, the mount is detached
     /// (gone from the mount table at once) and they keep reading until closed; a
@@ -49,6 +52,13 @@ pub enum Command {
     Mount(MountArgs),
     /// Fill the cache with a lake prefix (or the files matching --include) ahead of a job.
     Prewarm(PrewarmArgs),
+    /// Upload the committed checkpoint steps of every checkpoint volume in a pool until
+    /// they are durable (the node's sidecar; `tidepool mount --checkpoint` runs the same
+    /// in-process unless --no-sync). `tidepool sync status` shows where each volume is.
+    Sync(checkpoint::SyncArgs),
+    /// Download a durable checkpoint step from the lake into DIR/<step>/, every file
+    /// verified against the step's manifest.
+    Restore(checkpoint::RestoreArgs),
     /// The node agent (one per Kubernetes node): owns the node's cache pool, serves the
     /// volumes the CSI plugin stages, prewarms and reports the node's CachePool.
     Agent(agent::AgentArgs),
@@ -140,6 +150,8 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub threads: usize,
+    #[command(flatten)]
+    pub checkpoint: checkpoint::CheckpointArgs,
 }
 
 #[derive(Args, Debug)]
@@ -265,6 +277,9 @@ fn human(n: u64) -> String {
 
 /// `tidepool mount`.
 pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
+    if args.checkpoint.checkpoint {
+        return checkpoint::mount(args, env).await;
+    }
     let url = LakeUrl::parse(&args.url)?;
     if !args.mountpoint.is_dir() {
         bail!(

@@ -22,6 +22,8 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Mount(a) => tidepool_csi::cli::mount(a, &env).await,
             Command::Prewarm(a) => tidepool_csi::cli::prewarm(a, &env).await,
+            Command::Sync(a) => tidepool_csi::cli::checkpoint::sync(a, &env).await,
+            Command::Restore(a) => tidepool_csi::cli::checkpoint::restore(a, &env).await,
             Command::Agent(a) => tidepool_csi::cli::agent::run(a).await,
             Command::Csi(a) => tidepool_csi::cli::csi::run(a).await,
         }

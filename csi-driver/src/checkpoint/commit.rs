@@ -1,0 +1,395 @@
+//! Commit rules: when a step (a top-level directory of the checkpoint volume) is
+//! complete enough to upload. Pure: fed [`TreeEvent`]s and the clock, answers which
+//! steps to commit now; the store does the committing.
+//!
+//! A step commits when one of its rules fires **and** no file in it is open for
+//! writing (a file still being written is never uploaded half-written):
+//! - **marker**: a file named like one of [`CommitRule::markers`] appears at the step's
+//!   root, closed after writing or renamed into place (`.metadata` for PyTorch DCP,
+//!   `commit_success.txt` for Orbax);
+//! - **rename**: a top-level directory is renamed to a final name (the
+//!   `step.orbax-checkpoint-tmp-… → step` and `tmp-… → step-N` patterns);
+//! - **peer**: in a multi-node job, another node committed its part of the step
+//!   (rank 0's node saw the marker); the sync learns it from the lake and asks;
+//! - **quiescence** (only when configured): nothing in the step changed for the
+//!   configured time. Off by default, because it cannot tell a finished step from one
+//!   whose writer died; with it off, a half-written step never commits.
+//!
+//! Temporary names (containing `tmp` or `temp`, or starting with `.`) never commit:
+//! their content commits under the name they are renamed to. After a commit, a change
+//! in the step makes it uncommitted again; it commits again when a rule fires again.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::tree::TreeEvent;
+
+/// The rules, as configured on the volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitRule {
+    /// File names at a step's root that mark it complete.
+    pub markers: Vec<OsString>,
+    /// Commit a step nothing changed in for this long (off when `None`).
+    pub quiescence: Option<Duration>,
+}
+
+impl Default for CommitRule {
+    fn default() -> Self {
+        CommitRule {
+            markers: vec![".metadata".into(), "commit_success.txt".into()],
+            quiescence: None,
+        }
+    }
+}
+
+/// Why a step committed (recorded in the journal, shown in status).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reason {
+    Marker(OsString),
+    Renamed {
+        from: OsString,
+    },
+    Quiescent(Duration),
+    /// Another node published its part of the step (multi-node jobs: only rank 0's
+    /// node sees the marker; the others follow it once their files are closed).
+    Peer {
+        node: String,
+    },
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Marker(m) => write!(f, "marker {}", m.to_string_lossy()),
+            Reason::Renamed { from } => write!(f, "renamed from {}", from.to_string_lossy()),
+            Reason::Quiescent(d) => write!(f, "quiet for {}", humantime::format_duration(*d)),
+            Reason::Peer { node } => write!(f, "node {node} committed its part"),
+        }
+    }
+}
+
+/// Whether `name` is a temporary directory name (never committed under that name).
+pub fn is_temporary(name: &OsStr) -> bool {
+    let s = name.to_string_lossy().to_ascii_lowercase();
+    s.starts_with('.') || s.contains("tmp") || s.contains("temp")
+}
+
+/// The step number parsed from a name, for ordering: the last run of digits
+/// (`step-1000` → 1000, `checkpoint-00042` → 42); `None` when there is none.
+pub fn step_number(name: &str) -> Option<u64> {
+    let end = name.rfind(|c: char| c.is_ascii_digit())? + 1;
+    let start = name[..end]
+        .rfind(|c: char| !c.is_ascii_digit())
+        .map_or(0, |i| i + 1);
+    name[start..end].parse().ok()
+}
+
+#[derive(Clone, Debug)]
+struct Track {
+    writers: u32,
+    last_change: Instant,
+    pending: Option<Reason>,
+    committed: bool,
+}
+
+/// The rules' state for every step of one volume.
+#[derive(Debug)]
+pub struct Committer {
+    rule: CommitRule,
+    steps: HashMap<OsString, Track>,
+}
+
+impl Committer {
+    pub fn new(rule: CommitRule) -> Self {
+        Committer {
+            rule,
+            steps: HashMap::new(),
+        }
+    }
+
+    pub fn rule(&self) -> &CommitRule {
+        &self.rule
+    }
+
+    fn track(&mut self, step: &OsStr, now: Instant) -> &mut Track {
+        self.steps.entry(step.to_owned()).or_insert(Track {
+            writers: 0,
+            last_change: now,
+            pending: None,
+            committed: false,
+        })
+    }
+
+    fn marker_at_root(&self, rel: &Path) -> Option<OsString> {
+        let mut c = rel.components();
+        let first = c.next()?;
+        if c.next().is_some() {
+            return None;
+        }
+        let name = first.as_os_str();
+        self.rule
+            .markers
+            .iter()
+            .any(|m| m == name)
+            .then(|| name.to_owned())
+    }
+
+    /// Takes one event from the tree.
+    pub fn on_event(&mut self, e: &TreeEvent, now: Instant) {
+        match e {
+            TreeEvent::WriteOpened { step } => {
+                let t = self.track(step, now);
+                t.writers += 1;
+                t.last_change = now;
+                t.committed = false;
+            }
+            TreeEvent::WriteClosed { step, rel } => {
+                let marker = self.marker_at_root(rel);
+                let t = self.track(step, now);
+                t.writers = t.writers.saturating_sub(1);
+                t.last_change = now;
+                t.committed = false;
+                if let Some(m) = marker {
+                    t.pending = Some(Reason::Marker(m));
+                }
+            }
+            TreeEvent::Changed { step, rel } => {
+                let marker = self.marker_at_root(rel);
+                let t = self.track(step, now);
+                t.last_change = now;
+                t.committed = false;
+                if let Some(m) = marker {
+                    t.pending = Some(Reason::Marker(m));
+                }
+            }
+            TreeEvent::StepRenamed { from, to } => {
+                let mut t = self.steps.remove(from).unwrap_or(Track {
+                    writers: 0,
+                    last_change: now,
+                    pending: None,
+                    committed: false,
+                });
+                t.last_change = now;
+                t.committed = false;
+                if !is_temporary(to) {
+                    t.pending = Some(Reason::Renamed { from: from.clone() });
+                }
+                // A directory renamed over an existing step replaces it.
+                self.steps.insert(to.clone(), t);
+            }
+            TreeEvent::StepRemoved { step } => {
+                self.steps.remove(step);
+            }
+        }
+    }
+
+    /// A step found on disk when the volume starts (its writers are gone): it commits
+    /// if a marker is present at its root (the commit may have been lost in a crash
+    /// after the marker was written), or by quiescence.
+    pub fn found_on_disk(
+        &mut self,
+        step: &OsStr,
+        markers_present: Option<OsString>,
+        committed: bool,
+        now: Instant,
+    ) {
+        let t = self.track(step, now);
+        t.committed = committed;
+        if !committed && let Some(m) = markers_present {
+            t.pending = Some(Reason::Marker(m));
+        }
+    }
+
+    /// Commits `step` as soon as its files are closed, because another node committed
+    /// its part (ignored for a step that is committed and unchanged).
+    pub fn peer_committed(&mut self, step: &OsStr, node: &str, now: Instant) {
+        let t = self.track(step, now);
+        if !t.committed {
+            t.pending = Some(Reason::Peer {
+                node: node.to_owned(),
+            });
+        }
+    }
+
+    /// Steps to commit now, in no particular order. Each is returned once per firing:
+    /// the caller commits it (or reports it could not) with [`Committer::committed`].
+    pub fn due(&mut self, now: Instant) -> Vec<(OsString, Reason)> {
+        let quiet = self.rule.quiescence;
+        let mut out = Vec::new();
+        for (name, t) in &mut self.steps {
+            if t.writers > 0 || is_temporary(name) {
+                continue;
+            }
+            if let Some(r) = t.pending.take() {
+                out.push((name.clone(), r));
+            } else if let Some(q) = quiet
+                && !t.committed
+                && now.duration_since(t.last_change) >= q
+            {
+                out.push((name.clone(), Reason::Quiescent(q)));
+                // Not again until something changes.
+                t.committed = true;
+            }
+        }
+        out
+    }
+
+    /// Records that `step` was committed (nothing changed since it was walked).
+    pub fn committed(&mut self, step: &OsStr) {
+        if let Some(t) = self.steps.get_mut(step) {
+            t.committed = true;
+        }
+    }
+
+    /// Files open for writing in `step`.
+    pub fn writers(&self, step: &OsStr) -> u32 {
+        self.steps.get(step).map_or(0, |t| t.writers)
+    }
+
+    /// Steps known and not committed (for status).
+    pub fn uncommitted(&self) -> Vec<OsString> {
+        let mut v: Vec<_> = self
+            .steps
+            .iter()
+            .filter(|(n, t)| !t.committed && !is_temporary(n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn s(x: &str) -> OsString {
+        OsString::from(x)
+    }
+
+    fn open(step: &str) -> TreeEvent {
+        TreeEvent::WriteOpened { step: s(step) }
+    }
+
+    fn close(step: &str, rel: &str) -> TreeEvent {
+        TreeEvent::WriteClosed {
+            step: s(step),
+            rel: PathBuf::from(rel),
+        }
+    }
+
+    #[test]
+    fn a_marker_commits_only_when_every_file_is_closed() {
+        let t0 = Instant::now();
+        let mut c = Committer::new(CommitRule::default());
+        c.on_event(&open("step-1"), t0);
+        c.on_event(&open("step-1"), t0);
+        c.on_event(&open("step-1"), t0);
+        c.on_event(&close("step-1", ".metadata"), t0);
+        assert!(c.due(t0).is_empty(), "two files still open");
+        c.on_event(&close("step-1", "__0_0.distcp"), t0);
+        assert!(c.due(t0).is_empty(), "one file still open");
+        c.on_event(&close("step-1", "__1_0.distcp"), t0);
+        assert_eq!(
+            c.due(t0),
+            vec![(s("step-1"), Reason::Marker(s(".metadata")))]
+        );
+        assert!(c.due(t0).is_empty(), "fires once");
+    }
+
+    #[test]
+    fn a_marker_below_the_step_root_is_not_a_commit() {
+        let t0 = Instant::now();
+        let mut c = Committer::new(CommitRule::default());
+        c.on_event(&open("step-1"), t0);
+        c.on_event(&close("step-1", "state/commit_success.txt"), t0);
+        assert!(c.due(t0 + Duration::from_secs(3600)).is_empty());
+    }
+
+    #[test]
+    fn renaming_a_temporary_directory_commits_the_final_name() {
+        let t0 = Instant::now();
+        let mut c = Committer::new(CommitRule::default());
+        let tmp = "10.orbax-checkpoint-tmp-1712345";
+        c.on_event(&open(tmp), t0);
+        c.on_event(&close(tmp, "commit_success.txt"), t0);
+        assert!(c.due(t0).is_empty(), "a temporary name never commits");
+        c.on_event(
+            &TreeEvent::StepRenamed {
+                from: s(tmp),
+                to: s("10"),
+            },
+            t0,
+        );
+        assert_eq!(c.due(t0), vec![(s("10"), Reason::Renamed { from: s(tmp) })]);
+    }
+
+    #[test]
+    fn a_rename_while_a_file_is_open_waits_for_the_close() {
+        let t0 = Instant::now();
+        let mut c = Committer::new(CommitRule::default());
+        c.on_event(&open("tmp-5"), t0);
+        c.on_event(
+            &TreeEvent::StepRenamed {
+                from: s("tmp-5"),
+                to: s("step-5"),
+            },
+            t0,
+        );
+        assert!(c.due(t0).is_empty());
+        c.on_event(&close("step-5", "model.pt"), t0);
+        assert_eq!(c.due(t0).len(), 1);
+    }
+
+    #[test]
+    fn quiescence_is_off_by_default_and_fires_once_when_on() {
+        let t0 = Instant::now();
+        let mut c = Committer::new(CommitRule::default());
+        c.on_event(&open("step-2"), t0);
+        c.on_event(&close("step-2", "model.pt"), t0);
+        assert!(
+            c.due(t0 + Duration::from_secs(86400)).is_empty(),
+            "off by default"
+        );
+
+        let q = Duration::from_secs(300);
+        let mut c = Committer::new(CommitRule {
+            quiescence: Some(q),
+            ..CommitRule::default()
+        });
+        c.on_event(&open("step-2"), t0);
+        assert!(c.due(t0 + q * 2).is_empty(), "an open file is never quiet");
+        c.on_event(&close("step-2", "model.pt"), t0 + q);
+        assert!(c.due(t0 + q + q / 2).is_empty());
+        assert_eq!(c.due(t0 + q * 2), vec![(s("step-2"), Reason::Quiescent(q))]);
+        assert!(c.due(t0 + q * 3).is_empty(), "once");
+        c.on_event(
+            &TreeEvent::Changed {
+                step: s("step-2"),
+                rel: PathBuf::from("extra"),
+            },
+            t0 + q * 3,
+        );
+        assert_eq!(
+            c.due(t0 + q * 4).len(),
+            1,
+            "a change after the commit commits again"
+        );
+    }
+
+    #[test]
+    fn step_numbers_come_from_the_last_run_of_digits() {
+        assert_eq!(step_number("step-1000"), Some(1000));
+        assert_eq!(step_number("checkpoint-00042"), Some(42));
+        assert_eq!(step_number("42"), Some(42));
+        assert_eq!(step_number("v2-step-7"), Some(7));
+        assert_eq!(step_number("final"), None);
+        assert!(is_temporary(OsStr::new("step.orbax-checkpoint-tmp-1")));
+        assert!(is_temporary(OsStr::new(".hidden")));
+        assert!(!is_temporary(OsStr::new("step-10")));
+    }
+}

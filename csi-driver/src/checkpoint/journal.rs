@@ -1,0 +1,554 @@
+//! The checkpoint journal: what was committed, what of it is in the lake, what is
+//! durable. A directory of small files, so that the mount (which commits) and the sync
+//! (which uploads) can be two processes, either killed at any moment.
+//!
+//! Layout of `<volume>/journal/`:
+//! - `<seq>.commit`: one committed step. JSON lines: a [`CommitHeader`], one
+//!   [`FileRecord`] per file (path inside the step, size, mtime, inode: the file's
+//!   identity at commit), and a [`Trailer`] with the count. Written to `.tmp`, synced,
+//!   renamed into place and the directory synced: a commit file exists whole or not
+//!   at all, and a reader that finds no trailer treats the file as corrupt.
+//! - `<seq>.uploaded`: append-only, one [`UploadedRecord`] line per file in the lake,
+//!   each appended with one `write` and synced before the next. A crash can tear only
+//!   the line being written; readers skip a line that does not parse (that file is
+//!   uploaded again, and its blocks still staged in the lake are not sent twice), and
+//!   the next append starts on a fresh line.
+//! - `<seq>.durable`: the step's manifest is in the lake (written after the manifest).
+//! - `<seq>.dropped`: this commit will never be uploaded, and why (a newer commit of the
+//!   same step superseded it, or a file changed after commit).
+//! - `seen/<step>`: this node wrote into `step` (the sync announces that in the lake
+//!   so that other nodes wait for its part).
+//! - `requests/<step>`: the sync asks the mount to commit `step`, because another node
+//!   committed its part (the file holds that node's name);
+//! - `status.json`: the sync's last report (what `tidepool sync status` prints).
+//!
+//! `seq` is a 12-digit, increasing commit number; the staged copies of a commit's files
+//! (hard links taken at commit) are under `<volume>/staged/<seq>/`.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The first line of a commit file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitHeader {
+    pub seq: u64,
+    pub step: String,
+    /// Why it committed, in words (the rule that fired).
+    pub reason: String,
+    pub committed_unix_ms: u64,
+}
+
+/// One file of a committed step: its identity at commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Path inside the step, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ino: u64,
+}
+
+/// The last line of a commit file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trailer {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// One file of a commit that is in the lake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadedRecord {
+    pub path: String,
+    pub size: u64,
+    /// Hex MD5 of the content (also the blob's Content-MD5).
+    pub md5: String,
+    pub etag: String,
+}
+
+/// The state of one commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommitState {
+    Pending,
+    Durable,
+    Dropped(String),
+}
+
+/// Errors reading the journal: they name the file.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: corrupt journal record at line {line}: {detail}")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        detail: String,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The journal directory of one checkpoint volume.
+#[derive(Clone, Debug)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `path` atomically (temp file, sync, rename, directory sync).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+impl Journal {
+    /// Opens (creating) the journal in `dir`; removes half-written temporary files.
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        fs::create_dir_all(dir.join("seen")).map_err(io_at(dir))?;
+        for e in fs::read_dir(dir).map_err(io_at(dir))? {
+            let e = e.map_err(io_at(dir))?;
+            if e.path().extension() == Some(OsStr::new("tmp")) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        Ok(Journal {
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, seq: u64, ext: &str) -> PathBuf {
+        self.dir.join(format!("{seq:012}.{ext}"))
+    }
+
+    /// Every commit's number, in order. One entry per commit (retention removes old
+    /// ones), so this stays small.
+    pub fn seqs(&self) -> Result<Vec<u64>, JournalError> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(&self.dir).map_err(io_at(&self.dir))? {
+            let e = e.map_err(io_at(&self.dir))?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if let Some(n) = name.strip_suffix(".commit")
+                && let Ok(seq) = n.parse()
+            {
+                v.push(seq);
+            }
+        }
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// The number the next commit gets.
+    pub fn next_seq(&self) -> Result<u64, JournalError> {
+        Ok(self.seqs()?.last().map_or(1, |s| s + 1))
+    }
+
+    /// Starts writing commit `header.seq`; nothing is visible until
+    /// [`CommitWriter::finish`].
+    pub fn begin_commit(&self, header: &CommitHeader) -> Result<CommitWriter, JournalError> {
+        let path = self.path(header.seq, "commit");
+        let tmp = path.with_extension("tmp");
+        let f = File::create(&tmp).map_err(io_at(&tmp))?;
+        let mut w = CommitWriter {
+            out: BufWriter::new(f),
+            tmp,
+            path,
+            trailer: Trailer { files: 0, bytes: 0 },
+        };
+        w.line(header)?;
+        Ok(w)
+    }
+
+    pub fn state(&self, seq: u64) -> CommitState {
+        if self.path(seq, "durable").exists() {
+            return CommitState::Durable;
+        }
+        match fs::read_to_string(self.path(seq, "dropped")) {
+            Ok(why) => CommitState::Dropped(why),
+            Err(_) => CommitState::Pending,
+        }
+    }
+
+    /// Reads commit `seq`: its header, then its files one by one.
+    pub fn read_commit(&self, seq: u64) -> Result<CommitReader, JournalError> {
+        let path = self.path(seq, "commit");
+        let f = File::open(&path).map_err(io_at(&path))?;
+        let mut r = CommitReader {
+            lines: BufReader::new(f),
+            path,
+            line: 0,
+            header: None,
+            seen: 0,
+            done: false,
+        };
+        let first = r.next_line()?.ok_or_else(|| r.corrupt("empty"))?;
+        let header: CommitHeader =
+            serde_json::from_str(&first).map_err(|e| r.corrupt(&e.to_string()))?;
+        r.header = Some(header);
+        Ok(r)
+    }
+
+    /// The paths of commit `seq` already in the lake, with their records. A torn last
+    /// line (a crash while appending) is dropped.
+    pub fn uploaded(&self, seq: u64) -> Result<Vec<UploadedRecord>, JournalError> {
+        let path = self.path(seq, "uploaded");
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let mut out = Vec::new();
+        for l in BufReader::new(f).lines() {
+            let l = l.map_err(io_at(&path))?;
+            // A line that does not parse was torn by a crash: that file is uploaded
+            // again (its blocks are still staged in the lake).
+            if let Ok(r) = serde_json::from_str::<UploadedRecord>(&l) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The set of paths of commit `seq` already in the lake.
+    pub fn uploaded_paths(&self, seq: u64) -> Result<HashSet<String>, JournalError> {
+        Ok(self.uploaded(seq)?.into_iter().map(|r| r.path).collect())
+    }
+
+    /// Records one more file of commit `seq` as in the lake (synced before returning).
+    pub fn append_uploaded(&self, seq: u64, rec: &UploadedRecord) -> Result<(), JournalError> {
+        let path = self.path(seq, "uploaded");
+        let mut f = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        // A torn previous line must not swallow this one: start on a fresh line.
+        let len = f.metadata().map_err(io_at(&path))?.len();
+        let mut line = Vec::with_capacity(256);
+        if len > 0 {
+            let mut last = [0u8; 1];
+            use std::os::unix::fs::FileExt;
+            f.read_exact_at(&mut last, len - 1).map_err(io_at(&path))?;
+            if last[0] != b'\n' {
+                line.push(b'\n');
+            }
+        }
+        serde_json::to_writer(&mut line, rec).expect("serializable");
+        line.push(b'\n');
+        f.write_all(&line).map_err(io_at(&path))?;
+        f.sync_data().map_err(io_at(&path))
+    }
+
+    pub fn mark_durable(&self, seq: u64, manifest: &str) -> Result<(), JournalError> {
+        let p = self.path(seq, "durable");
+        write_atomic(&p, manifest.as_bytes()).map_err(io_at(&p))
+    }
+
+    pub fn mark_dropped(&self, seq: u64, why: &str) -> Result<(), JournalError> {
+        let p = self.path(seq, "dropped");
+        write_atomic(&p, why.as_bytes()).map_err(io_at(&p))
+    }
+
+    /// Removes every file of commit `seq` (retention, after it is durable or dropped).
+    pub fn forget(&self, seq: u64) -> Result<(), JournalError> {
+        // The commit file last: a crash in between leaves a commit whose state says
+        // durable or dropped, never a state file without its commit.
+        for ext in ["uploaded", "durable", "dropped", "commit"] {
+            let p = self.path(seq, ext);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_at(&p)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes that this node writes into `step`.
+    pub fn mark_seen(&self, step: &str) -> Result<(), JournalError> {
+        let p = self.dir.join("seen").join(step);
+        if p.exists() {
+            return Ok(());
+        }
+        write_atomic(&p, b"").map_err(io_at(&p))
+    }
+
+    pub fn unmark_seen(&self, step: &str) {
+        let _ = fs::remove_file(self.dir.join("seen").join(step));
+    }
+
+    /// Steps this node wrote into.
+    pub fn seen(&self) -> Result<Vec<String>, JournalError> {
+        let d = self.dir.join("seen");
+        let mut v = Vec::new();
+        for e in fs::read_dir(&d).map_err(io_at(&d))? {
+            let e = e.map_err(io_at(&d))?;
+            if let Some(s) = e.file_name().to_str()
+                && !s.ends_with(".tmp")
+            {
+                v.push(s.to_owned());
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+
+    /// Asks the mount to commit `step` because node `node` committed its part there
+    /// (written by the sync, taken by the store).
+    pub fn request_commit(&self, step: &str, node: &str) -> Result<(), JournalError> {
+        let d = self.dir.join("requests");
+        fs::create_dir_all(&d).map_err(io_at(&d))?;
+        let p = d.join(step);
+        if p.exists() {
+            return Ok(());
+        }
+        write_atomic(&p, node.as_bytes()).map_err(io_at(&p))
+    }
+
+    /// Takes the pending commit requests: (step, node).
+    pub fn take_requests(&self) -> Vec<(String, String)> {
+        let d = self.dir.join("requests");
+        let mut v = Vec::new();
+        let Ok(rd) = fs::read_dir(&d) else {
+            return v;
+        };
+        for e in rd.flatten() {
+            let Some(step) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if step.ends_with(".tmp") {
+                continue;
+            }
+            let node = fs::read_to_string(e.path()).unwrap_or_default();
+            let _ = fs::remove_file(e.path());
+            v.push((step, node));
+        }
+        v
+    }
+
+    pub fn status_path(&self) -> PathBuf {
+        self.dir.join("status.json")
+    }
+}
+
+/// A commit being written.
+pub struct CommitWriter {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    trailer: Trailer,
+}
+
+impl CommitWriter {
+    fn line<T: Serialize>(&mut self, v: &T) -> Result<(), JournalError> {
+        serde_json::to_writer(&mut self.out, v).expect("serializable");
+        self.out.write_all(b"\n").map_err(io_at(&self.tmp))
+    }
+
+    pub fn add(&mut self, rec: &FileRecord) -> Result<(), JournalError> {
+        self.trailer.files += 1;
+        self.trailer.bytes += rec.size;
+        self.line(rec)
+    }
+
+    /// Makes the commit visible, durably; returns its totals.
+    pub fn finish(mut self) -> Result<Trailer, JournalError> {
+        let t = self.trailer.clone();
+        self.line(&t)?;
+        let f = self
+            .out
+            .into_inner()
+            .map_err(|e| io_at(&self.tmp)(e.into_error()))?;
+        f.sync_all().map_err(io_at(&self.tmp))?;
+        fs::rename(&self.tmp, &self.path).map_err(io_at(&self.path))?;
+        sync_dir(self.path.parent().unwrap_or(Path::new("."))).map_err(io_at(&self.path))?;
+        Ok(t)
+    }
+
+    /// Abandons the commit (nothing becomes visible).
+    pub fn abandon(self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+/// Reads one commit file, streaming.
+pub struct CommitReader {
+    lines: BufReader<File>,
+    path: PathBuf,
+    line: usize,
+    header: Option<CommitHeader>,
+    seen: u64,
+    done: bool,
+}
+
+impl CommitReader {
+    fn corrupt(&self, detail: &str) -> JournalError {
+        JournalError::Corrupt {
+            path: self.path.clone(),
+            line: self.line,
+            detail: detail.to_owned(),
+        }
+    }
+
+    fn next_line(&mut self) -> Result<Option<String>, JournalError> {
+        let mut s = String::new();
+        let n = self.lines.read_line(&mut s).map_err(io_at(&self.path))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.line += 1;
+        Ok(Some(s))
+    }
+
+    pub fn header(&self) -> &CommitHeader {
+        self.header.as_ref().expect("read at open")
+    }
+
+    /// The next file, or `None` after the last one (the trailer is checked).
+    pub fn next_file(&mut self) -> Result<Option<FileRecord>, JournalError> {
+        if self.done {
+            return Ok(None);
+        }
+        let Some(l) = self.next_line()? else {
+            return Err(self.corrupt("no trailer (the commit file is incomplete)"));
+        };
+        if let Ok(f) = serde_json::from_str::<FileRecord>(&l) {
+            self.seen += 1;
+            return Ok(Some(f));
+        }
+        let t: Trailer = serde_json::from_str(&l).map_err(|e| self.corrupt(&e.to_string()))?;
+        if t.files != self.seen {
+            return Err(self.corrupt(&format!(
+                "trailer counts {} files, {} read",
+                t.files, self.seen
+            )));
+        }
+        self.done = true;
+        Ok(None)
+    }
+
+    /// Reads to the end and returns the totals (checking the trailer).
+    pub fn totals(mut self) -> Result<Trailer, JournalError> {
+        let (mut files, mut bytes) = (0, 0);
+        while let Some(f) = self.next_file()? {
+            files += 1;
+            bytes += f.size;
+        }
+        Ok(Trailer { files, bytes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(seq: u64) -> CommitHeader {
+        CommitHeader {
+            seq,
+            step: "step-1".into(),
+            reason: "marker .metadata".into(),
+            committed_unix_ms: 1,
+        }
+    }
+
+    fn rec(p: &str, size: u64) -> FileRecord {
+        FileRecord {
+            path: p.into(),
+            size,
+            mtime_ns: 5,
+            ino: 7,
+        }
+    }
+
+    #[test]
+    fn a_commit_is_invisible_until_finished_and_reads_back_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.next_seq().unwrap(), 1);
+        let mut w = j.begin_commit(&header(1)).unwrap();
+        w.add(&rec("a", 10)).unwrap();
+        w.add(&rec("b/c", 20)).unwrap();
+        assert!(j.seqs().unwrap().is_empty(), "not visible before finish");
+        assert_eq!(
+            w.finish().unwrap(),
+            Trailer {
+                files: 2,
+                bytes: 30
+            }
+        );
+        assert_eq!(j.seqs().unwrap(), vec![1]);
+        assert_eq!(j.next_seq().unwrap(), 2);
+        let mut r = j.read_commit(1).unwrap();
+        assert_eq!(r.header().step, "step-1");
+        assert_eq!(r.next_file().unwrap(), Some(rec("a", 10)));
+        assert_eq!(r.next_file().unwrap(), Some(rec("b/c", 20)));
+        assert_eq!(r.next_file().unwrap(), None);
+        assert_eq!(j.state(1), CommitState::Pending);
+        j.mark_durable(1, "m").unwrap();
+        assert_eq!(j.state(1), CommitState::Durable);
+    }
+
+    #[test]
+    fn a_truncated_commit_file_is_corrupt_not_short() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let mut w = j.begin_commit(&header(3)).unwrap();
+        w.add(&rec("a", 10)).unwrap();
+        w.finish().unwrap();
+        let p = d.path().join("000000000003.commit");
+        let s = fs::read_to_string(&p).unwrap();
+        let cut: Vec<&str> = s.lines().collect();
+        fs::write(&p, format!("{}\n{}\n", cut[0], cut[1])).unwrap();
+        let mut r = j.read_commit(3).unwrap();
+        r.next_file().unwrap();
+        assert!(matches!(r.next_file(), Err(JournalError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_torn_upload_line_is_dropped_and_the_next_append_starts_clean() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let u = |p: &str| UploadedRecord {
+            path: p.into(),
+            size: 1,
+            md5: "00".into(),
+            etag: "e".into(),
+        };
+        j.append_uploaded(1, &u("a")).unwrap();
+        // A crash in the middle of the second append.
+        let p = d.path().join("000000000001.uploaded");
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(br#"{"path":"b","si"#).unwrap();
+        assert_eq!(j.uploaded(1).unwrap(), vec![u("a")]);
+        j.append_uploaded(1, &u("c")).unwrap();
+        assert_eq!(j.uploaded(1).unwrap(), vec![u("a"), u("c")]);
+    }
+}

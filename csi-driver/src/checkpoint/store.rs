@@ -1,0 +1,454 @@
+//! The checkpoint store: one volume's directory in the pool, the commit rules applied
+//! to what the tree reports, and commits written to the journal.
+//!
+//! Layout of a volume, `<cache-dir>/checkpoints/<volume-id>/`:
+//! - `volume.json`: where its steps go ([`VolumeConfig`]; never a credential), so that
+//!   `tidepool sync --cache-dir` finds every volume of a pool on its own;
+//! - `tree/`: the files as the training job sees them (served by [`CheckpointTree`]);
+//! - `staged/<seq>/`: hard links to the files of commit `seq`, taken at commit. The
+//!   sync uploads from here, so a step the job deletes (frameworks rotate old
+//!   checkpoints) before it is durable still uploads; the links go when the commit is
+//!   durable or dropped. A file rewritten in place after commit changes its identity
+//!   (size, mtime), which the upload checks: it is never uploaded as that commit.
+//! - `journal/`: see [`super::journal`];
+//! - `trash/`: steps retention removed from `tree/`, deleted in the background.
+//!
+//! Invariant: a commit's journal record is written only after every one of its files
+//! has a staged link, and a staged link is removed only after the commit is durable or
+//! dropped. So every pending commit can be uploaded from `staged/` alone, after any crash.
+//!
+//! [`CheckpointTree`]: super::tree::CheckpointTree
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::commit::{CommitRule, Committer, Reason, is_temporary};
+use super::journal::{CommitHeader, FileRecord, Journal, JournalError};
+use super::tree::{StepEvents, TreeEvent};
+
+/// What a volume is, as `volume.json` records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    /// The destination, as the user gave it, without any credential (a SAS query
+    /// string is never stored).
+    pub url: String,
+    /// This node's name in part records and leases.
+    pub node: String,
+    /// Durable steps kept on local disk (older ones leave it); `None` keeps all.
+    pub keep_local: Option<u32>,
+    /// Durable steps kept in the lake (older ones are deleted, manifest first);
+    /// `None` keeps all.
+    pub keep_remote: Option<u32>,
+}
+
+/// Paths of one volume's directory.
+#[derive(Clone, Debug)]
+pub struct VolumeLayout {
+    pub dir: PathBuf,
+}
+
+impl VolumeLayout {
+    /// The volume for destination `url` in pool `cache_dir`: the directory name is a
+    /// readable slug of the URL plus a short hash, so two destinations never share one.
+    pub fn for_url(cache_dir: &Path, url: &str) -> VolumeLayout {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(url.as_bytes());
+        let slug: String = url
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(60)
+            .collect();
+        VolumeLayout {
+            dir: cache_dir.join("checkpoints").join(format!(
+                "{slug}-{:02x}{:02x}{:02x}{:02x}",
+                h[0], h[1], h[2], h[3]
+            )),
+        }
+    }
+
+    /// Every volume in a pool.
+    pub fn all(cache_dir: &Path) -> io::Result<Vec<VolumeLayout>> {
+        let d = cache_dir.join("checkpoints");
+        let mut v = Vec::new();
+        match fs::read_dir(&d) {
+            Ok(entries) => {
+                for e in entries {
+                    let e = e?;
+                    if e.path().join("volume.json").exists() {
+                        v.push(VolumeLayout { dir: e.path() });
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        v.sort_by(|a, b| a.dir.cmp(&b.dir));
+        Ok(v)
+    }
+
+    pub fn tree(&self) -> PathBuf {
+        self.dir.join("tree")
+    }
+    pub fn staged(&self, seq: u64) -> PathBuf {
+        self.dir.join("staged").join(format!("{seq:012}"))
+    }
+    pub fn journal_dir(&self) -> PathBuf {
+        self.dir.join("journal")
+    }
+    pub fn trash(&self) -> PathBuf {
+        self.dir.join("trash")
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("volume.json")
+    }
+
+    pub fn read_config(&self) -> io::Result<VolumeConfig> {
+        let b = fs::read(self.config_path())?;
+        serde_json::from_slice(&b).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", self.config_path().display()),
+            )
+        })
+    }
+
+    /// Creates the directories and writes `volume.json`. A volume already bound to
+    /// another node name is refused (its journal belongs to that node).
+    pub fn create(&self, cfg: &VolumeConfig) -> io::Result<()> {
+        for d in [
+            self.tree(),
+            self.dir.join("staged"),
+            self.journal_dir(),
+            self.trash(),
+        ] {
+            fs::create_dir_all(d)?;
+        }
+        if let Ok(old) = self.read_config()
+            && old.node != cfg.node
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} holds checkpoints of node {:?}, not {:?}: use that --node-name, or another --cache-dir",
+                    self.dir.display(),
+                    old.node,
+                    cfg.node
+                ),
+            ));
+        }
+        let b = serde_json::to_vec_pretty(cfg).expect("serializable");
+        super::journal::write_atomic(&self.config_path(), &b)
+    }
+}
+
+/// Errors of the store; they name the step and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("committing {step}: {source}")]
+    Io {
+        step: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(
+        "committing {step}: {path:?} is not a UTF-8 name, which the lake cannot hold; rename it"
+    )]
+    NotUtf8 { step: String, path: PathBuf },
+}
+
+/// One commit made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub seq: u64,
+    pub step: String,
+    pub reason: String,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// The store of one mounted volume.
+pub struct Store {
+    layout: VolumeLayout,
+    journal: Journal,
+    committer: Mutex<Committer>,
+    seen: Mutex<HashSet<OsString>>,
+    /// Serialises commits (the ticker, and `commit_now` from tests and shutdown).
+    committing: Mutex<()>,
+    /// Woken after each commit (the in-process sync waits on it).
+    pub on_commit: tokio::sync::Notify,
+}
+
+impl Store {
+    /// Opens the volume's store and looks at what is already on disk: a step with a
+    /// marker at its root and no commit since its last change commits at once (the
+    /// marker may have been written just before a crash).
+    pub fn open(layout: VolumeLayout, rule: CommitRule) -> Result<Store, StoreError> {
+        let journal = Journal::open(&layout.journal_dir())?;
+        let mut committer = Committer::new(rule.clone());
+        let now = Instant::now();
+        // The newest commit time per step.
+        let mut last_commit: std::collections::HashMap<String, u64> = Default::default();
+        for seq in journal.seqs()? {
+            let r = journal.read_commit(seq)?;
+            let h = r.header();
+            let e = last_commit.entry(h.step.clone()).or_default();
+            *e = (*e).max(h.committed_unix_ms);
+        }
+        let tree = layout.tree();
+        if let Ok(entries) = fs::read_dir(&tree) {
+            for e in entries.flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = e.file_name();
+                let newest = newest_mtime_ms(&e.path()).unwrap_or(u64::MAX);
+                let committed = name
+                    .to_str()
+                    .and_then(|n| last_commit.get(n))
+                    .is_some_and(|&t| t >= newest);
+                let marker = rule
+                    .markers
+                    .iter()
+                    .find(|m| e.path().join(m).is_file())
+                    .cloned();
+                committer.found_on_disk(&name, marker, committed, now);
+            }
+        }
+        Ok(Store {
+            layout,
+            journal,
+            committer: Mutex::new(committer),
+            seen: Mutex::new(HashSet::new()),
+            committing: Mutex::new(()),
+            on_commit: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn layout(&self) -> &VolumeLayout {
+        &self.layout
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Steps written and not committed, for status.
+    pub fn uncommitted(&self) -> Vec<String> {
+        self.committer
+            .lock()
+            .uncommitted()
+            .into_iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Commits every step whose rule fired and whose files are all closed.
+    pub fn tick(&self) -> Vec<Result<Committed, StoreError>> {
+        let _one = self.committing.lock();
+        let now = Instant::now();
+        for (step, node) in self.journal.take_requests() {
+            if self.layout.tree().join(&step).is_dir() {
+                self.committer
+                    .lock()
+                    .peer_committed(OsStr::new(&step), &node, now);
+            }
+        }
+        let due = self.committer.lock().due(now);
+        let mut out = Vec::new();
+        for (step, reason) in due {
+            let r = self.commit(&step, &reason);
+            match &r {
+                Ok(c) => {
+                    tracing::info!(step = %c.step, seq = c.seq, files = c.files, bytes = c.bytes, reason = %c.reason, "step committed");
+                    self.committer.lock().committed(&step);
+                    self.on_commit.notify_waiters();
+                }
+                Err(e) => {
+                    tracing::error!(step = %step.to_string_lossy(), error = %e, "commit failed; it is tried again when the rule fires again")
+                }
+            }
+            out.push(r);
+        }
+        out
+    }
+
+    /// Runs [`Store::tick`] every `every` until `stop` is set.
+    pub fn spawn_ticker(
+        self: &Arc<Self>,
+        every: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<()> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("checkpoint-commit".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    me.tick();
+                    std::thread::sleep(every);
+                }
+            })
+            .expect("spawn a thread")
+    }
+
+    fn commit(&self, step: &OsStr, reason: &Reason) -> Result<Committed, StoreError> {
+        let name = step.to_str().ok_or_else(|| StoreError::NotUtf8 {
+            step: step.to_string_lossy().into_owned(),
+            path: PathBuf::from(step),
+        })?;
+        let io_err = |source| StoreError::Io {
+            step: name.to_owned(),
+            source,
+        };
+        let src = self.layout.tree().join(step);
+        if !src.is_dir() {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the step directory is gone",
+            )));
+        }
+        if let Reason::Marker(m) = reason
+            && !src.join(m).exists()
+        {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("the marker {} was removed", m.to_string_lossy()),
+            )));
+        }
+        let seq = self.journal.next_seq()?;
+        let staged = self.layout.staged(seq);
+        // A leftover of a commit that crashed before its record: not referenced.
+        let _ = fs::remove_dir_all(&staged);
+        fs::create_dir_all(&staged).map_err(io_err)?;
+        let mut w = self.journal.begin_commit(&CommitHeader {
+            seq,
+            step: name.to_owned(),
+            reason: reason.to_string(),
+            committed_unix_ms: now_ms(),
+        })?;
+        let walked = (|| -> Result<(), StoreError> {
+            // Depth-first with an explicit stack of directories: one directory's
+            // entries at a time in memory.
+            let mut stack = vec![PathBuf::new()];
+            while let Some(rel_dir) = stack.pop() {
+                let dir = src.join(&rel_dir);
+                let mut entries: Vec<_> = fs::read_dir(&dir)
+                    .map_err(io_err)?
+                    .collect::<Result<_, _>>()
+                    .map_err(io_err)?;
+                entries.sort_by_key(|e| e.file_name());
+                fs::create_dir_all(staged.join(&rel_dir)).map_err(io_err)?;
+                for e in entries {
+                    let rel = rel_dir.join(e.file_name());
+                    let meta = e.metadata().map_err(io_err)?;
+                    if meta.is_dir() {
+                        stack.push(rel);
+                        continue;
+                    }
+                    if !meta.is_file() {
+                        continue;
+                    }
+                    let path = rel.to_str().ok_or_else(|| StoreError::NotUtf8 {
+                        step: name.to_owned(),
+                        path: rel.clone(),
+                    })?;
+                    fs::hard_link(e.path(), staged.join(&rel)).map_err(io_err)?;
+                    // The identity after the link: the link and the record name the
+                    // same inode.
+                    let meta = fs::metadata(staged.join(&rel)).map_err(io_err)?;
+                    w.add(&FileRecord {
+                        path: path.to_owned(),
+                        size: meta.len(),
+                        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                        ino: meta.ino(),
+                    })?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = walked {
+            w.abandon();
+            let _ = fs::remove_dir_all(&staged);
+            return Err(e);
+        }
+        let t = w.finish()?;
+        Ok(Committed {
+            seq,
+            step: name.to_owned(),
+            reason: reason.to_string(),
+            files: t.files,
+            bytes: t.bytes,
+        })
+    }
+
+    /// Removes the staged links of a commit that is durable or dropped.
+    pub fn release_staged(layout: &VolumeLayout, seq: u64) {
+        let _ = fs::remove_dir_all(layout.staged(seq));
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// The newest mtime (ms) of anything under `dir`, the directory included.
+fn newest_mtime_ms(dir: &Path) -> io::Result<u64> {
+    let mut newest = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let m = fs::symlink_metadata(&d)?;
+        newest = newest.max((m.mtime().max(0) as u64) * 1000 + m.mtime_nsec() as u64 / 1_000_000);
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let m = e.metadata()?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                newest = newest
+                    .max((m.mtime().max(0) as u64) * 1000 + m.mtime_nsec() as u64 / 1_000_000);
+            }
+        }
+    }
+    Ok(newest)
+}
+
+impl StepEvents for Store {
+    fn event(&self, e: TreeEvent) {
+        let step = match &e {
+            TreeEvent::WriteOpened { step } | TreeEvent::Changed { step, .. } => Some(step),
+            TreeEvent::StepRenamed { to, .. } => Some(to),
+            _ => None,
+        };
+        if let Some(step) = step
+            && !is_temporary(step)
+            && let Some(name) = step.to_str()
+            && self.seen.lock().insert(step.clone())
+            && let Err(err) = self.journal.mark_seen(name)
+        {
+            tracing::warn!(step = name, error = %err, "cannot note the step in the journal");
+        }
+        self.committer.lock().on_event(&e, Instant::now());
+    }
+}

@@ -1,0 +1,1000 @@
+//! The checkpoint volume's file system: a read-write tree that lives in a directory on
+//! local disk (in the pool) and is served over FUSE, so that a training framework sees
+//! an ordinary POSIX file system and Tidepool sees every step it writes.
+//!
+//! Design (the passthrough file system shape):
+//! - Every node the kernel knows holds an `O_PATH` descriptor of its backing file or
+//!   directory. Operations go through `*at` calls relative to those descriptors (or
+//!   `/proc/self/fd/N` where the kernel has no `*at` form), never through path strings
+//!   built on our side, so a rename anywhere (the `tmp → step-N` pattern) needs no
+//!   bookkeeping: a node stays valid wherever its file moves.
+//! - Node ids are ours (a counter), mapped from the backing `(dev, ino)`. While a node
+//!   lives its descriptor pins the backing inode, so the backing file system cannot
+//!   reuse that inode number: the map never confuses two files.
+//! - Opens return the backing file to the kernel for passthrough where it has it (Linux
+//!   6.9+): reads and writes then run at local-disk speed without a round trip to us.
+//!   Elsewhere READ and WRITE come here and are `pread`/`pwrite` on the backing file.
+//! - Every change is reported to a [`StepEvents`] observer with the step it belongs to
+//!   (the top-level directory) and the path inside it: the commit rules run there, not
+//!   here. This layer knows nothing of commits, journals or the lake.
+//!
+//! What is refused, and how: hard links and symlinks (`EPERM`), extended attributes
+//! (`EOPNOTSUPP`), `O_TMPFILE` (`EOPNOTSUPP`), device nodes and FIFOs (`EPERM`). Files are
+//! created owned by the caller (the server runs as root), with the caller's umask.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::fuse::abi::{fattr, fopen, op};
+use crate::fuse::{
+    AttrOut, Connection, CreateIn, DirBuf, EntryOut, Errno, FallocateIn, FileKind, FileSystem,
+    OpenOut, RenameIn, ReplyData, Request, SetattrIn, StatfsOut, Timespec, Ttl, WriteIn,
+};
+
+/// What happened in the tree, reported with the step (top-level directory name) it
+/// touched and the path inside that step (`""` for the step directory itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TreeEvent {
+    /// A file was created or opened for writing.
+    WriteOpened { step: OsString },
+    /// A file opened for writing was closed; `rel` is where it is now.
+    WriteClosed { step: OsString, rel: PathBuf },
+    /// An entry was created, removed, renamed into place, truncated or changed its
+    /// attributes.
+    Changed { step: OsString, rel: PathBuf },
+    /// A top-level directory was renamed (the `tmp → step-N` commit pattern).
+    StepRenamed { from: OsString, to: OsString },
+    /// A top-level directory was removed.
+    StepRemoved { step: OsString },
+}
+
+/// Receives [`TreeEvent`]s. Called on FUSE worker threads: must not block for long.
+pub trait StepEvents: Send + Sync + 'static {
+    fn event(&self, e: TreeEvent);
+    /// Whether writes into `step` must be refused (`EROFS`) — e.g. a step that is being
+    /// removed by retention.
+    fn read_only(&self, _step: &OsStr) -> bool {
+        false
+    }
+}
+
+/// How the tree is served.
+#[derive(Clone, Debug)]
+pub struct TreeConfig {
+    /// Entry and attribute lifetime in the kernel. We are the only writer of the
+    /// backing directory, so this only bounds how long a step removed by retention
+    /// stays visible; one second keeps `stat`-heavy frameworks cheap.
+    pub ttl: Duration,
+}
+
+impl Default for TreeConfig {
+    fn default() -> Self {
+        TreeConfig {
+            ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Node {
+    /// `O_PATH` descriptor of the backing file or directory.
+    fd: OwnedFd,
+    key: (u64, u64),
+    nlookup: AtomicU64,
+}
+
+struct Handle {
+    file: Arc<File>,
+    /// The step counted as being written through this handle.
+    writing: Option<OsString>,
+    backing_id: Option<u32>,
+}
+
+struct DirHandle {
+    stream: Mutex<DirStream>,
+}
+
+/// A `DIR*` of a directory being listed; its position cookies are the offsets the
+/// kernel hands back.
+struct DirStream(*mut libc::DIR);
+
+// SAFETY: the DIR* is only used under the DirHandle's mutex, by one thread at a time.
+unsafe impl Send for DirStream {}
+
+impl Drop for DirStream {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from fdopendir and is closed exactly once.
+        unsafe { libc::closedir(self.0) };
+    }
+}
+
+/// The read-write tree.
+pub struct CheckpointTree {
+    root: PathBuf,
+    cfg: TreeConfig,
+    events: Arc<dyn StepEvents>,
+    nodes: Mutex<Nodes>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+    conn: OnceLock<Connection>,
+    passthrough: AtomicBool,
+    passthrough_opens: AtomicU64,
+    is_root: bool,
+}
+
+struct Nodes {
+    by_id: HashMap<u64, Arc<Node>>,
+    by_key: HashMap<(u64, u64), u64>,
+    next: u64,
+}
+
+fn errno(e: io::Error) -> Errno {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn cstr(name: &OsStr) -> Result<CString, Errno> {
+    CString::new(name.as_bytes()).map_err(|_| libc::EINVAL)
+}
+
+fn proc_path(fd: RawFd) -> CString {
+    CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL")
+}
+
+fn fstat(fd: RawFd) -> Result<libc::stat, Errno> {
+    // SAFETY: a zeroed stat is a valid out-buffer for fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is a live descriptor; st is a valid out-buffer.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(errno(io::Error::last_os_error()));
+    }
+    Ok(st)
+}
+
+fn check(rc: libc::c_int) -> Result<(), Errno> {
+    if rc < 0 {
+        Err(errno(io::Error::last_os_error()))
+    } else {
+        Ok(())
+    }
+}
+
+fn attr_of(ino: u64, st: &libc::stat) -> crate::fuse::abi::Attr {
+    let kind = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        FileKind::Dir
+    } else {
+        FileKind::File
+    };
+    let ts = |s: i64, n: i64| Timespec {
+        secs: s.max(0) as u64,
+        nanos: n.clamp(0, 999_999_999) as u32,
+    };
+    crate::fuse::abi::Attr {
+        ino,
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: ts(st.st_atime, st.st_atime_nsec),
+        mtime: ts(st.st_mtime, st.st_mtime_nsec),
+        ctime: ts(st.st_ctime, st.st_ctime_nsec),
+        kind,
+        perm: st.st_mode & 0o7777,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        blksize: st.st_blksize as u32,
+    }
+}
+
+impl CheckpointTree {
+    /// Serves the directory `root` (created if missing).
+    pub fn new(root: &Path, cfg: TreeConfig, events: Arc<dyn StepEvents>) -> io::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        let root = root.canonicalize()?;
+        let fd = open_path(libc::AT_FDCWD, &CString::new(root.as_os_str().as_bytes())?)
+            .map_err(io::Error::from_raw_os_error)?;
+        let st = fstat(fd.as_raw_fd()).map_err(io::Error::from_raw_os_error)?;
+        let key = (st.st_dev, st.st_ino);
+        let mut by_id = HashMap::new();
+        by_id.insert(
+            1,
+            Arc::new(Node {
+                fd,
+                key,
+                nlookup: AtomicU64::new(1),
+            }),
+        );
+        let mut by_key = HashMap::new();
+        by_key.insert(key, 1);
+        // SAFETY: geteuid(2) takes nothing and cannot fail.
+        let is_root = unsafe { libc::geteuid() } == 0;
+        Ok(CheckpointTree {
+            root,
+            cfg,
+            events,
+            nodes: Mutex::new(Nodes {
+                by_id,
+                by_key,
+                next: 2,
+            }),
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            conn: OnceLock::new(),
+            passthrough: AtomicBool::new(true),
+            passthrough_opens: AtomicU64::new(0),
+            is_root,
+        })
+    }
+
+    /// The backing directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Opens handed to the kernel for passthrough so far.
+    pub fn passthrough_opens(&self) -> u64 {
+        self.passthrough_opens.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection settled on passthrough (Linux 6.9+).
+    pub fn kernel_passthrough(&self) -> bool {
+        self.conn.get().is_some_and(Connection::passthrough)
+    }
+
+    /// Files open for writing right now (all steps).
+    pub fn open_writers(&self) -> usize {
+        self.handles
+            .lock()
+            .values()
+            .filter(|h| h.writing.is_some())
+            .count()
+    }
+
+    /// Tells the kernel to forget the top-level entry `name` (removed behind its back,
+    /// e.g. by retention).
+    pub fn forget_step(&self, name: &OsStr) {
+        if let Some(conn) = self.conn.get() {
+            let _ = conn.inval_entry(1, name);
+        }
+    }
+
+    fn node(&self, id: u64) -> Result<Arc<Node>, Errno> {
+        self.nodes
+            .lock()
+            .by_id
+            .get(&id)
+            .cloned()
+            .ok_or(libc::ESTALE)
+    }
+
+    /// Registers (or finds) the node for `name` under `parent` and counts a lookup.
+    fn remember(&self, parent: &Node, name: &OsStr) -> Result<EntryOut, Errno> {
+        let fd = open_path(parent.fd.as_raw_fd(), &cstr(name)?)?;
+        let st = fstat(fd.as_raw_fd())?;
+        let key = (st.st_dev, st.st_ino);
+        let mut nodes = self.nodes.lock();
+        let id = match nodes.by_key.get(&key).copied() {
+            Some(id) if nodes.by_id.contains_key(&id) => {
+                nodes.by_id[&id].nlookup.fetch_add(1, Ordering::Relaxed);
+                id
+            }
+            _ => {
+                let id = nodes.next;
+                nodes.next += 1;
+                nodes.by_id.insert(
+                    id,
+                    Arc::new(Node {
+                        fd,
+                        key,
+                        nlookup: AtomicU64::new(1),
+                    }),
+                );
+                nodes.by_key.insert(key, id);
+                id
+            }
+        };
+        Ok(self.entry_out(id, &st))
+    }
+
+    fn entry_out(&self, id: u64, st: &libc::stat) -> EntryOut {
+        EntryOut {
+            attr: attr_of(id, st),
+            generation: 0,
+            entry_ttl: Ttl::from(self.cfg.ttl),
+            attr_ttl: Ttl::from(self.cfg.ttl),
+        }
+    }
+
+    /// The path of a node relative to the root (`None` for the root itself, or when the
+    /// node was removed).
+    fn rel_of(&self, node: &Node) -> Option<PathBuf> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", node.fd.as_raw_fd())).ok()?;
+        let rel = link.strip_prefix(&self.root).ok()?;
+        if rel.as_os_str().is_empty() {
+            return None;
+        }
+        if rel.as_os_str().as_bytes().ends_with(b" (deleted)") {
+            return None;
+        }
+        Some(rel.to_path_buf())
+    }
+
+    /// The step and in-step path of entry `name` under `parent`.
+    fn locate(&self, parent: u64, pnode: &Node, name: &OsStr) -> Option<(OsString, PathBuf)> {
+        if parent == 1 {
+            return Some((name.to_owned(), PathBuf::new()));
+        }
+        let rel = self.rel_of(pnode)?.join(name);
+        split_step(&rel)
+    }
+
+    fn locate_node(&self, node: &Node) -> Option<(OsString, PathBuf)> {
+        split_step(&self.rel_of(node)?)
+    }
+
+    fn refuse_read_only(&self, step: Option<&(OsString, PathBuf)>) -> Result<(), Errno> {
+        match step {
+            Some((s, _)) if self.events.read_only(s) => Err(libc::EROFS),
+            _ => Ok(()),
+        }
+    }
+
+    fn chown_to_caller(&self, dirfd: RawFd, name: &CString, req: &Request) {
+        if self.is_root {
+            // SAFETY: dirfd is live, name NUL-terminated; a failure leaves root as owner.
+            unsafe {
+                libc::fchownat(
+                    dirfd,
+                    name.as_ptr(),
+                    req.uid,
+                    req.gid,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+        }
+    }
+
+    fn open_handle(
+        &self,
+        file: File,
+        writing: Option<OsString>,
+        want_passthrough: bool,
+    ) -> OpenOut {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut backing_id = None;
+        if want_passthrough
+            && self.passthrough.load(Ordering::Relaxed)
+            && let Some(conn) = self.conn.get()
+            && conn.passthrough()
+        {
+            match conn.open_backing(&file) {
+                Ok(id) => {
+                    backing_id = Some(id);
+                    self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    if self.passthrough.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "FUSE passthrough refused by the kernel; checkpoint reads and writes go through Tidepool from now on");
+                    }
+                }
+            }
+        }
+        self.handles.lock().insert(
+            fh,
+            Handle {
+                file: Arc::new(file),
+                writing,
+                backing_id,
+            },
+        );
+        OpenOut {
+            fh,
+            // No FLUSH (nothing is buffered here, and a flush nobody answers would hang a
+            // closing process while the server restarts).
+            flags: fopen::NOFLUSH
+                | if backing_id.is_some() {
+                    fopen::PASSTHROUGH
+                } else {
+                    0
+                },
+            backing_id: backing_id.unwrap_or(0),
+        }
+    }
+
+    fn file(&self, fh: u64) -> Result<Arc<File>, Errno> {
+        self.handles
+            .lock()
+            .get(&fh)
+            .map(|h| h.file.clone())
+            .ok_or(libc::EBADF)
+    }
+}
+
+/// Splits a path relative to the root into (step, path inside the step).
+pub fn split_step(rel: &Path) -> Option<(OsString, PathBuf)> {
+    let mut comps = rel.components();
+    let step = match comps.next()? {
+        Component::Normal(s) => s.to_owned(),
+        _ => return None,
+    };
+    Some((step, comps.as_path().to_path_buf()))
+}
+
+fn open_path(dirfd: RawFd, name: &CString) -> Result<OwnedFd, Errno> {
+    // SAFETY: dirfd is live (or AT_FDCWD) and name NUL-terminated.
+    let fd = unsafe {
+        libc::openat(
+            dirfd,
+            name.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(errno(io::Error::last_os_error()));
+    }
+    // SAFETY: openat returned a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The flags a backing file is opened with for an open(2) with `flags` on the volume.
+fn backing_flags(flags: u32) -> i32 {
+    let f = flags as i32;
+    (f & (libc::O_ACCMODE
+        | libc::O_APPEND
+        | libc::O_TRUNC
+        | libc::O_DIRECT
+        | libc::O_SYNC
+        | libc::O_DSYNC
+        | libc::O_NOATIME))
+        | libc::O_CLOEXEC
+}
+
+fn is_write(flags: u32) -> bool {
+    (flags as i32) & libc::O_ACCMODE != libc::O_RDONLY
+}
+
+impl FileSystem for CheckpointTree {
+    fn connected(&self, conn: &Connection) {
+        let _ = self.conn.set(conn.clone());
+    }
+
+    fn lookup(&self, _req: &Request, parent: u64, name: &OsStr) -> Result<EntryOut, Errno> {
+        let p = self.node(parent)?;
+        self.remember(&p, name)
+    }
+
+    fn forget(&self, ino: u64, nlookup: u64) {
+        if ino == 1 {
+            return;
+        }
+        let mut nodes = self.nodes.lock();
+        let gone = match nodes.by_id.get(&ino) {
+            Some(n) => {
+                let prev = n.nlookup.fetch_sub(
+                    nlookup.min(n.nlookup.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
+                prev <= nlookup
+            }
+            None => false,
+        };
+        if gone
+            && let Some(n) = nodes.by_id.remove(&ino)
+            && nodes.by_key.get(&n.key) == Some(&ino)
+        {
+            nodes.by_key.remove(&n.key);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: u64, fh: Option<u64>) -> Result<AttrOut, Errno> {
+        let st = match fh.and_then(|fh| self.file(fh).ok()) {
+            Some(f) => fstat(f.as_raw_fd())?,
+            None => fstat(self.node(ino)?.fd.as_raw_fd())?,
+        };
+        Ok(AttrOut {
+            attr: attr_of(ino, &st),
+            ttl: Ttl::from(self.cfg.ttl),
+        })
+    }
+
+    fn setattr(&self, _req: &Request, ino: u64, a: &SetattrIn) -> Result<AttrOut, Errno> {
+        let node = self.node(ino)?;
+        let at = self.locate_node(&node);
+        self.refuse_read_only(at.as_ref())?;
+        let path = proc_path(node.fd.as_raw_fd());
+        if a.valid & fattr::MODE != 0 {
+            // SAFETY: path is NUL-terminated.
+            check(unsafe { libc::chmod(path.as_ptr(), a.mode & 0o7777) })?;
+        }
+        if a.valid & (fattr::UID | fattr::GID) != 0 {
+            let uid = if a.valid & fattr::UID != 0 {
+                a.uid
+            } else {
+                u32::MAX
+            };
+            let gid = if a.valid & fattr::GID != 0 {
+                a.gid
+            } else {
+                u32::MAX
+            };
+            // SAFETY: the O_PATH descriptor is live; an empty path names it.
+            check(unsafe {
+                libc::fchownat(
+                    node.fd.as_raw_fd(),
+                    c"".as_ptr(),
+                    uid,
+                    gid,
+                    libc::AT_EMPTY_PATH,
+                )
+            })?;
+        }
+        if a.valid & fattr::SIZE != 0 {
+            let via_fh = (a.valid & fattr::FH != 0)
+                .then(|| self.file(a.fh).ok())
+                .flatten();
+            match via_fh {
+                Some(f) => f.set_len(a.size).map_err(errno)?,
+                // SAFETY: path is NUL-terminated.
+                None => check(unsafe { libc::truncate(path.as_ptr(), a.size as libc::off_t) })?,
+            }
+        }
+        if a.valid & (fattr::ATIME | fattr::MTIME | fattr::ATIME_NOW | fattr::MTIME_NOW) != 0 {
+            let t = |set: u32, now: u32, ts: Timespec| libc::timespec {
+                tv_sec: ts.secs as libc::time_t,
+                tv_nsec: if a.valid & now != 0 {
+                    libc::UTIME_NOW
+                } else if a.valid & set != 0 {
+                    ts.nanos as i64
+                } else {
+                    libc::UTIME_OMIT
+                },
+            };
+            let times = [
+                t(fattr::ATIME, fattr::ATIME_NOW, a.atime),
+                t(fattr::MTIME, fattr::MTIME_NOW, a.mtime),
+            ];
+            // SAFETY: path is NUL-terminated, times has two entries.
+            check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) })?;
+        }
+        if let Some((step, rel)) = at {
+            self.events.event(TreeEvent::Changed { step, rel });
+        }
+        self.getattr(_req, ino, None)
+    }
+
+    fn open(&self, _req: &Request, ino: u64, flags: u32) -> Result<OpenOut, Errno> {
+        let node = self.node(ino)?;
+        let writing = if is_write(flags) || (flags as i32) & libc::O_TRUNC != 0 {
+            let at = self.locate_node(&node);
+            self.refuse_read_only(at.as_ref())?;
+            at.map(|(s, _)| s)
+        } else {
+            None
+        };
+        let path = proc_path(node.fd.as_raw_fd());
+        // SAFETY: path is NUL-terminated; the flags never include O_CREAT.
+        let fd = unsafe { libc::open(path.as_ptr(), backing_flags(flags)) };
+        if fd < 0 {
+            return Err(errno(io::Error::last_os_error()));
+        }
+        // SAFETY: open returned a new descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        if let Some(step) = &writing {
+            self.events
+                .event(TreeEvent::WriteOpened { step: step.clone() });
+        }
+        // O_DIRECT opens are served by us (passthrough would still be cached).
+        let pt = (flags as i32) & libc::O_DIRECT == 0;
+        Ok(self.open_handle(file, writing, pt))
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: u64,
+        c: &CreateIn<'_>,
+    ) -> Result<(EntryOut, OpenOut), Errno> {
+        let p = self.node(parent)?;
+        let at = self.locate(parent, &p, c.name);
+        self.refuse_read_only(at.as_ref())?;
+        let name = cstr(c.name)?;
+        let flags = backing_flags(c.flags) | libc::O_CREAT | ((c.flags as i32) & libc::O_EXCL);
+        // SAFETY: dirfd live, name NUL-terminated.
+        let fd = unsafe {
+            libc::openat(
+                p.fd.as_raw_fd(),
+                name.as_ptr(),
+                flags,
+                (c.mode & !c.umask & 0o7777) as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(errno(io::Error::last_os_error()));
+        }
+        // SAFETY: openat returned a new descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        self.chown_to_caller(p.fd.as_raw_fd(), &name, req);
+        let entry = self.remember(&p, c.name)?;
+        let writing = at.as_ref().map(|(s, _)| s.clone());
+        if let Some((step, rel)) = at {
+            self.events
+                .event(TreeEvent::WriteOpened { step: step.clone() });
+            self.events.event(TreeEvent::Changed { step, rel });
+        }
+        let pt = (c.flags as i32) & libc::O_DIRECT == 0;
+        Ok((entry, self.open_handle(file, writing, pt)))
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<EntryOut, Errno> {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(libc::EPERM);
+        }
+        let p = self.node(parent)?;
+        let at = self.locate(parent, &p, name);
+        self.refuse_read_only(at.as_ref())?;
+        let n = cstr(name)?;
+        // SAFETY: dirfd live, name NUL-terminated.
+        let fd = unsafe {
+            libc::openat(
+                p.fd.as_raw_fd(),
+                n.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+                (mode & !umask & 0o7777) as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(errno(io::Error::last_os_error()));
+        }
+        // SAFETY: a new descriptor we own; closed at once.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        self.chown_to_caller(p.fd.as_raw_fd(), &n, req);
+        if let Some((step, rel)) = at {
+            self.events.event(TreeEvent::Changed { step, rel });
+        }
+        self.remember(&p, name)
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<EntryOut, Errno> {
+        let p = self.node(parent)?;
+        let at = self.locate(parent, &p, name);
+        self.refuse_read_only(at.as_ref())?;
+        let n = cstr(name)?;
+        // SAFETY: dirfd live, name NUL-terminated.
+        check(unsafe {
+            libc::mkdirat(
+                p.fd.as_raw_fd(),
+                n.as_ptr(),
+                (mode & !umask & 0o7777) as libc::mode_t,
+            )
+        })?;
+        self.chown_to_caller(p.fd.as_raw_fd(), &n, req);
+        if let Some((step, rel)) = at {
+            self.events.event(TreeEvent::Changed { step, rel });
+        }
+        self.remember(&p, name)
+    }
+
+    fn unlink(&self, _req: &Request, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        self.remove(parent, name, 0)
+    }
+
+    fn rmdir(&self, _req: &Request, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        self.remove(parent, name, libc::AT_REMOVEDIR)
+    }
+
+    fn rename(&self, _req: &Request, parent: u64, r: &RenameIn<'_>) -> Result<(), Errno> {
+        let from_dir = self.node(parent)?;
+        let to_dir = self.node(r.newdir)?;
+        let from = self.locate(parent, &from_dir, r.old);
+        let to = self.locate(r.newdir, &to_dir, r.new);
+        self.refuse_read_only(from.as_ref())?;
+        self.refuse_read_only(to.as_ref())?;
+        let (o, n) = (cstr(r.old)?, cstr(r.new)?);
+        // Whether a top-level directory is being renamed (known before the rename).
+        let top_dir = parent == 1
+            && r.newdir == 1
+            && std::fs::symlink_metadata(self.root.join(r.old)).is_ok_and(|m| m.is_dir());
+        // SAFETY: both dirfds live, names NUL-terminated.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                from_dir.fd.as_raw_fd(),
+                o.as_ptr(),
+                to_dir.fd.as_raw_fd(),
+                n.as_ptr(),
+                r.flags,
+            ) as libc::c_int
+        })?;
+        if top_dir {
+            self.events.event(TreeEvent::StepRenamed {
+                from: r.old.to_owned(),
+                to: r.new.to_owned(),
+            });
+            return Ok(());
+        }
+        if let Some((step, rel)) = from {
+            self.events.event(TreeEvent::Changed { step, rel });
+        }
+        if let Some((step, rel)) = to {
+            self.events.event(TreeEvent::Changed { step, rel });
+        }
+        Ok(())
+    }
+
+    fn link(&self, _req: &Request, _opcode: u32, _ino: u64) -> Result<EntryOut, Errno> {
+        // Hard links and symlinks: a checkpoint is files and directories (the lake keeps
+        // one blob per file; a link has no native form there).
+        Err(libc::EPERM)
+    }
+
+    fn read(&self, _req: &Request, _ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        let file = match self.file(fh) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return reply.error(errno(e)),
+            }
+        }
+        reply.data(&buf[..got]);
+    }
+
+    fn write(&self, _req: &Request, _ino: u64, w: &WriteIn<'_>) -> Result<u32, Errno> {
+        let file = self.file(w.fh)?;
+        // On a file opened O_APPEND, pwrite appends whatever the offset (Linux).
+        file.write_all_at(w.data, w.offset).map_err(errno)?;
+        Ok(w.data.len() as u32)
+    }
+
+    fn release(&self, _req: &Request, _ino: u64, fh: u64, _flags: u32) {
+        let Some(h) = self.handles.lock().remove(&fh) else {
+            return;
+        };
+        if let (Some(id), Some(conn)) = (h.backing_id, self.conn.get()) {
+            let _ = conn.close_backing(id);
+        }
+        if let Some(opened_in) = h.writing {
+            let now = std::fs::read_link(format!("/proc/self/fd/{}", h.file.as_raw_fd()))
+                .ok()
+                .and_then(|p| p.strip_prefix(&self.root).ok().map(Path::to_path_buf))
+                .filter(|p| !p.as_os_str().as_bytes().ends_with(b" (deleted)"))
+                .and_then(|p| split_step(&p));
+            // The step counted at open is the one released (a rename in between moves
+            // the count with it in the observer).
+            let rel = match now {
+                Some((step, rel)) if step == opened_in => rel,
+                _ => PathBuf::new(),
+            };
+            self.events.event(TreeEvent::WriteClosed {
+                step: opened_in,
+                rel,
+            });
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: u64, fh: u64, datasync: bool) -> Result<(), Errno> {
+        let f = self.file(fh)?;
+        if datasync {
+            f.sync_data()
+        } else {
+            f.sync_all()
+        }
+        .map_err(errno)
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: u64, _fh: u64, _datasync: bool) -> Result<(), Errno> {
+        let node = self.node(ino)?;
+        let d = File::open(format!("/proc/self/fd/{}", node.fd.as_raw_fd())).map_err(errno)?;
+        d.sync_all().map_err(errno)
+    }
+
+    fn fallocate(&self, _req: &Request, _ino: u64, f: &FallocateIn) -> Result<(), Errno> {
+        let file = self.file(f.fh)?;
+        // SAFETY: the descriptor is live for the call.
+        check(unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                f.mode as i32,
+                f.offset as libc::off_t,
+                f.length as libc::off_t,
+            )
+        })
+    }
+
+    fn other_write(&self, _req: &Request, opcode: u32, _ino: u64) -> Result<(), Errno> {
+        match opcode {
+            op::SYNCFS => {
+                let root = self.node(1)?;
+                // SAFETY: the descriptor is live for the call.
+                check(unsafe { libc::syncfs(root.fd.as_raw_fd()) })
+            }
+            // xattrs and O_TMPFILE: not kept (no native form in the lake).
+            _ => Err(libc::EOPNOTSUPP),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: u64, _flags: u32) -> Result<OpenOut, Errno> {
+        let node = self.node(ino)?;
+        let path = proc_path(node.fd.as_raw_fd());
+        // SAFETY: path is NUL-terminated.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(errno(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a directory descriptor we own; fdopendir takes it over.
+        let dir = unsafe { libc::fdopendir(fd) };
+        if dir.is_null() {
+            let e = io::Error::last_os_error();
+            // SAFETY: fdopendir failed, so fd is still ours to close.
+            unsafe { libc::close(fd) };
+            return Err(errno(e));
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(
+            fh,
+            Arc::new(DirHandle {
+                stream: Mutex::new(DirStream(dir)),
+            }),
+        );
+        Ok(OpenOut {
+            fh,
+            flags: 0,
+            backing_id: 0,
+        })
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: u64,
+        fh: u64,
+        offset: u64,
+        out: &mut DirBuf,
+    ) -> Result<(), Errno> {
+        let dh = self.dirs.lock().get(&fh).cloned().ok_or(libc::EBADF)?;
+        let s = dh.stream.lock();
+        // SAFETY: the DIR* is live and used under the handle's lock only.
+        unsafe {
+            if offset == 0 {
+                libc::rewinddir(s.0);
+            } else {
+                libc::seekdir(s.0, offset as libc::c_long);
+            }
+            loop {
+                let pos = libc::telldir(s.0);
+                *libc::__errno_location() = 0;
+                let ent = libc::readdir64(s.0);
+                if ent.is_null() {
+                    let e = *libc::__errno_location();
+                    if e != 0 {
+                        return Err(e);
+                    }
+                    break;
+                }
+                let ent = &*ent;
+                let name = std::ffi::CStr::from_ptr(ent.d_name.as_ptr());
+                let name = OsStr::from_bytes(name.to_bytes());
+                if name == "." || name == ".." {
+                    continue;
+                }
+                let kind = match ent.d_type {
+                    libc::DT_DIR => FileKind::Dir,
+                    _ => FileKind::File,
+                };
+                if !out.add(ent.d_ino, ent.d_off as u64, kind, name, None) {
+                    libc::seekdir(s.0, pos);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: u64, fh: u64) {
+        self.dirs.lock().remove(&fh);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: u64) -> Result<StatfsOut, Errno> {
+        let root = self.node(1)?;
+        // SAFETY: zeroed statvfs is a valid out-buffer.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: the descriptor is live; s is a valid out-buffer.
+        check(unsafe { libc::fstatvfs(root.fd.as_raw_fd(), &mut s) })?;
+        Ok(StatfsOut {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namemax as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+}
+
+impl CheckpointTree {
+    fn remove(&self, parent: u64, name: &OsStr, flags: i32) -> Result<(), Errno> {
+        let p = self.node(parent)?;
+        let at = self.locate(parent, &p, name);
+        self.refuse_read_only(at.as_ref())?;
+        let n = cstr(name)?;
+        // SAFETY: dirfd live, name NUL-terminated.
+        check(unsafe { libc::unlinkat(p.fd.as_raw_fd(), n.as_ptr(), flags) })?;
+        match at {
+            Some((step, rel)) if rel.as_os_str().is_empty() && flags == libc::AT_REMOVEDIR => {
+                self.events.event(TreeEvent::StepRemoved { step })
+            }
+            Some((step, rel)) => self.events.event(TreeEvent::Changed { step, rel }),
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(s: &str) -> OsString {
+        OsString::from(s)
+    }
+
+    #[test]
+    fn paths_split_into_step_and_rest() {
+        assert_eq!(
+            split_step(Path::new("step-10/model/__0_0.distcp")),
+            Some((os("step-10"), PathBuf::from("model/__0_0.distcp")))
+        );
+        assert_eq!(
+            split_step(Path::new("step-10")),
+            Some((os("step-10"), PathBuf::new()))
+        );
+        assert_eq!(split_step(Path::new("")), None);
+    }
+
+    #[test]
+    fn backing_opens_never_create_and_keep_append() {
+        let f =
+            backing_flags((libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_APPEND) as u32);
+        assert_eq!(f & libc::O_CREAT, 0);
+        assert_eq!(f & libc::O_EXCL, 0);
+        assert_ne!(f & libc::O_APPEND, 0);
+        assert_eq!(f & libc::O_ACCMODE, libc::O_WRONLY);
+    }
+}

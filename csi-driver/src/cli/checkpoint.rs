@@ -1,0 +1,457 @@
+//! `tidepool mount --checkpoint`, `tidepool sync`, `tidepool sync status` and
+//! `tidepool restore`: the checkpoint half for a user without Kubernetes.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+
+use super::{LakeArgs, MountArgs, human, open_lake, say};
+use crate::checkpoint::commit::CommitRule;
+use crate::checkpoint::store::{Store, VolumeConfig, VolumeLayout};
+use crate::checkpoint::sync::{
+    StepChoice, SyncConfig, SyncStatus, Syncer, restore as restore_step,
+};
+use crate::checkpoint::tree::{CheckpointTree, TreeConfig};
+use crate::fs::{Mount, MountStats};
+use crate::fuse::{MountOptions, SessionConfig};
+use crate::lake::LakeUrl;
+use crate::lake::credentials::EnvLookup;
+use crate::mounts::is_mounted;
+
+/// Checkpoint options of `tidepool mount --checkpoint`.
+#[derive(Args, Debug, Clone)]
+pub struct CheckpointArgs {
+    /// Mount a read-write checkpoint volume instead of a read-only dataset: files live
+    /// on local disk under --cache-dir; each committed step (a top-level directory) is
+    /// uploaded to LAKE_URL, one blob per file under the same name.
+    #[arg(long)]
+    pub checkpoint: bool,
+    /// This node's name in the lake's records (multi-node jobs: one name per node).
+    /// Default: the host name.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// A file whose appearance at a step's root commits the step (repeatable; replaces
+    /// the defaults `.metadata` (PyTorch DCP) and `commit_success.txt` (Orbax)).
+    #[arg(long = "commit-marker", value_name = "NAME")]
+    pub commit_markers: Vec<String>,
+    /// Also commit a step nothing changed in for this long (e.g. `5m`). Off by default:
+    /// it cannot tell a finished step from one whose writer died.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub quiescence: Option<Duration>,
+    /// Durable steps kept on local disk; older ones leave it (they stay in the lake,
+    /// `tidepool restore` fetches them). Default: all.
+    #[arg(long, value_name = "N")]
+    pub keep_local: Option<u32>,
+    /// Durable steps kept in the lake; older ones are deleted, manifest first (no reader
+    /// trusts a step from the moment its deletion starts). Default: all.
+    #[arg(long, value_name = "M")]
+    pub keep_remote: Option<u32>,
+    /// Do not upload from this process; a separate `tidepool sync --cache-dir` does.
+    #[arg(long)]
+    pub no_sync: bool,
+}
+
+impl CheckpointArgs {
+    fn rule(&self) -> anyhow::Result<CommitRule> {
+        let mut rule = CommitRule {
+            quiescence: self.quiescence,
+            ..CommitRule::default()
+        };
+        if !self.commit_markers.is_empty() {
+            for m in &self.commit_markers {
+                if m.is_empty() || m.contains('/') || m == "." || m == ".." {
+                    bail!(
+                        "--commit-marker {m:?} is not a file name; give a name such as .metadata"
+                    );
+                }
+            }
+            rule.markers = self.commit_markers.iter().map(OsString::from).collect();
+        }
+        Ok(rule)
+    }
+}
+
+fn node_name(given: Option<&str>) -> anyhow::Result<String> {
+    let name = match given {
+        Some(n) => n.to_owned(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name (give --node-name)")?
+            .trim()
+            .to_owned(),
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        bail!("node name {name:?} must be letters, digits, '-', '_' or '.'; give --node-name");
+    }
+    Ok(name)
+}
+
+/// `tidepool mount --checkpoint`.
+pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
+    let url = LakeUrl::parse(&args.url)?;
+    let ck = &args.checkpoint;
+    if !args.mountpoint.is_dir() {
+        bail!(
+            "mount point {} is not a directory; create it first (mkdir -p {})",
+            args.mountpoint.display(),
+            args.mountpoint.display()
+        );
+    }
+    if is_mounted(&args.mountpoint.canonicalize()?)? {
+        bail!(
+            "{} is already a mount point; unmount it first (umount {})",
+            args.mountpoint.display(),
+            args.mountpoint.display()
+        );
+    }
+    let rule = ck.rule()?;
+    let node = node_name(ck.node_name.as_deref())?;
+    let layout = VolumeLayout::for_url(&args.cache.cache_dir, &url.to_string());
+    layout
+        .create(&VolumeConfig {
+            url: url.to_string(),
+            node: node.clone(),
+            keep_local: ck.keep_local,
+            keep_remote: ck.keep_remote,
+        })
+        .with_context(|| format!("preparing {}", layout.dir.display()))?;
+    // The lake (and the node lease) first: a second uploader is refused before anything
+    // is mounted.
+    let stop_sync = Arc::new(tokio::sync::Notify::new());
+    let syncer = if ck.no_sync {
+        None
+    } else {
+        let lake = open_lake(&url, &args.lake, env)?;
+        Some(Syncer::start(lake, layout.clone(), &url.prefix, SyncConfig::default()).await?)
+    };
+    let store = Arc::new(Store::open(layout.clone(), rule)?);
+    let tree = CheckpointTree::new(&layout.tree(), TreeConfig::default(), store.clone())
+        .with_context(|| format!("opening {}", layout.tree().display()))?;
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let options = MountOptions {
+        fsname: url.to_string(),
+        subtype: "tidepool".into(),
+        read_only: false,
+        allow_other: args.allow_other.unwrap_or(root),
+        default_permissions: true,
+    };
+    let session = SessionConfig::read_write(args.threads, !args.no_passthrough);
+    let mountpoint = args.mountpoint.clone();
+    let mount = tokio::task::spawn_blocking(move || {
+        Mount::serve(
+            Arc::new(tree),
+            Arc::new(MountStats::default()),
+            &mountpoint,
+            &options,
+            session,
+        )
+    })
+    .await?
+    .with_context(|| {
+        format!(
+            "mounting at {} (needs /dev/fuse, and root or fusermount3 from the fuse3 package)",
+            args.mountpoint.display()
+        )
+    })?;
+    let stop_ticker = Arc::new(AtomicBool::new(false));
+    let ticker = store.spawn_ticker(Duration::from_millis(200), stop_ticker.clone());
+    let sync_task = syncer.map(|s| tokio::spawn(s.run(Some(store.clone()), stop_sync.clone())));
+    say(format_args!(
+        "tidepool: checkpoint volume for {url} mounted at {} (node {node}, files in {}); {}; stop with Ctrl-C or umount",
+        args.mountpoint.display(),
+        layout.tree().display(),
+        if ck.no_sync {
+            "uploads left to `tidepool sync`"
+        } else {
+            "committed steps upload from this process"
+        }
+    ));
+    let handle = mount.unmount_handle();
+    let mp = mount.mountpoint.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    let mut sync_failed = None;
+    let mut sync_task = sync_task;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            r = async { sync_task.as_mut().unwrap().await }, if sync_task.is_some() => {
+                sync_task = None;
+                if let Ok(Err(e)) = r { sync_failed = Some(e); }
+                break;
+            }
+            _ = poll.tick() => match is_mounted(&mp) {
+                Ok(true) => {}
+                Ok(false) => { tracing::info!("unmounted from outside"); break }
+                Err(e) => tracing::warn!(error = %e, "cannot check the mount table"),
+            },
+        }
+    }
+    let unmounted = handle.unmount();
+    if let Err(e) = &unmounted
+        && crate::mounts::is_busy(e)
+    {
+        handle.detach().context("detaching the busy mount")?;
+    }
+    stop_ticker.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || ticker.join()).await;
+    // Steps whose rule fired while stopping commit now.
+    store.tick();
+    if let Some(t) = sync_task {
+        stop_sync.notify_one();
+        match t.await {
+            Ok(Err(e)) => sync_failed = Some(e),
+            Err(e) => tracing::warn!(error = %e, "the sync task ended abnormally"),
+            Ok(Ok(())) => {}
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || mount.join()).await;
+    if let Some(e) = sync_failed {
+        return Err(e.into());
+    }
+    let st = SyncStatus::read(&layout).ok();
+    say(format_args!(
+        "tidepool: unmounted {}{}",
+        mp.display(),
+        match st {
+            Some(s) if s.pending_files > 0 => format!(
+                "; {} files ({}) committed and not yet durable: run `tidepool sync --cache-dir {}` to finish",
+                s.pending_files,
+                human(s.pending_bytes),
+                args.cache.cache_dir.display()
+            ),
+            _ => String::new(),
+        }
+    ));
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SyncArgs {
+    #[command(subcommand)]
+    pub command: Option<SyncCommand>,
+    /// The pool directory the checkpoint volumes are in (as given to `tidepool mount
+    /// --checkpoint`); every volume in it is synced.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub lake: LakeArgs,
+    /// Files uploaded at the same time per volume.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub parallel: usize,
+    /// Upload what is committed and exit (default: keep running, like the node sidecar).
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SyncCommand {
+    /// Latest committed and durable step, pending bytes, upload rate, last error, per
+    /// volume in the pool.
+    Status {
+        #[arg(long, value_name = "DIR")]
+        cache_dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `tidepool sync` and `tidepool sync status`.
+pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
+    if let Some(SyncCommand::Status { cache_dir, json }) = args.command {
+        return status(&cache_dir, json);
+    }
+    let Some(cache_dir) = args.cache_dir else {
+        bail!("tidepool sync needs --cache-dir DIR (the pool of the checkpoint volumes)");
+    };
+    let vols = VolumeLayout::all(&cache_dir)?;
+    if vols.is_empty() {
+        bail!(
+            "{} has no checkpoint volume; mount one with `tidepool mount --checkpoint LAKE_URL MOUNTPOINT --cache-dir {}` first",
+            cache_dir.display(),
+            cache_dir.display()
+        );
+    }
+    let mut tasks = Vec::new();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    for vol in vols {
+        let cfg = vol.read_config()?;
+        let url = LakeUrl::parse(&cfg.url)?;
+        let lake = open_lake(&url, &args.lake, env)?;
+        let sync_cfg = SyncConfig {
+            parallel_files: args.parallel.max(1),
+            ..SyncConfig::default()
+        };
+        let mut s = Syncer::start(lake, vol.clone(), &url.prefix, sync_cfg).await?;
+        if args.once {
+            let r = s.pass().await;
+            let st = s.status(r.as_ref().err().map(|e| e.to_string()), &[]);
+            s.stop().await;
+            let report = r?;
+            say(format_args!(
+                "tidepool: {}: uploaded {} files ({}); durable: {}{}",
+                cfg.url,
+                report.uploaded_files,
+                human(report.uploaded_bytes),
+                if report.durable.is_empty() {
+                    "-".to_owned()
+                } else {
+                    report.durable.join(", ")
+                },
+                match st {
+                    Ok(st) if st.pending_files > 0 =>
+                        format!("; {} files still pending", st.pending_files),
+                    _ => String::new(),
+                }
+            ));
+            for w in report.waiting {
+                say(format_args!(
+                    "tidepool: {} waits for the part of node(s) {}",
+                    w.step,
+                    w.nodes.join(", ")
+                ));
+            }
+            continue;
+        }
+        say(format_args!(
+            "tidepool: syncing {} (node {})",
+            cfg.url, cfg.node
+        ));
+        tasks.push(tokio::spawn(s.run(None, stop.clone())));
+    }
+    if tasks.is_empty() {
+        return Ok(());
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let all = futures::future::join_all(tasks.iter_mut());
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        results = all => {
+            for r in results {
+                r??;
+            }
+            return Ok(());
+        }
+    }
+    stop.notify_waiters();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+fn status(cache_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let vols = VolumeLayout::all(cache_dir)?;
+    if vols.is_empty() {
+        bail!("{} has no checkpoint volume", cache_dir.display());
+    }
+    for vol in vols {
+        let cfg = vol.read_config()?;
+        let st = SyncStatus::read(&vol).ok();
+        if json {
+            println!("{}", serde_json::to_string(&st)?);
+            continue;
+        }
+        let Some(st) = st else {
+            println!("{} (node {}): no sync has run yet", cfg.url, cfg.node);
+            continue;
+        };
+        let age = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64)
+            .saturating_sub(st.updated_unix_ms);
+        println!("{} (node {})", st.destination, st.node);
+        let show = |s: &Option<crate::checkpoint::sync::StepInfo>| match s {
+            Some(s) => format!("{} ({} files, {})", s.step, s.files, human(s.bytes)),
+            None => "-".into(),
+        };
+        println!("  latest committed: {}", show(&st.latest_committed));
+        println!("  latest durable:   {}", show(&st.latest_durable));
+        println!(
+            "  pending:          {} files, {}",
+            st.pending_files,
+            human(st.pending_bytes)
+        );
+        println!("  upload rate:      {}/s", human(st.upload_bytes_per_sec));
+        for w in &st.waiting {
+            println!(
+                "  waiting:          {} for node(s) {}",
+                w.step,
+                w.nodes.join(", ")
+            );
+        }
+        println!(
+            "  last error:       {}",
+            st.last_error.as_deref().unwrap_or("none")
+        );
+        println!(
+            "  updated:          {:.0}s ago by pid {}",
+            age as f64 / 1000.0,
+            st.pid
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The checkpoint destination (as given to `tidepool mount --checkpoint`).
+    #[arg(value_name = "LAKE_URL")]
+    pub url: String,
+    /// Where to put the step: its files land in DIR/<step>/.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// `latest`, a step name (`step-1000`) or a step number (`1000`). Only durable
+    /// steps (with a manifest) are restored.
+    #[arg(long, default_value = "latest", value_name = "latest|STEP")]
+    pub step: String,
+    #[command(flatten)]
+    pub lake: LakeArgs,
+    /// Files downloaded at the same time.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub parallel: usize,
+}
+
+/// `tidepool restore`.
+pub async fn restore(args: RestoreArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
+    let url = LakeUrl::parse(&args.url)?;
+    let lake = open_lake(&url, &args.lake, env)?;
+    let choice = if args.step == "latest" {
+        StepChoice::Latest
+    } else {
+        StepChoice::Named(args.step.clone())
+    };
+    let started = std::time::Instant::now();
+    let r = restore_step(
+        &*lake,
+        &url.prefix,
+        &url.to_string(),
+        &args.dir,
+        &choice,
+        args.parallel,
+    )
+    .await?;
+    say(format_args!(
+        "tidepool: restored {} ({} files, {}, every file checked against its MD5) into {} in {:.1}s",
+        r.step,
+        r.files,
+        human(r.bytes),
+        r.dir.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
