@@ -705,3 +705,66 @@ async fn keep_remote_deletes_old_steps_manifest_first_and_finishes_an_interrupte
     assert!(vol.tree().join("step-1/w").exists());
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_sas_is_a_status_error_in_words_and_the_upload_resumes_with_a_new_one() {
+    use tidepool_csi::lake::azure::AzureLake;
+    use tidepool_csi::lake::azure::sas::AccountKey;
+    use tidepool_csi::lake::{Credentials, LakeUrl};
+    init_log();
+    let az = Azurite::start();
+    let good: Arc<dyn Lake> = Arc::new(az.lake("ckpt").await);
+    let key = AccountKey::new(
+        tidepool_csi::testing::azurite::ACCOUNT,
+        &Azurite::account_key(),
+    )
+    .unwrap();
+    let sas = |valid_from: time::OffsetDateTime| {
+        let url = LakeUrl::parse(&az.url("ckpt", "")).unwrap();
+        let s = key.account_sas("sco", "racwdl", Duration::from_secs(60), valid_from);
+        Arc::new(AzureLake::connect(&url, &Credentials::Sas(s), &az.options()).unwrap())
+            as Arc<dyn Lake>
+    };
+    let pool = tempfile::tempdir().unwrap();
+    let vol = volume(pool.path(), &az, "ckpt", "sas", "n1", None);
+    // The node lease is taken with a valid token; then the token expires.
+    let mut s = Syncer::start(
+        sas(time::OffsetDateTime::now_utc()),
+        vol.clone(),
+        "sas/",
+        small_blocks(),
+    )
+    .await
+    .unwrap();
+    s.stop().await;
+    let expired = sas(time::OffsetDateTime::now_utc() - time::Duration::hours(2));
+    write_step(&vol, "step-1", &[("w", pattern(1, 3 * MIB))], true);
+    commit(&vol, CommitRule::default());
+    let e = match Syncer::start(expired, vol.clone(), "sas/", small_blocks()).await {
+        Ok(mut s) => {
+            let e = s.pass().await.unwrap_err();
+            s.stop().await;
+            e
+        }
+        Err(e) => e,
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("access denied") && msg.contains("credentials"),
+        "{msg}"
+    );
+    assert!(!msg.contains("sig="), "no SAS signature in errors: {msg}");
+    assert!(check_manifests(&*good, "sas/").await.is_empty());
+    // With a valid token again, the same journal finishes the step.
+    let mut s = Syncer::start(
+        sas(time::OffsetDateTime::now_utc()),
+        vol.clone(),
+        "sas/",
+        small_blocks(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.pass().await.unwrap().durable, vec!["step-1".to_owned()]);
+    s.stop().await;
+    assert_eq!(check_manifests(&*good, "sas/").await.len(), 1);
+}
