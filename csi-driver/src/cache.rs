@@ -241,7 +241,7 @@ impl IdleBlobs {
 }
 
 /// Raises the soft open-file limit to the hard one; returns the soft limit now.
-fn raise_nofile_limit() -> u64 {
+pub(crate) fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -7,6 +7,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use std::time::Duration;
 use tidepool_csi::checkpoint::commit::CommitRule;
 use tidepool_csi::checkpoint::journal::CommitState;
 use tidepool_csi::checkpoint::store::{Committed, Store, VolumeConfig, VolumeLayout};
-use tidepool_csi::checkpoint::tree::{CheckpointTree, TreeConfig};
+use tidepool_csi::checkpoint::tree::{CheckpointTree, OpenWriters, TreeConfig};
 use tidepool_csi::fs::{Mount, MountStats};
 use tidepool_csi::fuse::{MountOptions, SessionConfig};
 use tidepool_csi::testing::{pattern, within};
@@ -52,6 +53,7 @@ impl Volume {
         let tree = Arc::new(
             CheckpointTree::new(&layout.tree(), TreeConfig::default(), store.clone()).unwrap(),
         );
+        store.attach(Arc::downgrade(&tree) as std::sync::Weak<dyn OpenWriters>);
         let mount = Mount::serve(
             tree.clone(),
             Arc::new(MountStats::default()),
@@ -218,8 +220,15 @@ fn posix_semantics(passthrough: bool) {
     let mut open_before = File::create(v.p("tmp-2/w")).unwrap();
     fs::rename(v.p("tmp-2"), v.p("step-2")).unwrap();
     open_before.write_all(b"after rename").unwrap();
+    fs::write(v.p("step-2/.metadata"), b"m").unwrap();
+    v.assert_no_commit("step-2 has a file open for writing (opened before the rename)");
     drop(open_before);
     assert_eq!(fs::read(v.p("step-2/w")).unwrap(), b"after rename");
+    let commits = v.commits();
+    assert!(
+        commits.iter().any(|x| x.step == "step-2"),
+        "the close after the rename lets step-2 commit: {commits:?}"
+    );
     // chmod and utimes are kept.
     fs::set_permissions(v.p("step-2/w"), fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(fs::metadata(v.p("step-2/w")).unwrap().mode() & 0o777, 0o600);
@@ -287,6 +296,77 @@ fn posix_semantics(passthrough: bool) {
     let mut got = Vec::new();
     r.read_to_end(&mut got).unwrap();
     assert!(got == big, "64 MiB read back differ");
+    // One file open twice (and for reading and writing at once), as a framework's
+    // loader and a checkpoint thread may.
+    let a = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(v.p("step-3/big"))
+        .unwrap();
+    let b = File::open(v.p("step-3/big")).unwrap();
+    a.write_all_at(b"twice", 0).unwrap();
+    let mut five = [0u8; 5];
+    b.read_exact_at(&mut five, 0).unwrap();
+    assert_eq!(
+        &five, b"twice",
+        "the second open sees the first one's write"
+    );
+    drop((a, b));
+    // O_DIRECT with aligned buffers, as some checkpoint writers use.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).unwrap();
+        // SAFETY: a non-zero size; freed below with the same layout.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        // SAFETY: ptr is valid for 1 MiB and initialised.
+        let buf = unsafe { std::slice::from_raw_parts_mut(ptr, 1 << 20) };
+        buf.copy_from_slice(&pattern(11, 1 << 20));
+        let d = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(v.p("step-3/direct"))
+            .unwrap();
+        d.write_all_at(buf, 0).unwrap();
+        buf.fill(0);
+        d.read_exact_at(buf, 0).unwrap();
+        assert!(
+            buf == &pattern(11, 1 << 20)[..],
+            "O_DIRECT bytes read back differ"
+        );
+        drop(d);
+        // SAFETY: allocated above with this layout.
+        unsafe { std::alloc::dealloc(ptr, layout) };
+        assert_eq!(
+            fs::read(v.p("step-3/direct")).unwrap(),
+            pattern(11, 1 << 20)
+        );
+    }
+    // Another user (a pod running as uid 1000) creates steps, with its own umask.
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "umask 0 && mkdir step-9 && touch step-9/f && mkdir step-9/d",
+        ])
+        .current_dir(v.p(""))
+        .uid(1000)
+        .gid(1000)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "uid 1000: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = fs::metadata(v.p("step-9/f")).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o777),
+        (1000, 1000, 0o666),
+        "owner and the caller's umask"
+    );
+    assert_eq!(fs::metadata(v.p("step-9/d")).unwrap().mode() & 0o777, 0o777);
     // statfs answers with the pool's file system.
     let st = nix_statfs(&v.p(""));
     assert!(st > 0, "statfs reports blocks");

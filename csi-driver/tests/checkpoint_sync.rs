@@ -728,7 +728,7 @@ async fn an_expired_sas_is_a_status_error_in_words_and_the_upload_resumes_with_a
     let pool = tempfile::tempdir().unwrap();
     let vol = volume(pool.path(), &az, "ckpt", "sas", "n1", None);
     // The node lease is taken with a valid token; then the token expires.
-    let mut s = Syncer::start(
+    let s = Syncer::start(
         sas(time::OffsetDateTime::now_utc()),
         vol.clone(),
         "sas/",

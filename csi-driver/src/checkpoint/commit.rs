@@ -19,7 +19,7 @@
 //! their content commits under the name they are renamed to. After a commit, a change
 //! in the step makes it uncommitted again; it commits again when a rule fires again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -88,10 +88,38 @@ pub fn step_number(name: &str) -> Option<u64> {
 
 #[derive(Clone, Debug)]
 struct Track {
-    writers: u32,
     last_change: Instant,
+    /// Events seen for the step; a commit is kept only if none arrived while it was
+    /// being taken.
+    changes: u64,
     pending: Option<Reason>,
     committed: bool,
+}
+
+impl Track {
+    fn new(now: Instant) -> Self {
+        Track {
+            last_change: now,
+            changes: 0,
+            pending: None,
+            committed: false,
+        }
+    }
+
+    fn touch(&mut self, now: Instant) {
+        self.last_change = now;
+        self.changes += 1;
+        self.committed = false;
+    }
+}
+
+/// A step whose rule fired, to commit now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Due {
+    pub step: OsString,
+    pub reason: Reason,
+    /// The step's change count when it was found due (see [`Committer::settle`]).
+    pub changes: u64,
 }
 
 /// The rules' state for every step of one volume.
@@ -114,12 +142,9 @@ impl Committer {
     }
 
     fn track(&mut self, step: &OsStr, now: Instant) -> &mut Track {
-        self.steps.entry(step.to_owned()).or_insert(Track {
-            writers: 0,
-            last_change: now,
-            pending: None,
-            committed: false,
-        })
+        self.steps
+            .entry(step.to_owned())
+            .or_insert_with(|| Track::new(now))
     }
 
     fn marker_at_root(&self, rel: &Path) -> Option<OsString> {
@@ -139,44 +164,25 @@ impl Committer {
     /// Takes one event from the tree.
     pub fn on_event(&mut self, e: &TreeEvent, now: Instant) {
         match e {
-            TreeEvent::WriteOpened { step } => {
-                let t = self.track(step, now);
-                t.writers += 1;
-                t.last_change = now;
-                t.committed = false;
-            }
-            TreeEvent::WriteClosed { step, rel } => {
+            TreeEvent::WriteOpened { step } => self.track(step, now).touch(now),
+            TreeEvent::WriteClosed { step, rel } | TreeEvent::Changed { step, rel } => {
                 let marker = self.marker_at_root(rel);
                 let t = self.track(step, now);
-                t.writers = t.writers.saturating_sub(1);
-                t.last_change = now;
-                t.committed = false;
-                if let Some(m) = marker {
-                    t.pending = Some(Reason::Marker(m));
-                }
-            }
-            TreeEvent::Changed { step, rel } => {
-                let marker = self.marker_at_root(rel);
-                let t = self.track(step, now);
-                t.last_change = now;
-                t.committed = false;
+                t.touch(now);
                 if let Some(m) = marker {
                     t.pending = Some(Reason::Marker(m));
                 }
             }
             TreeEvent::StepRenamed { from, to } => {
-                let mut t = self.steps.remove(from).unwrap_or(Track {
-                    writers: 0,
-                    last_change: now,
-                    pending: None,
-                    committed: false,
-                });
+                let mut t = self.steps.remove(from).unwrap_or_else(|| Track::new(now));
+                // A directory renamed over an existing step replaces it: its count
+                // continues, so a commit of the old one in flight is not kept.
+                t.changes += self.steps.get(to).map_or(0, |o| o.changes) + 1;
                 t.last_change = now;
                 t.committed = false;
                 if !is_temporary(to) {
                     t.pending = Some(Reason::Renamed { from: from.clone() });
                 }
-                // A directory renamed over an existing step replaces it.
                 self.steps.insert(to.clone(), t);
             }
             TreeEvent::StepRemoved { step } => {
@@ -213,39 +219,57 @@ impl Committer {
         }
     }
 
-    /// Steps to commit now, in no particular order. Each is returned once per firing:
-    /// the caller commits it (or reports it could not) with [`Committer::committed`].
-    pub fn due(&mut self, now: Instant) -> Vec<(OsString, Reason)> {
+    /// Steps to commit now. `busy` are the steps with a file open for writing (asked of
+    /// the tree at this moment): they wait. Each firing is returned once; the caller
+    /// reports the outcome with [`Committer::settle`].
+    pub fn due(&mut self, now: Instant, busy: &HashSet<OsString>) -> Vec<Due> {
         let quiet = self.rule.quiescence;
         let mut out = Vec::new();
         for (name, t) in &mut self.steps {
-            if t.writers > 0 || is_temporary(name) {
+            if busy.contains(name) || is_temporary(name) {
                 continue;
             }
-            if let Some(r) = t.pending.take() {
-                out.push((name.clone(), r));
+            let reason = if let Some(r) = t.pending.take() {
+                r
             } else if let Some(q) = quiet
                 && !t.committed
                 && now.duration_since(t.last_change) >= q
             {
-                out.push((name.clone(), Reason::Quiescent(q)));
-                // Not again until something changes.
-                t.committed = true;
-            }
+                Reason::Quiescent(q)
+            } else {
+                continue;
+            };
+            // Not again until something changes (or the commit is given back).
+            t.committed = true;
+            out.push(Due {
+                step: name.clone(),
+                reason,
+                changes: t.changes,
+            });
         }
         out
     }
 
-    /// Records that `step` was committed (nothing changed since it was walked).
-    pub fn committed(&mut self, step: &OsStr) {
-        if let Some(t) = self.steps.get_mut(step) {
-            t.committed = true;
-        }
+    /// Whether `step` changed since it was found due with `changes`.
+    pub fn changed_since(&self, step: &OsStr, changes: u64) -> bool {
+        self.steps.get(step).is_none_or(|t| t.changes != changes)
     }
 
-    /// Files open for writing in `step`.
-    pub fn writers(&self, step: &OsStr) -> u32 {
-        self.steps.get(step).map_or(0, |t| t.writers)
+    /// Reports a due step's outcome: `kept` (its commit is in the journal) or not (it
+    /// was abandoned: the rule fires again at the next tick).
+    pub fn settle(&mut self, due: &Due, kept: bool) {
+        if let Some(t) = self.steps.get_mut(&due.step) {
+            if kept {
+                // A change after the walk leaves the step uncommitted (quiescence, or
+                // the next marker, commits it again).
+                t.committed = t.changes == due.changes;
+            } else {
+                t.committed = false;
+                if t.pending.is_none() {
+                    t.pending = Some(due.reason.clone());
+                }
+            }
+        }
     }
 
     /// Steps known and not committed (for status).
@@ -282,23 +306,42 @@ mod tests {
         }
     }
 
+    fn busy(steps: &[&str]) -> HashSet<OsString> {
+        steps.iter().map(|x| s(x)).collect()
+    }
+
+    fn idle() -> HashSet<OsString> {
+        HashSet::new()
+    }
+
+    /// (step, reason) of what is due.
+    fn due(c: &mut Committer, now: Instant, b: &HashSet<OsString>) -> Vec<(OsString, Reason)> {
+        let d = c.due(now, b);
+        for x in &d {
+            c.settle(x, true);
+        }
+        d.into_iter().map(|x| (x.step, x.reason)).collect()
+    }
+
     #[test]
-    fn a_marker_commits_only_when_every_file_is_closed() {
+    fn a_marker_commits_only_when_no_file_of_the_step_is_open() {
         let t0 = Instant::now();
         let mut c = Committer::new(CommitRule::default());
         c.on_event(&open("step-1"), t0);
-        c.on_event(&open("step-1"), t0);
-        c.on_event(&open("step-1"), t0);
         c.on_event(&close("step-1", ".metadata"), t0);
-        assert!(c.due(t0).is_empty(), "two files still open");
-        c.on_event(&close("step-1", "__0_0.distcp"), t0);
-        assert!(c.due(t0).is_empty(), "one file still open");
-        c.on_event(&close("step-1", "__1_0.distcp"), t0);
-        assert_eq!(
-            c.due(t0),
-            vec![(s("step-1"), Reason::Marker(s(".metadata")))]
+        assert!(
+            due(&mut c, t0, &busy(&["step-1"])).is_empty(),
+            "a rank still writes"
         );
-        assert!(c.due(t0).is_empty(), "fires once");
+        let mut c = Committer::new(CommitRule::default());
+        c.on_event(&close("step-1", ".metadata"), t0);
+        assert!(due(&mut c, t0, &busy(&["step-1"])).is_empty());
+        assert_eq!(
+            due(&mut c, t0, &idle()),
+            vec![(s("step-1"), Reason::Marker(s(".metadata")))],
+            "the marker waits for the close, then fires"
+        );
+        assert!(due(&mut c, t0, &idle()).is_empty(), "fires once");
     }
 
     #[test]
@@ -307,7 +350,7 @@ mod tests {
         let mut c = Committer::new(CommitRule::default());
         c.on_event(&open("step-1"), t0);
         c.on_event(&close("step-1", "state/commit_success.txt"), t0);
-        assert!(c.due(t0 + Duration::from_secs(3600)).is_empty());
+        assert!(due(&mut c, t0 + Duration::from_secs(3600), &idle()).is_empty());
     }
 
     #[test]
@@ -317,7 +360,10 @@ mod tests {
         let tmp = "10.orbax-checkpoint-tmp-1712345";
         c.on_event(&open(tmp), t0);
         c.on_event(&close(tmp, "commit_success.txt"), t0);
-        assert!(c.due(t0).is_empty(), "a temporary name never commits");
+        assert!(
+            due(&mut c, t0, &idle()).is_empty(),
+            "a temporary name never commits"
+        );
         c.on_event(
             &TreeEvent::StepRenamed {
                 from: s(tmp),
@@ -325,24 +371,55 @@ mod tests {
             },
             t0,
         );
-        assert_eq!(c.due(t0), vec![(s("10"), Reason::Renamed { from: s(tmp) })]);
+        assert_eq!(
+            due(&mut c, t0, &idle()),
+            vec![(s("10"), Reason::Renamed { from: s(tmp) })]
+        );
     }
 
     #[test]
-    fn a_rename_while_a_file_is_open_waits_for_the_close() {
+    fn a_commit_abandoned_because_the_step_changed_fires_again() {
         let t0 = Instant::now();
         let mut c = Committer::new(CommitRule::default());
-        c.on_event(&open("tmp-5"), t0);
-        c.on_event(
-            &TreeEvent::StepRenamed {
-                from: s("tmp-5"),
-                to: s("step-5"),
-            },
-            t0,
+        c.on_event(&close("step-3", ".metadata"), t0);
+        let d = c.due(t0, &idle());
+        assert_eq!(d.len(), 1);
+        // A writer touched the step while it was being walked.
+        c.on_event(&open("step-3"), t0);
+        assert!(c.changed_since(&d[0].step, d[0].changes));
+        c.settle(&d[0], false);
+        assert!(
+            c.due(t0, &busy(&["step-3"])).is_empty(),
+            "waits for the writer"
         );
-        assert!(c.due(t0).is_empty());
-        c.on_event(&close("step-5", "model.pt"), t0);
-        assert_eq!(c.due(t0).len(), 1);
+        let again = c.due(t0, &idle());
+        assert_eq!(
+            again.len(),
+            1,
+            "given back: fires again once the writer is gone"
+        );
+        assert!(!c.changed_since(&again[0].step, again[0].changes));
+    }
+
+    #[test]
+    fn a_change_during_a_kept_commit_leaves_the_step_uncommitted() {
+        let t0 = Instant::now();
+        let q = Duration::from_secs(60);
+        let mut c = Committer::new(CommitRule {
+            quiescence: Some(q),
+            ..CommitRule::default()
+        });
+        c.on_event(&close("step-4", "a"), t0);
+        let d = c.due(t0 + q, &idle());
+        assert_eq!(d.len(), 1);
+        c.on_event(&close("step-4", "b"), t0 + q);
+        c.settle(&d[0], true);
+        assert_eq!(c.uncommitted(), vec![s("step-4")]);
+        assert_eq!(
+            due(&mut c, t0 + q * 2, &idle()).len(),
+            1,
+            "quiet again: commits again"
+        );
     }
 
     #[test]
@@ -352,7 +429,7 @@ mod tests {
         c.on_event(&open("step-2"), t0);
         c.on_event(&close("step-2", "model.pt"), t0);
         assert!(
-            c.due(t0 + Duration::from_secs(86400)).is_empty(),
+            due(&mut c, t0 + Duration::from_secs(86400), &idle()).is_empty(),
             "off by default"
         );
 
@@ -362,11 +439,17 @@ mod tests {
             ..CommitRule::default()
         });
         c.on_event(&open("step-2"), t0);
-        assert!(c.due(t0 + q * 2).is_empty(), "an open file is never quiet");
+        assert!(
+            due(&mut c, t0 + q * 2, &busy(&["step-2"])).is_empty(),
+            "an open file is never quiet"
+        );
         c.on_event(&close("step-2", "model.pt"), t0 + q);
-        assert!(c.due(t0 + q + q / 2).is_empty());
-        assert_eq!(c.due(t0 + q * 2), vec![(s("step-2"), Reason::Quiescent(q))]);
-        assert!(c.due(t0 + q * 3).is_empty(), "once");
+        assert!(due(&mut c, t0 + q + q / 2, &idle()).is_empty());
+        assert_eq!(
+            due(&mut c, t0 + q * 2, &idle()),
+            vec![(s("step-2"), Reason::Quiescent(q))]
+        );
+        assert!(due(&mut c, t0 + q * 3, &idle()).is_empty(), "once");
         c.on_event(
             &TreeEvent::Changed {
                 step: s("step-2"),
@@ -375,7 +458,7 @@ mod tests {
             t0 + q * 3,
         );
         assert_eq!(
-            c.due(t0 + q * 4).len(),
+            due(&mut c, t0 + q * 4, &idle()).len(),
             1,
             "a change after the commit commits again"
         );

@@ -22,7 +22,8 @@
 //!   committed its part (the file holds that node's name);
 //! - `status.json`: the sync's last report (what `tidepool sync status` prints).
 //!
-//! `seq` is a 12-digit, increasing commit number; the staged copies of a commit's files
+//! `seq` is a 12-digit, increasing commit number, never reused (`last-seq` keeps the
+//! highest one given); the staged copies of a commit's files
 //! (hard links taken at commit) are under `<volume>/staged/<seq>/`.
 
 use std::collections::HashSet;
@@ -165,9 +166,22 @@ impl Journal {
         Ok(v)
     }
 
-    /// The number the next commit gets.
+    /// The number the next commit gets: above every commit that exists and every one
+    /// that ever existed (retention forgets old commits; their numbers are never
+    /// reused, so a number names one commit for the life of the volume).
     pub fn next_seq(&self) -> Result<u64, JournalError> {
-        Ok(self.seqs()?.last().map_or(1, |s| s + 1))
+        let noted = fs::read_to_string(self.dir.join("last-seq"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let highest = self.seqs()?.last().copied().unwrap_or(0);
+        Ok(noted.max(highest) + 1)
+    }
+
+    /// Records `seq` as used (after its commit file is in place).
+    pub fn note_seq(&self, seq: u64) -> Result<(), JournalError> {
+        let p = self.dir.join("last-seq");
+        write_atomic(&p, seq.to_string().as_bytes()).map_err(io_at(&p))
     }
 
     /// Starts writing commit `header.seq`; nothing is visible until
@@ -279,9 +293,10 @@ impl Journal {
 
     /// Removes every file of commit `seq` (retention, after it is durable or dropped).
     pub fn forget(&self, seq: u64) -> Result<(), JournalError> {
-        // The commit file last: a crash in between leaves a commit whose state says
-        // durable or dropped, never a state file without its commit.
-        for ext in ["uploaded", "durable", "dropped", "commit"] {
+        // The commit file first: a crash in between leaves state files of a commit that
+        // no longer exists (ignored: only commit files are listed), never a commit whose
+        // durable or dropped mark is gone (it would be uploaded again).
+        for ext in ["commit", "uploaded", "durable", "dropped"] {
             let p = self.path(seq, ext);
             match fs::remove_file(&p) {
                 Ok(()) => {}

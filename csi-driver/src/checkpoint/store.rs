@@ -5,6 +5,7 @@
 //! - `volume.json`: where its steps go ([`VolumeConfig`]; never a credential), so that
 //!   `tidepool sync --cache-dir` finds every volume of a pool on its own;
 //! - `tree/`: the files as the training job sees them (served by [`CheckpointTree`]);
+//!   created with mode 0777, so a job of any uid can create its steps;
 //! - `staged/<seq>/`: hard links to the files of commit `seq`, taken at commit. The
 //!   sync uploads from here, so a step the job deletes (frameworks rotate old
 //!   checkpoints) before it is durable still uploads; the links go when the commit is
@@ -25,16 +26,16 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::commit::{CommitRule, Committer, Reason, is_temporary};
+use super::commit::{CommitRule, Committer, Due, Reason, is_temporary};
 use super::journal::{CommitHeader, FileRecord, Journal, JournalError};
-use super::tree::{StepEvents, TreeEvent};
+use super::tree::{OpenWriters, StepEvents, TreeEvent};
 
 /// What a volume is, as `volume.json` records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +134,7 @@ impl VolumeLayout {
     /// Creates the directories and writes `volume.json`. A volume already bound to
     /// another node name is refused (its journal belongs to that node).
     pub fn create(&self, cfg: &VolumeConfig) -> io::Result<()> {
+        let fresh = !self.tree().exists();
         for d in [
             self.tree(),
             self.dir.join("staged"),
@@ -140,6 +142,13 @@ impl VolumeLayout {
             self.trash(),
         ] {
             fs::create_dir_all(d)?;
+        }
+        if fresh {
+            // The volume's root is open to every user, like a fresh scratch disk: pods
+            // run as arbitrary uids, and each file and directory they create is theirs
+            // (owner and mode as they ask).
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(self.tree(), fs::Permissions::from_mode(0o777))?;
         }
         if let Ok(old) = self.read_config()
             && old.node != cfg.node
@@ -196,6 +205,9 @@ pub struct Store {
     committing: Mutex<()>,
     /// Woken after each commit (the in-process sync waits on it).
     pub on_commit: tokio::sync::Notify,
+    /// Woken when a step is first written (the in-process sync announces it at once).
+    pub on_seen: tokio::sync::Notify,
+    writers: OnceLock<Weak<dyn OpenWriters>>,
 }
 
 impl Store {
@@ -241,6 +253,8 @@ impl Store {
             seen: Mutex::new(HashSet::new()),
             committing: Mutex::new(()),
             on_commit: tokio::sync::Notify::new(),
+            on_seen: tokio::sync::Notify::new(),
+            writers: OnceLock::new(),
         })
     }
 
@@ -273,23 +287,43 @@ impl Store {
                     .peer_committed(OsStr::new(&step), &node, now);
             }
         }
-        let due = self.committer.lock().due(now);
+        let due = self.committer.lock().due(now, &self.busy());
         let mut out = Vec::new();
-        for (step, reason) in due {
-            let r = self.commit(&step, &reason);
+        for d in due {
+            let r = self.commit(&d);
             match &r {
-                Ok(c) => {
+                Ok(Some(c)) => {
                     tracing::info!(step = %c.step, seq = c.seq, files = c.files, bytes = c.bytes, reason = %c.reason, "step committed");
-                    self.committer.lock().committed(&step);
+                    self.committer.lock().settle(&d, true);
                     self.on_commit.notify_waiters();
                 }
+                Ok(None) => {
+                    tracing::debug!(step = %d.step.to_string_lossy(), "the step changed while it was being committed; trying again");
+                    self.committer.lock().settle(&d, false);
+                }
                 Err(e) => {
-                    tracing::error!(step = %step.to_string_lossy(), error = %e, "commit failed; it is tried again when the rule fires again")
+                    self.committer.lock().settle(&d, true);
+                    tracing::error!(step = %d.step.to_string_lossy(), error = %e, "commit failed; it is tried again when the rule fires again")
                 }
             }
-            out.push(r);
+            if let Some(r) = r.transpose() {
+                out.push(r);
+            }
         }
         out
+    }
+
+    /// Lets the store ask the tree which steps have files open for writing.
+    pub fn attach(&self, writers: Weak<dyn OpenWriters>) {
+        let _ = self.writers.set(writers);
+    }
+
+    fn busy(&self) -> HashSet<OsString> {
+        self.writers
+            .get()
+            .and_then(Weak::upgrade)
+            .map(|w| w.steps_being_written())
+            .unwrap_or_default()
     }
 
     /// Runs [`Store::tick`] every `every` until `stop` is set.
@@ -310,7 +344,10 @@ impl Store {
             .expect("spawn a thread")
     }
 
-    fn commit(&self, step: &OsStr, reason: &Reason) -> Result<Committed, StoreError> {
+    /// Takes the commit of a due step; `None` when the step changed (or a file in it
+    /// was opened for writing) while it was being walked: nothing is recorded then.
+    fn commit(&self, due: &Due) -> Result<Option<Committed>, StoreError> {
+        let (step, reason) = (due.step.as_os_str(), &due.reason);
         let name = step.to_str().ok_or_else(|| StoreError::NotUtf8 {
             step: step.to_string_lossy().into_owned(),
             path: PathBuf::from(step),
@@ -390,14 +427,20 @@ impl Store {
             let _ = fs::remove_dir_all(&staged);
             return Err(e);
         }
+        if self.busy().contains(step) || self.committer.lock().changed_since(step, due.changes) {
+            w.abandon();
+            let _ = fs::remove_dir_all(&staged);
+            return Ok(None);
+        }
         let t = w.finish()?;
-        Ok(Committed {
+        self.journal.note_seq(seq)?;
+        Ok(Some(Committed {
             seq,
             step: name.to_owned(),
             reason: reason.to_string(),
             files: t.files,
             bytes: t.bytes,
-        })
+        }))
     }
 
     /// Removes the staged links of a commit that is durable or dropped.
@@ -445,9 +488,13 @@ impl StepEvents for Store {
             && !is_temporary(step)
             && let Some(name) = step.to_str()
             && self.seen.lock().insert(step.clone())
-            && let Err(err) = self.journal.mark_seen(name)
         {
-            tracing::warn!(step = name, error = %err, "cannot note the step in the journal");
+            match self.journal.mark_seen(name) {
+                Ok(()) => self.on_seen.notify_one(),
+                Err(err) => {
+                    tracing::warn!(step = name, error = %err, "cannot note the step in the journal")
+                }
+            }
         }
         self.committer.lock().on_event(&e, Instant::now());
     }

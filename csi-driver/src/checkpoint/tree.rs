@@ -22,7 +22,7 @@
 //! (`EOPNOTSUPP`), `O_TMPFILE` (`EOPNOTSUPP`), device nodes and FIFOs (`EPERM`). Files are
 //! created owned by the caller (the server runs as root), with the caller's umask.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -59,6 +59,12 @@ pub enum TreeEvent {
     StepRemoved { step: OsString },
 }
 
+/// Which steps have files open for writing right now, wherever those files have moved
+/// since they were opened (asked at commit time, so renames never confuse it).
+pub trait OpenWriters: Send + Sync + 'static {
+    fn steps_being_written(&self) -> HashSet<OsString>;
+}
+
 /// Receives [`TreeEvent`]s. Called on FUSE worker threads: must not block for long.
 pub trait StepEvents: Send + Sync + 'static {
     fn event(&self, e: TreeEvent);
@@ -91,13 +97,25 @@ struct Node {
     fd: OwnedFd,
     key: (u64, u64),
     nlookup: AtomicU64,
+    /// The one backing file the kernel passes this inode's I/O through while any open
+    /// uses passthrough (the kernel refuses a second, different one for an inode).
+    backing: Mutex<Option<Backing>>,
+}
+
+struct Backing {
+    id: u32,
+    opens: u32,
+    _file: File,
 }
 
 struct Handle {
     file: Arc<File>,
-    /// The step counted as being written through this handle.
-    writing: Option<OsString>,
-    backing_id: Option<u32>,
+    /// Opened for writing (or truncation).
+    writing: bool,
+    /// The step it was opened in (reported at close if the file is gone by then).
+    opened_in: Option<OsString>,
+    /// Set when this open shares the node's passthrough backing.
+    passthrough: Option<Arc<Node>>,
 }
 
 struct DirHandle {
@@ -211,6 +229,7 @@ impl CheckpointTree {
                 fd,
                 key,
                 nlookup: AtomicU64::new(1),
+                backing: Mutex::new(None),
             }),
         );
         let mut by_key = HashMap::new();
@@ -253,11 +272,7 @@ impl CheckpointTree {
 
     /// Files open for writing right now (all steps).
     pub fn open_writers(&self) -> usize {
-        self.handles
-            .lock()
-            .values()
-            .filter(|h| h.writing.is_some())
-            .count()
+        self.handles.lock().values().filter(|h| h.writing).count()
     }
 
     /// Tells the kernel to forget the top-level entry `name` (removed behind its back,
@@ -297,6 +312,7 @@ impl CheckpointTree {
                         fd,
                         key,
                         nlookup: AtomicU64::new(1),
+                        backing: Mutex::new(None),
                     }),
                 );
                 nodes.by_key.insert(key, id);
@@ -349,44 +365,81 @@ impl CheckpointTree {
         }
     }
 
-    fn chown_to_caller(&self, dirfd: RawFd, name: &CString, req: &Request) {
+    /// Gives a file or directory we just created the exact mode the caller asked for
+    /// (our own umask must not narrow it) and the caller as owner (the server runs as
+    /// root). In a setgid directory the group stays the directory's, and a new
+    /// directory keeps the setgid bit, as the kernel does for local files.
+    fn own_new(&self, parent: &Node, name: &CString, mode: u32, dir: bool, req: &Request) {
+        let dirfd = parent.fd.as_raw_fd();
+        let setgid = fstat(dirfd).is_ok_and(|st| st.st_mode & libc::S_ISGID != 0);
         if self.is_root {
+            let gid = if setgid { u32::MAX } else { req.gid };
             // SAFETY: dirfd is live, name NUL-terminated; a failure leaves root as owner.
             unsafe {
                 libc::fchownat(
                     dirfd,
                     name.as_ptr(),
                     req.uid,
-                    req.gid,
+                    gid,
                     libc::AT_SYMLINK_NOFOLLOW,
                 )
             };
         }
+        let mode = if dir && setgid {
+            mode | libc::S_ISGID
+        } else {
+            mode
+        };
+        // SAFETY: as above (after chown, which may clear set-id bits).
+        unsafe { libc::fchmodat(dirfd, name.as_ptr(), mode as libc::mode_t, 0) };
     }
 
+    /// Registers an open. With passthrough, every open of one inode shares one backing
+    /// file (opened read-write by us; the kernel enforces the caller's own mode on its
+    /// file), counted so that the last close releases it.
     fn open_handle(
         &self,
+        node: &Arc<Node>,
         file: File,
-        writing: Option<OsString>,
-        want_passthrough: bool,
+        writing: bool,
+        opened_in: Option<OsString>,
     ) -> OpenOut {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mut backing_id = None;
-        if want_passthrough
-            && self.passthrough.load(Ordering::Relaxed)
+        if self.passthrough.load(Ordering::Relaxed)
             && let Some(conn) = self.conn.get()
             && conn.passthrough()
         {
-            match conn.open_backing(&file) {
-                Ok(id) => {
-                    backing_id = Some(id);
-                    self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+            let mut b = node.backing.lock();
+            match &mut *b {
+                Some(bk) => {
+                    bk.opens += 1;
+                    backing_id = Some(bk.id);
                 }
-                Err(e) => {
-                    if self.passthrough.swap(false, Ordering::Relaxed) {
-                        tracing::warn!(error = %e, "FUSE passthrough refused by the kernel; checkpoint reads and writes go through Tidepool from now on");
+                None => {
+                    let shared = File::options()
+                        .read(true)
+                        .write(true)
+                        .open(format!("/proc/self/fd/{}", node.fd.as_raw_fd()));
+                    match shared.and_then(|f| conn.open_backing(&f).map(|id| (id, f))) {
+                        Ok((id, f)) => {
+                            *b = Some(Backing {
+                                id,
+                                opens: 1,
+                                _file: f,
+                            });
+                            backing_id = Some(id);
+                        }
+                        Err(e) => {
+                            if self.passthrough.swap(false, Ordering::Relaxed) {
+                                tracing::warn!(error = %e, "FUSE passthrough refused by the kernel; checkpoint reads and writes go through Tidepool from now on");
+                            }
+                        }
                     }
                 }
+            }
+            if backing_id.is_some() {
+                self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
             }
         }
         self.handles.lock().insert(
@@ -394,7 +447,8 @@ impl CheckpointTree {
             Handle {
                 file: Arc::new(file),
                 writing,
-                backing_id,
+                opened_in,
+                passthrough: backing_id.map(|_| node.clone()),
             },
         );
         OpenOut {
@@ -409,6 +463,16 @@ impl CheckpointTree {
                 },
             backing_id: backing_id.unwrap_or(0),
         }
+    }
+
+    /// The step (and path in it) a descriptor's file is at now; `None` once deleted.
+    fn where_now(&self, file: &File) -> Option<(OsString, PathBuf)> {
+        let p = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+        let rel = p.strip_prefix(&self.root).ok()?;
+        if rel.as_os_str().as_bytes().ends_with(b" (deleted)") {
+            return None;
+        }
+        split_step(rel)
     }
 
     fn file(&self, fh: u64) -> Result<Arc<File>, Errno> {
@@ -449,10 +513,11 @@ fn open_path(dirfd: RawFd, name: &CString) -> Result<OwnedFd, Errno> {
 /// The flags a backing file is opened with for an open(2) with `flags` on the volume.
 fn backing_flags(flags: u32) -> i32 {
     let f = flags as i32;
+    // O_DIRECT is left out: requests arrive in our own (unaligned) buffers, and a
+    // passthrough open keeps the caller's O_DIRECT on the caller's own I/O.
     (f & (libc::O_ACCMODE
         | libc::O_APPEND
         | libc::O_TRUNC
-        | libc::O_DIRECT
         | libc::O_SYNC
         | libc::O_DSYNC
         | libc::O_NOATIME))
@@ -574,7 +639,8 @@ impl FileSystem for CheckpointTree {
 
     fn open(&self, _req: &Request, ino: u64, flags: u32) -> Result<OpenOut, Errno> {
         let node = self.node(ino)?;
-        let writing = if is_write(flags) || (flags as i32) & libc::O_TRUNC != 0 {
+        let writing = is_write(flags) || (flags as i32) & libc::O_TRUNC != 0;
+        let opened_in = if writing {
             let at = self.locate_node(&node);
             self.refuse_read_only(at.as_ref())?;
             at.map(|(s, _)| s)
@@ -589,13 +655,11 @@ impl FileSystem for CheckpointTree {
         }
         // SAFETY: open returned a new descriptor we own.
         let file = unsafe { File::from_raw_fd(fd) };
-        if let Some(step) = &writing {
+        if let Some(step) = &opened_in {
             self.events
                 .event(TreeEvent::WriteOpened { step: step.clone() });
         }
-        // O_DIRECT opens are served by us (passthrough would still be cached).
-        let pt = (flags as i32) & libc::O_DIRECT == 0;
-        Ok(self.open_handle(file, writing, pt))
+        Ok(self.open_handle(&node, file, writing, opened_in))
     }
 
     fn create(
@@ -608,31 +672,45 @@ impl FileSystem for CheckpointTree {
         let at = self.locate(parent, &p, c.name);
         self.refuse_read_only(at.as_ref())?;
         let name = cstr(c.name)?;
-        let flags = backing_flags(c.flags) | libc::O_CREAT | ((c.flags as i32) & libc::O_EXCL);
+        let mode = c.mode & !c.umask & 0o7777;
+        let flags = backing_flags(c.flags);
+        // Exclusively first, so that we know whether we created it (only then are its
+        // mode and owner ours to set).
         // SAFETY: dirfd live, name NUL-terminated.
-        let fd = unsafe {
+        let mut fd = unsafe {
             libc::openat(
                 p.fd.as_raw_fd(),
                 name.as_ptr(),
-                flags,
-                (c.mode & !c.umask & 0o7777) as libc::c_uint,
+                flags | libc::O_CREAT | libc::O_EXCL,
+                mode as libc::c_uint,
             )
         };
-        if fd < 0 {
-            return Err(errno(io::Error::last_os_error()));
+        let created = fd >= 0;
+        if !created {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) || (c.flags as i32) & libc::O_EXCL != 0 {
+                return Err(errno(e));
+            }
+            // SAFETY: as above; the file exists, so no O_CREAT.
+            fd = unsafe { libc::openat(p.fd.as_raw_fd(), name.as_ptr(), flags) };
+            if fd < 0 {
+                return Err(errno(io::Error::last_os_error()));
+            }
         }
         // SAFETY: openat returned a new descriptor we own.
         let file = unsafe { File::from_raw_fd(fd) };
-        self.chown_to_caller(p.fd.as_raw_fd(), &name, req);
+        if created {
+            self.own_new(&p, &name, mode, false, req);
+        }
         let entry = self.remember(&p, c.name)?;
-        let writing = at.as_ref().map(|(s, _)| s.clone());
+        let node = self.node(entry.attr.ino)?;
+        let opened_in = at.as_ref().map(|(s, _)| s.clone());
         if let Some((step, rel)) = at {
             self.events
                 .event(TreeEvent::WriteOpened { step: step.clone() });
             self.events.event(TreeEvent::Changed { step, rel });
         }
-        let pt = (c.flags as i32) & libc::O_DIRECT == 0;
-        Ok((entry, self.open_handle(file, writing, pt)))
+        Ok((entry, self.open_handle(&node, file, true, opened_in)))
     }
 
     fn mknod(
@@ -664,7 +742,7 @@ impl FileSystem for CheckpointTree {
         }
         // SAFETY: a new descriptor we own; closed at once.
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        self.chown_to_caller(p.fd.as_raw_fd(), &n, req);
+        self.own_new(&p, &n, mode & !umask & 0o7777, false, req);
         if let Some((step, rel)) = at {
             self.events.event(TreeEvent::Changed { step, rel });
         }
@@ -691,7 +769,7 @@ impl FileSystem for CheckpointTree {
                 (mode & !umask & 0o7777) as libc::mode_t,
             )
         })?;
-        self.chown_to_caller(p.fd.as_raw_fd(), &n, req);
+        self.own_new(&p, &n, mode & !umask & 0o7777, true, req);
         if let Some((step, rel)) = at {
             self.events.event(TreeEvent::Changed { step, rel });
         }
@@ -780,25 +858,28 @@ impl FileSystem for CheckpointTree {
         let Some(h) = self.handles.lock().remove(&fh) else {
             return;
         };
-        if let (Some(id), Some(conn)) = (h.backing_id, self.conn.get()) {
-            let _ = conn.close_backing(id);
+        if let Some(node) = &h.passthrough {
+            let mut b = node.backing.lock();
+            if let Some(bk) = b.as_mut() {
+                bk.opens -= 1;
+                if bk.opens == 0 {
+                    if let Some(conn) = self.conn.get() {
+                        let _ = conn.close_backing(bk.id);
+                    }
+                    *b = None;
+                }
+            }
         }
-        if let Some(opened_in) = h.writing {
-            let now = std::fs::read_link(format!("/proc/self/fd/{}", h.file.as_raw_fd()))
-                .ok()
-                .and_then(|p| p.strip_prefix(&self.root).ok().map(Path::to_path_buf))
-                .filter(|p| !p.as_os_str().as_bytes().ends_with(b" (deleted)"))
-                .and_then(|p| split_step(&p));
-            // The step counted at open is the one released (a rename in between moves
-            // the count with it in the observer).
-            let rel = match now {
-                Some((step, rel)) if step == opened_in => rel,
-                _ => PathBuf::new(),
+        if h.writing {
+            // Reported where the file is now (a rename since the open moved it).
+            let (step, rel) = match self.where_now(&h.file) {
+                Some(at) => at,
+                None => match h.opened_in {
+                    Some(s) => (s, PathBuf::new()),
+                    None => return,
+                },
             };
-            self.events.event(TreeEvent::WriteClosed {
-                step: opened_in,
-                rel,
-            });
+            self.events.event(TreeEvent::WriteClosed { step, rel });
         }
     }
 
@@ -964,6 +1045,22 @@ impl CheckpointTree {
             None => {}
         }
         Ok(())
+    }
+}
+
+impl OpenWriters for CheckpointTree {
+    fn steps_being_written(&self) -> HashSet<OsString> {
+        let files: Vec<Arc<File>> = self
+            .handles
+            .lock()
+            .values()
+            .filter(|h| h.writing)
+            .map(|h| h.file.clone())
+            .collect();
+        files
+            .iter()
+            .filter_map(|f| self.where_now(f).map(|(s, _)| s))
+            .collect()
     }
 }
 

@@ -16,7 +16,7 @@ use crate::checkpoint::store::{Store, VolumeConfig, VolumeLayout};
 use crate::checkpoint::sync::{
     StepChoice, SyncConfig, SyncStatus, Syncer, restore as restore_step,
 };
-use crate::checkpoint::tree::{CheckpointTree, TreeConfig};
+use crate::checkpoint::tree::{CheckpointTree, OpenWriters, TreeConfig};
 use crate::fs::{Mount, MountStats};
 use crate::fuse::{MountOptions, SessionConfig};
 use crate::lake::LakeUrl;
@@ -114,6 +114,9 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     }
     let rule = ck.rule()?;
     let node = node_name(ck.node_name.as_deref())?;
+    // Every file or directory the kernel knows holds a descriptor here.
+    let nofile = crate::cache::raise_nofile_limit();
+    tracing::debug!(nofile, "open-file limit");
     let layout = VolumeLayout::for_url(&args.cache.cache_dir, &url.to_string());
     layout
         .create(&VolumeConfig {
@@ -133,8 +136,11 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         Some(Syncer::start(lake, layout.clone(), &url.prefix, SyncConfig::default()).await?)
     };
     let store = Arc::new(Store::open(layout.clone(), rule)?);
-    let tree = CheckpointTree::new(&layout.tree(), TreeConfig::default(), store.clone())
-        .with_context(|| format!("opening {}", layout.tree().display()))?;
+    let tree = Arc::new(
+        CheckpointTree::new(&layout.tree(), TreeConfig::default(), store.clone())
+            .with_context(|| format!("opening {}", layout.tree().display()))?,
+    );
+    store.attach(Arc::downgrade(&tree) as std::sync::Weak<dyn OpenWriters>);
     // SAFETY: geteuid(2) takes nothing and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let options = MountOptions {
@@ -148,7 +154,7 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let mountpoint = args.mountpoint.clone();
     let mount = tokio::task::spawn_blocking(move || {
         Mount::serve(
-            Arc::new(tree),
+            tree,
             Arc::new(MountStats::default()),
             &mountpoint,
             &options,
