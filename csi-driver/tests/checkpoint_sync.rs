@@ -85,6 +85,7 @@ fn small_blocks() -> SyncConfig {
             single_put_max: MIB as u64,
             block_size: MIB as u64,
             parallel: 4,
+            budget: None,
         },
         lease_secs: 15,
         ..SyncConfig::default()
@@ -368,7 +369,14 @@ async fn a_step_written_by_two_nodes_is_durable_only_with_both_parts() {
     let mut s2 = Syncer::start(lake.clone(), n2.clone(), "job/", small_blocks())
         .await
         .unwrap();
-    s2.pass().await.unwrap(); // node-2 announces its steps before it finished them
+    // node-2's sync announces the steps its mount noted on its own, without a pass
+    // (a pass may be busy uploading for minutes).
+    let names = Layout::new("job/");
+    let announced = tidepool_csi::testing::within(Duration::from_secs(5), || {
+        let n = futures::executor::block_on(names_under(&*lake, &names.intents("step-2")));
+        n.iter().any(|x| x.ends_with("/node-2")).then_some(())
+    });
+    assert!(announced.is_some(), "node-2's intent was not announced");
     for step in ["step-1", "step-2"] {
         write_step(&n1, step, &[("__0_0.distcp", pattern(1, 2 * MIB))], true);
         write_step(&n2, step, &[("__1_0.distcp", pattern(2, 2 * MIB))], false);
@@ -656,18 +664,26 @@ async fn keep_remote_deletes_old_steps_manifest_first_and_finishes_an_interrupte
             true,
         );
     }
+    // A step without a number: never deleted automatically, never "latest" while
+    // numbered steps exist.
+    write_step(&vol, "final", &[("w", pattern(99, 1000))], true);
     commit(&vol, CommitRule::default());
     let mut s = Syncer::start(lake.clone(), vol.clone(), "rr/", small_blocks())
         .await
         .unwrap();
     let r = s.pass().await.unwrap();
-    assert_eq!(r.durable.len(), 4);
+    assert_eq!(r.durable.len(), 5);
     assert_eq!(
         r.removed_remotely,
         vec!["step-1".to_owned(), "step-2".to_owned()]
     );
     let m = check_manifests(&*lake, "rr/").await;
-    assert_eq!(m.keys().collect::<Vec<_>>(), ["step-10", "step-3"]);
+    assert_eq!(m.keys().collect::<Vec<_>>(), ["final", "step-10", "step-3"]);
+    let out = tempfile::tempdir().unwrap();
+    let r = restore(&*lake, "rr/", "lake", out.path(), &StepChoice::Latest, 2)
+        .await
+        .unwrap();
+    assert_eq!(r.step, "step-10", "latest is the highest step number");
     for gone in [
         "rr/step-1/",
         "rr/step-2/",
@@ -699,7 +715,7 @@ async fn keep_remote_deletes_old_steps_manifest_first_and_finishes_an_interrupte
             .await
             .keys()
             .collect::<Vec<_>>(),
-        ["step-10"]
+        ["final", "step-10"]
     );
     // The local copies are untouched by lake retention.
     assert!(vol.tree().join("step-1/w").exists());
@@ -767,4 +783,143 @@ async fn an_expired_sas_is_a_status_error_in_words_and_the_upload_resumes_with_a
     assert_eq!(s.pass().await.unwrap().durable, vec!["step-1".to_owned()]);
     s.stop().await;
     assert_eq!(check_manifests(&*good, "sas/").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_durable_step_committed_again_is_withdrawn_first_and_republished_with_the_new_bytes() {
+    init_log();
+    let az = Azurite::start();
+    let azure: Arc<dyn Lake> = Arc::new(az.lake("ckpt").await);
+    let faulty = Arc::new(FaultyLake::new(azure.clone()));
+    let lake: Arc<dyn Lake> = faulty.clone();
+    let pool = tempfile::tempdir().unwrap();
+    let vol = volume(pool.path(), &az, "ckpt", "re", "n1", None);
+    write_step(&vol, "step-1", &[("w", pattern(1, 3 * MIB))], true);
+    commit(&vol, CommitRule::default());
+    let mut s = Syncer::start(lake.clone(), vol.clone(), "re/", small_blocks())
+        .await
+        .unwrap();
+    assert_eq!(s.pass().await.unwrap().durable, vec!["step-1".to_owned()]);
+    // The job writes the step again (same names, new bytes) and commits it.
+    std::thread::sleep(Duration::from_millis(20));
+    write_step(&vol, "step-1", &[("w", pattern(2, 3 * MIB))], true);
+    let c = commit(&vol, CommitRule::default());
+    assert_eq!(c.len(), 1, "the marker written again commits again");
+    // The upload of the new bytes breaks off before its commit.
+    faulty.fail_always(Op::PutBlockList, Fault::Throttle);
+    assert!(s.pass().await.is_err());
+    assert!(
+        check_manifests(&*azure, "re/").await.is_empty(),
+        "while the objects are being replaced, no manifest vouches for them"
+    );
+    faulty.heal();
+    assert_eq!(s.pass().await.unwrap().durable, vec!["step-1".to_owned()]);
+    let m = check_manifests(&*azure, "re/").await;
+    assert_eq!(m["step-1"]["w"], md5_of(&pattern(2, 3 * MIB)));
+    let st = s.status(None, &[]).unwrap();
+    assert_eq!(st.latest_durable.unwrap().seq, c[0].seq);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_manifest_is_never_written_over_replaced_or_conflicting_objects() {
+    init_log();
+    let az = Azurite::start();
+    let lake: Arc<dyn Lake> = Arc::new(az.lake("ckpt").await);
+    let (p1, p2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let n1 = volume(p1.path(), &az, "ckpt", "cf", "node-1", None);
+    let n2 = volume(p2.path(), &az, "ckpt", "cf", "node-2", None);
+    let mut s1 = Syncer::start(lake.clone(), n1.clone(), "cf/", small_blocks())
+        .await
+        .unwrap();
+    let mut s2 = Syncer::start(lake.clone(), n2.clone(), "cf/", small_blocks())
+        .await
+        .unwrap();
+    let names = Layout::new("cf/");
+    for step in ["step-1", "step-2"] {
+        lake.put(
+            &names.intent(step, "node-2"),
+            bytes::Bytes::new(),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    }
+    // step-1: node-1's object is replaced in the lake after its part went in.
+    write_step(&n1, "step-1", &[("a", pattern(1, 2 * MIB))], true);
+    commit(&n1, CommitRule::default());
+    s1.pass().await.unwrap();
+    lake.put(
+        "cf/step-1/a",
+        bytes::Bytes::from(pattern(9, 10)),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    write_step(&n2, "step-1", &[("b", pattern(2, 1000))], true);
+    commit(&n2, CommitRule::default());
+    let r = s2.pass().await.unwrap();
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert!(
+        r.failed[0].1.contains("replaced since it was uploaded"),
+        "{r:?}"
+    );
+    assert!(check_manifests(&*lake, "cf/").await.is_empty());
+    let st = s2.status(Some(r.failed[0].1.clone()), &[]).unwrap();
+    assert!(st.latest_durable.is_none(), "not durable");
+    // step-2: both nodes wrote the same path with different bytes.
+    write_step(&n1, "step-2", &[("same", pattern(3, 1000))], true);
+    write_step(&n2, "step-2", &[("same", pattern(4, 1000))], false);
+    Journal::open(&n2.journal_dir())
+        .unwrap()
+        .mark_seen("step-2")
+        .unwrap(); // as node-2's mount notes a step it writes
+    commit(&n1, CommitRule::default());
+    s1.pass().await.unwrap();
+    s2.pass().await.unwrap(); // node-1's part is in: node-2's mount is asked to commit
+    assert_eq!(commit(&n2, CommitRule::default()).len(), 1);
+    let r = s2.pass().await.unwrap();
+    assert!(
+        r.failed
+            .iter()
+            .any(|(s, e)| s == "step-2" && e.contains("both wrote same")),
+        "{r:?}"
+    );
+    assert!(
+        check_manifests(&*lake, "cf/").await.is_empty(),
+        "never falsely durable"
+    );
+    s1.stop().await;
+    s2.stop().await;
+}
+
+#[test]
+fn sigterm_stops_a_sync_in_the_middle_of_an_upload() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let az = Azurite::start();
+    rt.block_on(az.create_container("ckpt"));
+    let pool = tempfile::tempdir().unwrap();
+    let vol = volume(pool.path(), &az, "ckpt", "term", "n1", None);
+    write_step(&vol, "step-1", &[("big", pattern(1, 256 * MIB))], true);
+    commit(&vol, CommitRule::default());
+    let mut child = Command::new(tidepool_bin())
+        .args(["sync", "--cache-dir"])
+        .arg(pool.path())
+        .env(
+            "AZURE_STORAGE_KEY",
+            tidepool_csi::testing::azurite::ACCOUNT_KEY,
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exited =
+        tidepool_csi::testing::within(Duration::from_secs(10), || child.try_wait().unwrap());
+    let status = exited.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("tidepool sync did not stop within 10 s of SIGTERM")
+    });
+    assert!(status.success(), "{status}");
 }

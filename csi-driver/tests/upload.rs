@@ -96,6 +96,7 @@ fn small_cfg() -> UploadConfig {
         single_put_max: 64 * KIB,
         block_size: MIB,
         parallel: 4,
+        budget: None,
     }
 }
 

@@ -250,6 +250,28 @@ impl Journal {
         Ok(out)
     }
 
+    /// Calls `f` for each record of commit `seq` in the lake, in log order, one line in
+    /// memory at a time (torn lines skipped).
+    pub fn for_each_uploaded(
+        &self,
+        seq: u64,
+        mut f: impl FnMut(UploadedRecord) -> Result<(), JournalError>,
+    ) -> Result<(), JournalError> {
+        let path = self.path(seq, "uploaded");
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        for l in BufReader::new(file).lines() {
+            let l = l.map_err(io_at(&path))?;
+            if let Ok(r) = serde_json::from_str::<UploadedRecord>(&l) {
+                f(r)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The set of paths of commit `seq` already in the lake.
     pub fn uploaded_paths(&self, seq: u64) -> Result<HashSet<String>, JournalError> {
         Ok(self.uploaded(seq)?.into_iter().map(|r| r.path).collect())

@@ -46,7 +46,9 @@ use super::commit::step_number;
 use super::journal::{CommitState, Journal, JournalError, UploadedRecord, write_atomic};
 use super::manifest::{self, Layout, ManifestHead, ObjectRecord, PartHeader};
 use super::store::{Store, VolumeConfig, VolumeLayout};
-use super::upload::{FileIdentity, UploadConfig, UploadError, download_verified, upload_file};
+use super::upload::{
+    FileIdentity, MemoryBudget, UploadConfig, UploadError, download_verified, upload_file,
+};
 use crate::lake::{Lake, LakeError, LeaseId, Lister, PutOptions};
 
 /// How the sync runs.
@@ -60,6 +62,10 @@ pub struct SyncConfig {
     /// The node lease's duration (15..=60 s); renewed at a third of it.
     pub lease_secs: u32,
     pub upload: UploadConfig,
+    /// File data held by all uploads of the volume together (blocks being sent, small
+    /// files being put). 128 MiB: 16 blocks of 8 MiB in flight, enough to fill a
+    /// multi-gigabit link to a far region, whatever the number or size of the files.
+    pub memory: u64,
 }
 
 impl Default for SyncConfig {
@@ -69,6 +75,7 @@ impl Default for SyncConfig {
             poll: Duration::from_secs(2),
             lease_secs: 60,
             upload: UploadConfig::default(),
+            memory: 128 << 20,
         }
     }
 }
@@ -178,6 +185,8 @@ pub struct PassReport {
     pub removed_locally: Vec<String>,
     /// Steps deleted from the lake by `keep_remote`.
     pub removed_remotely: Vec<String>,
+    /// Steps that could not be published, and why (they wait for a new commit).
+    pub failed: Vec<(String, String)>,
 }
 
 fn now_ms() -> u64 {
@@ -204,9 +213,14 @@ pub struct Syncer {
     lease: LeaseId,
     lease_lost: Arc<AtomicBool>,
     renewer: tokio::task::JoinHandle<()>,
-    intents: HashSet<String>,
+    /// Announces the steps this node writes as soon as the mount notes them, apart from
+    /// the passes (which may be busy uploading for minutes).
+    announcer: tokio::task::JoinHandle<()>,
+    intents: Arc<parking_lot::Mutex<HashSet<String>>>,
     /// Parts this process already wrote, by commit.
     parts_written: HashSet<u64>,
+    /// Step and totals of each commit read so far (commit files never change).
+    totals: parking_lot::Mutex<std::collections::HashMap<u64, (String, super::journal::Trailer)>>,
     last_rate: u64,
 }
 
@@ -274,7 +288,9 @@ impl Syncer {
                             // Re-acquiring under our id works while nobody else took it.
                             if acquire(&*lake, &blob, secs, &lease).await.is_ok() {
                                 last_ok = Instant::now();
-                            } else if last_ok.elapsed() >= Duration::from_secs(secs as u64) {
+                            } else if last_ok.elapsed() >= Duration::from_secs(secs as u64 * 2 / 3)
+                            {
+                                // Declared lost before it can expire under us.
                                 lost.store(true, Ordering::SeqCst);
                                 return;
                             }
@@ -284,6 +300,26 @@ impl Syncer {
             })
         };
         tracing::info!(node = %cfg.node, destination = %cfg.url, "sync started; node lease held");
+        let intents = Arc::new(parking_lot::Mutex::new(HashSet::new()));
+        let announcer = {
+            let (lake, journal, names, node, intents) = (
+                lake.clone(),
+                journal.clone(),
+                names.clone(),
+                cfg.node.clone(),
+                intents.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = announce(&*lake, &journal, &names, &node, &intents).await {
+                        tracing::debug!(error = %e, "announcing steps failed; trying again");
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            })
+        };
+        let mut sync = sync;
+        sync.upload.budget = Some(MemoryBudget::new(sync.memory));
         Ok(Syncer {
             destination: cfg.url.clone(),
             lake,
@@ -296,8 +332,10 @@ impl Syncer {
             lease,
             lease_lost,
             renewer,
-            intents: HashSet::new(),
+            announcer,
+            intents,
             parts_written: HashSet::new(),
+            totals: Default::default(),
             last_rate: 0,
         })
     }
@@ -314,6 +352,7 @@ impl Syncer {
     /// Releases the lease (a clean stop; a killed sync's lease expires by itself).
     pub async fn stop(self) {
         self.renewer.abort();
+        self.announcer.abort();
         let _ = self
             .lake
             .release_lease(&self.names.lock(&self.cfg.node), &self.lease)
@@ -326,11 +365,18 @@ impl Syncer {
     pub async fn run(
         mut self,
         wake: Option<Arc<Store>>,
-        stop: Arc<tokio::sync::Notify>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), SyncError> {
         let mut backoff = Duration::from_secs(1);
         loop {
-            let r = self.pass().await;
+            if *stop.borrow() {
+                break;
+            }
+            let r = tokio::select! {
+                r = self.pass() => r,
+                // A stop during a pass ends the pass (the journal keeps what is done).
+                _ = stop.changed() => break,
+            };
             let delay = match &r {
                 Ok(_) => {
                     backoff = Duration::from_secs(1);
@@ -357,15 +403,12 @@ impl Syncer {
                 }
             };
             tokio::select! {
-                _ = stop.notified() => break,
+                _ = stop.changed() => break,
                 _ = tokio::time::sleep(delay) => {}
                 _ = woken => {}
             }
         }
-        // A last pass so that what committed just before the stop is not left waiting.
-        if let Err(e) = self.pass().await {
-            self.write_status(Some(e.to_string()));
-        }
+        self.write_status(None);
         self.stop().await;
         Ok(())
     }
@@ -375,20 +418,15 @@ impl Syncer {
         self.check_lease()?;
         let mut report = PassReport::default();
         let started = Instant::now();
-        // 1. Intents.
-        for step in self.journal.seen()? {
-            if self.intents.contains(&step) {
-                continue;
-            }
-            self.lake
-                .put(
-                    &self.names.intent(&step, &self.cfg.node),
-                    bytes::Bytes::new(),
-                    &PutOptions::default(),
-                )
-                .await?;
-            self.intents.insert(step);
-        }
+        // 1. Intents (also announced in the background as soon as they appear).
+        announce(
+            &*self.lake,
+            &self.journal,
+            &self.names,
+            &self.cfg.node,
+            &self.intents,
+        )
+        .await?;
         // 1b. Steps this node writes and has not committed: if another node committed
         // its part, ask the mount to commit ours as soon as its files are closed.
         self.follow_peers().await?;
@@ -432,7 +470,16 @@ impl Syncer {
                 self.write_part(seq, &step).await?;
                 self.parts_written.insert(seq);
             }
-            match self.publish(&step).await? {
+            let published = match self.publish(&step).await {
+                Err(e @ SyncError::BadManifest { .. }) => {
+                    // This step cannot be published as it stands; the others go on.
+                    tracing::warn!(step = %step, error = %e, "step not published");
+                    report.failed.push((step, e.to_string()));
+                    continue;
+                }
+                r => r?,
+            };
+            match published {
                 None => {
                     self.journal
                         .mark_durable(seq, &self.names.manifest(&step))?;
@@ -453,7 +500,11 @@ impl Syncer {
         if report.uploaded_bytes > 0 {
             self.last_rate = (report.uploaded_bytes as f64 / secs.max(0.001)) as u64;
         }
-        self.write_status_with(None, &report.waiting);
+        let error = report
+            .failed
+            .first()
+            .map(|(step, e)| format!("{step}: {e}"));
+        self.write_status_with(error, &report.waiting);
         Ok(report)
     }
 
@@ -483,6 +534,24 @@ impl Syncer {
         report: &mut PassReport,
     ) -> Result<(), SyncError> {
         let done = self.journal.uploaded_paths(seq)?;
+        let total = self.commit_totals(seq)?.1.files;
+        if (done.len() as u64) < total {
+            // The objects are about to be replaced under their native names: a manifest
+            // of an earlier commit of this step (on any node) must not vouch for them
+            // meanwhile. The step is not durable again until this commit's manifest.
+            self.lake.delete(&self.names.manifest(step)).await?;
+            for older in self.journal.seqs()? {
+                if older < seq
+                    && self.journal.state(older) == CommitState::Durable
+                    && self.commit_totals(older)?.0 == step
+                {
+                    self.journal.mark_dropped(
+                        older,
+                        &format!("superseded by commit {seq} of {step}; its manifest was withdrawn before the new upload"),
+                    )?;
+                }
+            }
+        }
         let mut reader = self.journal.read_commit(seq)?;
         let staged = self.vol.staged(seq);
         let files = std::iter::from_fn(move || reader.next_file().transpose())
@@ -538,34 +607,46 @@ impl Syncer {
         let what = || format!("writing the part record {}", tmp.display());
         {
             let mut out = BufWriter::new(File::create(&tmp).map_err(io_err(what()))?);
-            let uploaded = self.journal.uploaded(seq)?;
-            // The last record of a path wins (a file uploaded twice after a torn line).
-            let mut by_path: BTreeMap<&str, &UploadedRecord> = BTreeMap::new();
-            for u in &uploaded {
-                by_path.insert(&u.path, u);
-            }
+            // Two passes over the upload log (the header carries the totals); a path
+            // logged twice (uploaded again after a torn line) counts once. Memory: one
+            // 16-byte hash per file.
+            let (mut files, mut bytes, mut seen) = (0u64, 0u64, HashSet::new());
+            self.journal.for_each_uploaded(seq, |u| {
+                if seen.insert(path_hash(&u.path)) {
+                    files += 1;
+                    bytes += u.size;
+                }
+                Ok(())
+            })?;
             let head = PartHeader {
                 step: step.to_owned(),
                 node: self.cfg.node.clone(),
                 seq,
                 reason: header.reason.clone(),
-                files: by_path.len() as u64,
-                bytes: by_path.values().map(|u| u.size).sum(),
+                files,
+                bytes,
             };
             serde_json::to_writer(&mut out, &head).expect("serializable");
             out.write_all(b"\n").map_err(io_err(what()))?;
-            for u in by_path.values() {
-                serde_json::to_writer(
-                    &mut out,
-                    &ObjectRecord {
-                        path: u.path.clone(),
+            let mut seen = HashSet::new();
+            let mut write_err = None;
+            self.journal.for_each_uploaded(seq, |u| {
+                if seen.insert(path_hash(&u.path)) && write_err.is_none() {
+                    let rec = ObjectRecord {
+                        path: u.path,
                         size: u.size,
-                        md5: u.md5.clone(),
+                        md5: u.md5,
                         node: String::new(),
-                    },
-                )
-                .expect("serializable");
-                out.write_all(b"\n").map_err(io_err(what()))?;
+                    };
+                    serde_json::to_writer(&mut out, &rec).expect("serializable");
+                    if let Err(e) = out.write_all(b"\n") {
+                        write_err = Some(e);
+                    }
+                }
+                Ok(())
+            })?;
+            if let Some(e) = write_err {
+                return Err(io_err(what())(e));
             }
             out.into_inner()
                 .map_err(|e| io_err(what())(e.into_error()))?
@@ -627,7 +708,9 @@ impl Syncer {
             }
             let mut readers = part_files.iter();
             let mut current: Option<(String, std::io::Lines<BufReader<File>>)> = None;
-            let mut seen_paths = 0u64;
+            // Path hash → (MD5 hash, node): two nodes may both log a file only if it is
+            // the same content (then it is listed once).
+            let mut seen: std::collections::HashMap<u128, (u128, String)> = Default::default();
             let mut next = || -> io::Result<Option<ObjectRecord>> {
                 loop {
                     if let Some((node, lines)) = &mut current {
@@ -640,7 +723,19 @@ impl Syncer {
                                 let mut o: ObjectRecord =
                                     serde_json::from_str(&l).map_err(io::Error::other)?;
                                 o.node = node.clone();
-                                seen_paths += 1;
+                                let md5h = path_hash(&o.md5);
+                                match seen.get(&path_hash(&o.path)) {
+                                    Some((m, _)) if *m == md5h => continue,
+                                    Some((_, other)) => {
+                                        return Err(io::Error::other(format!(
+                                            "nodes {other} and {node} both wrote {} with different content; give each rank its own file names",
+                                            o.path
+                                        )));
+                                    }
+                                    None => {
+                                        seen.insert(path_hash(&o.path), (md5h, node.clone()));
+                                    }
+                                }
                                 return Ok(Some(o));
                             }
                             None => current = None,
@@ -667,7 +762,12 @@ impl Syncer {
                 files: 0,
                 bytes: 0,
             };
-            manifest::write_manifest(&mut out, &head, &mut next).map_err(io_err(what()))?;
+            manifest::write_manifest(&mut out, &head, &mut next).map_err(|e| {
+                SyncError::BadManifest {
+                    step: step.to_owned(),
+                    detail: e.to_string(),
+                }
+            })?;
             out.into_inner()
                 .map_err(|e| io_err(what())(e.into_error()))?
                 .sync_all()
@@ -676,13 +776,65 @@ impl Syncer {
                 let _ = fs::remove_file(p);
             }
         }
+        // Every object as the manifest names it, in the lake now: a writer that
+        // replaced one meanwhile (a later commit of the step, elsewhere) stops this
+        // manifest instead of making it vouch for other bytes.
+        self.verify_in_lake(step, &tmp).await?;
+        self.check_lease()?;
         self.put_file(&self.names.manifest(step), &tmp).await?;
         let _ = fs::remove_file(&tmp);
         Ok(None)
     }
 
+    /// Checks each object of the manifest file `local` against the lake's size and
+    /// Content-MD5 (8 requests at a time, one manifest entry in memory per request).
+    async fn verify_in_lake(&self, step: &str, local: &Path) -> Result<(), SyncError> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<ObjectRecord>(16);
+        let parse = {
+            let local = local.to_owned();
+            tokio::task::spawn_blocking(move || -> io::Result<()> {
+                let f = File::open(&local)?;
+                manifest::read_manifest(BufReader::new(f), |o| {
+                    tx.blocking_send(o).map_err(|_| io::Error::other("stopped"))
+                })
+                .map(|_| ())
+            })
+        };
+        let checked = tokio_stream_from(rx)
+            .map(|o| async move {
+                let name = self.names.object(step, &o.path);
+                let meta = self.lake.head(&name).await?;
+                let md5 = meta.content_md5.map(|m| hex(&m));
+                if meta.size != o.size || md5.as_deref() != Some(o.md5.as_str()) {
+                    return Err(SyncError::BadManifest {
+                        step: step.to_owned(),
+                        detail: format!(
+                            "{name} in the lake is {} bytes with MD5 {}, the part record says {} bytes with MD5 {}: it was replaced since it was uploaded; the step is published when it commits again",
+                            meta.size,
+                            md5.as_deref().unwrap_or("none"),
+                            o.size,
+                            o.md5
+                        ),
+                    });
+                }
+                Ok(())
+            })
+            .buffer_unordered(8)
+            .try_collect::<Vec<()>>()
+            .await;
+        let parsed = parse
+            .await
+            .map_err(|e| io_err("reading the manifest")(io::Error::other(e)))?;
+        checked?;
+        parsed.map_err(|e| SyncError::BadManifest {
+            step: step.to_owned(),
+            detail: e.to_string(),
+        })
+    }
+
     /// Moves durable steps beyond `keep_local` out of the tree (newest kept by step
-    /// number, then commit order). A step with a pending commit is never removed.
+    /// number, then commit order; steps without a number are never moved). A step with
+    /// a pending commit is never removed.
     fn retain_local(&self) -> Result<Vec<String>, SyncError> {
         let Some(keep) = self.cfg.keep_local else {
             return Ok(Vec::new());
@@ -704,9 +856,10 @@ impl Syncer {
                 CommitState::Dropped(_) => {}
             }
         }
+        // Numbered steps only, by number: `final` or `best` never leave automatically.
         let mut order: Vec<(Option<u64>, u64, String)> = durable
             .into_iter()
-            .filter(|(s, _)| !pending.contains(s))
+            .filter(|(s, _)| !pending.contains(s) && step_number(s).is_some())
             .map(|(s, seq)| (step_number(&s), seq, s))
             .collect();
         order.sort();
@@ -763,9 +916,16 @@ impl Syncer {
         let Some(keep) = self.cfg.keep_remote else {
             return Ok(removed);
         };
-        let steps = durable_steps(&*self.lake, &self.names).await?;
+        // Only numbered steps are ordered for retention; a step named without a number
+        // (`final`, `best`) is never deleted automatically.
+        let steps: Vec<String> = durable_steps(&*self.lake, &self.names)
+            .await?
+            .into_iter()
+            .filter(|(_, n)| n.is_some())
+            .map(|(s, _)| s)
+            .collect();
         let n = steps.len().saturating_sub(keep as usize);
-        for (step, _) in steps.into_iter().take(n) {
+        for step in steps.into_iter().take(n) {
             self.check_lease()?;
             let local = self
                 .vol
@@ -853,6 +1013,18 @@ impl Syncer {
         }
     }
 
+    /// The step and totals of commit `seq`, read once.
+    fn commit_totals(&self, seq: u64) -> Result<(String, super::journal::Trailer), SyncError> {
+        if let Some(v) = self.totals.lock().get(&seq) {
+            return Ok(v.clone());
+        }
+        let r = self.journal.read_commit(seq)?;
+        let step = r.header().step.clone();
+        let t = r.totals()?;
+        self.totals.lock().insert(seq, (step.clone(), t.clone()));
+        Ok((step, t))
+    }
+
     /// The status from the journal (plus what the caller knows).
     pub fn status(
         &self,
@@ -870,9 +1042,7 @@ impl Syncer {
             ..Default::default()
         };
         for seq in self.journal.seqs()? {
-            let r = self.journal.read_commit(seq)?;
-            let step = r.header().step.clone();
-            let t = r.totals()?;
+            let (step, t) = self.commit_totals(seq)?;
             let info = StepInfo {
                 step,
                 seq,
@@ -906,6 +1076,50 @@ impl Syncer {
         }
         Ok(st)
     }
+}
+
+/// A 128-bit hash of a path, for duplicate checks without keeping the paths.
+fn path_hash(p: &str) -> u128 {
+    use md5::Digest;
+    u128::from_le_bytes(md5::Md5::digest(p.as_bytes()).into())
+}
+
+/// Records `error` as the volume's last error in its status (for a sync that could
+/// not even start; the other fields stay as the last sync left them).
+pub fn record_error(vol: &VolumeLayout, error: &str) {
+    let mut st = SyncStatus::read(vol).unwrap_or_default();
+    st.last_error = Some(error.to_owned());
+    st.updated_unix_ms = now_ms();
+    st.pid = std::process::id();
+    if let Ok(j) = Journal::open(&vol.journal_dir()) {
+        let _ = write_atomic(
+            &j.status_path(),
+            &serde_json::to_vec_pretty(&st).expect("serializable"),
+        );
+    }
+}
+
+/// Puts an intent record for every step this node wrote into and has not announced.
+async fn announce(
+    lake: &dyn Lake,
+    journal: &Journal,
+    names: &Layout,
+    node: &str,
+    done: &parking_lot::Mutex<HashSet<String>>,
+) -> Result<(), SyncError> {
+    for step in journal.seen()? {
+        if done.lock().contains(&step) {
+            continue;
+        }
+        lake.put(
+            &names.intent(&step, node),
+            bytes::Bytes::new(),
+            &PutOptions::default(),
+        )
+        .await?;
+        done.lock().insert(step);
+    }
+    Ok(())
 }
 
 /// The volume's lease id, created on first use.
@@ -998,13 +1212,25 @@ pub async fn durable_steps(
     let mut l = Lister::new(lake, &names.manifests());
     while let Some(page) = l.next_page().await? {
         for o in page {
-            if let Some(s) = names.step_of_manifest(&o.name) {
-                out.push((s.to_owned(), step_number(s)));
+            match names.step_of_manifest(&o.name) {
+                Some(s) if valid_step_name(s) => {
+                    out.push((s.to_owned(), step_number(s), o.last_modified))
+                }
+                Some(_) | None => {
+                    tracing::warn!(name = %o.name, "ignoring a manifest whose step name is not a single directory name")
+                }
             }
         }
     }
-    out.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
-    Ok(out)
+    // Unnumbered steps first, oldest manifest first; then numbered ones by number: the
+    // last is the latest (the highest number, or the newest step if none has one).
+    out.sort_by(|a, b| (a.1.is_some(), a.1, a.2, &a.0).cmp(&(b.1.is_some(), b.1, b.2, &b.0)));
+    Ok(out.into_iter().map(|(s, n, _)| (s, n)).collect())
+}
+
+/// A step name must be one plain directory name (it becomes a local path on restore).
+fn valid_step_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0')
 }
 
 /// What a restore did.
@@ -1121,6 +1347,12 @@ pub async fn restore(
     let _ = fs::remove_file(&local);
     downloads?;
     let head = head??;
+    if head.step != step {
+        return Err(SyncError::BadManifest {
+            detail: format!("it names step {:?}, not {step:?}", head.step),
+            step,
+        });
+    }
     let (files, bytes) = (files.into_inner(), bytes.into_inner());
     if files != head.files || bytes != head.bytes {
         return Err(SyncError::BadManifest {

@@ -28,7 +28,9 @@
 //! of payload are held (64 MiB with the defaults) whatever the file size. A file above
 //! 50,000 × `block_size` (390 GiB by default; Azure allows 50,000 blocks per blob) gets
 //! larger blocks and proportionally fewer in flight, keeping the same bound as long as
-//! one block fits in it.
+//! one block fits in it. With a shared [`MemoryBudget`] (the sync's), every upload
+//! running side by side also waits for its block's size to be granted first, so the
+//! bound holds across files too.
 //!
 //! [`download_verified`] streams a blob into a temporary file next to the destination,
 //! computing the MD5 as it writes, `fsync`s, and renames it into place only if size and
@@ -108,7 +110,7 @@ impl FileIdentity {
 }
 
 /// How files are uploaded.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct UploadConfig {
     /// Files up to this size go in one request. 4 MiB: below it a file costs one
     /// round trip instead of at least two (blocks, then the list), and a retry resends
@@ -124,6 +126,11 @@ pub struct UploadConfig {
     /// 50–100 MB/s, 8 fill a multi-gigabit NIC share, and 8 × 8 MiB keeps the
     /// payload held in memory at 64 MiB per file.
     pub parallel: usize,
+    /// A memory budget shared by uploads running side by side, in permits of 1 MiB:
+    /// a block (or a small file) is read only once its size is granted, and given back
+    /// when its request ends. The sync gives every upload of a volume one budget, so
+    /// files in parallel never hold more than it whatever their number.
+    pub budget: Option<Arc<MemoryBudget>>,
 }
 
 impl Default for UploadConfig {
@@ -132,6 +139,7 @@ impl Default for UploadConfig {
             single_put_max: 4 * MIB,
             block_size: 8 * MIB,
             parallel: 8,
+            budget: None,
         }
     }
 }
@@ -247,6 +255,39 @@ fn read_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>,
     }
 }
 
+/// Bytes of file data that uploads running side by side may hold, in whole MiB.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    sem: Arc<tokio::sync::Semaphore>,
+    total: u32,
+}
+
+impl MemoryBudget {
+    pub fn new(bytes: u64) -> Arc<MemoryBudget> {
+        let total = (bytes / MIB).clamp(1, u32::MAX as u64 / 2) as u32;
+        Arc::new(MemoryBudget {
+            sem: Arc::new(tokio::sync::Semaphore::new(total as usize)),
+            total,
+        })
+    }
+
+    /// MiB granted to nobody right now.
+    pub fn available_mib(&self) -> usize {
+        self.sem.available_permits()
+    }
+}
+
+/// Waits for `bytes` of the shared budget (whole MiB, at least one; a block larger
+/// than the whole budget takes all of it rather than waiting forever).
+async fn grant(
+    budget: Option<Arc<MemoryBudget>>,
+    bytes: u64,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let budget = budget?;
+    let want = bytes.div_ceil(MIB).clamp(1, budget.total as u64) as u32;
+    budget.sem.clone().acquire_many_owned(want).await.ok()
+}
+
 /// Uploads the file at `path` to the blob `name`, if it is still the file the journal
 /// committed as `expect`. `progress` is called with the bytes done so far (sent, or
 /// found already in the lake) as blocks complete. See the module doc for the protocol.
@@ -274,6 +315,7 @@ pub async fn upload_file(
     let size = expect.size;
 
     if size <= cfg.single_put_max {
+        let _permit = grant(cfg.budget.clone(), size).await;
         let (f, p) = (file.clone(), path.to_owned());
         let (data, md5) = blocking(move || {
             let data = read_at(&f, &p, 0, size as usize)?;
@@ -316,15 +358,21 @@ pub async fn upload_file(
             let (f, p, whole) = (file.clone(), path.to_owned(), whole.clone());
             let len = len_of(i);
             let have = present.get(&ids[i as usize]) == Some(&len);
-            blocking(move || {
-                let data = read_at(&f, &p, i * block, len as usize)?;
-                whole.lock().update(&data);
-                // A block the lake holds is not sent again: no need for its MD5.
-                let md5 = (!have).then(|| <[u8; 16]>::from(Md5::digest(&data)));
-                Ok((i, data, md5))
-            })
+            let budget = cfg.budget.clone();
+            async move {
+                let permit = grant(budget, len).await;
+                blocking(move || {
+                    let data = read_at(&f, &p, i * block, len as usize)?;
+                    whole.lock().update(&data);
+                    // A block the lake holds is not sent again: no need for its MD5.
+                    let md5 = (!have).then(|| <[u8; 16]>::from(Md5::digest(&data)));
+                    Ok((i, data, md5))
+                })
+                .await
+                .map(|(i, data, md5)| (i, data, md5, permit))
+            }
         })
-        .map_ok(|(i, data, md5)| {
+        .map_ok(|(i, data, md5, _permit)| {
             let (ids, done, skipped) = (&ids, &done, &skipped);
             async move {
                 let len = data.len() as u64;

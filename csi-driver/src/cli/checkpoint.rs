@@ -128,12 +128,19 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         .with_context(|| format!("preparing {}", layout.dir.display()))?;
     // The lake (and the node lease) first: a second uploader is refused before anything
     // is mounted.
-    let stop_sync = Arc::new(tokio::sync::Notify::new());
+    let (stop_sync, stop_rx) = tokio::sync::watch::channel(false);
     let syncer = if ck.no_sync {
         None
     } else {
         let lake = open_lake(&url, &args.lake, env)?;
-        Some(Syncer::start(lake, layout.clone(), &url.prefix, SyncConfig::default()).await?)
+        let first = Syncer::start(
+            lake.clone(),
+            layout.clone(),
+            &url.prefix,
+            SyncConfig::default(),
+        )
+        .await?;
+        Some((first, lake))
     };
     let store = Arc::new(Store::open(layout.clone(), rule)?);
     let tree = Arc::new(
@@ -170,7 +177,16 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     })?;
     let stop_ticker = Arc::new(AtomicBool::new(false));
     let ticker = store.spawn_ticker(Duration::from_millis(200), stop_ticker.clone());
-    let sync_task = syncer.map(|s| tokio::spawn(s.run(Some(store.clone()), stop_sync.clone())));
+    let sync_task = syncer.map(|(first, lake)| {
+        tokio::spawn(supervise(
+            first,
+            lake,
+            layout.clone(),
+            url.prefix.clone(),
+            store.clone(),
+            stop_rx,
+        ))
+    });
     say(format_args!(
         "tidepool: checkpoint volume for {url} mounted at {} (node {node}, files in {}); {}; stop with Ctrl-C or umount",
         args.mountpoint.display(),
@@ -185,17 +201,10 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let mp = mount.mountpoint.clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
-    let mut sync_failed = None;
-    let mut sync_task = sync_task;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            r = async { sync_task.as_mut().unwrap().await }, if sync_task.is_some() => {
-                sync_task = None;
-                if let Ok(Err(e)) = r { sync_failed = Some(e); }
-                break;
-            }
             _ = poll.tick() => match is_mounted(&mp) {
                 Ok(true) => {}
                 Ok(false) => { tracing::info!("unmounted from outside"); break }
@@ -214,17 +223,12 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     // Steps whose rule fired while stopping commit now.
     store.tick();
     if let Some(t) = sync_task {
-        stop_sync.notify_one();
-        match t.await {
-            Ok(Err(e)) => sync_failed = Some(e),
-            Err(e) => tracing::warn!(error = %e, "the sync task ended abnormally"),
-            Ok(Ok(())) => {}
+        let _ = stop_sync.send(true);
+        if let Err(e) = t.await {
+            tracing::warn!(error = %e, "the sync task ended abnormally");
         }
     }
     let _ = tokio::task::spawn_blocking(move || mount.join()).await;
-    if let Some(e) = sync_failed {
-        return Err(e.into());
-    }
     let st = SyncStatus::read(&layout).ok();
     say(format_args!(
         "tidepool: unmounted {}{}",
@@ -240,6 +244,54 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         }
     ));
     Ok(())
+}
+
+/// Keeps the volume's sync running for as long as the mount lives: a sync that stops
+/// (the node lease lost while the lake was unreachable, say) is started again with
+/// backoff; the volume keeps serving the job meanwhile and the status says why.
+async fn supervise(
+    first: Syncer,
+    lake: Arc<dyn crate::lake::Lake>,
+    layout: VolumeLayout,
+    prefix: String,
+    store: Arc<Store>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut next = Some(first);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let syncer = match next.take() {
+            Some(s) => Some(s),
+            None => {
+                match Syncer::start(lake.clone(), layout.clone(), &prefix, SyncConfig::default())
+                    .await
+                {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "starting the sync failed; the volume keeps serving, trying again");
+                        crate::checkpoint::sync::record_error(&layout, &e.to_string());
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(s) = syncer {
+            match s.run(Some(store.clone()), stop.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the sync stopped; the volume keeps serving, starting it again");
+                }
+            }
+        }
+        if *stop.borrow() {
+            return;
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
 }
 
 #[derive(Args, Debug)]
@@ -291,7 +343,7 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         );
     }
     let mut tasks = Vec::new();
-    let stop = Arc::new(tokio::sync::Notify::new());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
     for vol in vols {
         let cfg = vol.read_config()?;
         let url = LakeUrl::parse(&cfg.url)?;
@@ -335,7 +387,7 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             "tidepool: syncing {} (node {})",
             cfg.url, cfg.node
         ));
-        tasks.push(tokio::spawn(s.run(None, stop.clone())));
+        tasks.push(tokio::spawn(s.run(None, stop_rx.clone())));
     }
     if tasks.is_empty() {
         return Ok(());
@@ -352,7 +404,7 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    stop.notify_waiters();
+    let _ = stop.send(true);
     for t in tasks {
         t.await??;
     }
