@@ -164,7 +164,9 @@ impl Committer {
     /// Takes one event from the tree.
     pub fn on_event(&mut self, e: &TreeEvent, now: Instant) {
         match e {
-            TreeEvent::WriteOpened { step } => self.track(step, now).touch(now),
+            TreeEvent::WriteOpened { step } | TreeEvent::Removed { step, .. } => {
+                self.track(step, now).touch(now)
+            }
             TreeEvent::WriteClosed { step, rel } | TreeEvent::Changed { step, rel } => {
                 let marker = self.marker_at_root(rel);
                 let t = self.track(step, now);

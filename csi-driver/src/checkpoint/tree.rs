@@ -53,6 +53,8 @@ pub enum TreeEvent {
     /// An entry was created, removed, renamed into place, truncated or changed its
     /// attributes.
     Changed { step: OsString, rel: PathBuf },
+    /// An entry inside a step was removed (never a commit by itself).
+    Removed { step: OsString, rel: PathBuf },
     /// A top-level directory was renamed (the `tmp → step-N` commit pattern).
     StepRenamed { from: OsString, to: OsString },
     /// A top-level directory was removed.
@@ -1041,7 +1043,7 @@ impl CheckpointTree {
             Some((step, rel)) if rel.as_os_str().is_empty() && flags == libc::AT_REMOVEDIR => {
                 self.events.event(TreeEvent::StepRemoved { step })
             }
-            Some((step, rel)) => self.events.event(TreeEvent::Changed { step, rel }),
+            Some((step, rel)) => self.events.event(TreeEvent::Removed { step, rel }),
             None => {}
         }
         Ok(())
