@@ -676,3 +676,45 @@ async fn memory_stays_within_parallel_blocks_whatever_the_file_size() {
     let (a, b) = (std::fs::read(&path).unwrap(), std::fs::read(&dest).unwrap());
     assert!(a == b, "downloaded bytes differ");
 }
+
+#[tokio::test]
+async fn a_shared_budget_bounds_the_blocks_in_flight_across_files() {
+    let _shared = HEAP_EXCLUSIVE.read().await;
+    let az = Azurite::start();
+    let azure: Arc<dyn Lake> = Arc::new(az.lake("budget").await);
+    // Slow Put Blocks, so that every upload has all it may have in flight at once.
+    let slow = Arc::new(FaultyLake::new(azure.clone()));
+    slow.set_latency(Op::PutBlock, Duration::from_millis(30));
+    let watched = Arc::new(Watched::new(slow));
+    let dir = tempfile::tempdir().unwrap();
+    let budget = tidepool_csi::checkpoint::upload::MemoryBudget::new(4 * MIB);
+    let cfg = UploadConfig {
+        budget: Some(budget.clone()),
+        ..small_cfg()
+    };
+    let files: Vec<_> = (0..3)
+        .map(|i| {
+            let data = pattern(40 + i, 8 * MIB as usize);
+            let (path, id) = commit(dir.path(), &format!("f{i}"), &data);
+            (format!("b/f{i}"), path, id, data)
+        })
+        .collect();
+    let uploads = files.iter().map(|(name, path, id, _)| {
+        let (watched, cfg) = (watched.clone(), cfg.clone());
+        async move { upload_file(&*watched, name, path, *id, &cfg, &|_| {}).await }
+    });
+    for r in futures::future::join_all(uploads).await {
+        r.unwrap();
+    }
+    // Three files of 4 blocks in flight each would be 12 MiB without the budget.
+    let max = watched.max_bytes_in_flight.load(Ordering::Relaxed);
+    assert!(
+        max <= 4 * MIB,
+        "{max} bytes of blocks in flight with a 4 MiB budget"
+    );
+    assert!(max >= 2 * MIB, "the budget is used ({max})");
+    assert_eq!(budget.available_mib(), 4, "every grant given back");
+    for (name, _, _, data) in &files {
+        assert_round_trip(&*azure, name, dir.path(), data).await;
+    }
+}

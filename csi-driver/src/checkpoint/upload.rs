@@ -364,26 +364,28 @@ pub async fn upload_file(
                 blocking(move || {
                     let data = read_at(&f, &p, i * block, len as usize)?;
                     whole.lock().update(&data);
-                    // A block the lake holds is not sent again: no need for its MD5.
-                    let md5 = (!have).then(|| <[u8; 16]>::from(Md5::digest(&data)));
-                    Ok((i, data, md5))
+                    Ok((i, Bytes::from(data), have))
                 })
                 .await
-                .map(|(i, data, md5)| (i, data, md5, permit))
+                .map(|(i, data, have)| (i, data, have, permit))
             }
         })
-        .map_ok(|(i, data, md5, _permit)| {
+        .map_ok(|(i, data, have, permit)| {
             let (ids, done, skipped) = (&ids, &done, &skipped);
             async move {
+                // The block's memory stays granted until its request is over.
+                let _permit = permit;
                 let len = data.len() as u64;
-                match md5 {
-                    Some(md5) => {
-                        lake.put_block(name, &ids[i as usize], Bytes::from(data), Some(md5))
-                            .await?
-                    }
-                    None => {
-                        skipped.fetch_add(1, Ordering::Relaxed);
-                    }
+                if !have {
+                    // The block's own MD5 is computed here, in parallel with the other
+                    // blocks, not on the reader (which already hashes the whole file).
+                    let d = data.clone();
+                    let md5 = blocking(move || Ok(<[u8; 16]>::from(Md5::digest(&d)))).await?;
+                    lake.put_block(name, &ids[i as usize], data, Some(md5))
+                        .await?
+                } else {
+                    // A block the lake holds is not sent again: no need for its MD5.
+                    skipped.fetch_add(1, Ordering::Relaxed);
                 }
                 progress(done.fetch_add(len, Ordering::Relaxed) + len);
                 Ok::<(), UploadError>(())
