@@ -302,6 +302,36 @@ fn bad_input_is_refused_in_words() {
         !is_mounted(&mnt.canonicalize().unwrap()).unwrap(),
         "nothing mounted on bad input"
     );
+    // Checkpoint flags without --checkpoint, and dataset flags with it.
+    let out = tidepool(&[
+        "mount",
+        "http://127.0.0.1:1/devstoreaccount1/ckpt/p",
+        mnt.to_str().unwrap(),
+        "--cache-dir",
+        pool.to_str().unwrap(),
+        "--keep-local",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--checkpoint"),
+        "{err}"
+    );
+    let out = tidepool(&[
+        "mount",
+        "--checkpoint",
+        "http://127.0.0.1:1/devstoreaccount1/ckpt/p",
+        mnt.to_str().unwrap(),
+        "--cache-dir",
+        pool.to_str().unwrap(),
+        "--prefetch",
+        "eager",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("apply to dataset mounts"),
+        "{err}"
+    );
 }
 
 fn walk_count(dir: &Path, suffix: &str) -> usize {

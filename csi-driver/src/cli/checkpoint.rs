@@ -37,22 +37,22 @@ pub struct CheckpointArgs {
     pub node_name: Option<String>,
     /// A file whose appearance at a step's root commits the step (repeatable; replaces
     /// the defaults `.metadata` (PyTorch DCP) and `commit_success.txt` (Orbax)).
-    #[arg(long = "commit-marker", value_name = "NAME")]
+    #[arg(long = "commit-marker", value_name = "NAME", requires = "checkpoint")]
     pub commit_markers: Vec<String>,
     /// Also commit a step nothing changed in for this long (e.g. `5m`). Off by default:
     /// it cannot tell a finished step from one whose writer died.
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION", requires = "checkpoint")]
     pub quiescence: Option<Duration>,
     /// Durable steps kept on local disk; older ones leave it (they stay in the lake,
     /// `tidepool restore` fetches them). Default: all.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", requires = "checkpoint")]
     pub keep_local: Option<u32>,
     /// Durable steps kept in the lake; older ones are deleted, manifest first (no reader
     /// trusts a step from the moment its deletion starts). Default: all.
-    #[arg(long, value_name = "M")]
+    #[arg(long, value_name = "M", requires = "checkpoint")]
     pub keep_remote: Option<u32>,
     /// Do not upload from this process; a separate `tidepool sync --cache-dir` does.
-    #[arg(long)]
+    #[arg(long, requires = "checkpoint")]
     pub no_sync: bool,
 }
 
@@ -110,6 +110,11 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             "{} is already a mount point; unmount it first (umount {})",
             args.mountpoint.display(),
             args.mountpoint.display()
+        );
+    }
+    if args.prefetch != super::Prefetch::OnDemand || args.refresh != super::Refresh::Pinned {
+        bail!(
+            "--prefetch and --refresh apply to dataset mounts; a --checkpoint volume holds what the job writes (drop them)"
         );
     }
     let rule = ck.rule()?;
