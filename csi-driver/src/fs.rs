@@ -180,8 +180,10 @@ impl DatasetFs {
 
     fn entry_out(&self, seq: u32, e: &Entry) -> EntryOut {
         let ttl = Ttl::from(self.cfg.ttl);
+        let attr = self.attr(seq, e);
         EntryOut {
-            attr: self.attr(seq, e),
+            nodeid: attr.ino,
+            attr,
             generation: 0,
             entry_ttl: ttl,
             attr_ttl: ttl,

@@ -229,6 +229,20 @@ fn posix_semantics(passthrough: bool) {
         commits.iter().any(|x| x.step == "step-2"),
         "the close after the rename lets step-2 commit: {commits:?}"
     );
+    // Inode numbers are the backing files', the same in stat and readdir (tar and du
+    // rely on them).
+    {
+        use std::os::unix::fs::DirEntryExt;
+        let ino = fs::metadata(v.p("step-2/w")).unwrap().ino();
+        assert_eq!(ino, fs::metadata(v.backing("step-2/w")).unwrap().ino());
+        let listed = fs::read_dir(v.p("step-2"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.file_name() == "w")
+            .unwrap()
+            .ino();
+        assert_eq!(listed, ino);
+    }
     // chmod and utimes are kept.
     fs::set_permissions(v.p("step-2/w"), fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(fs::metadata(v.p("step-2/w")).unwrap().mode() & 0o777, 0o600);

@@ -324,9 +324,13 @@ impl CheckpointTree {
         Ok(self.entry_out(id, &st))
     }
 
+    /// The entry of node `id`: `stat` shows the backing file's inode number (stable
+    /// for the file's life, the same `readdir` shows), not our node id (which a file
+    /// gets anew after the kernel forgets it).
     fn entry_out(&self, id: u64, st: &libc::stat) -> EntryOut {
         EntryOut {
-            attr: attr_of(id, st),
+            nodeid: id,
+            attr: attr_of(st.st_ino, st),
             generation: 0,
             entry_ttl: Ttl::from(self.cfg.ttl),
             attr_ttl: Ttl::from(self.cfg.ttl),
@@ -569,7 +573,7 @@ impl FileSystem for CheckpointTree {
             None => fstat(self.node(ino)?.fd.as_raw_fd())?,
         };
         Ok(AttrOut {
-            attr: attr_of(ino, &st),
+            attr: attr_of(st.st_ino, &st),
             ttl: Ttl::from(self.cfg.ttl),
         })
     }
@@ -705,7 +709,7 @@ impl FileSystem for CheckpointTree {
             self.own_new(&p, &name, mode, false, req);
         }
         let entry = self.remember(&p, c.name)?;
-        let node = self.node(entry.attr.ino)?;
+        let node = self.node(entry.nodeid)?;
         let opened_in = at.as_ref().map(|(s, _)| s.clone());
         if let Some((step, rel)) = at {
             self.events

@@ -352,6 +352,9 @@ impl From<std::time::Duration> for Ttl {
 /// `fuse_entry_out` (128 bytes): the answer to LOOKUP, and each READDIRPLUS entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryOut {
+    /// The kernel's handle for the node (our inode number); `attr.ino` is what `stat`
+    /// shows, which may differ (the checkpoint tree shows the backing file's).
+    pub nodeid: u64,
     pub attr: Attr,
     pub generation: u64,
     pub entry_ttl: Ttl,
@@ -362,7 +365,7 @@ impl EntryOut {
     pub const SIZE: usize = 40 + Attr::SIZE;
 
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.attr.ino.to_le_bytes());
+        out.extend_from_slice(&self.nodeid.to_le_bytes());
         out.extend_from_slice(&self.generation.to_le_bytes());
         out.extend_from_slice(&self.entry_ttl.secs.to_le_bytes());
         out.extend_from_slice(&self.attr_ttl.secs.to_le_bytes());
@@ -819,6 +822,7 @@ mod tests {
         assert_eq!(v.len(), Attr::SIZE);
         v.clear();
         EntryOut {
+            nodeid: attr.ino,
             attr,
             generation: 0,
             entry_ttl: Ttl::default(),
