@@ -15,6 +15,7 @@ use std::time::Duration;
 use tidepool_csi::checkpoint::commit::CommitRule;
 use tidepool_csi::checkpoint::journal::CommitState;
 use tidepool_csi::checkpoint::store::{Committed, Store, VolumeConfig, VolumeLayout};
+use tidepool_csi::checkpoint::sync::{SyncConfig, Syncer};
 use tidepool_csi::checkpoint::tree::{CheckpointTree, OpenWriters, TreeConfig};
 use tidepool_csi::fs::{Mount, MountStats};
 use tidepool_csi::fuse::{MountOptions, SessionConfig};
@@ -560,6 +561,18 @@ fn a_full_pool_gives_the_writer_enospc_and_loses_nothing_committed() {
     let disk = SmallDisk::new("24m");
     let pool = tempfile::tempdir_in(disk.0.path()).unwrap();
     let v = Volume::mount_in(pool, CommitRule::default(), true);
+    // The sync, uploading to an in-memory lake (the Azurite side is checkpoint_sync.rs).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lake: Arc<dyn tidepool_csi::lake::Lake> =
+        Arc::new(tidepool_csi::lake::memory::MemoryLake::new());
+    let mut sync = rt
+        .block_on(Syncer::start(
+            lake.clone(),
+            v.layout.clone(),
+            "run/",
+            SyncConfig::default(),
+        ))
+        .unwrap();
     fs::create_dir(v.p("step-1")).unwrap();
     let committed = pattern(1, 6 << 20);
     fs::write(v.p("step-1/w.bin"), &committed).unwrap();
@@ -582,8 +595,16 @@ fn a_full_pool_gives_the_writer_enospc_and_loses_nothing_committed() {
     // What committed is intact, in the tree and in the staged copy the sync reads.
     assert!(fs::read(v.p("step-1/w.bin")).unwrap() == committed);
     assert!(fs::read(v.layout.staged(c[0].seq).join("w.bin")).unwrap() == committed);
-    // Space freed: writing works again.
+    // The sync cannot record its progress on the full disk: the pass fails in words.
+    let e = rt.block_on(sync.pass()).unwrap_err();
+    assert!(e.to_string().contains("No space left"), "{e}");
+    // Space freed: writing works again, and the sync catches up.
     fs::remove_file(v.p("step-2/w.bin")).unwrap();
     fs::write(v.p("step-2/w.bin"), pattern(3, 4 << 20)).unwrap();
     assert!(fs::read(v.p("step-2/w.bin")).unwrap() == pattern(3, 4 << 20));
+    let r = rt.block_on(sync.pass()).unwrap();
+    assert_eq!(r.durable, vec!["step-1".to_owned()]);
+    let meta = rt.block_on(lake.head("run/step-1/w.bin")).unwrap();
+    assert_eq!(meta.size, 6 << 20);
+    rt.block_on(sync.stop());
 }
