@@ -193,14 +193,16 @@ async fn kill_9_of_the_mount_mid_write_keeps_what_committed_and_never_publishes_
     let root = mnt.to_str().unwrap().to_owned();
     let step1 = write_pattern(&["dcp", &root, "step-1", "2", "3000000"]);
     // A rank mid-write in step-2 when the mount dies.
-    let mut half = Command::new("python3")
-        .arg(writer())
-        .args(["half", &root, "step-2", "4000000"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut half = KillOnDrop(
+        Command::new("python3")
+            .arg(writer())
+            .args(["half", &root, "step-2", "4000000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
-    BufReader::new(half.stdout.take().unwrap())
+    BufReader::new(half.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line.trim(), "writing");
@@ -212,10 +214,15 @@ async fn kill_9_of_the_mount_mid_write_keeps_what_committed_and_never_publishes_
         (n >= 1).then_some(n)
     });
     assert_eq!(committed, Some(1));
+    // Status tells the half-written step apart from the committed one.
+    let shown = within(Duration::from_secs(10), || {
+        let st = status_json(&cache);
+        (st["uncommitted"] == serde_json::json!(["step-2"])).then_some(())
+    });
+    assert!(shown.is_some(), "status: {}", status_json(&cache));
     m.signal(libc::SIGKILL);
     m.wait();
-    let _ = half.kill();
-    let _ = half.wait();
+    drop(half);
     let canon = mnt.canonicalize().unwrap_or(mnt.clone());
     detach_path(&canon).unwrap();
 
@@ -332,6 +339,16 @@ fn bad_input_is_refused_in_words() {
         !out.status.success() && err.contains("apply to dataset mounts"),
         "{err}"
     );
+}
+
+/// A child killed (and reaped) when dropped, so a failing test leaves no writer behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn walk_count(dir: &Path, suffix: &str) -> usize {

@@ -117,6 +117,9 @@ impl VolumeLayout {
     pub fn trash(&self) -> PathBuf {
         self.dir.join("trash")
     }
+    pub fn mount_status_path(&self) -> PathBuf {
+        self.journal_dir().join("mount.json")
+    }
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("volume.json")
     }
@@ -165,6 +168,27 @@ impl VolumeLayout {
         }
         let b = serde_json::to_vec_pretty(cfg).expect("serializable");
         super::journal::write_atomic(&self.config_path(), &b)
+    }
+}
+
+/// What a running mount reports about its volume (`journal/mount.json`; removed when
+/// the mount stops).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountStatus {
+    pub pid: u32,
+    /// Steps written and not committed (no rule fired yet, or a file still open).
+    pub uncommitted: Vec<String>,
+    pub updated_unix_ms: u64,
+}
+
+impl MountStatus {
+    /// The status of the mount running now (a file left by a killed mount is ignored).
+    pub fn read(vol: &VolumeLayout) -> Option<MountStatus> {
+        let st: MountStatus =
+            serde_json::from_slice(&fs::read(vol.mount_status_path()).ok()?).ok()?;
+        Path::new(&format!("/proc/{}", st.pid))
+            .exists()
+            .then_some(st)
     }
 }
 
@@ -336,12 +360,35 @@ impl Store {
         std::thread::Builder::new()
             .name("checkpoint-commit".into())
             .spawn(move || {
+                let mut reported = Instant::now() - Duration::from_secs(60);
+                let mut last: Option<Vec<String>> = None;
                 while !stop.load(Ordering::Relaxed) {
                     me.tick();
+                    // What the mount knows and the sync cannot: steps written and not
+                    // committed (for `tidepool sync status`), when it changes or every 10 s.
+                    let now = me.uncommitted();
+                    if last.as_ref() != Some(&now) || reported.elapsed() > Duration::from_secs(10) {
+                        me.write_mount_status(&now);
+                        reported = Instant::now();
+                        last = Some(now);
+                    }
                     std::thread::sleep(every);
                 }
+                let _ = fs::remove_file(me.layout.mount_status_path());
             })
             .expect("spawn a thread")
+    }
+
+    fn write_mount_status(&self, uncommitted: &[String]) {
+        let st = MountStatus {
+            pid: std::process::id(),
+            uncommitted: uncommitted.to_vec(),
+            updated_unix_ms: now_ms(),
+        };
+        let b = serde_json::to_vec(&st).expect("serializable");
+        if let Err(e) = super::journal::write_atomic(&self.layout.mount_status_path(), &b) {
+            tracing::debug!(error = %e, "cannot write the mount status");
+        }
     }
 
     /// Takes the commit of a due step; `None` when the step changed (or a file in it

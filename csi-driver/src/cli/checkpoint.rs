@@ -424,12 +424,29 @@ fn status(cache_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     for vol in vols {
         let cfg = vol.read_config()?;
         let st = SyncStatus::read(&vol).ok();
+        let mount = crate::checkpoint::store::MountStatus::read(&vol);
         if json {
-            println!("{}", serde_json::to_string(&st)?);
+            let mut v = match &st {
+                Some(st) => serde_json::to_value(st)?,
+                None => serde_json::json!({}),
+            };
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "uncommitted".into(),
+                    serde_json::to_value(mount.as_ref().map(|m| &m.uncommitted))?,
+                );
+            }
+            println!("{}", serde_json::to_string(&v)?);
             continue;
         }
+        let uncommitted = match &mount {
+            Some(m) if !m.uncommitted.is_empty() => m.uncommitted.join(", "),
+            Some(_) => "none".into(),
+            None => "- (no mount running)".into(),
+        };
         let Some(st) = st else {
             println!("{} (node {}): no sync has run yet", cfg.url, cfg.node);
+            println!("  uncommitted:      {uncommitted}");
             continue;
         };
         let age = (std::time::SystemTime::now()
@@ -442,6 +459,7 @@ fn status(cache_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             Some(s) => format!("{} ({} files, {})", s.step, s.files, human(s.bytes)),
             None => "-".into(),
         };
+        println!("  uncommitted:      {uncommitted}");
         println!("  latest committed: {}", show(&st.latest_committed));
         println!("  latest durable:   {}", show(&st.latest_durable));
         println!(
