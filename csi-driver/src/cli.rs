@@ -538,8 +538,28 @@ mod tests {
             "--deadline",
             "--read-buffer",
             "--no-direct-io",
+            "--checkpoint",
+            "--node-name",
+            "--commit-marker",
+            "--quiescence",
+            "--keep-local",
+            "--keep-remote",
+            "--no-sync",
         ] {
             assert!(help.contains(flag), "mount --help lacks {flag}");
+        }
+        for (cmd, flags) in [
+            ("sync", &["--cache-dir", "--once", "--parallel", "--sas-token"][..]),
+            ("restore", &["--step", "--parallel", "--sas-token"][..]),
+        ] {
+            let help = Cli::command()
+                .find_subcommand_mut(cmd)
+                .unwrap()
+                .render_long_help()
+                .to_string();
+            for flag in flags {
+                assert!(help.contains(flag), "{cmd} --help lacks {flag}");
+            }
         }
     }
 
