@@ -424,3 +424,30 @@ async fn a_file_larger_than_the_pool_is_read_whole_within_the_pool() {
         want[..3 * BLOCK as usize]
     );
 }
+
+/// A case proptest found (CI, 2026-12-04): three reads of a 10-block file through a
+/// 7-block pool, so blocks are shed from the file being read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_a_file_larger_than_the_pool_match_the_lake() {
+    for _ in 0..200 {
+        let lake = Arc::new(MemoryLake::new());
+        let model: Vec<Vec<u8>> = SIZES.iter().enumerate().map(|(i, &n)| body(i, n)).collect();
+        for (i, b) in model.iter().enumerate() {
+            lake.insert(&format!("m/f{i}"), b.clone());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (_pool, ds) = open(dir.path(), &lake, 7 * BLOCK).await;
+        for (offset, len) in [(23065u64, 7613usize), (4112, 12125), (2537, 18707)] {
+            let (_, snap) = ds.current();
+            let e = snap.lookup(1, "f5").unwrap().unwrap();
+            let blob = ds.blob(&e).unwrap();
+            let got = blob.read(offset, len).await.unwrap();
+            let m = &model[5];
+            let (start, end) = (
+                (offset as usize).min(m.len()),
+                (offset as usize + len).min(m.len()),
+            );
+            assert_eq!(&got[..], &m[start..end]);
+        }
+    }
+}

@@ -23,6 +23,10 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
+
+/// Fetch-and-read attempts of one read before it fails with EIO: a block is dropped
+/// between fetch and read only when it failed its checksum or was shed under pressure.
+const READ_ATTEMPTS: usize = 5;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -682,6 +686,7 @@ impl CachedBlob {
     }
 
     fn verify_block(&self, i: u64) -> Result<(), CacheError> {
+        // (A block that fails here is dropped and fetched again by the reader.)
         let r = self.map.block_range(i);
         let mut buf = vec![0u8; (r.end - r.start) as usize];
         self.data
@@ -708,9 +713,16 @@ impl CachedBlob {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        // A block that fails verification is dropped and fetched once more.
-        for _ in 0..2 {
-            self.ensure_for(self.blocks_for(offset..end), true).await?;
+        // A block that fails verification is dropped and fetched again; so is one shed
+        // (a pool smaller than what is open) between the fetch and the read. The
+        // shedder spares what is at and ahead of the reader: mark where this read
+        // starts, so blocks it is about to read are not taken as behind it (they were,
+        // by the previous read's position: a read spanning most of a small pool lost
+        // its own blocks on every attempt).
+        let blocks = self.blocks_for(offset..end);
+        for _ in 0..READ_ATTEMPTS {
+            self.last_read.store(blocks.start, Ordering::Relaxed);
+            self.ensure_for(blocks.clone(), true).await?;
             match self.read_resident(offset, len) {
                 Err(CacheError::Refetch) => continue,
                 r => return r.map_err(Arc::new),
@@ -718,7 +730,9 @@ impl CachedBlob {
         }
         Err(Arc::new(CacheError::Corrupt {
             blob: self.blob.clone(),
-            what: "block failed verification twice".into(),
+            what: format!(
+                "blocks were dropped before they could be read on {READ_ATTEMPTS} attempts (each failed its checksum, or the pool, smaller than the files open, shed them)"
+            ),
         }))
     }
 
