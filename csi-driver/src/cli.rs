@@ -330,6 +330,11 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
                 args.mountpoint.display()
             )
         })?;
+    // Signals are caught from before the "mounted" line: whoever waits for that line
+    // may signal at once, and a signal before the handler is in place would kill the
+    // process and leave the mount behind.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let (seq, snap) = ds.current();
     let sum = snap.summary();
     // Status lines must not kill the mount if whoever started it closed our stdout.
@@ -378,11 +383,10 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     }
     let handle = mount.unmount_handle();
     let mp = mount.mountpoint.clone();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
             _ = term.recv() => break,
             _ = poll.tick() => match is_mounted(&mp) {
                 Ok(true) => {}
@@ -410,7 +414,7 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let ended = if detached {
         tokio::select! {
             r = &mut session => Some(r),
-            _ = tokio::signal::ctrl_c() => None,
+            _ = int.recv() => None,
             _ = term.recv() => None,
         }
     } else {
@@ -549,7 +553,10 @@ mod tests {
             assert!(help.contains(flag), "mount --help lacks {flag}");
         }
         for (cmd, flags) in [
-            ("sync", &["--cache-dir", "--once", "--parallel", "--sas-token"][..]),
+            (
+                "sync",
+                &["--cache-dir", "--once", "--parallel", "--sas-token"][..],
+            ),
             ("restore", &["--step", "--parallel", "--sas-token"][..]),
         ] {
             let help = Cli::command()

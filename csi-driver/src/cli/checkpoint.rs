@@ -192,6 +192,11 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             stop_rx,
         ))
     });
+    // Signals are caught from before the "mounted" line: whoever waits for that line
+    // may signal at once, and a signal before the handler is in place would kill the
+    // process and leave the mount behind.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     say(format_args!(
         "tidepool: checkpoint volume for {url} mounted at {} (node {node}, files in {}); {}; stop with Ctrl-C or umount",
         args.mountpoint.display(),
@@ -204,11 +209,10 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     ));
     let handle = mount.unmount_handle();
     let mp = mount.mountpoint.clone();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
             _ = term.recv() => break,
             _ = poll.tick() => match is_mounted(&mp) {
                 Ok(true) => {}
@@ -347,6 +351,9 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             cache_dir.display()
         );
     }
+    // Caught from the start: a stop during the first pass ends it cleanly.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut tasks = Vec::new();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     for vol in vols {
@@ -397,10 +404,9 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     if tasks.is_empty() {
         return Ok(());
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let all = futures::future::join_all(tasks.iter_mut());
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
         results = all => {
             for r in results {
