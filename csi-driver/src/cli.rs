@@ -275,26 +275,32 @@ fn human(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()
 }
 
+/// A mount point must be an existing directory with nothing mounted on it yet.
+fn check_mountpoint(mountpoint: &std::path::Path) -> anyhow::Result<()> {
+    if !mountpoint.is_dir() {
+        bail!(
+            "mount point {} is not a directory; create it first (mkdir -p {})",
+            mountpoint.display(),
+            mountpoint.display()
+        );
+    }
+    if is_mounted(&mountpoint.canonicalize()?)? {
+        bail!(
+            "{} is already a mount point; unmount it first (umount {})",
+            mountpoint.display(),
+            mountpoint.display()
+        );
+    }
+    Ok(())
+}
+
 /// `tidepool mount`.
 pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     if args.checkpoint.checkpoint {
         return checkpoint::mount(args, env).await;
     }
     let url = LakeUrl::parse(&args.url)?;
-    if !args.mountpoint.is_dir() {
-        bail!(
-            "mount point {} is not a directory; create it first (mkdir -p {})",
-            args.mountpoint.display(),
-            args.mountpoint.display()
-        );
-    }
-    if is_mounted(&args.mountpoint.canonicalize()?)? {
-        bail!(
-            "{} is already a mount point; unmount it first (umount {})",
-            args.mountpoint.display(),
-            args.mountpoint.display()
-        );
-    }
+    check_mountpoint(&args.mountpoint)?;
     let ds = open_dataset(&url, &args.lake, &args.cache, env).await?;
     let pool = ds.pool().clone();
     // SAFETY: geteuid(2), getuid(2) and getgid(2) take no arguments and cannot fail.

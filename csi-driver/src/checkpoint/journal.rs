@@ -232,21 +232,11 @@ impl Journal {
     /// The paths of commit `seq` already in the lake, with their records. A torn last
     /// line (a crash while appending) is dropped.
     pub fn uploaded(&self, seq: u64) -> Result<Vec<UploadedRecord>, JournalError> {
-        let path = self.path(seq, "uploaded");
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_at(&path)(e)),
-        };
         let mut out = Vec::new();
-        for l in BufReader::new(f).lines() {
-            let l = l.map_err(io_at(&path))?;
-            // A line that does not parse was torn by a crash: that file is uploaded
-            // again (its blocks are still staged in the lake).
-            if let Ok(r) = serde_json::from_str::<UploadedRecord>(&l) {
-                out.push(r);
-            }
-        }
+        self.for_each_uploaded(seq, |r| {
+            out.push(r);
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -265,6 +255,8 @@ impl Journal {
         };
         for l in BufReader::new(file).lines() {
             let l = l.map_err(io_at(&path))?;
+            // A line that does not parse was torn by a crash: that file is uploaded
+            // again (its blocks are still staged in the lake).
             if let Ok(r) = serde_json::from_str::<UploadedRecord>(&l) {
                 f(r)?;
             }

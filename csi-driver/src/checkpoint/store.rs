@@ -496,7 +496,8 @@ impl Store {
     }
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch (journal and status times).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()

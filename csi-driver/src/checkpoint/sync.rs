@@ -37,7 +37,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
@@ -189,16 +189,8 @@ pub struct PassReport {
     pub failed: Vec<(String, String)>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+use super::store::now_ms;
+use super::upload::hex;
 
 /// A volume's sync: holds the local lock and the node lease while it lives.
 pub struct Syncer {
@@ -434,7 +426,7 @@ impl Syncer {
         let mut newest: BTreeMap<String, u64> = BTreeMap::new();
         let mut pending = Vec::new();
         for seq in self.journal.seqs()? {
-            let step = self.journal.read_commit(seq)?.header().step.clone();
+            let step = self.commit_totals(seq)?.0;
             if self.journal.state(seq) == CommitState::Pending {
                 pending.push((seq, step.clone()));
             }
@@ -512,7 +504,7 @@ impl Syncer {
         let mut committed: HashSet<String> = HashSet::new();
         for seq in self.journal.seqs()? {
             if !matches!(self.journal.state(seq), CommitState::Dropped(_)) {
-                committed.insert(self.journal.read_commit(seq)?.header().step.clone());
+                committed.insert(self.commit_totals(seq)?.0);
             }
         }
         for step in self.journal.seen()? {
@@ -843,7 +835,7 @@ impl Syncer {
         let mut pending: BTreeSet<String> = BTreeSet::new();
         let mut seqs_of: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for seq in self.journal.seqs()? {
-            let step = self.journal.read_commit(seq)?.header().step.clone();
+            let step = self.commit_totals(seq)?.0;
             seqs_of.entry(step.clone()).or_default().push(seq);
             match self.journal.state(seq) {
                 CommitState::Durable => {

@@ -208,7 +208,8 @@ pub enum UploadError {
     Lake(#[from] LakeError),
 }
 
-fn hex(md5: &[u8]) -> String {
+/// Lower-case hex, as manifests and the journal write MD5s.
+pub(crate) fn hex(md5: &[u8]) -> String {
     md5.iter().map(|b| format!("{b:02x}")).collect()
 }
 

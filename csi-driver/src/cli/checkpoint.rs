@@ -98,20 +98,7 @@ fn node_name(given: Option<&str>) -> anyhow::Result<String> {
 pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let url = LakeUrl::parse(&args.url)?;
     let ck = &args.checkpoint;
-    if !args.mountpoint.is_dir() {
-        bail!(
-            "mount point {} is not a directory; create it first (mkdir -p {})",
-            args.mountpoint.display(),
-            args.mountpoint.display()
-        );
-    }
-    if is_mounted(&args.mountpoint.canonicalize()?)? {
-        bail!(
-            "{} is already a mount point; unmount it first (umount {})",
-            args.mountpoint.display(),
-            args.mountpoint.display()
-        );
-    }
+    super::check_mountpoint(&args.mountpoint)?;
     if args.prefetch != super::Prefetch::OnDemand || args.refresh != super::Refresh::Pinned {
         bail!(
             "--prefetch and --refresh apply to dataset mounts; a --checkpoint volume holds what the job writes (drop them)"
