@@ -16,6 +16,7 @@
 //!   disk fails that volume's call (with the matching code) or that assignment's
 //!   status (in words); every other volume keeps being served.
 
+pub mod checkpoints;
 pub mod datasets;
 pub mod kube;
 pub mod protocol;

@@ -2,12 +2,15 @@
 //! kube-controller-manager, `tidepool_api::envtest`) and a real lake (Azurite): it
 //! creates its node's CachePool, acts on the assignments written into it, and reports
 //! status the server's schema accepts; with the operator binary running too, a
-//! DatasetCache reaches Ready from the agent's reports. Skipped, with a line saying
-//! so, where the envtest binaries are missing.
+//! DatasetCache reaches Ready from the agent's reports. A checkpoint sync assignment is
+//! reported from its volume's files by the agent's pool side run in the test process
+//! (to ask its resolvers too). Skipped, with a line saying so, where the envtest
+//! binaries are missing.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,8 +21,16 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tidepool_api::cache_pool::NodeDatasetPhase;
 use tidepool_api::envtest::ControlPlane;
+use tidepool_api::volume::{VolumeAttributes, VolumeKind};
 use tidepool_api::{CachePool, DatasetCache, Phase, control_plane_or_skip};
-use tidepool_csi::lake::Lake;
+use tidepool_csi::agent::datasets::LakeSettings;
+use tidepool_csi::agent::{Agent, AgentConfig, CheckpointSettings, checkpoints};
+use tidepool_csi::cache::{CacheConfig, CachePool as Pool};
+use tidepool_csi::checkpoint::commit::CommitRule;
+use tidepool_csi::checkpoint::manifest::Layout;
+use tidepool_csi::checkpoint::store::{Store, VolumeConfig, VolumeLayout};
+use tidepool_csi::checkpoint::sync::{SyncConfig, Syncer};
+use tidepool_csi::lake::{Credentials, Lake, LakeUrl, Secret as LakeSecret};
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
 use tidepool_csi::testing::{Azurite, pattern};
 
@@ -337,4 +348,190 @@ async fn with_the_operator_a_dataset_cache_becomes_ready_from_the_agents_reports
     assert_eq!((st.nodes_desired, st.nodes_ready), (1, 1));
     assert!(st.bytes_cached > 0);
     assert_eq!(st.snapshot.as_ref().map(|s| s.objects), Some(20));
+}
+
+/// Writes `step` (a file and its `.metadata` marker) into `layout` and commits it, as
+/// the checkpoint mount does.
+fn commit_step(layout: &VolumeLayout, step: &str) {
+    let dir = layout.tree().join(step);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.bin"), pattern(1, 300_000)).unwrap();
+    std::fs::write(dir.join(".metadata"), step).unwrap();
+    let store = Store::open(layout.clone(), CommitRule::default()).unwrap();
+    let done: Vec<_> = store.tick().into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(done.len(), 1, "{step} commits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_assignment_reports_its_steps_and_gives_its_volume_settings() {
+    let cp = control_plane_or_skip!(
+        "a_checkpoint_assignment_reports_its_steps_and_gives_its_volume_settings"
+    );
+    let _one = SERIAL.lock().await;
+    let client = cp.client().await;
+    cp.install_crds(&client).await.unwrap();
+    let az = Azurite::start();
+    node(&client, "agent-c").await;
+    namespace(&client, "ml-c").await;
+    lake_secret(&client, "ml-c").await;
+    let work = tempfile::tempdir().unwrap();
+    let pool_dir = work.path().join("pool");
+
+    // The volume as a checkpoint mount on this node leaves it: step-1 durable in the
+    // lake, step-2 committed and waiting for the part of node gpu-b (which announced
+    // the step and never put its part in).
+    let url = az.url("ckpt", "runs/c");
+    let layout = checkpoints::volume_layout(&pool_dir, &url).unwrap();
+    layout
+        .create(&VolumeConfig {
+            url: LakeUrl::parse(&url).unwrap().to_string(),
+            node: "agent-c".into(),
+            keep_local: None,
+            keep_remote: None,
+        })
+        .unwrap();
+    let lake: Arc<dyn Lake> = Arc::new(az.lake("ckpt").await);
+    lake.put(
+        &Layout::new("runs/c/").intent("step-2", "gpu-b"),
+        Bytes::new(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let mut sync = Syncer::start(
+        lake.clone(),
+        layout.clone(),
+        "runs/c/",
+        SyncConfig::default(),
+    )
+    .await
+    .unwrap();
+    commit_step(&layout, "step-1");
+    commit_step(&layout, "step-2");
+    assert_eq!(sync.pass().await.unwrap().durable, vec!["step-1"]);
+    sync.stop().await;
+
+    // The agent's pool side.
+    let cache = Pool::open(CacheConfig::new(&pool_dir, 1 << 30))
+        .await
+        .unwrap();
+    let agent = Agent::new(
+        AgentConfig {
+            node_name: "agent-c".into(),
+            socket: work.path().join("agent.sock"),
+            lake: LakeSettings::default(),
+            fuse_threads: 1,
+            passthrough: false,
+        },
+        cache,
+        tokio::runtime::Handle::current(),
+    )
+    .unwrap();
+    let pool_side = tokio::spawn(tidepool_csi::agent::kube::run(
+        agent.clone(),
+        client.clone(),
+        Duration::from_secs(1),
+    ));
+    let pools: Api<CachePool> = Api::all(client.clone());
+    eventually(Duration::from_secs(30), "the agent's CachePool", || async {
+        pools.get_opt("agent-c").await.unwrap()
+    })
+    .await;
+    // Assign as the operator does: the volume above with a Secret, a commit rule and
+    // a retention; and another whose Secret does not exist.
+    let assign = |uid: &str, name: &str, prefix: &str, secret: &str| {
+        json!({"owner": {"namespace": "ml-c", "name": name, "uid": uid, "generation": 1},
+               "volumeHandle": format!("tidepool-{uid}"),
+               "destination": {"url": az.url("ckpt", prefix), "credentials": {"secretRef": {"name": secret}}},
+               "commit": {"markers": ["DONE"], "quiescence": "5m"},
+               "retention": {"keepLocal": 2, "keepRemote": 0}})
+    };
+    let spec = json!({"apiVersion": "tidepool.dev/v1alpha1", "kind": "CachePool",
+        "spec": {"datasets": [], "checkpointSyncs": [
+            assign("c1", "llama", "runs/c", "lake"),
+            assign("c2", "other", "runs/other", "nope")]}});
+    pools
+        .patch(
+            "agent-c",
+            &PatchParams::apply("tidepool-operator"),
+            &Patch::Apply(&spec),
+        )
+        .await
+        .unwrap();
+    let st = eventually(
+        Duration::from_secs(30),
+        "both checkpoint syncs in the pool's status",
+        || async {
+            let st = pool_status(&client, "agent-c").await?;
+            (st.checkpoint_syncs.len() == 2).then_some(st)
+        },
+    )
+    .await;
+    let good = st.checkpoint_syncs.iter().find(|c| c.uid == "c1").unwrap();
+    assert_eq!(
+        (
+            good.latest_committed_step,
+            good.latest_durable_step,
+            good.pending_bytes,
+            good.failed
+        ),
+        (Some(2), Some(1), 0, false),
+        "{good:?}"
+    );
+    let msg = good.message.as_deref().unwrap_or_default();
+    assert!(msg.contains("step-2 waits for node gpu-b"), "{msg}");
+    let bad = st.checkpoint_syncs.iter().find(|c| c.uid == "c2").unwrap();
+    assert!(bad.failed, "{bad:?}");
+    assert_eq!(
+        (bad.latest_committed_step, bad.pending_bytes),
+        (None, 0),
+        "nothing written for it on this node"
+    );
+    let msg = bad.message.as_deref().unwrap();
+    assert!(msg.contains("Secret ml-c/nope not found"), "{msg}");
+    assert!(
+        !format!("{st:?}").contains(ACCOUNT_KEY),
+        "no credential in status"
+    );
+
+    // The volume served for the assignment gets its settings and credentials.
+    let attrs = |kind: VolumeKind, uid: &str| VolumeAttributes {
+        kind,
+        namespace: "ml-c".into(),
+        name: "llama".into(),
+        uid: uid.into(),
+        url: url.clone(),
+        prefetch: Default::default(),
+        refresh: Default::default(),
+        pinned: false,
+    };
+    let settings = agent.checkpoint_settings.lock().clone().unwrap();
+    assert_eq!(
+        settings(&attrs(VolumeKind::CheckpointSync, "c1")),
+        Some(CheckpointSettings {
+            rule: CommitRule {
+                markers: vec!["DONE".into()],
+                quiescence: Some(Duration::from_secs(300)),
+            },
+            keep_local: Some(2),
+            keep_remote: None,
+        })
+    );
+    assert_eq!(
+        settings(&attrs(VolumeKind::CheckpointSync, "unknown")),
+        None
+    );
+    let credentials = agent.assignment_credentials.lock().clone().unwrap();
+    assert_eq!(
+        credentials(&attrs(VolumeKind::CheckpointSync, "c1")),
+        Some(Credentials::AccountKey(LakeSecret::new(
+            ACCOUNT_KEY.to_owned()
+        )))
+    );
+    assert_eq!(
+        credentials(&attrs(VolumeKind::CheckpointSync, "c2")),
+        None,
+        "nothing to hand out while its Secret is missing"
+    );
+    pool_side.abort();
 }

@@ -5,9 +5,13 @@
 //! - Each dataset assignment is opened with its credentials (a Secret in the owner's
 //!   namespace, a workload identity token requested for the named service account, the
 //!   node's managed identity, or none), prewarmed and refreshed per policy.
+//! - Each checkpoint sync assignment has its destination's credentials resolved the
+//!   same way and its commit rule and retention converted ([`checkpoints`]); the
+//!   agent's resolvers hand both to the volume served for it (found by owner uid).
 //! - Status is written with server-side apply under [`FIELD_MANAGER`], on a heartbeat
 //!   (every `heartbeat`, at most 30 s) and when anything changes; it owns only the
-//!   status, so it never conflicts with the operator's spec writes.
+//!   status, so it never conflicts with the operator's spec writes. A checkpoint sync's
+//!   entry is read from its volume's files on each heartbeat.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -23,16 +27,16 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use parking_lot::Mutex;
 use tidepool_api::cache_pool::{
-    CachePool, CachePoolSpec, CachePoolStatus, DatasetAssignment, DatasetNodeStatus,
-    NodeDatasetPhase,
+    CachePool, CachePoolSpec, CachePoolStatus, CheckpointAssignment, CheckpointNodeStatus,
+    DatasetAssignment, DatasetNodeStatus, NodeDatasetPhase,
 };
 use tidepool_api::conditions::{self, ConditionUpdate, READY};
 use tidepool_api::dataset_cache::PrefetchPolicy;
 use tidepool_api::lake::LakeCredentials;
-use tidepool_api::volume::VolumeAttributes;
+use tidepool_api::volume::{VolumeAttributes, VolumeKind};
 
 use super::protocol::StageSecrets;
-use super::{Agent, AgentError, credentials_from_secret, datasets};
+use super::{Agent, AgentError, checkpoints, credentials_from_secret, datasets};
 use crate::lake::credentials::WorkloadIdentity;
 use crate::lake::{Credentials, LakeUrl};
 
@@ -57,6 +61,8 @@ pub struct PoolSync {
     agent: Arc<Agent>,
     client: Client,
     assigned: Mutex<HashMap<String, Assigned>>,
+    /// Checkpoint sync assignments, by owner uid.
+    checkpoints: Mutex<HashMap<String, checkpoints::Assigned>>,
     generation: Mutex<Option<i64>>,
     changed: tokio::sync::Notify,
 }
@@ -67,17 +73,38 @@ impl PoolSync {
             agent: agent.clone(),
             client,
             assigned: Mutex::new(HashMap::new()),
+            checkpoints: Mutex::new(HashMap::new()),
             generation: Mutex::new(None),
             changed: tokio::sync::Notify::new(),
         });
         // Volumes staged without secrets use their assignment's credentials.
         let weak = Arc::downgrade(&sync);
         *agent.assignment_credentials.lock() = Some(Arc::new(move |attrs: &VolumeAttributes| {
+            let sync = weak.upgrade()?;
+            match attrs.kind {
+                VolumeKind::DatasetCache => sync
+                    .assigned
+                    .lock()
+                    .get(&attrs.uid)
+                    .and_then(|a| a.credentials.clone()),
+                VolumeKind::CheckpointSync => sync
+                    .checkpoints
+                    .lock()
+                    .get(&attrs.uid)
+                    .and_then(|a| a.credentials.clone().ok()),
+            }
+        }));
+        // Checkpoint volumes commit and keep steps as their assignment says.
+        let weak = Arc::downgrade(&sync);
+        *agent.checkpoint_settings.lock() = Some(Arc::new(move |attrs: &VolumeAttributes| {
+            if attrs.kind != VolumeKind::CheckpointSync {
+                return None;
+            }
             weak.upgrade()?
-                .assigned
+                .checkpoints
                 .lock()
                 .get(&attrs.uid)
-                .and_then(|a| a.credentials.clone())
+                .and_then(|a| a.settings.clone().ok())
         }));
         sync
     }
@@ -142,8 +169,9 @@ impl PoolSync {
         }
     }
 
-    /// Makes the datasets served match the assignments.
+    /// Makes the datasets served and the checkpoint syncs known match the assignments.
     pub async fn reconcile(&self, spec: &CachePoolSpec) {
+        self.reconcile_checkpoints(&spec.checkpoint_syncs).await;
         let wanted: HashMap<String, DatasetAssignment> = spec
             .datasets
             .iter()
@@ -211,6 +239,42 @@ impl PoolSync {
             self.assigned.lock().insert(uid, entry);
         }
         self.changed.notify_one();
+    }
+
+    /// Takes the checkpoint sync assignments: new or changed ones, and ones whose
+    /// credentials could not be resolved, have them resolved (again); gone ones are
+    /// forgotten (their volume's files stay, owned by the volume).
+    async fn reconcile_checkpoints(&self, wanted: &[CheckpointAssignment]) {
+        self.checkpoints
+            .lock()
+            .retain(|uid, _| wanted.iter().any(|a| &a.owner.uid == uid));
+        for assignment in wanted {
+            let unchanged = self
+                .checkpoints
+                .lock()
+                .get(&assignment.owner.uid)
+                .is_some_and(|a| &a.assignment == assignment && a.credentials.is_ok());
+            if unchanged {
+                continue;
+            }
+            let credentials = self
+                .credentials(
+                    &assignment.owner.namespace,
+                    assignment.destination.credentials.as_ref(),
+                )
+                .await
+                .map_err(|e| e.to_string());
+            let entry = checkpoints::Assigned::new(assignment.clone(), credentials);
+            if let Err(e) = &entry.credentials {
+                tracing::warn!(destination = %assignment.destination.url, owner = %assignment.owner.name, error = %e, "cannot resolve the checkpoint destination's credentials");
+            }
+            if let Err(e) = &entry.settings {
+                tracing::warn!(owner = %assignment.owner.name, error = %e, "the checkpoint sync's settings cannot be read; its volume uses the defaults");
+            }
+            self.checkpoints
+                .lock()
+                .insert(assignment.owner.uid.clone(), entry);
+        }
     }
 
     fn still_wanted(&self, url: &LakeUrl, wanted: &HashMap<String, DatasetAssignment>) -> bool {
@@ -414,6 +478,13 @@ impl PoolSync {
             })
             .collect();
         datasets.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let checkpoint_assigned: Vec<checkpoints::Assigned> =
+            self.checkpoints.lock().values().cloned().collect();
+        let mut checkpoint_syncs: Vec<CheckpointNodeStatus> = checkpoint_assigned
+            .iter()
+            .map(|a| checkpoints::node_status(a, &cfg.dir))
+            .collect();
+        checkpoint_syncs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let now = Timestamp::now();
         let mut conds = Vec::new();
         let generation = *self.generation.lock();
@@ -454,7 +525,7 @@ impl PoolSync {
             heartbeat_time: Some(Time(now)),
             dataset_count: datasets.len() as i32,
             datasets,
-            checkpoint_syncs: Vec::new(),
+            checkpoint_syncs,
             conditions: conds,
         }
     }
