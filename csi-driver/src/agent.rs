@@ -33,7 +33,11 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tidepool_api::volume::{VolumeAttributes, VolumeKind};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::cache::{CacheError, CachePool};
+use crate::checkpoint::store::{Store, VolumeConfig, VolumeLayout};
+use crate::checkpoint::tree::{CheckpointTree, OpenWriters, TreeConfig};
 use crate::fs::{DatasetFs, FsConfig, MountStats, SnapshotReleaser};
 use crate::fuse::{ConnParams, Device, Session, SessionConfig};
 use crate::lake::{Credentials, LakeError, LakeUrl, Secret};
@@ -136,10 +140,61 @@ struct SavedVolume {
 /// Finds the credentials of a volume from its pool assignment.
 pub type CredentialResolver = Arc<dyn Fn(&VolumeAttributes) -> Option<Credentials> + Send + Sync>;
 
+/// How a checkpoint volume commits and what it keeps, from its `CheckpointSync` (the
+/// node's `CachePool` assignment). A volume staged before its assignment is known uses
+/// the defaults (DCP and Orbax markers, keep everything) until it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointSettings {
+    pub rule: crate::checkpoint::commit::CommitRule,
+    pub keep_local: Option<u32>,
+    pub keep_remote: Option<u32>,
+}
+
+/// Finds the settings of a checkpoint volume (by its owner's uid) from the pool's
+/// assignments.
+pub type CheckpointSettingsResolver =
+    Arc<dyn Fn(&VolumeAttributes) -> Option<CheckpointSettings> + Send + Sync>;
+
+/// What a volume serves.
+enum Content {
+    /// A dataset's snapshot, read-only, from the cache.
+    Dataset(Arc<datasets::Served>),
+    /// A read-write checkpoint tree in the pool.
+    Checkpoint(ServedCheckpoint),
+}
+
+/// A checkpoint volume being served: its step tree and the commit ticker (the node's
+/// `tidepool sync` sidecar uploads from its journal).
+struct ServedCheckpoint {
+    layout: VolumeLayout,
+    store: Arc<Store>,
+    stop: Arc<AtomicBool>,
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ServedCheckpoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+        // Steps whose rule fired while stopping commit now.
+        self.store.tick();
+    }
+}
+
+impl Content {
+    fn detach(&self, volume_id: &str) {
+        if let Content::Dataset(served) = self {
+            served.detach(volume_id);
+        }
+    }
+}
+
 /// A volume being served.
 struct Volume {
     attributes: VolumeAttributes,
-    served: Arc<datasets::Served>,
+    content: Content,
     session: Session,
     /// Our duplicate of the connection's descriptor (handed back to a restarted plugin).
     fd: OwnedFd,
@@ -159,6 +214,13 @@ pub struct Agent {
     /// Resolves the credentials of a volume without stage secrets (from its pool
     /// assignment); set when the agent talks to the API server.
     pub assignment_credentials: Mutex<Option<CredentialResolver>>,
+    /// Resolves the commit rule and retention of a checkpoint volume from its pool
+    /// assignment; set when the agent talks to the API server.
+    pub checkpoint_settings: Mutex<Option<CheckpointSettingsResolver>>,
+    /// Checkpoint destinations served since this agent started (by URL, as
+    /// `volume.json` records it), with what their credentials come from: the sync
+    /// sidecar still uploads a volume's committed steps after it is unstaged.
+    destinations: Mutex<HashMap<String, (VolumeAttributes, StageSecrets)>>,
 }
 
 fn state_file(dir: &Path, volume_id: &str) -> PathBuf {
@@ -184,6 +246,8 @@ impl Agent {
             volumes: Mutex::new(HashMap::new()),
             state_dir,
             assignment_credentials: Mutex::new(None),
+            checkpoint_settings: Mutex::new(None),
+            destinations: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -218,11 +282,6 @@ impl Agent {
         fresh: bool,
         fd: OwnedFd,
     ) -> Result<(), AgentError> {
-        if attributes.kind == VolumeKind::CheckpointSync {
-            return Err(AgentError::Unsupported(
-                "checkpoint volumes (CheckpointSync) are not served by this version of Tidepool: read-write checkpoint volumes come with checkpoint support; only DatasetCache volumes can be mounted".into(),
-            ));
-        }
         if let Some(v) = self.volumes.lock().get(volume_id)
             && !v.session.is_finished()
         {
@@ -246,6 +305,17 @@ impl Agent {
             Some(saved.params)
         };
         let credentials = self.credentials_for(&attributes, secrets)?;
+        if attributes.kind == VolumeKind::CheckpointSync {
+            return self.serve_checkpoint(
+                volume_id,
+                staging_path,
+                attributes,
+                secrets,
+                &url,
+                resume,
+                fd,
+            );
+        }
         let served = self.rt.block_on(self.registry.open(
             &self.pool,
             &url,
@@ -290,6 +360,35 @@ impl Agent {
             None => Session::start(device, Arc::new(fs), config),
         }
         .map_err(|e| AgentError::Internal(format!("starting the FUSE session: {e}")))?;
+        self.record_session(volume_id, staging_path, &attributes, &session, resume)?;
+        served.attach(
+            volume_id,
+            SnapshotReleaser::new(session.connection().clone()),
+        );
+        tracing::info!(volume = volume_id, dataset = %url, staging = %staging_path.display(), resumed = resume.is_some(), "serving volume");
+        self.volumes.lock().insert(
+            volume_id.to_owned(),
+            Volume {
+                attributes,
+                content: Content::Dataset(served),
+                session,
+                fd: dup,
+                stats,
+                secrets: secrets.clone(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Where a session's parameters are recorded once the kernel initialised it.
+    fn record_session(
+        &self,
+        volume_id: &str,
+        staging_path: &Path,
+        attributes: &VolumeAttributes,
+        session: &Session,
+        resume: Option<ConnParams>,
+    ) -> Result<(), AgentError> {
         let params = match resume {
             Some(p) => p,
             None => session
@@ -307,20 +406,106 @@ impl Agent {
             attributes: attributes.clone(),
             params,
         };
+        let saved_path = state_file(&self.state_dir, volume_id);
         let tmp = saved_path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec(&saved).expect("serialisable"))
             .and_then(|()| std::fs::rename(&tmp, &saved_path))
-            .map_err(|e| AgentError::Internal(format!("recording volume {volume_id}: {e}")))?;
-        served.attach(
-            volume_id,
-            SnapshotReleaser::new(session.connection().clone()),
+            .map_err(|e| AgentError::Internal(format!("recording volume {volume_id}: {e}")))
+    }
+
+    /// Serves a `CheckpointSync` volume: a read-write tree in the pool
+    /// (`<pool>/checkpoints/<destination>/tree`), its commit rules, and the journal the
+    /// node's `tidepool sync` uploads from. The tree records its node ids and open files
+    /// so that a restarted agent takes the connection over (see `checkpoint/tree/resume.rs`).
+    #[allow(clippy::too_many_arguments)]
+    fn serve_checkpoint(
+        &self,
+        volume_id: &str,
+        staging_path: &Path,
+        attributes: VolumeAttributes,
+        secrets: &StageSecrets,
+        url: &LakeUrl,
+        resume: Option<ConnParams>,
+        fd: OwnedFd,
+    ) -> Result<(), AgentError> {
+        let layout = VolumeLayout::for_url(&self.pool.config().dir, &url.to_string());
+        // One tree, one journal: a second volume for the same destination on this node
+        // would commit and upload the same steps twice.
+        if let Some((other, _)) = self.volumes.lock().iter().find(|(id, v)| {
+            id.as_str() != volume_id
+                && !v.session.is_finished()
+                && matches!(&v.content, Content::Checkpoint(c) if c.layout.dir == layout.dir)
+        }) {
+            return Err(AgentError::Unsupported(format!(
+                "volume {other} already serves checkpoints for {url} on this node; two CheckpointSyncs with one destination cannot run on one node (give each its own destination prefix)"
+            )));
+        }
+        let settings = self
+            .checkpoint_settings
+            .lock()
+            .clone()
+            .and_then(|r| r(&attributes))
+            .unwrap_or_default();
+        layout
+            .create(&VolumeConfig {
+                url: url.to_string(),
+                node: self.config.node_name.clone(),
+                keep_local: settings.keep_local,
+                keep_remote: settings.keep_remote,
+            })
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) => {
+                    AgentError::DiskFull(format!("preparing {}: {e}", layout.dir.display()))
+                }
+                _ => AgentError::Internal(format!("preparing {}: {e}", layout.dir.display())),
+            })?;
+        let store =
+            Arc::new(Store::open(layout.clone(), settings.rule).map_err(|e| {
+                AgentError::Internal(format!("opening {}: {e}", layout.dir.display()))
+            })?);
+        let tree = Arc::new(
+            CheckpointTree::new(
+                &layout.tree(),
+                TreeConfig {
+                    state: Some(layout.dir.join("fuse-state")),
+                    resume: resume.is_some(),
+                    ..TreeConfig::default()
+                },
+                store.clone(),
+            )
+            .map_err(|e| {
+                AgentError::Internal(format!("opening {}: {e}", layout.tree().display()))
+            })?,
         );
-        tracing::info!(volume = volume_id, dataset = %url, staging = %staging_path.display(), resumed = resume.is_some(), "serving volume");
+        store.attach(Arc::downgrade(&tree) as std::sync::Weak<dyn OpenWriters>);
+        let dup = fd
+            .try_clone()
+            .map_err(|e| AgentError::Internal(format!("duplicating the FUSE descriptor: {e}")))?;
+        let config = SessionConfig::read_write(self.config.fuse_threads, self.config.passthrough);
+        let device = Device::new(fd);
+        let stats = Arc::new(MountStats::default());
+        let session = match resume {
+            Some(params) => Session::resume(device, tree, config, params),
+            None => Session::start(device, tree, config),
+        }
+        .map_err(|e| AgentError::Internal(format!("starting the FUSE session: {e}")))?;
+        self.record_session(volume_id, staging_path, &attributes, &session, resume)?;
+        self.destinations
+            .lock()
+            .insert(url.to_string(), (attributes.clone(), secrets.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = store.spawn_ticker(Duration::from_millis(200), stop.clone());
+        tracing::info!(volume = volume_id, destination = %url, staging = %staging_path.display(), resumed = resume.is_some(), "serving checkpoint volume");
         self.volumes.lock().insert(
             volume_id.to_owned(),
             Volume {
                 attributes,
-                served,
+                content: Content::Checkpoint(ServedCheckpoint {
+                    layout,
+                    store,
+                    stop,
+                    ticker: Some(ticker),
+                }),
                 session,
                 fd: dup,
                 stats,
@@ -333,7 +518,7 @@ impl Agent {
     /// Forgets volume `volume_id` (unstaged). Idempotent.
     pub fn release(&self, volume_id: &str) {
         if let Some(v) = self.volumes.lock().remove(volume_id) {
-            v.served.detach(volume_id);
+            v.content.detach(volume_id);
             tracing::info!(volume = volume_id, "volume released");
         }
         let _ = std::fs::remove_file(state_file(&self.state_dir, volume_id));
@@ -344,20 +529,45 @@ impl Agent {
         let v = volumes.get(volume_id).ok_or_else(|| {
             AgentError::NotFound(format!("volume {volume_id} is not served on this node"))
         })?;
-        let p = v.served.progress.lock().clone();
-        let abnormal = if v.session.is_finished() {
-            Some("the FUSE connection of this volume has ended (unmounted or aborted); unstage and stage it again".to_owned())
-        } else {
-            p.error.clone()
-        };
+        let ended = v.session.is_finished().then(|| {
+            "the FUSE connection of this volume has ended (unmounted or aborted); unstage and stage it again".to_owned()
+        });
         let _ = &v.stats;
         let _ = &v.attributes;
-        Ok(VolumeStats {
-            bytes_total: p.bytes_total,
-            bytes_cached: p.bytes_cached,
-            objects: p.objects,
-            abnormal,
-        })
+        match &v.content {
+            Content::Dataset(served) => {
+                let p = served.progress.lock().clone();
+                Ok(VolumeStats {
+                    bytes_total: p.bytes_total,
+                    bytes_cached: p.bytes_cached,
+                    objects: p.objects,
+                    abnormal: ended.or(p.error),
+                })
+            }
+            // A checkpoint volume holds what the job writes, in the pool's file system:
+            // its size is that file system's.
+            Content::Checkpoint(c) => {
+                let (total, used) = fs_usage(&c.layout.tree()).unwrap_or((0, 0));
+                Ok(VolumeStats {
+                    bytes_total: total,
+                    bytes_cached: used,
+                    objects: 0,
+                    abnormal: ended,
+                })
+            }
+        }
+    }
+
+    /// The credentials of checkpoint destination `url` for the sync sidecar: those of
+    /// the volume that served it (stage secrets, else its pool assignment).
+    pub fn sync_credentials(&self, url: &str) -> Result<Credentials, AgentError> {
+        let known = self.destinations.lock().get(url).cloned();
+        let Some((attributes, secrets)) = known else {
+            return Err(AgentError::NotFound(format!(
+                "no checkpoint volume for {url} was staged since this agent started, so it has no credentials for it; the sync resumes once a pod mounts that CheckpointSync's volume on this node again"
+            )));
+        };
+        self.credentials_for(&attributes, &secrets)
     }
 
     /// Duplicates of every served volume's descriptor, with its stage secrets.
@@ -386,7 +596,7 @@ impl Agent {
             .collect();
         for id in ended {
             if let Some(v) = volumes.remove(&id) {
-                v.served.detach(&id);
+                v.content.detach(&id);
                 tracing::info!(volume = %id, "volume's connection ended");
             }
         }
@@ -433,6 +643,10 @@ impl Agent {
             Request::Served => Response::Served {
                 volumes: self.served(),
             },
+            Request::SyncCredentials { url } => match self.sync_credentials(&url) {
+                Ok(c) => Response::SyncCredentials(protocol::WireCredentials::from_credentials(&c)),
+                Err(e) => err(e),
+            },
             Request::Descriptors => {
                 let (volumes, secrets, fds) = self.descriptors();
                 return (Response::Descriptors { volumes, secrets }, fds);
@@ -440,6 +654,19 @@ impl Agent {
         };
         (r, Vec::new())
     }
+}
+
+/// Total and used bytes of the file system holding `path`.
+fn fs_usage(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: zeroed statvfs is a valid out-buffer; c is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let total = s.f_blocks * s.f_frsize;
+    Ok((total, total.saturating_sub(s.f_bfree * s.f_frsize)))
 }
 
 /// Binds the agent socket (0600), replacing a stale one; refuses if another agent

@@ -240,6 +240,16 @@ async fn open_dataset(
 
 fn open_lake(url: &LakeUrl, args: &LakeArgs, env: EnvLookup<'_>) -> anyhow::Result<Arc<dyn Lake>> {
     let creds = Credentials::resolve(args.sas_token.clone(), args.managed_identity, env)?;
+    open_lake_with(url, &creds, args)
+}
+
+/// The lake at `url` with `creds`, with the retry settings of `args`.
+fn open_lake_with(
+    url: &LakeUrl,
+    creds: &Credentials,
+    args: &LakeArgs,
+) -> anyhow::Result<Arc<dyn Lake>> {
+    let creds = creds.clone();
     let options = AzureOptions {
         ca_file: args.ca_file.clone(),
         ..AzureOptions::default()

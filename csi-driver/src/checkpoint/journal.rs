@@ -126,18 +126,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 impl Journal {
-    /// Opens (creating) the journal in `dir`; removes half-written temporary files.
+    /// Opens (creating) the journal in `dir`. Removes nothing: the volume's server
+    /// and its sync open it side by side, each while the other may be writing.
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
         fs::create_dir_all(dir.join("seen")).map_err(io_at(dir))?;
-        for e in fs::read_dir(dir).map_err(io_at(dir))? {
-            let e = e.map_err(io_at(dir))?;
-            if e.path().extension() == Some(OsStr::new("tmp")) {
-                let _ = fs::remove_file(e.path());
-            }
-        }
         Ok(Journal {
             dir: dir.to_owned(),
         })
+    }
+
+    /// Removes commits left half-written by a server that died (`<seq>.tmp`). Only the
+    /// one process that writes commits calls this, when it starts.
+    pub fn remove_partial_commits(&self) -> Result<(), JournalError> {
+        for e in fs::read_dir(&self.dir).map_err(io_at(&self.dir))? {
+            let e = e.map_err(io_at(&self.dir))?;
+            let p = e.path();
+            let commit_temp = p.extension() == Some(OsStr::new("tmp"))
+                && p.file_stem()
+                    .and_then(OsStr::to_str)
+                    .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+            if commit_temp {
+                let _ = fs::remove_file(&p);
+            }
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {

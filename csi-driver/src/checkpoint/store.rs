@@ -240,6 +240,7 @@ impl Store {
     /// marker may have been written just before a crash).
     pub fn open(layout: VolumeLayout, rule: CommitRule) -> Result<Store, StoreError> {
         let journal = Journal::open(&layout.journal_dir())?;
+        journal.remove_partial_commits()?;
         let mut committer = Committer::new(rule.clone());
         let now = Instant::now();
         // The newest commit time per step.

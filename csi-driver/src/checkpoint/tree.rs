@@ -11,6 +11,10 @@
 //! - Node ids are ours (a counter), mapped from the backing `(dev, ino)`. While a node
 //!   lives its descriptor pins the backing inode, so the backing file system cannot
 //!   reuse that inode number: the map never confuses two files.
+//! - Served by the node agent, the tree records its node ids and open files as they
+//!   are handed out ([`resume`]), so that a restarted agent takes the live connection
+//!   over: the kernel's ids and handles name the same files, writers stay writers, and
+//!   passthrough backings stay shared.
 //! - Opens return the backing file to the kernel for passthrough where it has it (Linux
 //!   6.9+): reads and writes then run at local-disk speed without a round trip to us.
 //!   Elsewhere READ and WRITE come here and are `pread`/`pwrite` on the backing file.
@@ -35,6 +39,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+
+pub mod resume;
 
 use crate::fuse::abi::{fattr, fopen, op};
 use crate::fuse::{
@@ -84,12 +90,20 @@ pub struct TreeConfig {
     /// backing directory, so this only bounds how long a step removed by retention
     /// stays visible; one second keeps `stat`-heavy frameworks cheap.
     pub ttl: Duration,
+    /// Where node ids and open files are recorded so that another process can take
+    /// the connection over ([`resume`]); `None` records nothing.
+    pub state: Option<PathBuf>,
+    /// Take over a live connection from the record at `state` (instead of starting
+    /// one afresh).
+    pub resume: bool,
 }
 
 impl Default for TreeConfig {
     fn default() -> Self {
         TreeConfig {
             ttl: Duration::from_secs(1),
+            state: None,
+            resume: false,
         }
     }
 }
@@ -102,12 +116,16 @@ struct Node {
     /// The one backing file the kernel passes this inode's I/O through while any open
     /// uses passthrough (the kernel refuses a second, different one for an inode).
     backing: Mutex<Option<Backing>>,
+    /// Taken over from another process: the kernel's lookup count is unknown, so the
+    /// node leaves memory at its first FORGET (and can be found again in the record).
+    resumed: bool,
 }
 
 struct Backing {
     id: u32,
     opens: u32,
-    _file: File,
+    /// Ours when we registered it; a backing taken over is held by the kernel alone.
+    _file: Option<File>,
 }
 
 struct Handle {
@@ -151,6 +169,10 @@ pub struct CheckpointTree {
     passthrough: AtomicBool,
     passthrough_opens: AtomicU64,
     is_root: bool,
+    log: Option<resume::StateLog>,
+    /// The root opened for reading: `open_by_handle_at` wants a descriptor that is not
+    /// `O_PATH`.
+    root_dir: File,
 }
 
 struct Nodes {
@@ -232,29 +254,167 @@ impl CheckpointTree {
                 key,
                 nlookup: AtomicU64::new(1),
                 backing: Mutex::new(None),
+                resumed: false,
             }),
         );
         let mut by_key = HashMap::new();
         by_key.insert(key, 1);
         // SAFETY: geteuid(2) takes nothing and cannot fail.
         let is_root = unsafe { libc::geteuid() } == 0;
-        Ok(CheckpointTree {
+        let saved = match &cfg.state {
+            Some(path) if cfg.resume => resume::Saved::load(path)?,
+            _ => resume::Saved {
+                next_node: 2,
+                next_fh: 1,
+                ..Default::default()
+            },
+        };
+        let root_dir = File::open(&root)?;
+        let tree = CheckpointTree {
+            root_dir,
             root,
-            cfg,
             events,
             nodes: Mutex::new(Nodes {
                 by_id,
                 by_key,
-                next: 2,
+                next: saved.next_node.max(2),
             }),
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            next_fh: AtomicU64::new(saved.next_fh.max(1)),
             conn: OnceLock::new(),
             passthrough: AtomicBool::new(true),
             passthrough_opens: AtomicU64::new(0),
             is_root,
-        })
+            log: None,
+            cfg,
+        };
+        tree.take_over(saved)
+    }
+
+    /// Reopens what a previous process handed the kernel (nodes, open files, listed
+    /// directories) and starts the record afresh with it.
+    fn take_over(mut self, saved: resume::Saved) -> io::Result<Self> {
+        let Some(path) = self.cfg.state.clone() else {
+            return Ok(self);
+        };
+        let root_fd = self.nodes.lock().by_id[&1].fd.as_raw_fd();
+        if let Err(e) =
+            resume::FileHandle::of(root_fd).and_then(|h| h.open(self.root_dir.as_raw_fd()))
+        {
+            tracing::warn!(error = %e, root = %self.root.display(), "this file system gives no file handles: a restarted agent cannot take this volume over (pods must remount it)");
+            return Ok(self);
+        }
+        let mut live = resume::Saved {
+            next_node: saved.next_node,
+            next_fh: saved.next_fh,
+            ..Default::default()
+        };
+        let mut lost = 0usize;
+        for (id, h) in saved.nodes {
+            match self.readopt(id, &h) {
+                Ok(()) => {
+                    live.nodes.insert(id, h);
+                }
+                // Removed while nobody served the volume, or unlinked while open.
+                Err(e) => {
+                    tracing::debug!(node = id, error = %e, "a node of the previous process is gone");
+                    lost += 1
+                }
+            }
+        }
+        for (fh, o) in saved.opens {
+            let Ok(node) = self.node(o.node) else {
+                lost += 1;
+                continue;
+            };
+            let flags = backing_flags(o.flags) & !libc::O_TRUNC;
+            let path = proc_path(node.fd.as_raw_fd());
+            // SAFETY: path is NUL-terminated; no O_CREAT (and no O_TRUNC: the file
+            // holds what was written through it since).
+            let fd = unsafe { libc::open(path.as_ptr(), flags) };
+            if fd < 0 {
+                lost += 1;
+                continue;
+            }
+            // SAFETY: open returned a new descriptor we own.
+            let file = unsafe { File::from_raw_fd(fd) };
+            let writing = is_write(o.flags) || (o.flags as i32) & libc::O_TRUNC != 0;
+            let opened_in = if writing {
+                self.locate_node(&node).map(|(s, _)| s)
+            } else {
+                None
+            };
+            let passthrough = (o.backing != 0).then(|| {
+                let mut b = node.backing.lock();
+                match &mut *b {
+                    Some(bk) => bk.opens += 1,
+                    None => {
+                        *b = Some(Backing {
+                            id: o.backing,
+                            opens: 1,
+                            _file: None,
+                        })
+                    }
+                }
+                node.clone()
+            });
+            self.handles.get_mut().insert(
+                fh,
+                Handle {
+                    file: Arc::new(file),
+                    writing,
+                    opened_in,
+                    passthrough,
+                },
+            );
+            live.opens.insert(fh, o);
+        }
+        for (fh, id) in saved.dirs {
+            match self.node(id).and_then(|n| open_dir_stream(&n)) {
+                Ok(stream) => {
+                    self.dirs.get_mut().insert(
+                        fh,
+                        Arc::new(DirHandle {
+                            stream: Mutex::new(stream),
+                        }),
+                    );
+                    live.dirs.insert(fh, id);
+                }
+                Err(_) => lost += 1,
+            }
+        }
+        if self.cfg.resume {
+            tracing::info!(
+                nodes = live.nodes.len(),
+                opens = live.opens.len(),
+                dirs = live.dirs.len(),
+                lost,
+                "took the checkpoint volume's connection over"
+            );
+        }
+        self.log = Some(resume::StateLog::create(&path, live)?);
+        Ok(self)
+    }
+
+    /// Registers node `id` of a previous process again, from its file handle.
+    fn readopt(&self, id: u64, h: &resume::FileHandle) -> io::Result<()> {
+        let fd = h.open(self.root_dir.as_raw_fd())?;
+        let st = fstat(fd.as_raw_fd()).map_err(io::Error::from_raw_os_error)?;
+        let key = (st.st_dev, st.st_ino);
+        let mut nodes = self.nodes.lock();
+        nodes.by_id.insert(
+            id,
+            Arc::new(Node {
+                fd,
+                key,
+                nlookup: AtomicU64::new(1),
+                backing: Mutex::new(None),
+                resumed: true,
+            }),
+        );
+        nodes.by_key.entry(key).or_insert(id);
+        Ok(())
     }
 
     /// The backing directory.
@@ -286,6 +446,17 @@ impl CheckpointTree {
     }
 
     fn node(&self, id: u64) -> Result<Arc<Node>, Errno> {
+        if let Some(n) = self.nodes.lock().by_id.get(&id) {
+            return Ok(n.clone());
+        }
+        // A node taken over and forgotten from memory early (its lookup count was
+        // unknown) is found again through the record.
+        let h = self
+            .log
+            .as_ref()
+            .and_then(|l| l.handle_of(id))
+            .ok_or(libc::ESTALE)?;
+        self.readopt(id, &h).map_err(|_| libc::ESTALE)?;
         self.nodes
             .lock()
             .by_id
@@ -308,6 +479,16 @@ impl CheckpointTree {
             _ => {
                 let id = nodes.next;
                 nodes.next += 1;
+                // Recorded before the kernel hears of the id (under the lock, so the
+                // record's order is the ids' order).
+                if let Some(log) = &self.log {
+                    match resume::FileHandle::of(fd.as_raw_fd()) {
+                        Ok(h) => log.node(id, &h),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "no file handle for a new node; a restarted agent will answer ESTALE for it")
+                        }
+                    }
+                }
                 nodes.by_id.insert(
                     id,
                     Arc::new(Node {
@@ -315,6 +496,7 @@ impl CheckpointTree {
                         key,
                         nlookup: AtomicU64::new(1),
                         backing: Mutex::new(None),
+                        resumed: false,
                     }),
                 );
                 nodes.by_key.insert(key, id);
@@ -405,8 +587,10 @@ impl CheckpointTree {
     /// file), counted so that the last close releases it.
     fn open_handle(
         &self,
+        id: u64,
         node: &Arc<Node>,
         file: File,
+        flags: u32,
         writing: bool,
         opened_in: Option<OsString>,
     ) -> OpenOut {
@@ -432,7 +616,7 @@ impl CheckpointTree {
                             *b = Some(Backing {
                                 id,
                                 opens: 1,
-                                _file: f,
+                                _file: Some(f),
                             });
                             backing_id = Some(id);
                         }
@@ -447,6 +631,16 @@ impl CheckpointTree {
             if backing_id.is_some() {
                 self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if let Some(log) = &self.log {
+            log.open(
+                fh,
+                resume::SavedOpen {
+                    node: id,
+                    flags,
+                    backing: backing_id.unwrap_or(0),
+                },
+            );
         }
         self.handles.lock().insert(
             fh,
@@ -500,6 +694,30 @@ pub fn split_step(rel: &Path) -> Option<(OsString, PathBuf)> {
     Some((step, comps.as_path().to_path_buf()))
 }
 
+/// A directory stream of `node` (for OPENDIR).
+fn open_dir_stream(node: &Node) -> Result<DirStream, Errno> {
+    let path = proc_path(node.fd.as_raw_fd());
+    // SAFETY: path is NUL-terminated.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(errno(io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a directory descriptor we own; fdopendir takes it over.
+    let dir = unsafe { libc::fdopendir(fd) };
+    if dir.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so fd is still ours to close.
+        unsafe { libc::close(fd) };
+        return Err(errno(e));
+    }
+    Ok(DirStream(dir))
+}
+
 fn open_path(dirfd: RawFd, name: &CString) -> Result<OwnedFd, Errno> {
     // SAFETY: dirfd is live (or AT_FDCWD) and name NUL-terminated.
     let fd = unsafe {
@@ -550,6 +768,7 @@ impl FileSystem for CheckpointTree {
         }
         let mut nodes = self.nodes.lock();
         let gone = match nodes.by_id.get(&ino) {
+            Some(n) if n.resumed => true,
             Some(n) => {
                 let prev = n.nlookup.fetch_sub(
                     nlookup.min(n.nlookup.load(Ordering::Relaxed)),
@@ -559,11 +778,17 @@ impl FileSystem for CheckpointTree {
             }
             None => false,
         };
-        if gone
-            && let Some(n) = nodes.by_id.remove(&ino)
-            && nodes.by_key.get(&n.key) == Some(&ino)
-        {
-            nodes.by_key.remove(&n.key);
+        if gone && let Some(n) = nodes.by_id.remove(&ino) {
+            if nodes.by_key.get(&n.key) == Some(&ino) {
+                nodes.by_key.remove(&n.key);
+            }
+            // A node taken over stays in the record: its FORGET may not have been the
+            // kernel's last word on it.
+            if !n.resumed
+                && let Some(log) = &self.log
+            {
+                log.forget(ino);
+            }
         }
     }
 
@@ -665,7 +890,7 @@ impl FileSystem for CheckpointTree {
             self.events
                 .event(TreeEvent::WriteOpened { step: step.clone() });
         }
-        Ok(self.open_handle(&node, file, writing, opened_in))
+        Ok(self.open_handle(ino, &node, file, flags, writing, opened_in))
     }
 
     fn create(
@@ -716,7 +941,10 @@ impl FileSystem for CheckpointTree {
                 .event(TreeEvent::WriteOpened { step: step.clone() });
             self.events.event(TreeEvent::Changed { step, rel });
         }
-        Ok((entry, self.open_handle(&node, file, true, opened_in)))
+        Ok((
+            entry,
+            self.open_handle(entry.nodeid, &node, file, c.flags, true, opened_in),
+        ))
     }
 
     fn mknod(
@@ -864,6 +1092,9 @@ impl FileSystem for CheckpointTree {
         let Some(h) = self.handles.lock().remove(&fh) else {
             return;
         };
+        if let Some(log) = &self.log {
+            log.close(fh);
+        }
         if let Some(node) = &h.passthrough {
             let mut b = node.backing.lock();
             if let Some(bk) = b.as_mut() {
@@ -932,30 +1163,15 @@ impl FileSystem for CheckpointTree {
 
     fn opendir(&self, _req: &Request, ino: u64, _flags: u32) -> Result<OpenOut, Errno> {
         let node = self.node(ino)?;
-        let path = proc_path(node.fd.as_raw_fd());
-        // SAFETY: path is NUL-terminated.
-        let fd = unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(errno(io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a directory descriptor we own; fdopendir takes it over.
-        let dir = unsafe { libc::fdopendir(fd) };
-        if dir.is_null() {
-            let e = io::Error::last_os_error();
-            // SAFETY: fdopendir failed, so fd is still ours to close.
-            unsafe { libc::close(fd) };
-            return Err(errno(e));
-        }
+        let stream = open_dir_stream(&node)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        if let Some(log) = &self.log {
+            log.opendir(fh, ino);
+        }
         self.dirs.lock().insert(
             fh,
             Arc::new(DirHandle {
-                stream: Mutex::new(DirStream(dir)),
+                stream: Mutex::new(stream),
             }),
         );
         Ok(OpenOut {
@@ -1013,7 +1229,11 @@ impl FileSystem for CheckpointTree {
     }
 
     fn releasedir(&self, _req: &Request, _ino: u64, fh: u64) {
-        self.dirs.lock().remove(&fh);
+        if self.dirs.lock().remove(&fh).is_some()
+            && let Some(log) = &self.log
+        {
+            log.close(fh);
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: u64) -> Result<StatfsOut, Errno> {

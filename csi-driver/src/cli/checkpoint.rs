@@ -251,28 +251,74 @@ async fn supervise(
     layout: VolumeLayout,
     prefix: String,
     store: Arc<Store>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let source =
+        move || -> Result<Arc<dyn crate::lake::Lake>, LakeUnavailable> { Ok(lake.clone()) };
+    keep_syncing(
+        Some(first),
+        source,
+        layout,
+        prefix,
+        SyncConfig::default(),
+        Some(store),
+        stop,
+    )
+    .await
+}
+
+/// Why a volume's lake cannot be opened right now: `quiet` when there is nothing to
+/// report (the sidecar has no credentials for a volume nobody mounts and that has
+/// nothing left to upload).
+struct LakeUnavailable {
+    message: String,
+    quiet: bool,
+}
+
+/// Runs a volume's sync until `stop`, starting it again with backoff whenever it
+/// stops or cannot start (each start takes the lake from `source` anew, so rotated
+/// credentials are picked up).
+async fn keep_syncing(
+    first: Option<Syncer>,
+    source: impl Fn() -> Result<Arc<dyn crate::lake::Lake>, LakeUnavailable>,
+    layout: VolumeLayout,
+    prefix: String,
+    config: SyncConfig,
+    store: Option<Arc<Store>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut next = Some(first);
+    let mut next = first;
     let mut backoff = Duration::from_secs(1);
     loop {
+        // A volume waiting quietly (for a pod to mount it again) is looked at often.
+        let mut cap = Duration::from_secs(60);
         let syncer = match next.take() {
             Some(s) => Some(s),
-            None => {
-                match Syncer::start(lake.clone(), layout.clone(), &prefix, SyncConfig::default())
-                    .await
-                {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "starting the sync failed; the volume keeps serving, trying again");
-                        crate::checkpoint::sync::record_error(&layout, &e.to_string());
-                        None
+            None => match source() {
+                Err(e) => {
+                    if e.quiet {
+                        cap = Duration::from_secs(5);
+                    } else {
+                        tracing::warn!(volume = %layout.dir.display(), error = %e.message, "cannot open the volume's lake; trying again");
+                        crate::checkpoint::sync::record_error(&layout, &e.message);
+                    }
+                    None
+                }
+                Ok(lake) => {
+                    match Syncer::start(lake, layout.clone(), &prefix, config.clone()).await {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "starting the sync failed; the volume keeps serving, trying again");
+                            crate::checkpoint::sync::record_error(&layout, &e.to_string());
+                            None
+                        }
                     }
                 }
-            }
+            },
         };
         if let Some(s) = syncer {
-            match s.run(Some(store.clone()), stop.clone()).await {
+            backoff = Duration::from_secs(1);
+            match s.run(store.clone(), stop.clone()).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "the sync stopped; the volume keeps serving, starting it again");
@@ -284,7 +330,7 @@ async fn supervise(
         }
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.min(cap)) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(60));
     }
@@ -305,8 +351,13 @@ pub struct SyncArgs {
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub parallel: usize,
     /// Upload what is committed and exit (default: keep running, like the node sidecar).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "agent_socket")]
     pub once: bool,
+    /// Run as the node's sidecar: take each volume's lake credentials from the node
+    /// agent listening on this socket (they never touch the disk), keep running, and
+    /// pick up checkpoint volumes as they appear in the pool.
+    #[arg(long, value_name = "PATH")]
+    pub agent_socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -327,9 +378,12 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     if let Some(SyncCommand::Status { cache_dir, json }) = args.command {
         return status(&cache_dir, json);
     }
-    let Some(cache_dir) = args.cache_dir else {
+    let Some(cache_dir) = args.cache_dir.clone() else {
         bail!("tidepool sync needs --cache-dir DIR (the pool of the checkpoint volumes)");
     };
+    if let Some(socket) = args.agent_socket.clone() {
+        return sidecar(cache_dir, socket, args).await;
+    }
     let vols = VolumeLayout::all(&cache_dir)?;
     if vols.is_empty() {
         bail!(
@@ -407,6 +461,124 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         t.await??;
     }
     Ok(())
+}
+
+/// `tidepool sync --agent-socket`: the node's sidecar. Every checkpoint volume in the
+/// pool gets a supervised sync, with credentials asked of the agent each time it
+/// starts; new volumes are picked up within seconds.
+async fn sidecar(cache_dir: PathBuf, socket: PathBuf, args: SyncArgs) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut running: std::collections::HashMap<PathBuf, tokio::task::JoinHandle<()>> =
+        Default::default();
+    let mut scan = tokio::time::interval(Duration::from_secs(2));
+    say(format_args!(
+        "tidepool: syncing the checkpoint volumes of {} (credentials from the agent at {})",
+        cache_dir.display(),
+        socket.display()
+    ));
+    let lake_args = Arc::new(args.lake.clone());
+    loop {
+        tokio::select! {
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            _ = scan.tick() => {}
+        }
+        let vols = match VolumeLayout::all(&cache_dir) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %cache_dir.display(), "cannot list the checkpoint volumes");
+                continue;
+            }
+        };
+        for vol in vols {
+            if running.get(&vol.dir).is_some_and(|t| !t.is_finished()) {
+                continue;
+            }
+            let cfg = match vol.read_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a checkpoint volume");
+                    continue;
+                }
+            };
+            let url = match LakeUrl::parse(&cfg.url) {
+                Ok(u) => u,
+                Err(e) => {
+                    crate::checkpoint::sync::record_error(&vol, &e.to_string());
+                    continue;
+                }
+            };
+            tracing::info!(destination = %cfg.url, node = %cfg.node, "syncing checkpoint volume");
+            let source = {
+                let (socket, url, lake_args, vol) =
+                    (socket.clone(), url.clone(), lake_args.clone(), vol.clone());
+                move || lake_from_agent(&socket, &url, &lake_args, &vol)
+            };
+            let config = SyncConfig {
+                parallel_files: args.parallel.max(1),
+                ..SyncConfig::default()
+            };
+            running.insert(
+                vol.dir.clone(),
+                tokio::spawn(keep_syncing(
+                    None,
+                    source,
+                    vol.clone(),
+                    url.prefix.clone(),
+                    config,
+                    None,
+                    stop_rx.clone(),
+                )),
+            );
+        }
+    }
+    let _ = stop.send(true);
+    for (_, t) in running {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+/// The lake of volume `vol`, with the credentials the agent holds for it.
+fn lake_from_agent(
+    socket: &std::path::Path,
+    url: &LakeUrl,
+    lake_args: &LakeArgs,
+    vol: &VolumeLayout,
+) -> Result<Arc<dyn crate::lake::Lake>, LakeUnavailable> {
+    use crate::agent::protocol::{AgentClient, Request, Response};
+    let loud = |message: String| LakeUnavailable {
+        message,
+        quiet: false,
+    };
+    let answer = AgentClient::connect(socket, Duration::from_secs(10)).and_then(|c| {
+        c.call(
+            &Request::SyncCredentials {
+                url: url.to_string(),
+            },
+            &[],
+        )
+    });
+    let creds = match answer {
+        Ok((Response::SyncCredentials(c), _)) => c.into_credentials(),
+        Ok((Response::Error { message, .. }, _)) => {
+            // Nobody mounts this volume now: worth a word only if it has uploads left.
+            let pending = SyncStatus::read(vol).map_or(true, |s| s.pending_files > 0);
+            return Err(LakeUnavailable {
+                message: format!("no credentials for {url}: {message}"),
+                quiet: !pending,
+            });
+        }
+        Ok((other, _)) => return Err(loud(format!("unexpected answer from the agent: {other:?}"))),
+        Err(e) => {
+            return Err(loud(format!(
+                "cannot ask the node agent for the credentials of {url}: {e}"
+            )));
+        }
+    };
+    super::open_lake_with(url, &creds, lake_args).map_err(|e| loud(format!("{e:#}")))
 }
 
 fn status(cache_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {

@@ -394,12 +394,6 @@ impl NodeCore {
         let attributes = VolumeAttributes::parse(context)
             .map_err(|e| fail(Code::InvalidArgument, e.to_string()))?;
         Self::check_capability(capability, Some(attributes.kind))?;
-        if attributes.kind == VolumeKind::CheckpointSync {
-            return Err(fail(
-                Code::FailedPrecondition,
-                "checkpoint volumes (CheckpointSync) cannot be staged by this version of Tidepool: read-write checkpoint volumes come with checkpoint support",
-            ));
-        }
         let _busy = self.lock(volume_id)?;
         let previous = self.records.get(volume_id);
         if let Some(rec) = &previous {
@@ -862,6 +856,9 @@ mod tests {
                         self.served.lock().retain(|v| v != volume_id);
                         Response::Ok
                     }
+                    Request::SyncCredentials { .. } => {
+                        unreachable!("the plugin never asks for sync credentials")
+                    }
                 },
                 Vec::new(),
             ))
@@ -1140,7 +1137,7 @@ mod tests {
     }
 
     #[test]
-    fn checkpoint_volumes_are_refused_with_a_clear_message() {
+    fn checkpoint_volumes_stage_and_publish_read_write() {
         let s = setup();
         let mut c = ctx();
         c.insert("tidepool.dev/kind".into(), "CheckpointSync".into());
@@ -1148,12 +1145,25 @@ mod tests {
             mount: true,
             access: Access::ReadWrite,
         };
-        let e = s
-            .core
+        s.core
             .stage("v2", &s.staging(), Some(&rw), &c, StageSecrets::default())
-            .unwrap_err();
-        assert_eq!(e.code, Code::FailedPrecondition);
-        assert!(e.message.contains("checkpoint"), "{e}");
+            .unwrap();
+        let served = s.agent.calls.lock().iter().any(|r| {
+            matches!(r, Request::Serve { volume_id, attributes, .. }
+                if volume_id == "v2" && attributes.kind == VolumeKind::CheckpointSync)
+        });
+        assert!(served, "the agent was asked to serve the checkpoint volume");
+        s.core
+            .publish("v2", &s.staging(), &s.target(1), Some(&rw), false)
+            .unwrap();
+        assert_eq!(
+            s.mounter.table.lock().get(&s.target(1)),
+            Some(&FakeMount::Bind {
+                source: s.staging(),
+                read_only: false
+            }),
+            "the pod gets a writable bind mount"
+        );
     }
 
     #[test]

@@ -75,23 +75,41 @@ impl NodePaths {
 
     /// `tidepool agent --no-kube` on this node's pool; returns once its socket answers.
     pub fn start_agent(&self, cache_size: &str) -> NodeProcess {
-        let p = self.spawn(
-            "agent",
-            &[
-                "agent".as_ref(),
-                "--no-kube".as_ref(),
-                "--node-name".as_ref(),
-                "test-node".as_ref(),
-                "--cache-size".as_ref(),
-                cache_size.as_ref(),
-                "--cache-dir".as_ref(),
-                self.pool.as_os_str(),
-                "--socket".as_ref(),
-                self.agent_socket.as_os_str(),
-            ],
-        );
+        self.start_agent_with(cache_size, &[])
+    }
+
+    /// `tidepool agent --no-kube` with extra arguments.
+    pub fn start_agent_with(&self, cache_size: &str, extra: &[&str]) -> NodeProcess {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "agent".as_ref(),
+            "--no-kube".as_ref(),
+            "--node-name".as_ref(),
+            "test-node".as_ref(),
+            "--cache-size".as_ref(),
+            cache_size.as_ref(),
+            "--cache-dir".as_ref(),
+            self.pool.as_os_str(),
+            "--socket".as_ref(),
+            self.agent_socket.as_os_str(),
+        ];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        let p = self.spawn("agent", &args);
         wait_socket(&self.agent_socket, &p);
         p
+    }
+
+    /// `tidepool sync --agent-socket`: the node's checkpoint sidecar on this pool.
+    pub fn start_sync(&self) -> NodeProcess {
+        self.spawn(
+            "sync",
+            &[
+                "sync".as_ref(),
+                "--cache-dir".as_ref(),
+                self.pool.as_os_str(),
+                "--agent-socket".as_ref(),
+                self.agent_socket.as_os_str(),
+            ],
+        )
     }
 
     /// `tidepool csi`; returns once its socket answers.
@@ -164,6 +182,18 @@ pub fn ro_capability() -> pb::VolumeCapability {
         )),
         access_mode: Some(pb::volume_capability::AccessMode {
             mode: pb::volume_capability::access_mode::Mode::MultiNodeReaderOnly as i32,
+        }),
+    }
+}
+
+/// A read-write mount capability, as kubelet sends it for a checkpoint PVC.
+pub fn rw_capability() -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(pb::volume_capability::AccessType::Mount(
+            pb::volume_capability::MountVolume::default(),
+        )),
+        access_mode: Some(pb::volume_capability::AccessMode {
+            mode: pb::volume_capability::access_mode::Mode::MultiNodeMultiWriter as i32,
         }),
     }
 }

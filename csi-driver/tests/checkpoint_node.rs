@@ -1,0 +1,355 @@
+//! The checkpoint volume on a node as a cluster runs it: the real `tidepool agent`,
+//! `tidepool csi` and `tidepool sync --agent-socket` (the sidecar) processes, kubelet's
+//! CSI calls over the plugin's socket, real FUSE, a real lake (Azurite). A job writes
+//! steps through the published target while the agent and the sidecar are killed with
+//! `kill -9`; every committed step becomes durable with exactly the bytes written (each
+//! checked by a restore, which verifies MD5 per file against the manifest).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tidepool_csi::checkpoint::manifest::Layout;
+use tidepool_csi::checkpoint::store::VolumeLayout;
+use tidepool_csi::checkpoint::sync::{StepChoice, SyncStatus, durable_steps, restore};
+use tidepool_csi::csi_proto as pb;
+use tidepool_csi::lake::Lake;
+use tidepool_csi::mounts::mount_points;
+use tidepool_csi::testing::azurite::ACCOUNT_KEY;
+use tidepool_csi::testing::node::{NodePaths, NodeProcess, csi_clients, rw_capability};
+use tidepool_csi::testing::{Azurite, pattern};
+
+struct Node {
+    paths: NodePaths,
+    _work: tempfile::TempDir,
+    url: String,
+}
+
+impl Node {
+    fn new() -> Node {
+        let work = tempfile::tempdir().unwrap();
+        let paths = NodePaths::new(Path::new(env!("CARGO_BIN_EXE_tidepool")), work.path());
+        Node {
+            paths,
+            _work: work,
+            url: String::new(),
+        }
+    }
+    fn staging(&self) -> PathBuf {
+        self.paths.work.join("kubelet/staging/ckpt")
+    }
+    fn target(&self) -> PathBuf {
+        self.paths.work.join("kubelet/pods/p1/volumes/mount")
+    }
+    fn context(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("tidepool.dev/kind".into(), "CheckpointSync".into()),
+            ("tidepool.dev/namespace".into(), "ml".into()),
+            ("tidepool.dev/name".into(), "llm".into()),
+            ("tidepool.dev/uid".into(), "u2".into()),
+            ("tidepool.dev/url".into(), self.url.clone()),
+        ])
+    }
+    fn stage_req(&self) -> pb::NodeStageVolumeRequest {
+        pb::NodeStageVolumeRequest {
+            volume_id: "ckpt".into(),
+            publish_context: Default::default(),
+            staging_target_path: self.staging().display().to_string(),
+            volume_capability: Some(rw_capability()),
+            secrets: HashMap::from([("accountKey".into(), ACCOUNT_KEY.into())]),
+            volume_context: self.context(),
+        }
+    }
+    fn publish_req(&self) -> pb::NodePublishVolumeRequest {
+        pb::NodePublishVolumeRequest {
+            volume_id: "ckpt".into(),
+            publish_context: Default::default(),
+            staging_target_path: self.staging().display().to_string(),
+            target_path: self.target().display().to_string(),
+            volume_capability: Some(rw_capability()),
+            readonly: false,
+            secrets: Default::default(),
+            volume_context: self.context(),
+        }
+    }
+    fn volume(&self) -> VolumeLayout {
+        let all = VolumeLayout::all(&self.paths.pool).unwrap();
+        assert_eq!(all.len(), 1, "one checkpoint volume in the pool");
+        all[0].clone()
+    }
+    fn mounts_left(&self) -> Vec<PathBuf> {
+        let work = self.paths.work.canonicalize().unwrap();
+        mount_points()
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.starts_with(&work))
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let Ok(work) = self.paths.work.canonicalize() else {
+            return;
+        };
+        let mut left: Vec<PathBuf> = mount_points()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.starts_with(&work))
+            .collect();
+        left.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in left {
+            if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+                // SAFETY: a NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
+/// Files written into one step: relative path → bytes.
+type Step = Vec<(String, Vec<u8>)>;
+
+fn write_file(path: &Path, data: &[u8]) {
+    let mut f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Waits until `step` is durable in the lake (its manifest is there).
+async fn wait_durable(
+    lake: &dyn Lake,
+    names: &Layout,
+    step: &str,
+    procs: &[&NodeProcess],
+    vol: &VolumeLayout,
+) {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let steps = durable_steps(lake, names).await.unwrap();
+        if steps.iter().any(|(s, _)| s == step) {
+            return;
+        }
+        if Instant::now() > end {
+            let logs: Vec<String> = procs.iter().map(|p| p.log()).collect();
+            panic!(
+                "{step} did not become durable within 120 s; status: {:?}\nlogs:\n{}",
+                SyncStatus::read(vol).ok(),
+                logs.join("\n----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Restores `step` (MD5-verified against its manifest) and compares every file with
+/// what was written; nothing else may be in it.
+async fn check_restored(lake: &dyn Lake, prefix: &str, step: &str, files: &Step) {
+    let dir = tempfile::tempdir().unwrap();
+    let r = restore(
+        lake,
+        prefix,
+        "test",
+        dir.path(),
+        &StepChoice::Named(step.into()),
+        4,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("restoring {step}: {e}"));
+    assert_eq!(
+        r.files as usize,
+        files.len(),
+        "{step}: files in the manifest"
+    );
+    for (rel, data) in files {
+        let got = std::fs::read(dir.path().join(step).join(rel)).unwrap();
+        assert!(got == *data, "{step}/{rel}: restored bytes differ");
+    }
+}
+
+async fn checkpoint_volume_survives_kill_9(passthrough: bool) {
+    let az = Azurite::start();
+    let lake = az.lake("ckpt").await;
+    let mut n = Node::new();
+    n.url = az.url("ckpt", "job1");
+    let url = tidepool_csi::lake::LakeUrl::parse(&n.url).unwrap();
+    let prefix = url.prefix.as_str();
+    let names = Layout::new(prefix);
+    let extra: &[&str] = if passthrough {
+        &[]
+    } else {
+        &["--no-passthrough"]
+    };
+    let mut agent = n.paths.start_agent_with("1GiB", extra);
+    let _csi = n.paths.start_csi();
+    let mut sync = n.paths.start_sync();
+    let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
+    node.node_stage_volume(n.stage_req()).await.unwrap();
+    node.node_publish_volume(n.publish_req()).await.unwrap();
+    let root = n.target();
+    let vol = n.volume();
+
+    // 1. A DCP step: rank files, then `.metadata` last.
+    let mut s100: Step = Vec::new();
+    std::fs::create_dir(root.join("step-100")).unwrap();
+    for r in 0..3u64 {
+        let rel = format!("__{r}_0.distcp");
+        let data = pattern(100 + r, 300_000 + 70_001 * r as usize);
+        write_file(&root.join("step-100").join(&rel), &data);
+        s100.push((rel, data));
+    }
+    let meta = pattern(199, 1234);
+    write_file(&root.join("step-100/.metadata"), &meta);
+    s100.push((".metadata".into(), meta));
+    wait_durable(&lake, &names, "step-100", &[&agent, &sync], &vol).await;
+    check_restored(&lake, prefix, "step-100", &s100).await;
+
+    // 2. The agent dies while the job has a file half-written, a directory open and
+    //    an Orbax temporary directory in progress. The plugin hands the live
+    //    connection to the new agent, which takes it over: the open file keeps
+    //    writing, the old entries keep resolving, the rename commits.
+    std::fs::create_dir(root.join("step-200")).unwrap();
+    let big = pattern(200, 24 << 20);
+    let half = big.len() / 2;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(root.join("step-200/__0_0.distcp"))
+        .unwrap();
+    f.write_all_at(&big[..half], 0).unwrap();
+    let orbax_tmp = root.join("step-300.orbax-checkpoint-tmp-7");
+    std::fs::create_dir_all(orbax_tmp.join("state")).unwrap();
+    let mut s300: Step = Vec::new();
+    let d = pattern(300, 2 << 20);
+    write_file(&orbax_tmp.join("state/array.zarr"), &d);
+    s300.push(("state/array.zarr".into(), d));
+    let listing = std::fs::read_dir(root.join("step-100")).unwrap();
+
+    agent.kill9();
+    // The rest of the file is written while no agent runs (without passthrough the
+    // writes wait in the kernel for the next one).
+    let writer = {
+        let big = big.clone();
+        std::thread::spawn(move || {
+            f.write_all_at(&big[half..], half as u64)?;
+            f.sync_all()?;
+            drop(f);
+            Ok::<_, std::io::Error>(())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let agent = n.paths.start_agent_with("1GiB", extra);
+    writer.join().unwrap().unwrap_or_else(|e| {
+        panic!(
+            "the write across the agent's restart failed: {e}\nagent:\n{}",
+            agent.log()
+        )
+    });
+    let listed: Vec<String> = listing
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        listed.len(),
+        4,
+        "a listing opened before the restart completes"
+    );
+    for (rel, data) in &s100 {
+        let got = std::fs::read(root.join("step-100").join(rel)).unwrap_or_else(|e| {
+            panic!(
+                "step-100/{rel} after the restart: {e}\nagent:\n{}",
+                agent.log()
+            )
+        });
+        assert!(
+            got == *data,
+            "step-100/{rel} reads back exact after the restart"
+        );
+    }
+    let mut s200: Step = vec![("__0_0.distcp".into(), big)];
+    let d = pattern(201, 777_777);
+    write_file(&root.join("step-200/__1_0.distcp"), &d);
+    s200.push(("__1_0.distcp".into(), d));
+    let meta = pattern(299, 999);
+    write_file(&root.join("step-200/.metadata"), &meta);
+    s200.push((".metadata".into(), meta));
+    let d = pattern(301, 40_000);
+    write_file(&orbax_tmp.join("state/meta.json"), &d);
+    s300.push(("state/meta.json".into(), d));
+    std::fs::rename(&orbax_tmp, root.join("step-300")).unwrap();
+    write_file(&root.join("step-300/commit_success.txt"), b"ok");
+    s300.push(("commit_success.txt".into(), b"ok".to_vec()));
+    wait_durable(&lake, &names, "step-200", &[&agent, &sync], &vol).await;
+    wait_durable(&lake, &names, "step-300", &[&agent, &sync], &vol).await;
+    check_restored(&lake, prefix, "step-200", &s200).await;
+    check_restored(&lake, prefix, "step-300", &s300).await;
+
+    // 3. The sidecar dies in the middle of uploading a large step; the next one
+    //    resumes it.
+    std::fs::create_dir(root.join("step-400")).unwrap();
+    let mut s400: Step = Vec::new();
+    for r in 0..2u64 {
+        let rel = format!("__{r}_0.distcp");
+        let data = pattern(400 + r, 40 << 20);
+        write_file(&root.join("step-400").join(&rel), &data);
+        s400.push((rel, data));
+    }
+    write_file(&root.join("step-400/.metadata"), b"m");
+    s400.push((".metadata".into(), b"m".to_vec()));
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let uploading = SyncStatus::read(&vol)
+            .ok()
+            .and_then(|s| s.latest_committed)
+            .is_some_and(|c| c.step == "step-400");
+        if uploading || Instant::now() > end {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sync.kill9();
+    let sync = n.paths.start_sync();
+    wait_durable(&lake, &names, "step-400", &[&agent, &sync], &vol).await;
+    check_restored(&lake, prefix, "step-400", &s400).await;
+    let st = SyncStatus::read(&vol).unwrap();
+    assert_eq!(st.pending_files, 0, "{st:?}");
+    assert_eq!(st.last_error, None, "{st:?}");
+
+    // 4. Done: the pod's target and the staging mount go; the steps stay durable.
+    node.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+        volume_id: "ckpt".into(),
+        target_path: n.target().display().to_string(),
+    })
+    .await
+    .unwrap();
+    node.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+        volume_id: "ckpt".into(),
+        staging_target_path: n.staging().display().to_string(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        n.mounts_left(),
+        Vec::<PathBuf>::new(),
+        "nothing left mounted"
+    );
+    let steps: Vec<String> = durable_steps(&lake, &names)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(steps, ["step-100", "step-200", "step-300", "step-400"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_volume_with_passthrough_survives_kill_9_of_agent_and_sidecar() {
+    checkpoint_volume_survives_kill_9(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_volume_without_passthrough_survives_kill_9_of_agent_and_sidecar() {
+    checkpoint_volume_survives_kill_9(false).await;
+}
