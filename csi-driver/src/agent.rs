@@ -662,6 +662,7 @@ fn fs_usage(path: &Path) -> io::Result<(u64, u64)> {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: zeroed statvfs is a valid out-buffer; c is NUL-terminated.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -197,7 +197,7 @@ impl Saved {
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -383,8 +383,9 @@ mod tests {
         // The handle names the same directory again.
         let back = s.nodes[&7].open(f.as_raw_fd()).unwrap();
         let st = |fd: RawFd| {
-            // SAFETY: zeroed stat is a valid out-buffer; fd is live.
+            // SAFETY: zeroed stat is a valid out-buffer.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fd is live; st is a valid out-buffer.
             assert_eq!(unsafe { libc::fstat(fd, &mut st) }, 0);
             (st.st_dev, st.st_ino)
         };
