@@ -567,7 +567,15 @@ impl Agent {
                 "no checkpoint volume for {url} was staged since this agent started, so it has no credentials for it; the sync resumes once a pod mounts that CheckpointSync's volume on this node again"
             )));
         };
-        self.credentials_for(&attributes, &secrets)
+        match self.credentials_for(&attributes, &secrets)? {
+            // Nobody uploads anonymously: without a Secret, the credentials come from the
+            // CheckpointSync's assignment, which this agent does not know (yet).
+            Credentials::Anonymous => Err(AgentError::Credentials(format!(
+                "the volume for {url} was staged without a Secret and this agent knows no CachePool assignment for {}/{} to take credentials from; give the CheckpointSync destination credentials (a Secret or workload identity)",
+                attributes.namespace, attributes.name
+            ))),
+            c => Ok(c),
+        }
     }
 
     /// Duplicates of every served volume's descriptor, with its stage secrets.
