@@ -238,7 +238,7 @@ impl Agent {
     ) -> io::Result<Arc<Agent>> {
         let state_dir = pool.root().join("volumes");
         std::fs::create_dir_all(&state_dir)?;
-        Ok(Arc::new(Agent {
+        let agent = Arc::new(Agent {
             config,
             pool,
             registry: Registry::default(),
@@ -248,7 +248,35 @@ impl Agent {
             assignment_credentials: Mutex::new(None),
             checkpoint_settings: Mutex::new(None),
             destinations: Mutex::new(HashMap::new()),
-        }))
+        });
+        agent.spawn_checkpoint_accounting();
+        Ok(agent)
+    }
+
+    /// Every 10 s while the agent lives: the checkpoint volumes' bytes count against
+    /// the pool's capacity (the cache evicts to make room for them; they are never
+    /// evicted themselves).
+    fn spawn_checkpoint_accounting(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("checkpoint-bytes".into())
+            .spawn(move || {
+                loop {
+                    let Some(agent) = weak.upgrade() else { return };
+                    let dir = agent.pool.config().dir.clone();
+                    match crate::checkpoint::store::checkpoint_bytes(&dir) {
+                        Ok(n) => agent.pool.set_external(n),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot count the checkpoint volumes' bytes")
+                        }
+                    }
+                    drop(agent);
+                    std::thread::sleep(Duration::from_secs(10));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start counting the checkpoint volumes' bytes");
+        }
     }
 
     /// Volumes served now.

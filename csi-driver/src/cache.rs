@@ -191,6 +191,10 @@ pub(crate) struct PoolShared {
     /// The last pass left the pool over its capacity: what it holds is open or pinned,
     /// and waiting for the evictor would only slow readers down.
     evict_stuck: AtomicBool,
+    /// Bytes of the pool's directory that are not cache files: the checkpoint volumes'
+    /// (never evicted here). They count against the capacity, so the cache makes room
+    /// for them.
+    external: AtomicU64,
     index: Database,
     index_path: PathBuf,
     /// Bytes fetched from the lake since start (reports and tests).
@@ -295,11 +299,19 @@ fn now_secs() -> u64 {
 }
 
 impl PoolShared {
+    /// What the cache files may use: the capacity less the bytes others hold in the
+    /// pool (see `external`).
+    fn budget(&self) -> u64 {
+        self.config
+            .capacity
+            .saturating_sub(self.external.load(Ordering::Acquire))
+    }
+
     pub(crate) fn block_landed(&self, key: &str, n: u64) {
         self.fetched.fetch_add(n, Ordering::Relaxed);
         let used = self.used.fetch_add(n, Ordering::AcqRel) + n;
         self.pending.lock().entry(key.to_owned()).or_default().bytes += n as i64;
-        if used as f64 > self.config.capacity as f64 * self.config.high_watermark {
+        if used as f64 > self.budget() as f64 * self.config.high_watermark {
             self.pressure.notify_one();
         }
     }
@@ -350,7 +362,7 @@ impl PoolShared {
     /// open or pinned): each block would pay for passes that cannot help. Runs on a
     /// blocking thread.
     pub(crate) fn wait_for_room(&self, n: u64) {
-        let full = |s: &Self| s.used.load(Ordering::Acquire) + n > s.config.capacity;
+        let full = |s: &Self| s.used.load(Ordering::Acquire) + n > s.budget();
         if !full(self) || self.evict_stuck.load(Ordering::Acquire) {
             return;
         }
@@ -493,7 +505,7 @@ impl PoolShared {
     fn evict(&self) -> Result<u64, CacheError> {
         let r = self.evict_pass();
         self.evict_stuck.store(
-            self.used.load(Ordering::Acquire) > self.config.capacity,
+            self.used.load(Ordering::Acquire) > self.budget(),
             Ordering::Release,
         );
         self.evict_passes.fetch_add(1, Ordering::AcqRel);
@@ -501,8 +513,9 @@ impl PoolShared {
     }
 
     fn evict_pass(&self) -> Result<u64, CacheError> {
-        let high = (self.config.capacity as f64 * self.config.high_watermark) as u64;
-        let low = (self.config.capacity as f64 * self.config.low_watermark) as u64;
+        let budget = self.budget() as f64;
+        let high = (budget * self.config.high_watermark) as u64;
+        let low = (budget * self.config.low_watermark) as u64;
         if self.used.load(Ordering::Acquire) <= high {
             return Ok(0);
         }
@@ -783,6 +796,7 @@ impl PoolShared {
             last_durable: Mutex::new(Instant::now()),
             evict_passes: AtomicU64::new(0),
             evict_stuck: AtomicBool::new(false),
+            external: AtomicU64::new(0),
             index,
             index_path,
             fetched: AtomicU64::new(0),
@@ -801,6 +815,22 @@ impl CachePool {
     /// Resident bytes in the pool.
     pub fn used(&self) -> u64 {
         self.shared.used.load(Ordering::Acquire)
+    }
+
+    /// Tells the pool how many bytes of its directory are held by others (checkpoint
+    /// volumes): the cache keeps its files within the capacity less those, evicting
+    /// now if that leaves it over its high watermark.
+    pub fn set_external(&self, bytes: u64) {
+        self.shared.external.store(bytes, Ordering::Release);
+        let s = &self.shared;
+        if s.used.load(Ordering::Acquire) as f64 > s.budget() as f64 * s.config.high_watermark {
+            s.pressure.notify_one();
+        }
+    }
+
+    /// Bytes of the pool's directory held by others (see [`CachePool::set_external`]).
+    pub fn external(&self) -> u64 {
+        self.shared.external.load(Ordering::Acquire)
     }
 
     /// Bytes fetched from the lake by this process.

@@ -255,3 +255,56 @@ async fn fetched_blocks_land_in_the_open_file_even_if_its_path_names_another_by_
         "the other file is untouched"
     );
 }
+
+/// Checkpoint volumes share the pool's disk: their bytes count against the capacity,
+/// so a cache that fit before makes room for them (and is never pushed past it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_bytes_in_the_pool_make_the_cache_give_room() {
+    let lake = Arc::new(MemoryLake::new());
+    for i in 0..4 {
+        lake.insert(&format!("d/f{i}"), pattern(200 + i, 2 * BLOCK as usize));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = CacheConfig::new(dir.path(), 20 * BLOCK);
+    cfg.block_size = BLOCK;
+    cfg.max_open_blobs = 0;
+    let pool = CachePool::open(cfg).await.unwrap();
+    let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/d").unwrap();
+    let ds = Dataset::open(pool.clone(), url, lake as Arc<dyn Lake>, false, |_| {})
+        .await
+        .unwrap();
+    let (_, snap) = ds.current();
+    for e in snap.files_from(0, 100).unwrap() {
+        let b = ds.blob(&e).unwrap();
+        b.read(0, b.size as usize).await.unwrap();
+    }
+    pool.flush().unwrap();
+    pool.evict_now().unwrap();
+    assert_eq!(
+        ds.cached_bytes().unwrap(),
+        8 * BLOCK,
+        "8 of 20 blocks: nothing to evict"
+    );
+    // A checkpoint volume in the pool directory, 12 blocks of files (one hard-linked
+    // into a staged commit: counted once).
+    let vol = dir.path().join("checkpoints/v-1234/tree/step-1");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("a"), pattern(1, 8 * BLOCK as usize)).unwrap();
+    std::fs::write(vol.join("b"), pattern(2, 4 * BLOCK as usize)).unwrap();
+    let staged = dir.path().join("checkpoints/v-1234/staged/000000000001");
+    std::fs::create_dir_all(&staged).unwrap();
+    std::fs::hard_link(vol.join("a"), staged.join("a")).unwrap();
+    let held = tidepool_csi::checkpoint::store::checkpoint_bytes(dir.path()).unwrap();
+    assert!(
+        (12 * BLOCK..13 * BLOCK).contains(&held),
+        "12 blocks of checkpoint files, the hard link counted once: {held}"
+    );
+    pool.set_external(held);
+    pool.evict_now().unwrap();
+    let cached = ds.cached_bytes().unwrap();
+    assert!(
+        cached + held <= 20 * BLOCK * 9 / 10,
+        "the cache made room below the high watermark: {cached} cached + {held} checkpoint bytes"
+    );
+    assert!(cached < 8 * BLOCK, "the cache evicted for the checkpoints");
+}

@@ -437,7 +437,8 @@ impl PoolSync {
     pub fn status(&self) -> CachePoolStatus {
         let pool = &self.agent.pool;
         let cfg = pool.config();
-        let used = pool.used();
+        // Cache files and checkpoint volumes: both live on the pool's disk.
+        let used = pool.used() + pool.external();
         let assigned: Vec<Assigned> = self.assigned.lock().values().cloned().collect();
         let mut datasets: Vec<DatasetNodeStatus> = assigned
             .iter()

@@ -548,3 +548,35 @@ impl StepEvents for Store {
         self.committer.lock().on_event(&e, Instant::now());
     }
 }
+
+/// Bytes on disk of every checkpoint volume in pool `cache_dir` (trees, staged
+/// commits, trash; a file hard-linked into a staged commit counted once). A walk of
+/// the volumes' directories: as many `stat`s as they hold files, no more memory than
+/// the hard-linked files' identities.
+pub fn checkpoint_bytes(cache_dir: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut linked: HashSet<(u64, u64)> = HashSet::new();
+    let mut stack = vec![cache_dir.join("checkpoints")];
+    while let Some(dir) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            // Gone since it was listed (a step removed meanwhile), or no volume yet.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in entries {
+            let Ok(e) = e else { continue };
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() {
+                stack.push(e.path());
+                continue;
+            }
+            if md.nlink() > 1 && !linked.insert((md.dev(), md.ino())) {
+                continue;
+            }
+            total += md.blocks() * 512;
+        }
+    }
+    Ok(total)
+}
