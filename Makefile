@@ -8,11 +8,21 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-deps: ## install what the tests and demo need: fuse3 and openssl (apt), Azurite (npm, pinned, project-local)
+# The Helm engine the chart tests use: Helm 4's Go SDK as a shared library, from PyPI
+# (no helm binary is needed), in a project-local venv. Pinned: operator/tests/chart.rs
+# checks the version.
+HELM_SDK_VERSION := 0.2.2
+HELM_VENV := .tools/helm-venv
+
+deps: ## install what the tests and demo need: fuse3 and openssl (apt), Azurite (npm, pinned, project-local), the Helm engine (PyPI helm-python-sdk, pinned, .tools/helm-venv)
 	@command -v fusermount3 >/dev/null && command -v openssl >/dev/null || { \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq fuse3 openssl >/dev/null; }
 	@[ -e /dev/fuse ] || { echo "error: /dev/fuse is missing; load the fuse module (modprobe fuse) or run the container with --device /dev/fuse"; exit 1; }
 	@[ -x node_modules/.bin/azurite-blob ] || npm ci --no-audit --no-fund --loglevel=error
+	@$(HELM_VENV)/bin/python -c 'import sys, helm_python; sys.exit(helm_python.__version__ != "$(HELM_SDK_VERSION)")' 2>/dev/null || { \
+	  python3 -c 'import venv, ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; }; \
+	  rm -rf $(HELM_VENV) && python3 -m venv $(HELM_VENV) && \
+	  $(HELM_VENV)/bin/pip install -q --disable-pip-version-check helm-python-sdk==$(HELM_SDK_VERSION); }
 
 test: deps ## unit, property, Azurite and FUSE tests (FUSE tests need root and /dev/fuse)
 	$(CARGO) test --workspace --locked
