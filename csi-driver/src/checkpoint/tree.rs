@@ -22,6 +22,13 @@
 //!   (the top-level directory) and the path inside it: the commit rules run there, not
 //!   here. This layer knows nothing of commits, journals or the lake.
 //!
+//! - Steps durable in the lake but not on this disk (another node's, or ones retention
+//!   took off it) are shown beside the local ones, read-only, from their manifests and
+//!   fetched through the node's cache pool ([`remote`], given as [`TreeConfig::lake`]).
+//!   Their node ids have bit 63 set and are answered there; a local step wins on a
+//!   name clash. Anything that would change them is `EROFS` (creating a name that is a
+//!   remote step at the root is `EEXIST`, as for any existing name).
+//!
 //! What is refused, and how: hard links and symlinks (`EPERM`), extended attributes
 //! (`EOPNOTSUPP`), `O_TMPFILE` (`EOPNOTSUPP`), device nodes and FIFOs (`EPERM`). Files are
 //! created owned by the caller (the server runs as root), with the caller's umask.
@@ -40,7 +47,11 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+pub mod remote;
 pub mod resume;
+
+pub use remote::LakeSteps;
+use remote::{RemoteSteps, is_remote};
 
 use crate::fuse::abi::{fattr, fopen, op};
 use crate::fuse::{
@@ -96,6 +107,9 @@ pub struct TreeConfig {
     /// Take over a live connection from the record at `state` (instead of starting
     /// one afresh).
     pub resume: bool,
+    /// Also show the steps durable in this destination that are not on local disk,
+    /// read-only, through this cache pool; `None` shows local steps only.
+    pub lake: Option<LakeSteps>,
 }
 
 impl Default for TreeConfig {
@@ -104,6 +118,7 @@ impl Default for TreeConfig {
             ttl: Duration::from_secs(1),
             state: None,
             resume: false,
+            lake: None,
         }
     }
 }
@@ -140,7 +155,14 @@ struct Handle {
 
 struct DirHandle {
     stream: Mutex<DirStream>,
+    /// The root's listing only: remote steps not on local disk, listed after the local
+    /// entries (their cookies have [`REMOTE_COOKIE`] set).
+    remote: Vec<(OsString, u64)>,
 }
+
+/// Set in the readdir cookies of the root's remote entries (the local directory's own
+/// cookies are `off_t` values, never negative).
+const REMOTE_COOKIE: u64 = 1 << 63;
 
 /// A `DIR*` of a directory being listed; its position cookies are the offsets the
 /// kernel hands back.
@@ -173,6 +195,8 @@ pub struct CheckpointTree {
     /// The root opened for reading: `open_by_handle_at` wants a descriptor that is not
     /// `O_PATH`.
     root_dir: File,
+    /// Steps only in the lake (see [`remote`]).
+    remote: Option<RemoteSteps>,
 }
 
 struct Nodes {
@@ -270,7 +294,12 @@ impl CheckpointTree {
             },
         };
         let root_dir = File::open(&root)?;
+        let remote = cfg
+            .lake
+            .clone()
+            .map(|l| RemoteSteps::new(l, st.st_uid, st.st_gid, cfg.ttl));
         let tree = CheckpointTree {
+            remote,
             root_dir,
             root,
             events,
@@ -377,6 +406,7 @@ impl CheckpointTree {
                         fh,
                         Arc::new(DirHandle {
                             stream: Mutex::new(stream),
+                            remote: Vec::new(),
                         }),
                     );
                     live.dirs.insert(fh, id);
@@ -443,6 +473,53 @@ impl CheckpointTree {
         if let Some(conn) = self.conn.get() {
             let _ = conn.inval_entry(1, name);
         }
+    }
+
+    /// The remote steps, for a remote id (`ESTALE` when this tree shows none).
+    fn remote(&self) -> Result<&RemoteSteps, Errno> {
+        self.remote.as_ref().ok_or(libc::ESTALE)
+    }
+
+    /// Whether `name` exists in the local root directory.
+    fn is_local_step(&self, name: &OsStr) -> bool {
+        let Ok(n) = cstr(name) else { return false };
+        // SAFETY: a zeroed stat is a valid out-buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: the root descriptor is live, n NUL-terminated, st a valid out-buffer.
+        unsafe {
+            libc::fstatat(
+                self.root_dir.as_raw_fd(),
+                n.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            ) == 0
+        }
+    }
+
+    /// Whether `name` under `parent` is a remote step with no local entry of that name.
+    fn is_remote_only(&self, parent: u64, name: &OsStr) -> bool {
+        parent == 1
+            && self.remote.as_ref().is_some_and(|r| r.is_step(name))
+            && !self.is_local_step(name)
+    }
+
+    /// Refuses to create `name` under `parent` where that would touch a remote step.
+    fn refuse_remote_create(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        if is_remote(parent) {
+            return Err(libc::EROFS);
+        }
+        if self.is_remote_only(parent, name) {
+            return Err(libc::EEXIST);
+        }
+        Ok(())
+    }
+
+    /// Refuses to remove or rename `name` under `parent` if it is (in) a remote step.
+    fn refuse_remote_change(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        if is_remote(parent) || self.is_remote_only(parent, name) {
+            return Err(libc::EROFS);
+        }
+        Ok(())
     }
 
     fn node(&self, id: u64) -> Result<Arc<Node>, Errno> {
@@ -718,6 +795,46 @@ fn open_dir_stream(node: &Node) -> Result<DirStream, Errno> {
     Ok(DirStream(dir))
 }
 
+/// Lists a local directory from `offset`; returns whether its end was reached (false:
+/// `out` is full).
+fn readdir_local(dh: &DirHandle, offset: u64, out: &mut DirBuf) -> Result<bool, Errno> {
+    let s = dh.stream.lock();
+    // SAFETY: the DIR* is live and used under the handle's lock only.
+    unsafe {
+        if offset == 0 {
+            libc::rewinddir(s.0);
+        } else {
+            libc::seekdir(s.0, offset as libc::c_long);
+        }
+        loop {
+            let pos = libc::telldir(s.0);
+            *libc::__errno_location() = 0;
+            let ent = libc::readdir64(s.0);
+            if ent.is_null() {
+                let e = *libc::__errno_location();
+                if e != 0 {
+                    return Err(e);
+                }
+                return Ok(true);
+            }
+            let ent = &*ent;
+            let name = std::ffi::CStr::from_ptr(ent.d_name.as_ptr());
+            let name = OsStr::from_bytes(name.to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let kind = match ent.d_type {
+                libc::DT_DIR => FileKind::Dir,
+                _ => FileKind::File,
+            };
+            if !out.add(ent.d_ino, ent.d_off as u64, kind, name, None) {
+                libc::seekdir(s.0, pos);
+                return Ok(false);
+            }
+        }
+    }
+}
+
 fn open_path(dirfd: RawFd, name: &CString) -> Result<OwnedFd, Errno> {
     // SAFETY: dirfd is live (or AT_FDCWD) and name NUL-terminated.
     let fd = unsafe {
@@ -755,15 +872,34 @@ fn is_write(flags: u32) -> bool {
 impl FileSystem for CheckpointTree {
     fn connected(&self, conn: &Connection) {
         let _ = self.conn.set(conn.clone());
+        if let Some(r) = &self.remote {
+            r.connected(conn);
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: u64, name: &OsStr) -> Result<EntryOut, Errno> {
+        if is_remote(parent) {
+            return self.remote()?.lookup(parent, name);
+        }
         let p = self.node(parent)?;
-        self.remember(&p, name)
+        match self.remember(&p, name) {
+            Err(libc::ENOENT) if parent == 1 => {
+                let Some(remote) = &self.remote else {
+                    return Err(libc::ENOENT);
+                };
+                if let Some(e) = remote.lookup_step(name) {
+                    return Ok(e);
+                }
+                // Perhaps made durable since the last listing (by another node).
+                remote.refresh_if_stale();
+                remote.lookup_step(name).ok_or(libc::ENOENT)
+            }
+            r => r,
+        }
     }
 
     fn forget(&self, ino: u64, nlookup: u64) {
-        if ino == 1 {
+        if ino == 1 || is_remote(ino) {
             return;
         }
         let mut nodes = self.nodes.lock();
@@ -793,6 +929,9 @@ impl FileSystem for CheckpointTree {
     }
 
     fn getattr(&self, _req: &Request, ino: u64, fh: Option<u64>) -> Result<AttrOut, Errno> {
+        if is_remote(ino) {
+            return self.remote()?.getattr(ino);
+        }
         let st = match fh.and_then(|fh| self.file(fh).ok()) {
             Some(f) => fstat(f.as_raw_fd())?,
             None => fstat(self.node(ino)?.fd.as_raw_fd())?,
@@ -804,6 +943,9 @@ impl FileSystem for CheckpointTree {
     }
 
     fn setattr(&self, _req: &Request, ino: u64, a: &SetattrIn) -> Result<AttrOut, Errno> {
+        if is_remote(ino) {
+            return Err(libc::EROFS);
+        }
         let node = self.node(ino)?;
         let at = self.locate_node(&node);
         self.refuse_read_only(at.as_ref())?;
@@ -869,6 +1011,9 @@ impl FileSystem for CheckpointTree {
     }
 
     fn open(&self, _req: &Request, ino: u64, flags: u32) -> Result<OpenOut, Errno> {
+        if is_remote(ino) {
+            return self.remote()?.open(ino, flags);
+        }
         let node = self.node(ino)?;
         let writing = is_write(flags) || (flags as i32) & libc::O_TRUNC != 0;
         let opened_in = if writing {
@@ -899,6 +1044,7 @@ impl FileSystem for CheckpointTree {
         parent: u64,
         c: &CreateIn<'_>,
     ) -> Result<(EntryOut, OpenOut), Errno> {
+        self.refuse_remote_create(parent, c.name)?;
         let p = self.node(parent)?;
         let at = self.locate(parent, &p, c.name);
         self.refuse_read_only(at.as_ref())?;
@@ -958,6 +1104,7 @@ impl FileSystem for CheckpointTree {
         if mode & libc::S_IFMT != libc::S_IFREG {
             return Err(libc::EPERM);
         }
+        self.refuse_remote_create(parent, name)?;
         let p = self.node(parent)?;
         let at = self.locate(parent, &p, name);
         self.refuse_read_only(at.as_ref())?;
@@ -991,6 +1138,7 @@ impl FileSystem for CheckpointTree {
         mode: u32,
         umask: u32,
     ) -> Result<EntryOut, Errno> {
+        self.refuse_remote_create(parent, name)?;
         let p = self.node(parent)?;
         let at = self.locate(parent, &p, name);
         self.refuse_read_only(at.as_ref())?;
@@ -1019,6 +1167,8 @@ impl FileSystem for CheckpointTree {
     }
 
     fn rename(&self, _req: &Request, parent: u64, r: &RenameIn<'_>) -> Result<(), Errno> {
+        self.refuse_remote_change(parent, r.old)?;
+        self.refuse_remote_change(r.newdir, r.new)?;
         let from_dir = self.node(parent)?;
         let to_dir = self.node(r.newdir)?;
         let from = self.locate(parent, &from_dir, r.old);
@@ -1063,7 +1213,13 @@ impl FileSystem for CheckpointTree {
         Err(libc::EPERM)
     }
 
-    fn read(&self, _req: &Request, _ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+    fn read(&self, req: &Request, ino: u64, fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        if is_remote(fh) {
+            return match self.remote() {
+                Ok(r) => r.read(req, ino, offset, size, reply),
+                Err(e) => reply.error(e),
+            };
+        }
         let file = match self.file(fh) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
@@ -1082,13 +1238,22 @@ impl FileSystem for CheckpointTree {
     }
 
     fn write(&self, _req: &Request, _ino: u64, w: &WriteIn<'_>) -> Result<u32, Errno> {
+        if is_remote(w.fh) {
+            return Err(libc::EROFS);
+        }
         let file = self.file(w.fh)?;
         // On a file opened O_APPEND, pwrite appends whatever the offset (Linux).
         file.write_all_at(w.data, w.offset).map_err(errno)?;
         Ok(w.data.len() as u32)
     }
 
-    fn release(&self, _req: &Request, _ino: u64, fh: u64, _flags: u32) {
+    fn release(&self, req: &Request, ino: u64, fh: u64, _flags: u32) {
+        if is_remote(fh) {
+            if let Some(r) = &self.remote {
+                r.release(req, ino);
+            }
+            return;
+        }
         let Some(h) = self.handles.lock().remove(&fh) else {
             return;
         };
@@ -1121,6 +1286,10 @@ impl FileSystem for CheckpointTree {
     }
 
     fn fsync(&self, _req: &Request, _ino: u64, fh: u64, datasync: bool) -> Result<(), Errno> {
+        if is_remote(fh) {
+            // Nothing of a lake-backed file is ever dirty.
+            return Ok(());
+        }
         let f = self.file(fh)?;
         if datasync {
             f.sync_data()
@@ -1131,12 +1300,18 @@ impl FileSystem for CheckpointTree {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: u64, _fh: u64, _datasync: bool) -> Result<(), Errno> {
+        if is_remote(ino) {
+            return Ok(());
+        }
         let node = self.node(ino)?;
         let d = File::open(format!("/proc/self/fd/{}", node.fd.as_raw_fd())).map_err(errno)?;
         d.sync_all().map_err(errno)
     }
 
-    fn fallocate(&self, _req: &Request, _ino: u64, f: &FallocateIn) -> Result<(), Errno> {
+    fn fallocate(&self, _req: &Request, ino: u64, f: &FallocateIn) -> Result<(), Errno> {
+        if is_remote(ino) || is_remote(f.fh) {
+            return Err(libc::EROFS);
+        }
         let file = self.file(f.fh)?;
         // SAFETY: the descriptor is live for the call.
         check(unsafe {
@@ -1149,7 +1324,10 @@ impl FileSystem for CheckpointTree {
         })
     }
 
-    fn other_write(&self, _req: &Request, opcode: u32, _ino: u64) -> Result<(), Errno> {
+    fn other_write(&self, _req: &Request, opcode: u32, ino: u64) -> Result<(), Errno> {
+        if is_remote(ino) && opcode != op::SYNCFS {
+            return Err(libc::EROFS);
+        }
         match opcode {
             op::SYNCFS => {
                 let root = self.node(1)?;
@@ -1162,8 +1340,23 @@ impl FileSystem for CheckpointTree {
     }
 
     fn opendir(&self, _req: &Request, ino: u64, _flags: u32) -> Result<OpenOut, Errno> {
+        if is_remote(ino) {
+            return self.remote()?.opendir(ino);
+        }
         let node = self.node(ino)?;
         let stream = open_dir_stream(&node)?;
+        // The root lists the lake's steps too (listed again if the list is stale), but
+        // not those a local directory of the same name hides.
+        let remote = match &self.remote {
+            Some(r) if ino == 1 => {
+                r.refresh_if_stale();
+                r.steps()
+                    .into_iter()
+                    .filter(|(name, _)| !self.is_local_step(name))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         if let Some(log) = &self.log {
             log.opendir(fh, ino);
@@ -1172,6 +1365,7 @@ impl FileSystem for CheckpointTree {
             fh,
             Arc::new(DirHandle {
                 stream: Mutex::new(stream),
+                remote,
             }),
         );
         Ok(OpenOut {
@@ -1189,46 +1383,37 @@ impl FileSystem for CheckpointTree {
         offset: u64,
         out: &mut DirBuf,
     ) -> Result<(), Errno> {
+        if is_remote(fh) {
+            return self.remote()?.readdir(fh, offset, out);
+        }
         let dh = self.dirs.lock().get(&fh).cloned().ok_or(libc::EBADF)?;
-        let s = dh.stream.lock();
-        // SAFETY: the DIR* is live and used under the handle's lock only.
-        unsafe {
-            if offset == 0 {
-                libc::rewinddir(s.0);
-            } else {
-                libc::seekdir(s.0, offset as libc::c_long);
-            }
-            loop {
-                let pos = libc::telldir(s.0);
-                *libc::__errno_location() = 0;
-                let ent = libc::readdir64(s.0);
-                if ent.is_null() {
-                    let e = *libc::__errno_location();
-                    if e != 0 {
-                        return Err(e);
-                    }
-                    break;
-                }
-                let ent = &*ent;
-                let name = std::ffi::CStr::from_ptr(ent.d_name.as_ptr());
-                let name = OsStr::from_bytes(name.to_bytes());
-                if name == "." || name == ".." {
-                    continue;
-                }
-                let kind = match ent.d_type {
-                    libc::DT_DIR => FileKind::Dir,
-                    _ => FileKind::File,
-                };
-                if !out.add(ent.d_ino, ent.d_off as u64, kind, name, None) {
-                    libc::seekdir(s.0, pos);
-                    break;
-                }
+        if offset & REMOTE_COOKIE == 0 && !readdir_local(&dh, offset, out)? {
+            return Ok(());
+        }
+        // The root's remote steps, after its local entries.
+        let from = if offset & REMOTE_COOKIE != 0 {
+            (offset & !REMOTE_COOKIE) as usize
+        } else {
+            0
+        };
+        for (i, (name, id)) in dh.remote.iter().enumerate().skip(from) {
+            if !out.add(
+                *id,
+                REMOTE_COOKIE | (i as u64 + 1),
+                FileKind::Dir,
+                name,
+                None,
+            ) {
+                break;
             }
         }
         Ok(())
     }
 
     fn releasedir(&self, _req: &Request, _ino: u64, fh: u64) {
+        if is_remote(fh) {
+            return;
+        }
         if self.dirs.lock().remove(&fh).is_some()
             && let Some(log) = &self.log
         {
@@ -1257,6 +1442,7 @@ impl FileSystem for CheckpointTree {
 
 impl CheckpointTree {
     fn remove(&self, parent: u64, name: &OsStr, flags: i32) -> Result<(), Errno> {
+        self.refuse_remote_change(parent, name)?;
         let p = self.node(parent)?;
         let at = self.locate(parent, &p, name);
         self.refuse_read_only(at.as_ref())?;

@@ -16,7 +16,7 @@ use crate::checkpoint::store::{Store, VolumeConfig, VolumeLayout};
 use crate::checkpoint::sync::{
     StepChoice, SyncConfig, SyncStatus, Syncer, restore as restore_step,
 };
-use crate::checkpoint::tree::{CheckpointTree, OpenWriters, TreeConfig};
+use crate::checkpoint::tree::{CheckpointTree, LakeSteps, OpenWriters, TreeConfig};
 use crate::fs::{Mount, MountStats};
 use crate::fuse::{MountOptions, SessionConfig};
 use crate::lake::LakeUrl;
@@ -134,10 +134,18 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         .await?;
         Some((first, lake))
     };
+    let lake_steps = lake_steps(&url, &args, env, syncer.as_ref().map(|(_, l)| l.clone())).await;
     let store = Arc::new(Store::open(layout.clone(), rule)?);
     let tree = Arc::new(
-        CheckpointTree::new(&layout.tree(), TreeConfig::default(), store.clone())
-            .with_context(|| format!("opening {}", layout.tree().display()))?,
+        CheckpointTree::new(
+            &layout.tree(),
+            TreeConfig {
+                lake: lake_steps,
+                ..TreeConfig::default()
+            },
+            store.clone(),
+        )
+        .with_context(|| format!("opening {}", layout.tree().display()))?,
     );
     store.attach(Arc::downgrade(&tree) as std::sync::Weak<dyn OpenWriters>);
     // SAFETY: geteuid(2) takes nothing and cannot fail.
@@ -240,6 +248,39 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         }
     ));
     Ok(())
+}
+
+/// The lake-only steps of the volume (shown read-only, fetched through the pool at
+/// --cache-dir). Without them the volume still serves its local steps: a lake that
+/// cannot be opened, or a pool another process holds, is said in words and skipped.
+async fn lake_steps(
+    url: &LakeUrl,
+    args: &MountArgs,
+    env: EnvLookup<'_>,
+    lake: Option<Arc<dyn crate::lake::Lake>>,
+) -> Option<LakeSteps> {
+    let lake = match lake
+        .map(Ok)
+        .unwrap_or_else(|| open_lake(url, &args.lake, env))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot open the lake: steps that are only in the lake are not shown in this volume (`tidepool restore` fetches them)");
+            return None;
+        }
+    };
+    match crate::cache::CachePool::open(super::cache_config(&args.cache)).await {
+        Ok(pool) => Some(LakeSteps::new(
+            lake,
+            url,
+            pool,
+            tokio::runtime::Handle::current(),
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the cache pool: steps that are only in the lake are not shown in this volume (`tidepool restore` fetches them)");
+            None
+        }
+    }
 }
 
 /// Keeps the volume's sync running for as long as the mount lives: a sync that stops
