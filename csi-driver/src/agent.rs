@@ -37,10 +37,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cache::{CacheError, CachePool};
 use crate::checkpoint::store::{Store, VolumeConfig, VolumeLayout};
-use crate::checkpoint::tree::{CheckpointTree, OpenWriters, TreeConfig};
+use crate::checkpoint::tree::{CheckpointTree, LakeSteps, OpenWriters, TreeConfig};
 use crate::fs::{DatasetFs, FsConfig, MountStats, SnapshotReleaser};
 use crate::fuse::{ConnParams, Device, Session, SessionConfig};
-use crate::lake::{Credentials, LakeError, LakeUrl, Secret};
+use crate::lake::azure::AzureLake;
+use crate::lake::retry::RetryingLake;
+use crate::lake::{Credentials, Lake, LakeError, LakeUrl, Secret};
 use datasets::{LakeSettings, Registry};
 use protocol::{ErrorCode, Request, Response, StageSecrets, VolumeStats};
 
@@ -441,6 +443,40 @@ impl Agent {
             .map_err(|e| AgentError::Internal(format!("recording volume {volume_id}: {e}")))
     }
 
+    /// The steps of a checkpoint destination that are durable in the lake but not on
+    /// this node, shown read-only in its volume and fetched through the pool. Without
+    /// credentials that open the lake the volume still serves its local steps (said in
+    /// a warning).
+    fn lake_steps(
+        &self,
+        url: &LakeUrl,
+        attributes: &VolumeAttributes,
+        secrets: &StageSecrets,
+    ) -> Option<LakeSteps> {
+        let opened = self.credentials_for(attributes, secrets).and_then(|c| {
+            AzureLake::connect(url, &c, &self.config.lake.azure)
+                .map_err(|e| AgentError::Credentials(format!("connecting to {url}: {e}")))
+        });
+        match opened {
+            Ok(azure) => {
+                let lake: Arc<dyn Lake> = Arc::new(RetryingLake::new(
+                    Arc::new(azure),
+                    self.config.lake.retry.clone(),
+                ));
+                Some(LakeSteps::new(
+                    lake,
+                    url,
+                    self.pool.clone(),
+                    self.rt.clone(),
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(%url, error = %e, "cannot open the lake: steps durable only in the lake are not shown in this checkpoint volume");
+                None
+            }
+        }
+    }
+
     /// Serves a `CheckpointSync` volume: a read-write tree in the pool
     /// (`<pool>/checkpoints/<destination>/tree`), its commit rules, and the journal the
     /// node's `tidepool sync` uploads from. The tree records its node ids and open files
@@ -497,6 +533,7 @@ impl Agent {
                 TreeConfig {
                     state: Some(layout.dir.join("fuse-state")),
                     resume: resume.is_some(),
+                    lake: self.lake_steps(url, &attributes, secrets),
                     ..TreeConfig::default()
                 },
                 store.clone(),

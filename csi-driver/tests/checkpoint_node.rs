@@ -342,6 +342,51 @@ async fn checkpoint_volume_survives_kill_9(passthrough: bool) {
         .map(|(s, _)| s)
         .collect();
     assert_eq!(steps, ["step-100", "step-200", "step-300", "step-400"]);
+    drop((agent, sync, _csi));
+
+    // 5. The job resumes on another node: its checkpoint volume (a fresh pool, nothing
+    //    on local disk) shows the durable steps read-only, fetched from the lake.
+    let mut other = Node::new();
+    other.paths.node = "other-node".into();
+    other.url = n.url.clone();
+    let _agent2 = other.paths.start_agent_with("1GiB", extra);
+    let _csi2 = other.paths.start_csi();
+    let (_, mut node2) = csi_clients(&other.paths.csi_socket).await;
+    node2.node_stage_volume(other.stage_req()).await.unwrap();
+    node2
+        .node_publish_volume(other.publish_req())
+        .await
+        .unwrap();
+    let root2 = other.target();
+    let mut listed: Vec<String> = std::fs::read_dir(&root2)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["step-100", "step-200", "step-300", "step-400"],
+        "the other node's volume lists the durable steps"
+    );
+    for (step, files) in [
+        ("step-100", &s100),
+        ("step-300", &s300),
+        ("step-400", &s400),
+    ] {
+        for (rel, data) in files.iter() {
+            let got = std::fs::read(root2.join(step).join(rel))
+                .unwrap_or_else(|e| panic!("{step}/{rel} on the other node: {e}"));
+            assert!(
+                got == *data,
+                "{step}/{rel} reads back exact on the other node"
+            );
+        }
+    }
+    let refused = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root2.join("step-100/.metadata"))
+        .expect_err("a step from the lake is read-only");
+    assert_eq!(refused.raw_os_error(), Some(libc::EROFS), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

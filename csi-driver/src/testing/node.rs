@@ -41,6 +41,8 @@ pub struct NodePaths {
     pub agent_socket: PathBuf,
     pub csi_socket: PathBuf,
     pub state: PathBuf,
+    /// The node's name (`--node-name`, `--node-id`); `test-node` unless set.
+    pub node: String,
 }
 
 impl NodePaths {
@@ -52,6 +54,7 @@ impl NodePaths {
             agent_socket: work.join("agent.sock"),
             csi_socket: work.join("csi.sock"),
             state: work.join("csi-state"),
+            node: "test-node".to_owned(),
         }
     }
 
@@ -84,7 +87,7 @@ impl NodePaths {
             "agent".as_ref(),
             "--no-kube".as_ref(),
             "--node-name".as_ref(),
-            "test-node".as_ref(),
+            self.node.as_ref(),
             "--cache-size".as_ref(),
             cache_size.as_ref(),
             "--cache-dir".as_ref(),
@@ -123,7 +126,7 @@ impl NodePaths {
                 "--endpoint".as_ref(),
                 endpoint.as_ref(),
                 "--node-id".as_ref(),
-                "test-node".as_ref(),
+                self.node.as_ref(),
                 "--agent-socket".as_ref(),
                 self.agent_socket.as_os_str(),
                 "--state-dir".as_ref(),
