@@ -93,8 +93,9 @@ pub struct CacheConfig {
     pub direct_io: bool,
     pub high_watermark: f64,
     pub low_watermark: f64,
-    /// Cached files kept open after their last reader closed them (two descriptors
-    /// each). Capped by the process's open-file limit at pool open.
+    /// Cached files kept open after their last reader closed them (one descriptor for
+    /// a complete file, up to three while one is filled). Also capped by the process's
+    /// open-file limit, counted in descriptors.
     pub max_open_blobs: usize,
     /// The running boot, which decides whether cached blocks need a check before they
     /// are served (see residency.rs). Read from the kernel; tests set it to simulate a
@@ -211,8 +212,14 @@ pub(crate) struct PoolShared {
 #[derive(Debug, Default)]
 struct IdleBlobs {
     cap: usize,
+    /// Descriptors the idle files may hold between them (each counted as it was when
+    /// last touched: a complete small file holds one, a file being filled up to three).
+    fds: usize,
+    held: usize,
+    /// When `held` was last counted again from the files themselves.
+    recounted: u64,
     tick: u64,
-    by_key: HashMap<String, (Arc<CachedBlob>, u64)>,
+    by_key: HashMap<String, (Arc<CachedBlob>, u64, usize)>,
     order: std::collections::BTreeMap<u64, String>,
 }
 
@@ -222,24 +229,39 @@ impl IdleBlobs {
             return;
         }
         self.tick += 1;
-        if let Some((_, t)) = self
+        let fds = blob.descriptors();
+        if let Some((_, t, was)) = self
             .by_key
-            .insert(key.to_owned(), (blob.clone(), self.tick))
+            .insert(key.to_owned(), (blob.clone(), self.tick, fds))
         {
             self.order.remove(&t);
+            self.held -= was;
         }
+        self.held += fds;
         self.order.insert(self.tick, key.to_owned());
-        while self.by_key.len() > self.cap {
+        if self.held > self.fds && self.tick - self.recounted >= 1024 {
+            // Files filled since they were counted hold fewer descriptors now.
+            self.recounted = self.tick;
+            self.held = 0;
+            for (b, _, n) in self.by_key.values_mut() {
+                *n = b.descriptors();
+                self.held += *n;
+            }
+        }
+        while self.by_key.len() > self.cap || self.held > self.fds {
             let Some((_, k)) = self.order.pop_first() else {
                 break;
             };
-            self.by_key.remove(&k);
+            if let Some((_, _, was)) = self.by_key.remove(&k) {
+                self.held -= was;
+            }
         }
     }
 
     fn remove(&mut self, key: &str) -> Option<Arc<CachedBlob>> {
-        let (b, t) = self.by_key.remove(key)?;
+        let (b, t, was) = self.by_key.remove(key)?;
         self.order.remove(&t);
+        self.held -= was;
         Some(b)
     }
 }
@@ -776,13 +798,19 @@ impl PoolShared {
                 detail: e.to_string(),
             })?;
         }
-        // Two descriptors per idle file (three while a large one is being filled);
-        // leave room for everything else.
-        let fd_room = (raise_nofile_limit().saturating_sub(1024) / 3) as usize;
+        // Idle files may hold all descriptors but 2,048 (open handles, fills in
+        // flight, sockets, the index: everything else).
+        let fd_room = raise_nofile_limit().saturating_sub(2048) as usize;
         let idle = IdleBlobs {
-            cap: config.max_open_blobs.min(fd_room),
+            cap: config.max_open_blobs,
+            fds: fd_room,
             ..Default::default()
         };
+        tracing::debug!(
+            files = idle.cap,
+            descriptors = idle.fds,
+            "cached files kept open when idle, at most"
+        );
         let (config_read_buffer, config_direct_io) = (config.read_buffer, config.direct_io);
         Ok(PoolShared {
             fetches: Semaphore::new(config.max_fetches.max(1)),

@@ -624,7 +624,9 @@ impl Mount {
     /// Blocks until the file system is unmounted (by `umount` or [`Mount::unmount`]).
     pub fn join(mut self) -> std::io::Result<()> {
         if let Some(s) = self.session.take() {
+            let counts = s.connection().request_counts();
             s.join();
+            tracing::info!(requests = ?counts, "the mount served these requests");
         }
         Ok(())
     }

@@ -141,9 +141,9 @@ pub struct CachedBlob {
     pub md5: Option<[u8; 16]>,
     pub data_path: PathBuf,
     data: File,
-    /// The data file opened with `O_DIRECT` for whole-block writes, opened at the first
-    /// one (`None` inside: the file system refused it).
-    direct: std::sync::OnceLock<Option<File>>,
+    /// The data file opened with `O_DIRECT` for whole-block writes: opened at the
+    /// first one, closed once every block is resident.
+    direct: Mutex<Option<Arc<File>>>,
     /// This blob's key in the pool's read buffer.
     id: u64,
     map: Residency,
@@ -226,7 +226,7 @@ impl CachedBlob {
             md5: entry.md5,
             data_path,
             data,
-            direct: std::sync::OnceLock::new(),
+            direct: Mutex::new(None),
             id: pool.next_blob_id.fetch_add(1, Ordering::Relaxed),
             map,
             inflight: Mutex::new(HashMap::new()),
@@ -239,6 +239,12 @@ impl CachedBlob {
             lake,
             pool,
         })
+    }
+
+    /// Descriptors this blob holds open now: its data file, and the map file and a
+    /// descriptor for direct writes while it is being filled.
+    pub fn descriptors(&self) -> usize {
+        1 + self.map.holds_file() as usize + self.direct.lock().is_some() as usize
     }
 
     pub fn residency(&self) -> &Residency {
@@ -483,6 +489,10 @@ impl CachedBlob {
         self.map
             .mark_resident(i, crc)
             .map_err(|e| CacheError::io(&self.data_path, e))?;
+        if self.map.is_complete() {
+            // Nothing more to write: the descriptor for direct writes goes.
+            *self.direct.lock() = None;
+        }
         if hold {
             self.pool.read_buffer.insert(self.id, i, body);
         }
@@ -512,20 +522,25 @@ impl CachedBlob {
             && at.is_multiple_of(DIO_ALIGN as u64)
             && (body.as_ptr() as usize).is_multiple_of(DIO_ALIGN);
         if aligned && self.pool.direct_io.load(Ordering::Relaxed) {
-            let direct = self.direct.get_or_init(|| {
-                use std::os::fd::AsRawFd;
-                use std::os::unix::fs::OpenOptionsExt;
-                // The same file as `self.data`, reopened through its descriptor, never
-                // by path: the path may name another file by now (evicted and created
-                // again by a later open), and writes there would leave this file's
-                // blocks as holes that fail their checks.
-                OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(format!("/proc/self/fd/{}", self.data.as_raw_fd()))
-                    .map_err(|e| self.direct_io_refused(e))
-                    .ok()
-            });
+            let direct = {
+                let mut held = self.direct.lock();
+                if held.is_none() {
+                    use std::os::fd::AsRawFd;
+                    use std::os::unix::fs::OpenOptionsExt;
+                    // The same file as `self.data`, reopened through its descriptor,
+                    // never by path: the path may name another file by now (evicted
+                    // and created again by a later open), and writes there would leave
+                    // this file's blocks as holes that fail their checks.
+                    *held = OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_DIRECT)
+                        .open(format!("/proc/self/fd/{}", self.data.as_raw_fd()))
+                        .map_err(|e| self.direct_io_refused(e))
+                        .ok()
+                        .map(Arc::new);
+                }
+                held.clone()
+            };
             if let Some(f) = direct {
                 match f.write_all_at(body, at) {
                     Ok(()) => return Ok(()),

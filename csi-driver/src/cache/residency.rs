@@ -27,7 +27,8 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 const MAGIC: &[u8; 8] = b"TPRESMAP";
@@ -70,7 +71,13 @@ pub fn current_boot() -> BootId {
 
 #[derive(Debug)]
 pub struct Residency {
-    file: File,
+    /// The map file, open while it may still change: closed once every block is
+    /// resident and the header is stamped with this boot, and opened again (by path:
+    /// the pool never deletes the files of a blob version that is open) if a block is
+    /// dropped or a flag set. A cached small file then holds one descriptor, not two,
+    /// so the pool keeps more of them open.
+    file: parking_lot::Mutex<Option<Arc<File>>>,
+    path: PathBuf,
     block_size: u64,
     size: u64,
     blocks: u64,
@@ -143,8 +150,10 @@ impl Residency {
             .truncate(false)
             .open(path)?;
         let blocks = size.div_ceil(block_size);
+        let file = Arc::new(file);
         let r = Residency {
-            file,
+            file: parking_lot::Mutex::new(Some(file.clone())),
+            path: path.to_owned(),
             block_size,
             size,
             blocks,
@@ -157,13 +166,13 @@ impl Residency {
         };
         let mut header = [0u8; HEADER as usize];
         let ok = !reset
-            && r.file.read_exact_at(&mut header, 0).is_ok()
+            && file.read_exact_at(&mut header, 0).is_ok()
             && &header[0..8] == MAGIC
             && u32::from_le_bytes(header[8..12].try_into().unwrap()) == VERSION
             && u32::from_le_bytes(header[12..16].try_into().unwrap()) as u64 == block_size
             && u64::from_le_bytes(header[16..24].try_into().unwrap()) == size;
         if !ok {
-            r.file.set_len(0)?;
+            file.set_len(0)?;
             header = [0u8; HEADER as usize];
             header[0..8].copy_from_slice(MAGIC);
             header[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -171,8 +180,8 @@ impl Residency {
             header[16..24].copy_from_slice(&size.to_le_bytes());
             // Nothing is resident, so nothing is unverified: trusted from the start.
             header[BOOT_AT as usize..BOOT_AT as usize + 16].copy_from_slice(&boot);
-            r.file.write_all_at(&header, 0)?;
-            r.file.set_len(HEADER + blocks * 8)?;
+            file.write_all_at(&header, 0)?;
+            file.set_len(HEADER + blocks * 8)?;
             r.trusted.store(boot != [0; 16], Ordering::Release);
             return Ok(r);
         }
@@ -185,7 +194,7 @@ impl Residency {
         let mut i = 0u64;
         while i < blocks {
             let n = ((blocks - i) * 8).min(buf.len() as u64) as usize;
-            let got = read_up_to(&r.file, &mut buf[..n], HEADER + i * 8)?;
+            let got = read_up_to(&file, &mut buf[..n], HEADER + i * 8)?;
             for slot in buf[..got].chunks_exact(8) {
                 let crc = u32::from_le_bytes(slot[0..4].try_into().unwrap());
                 let marker = u32::from_le_bytes(slot[4..8].try_into().unwrap());
@@ -208,7 +217,31 @@ impl Residency {
         } else {
             r.maybe_trust()?;
         }
+        r.close_if_settled();
         Ok(r)
+    }
+
+    /// The map file, opened again if it was closed.
+    fn file(&self) -> io::Result<Arc<File>> {
+        let mut f = self.file.lock();
+        if let Some(f) = &*f {
+            return Ok(f.clone());
+        }
+        let opened = Arc::new(OpenOptions::new().read(true).write(true).open(&self.path)?);
+        *f = Some(opened.clone());
+        Ok(opened)
+    }
+
+    /// Closes the map file once nothing in it is expected to change.
+    fn close_if_settled(&self) {
+        if self.is_trusted() && self.is_complete() {
+            *self.file.lock() = None;
+        }
+    }
+
+    /// Whether the map file is open now (a descriptor the pool counts).
+    pub fn holds_file(&self) -> bool {
+        self.file.lock().is_some()
     }
 
     /// Stamps the header with this boot once no resident block is left unverified.
@@ -225,7 +258,7 @@ impl Residency {
                 return Ok(());
             }
         }
-        self.file.write_all_at(&self.boot, BOOT_AT)?;
+        self.file()?.write_all_at(&self.boot, BOOT_AT)?;
         self.trusted.store(true, Ordering::Release);
         Ok(())
     }
@@ -289,24 +322,28 @@ impl Residency {
         let mut slot = [0u8; 8];
         slot[0..4].copy_from_slice(&crc.to_le_bytes());
         slot[4..8].copy_from_slice(&MARKER.to_le_bytes());
-        self.file.write_all_at(&slot, HEADER + i * 8)?;
+        self.file()?.write_all_at(&slot, HEADER + i * 8)?;
         self.crcs[i as usize].store(crc, Ordering::Release);
         self.resident.set(i, true);
         self.verified.set(i, true);
-        self.maybe_trust()
+        self.maybe_trust()?;
+        self.close_if_settled();
+        Ok(())
     }
 
     /// A block read from disk matched its checksum.
     pub fn mark_verified(&self, i: u64) -> io::Result<()> {
         self.verified.set(i, true);
-        self.maybe_trust()
+        self.maybe_trust()?;
+        self.close_if_settled();
+        Ok(())
     }
 
     /// Forget block `i` (its bytes failed verification).
     pub fn drop_block(&self, i: u64) -> io::Result<()> {
         self.resident.set(i, false);
         self.verified.set(i, false);
-        self.file.write_all_at(&[0u8; 8], HEADER + i * 8)?;
+        self.file()?.write_all_at(&[0u8; 8], HEADER + i * 8)?;
         self.maybe_trust()
     }
 
@@ -316,11 +353,19 @@ impl Residency {
 
     pub fn set_flag(&self, flag: u32) -> io::Result<()> {
         let f = self.flags.fetch_or(flag, Ordering::AcqRel) | flag;
-        self.file.write_all_at(&f.to_le_bytes(), 24)
+        self.file()?.write_all_at(&f.to_le_bytes(), 24)?;
+        self.close_if_settled();
+        Ok(())
     }
 
+    /// Makes the map's writes durable (those made through a descriptor since closed
+    /// too: the data to sync belongs to the file, not the descriptor).
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        let open = self.file.lock().clone();
+        match open {
+            Some(f) => f.sync_data(),
+            None => OpenOptions::new().write(true).open(&self.path)?.sync_data(),
+        }
     }
 }
 

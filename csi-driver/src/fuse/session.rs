@@ -185,9 +185,32 @@ pub struct Request {
 pub struct Connection {
     device: Arc<Device>,
     params: Arc<OnceLock<ConnParams>>,
+    requests: Arc<RequestCounts>,
+}
+
+/// Requests served, and the time spent handling them (to the reply, or to handing the
+/// request on), per opcode: what a workload costs in round trips to us.
+#[derive(Debug)]
+struct RequestCounts {
+    count: [std::sync::atomic::AtomicU64; 64],
+    nanos: [std::sync::atomic::AtomicU64; 64],
 }
 
 impl Connection {
+    /// Requests served so far, by opcode name (those seen at least once), with the
+    /// mean time in microseconds each took to handle.
+    pub fn request_counts(&self) -> Vec<(&'static str, u64, f64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = &self.requests;
+        (0..r.count.len())
+            .filter_map(|op| {
+                let n = r.count[op].load(Relaxed);
+                let us = r.nanos[op].load(Relaxed) as f64 / 1e3 / n.max(1) as f64;
+                (n > 0).then(|| (abi::op::name(op as u32), n, (us * 10.0).round() / 10.0))
+            })
+            .collect()
+    }
+
     /// Whether INIT settled on FUSE passthrough.
     pub fn passthrough(&self) -> bool {
         self.params.get().is_some_and(ConnParams::passthrough)
@@ -382,6 +405,10 @@ impl Session {
         let conn = Connection {
             device: device.clone(),
             params: params.clone(),
+            requests: Arc::new(RequestCounts {
+                count: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+                nanos: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+            }),
         };
         if let Some(p) = resume {
             let _ = params.set(p);
@@ -484,6 +511,20 @@ impl Worker {
     }
 
     fn dispatch(&self, h: InHeader, payload: &[u8]) {
+        let started = std::time::Instant::now();
+        self.handle(h, payload);
+        let op = h.opcode as usize;
+        let r = &self.conn.requests;
+        if let (Some(n), Some(t)) = (r.count.get(op), r.nanos.get(op)) {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            t.fetch_add(
+                started.elapsed().as_nanos() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn handle(&self, h: InHeader, payload: &[u8]) {
         let req = Request {
             unique: h.unique,
             uid: h.uid,
