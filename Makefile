@@ -3,10 +3,10 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deps demo test sanity soak envtest generate check-generated bench images kind-up deploy e2e
+.PHONY: help deps demo test sanity soak envtest generate check-generated bench images kind-up kind-down deploy e2e
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 # The Helm engine the chart tests use: Helm 4's Go SDK as a shared library, from PyPI
 # (no helm binary is needed), in a project-local venv. Pinned: operator/tests/chart.rs
@@ -52,5 +52,93 @@ bench: deps ## speed report: warm vs local disk, cold vs SDK download, small fil
 	$(CARGO) build --release --locked -p tidepool-csi --bin tidepool --example bench
 	TIDEPOOL_BIN=$(CURDIR)/target/release/tidepool ./target/release/examples/bench
 
-images kind-up deploy e2e: ## cluster targets: land with the chart and e2e issue
-	@echo "make $@: not implemented yet (needs the chart, images and e2e work of a later issue)"; exit 2
+# Cluster targets: `make images kind-up deploy e2e` builds the images, creates a local kind
+# cluster, installs Tidepool and the e2e lake on it, and runs the end-to-end suite. Each
+# says what is missing (Docker, kind, helm, kubectl, a cluster) and exits non-zero: none
+# ever reports a pass it did not run.
+#
+# The images are the repositories charts/tidepool/values.yaml names, tagged with the
+# chart's appVersion (the chart's default tag), so the chart finds them unchanged.
+APP_VERSION := $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' charts/tidepool/Chart.yaml)
+IMAGE_TAG ?= $(APP_VERSION)
+OPERATOR_REPO := ghcr.io/tidepool-dev/tidepool-operator
+NODE_REPO := ghcr.io/tidepool-dev/tidepool
+OPERATOR_IMAGE := $(OPERATOR_REPO):$(IMAGE_TAG)
+NODE_IMAGE := $(NODE_REPO):$(IMAGE_TAG)
+DOCKER ?= docker
+KIND ?= kind
+HELM ?= helm
+KUBECTL ?= kubectl
+KIND_CLUSTER ?= tidepool
+KIND_CONTEXT := kind-$(KIND_CLUSTER)
+# Empty: kind's default node image (Kubernetes >= 1.33 from kind v0.29 on); or pin one with
+# its digest from your kind release's notes: KIND_NODE_IMAGE=kindest/node:v1.33.x@sha256:...
+KIND_NODE_IMAGE ?=
+# The host directories kind-config.yaml mounts as each worker's pool (keep the two in step).
+KIND_POOLS := /tmp/tidepool-kind/worker-1 /tmp/tidepool-kind/worker-2
+RELEASE ?= tidepool
+RELEASE_NAMESPACE ?= tidepool-system
+# A pool far smaller than the chart's 100GiB default: the host directories live in /tmp.
+KIND_POOL_SIZE ?= 8GiB
+
+define need_docker
+	@command -v $(DOCKER) >/dev/null || { echo "make $@: docker is not installed here; it is needed $(1)."; exit 1; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "make $@: docker is installed but its daemon does not answer here (docker info fails); it is needed $(1): start the daemon, or run this where Docker runs."; exit 1; }
+endef
+
+define need_tool
+	@command -v $(1) >/dev/null || { echo "make $@: $(1) is not installed here; $(2)"; exit 1; }
+endef
+
+images: ## build the two container images (Dockerfile: targets operator and node) as the chart names them, tagged with its appVersion; DOCKER_BUILD_ARGS for --build-arg (base image digests)
+	$(call need_docker,to build $(OPERATOR_IMAGE) and $(NODE_IMAGE) from the Dockerfile)
+	@grep -q 'repository: $(OPERATOR_REPO)$$' charts/tidepool/values.yaml && grep -q 'repository: $(NODE_REPO)$$' charts/tidepool/values.yaml || { \
+	  echo "make $@: charts/tidepool/values.yaml no longer names $(OPERATOR_REPO) and $(NODE_REPO); update OPERATOR_REPO/NODE_REPO in the Makefile"; exit 1; }
+	DOCKER_BUILDKIT=1 $(DOCKER) build --target operator --build-arg VERSION=$(IMAGE_TAG) $(DOCKER_BUILD_ARGS) -t $(OPERATOR_IMAGE) .
+	DOCKER_BUILDKIT=1 $(DOCKER) build --target node --build-arg VERSION=$(IMAGE_TAG) $(DOCKER_BUILD_ARGS) -t $(NODE_IMAGE) .
+
+kind-up: ## create the local kind cluster of kind-config.yaml (one control plane, two workers, worker 1 labelled tidepool.dev/gpu=true) and its host pool directories
+	$(call need_docker,to run the kind nodes (Docker containers))
+	$(call need_tool,$(KIND),see https://kind.sigs.k8s.io/docs/user/quick-start/#installation)
+	@[ -e /dev/fuse ] || echo "make $@: warning: /dev/fuse is missing on this host; Tidepool's volumes are FUSE mounts made in the kind nodes, which share the kernel of the machine Docker runs on (modprobe fuse there)"
+	mkdir -p $(KIND_POOLS)
+	@if $(KIND) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)'; then \
+	  echo "kind cluster $(KIND_CLUSTER) exists already (make kind-down removes it)"; \
+	else \
+	  $(KIND) create cluster --name $(KIND_CLUSTER) --config kind-config.yaml $(if $(KIND_NODE_IMAGE),--image $(KIND_NODE_IMAGE)) --wait 180s; \
+	fi
+
+kind-down: ## delete the local kind cluster and its host pool directories
+	$(call need_tool,$(KIND),see https://kind.sigs.k8s.io/docs/user/quick-start/#installation)
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
+	$(SUDO) rm -rf $(KIND_POOLS)
+
+deploy: ## load the images into the kind cluster, install the chart (release tidepool in tidepool-system) and the e2e lake (e2e/manifests/azurite.yaml); run make images kind-up first
+	$(call need_docker,to load the images into the kind nodes)
+	$(call need_tool,$(KIND),see https://kind.sigs.k8s.io/docs/user/quick-start/#installation)
+	$(call need_tool,$(HELM),install Helm 3 or 4: https://helm.sh/docs/intro/install/ (the chart tests' helm-python-sdk has no CLI))
+	$(call need_tool,$(KUBECTL),install kubectl: https://kubernetes.io/docs/tasks/tools/)
+	@$(KIND) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)' || { echo "make $@: there is no kind cluster $(KIND_CLUSTER); run make kind-up first"; exit 1; }
+	@$(DOCKER) image inspect $(OPERATOR_IMAGE) $(NODE_IMAGE) >/dev/null 2>&1 || { echo "make $@: $(OPERATOR_IMAGE) or $(NODE_IMAGE) is not built; run make images first"; exit 1; }
+	$(KIND) load docker-image --name $(KIND_CLUSTER) $(OPERATOR_IMAGE) $(NODE_IMAGE)
+	$(KUBECTL) --context $(KIND_CONTEXT) apply -f e2e/manifests/azurite.yaml
+	$(HELM) upgrade --install $(RELEASE) charts/tidepool --kube-context $(KIND_CONTEXT) \
+	  -n $(RELEASE_NAMESPACE) --create-namespace \
+	  --set operator.image.tag=$(IMAGE_TAG) --set node.image.tag=$(IMAGE_TAG) \
+	  --set node.pool.size=$(KIND_POOL_SIZE) --wait --timeout 10m
+	$(KUBECTL) --context $(KIND_CONTEXT) -n tidepool-e2e rollout status deployment/azurite --timeout=300s
+
+e2e: ## the end-to-end suite (e2e/, its own Cargo workspace) against the current kubectl context; make kind-up deploy first (needs Docker, kind, kubectl, helm)
+	$(call need_tool,$(KUBECTL),install kubectl: https://kubernetes.io/docs/tasks/tools/ (and run make kind-up deploy))
+	@ctx=$$($(KUBECTL) config current-context 2>/dev/null) || { \
+	  echo "make $@: no kubectl context is set, so there is no cluster to test."; \
+	  if ! command -v $(DOCKER) >/dev/null; then echo "make $@: docker is not installed here, so a local kind cluster cannot run here."; \
+	  elif ! $(DOCKER) info >/dev/null 2>&1; then echo "make $@: docker's daemon does not answer here, so a local kind cluster cannot run here."; fi; \
+	  command -v $(KIND) >/dev/null || echo "make $@: kind is not installed here."; \
+	  echo "make $@: run make images kind-up deploy (Docker, kind, helm), or set KUBECONFIG to a cluster where Tidepool and e2e/manifests/azurite.yaml are deployed. Nothing was tested."; \
+	  exit 1; }; \
+	$(KUBECTL) get --raw=/readyz --request-timeout=15s >/dev/null 2>&1 || { \
+	  echo "make $@: the cluster of kubectl context $$ctx does not answer (kubectl get --raw=/readyz failed). Nothing was tested."; \
+	  exit 1; }
+	$(call need_tool,$(HELM),the helm upgrade scenario runs it; install Helm 3 or 4: https://helm.sh/docs/intro/install/)
+	$(CARGO) test --locked --manifest-path e2e/Cargo.toml -- --test-threads=1 --nocapture

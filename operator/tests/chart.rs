@@ -9,14 +9,17 @@
 //!   know (a typo, a field at the wrong level) fails the test.
 //! - `helm lint --strict` clean for both; `values.schema.json` refuses typos.
 //! - The policy a reviewer would check: no RBAC wildcards and exactly the rules the
-//!   binaries need, resources and probes on every container, only the mounting container
+//!   binaries need, resources on every container and a liveness probe on every one but
+//!   the sync sidecar (it serves nothing to probe), only the mounting container
 //!   privileged, no `latest` images by default.
 //! - On a real API server (envtest, `tidepool_api::envtest`; skipped with a line saying
 //!   so where its binaries are missing): installed by the Helm engine (the server accepts
 //!   every object), upgraded with a changed value, uninstalled (nothing left but the
 //!   CRDs, which Helm never deletes); then the operator and agent binaries run with the
 //!   chart's service accounts (impersonated) to show that its RBAC is enough for a
-//!   DatasetCache to get its PV, PVC, pool assignment and a status from the agent.
+//!   DatasetCache to get its PV, PVC, pool assignment and a status from the agent (the
+//!   `tidepool` binary is taken from beside `tidepool-operator`, where `cargo test
+//!   --workspace` builds it; skipped with a line saying so where it is not).
 //!
 //! Where the Helm engine is not installed the tests print one `SKIPPED` line (run
 //! `make deps`).
