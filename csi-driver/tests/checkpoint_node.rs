@@ -16,7 +16,6 @@ use tidepool_csi::checkpoint::store::VolumeLayout;
 use tidepool_csi::checkpoint::sync::{StepChoice, SyncStatus, durable_steps, restore};
 use tidepool_csi::csi_proto as pb;
 use tidepool_csi::lake::Lake;
-use tidepool_csi::mounts::mount_points;
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
 use tidepool_csi::testing::node::{NodePaths, NodeProcess, csi_clients, rw_capability};
 use tidepool_csi::testing::{Azurite, pattern};
@@ -80,32 +79,13 @@ impl Node {
         all[0].clone()
     }
     fn mounts_left(&self) -> Vec<PathBuf> {
-        let work = self.paths.work.canonicalize().unwrap();
-        mount_points()
-            .unwrap()
-            .into_iter()
-            .filter(|p| p.starts_with(&work))
-            .collect()
+        self.paths.mounts_left()
     }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let Ok(work) = self.paths.work.canonicalize() else {
-            return;
-        };
-        let mut left: Vec<PathBuf> = mount_points()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|p| p.starts_with(&work))
-            .collect();
-        left.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for p in left {
-            if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
-                // SAFETY: a NUL-terminated path.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
+        self.paths.detach_mounts();
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tidepool_csi::csi_proto as pb;
 use tidepool_csi::lake::{BlockId, Lake};
-use tidepool_csi::mounts::{is_mounted, mount_points};
+use tidepool_csi::mounts::is_mounted;
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
 use tidepool_csi::testing::node::{NodePaths, csi_clients, ro_capability, volume_stats};
 use tidepool_csi::testing::{Azurite, pattern};
@@ -132,33 +132,14 @@ impl Node {
     }
     /// Tidepool mounts left under the work directory.
     fn mounts_left(&self) -> Vec<PathBuf> {
-        let work = self.paths.work.canonicalize().unwrap();
-        mount_points()
-            .unwrap()
-            .into_iter()
-            .filter(|p| p.starts_with(&work))
-            .collect()
+        self.paths.mounts_left()
     }
 }
 
 impl Drop for Node {
     /// A failed test leaves no mount behind (detached: its server may be gone).
     fn drop(&mut self) {
-        let Ok(work) = self.paths.work.canonicalize() else {
-            return;
-        };
-        let mut left: Vec<PathBuf> = mount_points()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|p| p.starts_with(&work))
-            .collect();
-        left.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for p in left {
-            if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
-                // SAFETY: a NUL-terminated path.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
+        self.paths.detach_mounts();
     }
 }
 

@@ -58,6 +58,28 @@ impl NodePaths {
         }
     }
 
+    /// Mounts left under the work directory (the pods' targets, the staging mounts).
+    pub fn mounts_left(&self) -> Vec<PathBuf> {
+        let Ok(work) = self.work.canonicalize() else {
+            return Vec::new();
+        };
+        crate::mounts::mount_points()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.starts_with(&work))
+            .collect()
+    }
+
+    /// Detaches every mount left under the work directory, deepest first, so a failed
+    /// test leaves none behind (detached: its server may be gone).
+    pub fn detach_mounts(&self) {
+        let mut left = self.mounts_left();
+        left.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in left {
+            let _ = crate::mounts::detach_path(&p);
+        }
+    }
+
     fn spawn(&self, name: &str, args: &[&std::ffi::OsStr]) -> NodeProcess {
         let log = self.work.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
