@@ -40,9 +40,7 @@ use crate::checkpoint::store::{Store, VolumeConfig, VolumeLayout};
 use crate::checkpoint::tree::{CheckpointTree, LakeSteps, OpenWriters, TreeConfig};
 use crate::fs::{DatasetFs, FsConfig, MountStats, SnapshotReleaser};
 use crate::fuse::{ConnParams, Device, Session, SessionConfig};
-use crate::lake::azure::AzureLake;
-use crate::lake::retry::RetryingLake;
-use crate::lake::{Credentials, Lake, LakeError, LakeUrl, Secret};
+use crate::lake::{Credentials, LakeError, LakeUrl, Secret};
 use datasets::{LakeSettings, Registry};
 use protocol::{ErrorCode, Request, Response, StageSecrets, VolumeStats};
 
@@ -453,23 +451,16 @@ impl Agent {
         attributes: &VolumeAttributes,
         secrets: &StageSecrets,
     ) -> Option<LakeSteps> {
-        let opened = self.credentials_for(attributes, secrets).and_then(|c| {
-            AzureLake::connect(url, &c, &self.config.lake.azure)
-                .map_err(|e| AgentError::Credentials(format!("connecting to {url}: {e}")))
-        });
+        let opened = self
+            .credentials_for(attributes, secrets)
+            .and_then(|c| self.config.lake.connect(url, &c));
         match opened {
-            Ok(azure) => {
-                let lake: Arc<dyn Lake> = Arc::new(RetryingLake::new(
-                    Arc::new(azure),
-                    self.config.lake.retry.clone(),
-                ));
-                Some(LakeSteps::new(
-                    lake,
-                    url,
-                    self.pool.clone(),
-                    self.rt.clone(),
-                ))
-            }
+            Ok(lake) => Some(LakeSteps::new(
+                lake,
+                url,
+                self.pool.clone(),
+                self.rt.clone(),
+            )),
             Err(e) => {
                 tracing::warn!(%url, error = %e, "cannot open the lake: steps durable only in the lake are not shown in this checkpoint volume");
                 None

@@ -29,6 +29,22 @@ pub struct LakeSettings {
     pub retry: RetryConfig,
 }
 
+impl LakeSettings {
+    /// A client of the lake at `url` with `credentials`, retrying as configured.
+    pub fn connect(
+        &self,
+        url: &LakeUrl,
+        credentials: &Credentials,
+    ) -> Result<Arc<dyn Lake>, AgentError> {
+        let azure = AzureLake::connect(url, credentials, &self.azure)
+            .map_err(|e| AgentError::Credentials(format!("connecting to {url}: {e}")))?;
+        Ok(Arc::new(RetryingLake::new(
+            Arc::new(azure),
+            self.retry.clone(),
+        )))
+    }
+}
+
 /// What a dataset is doing on this node, for status.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -169,10 +185,7 @@ impl Registry {
         if let Some(s) = self.get(url) {
             return Ok(s);
         }
-        let azure = AzureLake::connect(url, credentials, &lake.azure)
-            .map_err(|e| AgentError::Credentials(format!("connecting to {url}: {e}")))?;
-        let client: Arc<dyn Lake> =
-            Arc::new(RetryingLake::new(Arc::new(azure), lake.retry.clone()));
+        let client = lake.connect(url, credentials)?;
         let dataset = Dataset::open(pool.clone(), url.clone(), client, true, |_| {})
             .await
             .map_err(AgentError::from_cache)?;
