@@ -543,6 +543,9 @@ impl fuse::FileSystem for DatasetFs {
 pub struct MountConfig {
     pub options: fuse::MountOptions,
     pub threads: usize,
+    /// Serve through io_uring where the kernel offers it (`fuse/uring.rs`). Off for
+    /// mounts a restarted process takes over (the node agent's).
+    pub io_uring: bool,
 }
 
 /// Mount options for a dataset (`source` is shown in the mount table).
@@ -556,6 +559,7 @@ pub fn mount_config(allow_other: bool, n_threads: usize, source: &str) -> MountC
             default_permissions: true,
         },
         threads: n_threads.max(1),
+        io_uring: false,
     }
 }
 
@@ -572,7 +576,8 @@ impl Mount {
     pub fn spawn(fs: DatasetFs, mountpoint: &Path, config: &MountConfig) -> std::io::Result<Mount> {
         let stats = fs.stats.clone();
         let passthrough = fs.cfg.passthrough;
-        let session = SessionConfig::read_only(config.threads, passthrough);
+        let session =
+            SessionConfig::read_only(config.threads, passthrough).with_io_uring(config.io_uring);
         Self::serve(Arc::new(fs), stats, mountpoint, &config.options, session)
     }
 
@@ -624,9 +629,13 @@ impl Mount {
     /// Blocks until the file system is unmounted (by `umount` or [`Mount::unmount`]).
     pub fn join(mut self) -> std::io::Result<()> {
         if let Some(s) = self.session.take() {
-            let counts = s.connection().request_counts();
+            let conn = s.connection().clone();
             s.join();
-            tracing::info!(requests = ?counts, "the mount served these requests");
+            tracing::info!(
+                requests = ?conn.request_counts(),
+                through_io_uring = conn.io_uring_requests(),
+                "the mount served these requests"
+            );
         }
         Ok(())
     }

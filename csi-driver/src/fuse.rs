@@ -11,6 +11,7 @@
 pub mod abi;
 pub mod mount;
 pub mod session;
+pub mod uring;
 
 pub use abi::{
     AttrOut, CreateIn, DirBuf, EntryOut, FallocateIn, FileKind, OpenOut, RenameIn, SetattrIn,

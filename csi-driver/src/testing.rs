@@ -39,3 +39,39 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     v.truncate(len);
     v
 }
+
+/// The fuse module's switch for FUSE over io_uring (Linux 6.14+).
+const FUSE_ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Turns the fuse module's `enable_uring` on while it lives (as an administrator would)
+/// and puts back what was there when dropped, so a mount can negotiate FUSE over
+/// io_uring. `None`, with the reason printed, where the kernel has no such switch or we
+/// may not change it: the caller skips, loudly.
+pub struct FuseUring {
+    previous: String,
+}
+
+impl FuseUring {
+    pub fn enable() -> Option<FuseUring> {
+        let previous = match std::fs::read_to_string(FUSE_ENABLE_URING) {
+            Ok(v) => v.trim().to_owned(),
+            Err(e) => {
+                eprintln!(
+                    "SKIPPED: this kernel has no FUSE over io_uring ({FUSE_ENABLE_URING}: {e}; needs Linux 6.14+)"
+                );
+                return None;
+            }
+        };
+        if let Err(e) = std::fs::write(FUSE_ENABLE_URING, "Y") {
+            eprintln!("SKIPPED: cannot turn on {FUSE_ENABLE_URING} ({e}; needs root)");
+            return None;
+        }
+        Some(FuseUring { previous })
+    }
+}
+
+impl Drop for FuseUring {
+    fn drop(&mut self) {
+        let _ = std::fs::write(FUSE_ENABLE_URING, &self.previous);
+    }
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tidepool_csi::lake::{BlockId, Lake};
 use tidepool_csi::mounts::is_mounted;
-use tidepool_csi::testing::{Azurite, MountProcess, pattern};
+use tidepool_csi::testing::{Azurite, FuseUring, MountProcess, pattern};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -164,6 +164,23 @@ fn pool_disk_bytes(cache: &Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_readers_on_a_pool_far_smaller_than_the_data_never_see_a_wrong_byte() {
+    stress(&["--no-io-uring"]).await;
+}
+
+/// The same load with every request but FORGET coming through FUSE over io_uring (one
+/// queue per CPU; READs answered later from other threads through the queue's mailbox).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_through_fuse_over_io_uring() {
+    let Some(_uring) = FuseUring::enable() else {
+        return;
+    };
+    stress(&[]).await;
+}
+
+/// Runs the load against `tidepool mount ... EXTRA`: through io_uring unless EXTRA says
+/// `--no-io-uring`, and then the mount's log must show it served through io_uring.
+async fn stress(extra: &[&str]) {
+    let uring = !extra.contains(&"--no-io-uring");
     let azurite = Azurite::start();
     let lake = azurite.lake("data").await;
     let versions: Versions = Arc::default();
@@ -205,8 +222,12 @@ async fn concurrent_readers_on_a_pool_far_smaller_than_the_data_never_see_a_wron
             "--refresh",
             "2s",
             "--log",
-            "warn,tidepool_csi::cache=info",
-        ],
+            "warn,tidepool_csi::cache=info,tidepool_csi::fuse=info,tidepool_csi::fs=info",
+        ]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect::<Vec<_>>(),
         Some(&log),
     );
     let mnt = mnt.canonicalize().unwrap();
@@ -321,4 +342,28 @@ async fn concurrent_readers_on_a_pool_far_smaller_than_the_data_never_see_a_wron
     let status = child.wait();
     assert!(status.success(), "SIGTERM is a clean exit: {status}");
     assert!(!is_mounted(&mnt).unwrap(), "nothing left mounted");
+    // How the requests came: the mount logs it when it ends.
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let served = text
+        .lines()
+        .find(|l| l.contains("the mount served these requests"))
+        .unwrap_or_else(|| panic!("the mount logged what it served:\n{text}"));
+    let through: u64 = served
+        .split("through_io_uring=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a through_io_uring count in {served:?}"));
+    if uring {
+        assert!(
+            text.contains("serving FUSE requests through io_uring"),
+            "the kernel offered io_uring and the mount took it:\n{text}"
+        );
+        assert!(
+            through >= reads,
+            "every open and read came through io_uring ({through} requests for {reads} reads): {served}"
+        );
+    } else {
+        assert_eq!(through, 0, "--no-io-uring kept to /dev/fuse: {served}");
+    }
 }

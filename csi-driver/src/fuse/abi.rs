@@ -17,8 +17,9 @@ use std::os::unix::ffi::OsStrExt;
 compile_error!("the FUSE encoding here assumes a little-endian host");
 
 pub const KERNEL_MAJOR: u32 = 7;
-/// The minor version we answer with: the layouts below are those of 7.40.
-pub const KERNEL_MINOR: u32 = 40;
+/// The minor version we answer with: the layouts below are those of 7.40; 7.41 and 7.42
+/// only added INIT flags (and, in 7.42, the io_uring structures of `uring.rs`).
+pub const KERNEL_MINOR: u32 = 42;
 /// The oldest minor version we serve.
 pub const MIN_MINOR: u32 = 31;
 pub const ROOT_ID: u64 = 1;
@@ -128,6 +129,9 @@ pub mod init {
     pub const PASSTHROUGH: u64 = 1 << 37;
     /// The kernel can resend requests a server read but never answered (6.9+).
     pub const HAS_RESEND: u64 = 1 << 39;
+    /// Requests may come through io_uring (6.14+, when the fuse module's `enable_uring`
+    /// is set); see `uring.rs`.
+    pub const OVER_IO_URING: u64 = 1 << 41;
 }
 
 /// `fuse_open_out.open_flags`.

@@ -29,6 +29,9 @@ use super::abi::{
     StatfsOut, WriteIn, init, op,
 };
 
+/// Pages per request we accept (1 MiB requests of 4 KiB pages).
+const MAX_PAGES: u16 = 256;
+
 /// A positive errno (`libc::ENOENT`, …).
 pub type Errno = i32;
 
@@ -134,6 +137,19 @@ pub struct SessionConfig {
 }
 
 impl SessionConfig {
+    /// Also serve requests through io_uring when the kernel offers it (`uring.rs`).
+    /// Only for connections that are never resumed by another process.
+    pub fn with_io_uring(mut self, on: bool) -> Self {
+        if on {
+            self.want |= init::OVER_IO_URING;
+        } else {
+            self.want &= !init::OVER_IO_URING;
+        }
+        self
+    }
+}
+
+impl SessionConfig {
     /// A read-only dataset: async reads, readdirplus, parallel lookups, 1 MiB requests,
     /// and passthrough when `passthrough`.
     pub fn read_only(threads: usize, passthrough: bool) -> Self {
@@ -186,6 +202,8 @@ pub struct Connection {
     device: Arc<Device>,
     params: Arc<OnceLock<ConnParams>>,
     requests: Arc<RequestCounts>,
+    /// The io_uring queues' threads, once started.
+    rings: Arc<parking_lot::Mutex<Vec<std::thread::JoinHandle<()>>>>,
 }
 
 /// Requests served, and the time spent handling them (to the reply, or to handing the
@@ -194,6 +212,8 @@ pub struct Connection {
 struct RequestCounts {
     count: [std::sync::atomic::AtomicU64; 64],
     nanos: [std::sync::atomic::AtomicU64; 64],
+    /// Of those, the requests that came through io_uring.
+    ring: std::sync::atomic::AtomicU64,
 }
 
 impl Connection {
@@ -209,6 +229,13 @@ impl Connection {
                 (n > 0).then(|| (abi::op::name(op as u32), n, (us * 10.0).round() / 10.0))
             })
             .collect()
+    }
+
+    /// Requests that came through io_uring so far (`uring.rs`).
+    pub fn io_uring_requests(&self) -> u64 {
+        self.requests
+            .ring
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether INIT settled on FUSE passthrough.
@@ -238,29 +265,48 @@ impl Connection {
     }
 }
 
+/// Where a later answer goes: the /dev/fuse file, or the io_uring entry that holds the
+/// request (through its queue's mailbox).
+pub(super) enum ReplyTo {
+    Device(Arc<Device>),
+    Ring(Arc<super::uring::Mailbox>, u32),
+}
+
 /// The answer to a READ, possibly given later from another thread.
 pub struct ReplyData {
     unique: u64,
-    device: Arc<Device>,
+    to: ReplyTo,
     done: bool,
 }
 
 impl ReplyData {
     pub fn data(mut self, data: &[u8]) {
         self.done = true;
-        send(&self.device, abi::message(self.unique, 0, data));
+        self.answer(Ok(data));
     }
 
     pub fn error(mut self, errno: Errno) {
         self.done = true;
-        send(&self.device, abi::message(self.unique, -errno, &[]));
+        self.answer(Err(errno));
+    }
+
+    fn answer(&self, r: Result<&[u8], Errno>) {
+        match &self.to {
+            ReplyTo::Device(d) => match r {
+                Ok(data) => send(d, abi::message(self.unique, 0, data)),
+                Err(errno) => send(d, abi::message(self.unique, -errno, &[])),
+            },
+            ReplyTo::Ring(mailbox, entry) => {
+                mailbox.post(*entry, self.unique, r.map(|d| d.to_vec()))
+            }
+        }
     }
 }
 
 impl Drop for ReplyData {
     fn drop(&mut self) {
         if !self.done {
-            send(&self.device, abi::message(self.unique, -libc::EIO, &[]));
+            self.answer(Err(libc::EIO));
         }
     }
 }
@@ -408,7 +454,9 @@ impl Session {
             requests: Arc::new(RequestCounts {
                 count: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
                 nanos: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+                ring: Default::default(),
             }),
+            rings: Default::default(),
         };
         if let Some(p) = resume {
             let _ = params.set(p);
@@ -427,6 +475,14 @@ impl Session {
                 config: config.clone(),
                 conn: conn.clone(),
             };
+            if i == 0
+                && let Some(p) = resume
+                && p.flags & init::OVER_IO_URING != 0
+            {
+                // The previous server's ring entries died with it: requests wait on
+                // the queues until new ones register.
+                worker.start_rings(p);
+            }
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("fuse-{i}"))
@@ -464,6 +520,18 @@ impl Session {
         for w in self.workers {
             let _ = w.join();
         }
+        // The kernel ends the ring entries when the connection ends; a queue thread
+        // still waiting after that is left behind rather than holding up the unmount.
+        let rings = std::mem::take(&mut *self.conn.rings.lock());
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        for r in rings {
+            while !r.is_finished() && std::time::Instant::now() < end {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if r.is_finished() {
+                let _ = r.join();
+            }
+        }
     }
 
     /// Whether every worker has stopped (the connection ended).
@@ -472,7 +540,8 @@ impl Session {
     }
 }
 
-struct Worker {
+#[derive(Clone)]
+pub(super) struct Worker {
     device: Arc<Device>,
     fs: Arc<dyn FileSystem>,
     config: SessionConfig,
@@ -511,8 +580,33 @@ impl Worker {
     }
 
     fn dispatch(&self, h: InHeader, payload: &[u8]) {
+        if h.opcode == op::INIT {
+            return self.init(h.unique, payload);
+        }
+        let device = self.device.clone();
+        if let Some(r) = self.dispatch_for(h, payload, move || ReplyTo::Device(device)) {
+            self.reply(h.unique, r);
+        }
+    }
+
+    /// Counts a request that came through io_uring.
+    pub(super) fn count_ring_request(&self) {
+        self.conn
+            .requests
+            .ring
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Hands one request to the file system (counted and timed); returns the answer if
+    /// there is one now. A READ answers through `later`'s target instead.
+    pub(super) fn dispatch_for(
+        &self,
+        h: InHeader,
+        payload: &[u8],
+        later: impl FnOnce() -> ReplyTo,
+    ) -> Option<Result<Vec<u8>, Errno>> {
         let started = std::time::Instant::now();
-        self.handle(h, payload);
+        let answer = self.handle(h, payload, later);
         let op = h.opcode as usize;
         let r = &self.conn.requests;
         if let (Some(n), Some(t)) = (r.count.get(op), r.nanos.get(op)) {
@@ -522,9 +616,15 @@ impl Worker {
                 std::sync::atomic::Ordering::Relaxed,
             );
         }
+        answer
     }
 
-    fn handle(&self, h: InHeader, payload: &[u8]) {
+    fn handle(
+        &self,
+        h: InHeader,
+        payload: &[u8],
+        later: impl FnOnce() -> ReplyTo,
+    ) -> Option<Result<Vec<u8>, Errno>> {
         let req = Request {
             unique: h.unique,
             uid: h.uid,
@@ -542,12 +642,14 @@ impl Worker {
             v
         };
         match h.opcode {
-            op::INIT => self.init(h.unique, payload),
-            op::DESTROY => self.reply(h.unique, Ok(Vec::new())),
+            // INIT comes only through /dev/fuse (see `dispatch`).
+            op::INIT => Some(Err(libc::EIO)),
+            op::DESTROY => Some(Ok(Vec::new())),
             op::FORGET => {
                 if let Ok(n) = abi::parse_forget(payload) {
                     fs.forget(h.nodeid, n);
                 }
+                None
             }
             op::BATCH_FORGET => {
                 if let Ok(list) = abi::parse_batch_forget(payload) {
@@ -555,52 +657,56 @@ impl Worker {
                         fs.forget(ino, n);
                     }
                 }
+                None
             }
             // We answer every request as soon as we can; an interrupt changes nothing.
-            op::INTERRUPT => {}
+            op::INTERRUPT => None,
             op::LOOKUP => {
                 let r = abi::Cursor(payload)
                     .name("lookup")
                     .map_err(bad)
                     .and_then(|name| fs.lookup(&req, h.nodeid, name))
                     .map(|e| encode(&|v| e.encode(v)));
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::GETATTR => {
                 let r = abi::parse_getattr(payload)
                     .map_err(bad)
                     .and_then(|fh| fs.getattr(&req, h.nodeid, fh))
                     .map(|a| encode(&|v| a.encode(v)));
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::OPEN => {
                 let r = abi::parse_open(payload)
                     .map_err(bad)
                     .and_then(|flags| fs.open(&req, h.nodeid, flags))
                     .map(|o| encode(&|v| o.encode(v)));
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::OPENDIR => {
                 let r = abi::parse_open(payload)
                     .map_err(bad)
                     .and_then(|flags| fs.opendir(&req, h.nodeid, flags))
                     .map(|o| encode(&|v| o.encode(v)));
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::READ => match abi::ReadIn::parse(payload) {
-                Ok(r) => fs.read(
-                    &req,
-                    h.nodeid,
-                    r.fh,
-                    r.offset,
-                    r.size,
-                    ReplyData {
-                        unique: h.unique,
-                        device: self.device.clone(),
-                        done: false,
-                    },
-                ),
-                Err(e) => self.reply(h.unique, Err(bad(e))),
+                Ok(r) => {
+                    fs.read(
+                        &req,
+                        h.nodeid,
+                        r.fh,
+                        r.offset,
+                        r.size,
+                        ReplyData {
+                            unique: h.unique,
+                            to: later(),
+                            done: false,
+                        },
+                    );
+                    None
+                }
+                Err(e) => Some(Err(bad(e))),
             },
             op::READDIR | op::READDIRPLUS => {
                 let r = abi::ReadIn::parse(payload).map_err(bad).and_then(|r| {
@@ -608,53 +714,53 @@ impl Worker {
                     fs.readdir(&req, h.nodeid, r.fh, r.offset, &mut out)?;
                     Ok(out.into_bytes())
                 });
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::RELEASE => {
                 if let Ok(r) = abi::ReleaseIn::parse(payload) {
                     fs.release(&req, h.nodeid, r.fh, r.flags);
                 }
-                self.reply(h.unique, Ok(Vec::new()));
+                Some(Ok(Vec::new()))
             }
             op::RELEASEDIR => {
                 if let Ok(r) = abi::ReleaseIn::parse(payload) {
                     fs.releasedir(&req, h.nodeid, r.fh);
                 }
-                self.reply(h.unique, Ok(Vec::new()));
+                Some(Ok(Vec::new()))
             }
             // Nothing is buffered on our side: a flush has nothing to do.
-            op::FLUSH => self.reply(h.unique, Ok(Vec::new())),
+            op::FLUSH => Some(Ok(Vec::new())),
             op::STATFS => {
                 let r = fs.statfs(&req, h.nodeid).map(|s| encode(&|v| s.encode(v)));
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::ACCESS => {
                 let r = abi::parse_access(payload)
                     .map_err(bad)
                     .and_then(|mask| fs.access(&req, h.nodeid, mask))
                     .map(|()| Vec::new());
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::SETATTR => {
                 let r = SetattrIn::parse(payload)
                     .map_err(bad)
                     .and_then(|a| fs.setattr(&req, h.nodeid, &a))
                     .map(|a| encode(&|v| a.encode(v)));
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::MKNOD => {
                 let r = abi::parse_mknod(payload)
                     .map_err(bad)
                     .and_then(|(mode, umask, name)| fs.mknod(&req, h.nodeid, name, mode, umask))
                     .map(|e| encode(&|v| e.encode(v)));
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::MKDIR => {
                 let r = abi::parse_mkdir(payload)
                     .map_err(bad)
                     .and_then(|(mode, umask, name)| fs.mkdir(&req, h.nodeid, name, mode, umask))
                     .map(|e| encode(&|v| e.encode(v)));
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::UNLINK | op::RMDIR => {
                 let r = abi::Cursor(payload)
@@ -668,20 +774,20 @@ impl Worker {
                         }
                     })
                     .map(|()| Vec::new());
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::RENAME | op::RENAME2 => {
                 let r = RenameIn::parse(payload, h.opcode == op::RENAME2)
                     .map_err(bad)
                     .and_then(|rn| fs.rename(&req, h.nodeid, &rn))
                     .map(|()| Vec::new());
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::LINK | op::SYMLINK => {
                 let r = fs
                     .link(&req, h.opcode, h.nodeid)
                     .map(|e| encode(&|v| e.encode(v)));
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::CREATE => {
                 let r = CreateIn::parse(payload)
@@ -693,14 +799,14 @@ impl Worker {
                             o.encode(v)
                         })
                     });
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::WRITE => {
                 let r = WriteIn::parse(payload)
                     .map_err(bad)
                     .and_then(|w| fs.write(&req, h.nodeid, &w))
                     .map(abi::write_out);
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::FSYNC | op::FSYNCDIR => {
                 let r = abi::parse_fsync(payload)
@@ -713,25 +819,25 @@ impl Worker {
                         }
                     })
                     .map(|()| Vec::new());
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::FALLOCATE => {
                 let r = FallocateIn::parse(payload)
                     .map_err(bad)
                     .and_then(|f| fs.fallocate(&req, h.nodeid, &f))
                     .map(|()| Vec::new());
-                self.reply(h.unique, r);
+                Some(r)
             }
             op::SETXATTR | op::REMOVEXATTR | op::TMPFILE | op::SYNCFS => {
                 let r = fs
                     .other_write(&req, h.opcode, h.nodeid)
                     .map(|()| Vec::new());
-                self.reply(h.unique, r);
+                Some(r)
             }
             // COPY_FILE_RANGE: ENOSYS makes the kernel copy through READ and WRITE.
             // xattrs, locks, ioctl, poll, lseek, readlink, bmap: not supported. ENOSYS
             // makes the kernel stop asking for most of them.
-            _ => self.reply(h.unique, Err(libc::ENOSYS)),
+            _ => Some(Err(libc::ENOSYS)),
         }
     }
 
@@ -782,7 +888,7 @@ impl Worker {
             max_write: params.max_write,
             time_gran: 1,
             // 1 MiB requests (256 pages of 4 KiB).
-            max_pages: 256,
+            max_pages: MAX_PAGES,
             max_stack_depth: if flags & init::PASSTHROUGH != 0 { 1 } else { 0 },
         };
         let _ = self.conn.params.set(params);
@@ -790,5 +896,37 @@ impl Worker {
         let mut v = Vec::new();
         out.encode(&mut v);
         self.reply(unique, Ok(v));
+        // The kernel has taken the answer (and switched io_uring on) when the write
+        // returned: the queues may register now.
+        if self.config.want & init::OVER_IO_URING != 0 {
+            if flags & init::OVER_IO_URING != 0 {
+                self.start_rings(params);
+            } else {
+                tracing::info!(
+                    "the kernel does not offer FUSE over io_uring (Linux 6.14+ with the fuse module's enable_uring set); serving through /dev/fuse"
+                );
+            }
+        }
+    }
+
+    /// Starts the io_uring queues (`uring.rs`), kept with the connection.
+    fn start_rings(&self, params: ConnParams) {
+        match super::uring::start(
+            self,
+            self.device.file.as_raw_fd(),
+            params.max_write,
+            MAX_PAGES as u32,
+        ) {
+            Ok(threads) => {
+                tracing::info!(
+                    queues = threads.len(),
+                    "serving FUSE requests through io_uring, one queue per CPU"
+                );
+                self.conn.rings.lock().extend(threads);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "FUSE over io_uring could not start; serving through /dev/fuse")
+            }
+        }
     }
 }

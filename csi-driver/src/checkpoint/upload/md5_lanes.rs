@@ -346,9 +346,10 @@ mod x86 {
                         v[k][j] = h[k];
                     }
                 }
-                // SAFETY: unaligned loads from arrays of 8 u32.
-                let [mut a, mut b, mut c, mut d] =
-                    v.map(|v| unsafe { _mm256_loadu_si256(v.as_ptr() as *const __m256i) });
+                let [mut a, mut b, mut c, mut d] = v.map(|v| {
+                    // SAFETY: an unaligned load of one array of 8 u32 (32 bytes).
+                    unsafe { _mm256_loadu_si256(v.as_ptr() as *const __m256i) }
+                });
                 let mut w = [_mm256_setzero_si256(); 16];
                 let mut offs = [0usize; LANES];
                 for _ in 0..n {
