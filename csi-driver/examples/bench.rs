@@ -9,7 +9,10 @@
 //! 3. a tree of 10,000 small files (1 B to 64 KiB, ten directories at each of two
 //!    levels) read warm through the mount vs the same tree read locally, in listing
 //!    order (a sorted walk, as `find | sort | xargs cat`) and in a shuffled order
-//!    (target ≥ 0.8× each); the same tree cold, both orders, in files per second;
+//!    (target ≥ 0.8× each); the same tree cold, both orders, in files per second. The
+//!    bench turns on the fuse module's `enable_uring` (as an administrator would, Linux
+//!    6.14+; put back at the end), so the mount serves through FUSE over io_uring, and
+//!    then times the warm small-file passes again through /dev/fuse (`--no-io-uring`);
 //! 4. the node side (`tidepool agent` + `tidepool csi`, driven over the CSI socket as
 //!    kubelet does): resident memory of both during an Eager prewarm of 10,000 files and
 //!    during a cold 1 GiB read through a published (bind-mounted) target (goal under
@@ -158,13 +161,14 @@ fn shuffled_small() -> Vec<String> {
     v
 }
 
-fn mount(bin: &Path, url: &str, mnt: &Path, cache: &Path) -> Child {
+fn mount(bin: &Path, url: &str, mnt: &Path, cache: &Path, extra: &[&str]) -> Child {
     let mut child = Command::new(bin)
         .args(["mount", url])
         .arg(mnt)
         .arg("--cache-dir")
         .arg(cache)
         .args(["--cache-size", "8GiB"])
+        .args(extra)
         .env("AZURE_STORAGE_KEY", ACCOUNT_KEY)
         .stdout(Stdio::piped())
         .spawn()
@@ -285,6 +289,18 @@ async fn main() {
     let out = std::env::var("BENCH_REPORT").unwrap_or_else(|_| "bench-report.json".into());
     let work = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target".into()))
         .unwrap();
+    // FUSE over io_uring, as an administrator turns it on (Linux 6.14+): `tidepool
+    // mount` uses it when the kernel offers it. The small-file passes run through
+    // /dev/fuse too (a remount with --no-io-uring), so the report shows both.
+    let uring = tidepool_csi::testing::FuseUring::enable();
+    eprintln!(
+        "bench: FUSE over io_uring {}",
+        if uring.is_some() {
+            "on"
+        } else {
+            "not available: every pass goes through /dev/fuse"
+        }
+    );
     let azurite = Azurite::start();
     azurite.create_container("bench").await;
     let lake = Arc::new(azurite.lake("bench").await);
@@ -388,7 +404,7 @@ async fn main() {
             stop(c);
         }
         let cache = work.path().join(format!("cache-{round}"));
-        child = Some(mount(&bin, &url, &mnt, &cache));
+        child = Some(mount(&bin, &url, &mnt, &cache, &[]));
         drop_page_cache();
         phase("cold");
         let pid = child.as_ref().unwrap().id();
@@ -438,7 +454,7 @@ async fn main() {
     let small_cold_shuffled_secs = {
         let m = work.path().join("mnt-shuffled");
         std::fs::create_dir_all(&m).unwrap();
-        let c = mount(&bin, &url, &m, &work.path().join("cache-shuffled"));
+        let c = mount(&bin, &url, &m, &work.path().join("cache-shuffled"), &[]);
         drop_page_cache();
         phase("small-cold-shuffled");
         let (n, secs) = read_list(&m.join("small"), &shuffled);
@@ -479,6 +495,28 @@ async fn main() {
     }
     drop(sets);
     stop(child.unwrap());
+    // The small files again through /dev/fuse: the same cache remounted with
+    // --no-io-uring. One pass in listing order first, untimed and named in the report
+    // ("devfuse_reopen_pass_untimed"): a new process opens every cache file again.
+    if uring.is_some() {
+        let cache = work.path().join(format!("cache-{}", ROUNDS - 1));
+        let c = mount(&bin, &url, &mnt, &cache, &["--no-io-uring"]);
+        read_tree(&mnt.join("small"));
+        for _ in 0..WARM_ROUNDS {
+            drop_page_cache();
+            phase("small_warm_devfuse");
+            let t = read_tree(&mnt.join("small")).1;
+            samples.entry("small_warm_devfuse").or_default().push(t);
+            drop_page_cache();
+            phase("small_warm_shuffled_devfuse");
+            let t = read_list(&mnt.join("small"), &shuffled).1;
+            samples
+                .entry("small_warm_shuffled_devfuse")
+                .or_default()
+                .push(t);
+        }
+        stop(c);
+    }
     let node = node_bench(&bin, &azurite, work.path(), &local).await;
     // The checkpoint section gets an Azurite of its own: nothing else in it, and its
     // disk (16 GiB of uploads) is freed when it ends.
@@ -499,6 +537,12 @@ async fn main() {
         "first_warm_pass_1gib_vs_local_first_pass": row("first warm 1 GiB vs local", first_warm, first_local, BIG, 0.9),
         "warm_10000_small_files_listing_order_vs_local": row("warm 10000 small, listing", med("small_warm"), med("small_local"), small_bytes, 0.8),
         "warm_10000_small_files_shuffled_vs_local": row("warm 10000 small, shuffled", med("small_warm_shuffled"), med("small_local_shuffled"), small_bytes, 0.8),
+        "fuse_io_uring": uring.is_some(),
+        "through_dev_fuse": if uring.is_some() { serde_json::json!({
+            "warm_10000_small_files_listing_order_vs_local": row("  the same via /dev/fuse", med("small_warm_devfuse"), med("small_local"), small_bytes, 0.8),
+            "warm_10000_small_files_shuffled_vs_local": row("  the same via /dev/fuse", med("small_warm_shuffled_devfuse"), med("small_local_shuffled"), small_bytes, 0.8),
+            "devfuse_reopen_pass_untimed": "after the remount with --no-io-uring, one untimed pass in listing order opens every cache file again before the timed passes",
+        }) } else { serde_json::Value::Null },
         "cold_10000_small_files": {
             "listing_order": { "files_per_s": SMALL_FILES as f64 / small_cold_secs, "secs": small_cold_secs, "mb_s": mbs(small_bytes, small_cold_secs) },
             "shuffled": { "files_per_s": SMALL_FILES as f64 / small_cold_shuffled_secs, "secs": small_cold_shuffled_secs, "mb_s": mbs(small_bytes, small_cold_shuffled_secs) },

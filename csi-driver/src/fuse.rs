@@ -1,5 +1,6 @@
-//! Tidepool's own FUSE layer: the kernel protocol (`abi`), mounting (`mount`), and the
-//! request loop (`session`) that file systems plug into through [`FileSystem`].
+//! Tidepool's own FUSE layer: the kernel protocol (`abi`), mounting (`mount`), the
+//! request loop (`session`) that file systems plug into through [`FileSystem`], and
+//! FUSE over io_uring (`uring`: per-CPU queues, where the kernel offers them).
 //!
 //! Why not a FUSE library: a node agent restarted while pods read through its mounts
 //! must take over connections that another process initialised (the kernel sends INIT
