@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub mod agent;
 pub mod checkpoint;
 pub mod csi;
+pub mod keeper;
 
 use crate::cache::dataset::{Dataset, PrewarmProgress, include_set};
 use crate::cache::{CacheConfig, CachePool};
@@ -65,6 +66,10 @@ pub enum Command {
     /// The CSI node plugin (one per Kubernetes node, beside the agent): kubelet's
     /// NodeStage/Publish calls mount the node's volumes, served by the agent.
     Csi(csi::CsiArgs),
+    /// Holds a copy of every staged volume's FUSE connection, in a pod of its own, so
+    /// the volumes outlive a replaced node pod (the plugin feeds it and takes the
+    /// connections back).
+    Keeper(keeper::KeeperArgs),
 }
 
 #[derive(Args, Debug, Clone)]

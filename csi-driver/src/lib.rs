@@ -15,6 +15,7 @@ pub mod csi_proto;
 pub mod fdpass;
 pub mod fs;
 pub mod fuse;
+pub mod keeper;
 pub mod lake;
 pub mod mounts;
 #[cfg(feature = "testing")]

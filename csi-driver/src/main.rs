@@ -36,6 +36,7 @@ fn main() -> std::process::ExitCode {
             Command::Restore(a) => tidepool_csi::cli::checkpoint::restore(a, &env).await,
             Command::Agent(a) => tidepool_csi::cli::agent::run(a).await,
             Command::Csi(a) => tidepool_csi::cli::csi::run(a).await,
+            Command::Keeper(a) => tidepool_csi::cli::keeper::run(a).await,
         }
     });
     // A FUSE session still serving a detached mount (stopped twice while files were

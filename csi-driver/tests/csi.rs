@@ -16,7 +16,7 @@ use tidepool_csi::lake::{BlockId, Lake};
 use tidepool_csi::mounts::is_mounted;
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
 use tidepool_csi::testing::node::{NodePaths, csi_clients, ro_capability, volume_stats};
-use tidepool_csi::testing::{Azurite, pattern};
+use tidepool_csi::testing::{Azurite, pattern, within};
 use tonic::Code;
 
 const BIG: usize = 48 << 20;
@@ -441,6 +441,95 @@ async fn volumes_survive_kill_9_of_the_agent_of_the_plugin_and_of_both() {
         .await
         .unwrap();
     node.node_unstage_volume(n.unstage_req()).await.unwrap();
+    assert_eq!(
+        n.mounts_left(),
+        Vec::<PathBuf>::new(),
+        "nothing left mounted"
+    );
+}
+
+/// The node pod replaced (`helm upgrade`, a deleted pod): the plugin and the agent die
+/// together while a pod reads. With the keeper (its own pod) holding a copy of the
+/// connection, the volume is never lost: the pod's open file and its mount (the very
+/// same one, not mounted again) read on, byte-exact, once the new processes are up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_keeper_volumes_outlive_the_plugin_and_agent_dying_together() {
+    let n = node().await;
+    let keeper = n.paths.start_keeper();
+    let mut agent = n.paths.start_agent("1GiB");
+    let mut csi = n.paths.start_csi_kept();
+    let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
+    node.node_stage_volume(n.stage_req()).await.unwrap();
+    node.node_publish_volume(n.publish_req(1)).await.unwrap();
+    assert!(
+        within(Duration::from_secs(10), || csi
+            .log()
+            .contains("the keeper holds the volume's connection")
+            .then_some(()))
+        .is_some(),
+        "the plugin gave the keeper the connection within its 1 s tick:\n{}",
+        csi.log()
+    );
+    let big = n.target(1).join("big.bin");
+    let want_big = n.files.last().unwrap().1.clone();
+    let mut f = std::fs::File::open(&big).unwrap();
+    let mut head = vec![0u8; 8 << 20];
+    f.read_exact(&mut head).unwrap();
+
+    agent.kill9();
+    csi.kill9();
+    let reader = std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        f.read_to_end(&mut rest).map(|_| (rest, f))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let agent = n.paths.start_agent("1GiB");
+    let csi = n.paths.start_csi_kept();
+    let logs = || {
+        format!(
+            "plugin:\n{}\nagent:\n{}\nkeeper:\n{}",
+            csi.log(),
+            agent.log(),
+            keeper.log()
+        )
+    };
+    let (rest, f) = reader.join().unwrap().unwrap_or_else(|e| {
+        panic!(
+            "the read in flight waits for the new processes, got {e}\n{}",
+            logs()
+        )
+    });
+    head.extend_from_slice(&rest);
+    assert!(head == want_big, "the open file read every byte exact");
+    drop(f);
+    let log = csi.log();
+    assert!(
+        log.contains("took the volumes' connections back from the keeper"),
+        "{}",
+        logs()
+    );
+    assert!(
+        !log.contains("mounted it again"),
+        "the connection lived on; nothing was mounted anew\n{}",
+        logs()
+    );
+    n.check_all(&n.target(1));
+
+    // Unstaged: the keeper lets the connection go.
+    let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
+    node.node_unpublish_volume(n.unpublish_req(1))
+        .await
+        .unwrap();
+    node.node_unstage_volume(n.unstage_req()).await.unwrap();
+    assert!(
+        within(Duration::from_secs(10), || keeper
+            .log()
+            .contains("released the volume's FUSE connection")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        logs()
+    );
     assert_eq!(
         n.mounts_left(),
         Vec::<PathBuf>::new(),

@@ -381,15 +381,28 @@ fn has_arg(c: &Container, arg: &str) -> bool {
     args(c).iter().any(|a| a == arg)
 }
 
+/// The DaemonSet of `component` (`node`, `keeper`: its `app.kubernetes.io/component`
+/// label), if rendered.
+fn daemonset<'a>(o: &'a Objects, component: &str) -> Option<&'a DaemonSet> {
+    o.daemonsets.iter().find(|d| {
+        d.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("app.kubernetes.io/component"))
+            .is_some_and(|c| c == component)
+    })
+}
+
+fn pod_of(d: &DaemonSet) -> &PodSpec {
+    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
 fn node_pod(o: &Objects) -> &PodSpec {
-    o.daemonsets[0]
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
+    pod_of(daemonset(o, "node").expect("the node DaemonSet"))
+}
+
+fn keeper_pod(o: &Objects) -> Option<&PodSpec> {
+    daemonset(o, "keeper").map(pod_of)
 }
 
 fn operator_pod(o: &Objects) -> &PodSpec {
@@ -416,7 +429,7 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
                 ("CSIDriver", 1),
                 ("ClusterRole", 3),
                 ("ClusterRoleBinding", 3),
-                ("DaemonSet", 1),
+                ("DaemonSet", 2),
                 ("Deployment", 1),
                 ("Role", 1),
                 ("RoleBinding", 1),
@@ -526,8 +539,55 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
             "--node-id=$(NODE_NAME)",
             "--agent-socket=/var/lib/tidepool/agent.sock",
             "--state-dir=/var/lib/tidepool/csi",
+            "--keeper-socket=/var/lib/tidepool/keeper.sock",
             "--log=warn,tidepool_csi=info"
         ]
+    );
+    // The keeper: its own DaemonSet on the same nodes, left alone by chart upgrades,
+    // on the pool's socket, probed by asking it, no API access.
+    let keeper_ds = daemonset(&d, "keeper").expect("the keeper DaemonSet by default");
+    assert_eq!(
+        keeper_ds
+            .spec
+            .as_ref()
+            .unwrap()
+            .update_strategy
+            .as_ref()
+            .and_then(|u| u.type_.as_deref()),
+        Some("OnDelete")
+    );
+    let kp = pod_of(keeper_ds);
+    assert_eq!(kp.automount_service_account_token, Some(false));
+    assert_eq!(
+        kp.tolerations, pod.tolerations,
+        "the keeper runs where the node pod does"
+    );
+    assert_eq!(kp.node_selector, pod.node_selector);
+    let keeper = container(kp, "keeper");
+    assert_eq!(
+        args(keeper),
+        [
+            "keeper",
+            "--socket=/var/lib/tidepool/keeper.sock",
+            "--log=warn,tidepool_csi=info"
+        ]
+    );
+    assert_eq!(
+        keeper
+            .liveness_probe
+            .as_ref()
+            .and_then(|p| p.exec.as_ref())
+            .and_then(|e| e.command.clone()),
+        Some(
+            [
+                "tidepool",
+                "keeper",
+                "--check",
+                "--socket=/var/lib/tidepool/keeper.sock"
+            ]
+            .map(String::from)
+            .to_vec()
+        )
     );
     let agent = container(pod, "agent");
     assert_eq!(
@@ -698,7 +758,8 @@ fn check_all_on(a: &Objects, r: &Rendered) {
         pod.service_account_name.as_deref(),
         Some("tidepool-node-agent")
     );
-    let tpl_labels = a.daemonsets[0]
+    let tpl_labels = daemonset(a, "node")
+        .unwrap()
         .spec
         .as_ref()
         .unwrap()
@@ -792,6 +853,26 @@ fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
             .iter()
             .flatten()
             .all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// `node.keeper.enabled: false`: no keeper DaemonSet, and the plugin is not told of one.
+#[test]
+fn the_keeper_can_be_left_out() {
+    let Some(helm) = Helm::find("the_keeper_can_be_left_out") else {
+        return;
+    };
+    let r = helm
+        .render(&json!({"node": {"keeper": {"enabled": false}}}))
+        .unwrap();
+    let o = parse(&r.objects);
+    assert_eq!(kinds(&r.objects)["DaemonSet"], 1);
+    assert!(daemonset(&o, "keeper").is_none());
+    let csi = container(node_pod(&o), "csi");
+    assert!(
+        !args(csi).iter().any(|a| a.starts_with("--keeper-socket")),
+        "{:?}",
+        args(csi)
+    );
 }
 
 #[test]
@@ -1069,7 +1150,8 @@ fn policy_a_reviewer_would_check() {
 
         // Every container: requests and a memory limit, and probes. The one exception is
         // the sync sidecar, which serves nothing a probe could read (the chart says so).
-        let pods = [("operator", operator_pod(&o)), ("node", node_pod(&o))];
+        let mut pods = vec![("operator", operator_pod(&o)), ("node", node_pod(&o))];
+        pods.extend(keeper_pod(&o).map(|p| ("keeper", p)));
         for (pod_name, pod) in pods {
             for c in &pod.containers {
                 let who = format!("{what}: {pod_name} container {}", c.name);

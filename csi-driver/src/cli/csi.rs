@@ -35,6 +35,12 @@ pub struct CsiArgs {
     /// Where staged volumes are recorded (survives restarts of the plugin).
     #[arg(long, default_value = "/var/lib/tidepool/csi", value_name = "DIR")]
     pub state_dir: PathBuf,
+    /// The `tidepool keeper` socket: the plugin keeps a copy of every volume's FUSE
+    /// connection there and takes them back when it starts, so volumes survive the
+    /// replacement of the node pod (the keeper runs in a pod of its own). Without it,
+    /// a replaced node pod ends the connections of every volume on the node.
+    #[arg(long, value_name = "PATH")]
+    pub keeper_socket: Option<PathBuf>,
 }
 
 fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
@@ -52,7 +58,7 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
     let sock = socket_path(&args.endpoint)?;
     let records = Records::new(args.state_dir.clone())
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let core = Arc::new(NodeCore::new(
+    let mut core = NodeCore::new(
         args.node_id.clone(),
         Arc::new(LinuxMounter),
         Arc::new(SocketLink {
@@ -60,7 +66,11 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
             timeout: Duration::from_secs(120),
         }),
         records,
-    ));
+    );
+    if let Some(k) = &args.keeper_socket {
+        core = core.with_keeper(k.clone());
+    }
+    let core = Arc::new(core);
     {
         let core = core.clone();
         let repaired = tokio::task::spawn_blocking(move || core.recover()).await?;
@@ -82,6 +92,7 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
                 let c = core.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     c.keep_agent_fed();
+                    c.keep_keeper_fed();
                     if tick % 5 == 0 {
                         c.recover();
                     }

@@ -219,6 +219,9 @@ pub struct NodeCore {
     secrets: Mutex<HashMap<String, StageSecrets>>,
     /// The last reason each volume could not be mounted again (logged once).
     repair_failures: Mutex<HashMap<String, String>>,
+    /// The keeper's socket (`crate::keeper`): a third holder of the descriptors, in a
+    /// pod of its own, so the connections outlive the node pod.
+    keeper: Option<PathBuf>,
 }
 
 /// Whether the FUSE connection behind `fd` (a /dev/fuse descriptor) is still up: the
@@ -259,7 +262,97 @@ impl NodeCore {
             fds: Mutex::new(HashMap::new()),
             secrets: Mutex::new(HashMap::new()),
             repair_failures: Mutex::new(HashMap::new()),
+            keeper: None,
         }
+    }
+
+    /// Also keeps the descriptors with the keeper at `socket` (see [`Self::keep_keeper_fed`]).
+    pub fn with_keeper(mut self, socket: PathBuf) -> Self {
+        self.keeper = Some(socket);
+        self
+    }
+
+    fn keeper(&self) -> Option<crate::keeper::KeeperClient> {
+        let path = self.keeper.as_ref()?;
+        match crate::keeper::KeeperClient::connect(path, Duration::from_secs(10)) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::debug!(error = %e, "keeper not reachable");
+                None
+            }
+        }
+    }
+
+    /// Every second: the keeper holds a descriptor of every volume we hold one of, and
+    /// none of volumes no longer staged. A restarted keeper is fed again this way.
+    pub fn keep_keeper_fed(&self) {
+        use crate::keeper::{KeeperRequest, KeeperResponse};
+        let Some(k) = self.keeper() else {
+            return;
+        };
+        let Ok((KeeperResponse::Held { volumes }, _)) = k.call(&KeeperRequest::Held, &[]) else {
+            return;
+        };
+        let held: HashSet<String> = volumes.into_iter().collect();
+        let ours: Vec<(String, OwnedFd)> = self
+            .fds
+            .lock()
+            .iter()
+            .filter(|(id, fd)| !held.contains(*id) && connection_alive(fd))
+            .filter_map(|(id, fd)| Some((id.clone(), fd.try_clone().ok()?)))
+            .collect();
+        for (id, fd) in ours {
+            let req = KeeperRequest::Keep {
+                volume_id: id.clone(),
+                secrets: self.secrets.lock().get(&id).cloned().unwrap_or_default(),
+            };
+            match k.call(&req, &[fd.as_raw_fd()]) {
+                Ok((KeeperResponse::Ok, _)) => {
+                    tracing::info!(volume = %id, "the keeper holds the volume's connection")
+                }
+                Ok((other, _)) => {
+                    tracing::warn!(volume = %id, answer = ?other, "the keeper refused the volume")
+                }
+                Err(e) => tracing::debug!(volume = %id, error = %e, "keeper not reachable"),
+            }
+        }
+        for id in held {
+            if self.records.get(&id).is_none() {
+                let _ = k.call(&KeeperRequest::Drop { volume_id: id }, &[]);
+            }
+        }
+    }
+
+    /// Takes back from the keeper the descriptors we lack (we restarted, with the agent
+    /// perhaps: the node pod was replaced).
+    fn take_back_from_keeper(&self) -> usize {
+        use crate::keeper::{KeeperRequest, KeeperResponse};
+        let Some(k) = self.keeper() else {
+            return 0;
+        };
+        let Ok((KeeperResponse::Descriptors { volumes, secrets }, fds)) =
+            k.call(&KeeperRequest::Descriptors, &[])
+        else {
+            return 0;
+        };
+        let mut ours = self.fds.lock();
+        let mut kept = self.secrets.lock();
+        let mut taken = 0;
+        let mut secrets = secrets.into_iter();
+        for (id, fd) in volumes.into_iter().zip(fds) {
+            let s = secrets.next().unwrap_or_default();
+            if self.records.get(&id).is_none() {
+                continue;
+            }
+            if !s.0.is_empty() {
+                kept.entry(id.clone()).or_insert(s);
+            }
+            if !ours.contains_key(&id) && connection_alive(&fd) {
+                ours.insert(id, fd);
+                taken += 1;
+            }
+        }
+        taken
     }
 
     /// The lock of a CSI call on `volume_id`: `Aborted` while another call holds it;
@@ -711,6 +804,13 @@ impl NodeCore {
                 }
                 ours.entry(id).or_insert(fd);
             }
+        }
+        let taken = self.take_back_from_keeper();
+        if taken > 0 {
+            tracing::info!(
+                volumes = taken,
+                "took the volumes' connections back from the keeper"
+            );
         }
         let mut repaired = 0;
         for rec in self.records.all() {

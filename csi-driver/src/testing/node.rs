@@ -40,6 +40,7 @@ pub struct NodePaths {
     pub pool: PathBuf,
     pub agent_socket: PathBuf,
     pub csi_socket: PathBuf,
+    pub keeper_socket: PathBuf,
     pub state: PathBuf,
     /// The node's name (`--node-name`, `--node-id`); `test-node` unless set.
     pub node: String,
@@ -53,6 +54,7 @@ impl NodePaths {
             pool: work.join("pool"),
             agent_socket: work.join("agent.sock"),
             csi_socket: work.join("csi.sock"),
+            keeper_socket: work.join("keeper.sock"),
             state: work.join("csi-state"),
             node: "test-node".to_owned(),
         }
@@ -139,23 +141,46 @@ impl NodePaths {
 
     /// `tidepool csi`; returns once its socket answers.
     pub fn start_csi(&self) -> NodeProcess {
+        self.start_csi_with(&[])
+    }
+
+    /// `tidepool csi` with extra arguments.
+    pub fn start_csi_with(&self, extra: &[&std::ffi::OsStr]) -> NodeProcess {
         let endpoint = format!("unix://{}", self.csi_socket.display());
         let _ = std::fs::remove_file(&self.csi_socket);
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "csi".as_ref(),
+            "--endpoint".as_ref(),
+            endpoint.as_ref(),
+            "--node-id".as_ref(),
+            self.node.as_ref(),
+            "--agent-socket".as_ref(),
+            self.agent_socket.as_os_str(),
+            "--state-dir".as_ref(),
+            self.state.as_os_str(),
+        ];
+        args.extend_from_slice(extra);
+        let p = self.spawn("csi", &args);
+        wait_socket(&self.csi_socket, &p);
+        p
+    }
+
+    /// `tidepool csi --keeper-socket` pointing at this node's keeper.
+    pub fn start_csi_kept(&self) -> NodeProcess {
+        self.start_csi_with(&["--keeper-socket".as_ref(), self.keeper_socket.as_os_str()])
+    }
+
+    /// `tidepool keeper` on this node; returns once its socket answers.
+    pub fn start_keeper(&self) -> NodeProcess {
         let p = self.spawn(
-            "csi",
+            "keeper",
             &[
-                "csi".as_ref(),
-                "--endpoint".as_ref(),
-                endpoint.as_ref(),
-                "--node-id".as_ref(),
-                self.node.as_ref(),
-                "--agent-socket".as_ref(),
-                self.agent_socket.as_os_str(),
-                "--state-dir".as_ref(),
-                self.state.as_os_str(),
+                "keeper".as_ref(),
+                "--socket".as_ref(),
+                self.keeper_socket.as_os_str(),
             ],
         );
-        wait_socket(&self.csi_socket, &p);
+        wait_socket(&self.keeper_socket, &p);
         p
     }
 }

@@ -1,0 +1,274 @@
+//! `tidepool keeper`: holds a duplicate of every staged volume's /dev/fuse descriptor,
+//! in a pod of its own, so that the volumes' FUSE connections outlive the node pod.
+//!
+//! Why: a FUSE connection ends when the last descriptor of its /dev/fuse file closes.
+//! The plugin and the agent each hold one and hand them to each other when one of them
+//! restarts (see `csi/node.rs`), but they share the node pod: replacing that pod (a
+//! `helm upgrade`, a deleted pod) used to close both at once, and every pod reading a
+//! volume on that node got `ENOTCONN` (its mount namespace keeps the dead mount; a new
+//! mount on the host does not reach it). The keeper is a third holder with nothing to
+//! upgrade often: it only stores descriptors and gives them back. When a new plugin
+//! starts it takes the descriptors back from the keeper, finds the connections alive
+//! and hands them to the new agent, which resumes serving them (requests the old agent
+//! had read and not answered are resent by the kernel).
+//!
+//! The plugin keeps the keeper in step every second (`NodeCore::keep_keeper_fed`):
+//! volumes it holds that the keeper does not are sent (`Keep`, with the descriptor);
+//! volumes the keeper holds that are no longer staged are dropped (`Drop`). A keeper that
+//! restarts has lost nothing the plugin or agent still holds and is fed again.
+//!
+//! With each descriptor it holds the volume's stage secrets (kubelet's
+//! `nodeStageSecretRef`), in memory only, as the plugin and the agent do: after both
+//! died, they are what lets the new agent fetch what is not cached yet. Never printed.
+//!
+//! The protocol is the agent's framing (`agent/protocol.rs`: length and JSON, the
+//! descriptor as `SCM_RIGHTS`, one request and one answer in lockstep) on a socket of
+//! mode 0600. Holding a descriptor costs the keeper one table entry.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::protocol::{StageSecrets, read_frame, write_frame};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum KeeperRequest {
+    /// Hold the descriptor attached to this frame as volume `volume_id`, with its stage
+    /// secrets (replacing whatever was held for it).
+    Keep {
+        volume_id: String,
+        #[serde(default)]
+        secrets: StageSecrets,
+    },
+    /// Close the descriptor of `volume_id` (the volume was unstaged).
+    Drop { volume_id: String },
+    /// Which volumes are held.
+    Held,
+    /// Duplicates of every held descriptor, in the order of the answer's `volumes`.
+    Descriptors,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum KeeperResponse {
+    Ok,
+    Held {
+        volumes: Vec<String>,
+    },
+    /// The volumes, their stage secrets (in the same order) and, attached, their
+    /// descriptors.
+    Descriptors {
+        volumes: Vec<String>,
+        secrets: Vec<StageSecrets>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// The descriptors held (and the volumes' stage secrets), by volume id.
+#[derive(Default)]
+pub struct Keeper {
+    held: Mutex<BTreeMap<String, (OwnedFd, StageSecrets)>>,
+}
+
+impl Keeper {
+    /// Answers one request (with the descriptors that came with it); returns the
+    /// answer and the descriptors to send with it.
+    pub fn handle(
+        &self,
+        req: KeeperRequest,
+        mut fds: Vec<OwnedFd>,
+    ) -> (KeeperResponse, Vec<OwnedFd>) {
+        match req {
+            KeeperRequest::Keep { volume_id, secrets } => {
+                if fds.len() != 1 {
+                    return (
+                        KeeperResponse::Error {
+                            message: format!(
+                                "keep {volume_id}: expected one descriptor with the request, got {}",
+                                fds.len()
+                            ),
+                        },
+                        Vec::new(),
+                    );
+                }
+                let fd = fds.pop().expect("one descriptor");
+                tracing::info!(volume = %volume_id, "holding the volume's FUSE connection");
+                self.held.lock().insert(volume_id, (fd, secrets));
+                (KeeperResponse::Ok, Vec::new())
+            }
+            KeeperRequest::Drop { volume_id } => {
+                if self.held.lock().remove(&volume_id).is_some() {
+                    tracing::info!(volume = %volume_id, "released the volume's FUSE connection");
+                }
+                (KeeperResponse::Ok, Vec::new())
+            }
+            KeeperRequest::Held => (
+                KeeperResponse::Held {
+                    volumes: self.held.lock().keys().cloned().collect(),
+                },
+                Vec::new(),
+            ),
+            KeeperRequest::Descriptors => {
+                let held = self.held.lock();
+                let mut volumes = Vec::new();
+                let mut secrets = Vec::new();
+                let mut out = Vec::new();
+                for (id, (fd, s)) in held.iter().take(crate::fdpass::MAX_FDS) {
+                    if let Ok(d) = fd.try_clone() {
+                        volumes.push(id.clone());
+                        secrets.push(s.clone());
+                        out.push(d);
+                    }
+                }
+                (KeeperResponse::Descriptors { volumes, secrets }, out)
+            }
+        }
+    }
+
+    fn serve_connection(&self, sock: UnixStream) {
+        loop {
+            let (req, fds) = match read_frame::<KeeperRequest>(&sock) {
+                Ok(Some(x)) => x,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "a keeper client sent a bad frame; closing it");
+                    return;
+                }
+            };
+            let (resp, out) = self.handle(req, fds);
+            let raw: Vec<RawFd> = out.iter().map(|f| f.as_raw_fd()).collect();
+            if write_frame(&sock, &resp, &raw).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Serves the keeper on `listener` until the process ends (a thread per client).
+pub fn serve(keeper: Arc<Keeper>, listener: UnixListener) -> io::Result<()> {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else {
+            continue;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+        let k = keeper.clone();
+        std::thread::Builder::new()
+            .name("keeper-client".into())
+            .spawn(move || k.serve_connection(conn))?;
+    }
+    Ok(())
+}
+
+/// A connection to the keeper, as the plugin holds it.
+pub struct KeeperClient {
+    sock: UnixStream,
+}
+
+impl KeeperClient {
+    pub fn connect(path: &Path, timeout: Duration) -> io::Result<Self> {
+        let sock = UnixStream::connect(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("the keeper is not reachable at {}: {e}", path.display()),
+            )
+        })?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.set_write_timeout(Some(timeout))?;
+        Ok(KeeperClient { sock })
+    }
+
+    /// One round trip; descriptors sent with the request, received with the answer.
+    pub fn call(
+        &self,
+        req: &KeeperRequest,
+        fds: &[RawFd],
+    ) -> io::Result<(KeeperResponse, Vec<OwnedFd>)> {
+        write_frame(&self.sock, req, fds)?;
+        read_frame(&self.sock)?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the keeper closed the connection",
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn a_kept_descriptor_comes_back_as_the_same_open_file_and_drop_closes_it() {
+        let keeper = Keeper::default();
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let secrets = StageSecrets(
+            [("sasToken".to_owned(), "sig=SECRET".to_owned())]
+                .into_iter()
+                .collect(),
+        );
+        let keep = KeeperRequest::Keep {
+            volume_id: "v1".into(),
+            secrets: secrets.clone(),
+        };
+        assert!(!format!("{keep:?}").contains("SECRET"), "never printed");
+        let (resp, _) = keeper.handle(keep, vec![OwnedFd::from(b)]);
+        assert_eq!(resp, KeeperResponse::Ok);
+        let (resp, fds) = keeper.handle(KeeperRequest::Descriptors, Vec::new());
+        assert_eq!(
+            resp,
+            KeeperResponse::Descriptors {
+                volumes: vec!["v1".into()],
+                secrets: vec![secrets],
+            }
+        );
+        // The duplicate is the same socket: what `a` writes, it reads.
+        let mut back = UnixStream::from(fds.into_iter().next().unwrap());
+        a.write_all(b"x").unwrap();
+        let mut got = [0u8; 1];
+        back.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"x");
+        drop(back);
+        let (resp, _) = keeper.handle(
+            KeeperRequest::Drop {
+                volume_id: "v1".into(),
+            },
+            Vec::new(),
+        );
+        assert_eq!(resp, KeeperResponse::Ok);
+        // The keeper's copy was the last one: the peer sees the end.
+        let mut rest = Vec::new();
+        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(a.read_to_end(&mut rest).unwrap(), 0);
+        let (resp, _) = keeper.handle(KeeperRequest::Held, Vec::new());
+        assert_eq!(resp, KeeperResponse::Held { volumes: vec![] });
+    }
+
+    #[test]
+    fn keep_without_a_descriptor_is_refused_in_words() {
+        let keeper = Keeper::default();
+        let (resp, _) = keeper.handle(
+            KeeperRequest::Keep {
+                volume_id: "v1".into(),
+                secrets: StageSecrets::default(),
+            },
+            Vec::new(),
+        );
+        match resp {
+            KeeperResponse::Error { message } => {
+                assert!(message.contains("expected one descriptor"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
