@@ -114,12 +114,12 @@ impl Keeper {
             }
             KeeperRequest::Held => (
                 KeeperResponse::Held {
-                    volumes: self.held.lock().keys().cloned().collect(),
+                    volumes: self.live().keys().cloned().collect(),
                 },
                 Vec::new(),
             ),
             KeeperRequest::Descriptors => {
-                let held = self.held.lock();
+                let held = self.live();
                 let mut volumes = Vec::new();
                 let mut secrets = Vec::new();
                 let mut out = Vec::new();
@@ -133,6 +133,20 @@ impl Keeper {
                 (KeeperResponse::Descriptors { volumes, secrets }, out)
             }
         }
+    }
+
+    /// The table, without the connections that ended (unmounted or aborted): a volume
+    /// unstaged and staged again within a second is held anew, with its new connection.
+    fn live(&self) -> parking_lot::MutexGuard<'_, BTreeMap<String, (OwnedFd, StageSecrets)>> {
+        let mut held = self.held.lock();
+        held.retain(|id, (fd, _)| {
+            let alive = crate::csi::node::connection_alive(fd);
+            if !alive {
+                tracing::info!(volume = %id, "released the volume's FUSE connection (it ended)");
+            }
+            alive
+        });
+        held
     }
 
     fn serve_connection(&self, sock: UnixStream) {

@@ -515,6 +515,47 @@ async fn with_the_keeper_volumes_outlive_the_plugin_and_agent_dying_together() {
     );
     n.check_all(&n.target(1));
 
+    // Unstaged and at once staged again (a new connection under the same volume id,
+    // within the plugin's 1 s tick): the keeper holds the new connection, not the
+    // ended one, and it too outlives both processes.
+    let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
+    node.node_unpublish_volume(n.unpublish_req(1))
+        .await
+        .unwrap();
+    node.node_unstage_volume(n.unstage_req()).await.unwrap();
+    node.node_stage_volume(n.stage_req()).await.unwrap();
+    node.node_publish_volume(n.publish_req(1)).await.unwrap();
+    let held = |csi: &tidepool_csi::testing::node::NodeProcess| {
+        csi.log()
+            .matches("the keeper holds the volume's connection")
+            .count()
+    };
+    assert!(
+        // The plugins' log is one file: the first plugin's hand-over is the first line.
+        within(Duration::from_secs(10), || (held(&csi) >= 2).then_some(())).is_some(),
+        "the new connection was handed to the keeper\n{}",
+        logs()
+    );
+    let (mut agent, mut csi) = (agent, csi);
+    agent.kill9();
+    csi.kill9();
+    let agent = n.paths.start_agent("1GiB");
+    let csi = n.paths.start_csi_kept();
+    let logs = || {
+        format!(
+            "plugin:\n{}\nagent:\n{}\nkeeper:\n{}",
+            csi.log(),
+            agent.log(),
+            keeper.log()
+        )
+    };
+    n.check_all(&n.target(1));
+    assert!(
+        !csi.log().contains("mounted it again"),
+        "the restaged connection lived on too\n{}",
+        logs()
+    );
+
     // Unstaged: the keeper lets the connection go.
     let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
     node.node_unpublish_volume(n.unpublish_req(1))
