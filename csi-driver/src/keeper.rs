@@ -29,14 +29,13 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::agent::protocol::{StageSecrets, read_frame, write_frame};
+use crate::agent::protocol::{FrameClient, Peer, StageSecrets, read_frame, write_frame};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -184,37 +183,11 @@ pub fn serve(keeper: Arc<Keeper>, listener: UnixListener) -> io::Result<()> {
 }
 
 /// A connection to the keeper, as the plugin holds it.
-pub struct KeeperClient {
-    sock: UnixStream,
-}
+pub type KeeperClient = FrameClient<KeeperRequest>;
 
-impl KeeperClient {
-    pub fn connect(path: &Path, timeout: Duration) -> io::Result<Self> {
-        let sock = UnixStream::connect(path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("the keeper is not reachable at {}: {e}", path.display()),
-            )
-        })?;
-        sock.set_read_timeout(Some(timeout))?;
-        sock.set_write_timeout(Some(timeout))?;
-        Ok(KeeperClient { sock })
-    }
-
-    /// One round trip; descriptors sent with the request, received with the answer.
-    pub fn call(
-        &self,
-        req: &KeeperRequest,
-        fds: &[RawFd],
-    ) -> io::Result<(KeeperResponse, Vec<OwnedFd>)> {
-        write_frame(&self.sock, req, fds)?;
-        read_frame(&self.sock)?.ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the keeper closed the connection",
-            )
-        })
-    }
+impl Peer for KeeperRequest {
+    const NAME: &'static str = "keeper";
+    type Response = KeeperResponse;
 }
 
 #[cfg(test)]

@@ -235,31 +235,51 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
     Ok(Some((value, fds)))
 }
 
-/// A connection to the agent, as the CSI plugin holds it.
-pub struct AgentClient {
-    sock: UnixStream,
+/// What a lockstep client talks to: its request type names the peer in errors.
+pub trait Peer: Serialize {
+    /// The peer as errors name it ("node agent").
+    const NAME: &'static str;
+    type Response: for<'de> Deserialize<'de>;
 }
 
-impl AgentClient {
+impl Peer for Request {
+    const NAME: &'static str = "node agent";
+    type Response = Response;
+}
+
+/// A lockstep connection over a Unix socket (the plugin's to the agent, and to the
+/// keeper): one request and its answer at a time, descriptors attached to either.
+pub struct FrameClient<Req> {
+    sock: UnixStream,
+    _req: std::marker::PhantomData<fn(Req)>,
+}
+
+/// A connection to the agent, as the CSI plugin and the sync sidecar hold it.
+pub type AgentClient = FrameClient<Request>;
+
+impl<Req: Peer> FrameClient<Req> {
     pub fn connect(path: &std::path::Path, timeout: std::time::Duration) -> io::Result<Self> {
         let sock = UnixStream::connect(path).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("node agent not reachable at {}: {e}", path.display()),
+                format!("{} not reachable at {}: {e}", Req::NAME, path.display()),
             )
         })?;
         sock.set_read_timeout(Some(timeout))?;
         sock.set_write_timeout(Some(timeout))?;
-        Ok(AgentClient { sock })
+        Ok(FrameClient {
+            sock,
+            _req: std::marker::PhantomData,
+        })
     }
 
     /// One round trip; descriptors sent with the request, received with the answer.
-    pub fn call(&self, req: &Request, fds: &[RawFd]) -> io::Result<(Response, Vec<OwnedFd>)> {
+    pub fn call(&self, req: &Req, fds: &[RawFd]) -> io::Result<(Req::Response, Vec<OwnedFd>)> {
         write_frame(&self.sock, req, fds)?;
         read_frame(&self.sock)?.ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                "the agent closed the connection",
+                format!("the {} closed the connection", Req::NAME),
             )
         })
     }
