@@ -13,9 +13,11 @@
 //! had read and not answered are resent by the kernel).
 //!
 //! The plugin keeps the keeper in step every second (`NodeCore::keep_keeper_fed`):
-//! volumes it holds that the keeper does not are sent (`Keep`, with the descriptor);
-//! volumes the keeper holds that are no longer staged are dropped (`Drop`). A keeper that
-//! restarts has lost nothing the plugin or agent still holds and is fed again.
+//! volumes it holds that the keeper does not are sent (`Keep`, with the descriptor), and
+//! so are volumes whose stage secrets changed since (kubelet staged the volume again
+//! with a rotated SAS); volumes the keeper holds that are no longer staged are dropped
+//! (`Drop`). A keeper that restarts has lost nothing the plugin or agent still holds
+//! and is fed again.
 //!
 //! With each descriptor it holds the volume's stage secrets (kubelet's
 //! `nodeStageSecretRef`), in memory only, as the plugin and the agent do: after both

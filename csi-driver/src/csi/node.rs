@@ -222,6 +222,18 @@ pub struct NodeCore {
     /// The keeper's socket (`crate::keeper`): a third holder of the descriptors, in a
     /// pod of its own, so the connections outlive the node pod.
     keeper: Option<PathBuf>,
+    /// A fingerprint of the stage secrets the keeper was last given for each volume:
+    /// secrets rotated by a repeated `NodeStageVolume` are given to it again.
+    keeper_secrets: Mutex<HashMap<String, u64>>,
+}
+
+/// A fingerprint of `s` (to tell whether the keeper holds these secrets; the secrets
+/// themselves are never kept twice).
+fn fingerprint(s: Option<&StageSecrets>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.map(|s| &s.0).hash(&mut h);
+    h.finish()
 }
 
 /// Whether the FUSE connection behind `fd` (a /dev/fuse descriptor) is still up: the
@@ -263,6 +275,7 @@ impl NodeCore {
             secrets: Mutex::new(HashMap::new()),
             repair_failures: Mutex::new(HashMap::new()),
             keeper: None,
+            keeper_secrets: Mutex::new(HashMap::new()),
         }
     }
 
@@ -283,8 +296,9 @@ impl NodeCore {
         }
     }
 
-    /// Every second: the keeper holds a descriptor of every volume we hold one of, and
-    /// none of volumes no longer staged. A restarted keeper is fed again this way.
+    /// Every second: the keeper holds a descriptor of every volume we hold one of, with
+    /// its current stage secrets, and none of volumes no longer staged. A restarted
+    /// keeper is fed again this way.
     pub fn keep_keeper_fed(&self) {
         use crate::keeper::{KeeperRequest, KeeperResponse};
         let Some(k) = self.keeper() else {
@@ -294,21 +308,34 @@ impl NodeCore {
             return;
         };
         let held: HashSet<String> = volumes.into_iter().collect();
-        let ours: Vec<(String, OwnedFd)> = self
-            .fds
-            .lock()
-            .iter()
-            .filter(|(id, fd)| !held.contains(*id) && connection_alive(fd))
-            .filter_map(|(id, fd)| Some((id.clone(), fd.try_clone().ok()?)))
-            .collect();
-        for (id, fd) in ours {
+        let ours: Vec<(String, OwnedFd, StageSecrets)> = {
+            // Lock order, as everywhere: descriptors, secrets, the keeper's.
+            let fds = self.fds.lock();
+            let secrets = self.secrets.lock();
+            let given = self.keeper_secrets.lock();
+            fds.iter()
+                .filter(|(id, fd)| {
+                    // Not held, or held with other secrets than ours (rotated since).
+                    let current = fingerprint(secrets.get(*id));
+                    (!held.contains(*id) || given.get(*id) != Some(&current))
+                        && connection_alive(fd)
+                })
+                .filter_map(|(id, fd)| {
+                    let s = secrets.get(id).cloned().unwrap_or_default();
+                    Some((id.clone(), fd.try_clone().ok()?, s))
+                })
+                .collect()
+        };
+        for (id, fd, secrets) in ours {
+            let print = fingerprint(Some(&secrets).filter(|s| !s.0.is_empty()));
             let req = KeeperRequest::Keep {
                 volume_id: id.clone(),
-                secrets: self.secrets.lock().get(&id).cloned().unwrap_or_default(),
+                secrets,
             };
             match k.call(&req, &[fd.as_raw_fd()]) {
                 Ok((KeeperResponse::Ok, _)) => {
-                    tracing::info!(volume = %id, "the keeper holds the volume's connection")
+                    self.keeper_secrets.lock().insert(id.clone(), print);
+                    tracing::info!(volume = %id, "the keeper holds the volume's connection and its current stage secrets")
                 }
                 Ok((other, _)) => {
                     tracing::warn!(volume = %id, answer = ?other, "the keeper refused the volume")
@@ -318,6 +345,7 @@ impl NodeCore {
         }
         for id in held {
             if self.records.get(&id).is_none() {
+                self.keeper_secrets.lock().remove(&id);
                 let _ = k.call(&KeeperRequest::Drop { volume_id: id }, &[]);
             }
         }
@@ -344,6 +372,10 @@ impl NodeCore {
             if self.records.get(&id).is_none() {
                 continue;
             }
+            self.keeper_secrets.lock().insert(
+                id.clone(),
+                fingerprint(Some(&s).filter(|s| !s.0.is_empty())),
+            );
             if !s.0.is_empty() {
                 kept.entry(id.clone()).or_insert(s);
             }
@@ -1320,6 +1352,61 @@ mod tests {
         let stats = core2.stats("v1", &s.target(1)).unwrap();
         assert_eq!(stats.abnormal, None);
         assert_eq!(stats.stats.unwrap().bytes_cached, 5);
+    }
+
+    #[test]
+    fn the_keeper_is_given_rotated_stage_secrets_and_hands_them_back() {
+        use crate::keeper::{Keeper, KeeperClient, KeeperRequest, KeeperResponse};
+        let s = setup();
+        let socket = s.dir.path().join("keeper.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        std::thread::spawn(move || crate::keeper::serve(Arc::new(Keeper::default()), listener));
+        let core = NodeCore::new(
+            "n1".into(),
+            s.mounter.clone(),
+            s.agent.clone(),
+            Records::new(s.dir.path().join("state")).unwrap(),
+        )
+        .with_keeper(socket.clone());
+        let held_secrets = || {
+            let k = KeeperClient::connect(&socket, Duration::from_secs(5)).unwrap();
+            match k.call(&KeeperRequest::Descriptors, &[]).unwrap() {
+                (KeeperResponse::Descriptors { volumes, secrets }, fds) => {
+                    assert_eq!(volumes, ["v1"]);
+                    assert_eq!(fds.len(), 1, "the connection comes back with its secrets");
+                    secrets
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let key = |v: &str| StageSecrets(BTreeMap::from([("sasToken".into(), v.into())]));
+        core.stage("v1", &s.staging(), Some(&ro()), &ctx(), key("sig=ONE"))
+            .unwrap();
+        core.keep_keeper_fed();
+        assert_eq!(held_secrets(), [key("sig=ONE")]);
+        // kubelet stages the live volume again with a rotated SAS: the keeper must hold
+        // the new one, or an agent restarted after both node processes died would
+        // fetch with the revoked token.
+        core.stage("v1", &s.staging(), Some(&ro()), &ctx(), key("sig=TWO"))
+            .unwrap();
+        core.keep_keeper_fed();
+        assert!(
+            held_secrets() == [key("sig=TWO")],
+            "the keeper still holds the first SAS after a restage with a rotated one"
+        );
+        // A plugin restarted beside the keeper takes the new secrets back.
+        let core2 = NodeCore::new(
+            "n1".into(),
+            s.mounter.clone(),
+            s.agent.clone(),
+            Records::new(s.dir.path().join("state")).unwrap(),
+        )
+        .with_keeper(socket.clone());
+        assert_eq!(core2.take_back_from_keeper(), 1);
+        assert!(
+            core2.secrets.lock().get("v1") == Some(&key("sig=TWO")),
+            "a restarted plugin takes the rotated SAS back from the keeper"
+        );
     }
 
     #[test]
