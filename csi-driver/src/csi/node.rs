@@ -1043,6 +1043,16 @@ mod tests {
     }
 
     impl Setup {
+        /// Another plugin process on this node (a restarted one): the same mounts, agent
+        /// and records.
+        fn plugin_process(&self) -> NodeCore {
+            NodeCore::new(
+                "n1".into(),
+                self.mounter.clone(),
+                self.agent.clone(),
+                Records::new(self.dir.path().join("state")).unwrap(),
+            )
+        }
         fn staging(&self) -> PathBuf {
             self.dir.path().join("staging")
         }
@@ -1339,12 +1349,7 @@ mod tests {
         );
         // A plugin restart after both died: the connection is dead; recover mounts it
         // again and binds the target again.
-        let core2 = NodeCore::new(
-            "n1".into(),
-            s.mounter.clone(),
-            s.agent.clone(),
-            Records::new(s.dir.path().join("state")).unwrap(),
-        );
+        let core2 = s.plugin_process();
         s.mounter.kill(&s.staging());
         assert_eq!(core2.recover(), 1);
         assert!(s.mounter.answers(&s.staging()));
@@ -1361,13 +1366,7 @@ mod tests {
         let socket = s.dir.path().join("keeper.sock");
         let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
         std::thread::spawn(move || crate::keeper::serve(Arc::new(Keeper::default()), listener));
-        let core = NodeCore::new(
-            "n1".into(),
-            s.mounter.clone(),
-            s.agent.clone(),
-            Records::new(s.dir.path().join("state")).unwrap(),
-        )
-        .with_keeper(socket.clone());
+        let core = s.plugin_process().with_keeper(socket.clone());
         let held_secrets = || {
             let k = KeeperClient::connect(&socket, Duration::from_secs(5)).unwrap();
             match k.call(&KeeperRequest::Descriptors, &[]).unwrap() {
@@ -1395,13 +1394,7 @@ mod tests {
             "the keeper still holds the first SAS after a restage with a rotated one"
         );
         // A plugin restarted beside the keeper takes the new secrets back.
-        let core2 = NodeCore::new(
-            "n1".into(),
-            s.mounter.clone(),
-            s.agent.clone(),
-            Records::new(s.dir.path().join("state")).unwrap(),
-        )
-        .with_keeper(socket.clone());
+        let core2 = s.plugin_process().with_keeper(socket.clone());
         assert_eq!(core2.take_back_from_keeper(), 1);
         assert!(
             core2.secrets.lock().get("v1") == Some(&key("sig=TWO")),
