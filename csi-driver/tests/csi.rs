@@ -15,7 +15,9 @@ use tidepool_csi::csi_proto as pb;
 use tidepool_csi::lake::{BlockId, Lake};
 use tidepool_csi::mounts::is_mounted;
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
-use tidepool_csi::testing::node::{NodePaths, csi_clients, ro_capability, volume_stats};
+use tidepool_csi::testing::node::{
+    NodePaths, NodeProcess, csi_clients, ro_capability, volume_stats,
+};
 use tidepool_csi::testing::{Azurite, pattern, within};
 use tonic::Code;
 
@@ -152,6 +154,16 @@ fn code<T>(r: Result<T, tonic::Status>) -> Code {
 
 fn message<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> String {
     r.unwrap_err().message().to_owned()
+}
+
+/// The plugin's, the agent's and the keeper's logs, for a failed assertion.
+fn three_logs(csi: &NodeProcess, agent: &NodeProcess, keeper: &NodeProcess) -> String {
+    format!(
+        "plugin:\n{}\nagent:\n{}\nkeeper:\n{}",
+        csi.log(),
+        agent.log(),
+        keeper.log()
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -485,14 +497,7 @@ async fn with_the_keeper_volumes_outlive_the_plugin_and_agent_dying_together() {
     std::thread::sleep(Duration::from_millis(500));
     let agent = n.paths.start_agent("1GiB");
     let csi = n.paths.start_csi_kept();
-    let logs = || {
-        format!(
-            "plugin:\n{}\nagent:\n{}\nkeeper:\n{}",
-            csi.log(),
-            agent.log(),
-            keeper.log()
-        )
-    };
+    let logs = || three_logs(&csi, &agent, &keeper);
     let (rest, f) = reader.join().unwrap().unwrap_or_else(|e| {
         panic!(
             "the read in flight waits for the new processes, got {e}\n{}",
@@ -525,7 +530,7 @@ async fn with_the_keeper_volumes_outlive_the_plugin_and_agent_dying_together() {
     node.node_unstage_volume(n.unstage_req()).await.unwrap();
     node.node_stage_volume(n.stage_req()).await.unwrap();
     node.node_publish_volume(n.publish_req(1)).await.unwrap();
-    let held = |csi: &tidepool_csi::testing::node::NodeProcess| {
+    let held = |csi: &NodeProcess| {
         csi.log()
             .matches("the keeper holds the volume's connection")
             .count()
@@ -541,14 +546,7 @@ async fn with_the_keeper_volumes_outlive_the_plugin_and_agent_dying_together() {
     csi.kill9();
     let agent = n.paths.start_agent("1GiB");
     let csi = n.paths.start_csi_kept();
-    let logs = || {
-        format!(
-            "plugin:\n{}\nagent:\n{}\nkeeper:\n{}",
-            csi.log(),
-            agent.log(),
-            keeper.log()
-        )
-    };
+    let logs = || three_logs(&csi, &agent, &keeper);
     n.check_all(&n.target(1));
     assert!(
         !csi.log().contains("mounted it again"),
