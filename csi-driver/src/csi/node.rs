@@ -228,11 +228,11 @@ pub struct NodeCore {
 }
 
 /// A fingerprint of `s` (to tell whether the keeper holds these secrets; the secrets
-/// themselves are never kept twice).
+/// themselves are never kept twice). No secrets and empty ones are the same.
 fn fingerprint(s: Option<&StageSecrets>) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    s.map(|s| &s.0).hash(&mut h);
+    s.filter(|s| !s.0.is_empty()).map(|s| &s.0).hash(&mut h);
     h.finish()
 }
 
@@ -327,7 +327,7 @@ impl NodeCore {
                 .collect()
         };
         for (id, fd, secrets) in ours {
-            let print = fingerprint(Some(&secrets).filter(|s| !s.0.is_empty()));
+            let print = fingerprint(Some(&secrets));
             let req = KeeperRequest::Keep {
                 volume_id: id.clone(),
                 secrets,
@@ -372,10 +372,9 @@ impl NodeCore {
             if self.records.get(&id).is_none() {
                 continue;
             }
-            self.keeper_secrets.lock().insert(
-                id.clone(),
-                fingerprint(Some(&s).filter(|s| !s.0.is_empty())),
-            );
+            self.keeper_secrets
+                .lock()
+                .insert(id.clone(), fingerprint(Some(&s)));
             if !s.0.is_empty() {
                 kept.entry(id.clone()).or_insert(s);
             }
@@ -652,6 +651,7 @@ impl NodeCore {
             .map_err(|e| internal("unmounting the staging path", e))?;
         self.fds.lock().remove(volume_id);
         self.secrets.lock().remove(volume_id);
+        self.keeper_secrets.lock().remove(volume_id);
         // The agent may be down: the record goes anyway, and a restarted agent
         // forgets volumes no plugin hands it.
         let _ = self.agent.call(
