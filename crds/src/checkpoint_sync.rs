@@ -94,6 +94,15 @@ pub struct CommitRule {
     #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("commit.quiescence must be a positive duration"))]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     pub quiescence: Option<String>,
+    /// The number of nodes that write each step (the job's node count: one per pod of a
+    /// multi-node job that mounts this volume on its own node). A step is durable only
+    /// once that many nodes have their part of one version of it in the lake, whether or
+    /// not those nodes' agents are running. Absent: a step waits for the nodes that
+    /// announced it and a settle window, and a node whose agent was down from the start
+    /// can be left out of it; set it for every multi-node job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub nodes: Option<i32>,
 }
 
 fn default_markers() -> Vec<String> {
@@ -105,6 +114,7 @@ impl Default for CommitRule {
         Self {
             markers: default_markers(),
             quiescence: None,
+            nodes: None,
         }
     }
 }

@@ -148,6 +148,8 @@ pub struct CheckpointSettings {
     pub rule: crate::checkpoint::commit::CommitRule,
     pub keep_local: Option<u32>,
     pub keep_remote: Option<u32>,
+    /// The nodes that write each step (`spec.commit.nodes`).
+    pub nodes: Option<u32>,
 }
 
 /// Finds the settings of a checkpoint volume (by its owner's uid) from the pool's
@@ -507,6 +509,7 @@ impl Agent {
                 node: self.config.node_name.clone(),
                 keep_local: settings.keep_local,
                 keep_remote: settings.keep_remote,
+                nodes: settings.nodes,
             })
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::ENOSPC) => {

@@ -8,6 +8,7 @@
 pub mod commit;
 pub mod journal;
 pub mod manifest;
+pub mod restore;
 pub mod store;
 pub mod sync;
 pub mod tree;

@@ -112,8 +112,8 @@ pub struct BlockList {
     pub uncommitted: Vec<(BlockId, u64)>,
 }
 
-/// Options of a one-request [`Lake::put`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Options of a one-request [`Lake::put`] (and of [`Lake::commit_blocks`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PutOptions {
     /// MD5 of `data`: the lake refuses the write if the bytes it received differ (sent as
     /// `Content-MD5`) and stores it as the blob's `Content-MD5`. Without it the lake
@@ -122,6 +122,10 @@ pub struct PutOptions {
     /// Create only: `If-None-Match: *`. An existing blob is left alone and the put
     /// fails with [`LakeError::Exists`].
     pub if_none_match_any: bool,
+    /// Replace only this version: `If-Match`. A blob with another ETag (or none) is left
+    /// alone and the write fails with [`LakeError::Changed`] (or
+    /// [`LakeError::NotFound`] where the blob is gone): a compare-and-swap.
+    pub if_match: Option<ETag>,
 }
 
 impl PutOptions {
@@ -135,9 +139,22 @@ impl PutOptions {
 
     /// The same options with `Content-MD5` set.
     pub fn with_md5(self, md5: [u8; 16]) -> Self {
+        self.with_md5_opt(Some(md5))
+    }
+
+    /// The same options with `Content-MD5` set or cleared.
+    pub fn with_md5_opt(self, md5: Option<[u8; 16]>) -> Self {
         PutOptions {
-            content_md5: Some(md5),
+            content_md5: md5,
             ..self
+        }
+    }
+
+    /// A compare-and-swap put: only over the version `etag` names.
+    pub fn replacing(etag: ETag) -> Self {
+        PutOptions {
+            if_match: Some(etag),
+            ..Default::default()
         }
     }
 }
@@ -356,6 +373,27 @@ pub trait Lake: Send + Sync + fmt::Debug + 'static {
         ids: &[BlockId],
         content_md5: Option<[u8; 16]>,
     ) -> LakeResult<ETag>;
+
+    /// [`Lake::put_block_list`] under `opts`' conditions (`If-None-Match: *`,
+    /// `If-Match`), storing `opts.content_md5` as the object's `Content-MD5`. Lakes that
+    /// cannot commit conditionally refuse a conditional commit (they never commit it
+    /// without its condition).
+    async fn commit_blocks(
+        &self,
+        name: &str,
+        ids: &[BlockId],
+        opts: &PutOptions,
+    ) -> LakeResult<ETag> {
+        if opts.if_none_match_any || opts.if_match.is_some() {
+            return Err(LakeError::Other {
+                op: Op::PutBlockList,
+                name: name.to_owned(),
+                status: 405,
+                detail: format!("{} cannot commit blocks conditionally", self.describe()),
+            });
+        }
+        self.put_block_list(name, ids, opts.content_md5).await
+    }
 
     /// Committed and uncommitted blocks of `name` (Get Block List, type "all"), ids
     /// decoded. A name with nothing at all (no blob, no staged block) has two empty

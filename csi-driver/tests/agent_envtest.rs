@@ -388,6 +388,7 @@ async fn a_checkpoint_assignment_reports_its_steps_and_gives_its_volume_settings
             node: "agent-c".into(),
             keep_local: None,
             keep_remote: None,
+            nodes: None,
         })
         .unwrap();
     let lake: Arc<dyn Lake> = Arc::new(az.lake("ckpt").await);
@@ -398,11 +399,15 @@ async fn a_checkpoint_assignment_reports_its_steps_and_gives_its_volume_settings
     )
     .await
     .unwrap();
+    // No settle window: the intents alone decide here.
     let mut sync = Syncer::start(
         lake.clone(),
         layout.clone(),
         "runs/c/",
-        SyncConfig::default(),
+        SyncConfig {
+            settle: Duration::ZERO,
+            ..SyncConfig::default()
+        },
     )
     .await
     .unwrap();
@@ -515,6 +520,7 @@ async fn a_checkpoint_assignment_reports_its_steps_and_gives_its_volume_settings
             },
             keep_local: Some(2),
             keep_remote: None,
+            nodes: None,
         })
     );
     assert_eq!(

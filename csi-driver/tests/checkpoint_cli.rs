@@ -121,7 +121,8 @@ async fn framework_checkpoints_through_the_volume_become_durable_and_restore_exa
         &url,
         &mnt,
         &cache,
-        &["--checkpoint", "--node-name", "gpu-0"],
+        // One machine: its steps wait for no other node.
+        &["--checkpoint", "--node-name", "gpu-0", "--nodes", "1"],
     );
     let root = mnt.to_str().unwrap();
     let mut expect = BTreeMap::new();

@@ -48,6 +48,7 @@ impl Volume {
                 node: "n1".into(),
                 keep_local: None,
                 keep_remote: None,
+                nodes: Some(1),
             })
             .unwrap();
         let store = Arc::new(Store::open(layout.clone(), rule).unwrap());

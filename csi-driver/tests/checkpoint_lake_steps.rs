@@ -16,8 +16,9 @@ use bytes::Bytes;
 use tidepool_csi::cache::{CacheConfig, CachePool};
 use tidepool_csi::checkpoint::commit::CommitRule;
 use tidepool_csi::checkpoint::manifest::Layout;
+use tidepool_csi::checkpoint::restore::durable_steps;
 use tidepool_csi::checkpoint::store::{Store, VolumeConfig, VolumeLayout};
-use tidepool_csi::checkpoint::sync::{PassReport, SyncConfig, Syncer, durable_steps};
+use tidepool_csi::checkpoint::sync::{PassReport, SyncConfig, Syncer};
 use tidepool_csi::checkpoint::tree::{CheckpointTree, LakeSteps, OpenWriters, TreeConfig};
 use tidepool_csi::fs::{Mount, MountStats};
 use tidepool_csi::fuse::{MountOptions, SessionConfig};
@@ -62,6 +63,7 @@ impl Node {
                 node: name.into(),
                 keep_local,
                 keep_remote: None,
+                nodes: Some(1),
             })
             .unwrap();
         let pool = rt

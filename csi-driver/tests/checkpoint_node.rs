@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tidepool_csi::checkpoint::manifest::Layout;
+use tidepool_csi::checkpoint::restore::{StepChoice, durable_steps, restore};
 use tidepool_csi::checkpoint::store::VolumeLayout;
-use tidepool_csi::checkpoint::sync::{StepChoice, SyncStatus, durable_steps, restore};
+use tidepool_csi::checkpoint::sync::SyncStatus;
 use tidepool_csi::csi_proto as pb;
 use tidepool_csi::lake::Lake;
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;

@@ -20,8 +20,9 @@ use futures::StreamExt;
 use md5::{Digest, Md5};
 use tidepool_csi::checkpoint::commit::CommitRule;
 use tidepool_csi::checkpoint::manifest::{Layout, read_manifest};
+use tidepool_csi::checkpoint::restore::durable_steps;
 use tidepool_csi::checkpoint::store::{Store, VolumeConfig, VolumeLayout};
-use tidepool_csi::checkpoint::sync::{SyncConfig, Syncer, durable_steps};
+use tidepool_csi::checkpoint::sync::{SyncConfig, Syncer};
 use tidepool_csi::checkpoint::tree::{CheckpointTree, OpenWriters, TreeConfig};
 use tidepool_csi::fs::{Mount, MountStats};
 use tidepool_csi::fuse::{MountOptions, SessionConfig};
@@ -102,6 +103,7 @@ async fn writers_rotation_readers_and_the_sync_together_lose_no_byte() {
             node: "n1".into(),
             keep_local: Some(4),
             keep_remote: None,
+            nodes: Some(1),
         })
         .unwrap();
     let store = Arc::new(Store::open(layout.clone(), CommitRule::default()).unwrap());

@@ -15,10 +15,9 @@ use md5::{Digest, Md5};
 use tidepool_csi::checkpoint::commit::CommitRule;
 use tidepool_csi::checkpoint::journal::{CommitState, Journal};
 use tidepool_csi::checkpoint::manifest::{Layout, read_manifest};
+use tidepool_csi::checkpoint::restore::{StepChoice, durable_steps, restore};
 use tidepool_csi::checkpoint::store::{Committed, Store, VolumeConfig, VolumeLayout};
-use tidepool_csi::checkpoint::sync::{
-    StepChoice, SyncConfig, SyncError, Syncer, durable_steps, restore,
-};
+use tidepool_csi::checkpoint::sync::{SyncConfig, SyncError, Syncer};
 use tidepool_csi::checkpoint::upload::UploadConfig;
 use tidepool_csi::lake::faults::{Fault, FaultyLake};
 use tidepool_csi::lake::retry::{RetryConfig, RetryingLake};
@@ -34,7 +33,8 @@ fn init_log() {
         .try_init();
 }
 
-/// A volume in its own pool, bound to `node` and the lake prefix `prefix`.
+/// A volume in its own pool, bound to `node` and the lake prefix `prefix`, the only
+/// node writing its steps (`--nodes 1`).
 fn volume(
     pool: &Path,
     az: &Azurite,
@@ -42,6 +42,19 @@ fn volume(
     prefix: &str,
     node: &str,
     keep_local: Option<u32>,
+) -> VolumeLayout {
+    volume_of(pool, az, container, prefix, node, keep_local, Some(1))
+}
+
+/// A volume whose steps are written by `nodes` nodes (`None`: not set).
+fn volume_of(
+    pool: &Path,
+    az: &Azurite,
+    container: &str,
+    prefix: &str,
+    node: &str,
+    keep_local: Option<u32>,
+    nodes: Option<u32>,
 ) -> VolumeLayout {
     let url = az.url(container, prefix);
     let layout = VolumeLayout::for_url(pool, &url);
@@ -51,6 +64,7 @@ fn volume(
             node: node.into(),
             keep_local,
             keep_remote: None,
+            nodes,
         })
         .unwrap();
     layout
@@ -349,8 +363,8 @@ async fn a_step_written_by_two_nodes_is_durable_only_with_both_parts() {
     let az = Azurite::start();
     let lake: Arc<dyn Lake> = Arc::new(az.lake("ckpt").await);
     let (p1, p2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let n1 = volume(p1.path(), &az, "ckpt", "job", "node-1", None);
-    let n2 = volume(p2.path(), &az, "ckpt", "job", "node-2", None);
+    let n1 = volume_of(p1.path(), &az, "ckpt", "job", "node-1", None, Some(2));
+    let n2 = volume_of(p2.path(), &az, "ckpt", "job", "node-2", None, Some(2));
     // Each node's mount notes the steps it writes; rank 0 (node-1) writes the marker.
     let st1 = Store::open(n1.clone(), CommitRule::default()).unwrap();
     let st2 = Store::open(n2.clone(), CommitRule::default()).unwrap();
@@ -654,6 +668,7 @@ async fn keep_remote_deletes_old_steps_manifest_first_and_finishes_an_interrupte
         node: "n1".into(),
         keep_local: None,
         keep_remote: Some(2),
+        nodes: Some(1),
     })
     .unwrap();
     for n in [1, 2, 3, 10] {
@@ -664,8 +679,8 @@ async fn keep_remote_deletes_old_steps_manifest_first_and_finishes_an_interrupte
             true,
         );
     }
-    // A step without a number: never deleted automatically, never "latest" while
-    // numbered steps exist.
+    // A step without a number: never deleted automatically (committed first here, as
+    // steps found together commit in the order of their numbers).
     write_step(&vol, "final", &[("w", pattern(99, 1000))], true);
     commit(&vol, CommitRule::default());
     let mut s = Syncer::start(lake.clone(), vol.clone(), "rr/", small_blocks())
@@ -683,7 +698,7 @@ async fn keep_remote_deletes_old_steps_manifest_first_and_finishes_an_interrupte
     let r = restore(&*lake, "rr/", "lake", out.path(), &StepChoice::Latest, 2)
         .await
         .unwrap();
-    assert_eq!(r.step, "step-10", "latest is the highest step number");
+    assert_eq!(r.step, "step-10", "latest is the step made durable last");
     for gone in [
         "rr/step-1/",
         "rr/step-2/",
@@ -827,24 +842,14 @@ async fn a_manifest_is_never_written_over_replaced_or_conflicting_objects() {
     let az = Azurite::start();
     let lake: Arc<dyn Lake> = Arc::new(az.lake("ckpt").await);
     let (p1, p2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let n1 = volume(p1.path(), &az, "ckpt", "cf", "node-1", None);
-    let n2 = volume(p2.path(), &az, "ckpt", "cf", "node-2", None);
+    let n1 = volume_of(p1.path(), &az, "ckpt", "cf", "node-1", None, Some(2));
+    let n2 = volume_of(p2.path(), &az, "ckpt", "cf", "node-2", None, Some(2));
     let mut s1 = Syncer::start(lake.clone(), n1.clone(), "cf/", small_blocks())
         .await
         .unwrap();
     let mut s2 = Syncer::start(lake.clone(), n2.clone(), "cf/", small_blocks())
         .await
         .unwrap();
-    let names = Layout::new("cf/");
-    for step in ["step-1", "step-2"] {
-        lake.put(
-            &names.intent(step, "node-2"),
-            bytes::Bytes::new(),
-            &Default::default(),
-        )
-        .await
-        .unwrap();
-    }
     // step-1: node-1's object is replaced in the lake after its part went in.
     write_step(&n1, "step-1", &[("a", pattern(1, 2 * MIB))], true);
     commit(&n1, CommitRule::default());
@@ -856,8 +861,18 @@ async fn a_manifest_is_never_written_over_replaced_or_conflicting_objects() {
     )
     .await
     .unwrap();
-    write_step(&n2, "step-1", &[("b", pattern(2, 1000))], true);
-    commit(&n2, CommitRule::default());
+    // node-2 writes its rank's file (no marker: rank 0 is on node-1) and follows.
+    write_step(&n2, "step-1", &[("b", pattern(2, 1000))], false);
+    Journal::open(&n2.journal_dir())
+        .unwrap()
+        .mark_seen("step-1")
+        .unwrap();
+    s2.pass().await.unwrap();
+    assert_eq!(
+        commit(&n2, CommitRule::default()).len(),
+        1,
+        "node-2 follows"
+    );
     let r = s2.pass().await.unwrap();
     assert_eq!(r.failed.len(), 1, "{r:?}");
     assert!(

@@ -85,6 +85,12 @@ pub fn settings(a: &CheckpointAssignment) -> Result<CheckpointSettings, String> 
         },
         keep_local: keep(a.retention.keep_local),
         keep_remote: keep(a.retention.keep_remote),
+        // The schema keeps it at 1 or more.
+        nodes: a
+            .commit
+            .nodes
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|&n| n > 0),
     })
 }
 
@@ -157,9 +163,24 @@ pub(super) fn node_status(assigned: &Assigned, cache_dir: &Path) -> CheckpointNo
                         } else {
                             ("nodes", "their parts are")
                         };
+                        if w.nodes.is_empty() {
+                            notes.push(format!("{} is not durable yet: {}", w.step, w.detail));
+                        } else {
+                            notes.push(format!(
+                                "{} waits for {noun} {nodes}: {verb} not in the lake yet (still uploading there, or the tidepool agent there is not running){}",
+                                w.step,
+                                if w.detail.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!("; {}", w.detail)
+                                }
+                            ));
+                        }
+                    }
+                    if st.expected_nodes.is_none() {
                         notes.push(format!(
-                            "{} waits for {noun} {nodes}: {verb} not in the lake yet (still uploading there, or the tidepool agent there is not running)",
-                            w.step
+                            "spec.commit.nodes of CheckpointSync {}/{} is not set: a step waits for the nodes that announced it, so a node whose agent was down from the start can be left out of it; set it to the number of nodes the job writes from",
+                            a.owner.namespace, a.owner.name
                         ));
                     }
                 }
@@ -237,6 +258,7 @@ mod tests {
             commit: CommitSpec {
                 markers: vec!["DONE".into(), ".metadata".into()],
                 quiescence: quiescence.map(Into::into),
+                nodes: None,
             },
             retention: Retention {
                 keep_local,
@@ -258,6 +280,7 @@ mod tests {
                 node: "gpu-a".into(),
                 keep_local: None,
                 keep_remote: None,
+                nodes: None,
             })
             .unwrap();
         layout
@@ -361,11 +384,15 @@ mod tests {
         )
         .await
         .unwrap();
+        // No settle window: the intents alone decide here.
         let mut sync = Syncer::start(
             lake.clone(),
             layout.clone(),
             "runs/a/",
-            SyncConfig::default(),
+            SyncConfig {
+                settle: Duration::ZERO,
+                ..SyncConfig::default()
+            },
         )
         .await
         .unwrap();
@@ -455,6 +482,9 @@ mod tests {
                 step: "step-1".into(),
                 reason: "marker .metadata".into(),
                 committed_unix_ms: 0,
+                follows: None,
+                follows_unix_ms: None,
+                dir: None,
             })
             .unwrap();
         w.add(&FileRecord {

@@ -53,9 +53,13 @@ pub enum Reason {
     },
     Quiescent(Duration),
     /// Another node published its part of the step (multi-node jobs: only rank 0's
-    /// node sees the marker; the others follow it once their files are closed).
+    /// node sees the marker; the others follow it once their files are closed). The
+    /// commit belongs to that node's version of the step.
     Peer {
         node: String,
+        version: String,
+        /// When that node took its commit (its clock).
+        led_unix_ms: u64,
     },
 }
 
@@ -65,15 +69,45 @@ impl std::fmt::Display for Reason {
             Reason::Marker(m) => write!(f, "marker {}", m.to_string_lossy()),
             Reason::Renamed { from } => write!(f, "renamed from {}", from.to_string_lossy()),
             Reason::Quiescent(d) => write!(f, "quiet for {}", humantime::format_duration(*d)),
-            Reason::Peer { node } => write!(f, "node {node} committed its part"),
+            Reason::Peer { node, version, .. } => {
+                write!(f, "node {node} committed its part (version {version})")
+            }
         }
     }
 }
 
 /// Whether `name` is a temporary directory name (never committed under that name).
+///
+/// Words, not substrings: the name is split at every character that is not a letter or
+/// a digit, and it is temporary when it starts with a dot, when one of its words is
+/// `tmp` or `temp`, or when its first word starts with `tmp` (Python's `mkdtemp` names,
+/// `tmpk3j_x9a`). So `step.orbax-checkpoint-tmp-1712`, `tmp-checkpoint-500`,
+/// `step-7.tmp` and `.partial` are temporary; `attempt-3`, `template_v2` and
+/// `temperature-5` are steps.
 pub fn is_temporary(name: &OsStr) -> bool {
     let s = name.to_string_lossy().to_ascii_lowercase();
-    s.starts_with('.') || s.contains("tmp") || s.contains("temp")
+    if s.starts_with('.') {
+        return true;
+    }
+    let mut words = s.split(|c: char| !c.is_ascii_alphanumeric());
+    if words.clone().next().is_some_and(|w| w.starts_with("tmp")) {
+        return true;
+    }
+    words.any(|w| w == "tmp" || w == "temp")
+}
+
+/// The step an Orbax temporary directory becomes: `<step>.orbax-checkpoint-tmp-<n>`
+/// is renamed to `<step>` by the primary host when every host has written its part.
+/// On a node-local volume the other hosts never see that rename, so their part of the
+/// step is only ever under this name (see [`Committer::peer_committed`]).
+pub fn orbax_final_name(name: &OsStr) -> Option<&str> {
+    let s = name.to_str()?;
+    let (step, n) = s.rsplit_once(".orbax-checkpoint-tmp-")?;
+    (!step.is_empty()
+        && !n.is_empty()
+        && n.bytes().all(|b| b.is_ascii_digit())
+        && !is_temporary(OsStr::new(step)))
+    .then_some(step)
 }
 
 /// The step number parsed from a name, for ordering: the last run of digits
@@ -210,15 +244,25 @@ impl Committer {
         }
     }
 
-    /// Commits `step` as soon as its files are closed, because another node committed
-    /// its part (ignored for a step that is committed and unchanged).
-    pub fn peer_committed(&mut self, step: &OsStr, node: &str, now: Instant) {
+    /// Commits `step` (a directory of the tree) as soon as its files are closed, because
+    /// node `node` committed its part of `version` of the step: this node's files
+    /// become its part of that version. Committed even if nothing changed here since the
+    /// last commit (the files then belong to one more version; their upload is not
+    /// repeated). `step` may be an Orbax temporary directory (see
+    /// [`orbax_final_name`]): on a node-local volume that is where the other hosts'
+    /// parts stay.
+    pub fn peer_committed(
+        &mut self,
+        step: &OsStr,
+        req: &crate::checkpoint::journal::CommitRequest,
+        now: Instant,
+    ) {
         let t = self.track(step, now);
-        if !t.committed {
-            t.pending = Some(Reason::Peer {
-                node: node.to_owned(),
-            });
-        }
+        t.pending = Some(Reason::Peer {
+            node: req.node.clone(),
+            version: req.version.clone(),
+            led_unix_ms: req.led_unix_ms,
+        });
     }
 
     /// Steps to commit now. `busy` are the steps with a file open for writing (asked of
@@ -228,7 +272,9 @@ impl Committer {
         let quiet = self.rule.quiescence;
         let mut out = Vec::new();
         for (name, t) in &mut self.steps {
-            if busy.contains(name) || is_temporary(name) {
+            // A temporary name commits only as another node's part of a step.
+            let follows = matches!(t.pending, Some(Reason::Peer { .. }));
+            if busy.contains(name) || (is_temporary(name) && !follows) {
                 continue;
             }
             let reason = if let Some(r) = t.pending.take() {
@@ -249,6 +295,13 @@ impl Committer {
                 changes: t.changes,
             });
         }
+        // Steps due together commit in the order of their numbers (a volume opened
+        // with several finished steps on disk commits step-9 before step-10), so that
+        // commit order, which "latest" follows, is the order they were written in.
+        out.sort_by(|a, b| {
+            let key = |d: &Due| (step_number(&d.step.to_string_lossy()), d.step.clone());
+            key(a).cmp(&key(b))
+        });
         out
     }
 
@@ -473,8 +526,35 @@ mod tests {
         assert_eq!(step_number("42"), Some(42));
         assert_eq!(step_number("v2-step-7"), Some(7));
         assert_eq!(step_number("final"), None);
-        assert!(is_temporary(OsStr::new("step.orbax-checkpoint-tmp-1")));
-        assert!(is_temporary(OsStr::new(".hidden")));
-        assert!(!is_temporary(OsStr::new("step-10")));
+        for tmp in [
+            "step.orbax-checkpoint-tmp-1",
+            ".hidden",
+            "tmp-checkpoint-500",
+            "step-7.tmp",
+            "TMP_step",
+            "tmpk3j_x9a",
+            "step_temp",
+        ] {
+            assert!(is_temporary(OsStr::new(tmp)), "{tmp} is temporary");
+        }
+        for step in [
+            "step-10",
+            "attempt-3",
+            "template_v2",
+            "temperature-5",
+            "final",
+            "10",
+        ] {
+            assert!(!is_temporary(OsStr::new(step)), "{step} is a step");
+        }
+        assert_eq!(
+            orbax_final_name(OsStr::new("10.orbax-checkpoint-tmp-1712345")),
+            Some("10")
+        );
+        assert_eq!(
+            orbax_final_name(OsStr::new("10.orbax-checkpoint-tmp-")),
+            None
+        );
+        assert_eq!(orbax_final_name(OsStr::new("step-10")), None);
     }
 }

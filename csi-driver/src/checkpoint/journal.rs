@@ -13,6 +13,8 @@
 //!   the line being written; readers skip a line that does not parse (that file is
 //!   uploaded again, and its blocks still staged in the lake are not sent twice), and
 //!   the next append starts on a fresh line.
+//! - `<seq>.relinked`: append-only, one [`Relinked`] line per staged link replaced by a
+//!   copy (the file was rewritten in place while the commit was pending);
 //! - `<seq>.durable`: the step's manifest is in the lake (written after the manifest).
 //! - `<seq>.dropped`: this commit will never be uploaded, and why (a newer commit of the
 //!   same step superseded it, or a file changed after commit).
@@ -42,6 +44,44 @@ pub struct CommitHeader {
     /// Why it committed, in words (the rule that fired).
     pub reason: String,
     pub committed_unix_ms: u64,
+    /// The version of the step this commit belongs to when another node leads it (a
+    /// multi-node step: this node followed that node's commit); absent when this commit
+    /// is a version of its own, named `<node>:<seq>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follows: Option<String>,
+    /// When the leading node took the commit this one follows (its clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follows_unix_ms: Option<u64>,
+    /// The directory of the tree the files were taken from, when it is not named like
+    /// the step (an Orbax temporary directory on a host that never renames it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+}
+
+impl CommitHeader {
+    /// The version of the step this commit is a part of, on node `node`.
+    pub fn version(&self, node: &str) -> String {
+        self.follows
+            .clone()
+            .unwrap_or_else(|| format!("{node}:{}", self.seq))
+    }
+
+    /// The tree directory the commit's files came from.
+    pub fn dir(&self) -> &str {
+        self.dir.as_deref().unwrap_or(&self.step)
+    }
+}
+
+/// The sync asks the mount to commit a step as this node's part of another node's
+/// version of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRequest {
+    /// The node whose commit leads the version.
+    pub node: String,
+    pub version: String,
+    /// When that node took its commit (its clock).
+    #[serde(default)]
+    pub led_unix_ms: u64,
 }
 
 /// One file of a committed step: its identity at commit.
@@ -69,6 +109,22 @@ pub struct UploadedRecord {
     /// Hex MD5 of the content (also the blob's Content-MD5).
     pub md5: String,
     pub etag: String,
+}
+
+/// A staged link of a pending commit replaced by a copy of the same bytes (same size
+/// and modification time, another inode), because the file in the tree was about to be
+/// rewritten in place: the commit uploads from the copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relinked {
+    pub path: String,
+    pub ino: u64,
+}
+
+/// What `<seq>.durable` holds.
+#[derive(Serialize, Deserialize)]
+struct DurableMark {
+    manifest: String,
+    etag: String,
 }
 
 /// The state of one commit.
@@ -114,14 +170,35 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Writes `bytes` to `path` atomically (temp file, sync, rename, directory sync).
+///
+/// The temporary file is `.<name>.<pid>.<n>.tmp` beside `path`: unique to this call
+/// (process id and a per-process counter), so writes of different files in one
+/// directory (`seen/ckpt.1` and `seen/ckpt.2`), from any number of threads or
+/// processes, never share one. Its leading dot keeps it out of every listing of the
+/// journal (see [`Journal::seen`]); a crash can leave one behind, never a torn target.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} names no file", path.display()),
+        )
+    })?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.{n}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let written = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, path)?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
@@ -212,12 +289,13 @@ impl Journal {
         Ok(w)
     }
 
+    /// The state of commit `seq`. A dropped mark wins over a durable one: a durable
+    /// commit is dropped when its manifest is withdrawn (the step commits again and its
+    /// objects are about to be replaced), and from then on nothing may call it durable.
     pub fn state(&self, seq: u64) -> CommitState {
-        if self.path(seq, "durable").exists() {
-            return CommitState::Durable;
-        }
         match fs::read_to_string(self.path(seq, "dropped")) {
             Ok(why) => CommitState::Dropped(why),
+            Err(_) if self.path(seq, "durable").exists() => CommitState::Durable,
             Err(_) => CommitState::Pending,
         }
     }
@@ -276,6 +354,11 @@ impl Journal {
         Ok(())
     }
 
+    /// Whether any file of commit `seq` is in the lake already (its upload is under way).
+    pub fn upload_started(&self, seq: u64) -> bool {
+        fs::metadata(self.path(seq, "uploaded")).is_ok_and(|m| m.len() > 0)
+    }
+
     /// The set of paths of commit `seq` already in the lake.
     pub fn uploaded_paths(&self, seq: u64) -> Result<HashSet<String>, JournalError> {
         Ok(self.uploaded(seq)?.into_iter().map(|r| r.path).collect())
@@ -283,7 +366,41 @@ impl Journal {
 
     /// Records one more file of commit `seq` as in the lake (synced before returning).
     pub fn append_uploaded(&self, seq: u64, rec: &UploadedRecord) -> Result<(), JournalError> {
-        let path = self.path(seq, "uploaded");
+        self.append_line(&self.path(seq, "uploaded"), rec)
+    }
+
+    /// Records that the staged link of `rec.path` in commit `seq` is about to be
+    /// replaced by a copy, inode `rec.ino` (synced before returning; see [`Relinked`]).
+    pub fn append_relinked(&self, seq: u64, rec: &Relinked) -> Result<(), JournalError> {
+        self.append_line(&self.path(seq, "relinked"), rec)
+    }
+
+    /// The copies that replaced staged links of commit `seq`: path → inode. Only files
+    /// rewritten while the commit was pending are here, so this stays small.
+    pub fn relinked(
+        &self,
+        seq: u64,
+    ) -> Result<std::collections::HashMap<String, u64>, JournalError> {
+        let path = self.path(seq, "relinked");
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Default::default()),
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let mut out = std::collections::HashMap::new();
+        for l in BufReader::new(file).lines() {
+            let l = l.map_err(io_at(&path))?;
+            // A torn line: its copy was never renamed into place.
+            if let Ok(r) = serde_json::from_str::<Relinked>(&l) {
+                out.insert(r.path, r.ino);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends one JSON line to `path`, synced, starting on a fresh line after a torn one.
+    fn append_line<T: Serialize>(&self, path: &Path, rec: &T) -> Result<(), JournalError> {
+        let path = path.to_owned();
         let mut f = OpenOptions::new()
             .create(true)
             .read(true)
@@ -304,17 +421,52 @@ impl Journal {
         serde_json::to_writer(&mut line, rec).expect("serializable");
         line.push(b'\n');
         f.write_all(&line).map_err(io_at(&path))?;
-        f.sync_data().map_err(io_at(&path))
+        f.sync_data().map_err(io_at(&path))?;
+        if len == 0 {
+            // A new file: its directory entry too.
+            sync_dir(&self.dir).map_err(io_at(&self.dir))?;
+        }
+        Ok(())
     }
 
-    pub fn mark_durable(&self, seq: u64, manifest: &str) -> Result<(), JournalError> {
+    /// Marks commit `seq` durable: its step's manifest `manifest` was found (or
+    /// written) in the lake as version `etag`, vouching for this commit's files.
+    pub fn mark_durable(
+        &self,
+        seq: u64,
+        manifest: &str,
+        etag: &crate::lake::ETag,
+    ) -> Result<(), JournalError> {
         let p = self.path(seq, "durable");
-        write_atomic(&p, manifest.as_bytes()).map_err(io_at(&p))
+        let body = serde_json::to_vec(&DurableMark {
+            manifest: manifest.to_owned(),
+            etag: etag.0.clone(),
+        })
+        .expect("serializable");
+        write_atomic(&p, &body).map_err(io_at(&p))
     }
 
+    /// The manifest version commit `seq` was marked durable with (`None` for a mark
+    /// written by an older Tidepool, which recorded the manifest's name only).
+    pub fn durable_etag(&self, seq: u64) -> Option<crate::lake::ETag> {
+        let b = fs::read(self.path(seq, "durable")).ok()?;
+        serde_json::from_slice::<DurableMark>(&b)
+            .ok()
+            .map(|m| crate::lake::ETag(m.etag))
+    }
+
+    /// Marks commit `seq` as never to be uploaded (again), and forgets that it was
+    /// durable if it was: the dropped mark is written first, so that no moment exists
+    /// in which the commit reads as durable after this is called.
     pub fn mark_dropped(&self, seq: u64, why: &str) -> Result<(), JournalError> {
         let p = self.path(seq, "dropped");
-        write_atomic(&p, why.as_bytes()).map_err(io_at(&p))
+        write_atomic(&p, why.as_bytes()).map_err(io_at(&p))?;
+        let d = self.path(seq, "durable");
+        match fs::remove_file(&d) {
+            Ok(()) => sync_dir(&self.dir).map_err(io_at(&self.dir)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_at(&d)(e)),
+        }
     }
 
     /// Removes every file of commit `seq` (retention, after it is durable or dropped).
@@ -322,7 +474,7 @@ impl Journal {
         // The commit file first: a crash in between leaves state files of a commit that
         // no longer exists (ignored: only commit files are listed), never a commit whose
         // durable or dropped mark is gone (it would be uploaded again).
-        for ext in ["commit", "uploaded", "durable", "dropped"] {
+        for ext in ["commit", "uploaded", "durable", "dropped", "relinked"] {
             let p = self.path(seq, ext);
             match fs::remove_file(&p) {
                 Ok(()) => {}
@@ -352,7 +504,10 @@ impl Journal {
         let mut v = Vec::new();
         for e in fs::read_dir(&d).map_err(io_at(&d))? {
             let e = e.map_err(io_at(&d))?;
+            // Temporary files of `write_atomic` start with a dot; a step name never
+            // does (dot names are temporary, and never committed).
             if let Some(s) = e.file_name().to_str()
+                && !s.starts_with('.')
                 && !s.ends_with(".tmp")
             {
                 v.push(s.to_owned());
@@ -362,20 +517,22 @@ impl Journal {
         Ok(v)
     }
 
-    /// Asks the mount to commit `step` because node `node` committed its part there
-    /// (written by the sync, taken by the store).
-    pub fn request_commit(&self, step: &str, node: &str) -> Result<(), JournalError> {
+    /// Asks the mount to commit `step` because node `req.node` committed its part of
+    /// version `req.version` there (written by the sync, taken by the store). A request
+    /// already waiting is replaced (a newer version).
+    pub fn request_commit(&self, step: &str, req: &CommitRequest) -> Result<(), JournalError> {
         let d = self.dir.join("requests");
         fs::create_dir_all(&d).map_err(io_at(&d))?;
         let p = d.join(step);
-        if p.exists() {
+        let body = serde_json::to_vec(req).expect("serializable");
+        if fs::read(&p).is_ok_and(|b| b == body) {
             return Ok(());
         }
-        write_atomic(&p, node.as_bytes()).map_err(io_at(&p))
+        write_atomic(&p, &body).map_err(io_at(&p))
     }
 
-    /// Takes the pending commit requests: (step, node).
-    pub fn take_requests(&self) -> Vec<(String, String)> {
+    /// Takes the pending commit requests: (step, request).
+    pub fn take_requests(&self) -> Vec<(String, CommitRequest)> {
         let d = self.dir.join("requests");
         let mut v = Vec::new();
         let Ok(rd) = fs::read_dir(&d) else {
@@ -385,12 +542,17 @@ impl Journal {
             let Some(step) = e.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
-            if step.ends_with(".tmp") {
+            if step.starts_with('.') || step.ends_with(".tmp") {
                 continue;
             }
-            let node = fs::read_to_string(e.path()).unwrap_or_default();
+            let body = fs::read(e.path()).unwrap_or_default();
             let _ = fs::remove_file(e.path());
-            v.push((step, node));
+            match serde_json::from_slice::<CommitRequest>(&body) {
+                Ok(r) => v.push((step, r)),
+                // Written by an older sync (the node name alone): asked again by this
+                // one's next pass, with the version.
+                Err(_) => {}
+            }
         }
         v
     }
@@ -517,6 +679,9 @@ mod tests {
             step: "step-1".into(),
             reason: "marker .metadata".into(),
             committed_unix_ms: 1,
+            follows: None,
+            follows_unix_ms: None,
+            dir: None,
         }
     }
 
@@ -553,8 +718,54 @@ mod tests {
         assert_eq!(r.next_file().unwrap(), Some(rec("b/c", 20)));
         assert_eq!(r.next_file().unwrap(), None);
         assert_eq!(j.state(1), CommitState::Pending);
-        j.mark_durable(1, "m").unwrap();
+        j.mark_durable(1, "m", &crate::lake::ETag("\"e\"".into()))
+            .unwrap();
         assert_eq!(j.state(1), CommitState::Durable);
+    }
+
+    #[test]
+    fn marks_of_two_steps_written_at_the_same_moment_are_both_kept() {
+        // `seen/ckpt.1` and `seen/ckpt.2` once shared the temporary `seen/ckpt.tmp`: one
+        // mark was lost (or its rename failed) in most rounds.
+        for round in 0..200 {
+            let d = tempfile::tempdir().unwrap();
+            let j = Journal::open(d.path()).unwrap();
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                for step in ["ckpt.1", "ckpt.2"] {
+                    let (j, start) = (&j, &start);
+                    s.spawn(move || {
+                        start.wait();
+                        j.mark_seen(step).unwrap();
+                    });
+                }
+            });
+            assert_eq!(j.seen().unwrap(), vec!["ckpt.1", "ckpt.2"], "round {round}");
+            let left: Vec<_> = fs::read_dir(d.path().join("seen"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(left.len(), 2, "no temporary file left: {left:?}");
+        }
+    }
+
+    #[test]
+    fn a_durable_commit_that_is_dropped_is_no_longer_durable() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let mut w = j.begin_commit(&header(1)).unwrap();
+        w.add(&rec("a", 10)).unwrap();
+        w.finish().unwrap();
+        j.mark_durable(1, "m", &crate::lake::ETag("\"e\"".into()))
+            .unwrap();
+        assert_eq!(j.state(1), CommitState::Durable);
+        // The step commits again and its manifest is withdrawn.
+        j.mark_dropped(1, "superseded").unwrap();
+        assert_eq!(j.state(1), CommitState::Dropped("superseded".into()));
+        assert!(
+            !d.path().join("000000000001.durable").exists(),
+            "the durable mark is gone"
+        );
     }
 
     #[test]

@@ -8,15 +8,29 @@
 //! - `P_tidepool/parts/<step>/<node>.jsonl`: node `node` has uploaded its part of
 //!   `step`: a [`PartHeader`] line, then one [`ObjectRecord`] line per file;
 //! - `P_tidepool/steps/<step>.json`: the **manifest**, written last, when every node
-//!   with an intent has its part in. A step is durable exactly when its manifest
-//!   exists; readers ([`restore`](super::sync::restore), lake-backed steps) trust
-//!   nothing else. It lists every object with size and MD5 (see [`Manifest`]);
+//!   writing the step has its part of one version in (the configured number of nodes,
+//!   or every node with an intent after a settle window). A step is durable exactly
+//!   when its manifest exists and is not empty; readers
+//!   ([`restore`](super::restore::restore), lake-backed steps) trust nothing else. It
+//!   lists every object with size and MD5 (see [`Manifest`]). An **empty** blob under
+//!   that name is a withdrawn manifest (see below);
 //! - `P_tidepool/nodes/<node>.lock`: leased by the node's running sync (one uploader
 //!   per node and destination);
 //! - `P_tidepool/deleting/<step>.json`: retention (`keep_remote`) is deleting `step`: a
 //!   copy of its manifest, written before the manifest is deleted (so no reader trusts
 //!   the step from then on) and removed after the last of its objects; a sync that
 //!   finds one finishes the deletion.
+//!
+//!
+//! Withdrawing and publishing are a compare-and-swap on the manifest's name. A node
+//! about to replace objects of a step (a new commit of it) first deletes its own part
+//! record, then writes an empty blob over the manifest, then uploads. A publisher reads
+//! the manifest's ETag (or its absence) before it lists the parts, and writes the
+//! manifest only if that ETag is still there (`If-Match`, or `If-None-Match: *`). So a
+//! manifest is written only if no node began replacing objects of the step between the
+//! publisher's look at the parts and its write: it never vouches for objects being
+//! replaced (the withdrawal's new ETag fails the publisher's write, and a part deleted
+//! before the withdrawal is not among those it merged).
 //!
 //! Manifests and part records are written and read one object at a time (a step of a
 //! million files never sits in memory): the manifest is JSON whose `objects` array is
@@ -89,6 +103,32 @@ impl Layout {
     }
 }
 
+/// A step name as it may appear in the lake: one plain directory name (it becomes a
+/// local path on restore and a directory in the volume).
+pub fn valid_step_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0')
+}
+
+/// An MD5 written as 32 hex digits (as manifests, part records and the journal write
+/// them); `None` for anything else, whatever its bytes (a non-ASCII or signed value is
+/// refused, never sliced or half-parsed).
+pub fn parse_md5_hex(s: &str) -> Option<[u8; 16]> {
+    let b = s.as_bytes();
+    if b.len() != 32 || !b.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => c - b'A' + 10,
+    };
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = digit(b[2 * i]) << 4 | digit(b[2 * i + 1]);
+    }
+    Some(out)
+}
+
 /// The first line of a part record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartHeader {
@@ -99,6 +139,32 @@ pub struct PartHeader {
     pub reason: String,
     pub files: u64,
     pub bytes: u64,
+    /// The version of the step this part belongs to: `<node>:<seq>` when this node's
+    /// own commit rule fired (it leads the version), else the version of the node it
+    /// followed. A manifest merges the parts of one version only. Absent in records of
+    /// older Tidepool versions: then `<node>:<seq>`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// When the commit was taken (the committing node's clock): of two versions led by
+    /// different nodes, the later one is followed.
+    #[serde(default)]
+    pub committed_unix_ms: u64,
+}
+
+impl PartHeader {
+    /// The version this part belongs to.
+    pub fn version(&self) -> String {
+        if self.version.is_empty() {
+            format!("{}:{}", self.node, self.seq)
+        } else {
+            self.version.clone()
+        }
+    }
+
+    /// Whether this part's node leads its version (its own rule fired).
+    pub fn leads(&self) -> bool {
+        self.version() == format!("{}:{}", self.node, self.seq)
+    }
 }
 
 /// One object of a step.
@@ -125,6 +191,14 @@ pub struct ManifestHead {
     pub nodes: Vec<String>,
     pub files: u64,
     pub bytes: u64,
+    /// The version of the step every part merged here belongs to (see
+    /// [`PartHeader::version`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// The number of nodes the step was configured to wait for (`--nodes`,
+    /// `spec.commit.nodes`); absent when it waited for the nodes that announced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_nodes: Option<u32>,
 }
 
 /// A manifest: `{head fields…, "objects": [ObjectRecord…]}` (the head is flattened).
@@ -292,6 +366,8 @@ mod tests {
             nodes: vec!["n1".into()],
             files: 3,
             bytes: 6,
+            version: "n1:4".into(),
+            expected_nodes: Some(1),
         };
         let mut out = Vec::new();
         let mut it = objs.clone().into_iter();
@@ -324,6 +400,28 @@ mod tests {
         let doc = br#"{"format":"tidepool.dev/checkpoint-manifest/v9","step":"s","created_unix_ms":0,"nodes":[],"files":0,"bytes":0,"objects":[]}"#;
         let e = read_manifest(&doc[..], |_| Ok(())).unwrap_err();
         assert!(e.to_string().contains("upgrade tidepool"), "{e}");
+    }
+
+    #[test]
+    fn md5_hex_parses_only_32_hex_digits() {
+        let m = [
+            0xd4, 0x1d, 0x8c, 0xd9, 0x8f, 0x00, 0xb2, 0x04, 0xe9, 0x80, 0x09, 0x98, 0xec, 0xf8,
+            0x42, 0x7e,
+        ];
+        assert_eq!(parse_md5_hex("d41d8cd98f00b204e9800998ecf8427e"), Some(m));
+        assert_eq!(parse_md5_hex("D41D8CD98F00B204E9800998ECF8427E"), Some(m));
+        for bad in [
+            "xyz",
+            "",
+            "d41d8cd98f00b204e9800998ecf8427",
+            // 32 bytes, not 32 digits: one copy of this parser panicked on it.
+            "é41d8cd98f00b204e9800998ecf842",
+            "+41d8cd98f00b204e9800998ecf8427e",
+            "d41d8cd98f00b204e9800998ecf8427g",
+        ] {
+            assert_eq!(parse_md5_hex(bad), None, "{bad:?}");
+        }
+        assert!(valid_step_name("step-1") && !valid_step_name("a/b") && !valid_step_name(".."));
     }
 
     #[test]

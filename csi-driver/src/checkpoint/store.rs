@@ -33,12 +33,12 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::commit::{CommitRule, Committer, Due, Reason, is_temporary};
+use super::commit::{CommitRule, Committer, Due, Reason, is_temporary, orbax_final_name};
 use super::journal::{CommitHeader, FileRecord, Journal, JournalError};
 use super::tree::{OpenWriters, StepEvents, TreeEvent};
 
 /// What a volume is, as `volume.json` records it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeConfig {
     /// The destination, as the user gave it, without any credential (a SAS query
     /// string is never stored).
@@ -50,6 +50,12 @@ pub struct VolumeConfig {
     /// Durable steps kept in the lake (older ones are deleted, manifest first);
     /// `None` keeps all.
     pub keep_remote: Option<u32>,
+    /// The number of nodes that write each step (`--nodes`, `spec.commit.nodes`): a
+    /// manifest waits for that many nodes' parts of one version, whether or not they
+    /// are running. `None`: it waits for the nodes that announced the step, after a
+    /// settle window (a node whose sync never ran can be missed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
 }
 
 /// Paths of one volume's directory.
@@ -116,6 +122,10 @@ impl VolumeLayout {
     }
     pub fn trash(&self) -> PathBuf {
         self.dir.join("trash")
+    }
+    /// Marks a step directory retention is removing (see [`StepEvents::read_only`]).
+    pub fn retiring(&self, dir: &OsStr) -> PathBuf {
+        self.journal_dir().join("retiring").join(dir)
     }
     pub fn mount_status_path(&self) -> PathBuf {
         self.journal_dir().join("mount.json")
@@ -227,6 +237,8 @@ pub struct Store {
     seen: Mutex<HashSet<OsString>>,
     /// Serialises commits (the ticker, and `commit_now` from tests and shutdown).
     committing: Mutex<()>,
+    /// Serialises [`Store::keep_committed`].
+    keeping: Mutex<()>,
     /// Woken after each commit (the in-process sync waits on it).
     pub on_commit: tokio::sync::Notify,
     /// Woken when a step is first written (the in-process sync announces it at once).
@@ -243,13 +255,13 @@ impl Store {
         journal.remove_partial_commits()?;
         let mut committer = Committer::new(rule.clone());
         let now = Instant::now();
-        // The newest commit time per step.
-        let mut last_commit: std::collections::HashMap<String, u64> = Default::default();
+        // The newest commit of each step: (time, seq).
+        let mut last_commit: std::collections::HashMap<String, (u64, u64)> = Default::default();
         for seq in journal.seqs()? {
             let r = journal.read_commit(seq)?;
             let h = r.header();
             let e = last_commit.entry(h.step.clone()).or_default();
-            *e = (*e).max(h.committed_unix_ms);
+            *e = (*e).max((h.committed_unix_ms, seq));
         }
         let tree = layout.tree();
         if let Ok(entries) = fs::read_dir(&tree) {
@@ -259,14 +271,21 @@ impl Store {
                 }
                 let name = e.file_name();
                 let newest = newest_mtime_ms(&e.path()).unwrap_or(u64::MAX);
-                let committed = name
-                    .to_str()
-                    .and_then(|n| last_commit.get(n))
-                    .is_some_and(|&t| t >= newest);
+                let last = name.to_str().and_then(|n| last_commit.get(n)).copied();
+                let committed = last.is_some_and(|(t, _)| t >= newest);
+                // A marker the step's last commit already holds is that version's: the
+                // step changed since (rewritten in place, and the writer died before
+                // its new marker), so it is not complete, whatever the old marker says.
                 let marker = rule
                     .markers
                     .iter()
-                    .find(|m| e.path().join(m).is_file())
+                    .find(|m| {
+                        let path = e.path().join(m);
+                        path.is_file()
+                            && !last.is_some_and(|(_, seq)| {
+                                in_commit(&journal, seq, m, &path).unwrap_or(false)
+                            })
+                    })
                     .cloned();
                 committer.found_on_disk(&name, marker, committed, now);
             }
@@ -277,6 +296,7 @@ impl Store {
             committer: Mutex::new(committer),
             seen: Mutex::new(HashSet::new()),
             committing: Mutex::new(()),
+            keeping: Mutex::new(()),
             on_commit: tokio::sync::Notify::new(),
             on_seen: tokio::sync::Notify::new(),
             writers: OnceLock::new(),
@@ -305,11 +325,9 @@ impl Store {
     pub fn tick(&self) -> Vec<Result<Committed, StoreError>> {
         let _one = self.committing.lock();
         let now = Instant::now();
-        for (step, node) in self.journal.take_requests() {
-            if self.layout.tree().join(&step).is_dir() {
-                self.committer
-                    .lock()
-                    .peer_committed(OsStr::new(&step), &node, now);
+        for (step, req) in self.journal.take_requests() {
+            if let Some(dir) = dir_of_step(&self.layout, &step) {
+                self.committer.lock().peer_committed(&dir, &req, now);
             }
         }
         let due = self.committer.lock().due(now, &self.busy());
@@ -396,10 +414,24 @@ impl Store {
     /// was opened for writing) while it was being walked: nothing is recorded then.
     fn commit(&self, due: &Due) -> Result<Option<Committed>, StoreError> {
         let (step, reason) = (due.step.as_os_str(), &due.reason);
-        let name = step.to_str().ok_or_else(|| StoreError::NotUtf8 {
+        let dir_name = step.to_str().ok_or_else(|| StoreError::NotUtf8 {
             step: step.to_string_lossy().into_owned(),
             path: PathBuf::from(step),
         })?;
+        // Another node's version of a step, followed from an Orbax temporary directory,
+        // commits under the step's name.
+        let (follows, follows_unix_ms) = match reason {
+            Reason::Peer {
+                version,
+                led_unix_ms,
+                ..
+            } => (Some(version.clone()), Some(*led_unix_ms)),
+            _ => (None, None),
+        };
+        let name = match (&follows, orbax_final_name(step)) {
+            (Some(_), Some(final_name)) => final_name,
+            _ => dir_name,
+        };
         let io_err = |source| StoreError::Io {
             step: name.to_owned(),
             source,
@@ -429,6 +461,9 @@ impl Store {
             step: name.to_owned(),
             reason: reason.to_string(),
             committed_unix_ms: now_ms(),
+            follows,
+            follows_unix_ms,
+            dir: (name != dir_name).then(|| dir_name.to_owned()),
         })?;
         let walked = (|| -> Result<(), StoreError> {
             // Depth-first with an explicit stack of directories: one directory's
@@ -459,7 +494,10 @@ impl Store {
                     fs::hard_link(e.path(), staged.join(&rel)).map_err(io_err)?;
                     // The identity after the link: the link and the record name the
                     // same inode.
-                    let meta = fs::metadata(staged.join(&rel)).map_err(io_err)?;
+                    let file = fs::File::open(staged.join(&rel)).map_err(io_err)?;
+                    let meta = file.metadata().map_err(io_err)?;
+                    // Start writing its data out now; the second walk below waits for it.
+                    start_writeback(&file);
                     w.add(&FileRecord {
                         path: path.to_owned(),
                         size: meta.len(),
@@ -480,6 +518,15 @@ impl Store {
             let _ = fs::remove_dir_all(&staged);
             return Ok(None);
         }
+        // The data, sizes and times of every file, and the staged links, are on stable
+        // storage before the commit record is: after a power loss a commit's files are
+        // the ones it recorded (not empty or shorter ones, which the upload would refuse
+        // and the commit be lost with them).
+        if let Err(e) = sync_tree(&staged) {
+            w.abandon();
+            let _ = fs::remove_dir_all(&staged);
+            return Err(io_err(e));
+        }
         let t = w.finish()?;
         self.journal.note_seq(seq)?;
         Ok(Some(Committed {
@@ -491,10 +538,232 @@ impl Store {
         }))
     }
 
+    /// Keeps the committed version of `file` before it changes in place (see
+    /// [`StepEvents::before_change`]): for every pending commit whose staged link is
+    /// this very inode, the link is replaced by a copy of the same bytes, with the same
+    /// size and modification time (a reflink where the file system has them, otherwise a
+    /// copy in the kernel), recorded in the journal first ([`Journal::append_relinked`]),
+    /// so the commit still uploads exactly what it committed. A rewrite of a step whose
+    /// upload is under way thus never destroys it.
+    ///
+    /// Costs a copy of each such file, in the `open` that changes it, and the disk space
+    /// of the copy until the commit is durable or dropped.
+    pub fn keep_committed(
+        &self,
+        file: &fs::File,
+        at: Option<&(OsString, PathBuf)>,
+    ) -> io::Result<()> {
+        let m = file.metadata()?;
+        if m.nlink() <= 1 {
+            return Ok(());
+        }
+        // One at a time: a second open waiting here finds the link already replaced.
+        let _one = self.keeping.lock();
+        for seq in self.journal.seqs().map_err(io::Error::other)? {
+            if self.journal.state(seq) != super::journal::CommitState::Pending {
+                continue;
+            }
+            let Some(rel) = self.staged_link_of(seq, &m, at).map_err(io::Error::other)? else {
+                continue;
+            };
+            match self.replace_staged_link(seq, &rel, file, &m) {
+                Ok(()) => {
+                    tracing::info!(seq, path = %rel, "a committed file is rewritten in place before its upload finished; its committed version is kept for the upload")
+                }
+                // The commit became durable or was dropped meanwhile (its links released).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The path in commit `seq` whose staged link is the inode `m` describes.
+    fn staged_link_of(
+        &self,
+        seq: u64,
+        m: &fs::Metadata,
+        at: Option<&(OsString, PathBuf)>,
+    ) -> Result<Option<String>, StoreError> {
+        let is_it = |rel: &str| {
+            fs::symlink_metadata(self.layout.staged(seq).join(rel))
+                .is_ok_and(|s| s.ino() == m.ino() && s.dev() == m.dev())
+        };
+        let mut r = self.journal.read_commit(seq)?;
+        // Where the file is now, if that is where the commit took it from.
+        if let Some((step, rel)) = at
+            && r.header().step.as_str() == step.to_string_lossy()
+            && let Some(rel) = rel.to_str()
+            && is_it(rel)
+        {
+            return Ok(Some(rel.to_owned()));
+        }
+        // Moved since: the commit's records, one at a time.
+        while let Some(f) = r.next_file()? {
+            if f.ino == m.ino() && is_it(&f.path) {
+                return Ok(Some(f.path));
+            }
+        }
+        Ok(None)
+    }
+
+    fn replace_staged_link(
+        &self,
+        seq: u64,
+        rel: &str,
+        file: &fs::File,
+        m: &fs::Metadata,
+    ) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dst = self.layout.staged(seq).join(rel);
+        let name = dst
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let tmp = dst.with_file_name(format!(".{name}.kept.tmp"));
+        let _ = fs::remove_file(&tmp);
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let copied = (|| {
+            // SAFETY: both descriptors are live; FICLONE shares the source's extents.
+            let cloned =
+                unsafe { libc::ioctl(out.as_raw_fd(), libc::FICLONE, file.as_raw_fd()) } == 0;
+            if !cloned {
+                // copy_file_range(2) under the hood: the bytes stay in the kernel.
+                io::copy(&mut &*file, &mut out)?;
+            }
+            let after = file.metadata()?;
+            if after.len() != m.len()
+                || after.mtime_nsec() != m.mtime_nsec()
+                || after.mtime() != m.mtime()
+            {
+                return Err(io::Error::other(format!(
+                    "{rel} changed while its committed version was being kept"
+                )));
+            }
+            let times = [
+                libc::timespec {
+                    tv_sec: m.atime(),
+                    tv_nsec: m.atime_nsec(),
+                },
+                libc::timespec {
+                    tv_sec: m.mtime(),
+                    tv_nsec: m.mtime_nsec(),
+                },
+            ];
+            // SAFETY: the descriptor is live; `times` has two entries.
+            if unsafe { libc::futimens(out.as_raw_fd(), times.as_ptr()) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            out.sync_all()?;
+            out.metadata()
+        })();
+        let kept = match copied {
+            Ok(k) => k,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        self.journal
+            .append_relinked(
+                seq,
+                &super::journal::Relinked {
+                    path: rel.to_owned(),
+                    ino: kept.ino(),
+                },
+            )
+            .map_err(io::Error::other)?;
+        fs::rename(&tmp, &dst)?;
+        fs::File::open(dst.parent().unwrap_or(Path::new("/")))?.sync_all()
+    }
+
     /// Removes the staged links of a commit that is durable or dropped.
     pub fn release_staged(layout: &VolumeLayout, seq: u64) {
         let _ = fs::remove_dir_all(layout.staged(seq));
     }
+}
+
+/// Whether commit `seq` recorded the file at `path` (the step's root entry `name`) as it
+/// is now: same inode, size and modification time. Reads the commit one record at a time.
+fn in_commit(journal: &Journal, seq: u64, name: &OsStr, path: &Path) -> Result<bool, StoreError> {
+    let Some(name) = name.to_str() else {
+        return Ok(false);
+    };
+    let Ok(m) = fs::metadata(path) else {
+        return Ok(false);
+    };
+    let mut r = journal.read_commit(seq)?;
+    while let Some(f) = r.next_file()? {
+        if f.path == name {
+            return Ok(f.ino == m.ino()
+                && f.size == m.len()
+                && f.mtime_ns == m.mtime() * 1_000_000_000 + m.mtime_nsec());
+        }
+    }
+    Ok(false)
+}
+
+/// Asks the kernel to start writing `file`'s dirty pages (not waiting): a commit of many
+/// files then waits for all of them together in [`sync_tree`], not for each in turn.
+fn start_writeback(file: &fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is live; offset 0 and length 0 mean the whole file.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+/// `fsync`s every file and directory under `dir`, and `dir`'s entry in its parent:
+/// files as they are found, then the directories, deepest first (each after its
+/// entries). Memory: the directories' paths, never the files'.
+fn sync_tree(dir: &Path) -> io::Result<()> {
+    let mut dirs = vec![dir.to_path_buf()];
+    let mut order = Vec::new();
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                dirs.push(e.path());
+            } else {
+                fs::File::open(e.path())?.sync_all()?;
+            }
+        }
+        order.push(d);
+    }
+    // Deepest first, so each directory's entry in its parent is synced after it.
+    for d in order.iter().rev() {
+        fs::File::open(d)?.sync_all()?;
+    }
+    if let Some(parent) = dir.parent() {
+        fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The directory of the tree that holds this node's files of `step`: the step's own
+/// directory, else the newest Orbax temporary directory that becomes it (a host that is
+/// not Orbax's primary never renames it; see [`orbax_final_name`]).
+pub fn dir_of_step(layout: &VolumeLayout, step: &str) -> Option<OsString> {
+    let tree = layout.tree();
+    if tree.join(step).is_dir() {
+        return Some(step.into());
+    }
+    fs::read_dir(&tree)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name())
+        .filter(|n| orbax_final_name(n) == Some(step))
+        // The suffix is Orbax's timestamp: the newest attempt.
+        .max_by_key(|n| {
+            n.to_str()
+                .and_then(|s| s.rsplit('-').next())
+                .and_then(|t| t.parse::<u64>().ok())
+        })
 }
 
 /// Milliseconds since the Unix epoch (journal and status times).
@@ -533,19 +802,39 @@ impl StepEvents for Store {
             TreeEvent::StepRenamed { to, .. } => Some(to),
             _ => None,
         };
-        if let Some(step) = step
-            && !is_temporary(step)
+        // The step a write belongs to: its directory, or the step an Orbax temporary
+        // directory becomes (on a host that is not the primary, its part of the step is
+        // written there and never renamed).
+        let step = step.and_then(|s| match orbax_final_name(s) {
+            Some(final_name) => Some(OsString::from(final_name)),
+            None => (!is_temporary(s)).then(|| s.clone()),
+        });
+        if let Some(step) = &step
             && let Some(name) = step.to_str()
             && self.seen.lock().insert(step.clone())
         {
             match self.journal.mark_seen(name) {
                 Ok(()) => self.on_seen.notify_one(),
                 Err(err) => {
-                    tracing::warn!(step = name, error = %err, "cannot note the step in the journal")
+                    // Forgotten again, so that the next event of the step tries anew: a
+                    // step never noted is never announced, and other nodes would not
+                    // wait for this node's part.
+                    self.seen.lock().remove(step);
+                    tracing::warn!(step = name, error = %err, "cannot note the step in the journal; trying again at its next change")
                 }
             }
         }
         self.committer.lock().on_event(&e, Instant::now());
+    }
+
+    fn before_change(&self, file: &fs::File, at: Option<&(OsString, PathBuf)>) -> io::Result<()> {
+        self.keep_committed(file, at)
+    }
+
+    /// A step retention is taking off local disk (the sync marks it in the journal
+    /// before it moves the directory): changes to it are refused.
+    fn read_only(&self, step: &OsStr) -> bool {
+        self.layout.retiring(step).exists()
     }
 }
 

@@ -92,6 +92,14 @@ pub trait StepEvents: Send + Sync + 'static {
     fn read_only(&self, _step: &OsStr) -> bool {
         false
     }
+    /// Called before a regular file that has more than one link is opened for writing,
+    /// truncated, or has its modification time set, with the file open read-only and
+    /// where it is (step, path in it). Hard links are refused in the tree, so a second
+    /// link is a commit's staged copy: the observer keeps that committed version before
+    /// the change can touch it. An error fails the operation with its errno (`ENOSPC`).
+    fn before_change(&self, _file: &File, _at: Option<&(OsString, PathBuf)>) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// How the tree is served.
@@ -623,6 +631,20 @@ impl CheckpointTree {
         split_step(&self.rel_of(node)?)
     }
 
+    /// Lets the observer keep a committed version of `fd`'s file before it changes (see
+    /// [`StepEvents::before_change`]); nothing to do for a file with one link.
+    fn before_change(&self, fd: RawFd, at: Option<&(OsString, PathBuf)>) -> Result<(), Errno> {
+        let st = fstat(fd)?;
+        if st.st_nlink <= 1 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(());
+        }
+        let f = File::open(format!("/proc/self/fd/{fd}")).map_err(errno)?;
+        self.events.before_change(&f, at).map_err(|e| {
+            tracing::warn!(error = %e, at = ?at, "cannot keep the committed version of a file about to change; the change is refused");
+            errno(e)
+        })
+    }
+
     fn refuse_read_only(&self, step: Option<&(OsString, PathBuf)>) -> Result<(), Errno> {
         match step {
             Some((s, _)) if self.events.read_only(s) => Err(libc::EROFS),
@@ -949,6 +971,9 @@ impl FileSystem for CheckpointTree {
         let node = self.node(ino)?;
         let at = self.locate_node(&node);
         self.refuse_read_only(at.as_ref())?;
+        if a.valid & (fattr::SIZE | fattr::MTIME | fattr::MTIME_NOW) != 0 {
+            self.before_change(node.fd.as_raw_fd(), at.as_ref())?;
+        }
         let path = proc_path(node.fd.as_raw_fd());
         if a.valid & fattr::MODE != 0 {
             // SAFETY: path is NUL-terminated.
@@ -1019,6 +1044,7 @@ impl FileSystem for CheckpointTree {
         let opened_in = if writing {
             let at = self.locate_node(&node);
             self.refuse_read_only(at.as_ref())?;
+            self.before_change(node.fd.as_raw_fd(), at.as_ref())?;
             at.map(|(s, _)| s)
         } else {
             None
@@ -1067,6 +1093,11 @@ impl FileSystem for CheckpointTree {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) || (c.flags as i32) & libc::O_EXCL != 0 {
                 return Err(errno(e));
+            }
+            // An existing file opened for writing (perhaps truncated by this very open):
+            // a commit may hold it.
+            if let Ok(existing) = open_path(p.fd.as_raw_fd(), &name) {
+                self.before_change(existing.as_raw_fd(), at.as_ref())?;
             }
             // SAFETY: as above; the file exists, so no O_CREAT.
             fd = unsafe { libc::openat(p.fd.as_raw_fd(), name.as_ptr(), flags) };

@@ -353,6 +353,31 @@ pub async fn upload_file(
     cfg: &UploadConfig,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Uploaded, UploadError> {
+    upload_file_if(
+        lake,
+        name,
+        path,
+        expect,
+        cfg,
+        progress,
+        &PutOptions::default(),
+    )
+    .await
+}
+
+/// [`upload_file`] whose final write (the Put Blob, or the Put Block List) carries
+/// `when`'s conditions (`If-Match`, `If-None-Match: *`): a compare-and-swap of the
+/// whole object, whatever its size. A condition not met is the lake's error
+/// ([`LakeError::Changed`], [`LakeError::Exists`], [`LakeError::NotFound`]).
+pub async fn upload_file_if(
+    lake: &dyn Lake,
+    name: &str,
+    path: &Path,
+    expect: FileIdentity,
+    cfg: &UploadConfig,
+    progress: &(dyn Fn(u64) + Sync),
+    when: &PutOptions,
+) -> Result<Uploaded, UploadError> {
     let owned = path.to_owned();
     let file = blocking(move || {
         let file = File::open(&owned).map_err(|e| match e.kind() {
@@ -386,7 +411,7 @@ pub async fn upload_file(
             None,
         );
         let md5 = md5_lanes::digest(data.clone()).await;
-        let opts = PutOptions::default().with_md5(md5);
+        let opts = when.clone().with_md5(md5);
         let etag = lake.put(name, data, &opts).await?;
         progress(size);
         tracing::debug!(name, size, "uploaded in one request");
@@ -519,7 +544,9 @@ pub async fn upload_file(
     let (f, p) = (file.clone(), path.to_owned());
     blocking(move || check(&f, &p, &expect)).await?;
     let md5 = whole.finalize();
-    let etag = lake.put_block_list(name, &ids, Some(md5)).await?;
+    let etag = lake
+        .commit_blocks(name, &ids, &when.clone().with_md5(md5))
+        .await?;
     tracing::debug!(
         name,
         size,

@@ -12,10 +12,9 @@ use clap::{Args, Subcommand};
 
 use super::{LakeArgs, MountArgs, human, open_lake, say};
 use crate::checkpoint::commit::CommitRule;
+use crate::checkpoint::restore::{StepChoice, restore as restore_step};
 use crate::checkpoint::store::{Store, VolumeConfig, VolumeLayout};
-use crate::checkpoint::sync::{
-    StepChoice, SyncConfig, SyncStatus, Syncer, restore as restore_step,
-};
+use crate::checkpoint::sync::{SyncConfig, SyncStatus, Syncer};
 use crate::checkpoint::tree::{CheckpointTree, LakeSteps, OpenWriters, TreeConfig};
 use crate::fs::{Mount, MountStats};
 use crate::fuse::{MountOptions, SessionConfig};
@@ -54,6 +53,13 @@ pub struct CheckpointArgs {
     /// Do not upload from this process; a separate `tidepool sync --cache-dir` does.
     #[arg(long, requires = "checkpoint")]
     pub no_sync: bool,
+    /// The number of nodes (machines, each with its own volume) that write each step.
+    /// A step is durable only once that many nodes have their part of it in the lake,
+    /// whether or not their syncs are running: give it for every multi-node job, and 1
+    /// on a single machine. Without it a step waits for the nodes that announced it and
+    /// a settle window of 10 s, and a node whose sync never ran can be left out.
+    #[arg(long, value_name = "N", requires = "checkpoint", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub nodes: Option<u32>,
 }
 
 impl CheckpointArgs {
@@ -116,6 +122,7 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             node: node.clone(),
             keep_local: ck.keep_local,
             keep_remote: ck.keep_remote,
+            nodes: ck.nodes,
         })
         .with_context(|| format!("preparing {}", layout.dir.display()))?;
     // The lake (and the node lease) first: a second uploader is refused before anything
@@ -394,6 +401,10 @@ pub struct SyncArgs {
     /// Upload what is committed and exit (default: keep running, like the node sidecar).
     #[arg(long, conflicts_with = "agent_socket")]
     pub once: bool,
+    /// The number of nodes that write each step (as `tidepool mount --checkpoint
+    /// --nodes`): recorded in each volume, which must not say otherwise.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub nodes: Option<u32>,
     /// Run as the node's sidecar: take each volume's lake credentials from the node
     /// agent listening on this socket (they never touch the disk), keep running, and
     /// pick up checkpoint volumes as they appear in the pool.
@@ -439,7 +450,21 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     for vol in vols {
-        let cfg = vol.read_config()?;
+        let mut cfg = vol.read_config()?;
+        if let Some(n) = args.nodes {
+            match cfg.nodes {
+                Some(m) if m != n => bail!(
+                    "{}: its steps wait for {m} nodes (set by `tidepool mount --checkpoint --nodes {m}`), and this sync was given --nodes {n}; give both the same number",
+                    cfg.url
+                ),
+                Some(_) => {}
+                None => {
+                    cfg.nodes = Some(n);
+                    vol.create(&cfg)
+                        .with_context(|| format!("recording --nodes in {}", vol.dir.display()))?;
+                }
+            }
+        }
         let url = LakeUrl::parse(&cfg.url)?;
         let lake = open_lake(&url, &args.lake, env)?;
         let sync_cfg = SyncConfig {
@@ -448,10 +473,24 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
         };
         let mut s = Syncer::start(lake, vol.clone(), &url.prefix, sync_cfg).await?;
         if args.once {
-            let r = s.pass().await;
+            // Passes until nothing is left that this node can finish: steps that only
+            // wait for their settle window are waited for; steps waiting for other
+            // nodes are reported.
+            let mut r = s.pass().await;
+            let mut durable = Vec::new();
+            while let Ok(report) = &r {
+                let Some(wait) = report.waiting.iter().filter_map(|w| w.settles_in_ms).max() else {
+                    break;
+                };
+                durable.extend(report.durable.iter().cloned());
+                tokio::time::sleep(Duration::from_millis(wait + 100)).await;
+                r = s.pass().await;
+            }
             let st = s.status(r.as_ref().err().map(|e| e.to_string()), &[]);
             s.stop().await;
-            let report = r?;
+            let mut report = r?;
+            durable.append(&mut report.durable);
+            report.durable = durable;
             say(format_args!(
                 "tidepool: {}: uploaded {} files ({}); durable: {}{}",
                 cfg.url,

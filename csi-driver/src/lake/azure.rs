@@ -257,15 +257,18 @@ impl AzureLake {
     }
 
     fn err(&self, op: Op, name: &str, e: &azure_core::Error) -> LakeError {
-        errors::map(
-            e,
-            &Ctx {
-                op,
-                name,
-                if_match: None,
-            },
-            &self.scrub,
-        )
+        self.err_if(op, name, e, None)
+    }
+
+    /// As [`Self::err`] for a request sent with `If-Match: if_match`.
+    fn err_if(
+        &self,
+        op: Op,
+        name: &str,
+        e: &azure_core::Error,
+        if_match: Option<&ETag>,
+    ) -> LakeError {
+        errors::map(e, &Ctx { op, name, if_match }, &self.scrub)
     }
 
     fn protocol(&self, op: Op, name: &str, detail: impl Into<String>) -> LakeError {
@@ -569,6 +572,7 @@ impl Lake for AzureLake {
             partition_size: NonZero::new((data.len() as u64).max(1)),
             blob_content_md5: opts.content_md5.map(|m| m.to_vec()),
             if_none_match: opts.if_none_match_any.then(|| Etag::from("*".to_owned())),
+            if_match: opts.if_match.as_ref().map(|e| Etag::from(e.0.clone())),
             ..Default::default()
         };
         if let Some(md5) = opts.content_md5 {
@@ -577,7 +581,7 @@ impl Lake for AzureLake {
             };
         }
         let rsp = blob.upload(data.into(), Some(options)).await.map_err(|e| {
-            match self.err(Op::Put, name, &e) {
+            match self.err_if(Op::Put, name, &e, opts.if_match.as_ref()) {
                 // If-None-Match: * on an existing blob: Azure and Azurite answer 409
                 // BlobAlreadyExists (mapped so already); 412 is the generic answer.
                 LakeError::Other { status: 412, .. } if opts.if_none_match_any => {
@@ -620,6 +624,17 @@ impl Lake for AzureLake {
         ids: &[BlockId],
         content_md5: Option<[u8; 16]>,
     ) -> LakeResult<ETag> {
+        self.commit_blocks(name, ids, &PutOptions::default().with_md5_opt(content_md5))
+            .await
+    }
+
+    async fn commit_blocks(
+        &self,
+        name: &str,
+        ids: &[BlockId],
+        opts: &PutOptions,
+    ) -> LakeResult<ETag> {
+        let content_md5 = opts.content_md5;
         let blob = self.container.blob_client(name).block_blob_client();
         let list = BlockLookupList {
             latest: Some(ids.iter().map(|id| id.0.as_bytes().to_vec()).collect()),
@@ -630,12 +645,23 @@ impl Lake for AzureLake {
             .map_err(|e: azure_core::Error| self.err(Op::PutBlockList, name, &e))?;
         let options = BlockBlobClientCommitBlockListOptions {
             blob_content_md5: content_md5.map(|m| m.to_vec()),
+            if_none_match: opts.if_none_match_any.then(|| Etag::from("*".to_owned())),
+            if_match: opts.if_match.as_ref().map(|e| Etag::from(e.0.clone())),
             ..Default::default()
         };
         let rsp = blob
             .commit_block_list(content, Some(options))
             .await
-            .map_err(|e| self.err(Op::PutBlockList, name, &e))?;
+            .map_err(
+                |e| match self.err_if(Op::PutBlockList, name, &e, opts.if_match.as_ref()) {
+                    LakeError::Other { status: 412, .. } if opts.if_none_match_any => {
+                        LakeError::Exists {
+                            name: name.to_owned(),
+                        }
+                    }
+                    other => other,
+                },
+            )?;
         let tag = rsp
             .etag()
             .map_err(|e| self.err(Op::PutBlockList, name, &e))?;

@@ -250,6 +250,17 @@ impl Lake for FaultyLake {
         self.after(fault, Op::PutBlockList, name, r)
     }
 
+    async fn commit_blocks(
+        &self,
+        name: &str,
+        ids: &[BlockId],
+        opts: &PutOptions,
+    ) -> LakeResult<ETag> {
+        let fault = self.before(Op::PutBlockList, name).await?;
+        let r = self.inner.commit_blocks(name, ids, opts).await;
+        self.after(fault, Op::PutBlockList, name, r)
+    }
+
     async fn get_block_list(&self, name: &str) -> LakeResult<BlockList> {
         let fault = self.before(Op::BlockList, name).await?;
         let r = self.inner.get_block_list(name).await;

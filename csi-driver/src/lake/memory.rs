@@ -149,6 +149,27 @@ impl MemoryLake {
     }
 }
 
+/// `If-None-Match: *` and `If-Match`, as Azure answers them.
+fn check_conditions(st: &State, name: &str, opts: &PutOptions) -> LakeResult<()> {
+    let current = st.objects.get(name);
+    if opts.if_none_match_any && current.is_some() {
+        return Err(LakeError::Exists { name: name.into() });
+    }
+    if let Some(want) = &opts.if_match {
+        match current {
+            None => return Err(LakeError::NotFound { name: name.into() }),
+            Some(o) if &o.meta.etag != want => {
+                return Err(LakeError::Changed {
+                    name: name.into(),
+                    expected: want.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 fn md5_mismatch(op: Op, name: &str) -> LakeError {
     LakeError::Other {
         op,
@@ -236,9 +257,7 @@ impl Lake for MemoryLake {
             return Err(md5_mismatch(Op::Put, name));
         }
         let mut st = self.state.lock();
-        if opts.if_none_match_any && st.objects.contains_key(name) {
-            return Err(LakeError::Exists { name: name.into() });
-        }
+        check_conditions(&st, name, opts)?;
         if st.leased(name, self.now()) {
             return Err(LakeError::LeaseConflict { name: name.into() });
         }
@@ -294,7 +313,19 @@ impl Lake for MemoryLake {
         ids: &[BlockId],
         content_md5: Option<[u8; 16]>,
     ) -> LakeResult<ETag> {
+        self.commit_blocks(name, ids, &PutOptions::default().with_md5_opt(content_md5))
+            .await
+    }
+
+    async fn commit_blocks(
+        &self,
+        name: &str,
+        ids: &[BlockId],
+        opts: &PutOptions,
+    ) -> LakeResult<ETag> {
+        let content_md5 = opts.content_md5;
         let mut st = self.state.lock();
+        check_conditions(&st, name, opts)?;
         if st.leased(name, self.now()) {
             return Err(LakeError::LeaseConflict { name: name.into() });
         }

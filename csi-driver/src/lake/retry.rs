@@ -284,6 +284,21 @@ impl Lake for RetryingLake {
         .await
     }
 
+    async fn commit_blocks(
+        &self,
+        name: &str,
+        ids: &[BlockId],
+        opts: &PutOptions,
+    ) -> LakeResult<ETag> {
+        // A conditional commit whose answer was lost is refused when repeated (its own
+        // success changed the ETag): the caller reads the blob to tell (see
+        // checkpoint::sync's publish).
+        self.run(Op::PutBlockList, name, || {
+            self.inner.commit_blocks(name, ids, opts)
+        })
+        .await
+    }
+
     async fn get_block_list(&self, name: &str) -> LakeResult<BlockList> {
         self.run(Op::BlockList, name, || self.inner.get_block_list(name))
             .await

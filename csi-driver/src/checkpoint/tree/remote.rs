@@ -47,7 +47,8 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::cache::blob::CachedBlob;
 use crate::cache::snapshot::{Entry, Kind};
 use crate::cache::{CacheError, CachePool, blob_key};
-use crate::checkpoint::manifest::{Layout, read_manifest};
+use crate::checkpoint::manifest::{Layout, parse_md5_hex, read_manifest, valid_step_name};
+use crate::checkpoint::upload::hex;
 use crate::fuse::abi::{Attr, fopen};
 use crate::fuse::{
     AttrOut, Connection, DirBuf, EntryOut, Errno, FileKind, OpenOut, ReplyData, Request, Timespec,
@@ -200,25 +201,6 @@ fn components(path: &str) -> Option<Vec<&str>> {
         .iter()
         .all(|c| !c.is_empty() && *c != "." && *c != ".." && !c.contains('\0'))
         .then_some(parts)
-}
-
-fn valid_step_name(s: &str) -> bool {
-    !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0')
-}
-
-fn parse_md5(s: &str) -> Option<[u8; 16]> {
-    if s.len() != 32 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The slot a step's manifest version prefers (31 bits, never 0).
@@ -607,7 +589,8 @@ impl Inner {
         while let Some(page) = l.next_page().await? {
             for o in page {
                 match self.names.step_of_manifest(&o.name) {
-                    Some(s) if valid_step_name(s) => {
+                    // Empty: withdrawn, not durable (a node is uploading a new version).
+                    Some(s) if valid_step_name(s) && o.size > 0 => {
                         out.push((s.to_owned(), o.etag, o.last_modified))
                     }
                     _ => {}
@@ -719,7 +702,7 @@ impl Inner {
             .map_err(|e| io_errno(&format!("reading the manifest of {}", step.name), e))?;
         let mut objects = Vec::new();
         let head = read_manifest(&doc[..], |o| {
-            let md5 = parse_md5(&o.md5).ok_or_else(|| {
+            let md5 = parse_md5_hex(&o.md5).ok_or_else(|| {
                 std::io::Error::other(format!("{}: MD5 {:?} is not 32 hex digits", o.path, o.md5))
             })?;
             objects.push((o.path, o.size, md5));
@@ -927,6 +910,6 @@ mod tests {
         assert!(s > 0 && s <= 0x7fff_ffff);
         assert_eq!(s, preferred_slot("step-1", &ETag("\"0x1\"".into())));
         assert_ne!(s, preferred_slot("step-1", &ETag("\"0x2\"".into())));
-        assert_eq!(parse_md5(&hex(&[0xab; 16])), Some([0xab; 16]));
+        assert_eq!(parse_md5_hex(&hex(&[0xab; 16])), Some([0xab; 16]));
     }
 }
