@@ -353,6 +353,8 @@ pub trait Lake: Send + Sync + fmt::Debug + 'static {
     async fn put(&self, name: &str, data: Bytes, opts: &PutOptions) -> LakeResult<ETag>;
 
     /// Stage one block of a large upload. `md5` is checked by the lake when given.
+    /// `data` is the caller's again once this returns (the upload recycles block
+    /// buffers): a lake must not keep it.
     async fn put_block(
         &self,
         name: &str,

@@ -609,3 +609,110 @@ fn a_full_pool_gives_the_writer_enospc_and_loses_nothing_committed() {
     assert_eq!(meta.size, 6 << 20);
     rt.block_on(sync.stop());
 }
+
+/// A committed step rewritten in place before its upload finished (torch.save opens
+/// with `O_TRUNC`; a writer opens `r+` and writes at an offset; `truncate(2)` by path)
+/// keeps its committed version for the upload: the upload under way finishes with the
+/// committed bytes, then the rewrite, once it commits, becomes durable too.
+fn a_rewrite_in_place_keeps_the_committed_version(passthrough: bool) {
+    use tidepool_csi::checkpoint::upload::UploadConfig;
+    use tidepool_csi::lake::faults::{Fault, FaultyLake};
+    use tidepool_csi::lake::memory::MemoryLake;
+    use tidepool_csi::lake::{Lake, Op};
+    let v = Volume::mount(CommitRule::default(), passthrough);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let memory = Arc::new(MemoryLake::new());
+    let faulty = Arc::new(FaultyLake::new(memory.clone()));
+    let lake: Arc<dyn Lake> = faulty.clone();
+    let v1 = [
+        ("a.bin", pattern(1, 3 << 20)),
+        ("b.bin", pattern(2, 1 << 20)),
+        ("c.bin", pattern(3, 700_000)),
+    ];
+    fs::create_dir(v.p("step-1")).unwrap();
+    for (name, data) in &v1 {
+        fs::write(v.p(&format!("step-1/{name}")), data).unwrap();
+    }
+    fs::write(v.p("step-1/.metadata"), b"v1").unwrap();
+    let c1 = v.commits();
+    assert_eq!(c1.len(), 1);
+    // The upload starts (the marker goes in, one put) and breaks off (a.bin's blocks).
+    let mut sync = rt
+        .block_on(Syncer::start(
+            lake.clone(),
+            v.layout.clone(),
+            "run/",
+            SyncConfig {
+                parallel_files: 1,
+                upload: UploadConfig {
+                    single_put_max: 1 << 20,
+                    block_size: 1 << 20,
+                    parallel: 2,
+                    budget: None,
+                },
+                ..SyncConfig::default()
+            },
+        ))
+        .unwrap();
+    faulty.fail_always(Op::PutBlock, Fault::Throttle);
+    assert!(rt.block_on(sync.pass()).is_err());
+    assert!(v.store.journal().upload_started(c1[0].seq));
+    // The job rewrites the step in place.
+    let mut a = File::create(v.p("step-1/a.bin")).unwrap();
+    a.write_all(&pattern(11, 2 << 20)).unwrap();
+    drop(a);
+    let b = OpenOptions::new()
+        .write(true)
+        .open(v.p("step-1/b.bin"))
+        .unwrap();
+    b.write_all_at(&pattern(12, 5000), 100).unwrap();
+    drop(b);
+    let c_path = c(&v.p("step-1/c.bin"));
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::truncate(c_path.as_ptr(), 10) }, 0);
+    let staged = v.layout.staged(c1[0].seq);
+    for (name, data) in &v1 {
+        assert!(
+            fs::read(staged.join(name)).unwrap() == *data,
+            "{name}: the committed version is kept for the upload"
+        );
+    }
+    fs::write(v.p("step-1/.metadata"), b"v2").unwrap();
+    let c2 = v.commits();
+    assert_eq!(c2.len(), 1, "the rewrite commits");
+    faulty.heal();
+    // The upload under way finishes first, with the committed bytes.
+    let r = rt.block_on(sync.pass()).unwrap();
+    assert_eq!(r.durable, ["step-1"], "{r:?}");
+    for (name, data) in &v1 {
+        let got = memory.content(&format!("run/step-1/{name}")).unwrap();
+        assert!(
+            got == *data,
+            "{name} in the lake is the committed version ({} bytes, want {})",
+            got.len(),
+            data.len()
+        );
+    }
+    assert_eq!(v.store.journal().state(c1[0].seq), CommitState::Durable);
+    // Then the rewrite.
+    let r = rt.block_on(sync.pass()).unwrap();
+    assert_eq!(r.durable, ["step-1"], "{r:?}");
+    for name in ["a.bin", "b.bin", "c.bin", ".metadata"] {
+        assert!(
+            memory.content(&format!("run/step-1/{name}")).unwrap()
+                == fs::read(v.p(&format!("step-1/{name}"))).unwrap(),
+            "{name} in the lake is the rewrite"
+        );
+    }
+    rt.block_on(sync.stop());
+}
+
+#[test]
+fn a_rewrite_in_place_keeps_the_committed_version_with_passthrough() {
+    a_rewrite_in_place_keeps_the_committed_version(true);
+}
+
+#[test]
+fn a_rewrite_in_place_keeps_the_committed_version_without_passthrough() {
+    a_rewrite_in_place_keeps_the_committed_version(false);
+}

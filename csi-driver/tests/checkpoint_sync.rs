@@ -10,18 +10,17 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use md5::{Digest, Md5};
 use tidepool_csi::checkpoint::commit::CommitRule;
 use tidepool_csi::checkpoint::journal::{CommitState, Journal};
-use tidepool_csi::checkpoint::manifest::{Layout, read_manifest};
-use tidepool_csi::checkpoint::restore::{StepChoice, durable_steps, restore};
+use tidepool_csi::checkpoint::manifest::Layout;
+use tidepool_csi::checkpoint::restore::{StepChoice, restore};
 use tidepool_csi::checkpoint::store::{Committed, Store, VolumeConfig, VolumeLayout};
 use tidepool_csi::checkpoint::sync::{SyncConfig, SyncError, Syncer};
 use tidepool_csi::checkpoint::upload::UploadConfig;
 use tidepool_csi::lake::faults::{Fault, FaultyLake};
 use tidepool_csi::lake::retry::{RetryConfig, RetryingLake};
 use tidepool_csi::lake::{Lake, Lister, Op};
+use tidepool_csi::testing::lake_check::{check_manifests, check_manifests_with, get_all, md5_of};
 use tidepool_csi::testing::{Azurite, pattern};
 
 const MIB: usize = 1 << 20;
@@ -104,77 +103,6 @@ fn small_blocks() -> SyncConfig {
         lease_secs: 15,
         ..SyncConfig::default()
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-async fn get_all(lake: &dyn Lake, name: &str) -> Vec<u8> {
-    let m = lake.head(name).await.unwrap();
-    let mut body = lake.get_stream(name, 0..m.size, &m.etag).await.unwrap();
-    let mut v = Vec::new();
-    while let Some(c) = body.next().await {
-        v.extend_from_slice(&c.unwrap());
-    }
-    v
-}
-
-/// Every manifest under `prefix` names objects that exist with exactly its size and
-/// MD5 (Content-MD5 and the bytes themselves). Returns step → (path → bytes MD5).
-async fn check_manifests(
-    lake: &dyn Lake,
-    prefix: &str,
-) -> BTreeMap<String, BTreeMap<String, String>> {
-    check_manifests_with(lake, prefix, true).await
-}
-
-/// [`check_manifests`]; `bytes: false` checks size and Content-MD5 only (no download).
-async fn check_manifests_with(
-    lake: &dyn Lake,
-    prefix: &str,
-    bytes: bool,
-) -> BTreeMap<String, BTreeMap<String, String>> {
-    let names = Layout::new(prefix);
-    let mut out = BTreeMap::new();
-    for (step, _) in durable_steps(lake, &names).await.unwrap() {
-        let doc = get_all(lake, &names.manifest(&step)).await;
-        let mut objs = Vec::new();
-        let head = read_manifest(&doc[..], |o| {
-            objs.push(o);
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(head.files as usize, objs.len());
-        let mut files = BTreeMap::new();
-        for o in objs {
-            let name = names.object(&step, &o.path);
-            let meta = lake.head(&name).await.unwrap_or_else(|e| {
-                panic!("manifest of {step} names {name}, which is missing: {e}")
-            });
-            assert_eq!(meta.size, o.size, "{name}: size differs from the manifest");
-            assert_eq!(
-                meta.content_md5.map(|m| hex(&m)),
-                Some(o.md5.clone()),
-                "{name}: Content-MD5"
-            );
-            if bytes {
-                let data = get_all(lake, &name).await;
-                assert_eq!(
-                    hex(&Md5::digest(&data)),
-                    o.md5,
-                    "{name}: bytes differ from the manifest's MD5"
-                );
-            }
-            files.insert(o.path, o.md5);
-        }
-        out.insert(step, files);
-    }
-    out
-}
-
-fn md5_of(b: &[u8]) -> String {
-    hex(&Md5::digest(b))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -876,12 +804,27 @@ async fn a_manifest_is_never_written_over_replaced_or_conflicting_objects() {
     let r = s2.pass().await.unwrap();
     assert_eq!(r.failed.len(), 1, "{r:?}");
     assert!(
-        r.failed[0].1.contains("replaced since it was uploaded"),
+        r.failed[0]
+            .1
+            .contains("replaced or deleted since it was uploaded; node node-1 uploads it again"),
         "{r:?}"
     );
     assert!(check_manifests(&*lake, "cf/").await.is_empty());
     let st = s2.status(Some(r.failed[0].1.clone()), &[]).unwrap();
     assert!(st.latest_durable.is_none(), "not durable");
+    // node-1 finds its object replaced when it publishes, and mends it.
+    let r = s1.pass().await.unwrap();
+    assert!(
+        r.failed
+            .iter()
+            .any(|(_, e)| e.contains("this node uploads it again")),
+        "{r:?}"
+    );
+    assert_eq!(s1.pass().await.unwrap().durable, ["step-1"]);
+    assert_eq!(
+        check_manifests(&*lake, "cf/").await["step-1"]["a"],
+        md5_of(&pattern(1, 2 * MIB))
+    );
     // step-2: both nodes wrote the same path with different bytes.
     write_step(&n1, "step-2", &[("same", pattern(3, 1000))], true);
     write_step(&n2, "step-2", &[("same", pattern(4, 1000))], false);
@@ -901,7 +844,7 @@ async fn a_manifest_is_never_written_over_replaced_or_conflicting_objects() {
         "{r:?}"
     );
     assert!(
-        check_manifests(&*lake, "cf/").await.is_empty(),
+        !check_manifests(&*lake, "cf/").await.contains_key("step-2"),
         "never falsely durable"
     );
     s1.stop().await;

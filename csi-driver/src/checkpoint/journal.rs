@@ -109,6 +109,11 @@ pub struct UploadedRecord {
     /// Hex MD5 of the content (also the blob's Content-MD5).
     pub md5: String,
     pub etag: String,
+    /// This file is no longer in the lake as uploaded (its object was found replaced
+    /// behind the commit's back): it is uploaded again. The last record of a path says
+    /// what is true of it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retracted: bool,
 }
 
 /// A staged link of a pending commit replaced by a copy of the same bytes (same size
@@ -330,28 +335,68 @@ impl Journal {
         Ok(out)
     }
 
-    /// Calls `f` for each record of commit `seq` in the lake, in log order, one line in
-    /// memory at a time (torn lines skipped).
+    /// Calls `f` for each file of commit `seq` that is in the lake: the last record of
+    /// each path, unless it retracts it; in log order, one line in memory at a time
+    /// (torn lines skipped). Two reads of the log; memory: 16 bytes and an index per
+    /// path.
     pub fn for_each_uploaded(
         &self,
         seq: u64,
         mut f: impl FnMut(UploadedRecord) -> Result<(), JournalError>,
     ) -> Result<(), JournalError> {
         let path = self.path(seq, "uploaded");
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_at(&path)(e)),
+        let lines = || -> Result<Option<std::io::Lines<BufReader<File>>>, JournalError> {
+            match File::open(&path) {
+                Ok(f) => Ok(Some(BufReader::new(f).lines())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io_at(&path)(e)),
+            }
         };
-        for l in BufReader::new(file).lines() {
+        let key = |p: &str| -> u128 {
+            use md5::Digest;
+            u128::from_le_bytes(md5::Md5::digest(p.as_bytes()).into())
+        };
+        // Pass 1: the last record of each path.
+        let mut last: std::collections::HashMap<u128, usize> = Default::default();
+        let Some(first) = lines()? else {
+            return Ok(());
+        };
+        for (i, l) in first.enumerate() {
             let l = l.map_err(io_at(&path))?;
             // A line that does not parse was torn by a crash: that file is uploaded
             // again (its blocks are still staged in the lake).
             if let Ok(r) = serde_json::from_str::<UploadedRecord>(&l) {
+                last.insert(key(&r.path), i);
+            }
+        }
+        let Some(second) = lines()? else {
+            return Ok(());
+        };
+        for (i, l) in second.enumerate() {
+            let l = l.map_err(io_at(&path))?;
+            if let Ok(r) = serde_json::from_str::<UploadedRecord>(&l)
+                && last.get(&key(&r.path)) == Some(&i)
+                && !r.retracted
+            {
                 f(r)?;
             }
         }
         Ok(())
+    }
+
+    /// Records that file `path` of commit `seq` is no longer in the lake as uploaded:
+    /// the next pass uploads it again from the commit's staged copy.
+    pub fn retract_uploaded(&self, seq: u64, path: &str) -> Result<(), JournalError> {
+        self.append_uploaded(
+            seq,
+            &UploadedRecord {
+                path: path.to_owned(),
+                size: 0,
+                md5: String::new(),
+                etag: String::new(),
+                retracted: true,
+            },
+        )
     }
 
     /// Whether any file of commit `seq` is in the lake already (its upload is under way).
@@ -793,6 +838,7 @@ mod tests {
             size: 1,
             md5: "00".into(),
             etag: "e".into(),
+            retracted: false,
         };
         j.append_uploaded(1, &u("a")).unwrap();
         // A crash in the middle of the second append.
@@ -802,5 +848,12 @@ mod tests {
         assert_eq!(j.uploaded(1).unwrap(), vec![u("a")]);
         j.append_uploaded(1, &u("c")).unwrap();
         assert_eq!(j.uploaded(1).unwrap(), vec![u("a"), u("c")]);
+        // A file found replaced in the lake is retracted, then uploaded again: its last
+        // record counts.
+        j.retract_uploaded(1, "a").unwrap();
+        assert_eq!(j.uploaded(1).unwrap(), vec![u("c")]);
+        assert!(!j.uploaded_paths(1).unwrap().contains("a"));
+        j.append_uploaded(1, &u("a")).unwrap();
+        assert_eq!(j.uploaded(1).unwrap(), vec![u("c"), u("a")]);
     }
 }

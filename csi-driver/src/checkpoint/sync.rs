@@ -636,6 +636,7 @@ impl Syncer {
                             size: up.size,
                             md5: hex(&up.md5),
                             etag: up.etag.0.clone(),
+                            retracted: false,
                         },
                     )?;
                     sent_files.fetch_add(1, Ordering::Relaxed);

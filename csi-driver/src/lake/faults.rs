@@ -58,6 +58,20 @@ pub struct FaultyLake {
     calls: Mutex<HashMap<Op, u64>>,
     /// Faults actually injected.
     pub injected: AtomicU64,
+    /// Runs once before the next write (put, block commit) of a name: another writer
+    /// acting between a caller's look at the lake and its write.
+    hooks: Mutex<HashMap<String, Hook>>,
+}
+
+/// See [`FaultyLake::before_write`].
+pub type WriteHook = Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>;
+
+struct Hook(u32, Option<WriteHook>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteHook")
+    }
 }
 
 impl FaultyLake {
@@ -68,6 +82,7 @@ impl FaultyLake {
             latency: Mutex::default(),
             calls: Mutex::default(),
             injected: AtomicU64::new(0),
+            hooks: Mutex::default(),
         }
     }
 
@@ -94,6 +109,32 @@ impl FaultyLake {
     /// Add `delay` before every call of `op`.
     pub fn set_latency(&self, op: Op, delay: Duration) {
         self.latency.lock().insert(op, delay);
+    }
+
+    /// Runs `hook` (to completion) right before a write of `name` reaches the lake,
+    /// after letting `skip` writes of it through: a race with another writer, made to
+    /// happen at the worst moment.
+    pub fn before_write(&self, name: &str, skip: u32, hook: WriteHook) {
+        self.hooks
+            .lock()
+            .insert(name.to_owned(), Hook(skip, Some(hook)));
+    }
+
+    async fn run_hook(&self, name: &str) {
+        let hook = {
+            let mut hooks = self.hooks.lock();
+            match hooks.get_mut(name) {
+                Some(Hook(skip, _)) if *skip > 0 => {
+                    *skip -= 1;
+                    None
+                }
+                Some(_) => hooks.remove(name).and_then(|Hook(_, h)| h),
+                None => None,
+            }
+        };
+        if let Some(h) = hook {
+            h().await;
+        }
     }
 
     /// Remove every rule and added latency.
@@ -222,6 +263,7 @@ impl Lake for FaultyLake {
     }
 
     async fn put(&self, name: &str, data: Bytes, opts: &PutOptions) -> LakeResult<ETag> {
+        self.run_hook(name).await;
         let fault = self.before(Op::Put, name).await?;
         let r = self.inner.put(name, data, opts).await;
         self.after(fault, Op::Put, name, r)
@@ -245,6 +287,7 @@ impl Lake for FaultyLake {
         ids: &[BlockId],
         md5: Option<[u8; 16]>,
     ) -> LakeResult<ETag> {
+        self.run_hook(name).await;
         let fault = self.before(Op::PutBlockList, name).await?;
         let r = self.inner.put_block_list(name, ids, md5).await;
         self.after(fault, Op::PutBlockList, name, r)
@@ -256,6 +299,7 @@ impl Lake for FaultyLake {
         ids: &[BlockId],
         opts: &PutOptions,
     ) -> LakeResult<ETag> {
+        self.run_hook(name).await;
         let fault = self.before(Op::PutBlockList, name).await?;
         let r = self.inner.commit_blocks(name, ids, opts).await;
         self.after(fault, Op::PutBlockList, name, r)

@@ -261,6 +261,8 @@ impl Lake for MemoryLake {
         if st.leased(name, self.now()) {
             return Err(LakeError::LeaseConflict { name: name.into() });
         }
+        // A copy, as for put_block.
+        let data = Bytes::copy_from_slice(&data);
         Ok(self.store(&mut st, name, data, Some(md5), Vec::new()))
     }
 
@@ -300,6 +302,9 @@ impl Lake for MemoryLake {
                 "InvalidBlobOrBlock: block ids of one blob must have the same length",
             ));
         }
+        // A copy: the caller's buffer is its own again once this returns (the upload
+        // recycles block buffers; a lake keeping them would starve it).
+        let data = Bytes::copy_from_slice(&data);
         match staged.iter_mut().find(|(other, _)| *other == id.0) {
             Some(slot) => slot.1 = data,
             None => staged.push((id.0.clone(), data)),

@@ -377,8 +377,13 @@ impl Syncer {
                 }
             }
         }
-        // 2. Whose parts of this version are in.
-        let parts = self.part_headers(step).await?;
+        // 2. Whose parts of this version are in. This node's own is written again if it
+        // is missing (a node's withdrawal, or a person, removed it).
+        let mut parts = self.part_headers(step).await?;
+        if !parts.iter().any(|p| p.node == me && p.version() == version) {
+            self.write_part(seq, step).await?;
+            parts = self.part_headers(step).await?;
+        }
         let of_version: Vec<&PartHeader> =
             parts.iter().filter(|p| p.version() == version).collect();
         let have: BTreeSet<String> = of_version.iter().map(|p| p.node.clone()).collect();
@@ -469,7 +474,7 @@ impl Syncer {
         // Every object as the manifest names it, in the lake now: a writer that
         // replaced one meanwhile stops this manifest instead of making it vouch for
         // other bytes (and the write below fails if it withdrew the step).
-        if let Err(e) = self.verify_in_lake(step, &tmp).await {
+        if let Err(e) = self.verify_in_lake(seq, step, &tmp).await {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
@@ -580,8 +585,10 @@ impl Syncer {
     }
 
     /// Checks each object of the manifest file `local` against the lake's size and
-    /// Content-MD5 (8 requests at a time, one manifest entry in memory per request).
-    async fn verify_in_lake(&self, step: &str, local: &Path) -> Result<(), SyncError> {
+    /// Content-MD5 (8 requests at a time, one manifest entry in memory per request). An
+    /// object of this node's found replaced is retracted from commit `seq`'s upload log,
+    /// so the next pass uploads it again (another node's is that node's to mend).
+    async fn verify_in_lake(&self, seq: u64, step: &str, local: &Path) -> Result<(), SyncError> {
         let (tx, rx) = tokio::sync::mpsc::channel::<ObjectRecord>(16);
         let parse = {
             let local = local.to_owned();
@@ -596,21 +603,37 @@ impl Syncer {
         let checked = tokio_stream_from(rx)
             .map(|o| async move {
                 let name = self.names.object(step, &o.path);
-                let meta = self.lake.head(&name).await?;
-                let md5 = meta.content_md5.map(|m| hex(&m));
-                if meta.size != o.size || md5.as_deref() != Some(o.md5.as_str()) {
-                    return Err(SyncError::BadManifest {
-                        step: step.to_owned(),
-                        detail: format!(
-                            "{name} in the lake is {} bytes with MD5 {}, the part record says {} bytes with MD5 {}: it was replaced since it was uploaded; the step is published when it commits again",
+                let found = match self.lake.head(&name).await {
+                    Ok(meta) => {
+                        let md5 = meta.content_md5.map(|m| hex(&m));
+                        if meta.size == o.size && md5.as_deref() == Some(o.md5.as_str()) {
+                            return Ok(());
+                        }
+                        format!(
+                            "is {} bytes with MD5 {}",
                             meta.size,
-                            md5.as_deref().unwrap_or("none"),
-                            o.size,
-                            o.md5
-                        ),
-                    });
-                }
-                Ok(())
+                            md5.as_deref().unwrap_or("none")
+                        )
+                    }
+                    Err(e) if matches!(e.root(), LakeError::NotFound { .. }) => "is gone".to_owned(),
+                    Err(e) => return Err(e.into()),
+                };
+                let mend = if o.node == self.cfg.node {
+                    self.journal.retract_uploaded(seq, &o.path)?;
+                    "this node uploads it again"
+                } else {
+                    "node {node} uploads it again when it publishes"
+                };
+                Err(SyncError::BadManifest {
+                    step: step.to_owned(),
+                    detail: format!(
+                        "{name} in the lake {found}, the part record of node {} says {} bytes with MD5 {}: it was replaced or deleted since it was uploaded; {}",
+                        o.node,
+                        o.size,
+                        o.md5,
+                        mend.replace("{node}", &o.node)
+                    ),
+                })
             })
             .buffer_unordered(8)
             .try_collect::<Vec<()>>()
