@@ -157,6 +157,17 @@ pub struct CheckpointSettings {
 pub type CheckpointSettingsResolver =
     Arc<dyn Fn(&VolumeAttributes) -> Option<CheckpointSettings> + Send + Sync>;
 
+/// Finds the credentials of a checkpoint destination (by the URL `volume.json`
+/// records) among the pool's assignments: `None` when none writes there, `Some(Err)`
+/// when they cannot be resolved (said in words, never the secret).
+pub type DestinationCredentialsResolver =
+    Arc<dyn Fn(&str) -> Option<Result<Credentials, String>> + Send + Sync>;
+
+/// Finds the settings of a checkpoint destination (by URL) among the pool's
+/// assignments.
+pub type DestinationSettingsResolver =
+    Arc<dyn Fn(&str) -> Option<CheckpointSettings> + Send + Sync>;
+
 /// What a volume serves.
 enum Content {
     /// A dataset's snapshot, read-only, from the cache.
@@ -220,9 +231,14 @@ pub struct Agent {
     /// assignment; set when the agent talks to the API server.
     pub checkpoint_settings: Mutex<Option<CheckpointSettingsResolver>>,
     /// Checkpoint destinations served since this agent started (by URL, as
-    /// `volume.json` records it), with what their credentials come from: the sync
-    /// sidecar still uploads a volume's committed steps after it is unstaged.
+    /// `volume.json` records it), with what their credentials come from: a volume's
+    /// sync goes on after it is unstaged.
     destinations: Mutex<HashMap<String, (VolumeAttributes, StageSecrets)>>,
+    /// The credentials of a checkpoint destination (by URL) from the pool's
+    /// assignments; set when the agent talks to the API server.
+    pub destination_credentials: Mutex<Option<DestinationCredentialsResolver>>,
+    /// The settings of a checkpoint destination (by URL) from the pool's assignments.
+    pub destination_settings: Mutex<Option<DestinationSettingsResolver>>,
 }
 
 fn state_file(dir: &Path, volume_id: &str) -> PathBuf {
@@ -250,6 +266,8 @@ impl Agent {
             assignment_credentials: Mutex::new(None),
             checkpoint_settings: Mutex::new(None),
             destinations: Mutex::new(HashMap::new()),
+            destination_credentials: Mutex::new(None),
+            destination_settings: Mutex::new(None),
         });
         agent.spawn_checkpoint_accounting();
         Ok(agent)
@@ -617,24 +635,80 @@ impl Agent {
         }
     }
 
-    /// The credentials of checkpoint destination `url` for the sync sidecar: those of
-    /// the volume that served it (stage secrets, else its pool assignment).
+    /// The credentials the checkpoint volume of destination `url` uploads with: the
+    /// stage secrets it was served with since this agent started, else its
+    /// `CheckpointSync`'s assignment in the node's pool (found by destination, so a
+    /// volume nobody mounts since the agent restarted still uploads).
     pub fn sync_credentials(&self, url: &str) -> Result<Credentials, AgentError> {
         let known = self.destinations.lock().get(url).cloned();
-        let Some((attributes, secrets)) = known else {
-            return Err(AgentError::NotFound(format!(
-                "no checkpoint volume for {url} was staged since this agent started, so it has no credentials for it; the sync resumes once a pod mounts that CheckpointSync's volume on this node again"
-            )));
-        };
-        match self.credentials_for(&attributes, &secrets)? {
-            // Nobody uploads anonymously: without a Secret, the credentials come from the
-            // CheckpointSync's assignment, which this agent does not know (yet).
-            Credentials::Anonymous => Err(AgentError::Credentials(format!(
+        if let Some((attributes, secrets)) = &known
+            && let c = self.credentials_for(attributes, secrets)?
+            && c != Credentials::Anonymous
+        {
+            return Ok(c);
+        }
+        let assigned = self
+            .destination_credentials
+            .lock()
+            .clone()
+            .and_then(|r| r(url));
+        match (assigned, known) {
+            (Some(Ok(c)), _) if c != Credentials::Anonymous => Ok(c),
+            (Some(Err(e)), _) => Err(AgentError::Credentials(e)),
+            // Nobody uploads anonymously.
+            (Some(Ok(_)), _) => Err(AgentError::Credentials(format!(
+                "the CheckpointSync writing to {url} names no credentials; give its destination credentials (a Secret or workload identity)"
+            ))),
+            (None, Some((attributes, _))) => Err(AgentError::Credentials(format!(
                 "the volume for {url} was staged without a Secret and this agent knows no CachePool assignment for {}/{} to take credentials from; give the CheckpointSync destination credentials (a Secret or workload identity)",
                 attributes.namespace, attributes.name
             ))),
-            c => Ok(c),
+            (None, None) => Err(AgentError::NotFound(format!(
+                "no CheckpointSync assigned to this node writes to {url}, and no volume for it was staged since this agent started, so it has no credentials for it; its committed steps upload once the CheckpointSync is assigned here again or its volume is mounted here"
+            ))),
         }
+    }
+
+    /// Where the node's checkpoint syncs get their lake: the credentials of
+    /// [`Agent::sync_credentials`], with the agent's lake settings; the volume's
+    /// settings (node count, retention) are brought up to date from its assignment
+    /// first.
+    pub fn sync_source(self: &Arc<Self>) -> Arc<dyn crate::checkpoint::service::LakeSource> {
+        use crate::checkpoint::service::LakeUnavailable;
+        let weak = Arc::downgrade(self);
+        Arc::new(move |vol: &VolumeLayout, cfg: &VolumeConfig| {
+            let agent = weak
+                .upgrade()
+                .ok_or_else(|| LakeUnavailable::loud("the agent is stopping"))?;
+            let url = LakeUrl::parse(&cfg.url).map_err(|e| LakeUnavailable::loud(e.to_string()))?;
+            if let Some(settings) = agent
+                .destination_settings
+                .lock()
+                .clone()
+                .and_then(|r| r(&cfg.url))
+            {
+                let wanted = VolumeConfig {
+                    keep_local: settings.keep_local,
+                    keep_remote: settings.keep_remote,
+                    nodes: settings.nodes,
+                    ..cfg.clone()
+                };
+                if &wanted != cfg
+                    && let Err(e) = vol.create(&wanted)
+                {
+                    tracing::warn!(volume = %vol.dir.display(), error = %e, "cannot update the volume's settings from its assignment");
+                }
+            }
+            let creds = agent.sync_credentials(&cfg.url).map_err(|e| match e {
+                AgentError::NotFound(m) => LakeUnavailable::unless_pending(vol, m),
+                e => LakeUnavailable::loud(e.to_string()),
+            })?;
+            agent
+                .config
+                .lake
+                .connect(&url, &creds)
+                .map_err(|e| LakeUnavailable::loud(e.to_string()))
+        })
     }
 
     /// Duplicates of every served volume's descriptor, with its stage secrets.
@@ -709,10 +783,6 @@ impl Agent {
             },
             Request::Served => Response::Served {
                 volumes: self.served(),
-            },
-            Request::SyncCredentials { url } => match self.sync_credentials(&url) {
-                Ok(c) => Response::SyncCredentials(protocol::WireCredentials::from_credentials(&c)),
-                Err(e) => err(e),
             },
             Request::Descriptors => {
                 let (volumes, secrets, fds) = self.descriptors();

@@ -9,6 +9,7 @@ pub mod commit;
 pub mod journal;
 pub mod manifest;
 pub mod restore;
+pub mod service;
 pub mod store;
 pub mod sync;
 pub mod tree;

@@ -541,3 +541,122 @@ async fn a_checkpoint_assignment_reports_its_steps_and_gives_its_volume_settings
     );
     pool_side.abort();
 }
+
+/// Committed steps are never stranded by an agent restart: a checkpoint volume with a
+/// commit not yet uploaded, that no pod mounts (unstaged, or its node's agent replaced
+/// since), is uploaded by the agent with the credentials of its CheckpointSync's
+/// assignment, and takes the assignment's node count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_volume_nobody_mounts_uploads_its_commits_after_an_agent_restart() {
+    let cp =
+        control_plane_or_skip!("a_volume_nobody_mounts_uploads_its_commits_after_an_agent_restart");
+    let _one = SERIAL.lock().await;
+    let client = cp.client().await;
+    cp.install_crds(&client).await.unwrap();
+    let az = Azurite::start();
+    node(&client, "agent-d").await;
+    namespace(&client, "ml-d").await;
+    lake_secret(&client, "ml-d").await;
+    let work = tempfile::tempdir().unwrap();
+    let pool_dir = work.path().join("pool");
+    let url = az.url("ckpt", "runs/d");
+    // What a previous agent left: step-1 committed, nothing uploaded, no volume staged.
+    let layout = checkpoints::volume_layout(&pool_dir, &url).unwrap();
+    layout
+        .create(&VolumeConfig {
+            url: LakeUrl::parse(&url).unwrap().to_string(),
+            node: "agent-d".into(),
+            ..VolumeConfig::default()
+        })
+        .unwrap();
+    commit_step(&layout, "step-1");
+    // A new agent, its pool side and its syncs.
+    let cache = Pool::open(CacheConfig::new(&pool_dir, 1 << 30))
+        .await
+        .unwrap();
+    let agent = Agent::new(
+        AgentConfig {
+            node_name: "agent-d".into(),
+            socket: work.path().join("agent.sock"),
+            lake: LakeSettings::default(),
+            fuse_threads: 1,
+            passthrough: false,
+        },
+        cache,
+        tokio::runtime::Handle::current(),
+    )
+    .unwrap();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let syncs = tokio::spawn(tidepool_csi::checkpoint::service::run_pool(
+        pool_dir.clone(),
+        agent.sync_source(),
+        SyncConfig::default(),
+        Duration::from_millis(500),
+        Vec::new(),
+        stop_rx,
+    ));
+    let pool_side = tokio::spawn(tidepool_csi::agent::kube::run(
+        agent.clone(),
+        client.clone(),
+        Duration::from_secs(1),
+    ));
+    let pools: Api<CachePool> = Api::all(client.clone());
+    eventually(Duration::from_secs(30), "the agent's CachePool", || async {
+        pools.get_opt("agent-d").await.unwrap()
+    })
+    .await;
+    let spec = json!({"apiVersion": "tidepool.dev/v1alpha1", "kind": "CachePool",
+        "spec": {"datasets": [], "checkpointSyncs": [
+            {"owner": {"namespace": "ml-d", "name": "llama", "uid": "d1", "generation": 1},
+             "volumeHandle": "tidepool-d1",
+             "destination": {"url": url, "credentials": {"secretRef": {"name": "lake"}}},
+             "commit": {"markers": [".metadata"], "nodes": 1},
+             "retention": {"keepLocal": 0, "keepRemote": 0}}]}});
+    pools
+        .patch(
+            "agent-d",
+            &PatchParams::apply("tidepool-operator"),
+            &Patch::Apply(&spec),
+        )
+        .await
+        .unwrap();
+    let lake: Arc<dyn Lake> = Arc::new(az.lake("ckpt").await);
+    let names = Layout::new("runs/d/");
+    eventually(
+        Duration::from_secs(60),
+        "step-1 durable in the lake",
+        || async {
+            tidepool_csi::checkpoint::restore::durable_steps(&*lake, &names)
+                .await
+                .unwrap()
+                .iter()
+                .any(|(s, _)| s == "step-1")
+                .then_some(())
+        },
+    )
+    .await;
+    let m = tidepool_csi::testing::lake_check::check_manifests(&*lake, "runs/d/").await;
+    assert_eq!(
+        m["step-1"]["model.bin"],
+        tidepool_csi::testing::lake_check::md5_of(&pattern(1, 300_000))
+    );
+    assert_eq!(
+        layout.read_config().unwrap().nodes,
+        Some(1),
+        "the assignment's node count reached the volume"
+    );
+    let st = eventually(
+        Duration::from_secs(30),
+        "the pool reports it durable",
+        || async {
+            let st = pool_status(&client, "agent-d").await?;
+            let c = st.checkpoint_syncs.into_iter().find(|c| c.uid == "d1")?;
+            (c.latest_durable_step == Some(1)).then_some(c)
+        },
+    )
+    .await;
+    assert_eq!((st.pending_bytes, st.failed), (0, false), "{st:?}");
+    let _ = stop.send(true);
+    let _ = syncs.await;
+    pool_side.abort();
+}

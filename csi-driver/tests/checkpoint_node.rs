@@ -1,8 +1,9 @@
-//! The checkpoint volume on a node as a cluster runs it: the real `tidepool agent`,
-//! `tidepool csi` and `tidepool sync --agent-socket` (the sidecar) processes, kubelet's
-//! CSI calls over the plugin's socket, real FUSE, a real lake (Azurite). A job writes
-//! steps through the published target while the agent and the sidecar are killed with
-//! `kill -9`; every committed step becomes durable with exactly the bytes written (each
+//! The checkpoint volume on a node as a cluster runs it: the real `tidepool agent` (which
+//! also uploads every checkpoint volume's committed steps) and `tidepool csi`
+//! processes, kubelet's CSI calls over the plugin's socket, real FUSE, a real lake
+//! (Azurite). A job writes steps through the published target while the agent is
+//! killed with `kill -9`, once with a file half-written and once in the middle of an
+//! upload; every committed step becomes durable with exactly the bytes written (each
 //! checked by a restore, which verifies MD5 per file against the manifest).
 
 use std::collections::HashMap;
@@ -166,7 +167,6 @@ async fn checkpoint_volume_survives_kill_9(passthrough: bool) {
     };
     let mut agent = n.paths.start_agent_with("1GiB", extra);
     let _csi = n.paths.start_csi();
-    let mut sync = n.paths.start_sync();
     let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
     node.node_stage_volume(n.stage_req()).await.unwrap();
     node.node_publish_volume(n.publish_req()).await.unwrap();
@@ -185,7 +185,7 @@ async fn checkpoint_volume_survives_kill_9(passthrough: bool) {
     let meta = pattern(199, 1234);
     write_file(&root.join("step-100/.metadata"), &meta);
     s100.push((".metadata".into(), meta));
-    wait_durable(&lake, &names, "step-100", &[&agent, &sync], &vol).await;
+    wait_durable(&lake, &names, "step-100", &[&agent], &vol).await;
     check_restored(&lake, prefix, "step-100", &s100).await;
 
     // 2. The agent dies while the job has a file half-written, a directory open and
@@ -222,7 +222,7 @@ async fn checkpoint_volume_survives_kill_9(passthrough: bool) {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    let agent = n.paths.start_agent_with("1GiB", extra);
+    let mut agent = n.paths.start_agent_with("1GiB", extra);
     writer.join().unwrap().unwrap_or_else(|e| {
         panic!(
             "the write across the agent's restart failed: {e}\nagent:\n{}",
@@ -262,13 +262,13 @@ async fn checkpoint_volume_survives_kill_9(passthrough: bool) {
     std::fs::rename(&orbax_tmp, root.join("step-300")).unwrap();
     write_file(&root.join("step-300/commit_success.txt"), b"ok");
     s300.push(("commit_success.txt".into(), b"ok".to_vec()));
-    wait_durable(&lake, &names, "step-200", &[&agent, &sync], &vol).await;
-    wait_durable(&lake, &names, "step-300", &[&agent, &sync], &vol).await;
+    wait_durable(&lake, &names, "step-200", &[&agent], &vol).await;
+    wait_durable(&lake, &names, "step-300", &[&agent], &vol).await;
     check_restored(&lake, prefix, "step-200", &s200).await;
     check_restored(&lake, prefix, "step-300", &s300).await;
 
-    // 3. The sidecar dies in the middle of uploading a large step; the next one
-    //    resumes it.
+    // 3. The agent dies in the middle of uploading a large step; the next one resumes
+    //    it (and serves the volume on).
     std::fs::create_dir(root.join("step-400")).unwrap();
     let mut s400: Step = Vec::new();
     for r in 0..2u64 {
@@ -290,9 +290,9 @@ async fn checkpoint_volume_survives_kill_9(passthrough: bool) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    sync.kill9();
-    let sync = n.paths.start_sync();
-    wait_durable(&lake, &names, "step-400", &[&agent, &sync], &vol).await;
+    agent.kill9();
+    let agent = n.paths.start_agent_with("1GiB", extra);
+    wait_durable(&lake, &names, "step-400", &[&agent], &vol).await;
     check_restored(&lake, prefix, "step-400", &s400).await;
     let st = SyncStatus::read(&vol).unwrap();
     assert_eq!(st.pending_files, 0, "{st:?}");
@@ -323,7 +323,7 @@ async fn checkpoint_volume_survives_kill_9(passthrough: bool) {
         .map(|(s, _)| s)
         .collect();
     assert_eq!(steps, ["step-100", "step-200", "step-300", "step-400"]);
-    drop((agent, sync, _csi));
+    drop((agent, _csi));
 
     // 5. The job resumes on another node: its checkpoint volume (a fresh pool, nothing
     //    on local disk) shows the durable steps read-only, fetched from the lake.
@@ -371,11 +371,11 @@ async fn checkpoint_volume_survives_kill_9(passthrough: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkpoint_volume_with_passthrough_survives_kill_9_of_agent_and_sidecar() {
+async fn checkpoint_volume_with_passthrough_survives_kill_9_of_the_agent() {
     checkpoint_volume_survives_kill_9(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkpoint_volume_without_passthrough_survives_kill_9_of_agent_and_sidecar() {
+async fn checkpoint_volume_without_passthrough_survives_kill_9_of_the_agent() {
     checkpoint_volume_survives_kill_9(false).await;
 }

@@ -9,9 +9,8 @@
 //!   know (a typo, a field at the wrong level) fails the test.
 //! - `helm lint --strict` clean for both; `values.schema.json` refuses typos.
 //! - The policy a reviewer would check: no RBAC wildcards and exactly the rules the
-//!   binaries need, resources on every container and a liveness probe on every one but
-//!   the sync sidecar (it serves nothing to probe), only the mounting container
-//!   privileged, no `latest` images by default.
+//!   binaries need, resources and a liveness probe on every container, only the
+//!   mounting container privileged, no `latest` images by default.
 //! - On a real API server (envtest, `tidepool_api::envtest`; skipped with a line saying
 //!   so where its binaries are missing): installed by the Helm engine (the server accepts
 //!   every object), upgraded with a changed value, uninstalled (nothing left but the
@@ -522,13 +521,7 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
     let names: Vec<_> = pod.containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(
         names,
-        [
-            "csi",
-            "agent",
-            "sync",
-            "node-driver-registrar",
-            "liveness-probe"
-        ]
+        ["csi", "agent", "node-driver-registrar", "liveness-probe"]
     );
     let csi = container(pod, "csi");
     assert_eq!(
@@ -600,17 +593,7 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
             "--socket=/var/lib/tidepool/agent.sock",
             "--heartbeat=10s",
             "--threads=4",
-            "--log=warn,tidepool_csi=info"
-        ]
-    );
-    let sync = container(pod, "sync");
-    assert_eq!(
-        args(sync),
-        [
-            "sync",
-            "--cache-dir=/var/lib/tidepool",
-            "--agent-socket=/var/lib/tidepool/agent.sock",
-            "--parallel=8",
+            "--sync-parallel=8",
             "--log=warn,tidepool_csi=info"
         ]
     );
@@ -710,7 +693,6 @@ fn check_all_on(a: &Objects, r: &Rendered) {
     let pod = node_pod(a);
     let csi = container(pod, "csi");
     let agent = container(pod, "agent");
-    let sync = container(pod, "sync");
     // Trailing slash of the pool path dropped; kubelet dir followed everywhere.
     assert!(has_arg(csi, "--agent-socket=/mnt/nvme/tidepool/agent.sock"));
     assert!(has_arg(agent, "--cache-size=1.5TiB"));
@@ -722,8 +704,7 @@ fn check_all_on(a: &Objects, r: &Rendered) {
         &args(agent)[args(agent).len() - 2..],
         ["--retries=8", "--deadline=2m"]
     );
-    assert!(has_arg(sync, "--parallel=16"));
-    assert!(has_arg(sync, "--request-timeout=60s"));
+    assert!(has_arg(agent, "--sync-parallel=16"));
     let caps = agent
         .security_context
         .as_ref()
@@ -1148,8 +1129,7 @@ fn policy_a_reviewer_would_check() {
             assert_eq!(*secrets, set(&["cluster"]), "{what}");
         }
 
-        // Every container: requests and a memory limit, and probes. The one exception is
-        // the sync sidecar, which serves nothing a probe could read (the chart says so).
+        // Every container: requests and a memory limit, and probes.
         let mut pods = vec![("operator", operator_pod(&o)), ("node", node_pod(&o))];
         pods.extend(keeper_pod(&o).map(|p| ("keeper", p)));
         for (pod_name, pod) in pods {
@@ -1173,9 +1153,7 @@ fn policy_a_reviewer_would_check() {
                         .is_some_and(|l| l.contains_key("memory")),
                     "{who}: memory limit"
                 );
-                if c.name != "sync" {
-                    assert!(c.liveness_probe.is_some(), "{who}: liveness probe");
-                }
+                assert!(c.liveness_probe.is_some(), "{who}: liveness probe");
                 let image = c.image.as_deref().unwrap();
                 let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
                 assert!(!tag.is_empty() && tag != "latest", "{who}: image {image}");
@@ -1230,7 +1208,7 @@ fn policy_a_reviewer_would_check() {
         assert_eq!(bidi, ["kubelet-dir"], "{what}");
         // Images default to the chart's appVersion.
         if values == json!({}) {
-            for c in &node_pod(&o).containers[..3] {
+            for c in &node_pod(&o).containers[..2] {
                 assert!(
                     c.image
                         .as_deref()

@@ -67,6 +67,12 @@ pub struct PoolSync {
     changed: tokio::sync::Notify,
 }
 
+/// Whether an assignment's destination URL is the one a volume records (the volume
+/// records it as [`LakeUrl`] spells it).
+fn same_destination(assigned: &str, recorded: &str) -> bool {
+    LakeUrl::parse(assigned).is_ok_and(|u| u.to_string() == recorded)
+}
+
 impl PoolSync {
     pub fn new(agent: Arc<Agent>, client: Client) -> Arc<Self> {
         let sync = Arc::new(PoolSync {
@@ -93,6 +99,26 @@ impl PoolSync {
                     .get(&attrs.uid)
                     .and_then(|a| a.credentials.clone().ok()),
             }
+        }));
+        // Checkpoint volumes' syncs take credentials and settings from the assignment
+        // that writes to their destination, whether or not a pod mounts them.
+        let weak = Arc::downgrade(&sync);
+        *agent.destination_credentials.lock() = Some(Arc::new(move |url: &str| {
+            let sync = weak.upgrade()?;
+            let checkpoints = sync.checkpoints.lock();
+            checkpoints
+                .values()
+                .find(|a| same_destination(&a.assignment.destination.url, url))
+                .map(|a| a.credentials.clone())
+        }));
+        let weak = Arc::downgrade(&sync);
+        *agent.destination_settings.lock() = Some(Arc::new(move |url: &str| {
+            let sync = weak.upgrade()?;
+            let checkpoints = sync.checkpoints.lock();
+            checkpoints
+                .values()
+                .find(|a| same_destination(&a.assignment.destination.url, url))
+                .and_then(|a| a.settings.clone().ok())
         }));
         // Checkpoint volumes commit and keep steps as their assignment says.
         let weak = Arc::downgrade(&sync);

@@ -20,8 +20,6 @@ use serde::{Deserialize, Serialize};
 use tidepool_api::volume::VolumeAttributes;
 
 use crate::fdpass;
-use crate::lake::credentials::WorkloadIdentity;
-use crate::lake::{Credentials, Secret};
 
 /// Largest frame accepted (a request is a few KiB; this bounds a bad peer's cost).
 const MAX_FRAME: usize = 1 << 20;
@@ -62,87 +60,6 @@ pub enum Request {
     Served,
     /// Duplicates of the descriptors of every served volume (for a restarted plugin).
     Descriptors,
-    /// The credentials of checkpoint destination `url` (as `volume.json` records it),
-    /// for the node's `tidepool sync`: the agent has them from the volume's stage
-    /// secrets or its pool assignment; the sidecar keeps them in memory only.
-    SyncCredentials { url: String },
-}
-
-/// Lake credentials on the wire (the agent to the sync sidecar): never printed.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum WireCredentials {
-    Anonymous,
-    Sas {
-        token: String,
-    },
-    AccountKey {
-        key: String,
-    },
-    WorkloadIdentity {
-        token_file: PathBuf,
-        client_id: String,
-        tenant_id: String,
-        authority_host: Option<String>,
-    },
-    ManagedIdentity {
-        client_id: Option<String>,
-    },
-}
-
-impl std::fmt::Debug for WireCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "WireCredentials({}, redacted)", self.kind())
-    }
-}
-
-impl WireCredentials {
-    fn kind(&self) -> &'static str {
-        self.clone().into_credentials().kind()
-    }
-
-    pub fn from_credentials(c: &Credentials) -> Self {
-        match c {
-            Credentials::Anonymous => WireCredentials::Anonymous,
-            Credentials::Sas(s) => WireCredentials::Sas {
-                token: s.expose().to_owned(),
-            },
-            Credentials::AccountKey(k) => WireCredentials::AccountKey {
-                key: k.expose().to_owned(),
-            },
-            Credentials::WorkloadIdentity(w) => WireCredentials::WorkloadIdentity {
-                token_file: w.token_file.clone(),
-                client_id: w.client_id.clone(),
-                tenant_id: w.tenant_id.clone(),
-                authority_host: w.authority_host.clone(),
-            },
-            Credentials::ManagedIdentity { client_id } => WireCredentials::ManagedIdentity {
-                client_id: client_id.clone(),
-            },
-        }
-    }
-
-    pub fn into_credentials(self) -> Credentials {
-        match self {
-            WireCredentials::Anonymous => Credentials::Anonymous,
-            WireCredentials::Sas { token } => Credentials::Sas(Secret::new(token)),
-            WireCredentials::AccountKey { key } => Credentials::AccountKey(Secret::new(key)),
-            WireCredentials::WorkloadIdentity {
-                token_file,
-                client_id,
-                tenant_id,
-                authority_host,
-            } => Credentials::WorkloadIdentity(WorkloadIdentity {
-                token_file,
-                client_id,
-                tenant_id,
-                authority_host,
-            }),
-            WireCredentials::ManagedIdentity { client_id } => {
-                Credentials::ManagedIdentity { client_id }
-            }
-        }
-    }
 }
 
 /// A failure, classified for the CSI side's gRPC status.
@@ -193,7 +110,6 @@ pub enum Response {
         #[serde(default)]
         secrets: Vec<StageSecrets>,
     },
-    SyncCredentials(WireCredentials),
 }
 
 /// Writes one frame with `fds` attached.

@@ -592,11 +592,10 @@ impl Journal {
             }
             let body = fs::read(e.path()).unwrap_or_default();
             let _ = fs::remove_file(e.path());
-            match serde_json::from_slice::<CommitRequest>(&body) {
-                Ok(r) => v.push((step, r)),
-                // Written by an older sync (the node name alone): asked again by this
-                // one's next pass, with the version.
-                Err(_) => {}
+            // One written by an older sync (the node name alone) is asked again by this
+            // one's next pass, with the version.
+            if let Ok(r) = serde_json::from_slice::<CommitRequest>(&body) {
+                v.push((step, r));
             }
         }
         v

@@ -56,6 +56,11 @@ pub struct AgentArgs {
     /// Longest a lake request may take, retries included.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub deadline: Duration,
+    /// Files each checkpoint volume uploads at the same time. The agent uploads the
+    /// committed steps of every checkpoint volume in its pool, mounted or not, with
+    /// the credentials of the volume's stage secrets or of its CheckpointSync.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub sync_parallel: usize,
 }
 
 async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
@@ -111,6 +116,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .name("agent-socket".into())
             .spawn(move || serve_socket(agent, listener))?;
     }
+    // Every checkpoint volume's committed steps, uploaded from here.
+    let (stop_syncs, stop_rx) = tokio::sync::watch::channel(false);
+    let syncs = tokio::spawn(crate::checkpoint::service::run_pool(
+        args.cache_dir.clone(),
+        agent.sync_source(),
+        crate::checkpoint::sync::SyncConfig {
+            parallel_files: args.sync_parallel.max(1),
+            ..Default::default()
+        },
+        Duration::from_secs(2),
+        Vec::new(),
+        stop_rx,
+    ));
     let reaper = {
         let agent = agent.clone();
         tokio::spawn(async move {
@@ -133,7 +151,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }))
     };
     say(format_args!(
-        "tidepool agent: node {} serving on {} (pool {}, {})",
+        "tidepool agent: node {} serving on {} (pool {}, checkpoint volumes synced from here, {})",
         args.node_name,
         socket.display(),
         args.cache_dir.display(),
@@ -154,6 +172,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(t) = kube_task {
         t.abort();
     }
+    // A pass under way ends where it is (the journal keeps what is done).
+    let _ = stop_syncs.send(true);
+    let _ = syncs.await;
     pool.flush()?;
     tracing::info!(
         volumes = agent.served().len(),

@@ -13,11 +13,13 @@ use clap::{Args, Subcommand};
 use super::{LakeArgs, MountArgs, human, open_lake, say};
 use crate::checkpoint::commit::CommitRule;
 use crate::checkpoint::restore::{StepChoice, restore as restore_step};
+use crate::checkpoint::service;
 use crate::checkpoint::store::{Store, VolumeConfig, VolumeLayout};
 use crate::checkpoint::sync::{SyncConfig, SyncStatus, Syncer};
 use crate::checkpoint::tree::{CheckpointTree, LakeSteps, OpenWriters, TreeConfig};
 use crate::fs::{Mount, MountStats};
 use crate::fuse::{MountOptions, SessionConfig};
+use crate::lake::Credentials;
 use crate::lake::LakeUrl;
 use crate::lake::credentials::EnvLookup;
 use crate::mounts::is_mounted;
@@ -60,6 +62,11 @@ pub struct CheckpointArgs {
     /// a settle window of 10 s, and a node whose sync never ran can be left out.
     #[arg(long, value_name = "N", requires = "checkpoint", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub nodes: Option<u32>,
+    /// How long the node's lease in the lake lasts (15 to 60 s): a sync that cannot
+    /// renew it for two thirds of this stops uploading (another node may have taken its
+    /// name) and starts again.
+    #[arg(long, default_value_t = 60, value_name = "SECS", requires = "checkpoint", value_parser = clap::value_parser!(u32).range(15..=60))]
+    pub lease_secs: u32,
 }
 
 impl CheckpointArgs {
@@ -125,6 +132,10 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             nodes: ck.nodes,
         })
         .with_context(|| format!("preparing {}", layout.dir.display()))?;
+    let sync_config = SyncConfig {
+        lease_secs: ck.lease_secs,
+        ..SyncConfig::default()
+    };
     // The lake (and the node lease) first: a second uploader is refused before anything
     // is mounted.
     let (stop_sync, stop_rx) = tokio::sync::watch::channel(false);
@@ -136,7 +147,7 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             lake.clone(),
             layout.clone(),
             &url.prefix,
-            SyncConfig::default(),
+            sync_config.clone(),
         )
         .await?;
         Some((first, lake))
@@ -185,12 +196,13 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let stop_ticker = Arc::new(AtomicBool::new(false));
     let ticker = store.spawn_ticker(Duration::from_millis(200), stop_ticker.clone());
     let sync_task = syncer.map(|(first, lake)| {
-        tokio::spawn(supervise(
-            first,
-            lake,
+        let source = move |_: &VolumeLayout, _: &VolumeConfig| Ok(lake.clone());
+        tokio::spawn(service::keep_syncing(
+            Some(first),
+            Arc::new(source),
             layout.clone(),
-            url.prefix.clone(),
-            store.clone(),
+            sync_config,
+            Some(store.clone()),
             stop_rx,
         ))
     });
@@ -290,100 +302,6 @@ async fn lake_steps(
     }
 }
 
-/// Keeps the volume's sync running for as long as the mount lives: a sync that stops
-/// (the node lease lost while the lake was unreachable, say) is started again with
-/// backoff; the volume keeps serving the job meanwhile and the status says why.
-async fn supervise(
-    first: Syncer,
-    lake: Arc<dyn crate::lake::Lake>,
-    layout: VolumeLayout,
-    prefix: String,
-    store: Arc<Store>,
-    stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let source =
-        move || -> Result<Arc<dyn crate::lake::Lake>, LakeUnavailable> { Ok(lake.clone()) };
-    keep_syncing(
-        Some(first),
-        source,
-        layout,
-        prefix,
-        SyncConfig::default(),
-        Some(store),
-        stop,
-    )
-    .await
-}
-
-/// Why a volume's lake cannot be opened right now: `quiet` when there is nothing to
-/// report (the sidecar has no credentials for a volume nobody mounts and that has
-/// nothing left to upload).
-struct LakeUnavailable {
-    message: String,
-    quiet: bool,
-}
-
-/// Runs a volume's sync until `stop`, starting it again with backoff whenever it
-/// stops or cannot start (each start takes the lake from `source` anew, so rotated
-/// credentials are picked up).
-async fn keep_syncing(
-    first: Option<Syncer>,
-    source: impl Fn() -> Result<Arc<dyn crate::lake::Lake>, LakeUnavailable>,
-    layout: VolumeLayout,
-    prefix: String,
-    config: SyncConfig,
-    store: Option<Arc<Store>>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut next = first;
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        // A volume waiting quietly (for a pod to mount it again) is looked at often.
-        let mut cap = Duration::from_secs(60);
-        let syncer = match next.take() {
-            Some(s) => Some(s),
-            None => match source() {
-                Err(e) => {
-                    if e.quiet {
-                        cap = Duration::from_secs(5);
-                    } else {
-                        tracing::warn!(volume = %layout.dir.display(), error = %e.message, "cannot open the volume's lake; trying again");
-                        crate::checkpoint::sync::record_error(&layout, &e.message);
-                    }
-                    None
-                }
-                Ok(lake) => {
-                    match Syncer::start(lake, layout.clone(), &prefix, config.clone()).await {
-                        Ok(s) => Some(s),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "starting the sync failed; the volume keeps serving, trying again");
-                            crate::checkpoint::sync::record_error(&layout, &e.to_string());
-                            None
-                        }
-                    }
-                }
-            },
-        };
-        if let Some(s) = syncer {
-            backoff = Duration::from_secs(1);
-            match s.run(store.clone(), stop.clone()).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "the sync stopped; the volume keeps serving, starting it again");
-                }
-            }
-        }
-        if *stop.borrow() {
-            return;
-        }
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(backoff.min(cap)) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(60));
-    }
-}
-
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct SyncArgs {
@@ -398,18 +316,18 @@ pub struct SyncArgs {
     /// Files uploaded at the same time per volume.
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub parallel: usize,
-    /// Upload what is committed and exit (default: keep running, like the node sidecar).
-    #[arg(long, conflicts_with = "agent_socket")]
+    /// Upload what is committed and exit (default: keep running, picking up volumes as
+    /// they appear in the pool).
+    #[arg(long)]
     pub once: bool,
     /// The number of nodes that write each step (as `tidepool mount --checkpoint
     /// --nodes`): recorded in each volume, which must not say otherwise.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub nodes: Option<u32>,
-    /// Run as the node's sidecar: take each volume's lake credentials from the node
-    /// agent listening on this socket (they never touch the disk), keep running, and
-    /// pick up checkpoint volumes as they appear in the pool.
-    #[arg(long, value_name = "PATH")]
-    pub agent_socket: Option<PathBuf>,
+    /// How long the node's lease in the lake lasts (15 to 60 s); see `tidepool mount
+    /// --checkpoint --lease-secs`.
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u32).range(15..=60))]
+    pub lease_secs: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -433,9 +351,6 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let Some(cache_dir) = args.cache_dir.clone() else {
         bail!("tidepool sync needs --cache-dir DIR (the pool of the checkpoint volumes)");
     };
-    if let Some(socket) = args.agent_socket.clone() {
-        return sidecar(cache_dir, socket, args).await;
-    }
     let vols = VolumeLayout::all(&cache_dir)?;
     if vols.is_empty() {
         bail!(
@@ -444,11 +359,17 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             cache_dir.display()
         );
     }
+    let creds = Credentials::resolve(args.lake.sas_token.clone(), args.lake.managed_identity, env)?;
+    let sync_cfg = SyncConfig {
+        parallel_files: args.parallel.max(1),
+        lease_secs: args.lease_secs,
+        ..SyncConfig::default()
+    };
     // Caught from the start: a stop during the first pass ends it cleanly.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut tasks = Vec::new();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut first = Vec::new();
     for vol in vols {
         let mut cfg = vol.read_config()?;
         if let Some(n) = args.nodes {
@@ -466,199 +387,88 @@ pub async fn sync(args: SyncArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             }
         }
         let url = LakeUrl::parse(&cfg.url)?;
-        let lake = open_lake(&url, &args.lake, env)?;
-        let sync_cfg = SyncConfig {
-            parallel_files: args.parallel.max(1),
-            ..SyncConfig::default()
-        };
-        let mut s = Syncer::start(lake, vol.clone(), &url.prefix, sync_cfg).await?;
-        if args.once {
-            // Passes until nothing is left that this node can finish: steps that only
-            // wait for their settle window are waited for; steps waiting for other
-            // nodes are reported.
-            let mut r = s.pass().await;
-            let mut durable = Vec::new();
-            while let Ok(report) = &r {
-                let Some(wait) = report.waiting.iter().filter_map(|w| w.settles_in_ms).max() else {
-                    break;
-                };
-                durable.extend(report.durable.iter().cloned());
-                tokio::time::sleep(Duration::from_millis(wait + 100)).await;
-                r = s.pass().await;
-            }
-            let st = s.status(r.as_ref().err().map(|e| e.to_string()), &[]);
-            s.stop().await;
-            let mut report = r?;
-            durable.append(&mut report.durable);
-            report.durable = durable;
+        let lake = super::open_lake_with(&url, &creds, &args.lake)?;
+        // Started here, for each volume there is now: another sync already running is
+        // refused in words, before anything else.
+        let mut s = Syncer::start(lake, vol.clone(), &url.prefix, sync_cfg.clone()).await?;
+        if !args.once {
             say(format_args!(
-                "tidepool: {}: uploaded {} files ({}); durable: {}{}",
-                cfg.url,
-                report.uploaded_files,
-                human(report.uploaded_bytes),
-                if report.durable.is_empty() {
-                    "-".to_owned()
-                } else {
-                    report.durable.join(", ")
-                },
-                match st {
-                    Ok(st) if st.pending_files > 0 =>
-                        format!("; {} files still pending", st.pending_files),
-                    _ => String::new(),
-                }
+                "tidepool: syncing {} (node {})",
+                cfg.url, cfg.node
             ));
-            for w in report.waiting {
-                say(format_args!(
-                    "tidepool: {} waits for the part of node(s) {}",
-                    w.step,
-                    w.nodes.join(", ")
-                ));
-            }
+            first.push((vol, s));
             continue;
         }
+        // Passes until nothing is left that this node can finish: steps that only wait
+        // for their settle window are waited for; steps waiting for other nodes are
+        // reported.
+        let mut r = s.pass().await;
+        let mut durable = Vec::new();
+        while let Ok(report) = &r {
+            let Some(wait) = report.waiting.iter().filter_map(|w| w.settles_in_ms).max() else {
+                break;
+            };
+            durable.extend(report.durable.iter().cloned());
+            tokio::time::sleep(Duration::from_millis(wait + 100)).await;
+            r = s.pass().await;
+        }
+        let st = s.status(r.as_ref().err().map(|e| e.to_string()), &[]);
+        s.stop().await;
+        let mut report = r?;
+        durable.append(&mut report.durable);
+        report.durable = durable;
         say(format_args!(
-            "tidepool: syncing {} (node {})",
-            cfg.url, cfg.node
+            "tidepool: {}: uploaded {} files ({}); durable: {}{}",
+            cfg.url,
+            report.uploaded_files,
+            human(report.uploaded_bytes),
+            if report.durable.is_empty() {
+                "-".to_owned()
+            } else {
+                report.durable.join(", ")
+            },
+            match st {
+                Ok(st) if st.pending_files > 0 =>
+                    format!("; {} files still pending", st.pending_files),
+                _ => String::new(),
+            }
         ));
-        tasks.push(tokio::spawn(s.run(None, stop_rx.clone())));
+        for w in report.waiting {
+            say(format_args!(
+                "tidepool: {} is not durable yet: {}",
+                w.step, w.detail
+            ));
+        }
     }
-    if tasks.is_empty() {
+    if args.once {
         return Ok(());
     }
-    let all = futures::future::join_all(tasks.iter_mut());
+    // Every volume kept syncing (started again whenever it stops), and volumes that
+    // appear in the pool later picked up.
+    let source = {
+        let lake_args = args.lake.clone();
+        move |_: &VolumeLayout, cfg: &VolumeConfig| {
+            let url = LakeUrl::parse(&cfg.url)
+                .map_err(|e| service::LakeUnavailable::loud(e.to_string()))?;
+            super::open_lake_with(&url, &creds, &lake_args)
+                .map_err(|e| service::LakeUnavailable::loud(format!("{e:#}")))
+        }
+    };
+    let pool = tokio::spawn(service::run_pool(
+        cache_dir,
+        Arc::new(source),
+        sync_cfg,
+        Duration::from_secs(2),
+        first,
+        stop_rx,
+    ));
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}
-        results = all => {
-            for r in results {
-                r??;
-            }
-            return Ok(());
-        }
     }
     let _ = stop.send(true);
-    for t in tasks {
-        t.await??;
-    }
+    let _ = pool.await;
     Ok(())
-}
-
-/// `tidepool sync --agent-socket`: the node's sidecar. Every checkpoint volume in the
-/// pool gets a supervised sync, with credentials asked of the agent each time it
-/// starts; new volumes are picked up within seconds.
-async fn sidecar(cache_dir: PathBuf, socket: PathBuf, args: SyncArgs) -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let mut running: std::collections::HashMap<PathBuf, tokio::task::JoinHandle<()>> =
-        Default::default();
-    let mut scan = tokio::time::interval(Duration::from_secs(2));
-    say(format_args!(
-        "tidepool: syncing the checkpoint volumes of {} (credentials from the agent at {})",
-        cache_dir.display(),
-        socket.display()
-    ));
-    let lake_args = Arc::new(args.lake.clone());
-    loop {
-        tokio::select! {
-            _ = int.recv() => break,
-            _ = term.recv() => break,
-            _ = scan.tick() => {}
-        }
-        let vols = match VolumeLayout::all(&cache_dir) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(error = %e, dir = %cache_dir.display(), "cannot list the checkpoint volumes");
-                continue;
-            }
-        };
-        for vol in vols {
-            if running.get(&vol.dir).is_some_and(|t| !t.is_finished()) {
-                continue;
-            }
-            let cfg = match vol.read_config() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "skipping a checkpoint volume");
-                    continue;
-                }
-            };
-            let url = match LakeUrl::parse(&cfg.url) {
-                Ok(u) => u,
-                Err(e) => {
-                    crate::checkpoint::sync::record_error(&vol, &e.to_string());
-                    continue;
-                }
-            };
-            tracing::info!(destination = %cfg.url, node = %cfg.node, "syncing checkpoint volume");
-            let source = {
-                let (socket, url, lake_args, vol) =
-                    (socket.clone(), url.clone(), lake_args.clone(), vol.clone());
-                move || lake_from_agent(&socket, &url, &lake_args, &vol)
-            };
-            let config = SyncConfig {
-                parallel_files: args.parallel.max(1),
-                ..SyncConfig::default()
-            };
-            running.insert(
-                vol.dir.clone(),
-                tokio::spawn(keep_syncing(
-                    None,
-                    source,
-                    vol.clone(),
-                    url.prefix.clone(),
-                    config,
-                    None,
-                    stop_rx.clone(),
-                )),
-            );
-        }
-    }
-    let _ = stop.send(true);
-    for (_, t) in running {
-        let _ = t.await;
-    }
-    Ok(())
-}
-
-/// The lake of volume `vol`, with the credentials the agent holds for it.
-fn lake_from_agent(
-    socket: &std::path::Path,
-    url: &LakeUrl,
-    lake_args: &LakeArgs,
-    vol: &VolumeLayout,
-) -> Result<Arc<dyn crate::lake::Lake>, LakeUnavailable> {
-    use crate::agent::protocol::{AgentClient, Request, Response};
-    let loud = |message: String| LakeUnavailable {
-        message,
-        quiet: false,
-    };
-    let answer = AgentClient::connect(socket, Duration::from_secs(10)).and_then(|c| {
-        c.call(
-            &Request::SyncCredentials {
-                url: url.to_string(),
-            },
-            &[],
-        )
-    });
-    let creds = match answer {
-        Ok((Response::SyncCredentials(c), _)) => c.into_credentials(),
-        Ok((Response::Error { message, .. }, _)) => {
-            // Nobody mounts this volume now: worth a word only if it has uploads left.
-            let pending = SyncStatus::read(vol).map_or(true, |s| s.pending_files > 0);
-            return Err(LakeUnavailable {
-                message: format!("no credentials for {url}: {message}"),
-                quiet: !pending,
-            });
-        }
-        Ok((other, _)) => return Err(loud(format!("unexpected answer from the agent: {other:?}"))),
-        Err(e) => {
-            return Err(loud(format!(
-                "cannot ask the node agent for the credentials of {url}: {e}"
-            )));
-        }
-    };
-    super::open_lake_with(url, &creds, lake_args).map_err(|e| loud(format!("{e:#}")))
 }
 
 fn status(cache_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {

@@ -988,9 +988,6 @@ mod tests {
                         self.served.lock().retain(|v| v != volume_id);
                         Response::Ok
                     }
-                    Request::SyncCredentials { .. } => {
-                        unreachable!("the plugin never asks for sync credentials")
-                    }
                 },
                 Vec::new(),
             ))

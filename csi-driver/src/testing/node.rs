@@ -125,20 +125,6 @@ impl NodePaths {
         p
     }
 
-    /// `tidepool sync --agent-socket`: the node's checkpoint sidecar on this pool.
-    pub fn start_sync(&self) -> NodeProcess {
-        self.spawn(
-            "sync",
-            &[
-                "sync".as_ref(),
-                "--cache-dir".as_ref(),
-                self.pool.as_os_str(),
-                "--agent-socket".as_ref(),
-                self.agent_socket.as_os_str(),
-            ],
-        )
-    }
-
     /// `tidepool csi`; returns once its socket answers.
     pub fn start_csi(&self) -> NodeProcess {
         self.start_csi_with(&[])

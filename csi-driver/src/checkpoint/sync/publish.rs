@@ -117,10 +117,11 @@ impl Syncer {
     pub(super) async fn part_headers(&self, step: &str) -> Result<Vec<PartHeader>, SyncError> {
         let mut out = Vec::new();
         for node in list_nodes(&*self.lake, &self.names.parts(step)).await? {
-            if let Some(h) = read_part_header(&*self.lake, &self.names.part(step, &node)).await? {
-                if h.node == node && h.step == step {
-                    out.push(h);
-                }
+            if let Some(h) = read_part_header(&*self.lake, &self.names.part(step, &node)).await?
+                && h.node == node
+                && h.step == step
+            {
+                out.push(h);
             }
         }
         Ok(out)
