@@ -54,8 +54,7 @@ use crate::{Phase, dataset_cache::DURATION_PATTERN, lake::LakeLocation};
         name = "Pending",
         type_ = "integer",
         json_path = ".status.pendingBytes",
-        description = "Bytes committed but not yet uploaded",
-        priority = 1
+        description = "Bytes committed but not yet durable, summed over nodes (per node: status.pendingNodes)"
     ),
     printcolumn(
         name = "Age",
@@ -134,6 +133,16 @@ pub struct Retention {
     pub keep_remote: i32,
 }
 
+/// Committed bytes of one node not yet durable.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingNode {
+    /// The node (its `CachePool`).
+    #[schemars(length(max = 253))]
+    pub node: String,
+    pub bytes: i64,
+}
+
 /// Observed state, summed from every node's `CachePool`.
 #[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -160,6 +169,14 @@ pub struct CheckpointSyncStatus {
     /// Bytes committed but not yet uploaded, summed over nodes.
     #[serde(default)]
     pub pending_bytes: i64,
+    /// The nodes holding committed bytes not yet durable, most first (at most 256).
+    /// Wait for a node to leave this list before draining or removing it: its agent
+    /// keeps uploading as long as it runs, and the operator keeps the node from being
+    /// scaled down meanwhile (see the `cluster-autoscaler.kubernetes.io/scale-down-disabled`
+    /// annotation it sets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub pending_nodes: Vec<PendingNode>,
     /// The PVC that pods mount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_name: Option<String>,

@@ -8,7 +8,9 @@
 //! - [`volume`]: the PersistentVolume and the pre-bound PVC of an object.
 //! - [`pool`]: the full spec of every `CachePool`, from every object and node label.
 //! - [`status`]: status aggregated from the pools an object is assigned to.
+//! - [`node`]: the scale-down protection of nodes with checkpoint bytes not yet durable.
 
+pub mod node;
 pub mod pool;
 pub mod status;
 pub mod volume;

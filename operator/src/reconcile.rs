@@ -19,6 +19,7 @@
 //! 2. Release the object's assignments from every pool.
 //! 3. Delete the PV. Then the finalizer helper removes the finalizer.
 
+pub mod protection;
 pub mod workload;
 
 use std::{fmt::Debug, sync::Arc, time::Duration};

@@ -270,6 +270,35 @@ where
     .boxed()
 }
 
+/// Node protection (see `reconcile::protection`): one reconcile per Node, and per Node
+/// again whenever its pool's status changes.
+fn protection_controller(
+    client: &Client,
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> BoxFuture<'static, ()> {
+    let wc = watcher::Config::default();
+    Controller::new(Api::<Node>::all(client.clone()), wc.clone())
+        .watches(
+            Api::<CachePool>::all(client.clone()),
+            wc,
+            |pool: CachePool| Some(ObjectRef::<Node>::new(&kube::ResourceExt::name_any(&pool))),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(
+            reconcile::protection::reconcile,
+            reconcile::protection::error_policy,
+            ctx,
+        )
+        .for_each(|r| {
+            if let Err(error) = r {
+                tracing::debug!(%error, "node protection reconcile failed");
+            }
+            futures::future::ready(())
+        })
+        .boxed()
+}
+
 async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -388,9 +417,15 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         let _ = stop_datasets.send(());
         let _ = stop_checkpoints.send(());
     };
-    let controllers = futures::future::join(
+    let (stop_nodes, stopped_nodes) = futures::channel::oneshot::channel::<()>();
+    let stop = move || {
+        stop();
+        let _ = stop_nodes.send(());
+    };
+    let controllers = futures::future::join3(
         controller::<DatasetCache>(&client, ctx.clone(), stopped_datasets.map(|_| ())),
-        controller::<CheckpointSync>(&client, ctx, stopped_checkpoints.map(|_| ())),
+        controller::<CheckpointSync>(&client, ctx.clone(), stopped_checkpoints.map(|_| ())),
+        protection_controller(&client, ctx, stopped_nodes.map(|_| ())),
     );
     let lost = async {
         match &lock {

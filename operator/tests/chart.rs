@@ -1056,6 +1056,7 @@ fn policy_a_reviewer_would_check() {
             set(&[
                 "/nodes:get",
                 "/nodes:list",
+                "/nodes:patch",
                 "/nodes:watch",
                 "/persistentvolumeclaims:create",
                 "/persistentvolumeclaims:delete",

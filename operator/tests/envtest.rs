@@ -684,3 +684,118 @@ async fn agent_status_writes_and_operator_spec_writes_never_conflict() {
         "the agent's status stayed"
     );
 }
+
+/// A node whose agent reports checkpoint bytes not yet durable is kept from
+/// scale-down (the cluster autoscaler's annotation, with Tidepool's mark beside it)
+/// until they are durable; the CheckpointSync names the node and its bytes. An
+/// annotation someone else set is never taken off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_checkpoints_not_yet_durable_is_kept_from_scale_down() {
+    let cp =
+        control_plane_or_skip!("a_node_with_checkpoints_not_yet_durable_is_kept_from_scale_down");
+    let _one = SERIAL.lock().await;
+    let e = env(cp, "keep").await;
+    let a = e.node_with_pool("a", "a100").await;
+    let b = e.node_with_pool("b", "a100").await;
+    let _op = Operator::start(cp, &e.ns, "op-k");
+    let c: CheckpointSync = serde_json::from_value(json!({
+        "apiVersion": "tidepool.dev/v1alpha1",
+        "kind": "CheckpointSync",
+        "metadata": {"name": "ckpt", "namespace": e.ns},
+        "spec": {"destination": {"url": URL}, "commit": {"nodes": 2}},
+    }))
+    .unwrap();
+    let api = Api::<CheckpointSync>::namespaced(e.client.clone(), &e.ns);
+    let c = api.create(&PostParams::default(), &c).await.unwrap();
+    let uid = c.uid().unwrap();
+    // b's annotation is a person's: Tidepool leaves it.
+    let nodes = Api::<Node>::all(e.client.clone());
+    nodes
+        .patch(
+            &b,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "cluster-autoscaler.kubernetes.io/scale-down-disabled": "true"}}})),
+        )
+        .await
+        .unwrap();
+    let report = |pool: String, pending: i64| {
+        let (client, uid, ns) = (e.client.clone(), uid.clone(), e.ns.clone());
+        async move {
+            let body = json!({
+                "apiVersion": "tidepool.dev/v1alpha1",
+                "kind": "CachePool",
+                "status": {
+                    "capacityBytes": 1_000_000_000i64,
+                    "usedBytes": 0,
+                    "heartbeatTime": Time(Timestamp::now()),
+                    "checkpointSyncs": [{"namespace": ns, "name": "ckpt", "uid": uid,
+                                         "latestCommittedStep": 7, "pendingBytes": pending}],
+                }
+            });
+            Api::<CachePool>::all(client)
+                .patch_status(&pool, &PatchParams::apply(AGENT), &Patch::Apply(&body))
+                .await
+                .unwrap();
+        }
+    };
+    let annotations = |name: String| {
+        let nodes = nodes.clone();
+        async move {
+            nodes
+                .get(&name)
+                .await
+                .unwrap()
+                .metadata
+                .annotations
+                .unwrap_or_default()
+        }
+    };
+    report(a.clone(), 4096).await;
+    report(b.clone(), 100).await;
+    eventually(
+        Duration::from_secs(30),
+        "node a kept from scale-down",
+        || async {
+            let an = annotations(a.clone()).await;
+            (an.get("cluster-autoscaler.kubernetes.io/scale-down-disabled")
+                .map(String::as_str)
+                == Some("true")
+                && an.contains_key("tidepool.dev/checkpoints-pending"))
+            .then_some(())
+        },
+    )
+    .await;
+    let st = eventually(
+        Duration::from_secs(30),
+        "pending bytes per node",
+        || async {
+            let s = api.get("ckpt").await.ok()?.status?;
+            (s.pending_nodes.len() == 2).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(st.pending_bytes, 4196);
+    assert_eq!(
+        (st.pending_nodes[0].node.as_str(), st.pending_nodes[0].bytes),
+        (a.as_str(), 4096)
+    );
+    // Durable: released (a); b's own annotation stays.
+    report(a.clone(), 0).await;
+    report(b.clone(), 0).await;
+    eventually(Duration::from_secs(30), "node a released", || async {
+        let an = annotations(a.clone()).await;
+        (!an.contains_key("cluster-autoscaler.kubernetes.io/scale-down-disabled")
+            && !an.contains_key("tidepool.dev/checkpoints-pending"))
+        .then_some(())
+    })
+    .await;
+    let an = annotations(b.clone()).await;
+    assert_eq!(
+        an.get("cluster-autoscaler.kubernetes.io/scale-down-disabled")
+            .map(String::as_str),
+        Some("true"),
+        "a person's annotation is left alone"
+    );
+    assert!(!an.contains_key("tidepool.dev/checkpoints-pending"));
+}

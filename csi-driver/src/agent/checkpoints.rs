@@ -191,13 +191,14 @@ pub(super) fn node_status(assigned: &Assigned, cache_dir: &Path) -> CheckpointNo
                     layout.dir.display()
                 )),
             }
-            if let Some(m) = MountStatus::read(&layout)
-                && !m.uncommitted.is_empty()
-            {
-                notes.push(format!(
-                    "written and not committed yet: {} (no commit rule fired, or a file is still open)",
-                    m.uncommitted.join(", ")
-                ));
+            if let Some(m) = MountStatus::read(&layout) {
+                if !m.uncommitted.is_empty() {
+                    notes.push(format!(
+                        "written and not committed yet: {} (no commit rule fired, or a file is still open)",
+                        m.uncommitted.join(", ")
+                    ));
+                }
+                notes.extend(m.refused);
             }
         }
     }
@@ -484,6 +485,7 @@ mod tests {
                 committed_unix_ms: 0,
                 follows: None,
                 follows_unix_ms: None,
+                renamed_from: None,
                 dir: None,
             })
             .unwrap();

@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::tree::TreeEvent;
@@ -128,6 +128,13 @@ struct Track {
     changes: u64,
     pending: Option<Reason>,
     committed: bool,
+    /// Completed writes (closes after writing, truncations, renames into place) of
+    /// each file since the step's last commit; `None` when unknown (the step was on
+    /// disk when the volume opened).
+    writes: Option<HashMap<PathBuf, u32>>,
+    /// Wall clock (ms) of the last change seen, or the newest modification time found
+    /// on disk.
+    last_write_ms: u64,
 }
 
 impl Track {
@@ -137,6 +144,8 @@ impl Track {
             changes: 0,
             pending: None,
             committed: false,
+            writes: Some(HashMap::new()),
+            last_write_ms: 0,
         }
     }
 
@@ -144,7 +153,61 @@ impl Track {
         self.last_change = now;
         self.changes += 1;
         self.committed = false;
+        self.last_write_ms = crate::checkpoint::store::now_ms();
     }
+
+    fn wrote(&mut self, rel: &Path) {
+        if let Some(w) = &mut self.writes {
+            *w.entry(rel.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Whether this node's files of the step can be taken as its part of a version
+    /// another node led at `led_unix_ms` (that node's clock). Its files must all be
+    /// from one save, the one before that node's commit: no file written twice since
+    /// this node's last commit of the step (a second write is the next save, begun
+    /// before this node took its part; by induction over commits, once is the save
+    /// being followed). Where that count is not known (the volume was opened since),
+    /// or shows a second write, the files are taken only if they have not changed since
+    /// before that commit, by the two nodes' clocks with [`CLOCK_MARGIN`] between them.
+    fn follows_safely(&self, led_unix_ms: u64) -> Result<(), String> {
+        if let Some(w) = &self.writes
+            && w.values().all(|&n| n <= 1)
+        {
+            return Ok(());
+        }
+        if self.last_write_ms <= led_unix_ms.saturating_add(CLOCK_MARGIN.as_millis() as u64) {
+            return Ok(());
+        }
+        let again: Vec<String> = self
+            .writes
+            .iter()
+            .flatten()
+            .filter(|(_, n)| **n > 1)
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        Err(if again.is_empty() {
+            "its files changed after that version was led (this node cannot tell which save they belong to)".to_owned()
+        } else {
+            format!(
+                "{} were written again after that version was led, before this node took its part",
+                again.join(", ")
+            )
+        })
+    }
+}
+
+/// How far two nodes' clocks may disagree, for the one decision taken by clocks (see
+/// [`Track::follows_safely`]): NTP keeps nodes within milliseconds; a save is never
+/// followed by the next one's writes within this.
+pub const CLOCK_MARGIN: Duration = Duration::from_secs(2);
+
+/// A version of a step this node refused to take its part of, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub step: OsString,
+    pub version: String,
+    pub why: String,
 }
 
 /// A step whose rule fired, to commit now.
@@ -161,6 +224,8 @@ pub struct Due {
 pub struct Committer {
     rule: CommitRule,
     steps: HashMap<OsString, Track>,
+    /// Versions refused since the last look (see [`Committer::take_refusals`]).
+    refused: Vec<Refusal>,
 }
 
 impl Committer {
@@ -168,7 +233,13 @@ impl Committer {
         Committer {
             rule,
             steps: HashMap::new(),
+            refused: Vec::new(),
         }
+    }
+
+    /// Versions of steps this node refused to follow since the last call.
+    pub fn take_refusals(&mut self) -> Vec<Refusal> {
+        std::mem::take(&mut self.refused)
     }
 
     pub fn rule(&self) -> &CommitRule {
@@ -205,6 +276,9 @@ impl Committer {
                 let marker = self.marker_at_root(rel);
                 let t = self.track(step, now);
                 t.touch(now);
+                if !rel.as_os_str().is_empty() {
+                    t.wrote(rel);
+                }
                 if let Some(m) = marker {
                     t.pending = Some(Reason::Marker(m));
                 }
@@ -228,19 +302,28 @@ impl Committer {
     }
 
     /// A step found on disk when the volume starts (its writers are gone): it commits
-    /// if a marker is present at its root (the commit may have been lost in a crash
-    /// after the marker was written), or by quiescence.
+    /// for `reason` (a marker present at its root, or the rename that made it: the
+    /// commit may have been lost in a crash after either), or by quiescence.
     pub fn found_on_disk(
         &mut self,
         step: &OsStr,
-        markers_present: Option<OsString>,
+        reason: Option<Reason>,
         committed: bool,
+        newest_mtime_ms: u64,
         now: Instant,
     ) {
         let t = self.track(step, now);
         t.committed = committed;
-        if !committed && let Some(m) = markers_present {
-            t.pending = Some(Reason::Marker(m));
+        // What was written before the volume opened is not counted: only clocks can
+        // tell when (see Track::follows_safely).
+        t.writes = if committed {
+            Some(HashMap::new())
+        } else {
+            None
+        };
+        t.last_write_ms = newest_mtime_ms;
+        if !committed && let Some(r) = reason {
+            t.pending = Some(r);
         }
     }
 
@@ -278,6 +361,20 @@ impl Committer {
                 continue;
             }
             let reason = if let Some(r) = t.pending.take() {
+                if let Reason::Peer {
+                    version,
+                    led_unix_ms,
+                    ..
+                } = &r
+                    && let Err(why) = t.follows_safely(*led_unix_ms)
+                {
+                    self.refused.push(Refusal {
+                        step: name.clone(),
+                        version: version.clone(),
+                        why,
+                    });
+                    continue;
+                }
                 r
             } else if let Some(q) = quiet
                 && !t.committed
@@ -318,6 +415,9 @@ impl Committer {
                 // A change after the walk leaves the step uncommitted (quiescence, or
                 // the next marker, commits it again).
                 t.committed = t.changes == due.changes;
+                if t.committed {
+                    t.writes = Some(HashMap::new());
+                }
             } else {
                 t.committed = false;
                 if t.pending.is_none() {
@@ -517,6 +617,51 @@ mod tests {
             1,
             "a change after the commit commits again"
         );
+    }
+
+    fn peer(version: &str, led_unix_ms: u64) -> crate::checkpoint::journal::CommitRequest {
+        crate::checkpoint::journal::CommitRequest {
+            node: "rank0".into(),
+            version: version.into(),
+            led_unix_ms,
+            from_dir: None,
+        }
+    }
+
+    #[test]
+    fn a_follower_takes_its_files_as_a_version_only_if_they_are_one_save() {
+        let t0 = Instant::now();
+        let now = crate::checkpoint::store::now_ms();
+        // Written once since the last commit: that save's files, whatever the clocks.
+        let mut c = Committer::new(CommitRule::default());
+        c.on_event(&close("step-1", "__1_0.distcp"), t0);
+        c.peer_committed(OsStr::new("step-1"), &peer("rank0:7", 1), t0);
+        assert_eq!(due(&mut c, t0, &idle()).len(), 1);
+        assert!(c.take_refusals().is_empty());
+        // Committed: the count starts again. Written twice since (the next save began
+        // before this node took its part of the last one), and changed after the
+        // version was led by the clocks: refused, never a mix.
+        c.on_event(&close("step-1", "__1_0.distcp"), t0);
+        c.on_event(&close("step-1", "__1_0.distcp"), t0);
+        c.peer_committed(OsStr::new("step-1"), &peer("rank0:9", now - 10_000), t0);
+        assert!(due(&mut c, t0, &idle()).is_empty(), "refused");
+        let r = c.take_refusals();
+        assert_eq!(r.len(), 1);
+        assert!(
+            r[0].why.contains("__1_0.distcp were written again"),
+            "{r:?}"
+        );
+        // A version led after the files last changed (by the clocks): taken.
+        c.peer_committed(OsStr::new("step-1"), &peer("rank0:11", now + 60_000), t0);
+        assert_eq!(due(&mut c, t0, &idle()).len(), 1);
+        // Unknown counts (found on disk when the volume opened): the clocks decide.
+        let mut c = Committer::new(CommitRule::default());
+        c.found_on_disk(OsStr::new("step-2"), None, false, now, t0);
+        c.peer_committed(OsStr::new("step-2"), &peer("rank0:3", now - 60_000), t0);
+        assert!(due(&mut c, t0, &idle()).is_empty());
+        assert_eq!(c.take_refusals().len(), 1);
+        c.peer_committed(OsStr::new("step-2"), &peer("rank0:4", now), t0);
+        assert_eq!(due(&mut c, t0, &idle()).len(), 1);
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct CommitHeader {
     /// When the leading node took the commit this one follows (its clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follows_unix_ms: Option<u64>,
+    /// The directory the step was renamed from when a rename committed it (an Orbax
+    /// temporary directory, whose name every host of the save shares).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renamed_from: Option<String>,
     /// The directory of the tree the files were taken from, when it is not named like
     /// the step (an Orbax temporary directory on a host that never renames it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,6 +68,12 @@ impl CommitHeader {
         self.follows
             .clone()
             .unwrap_or_else(|| format!("{node}:{}", self.seq))
+    }
+
+    /// When the save this commit is part of completed: the leading node's commit (this
+    /// one's, or the one it follows). "Latest" and retention order by it.
+    pub fn saved_unix_ms(&self) -> u64 {
+        self.follows_unix_ms.unwrap_or(self.committed_unix_ms)
     }
 
     /// The tree directory the commit's files came from.
@@ -82,6 +92,11 @@ pub struct CommitRequest {
     /// When that node took its commit (its clock).
     #[serde(default)]
     pub led_unix_ms: u64,
+    /// The directory the save is in on the leading node before it becomes the step (an
+    /// Orbax temporary directory: this node's part of the save is in the directory of
+    /// the same name), or the step itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_dir: Option<String>,
 }
 
 /// One file of a committed step: its identity at commit.
@@ -541,6 +556,31 @@ impl Journal {
 
     pub fn unmark_seen(&self, step: &str) {
         let _ = fs::remove_file(self.dir.join("seen").join(step));
+        let _ = fs::remove_file(self.dir.join("renamed").join(step));
+    }
+
+    /// Records that directory `from` was renamed to step `to` (the rename that commits
+    /// it), so that a mount restarted before the commit still commits it as renamed
+    /// from `from` (other nodes find their part of the save by that name).
+    pub fn note_rename(&self, to: &str, from: &str) -> Result<(), JournalError> {
+        let d = self.dir.join("renamed");
+        fs::create_dir_all(&d).map_err(io_at(&d))?;
+        let p = d.join(to);
+        write_atomic(&p, from.as_bytes()).map_err(io_at(&p))
+    }
+
+    /// The directory step `step` was last renamed from, if a rename made it, and when
+    /// (ms since the epoch).
+    pub fn renamed_from(&self, step: &str) -> Option<(String, u64)> {
+        let p = self.dir.join("renamed").join(step);
+        let at = fs::metadata(&p)
+            .ok()?
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis() as u64;
+        Some((fs::read_to_string(&p).ok()?, at))
     }
 
     /// Steps this node wrote into.
@@ -725,6 +765,7 @@ mod tests {
             committed_unix_ms: 1,
             follows: None,
             follows_unix_ms: None,
+            renamed_from: None,
             dir: None,
         }
     }

@@ -19,7 +19,11 @@
 //! - `P_tidepool/deleting/<step>.json`: retention (`keep_remote`) is deleting `step`: a
 //!   copy of its manifest, written before the manifest is deleted (so no reader trusts
 //!   the step from then on) and removed after the last of its objects; a sync that
-//!   finds one finishes the deletion.
+//!   finds one finishes the deletion;
+//! - `P_tidepool/retired/<step>.json`: the version of `step` retention deleted (a
+//!   [`Retired`]); a node whose part of that version was still uploading drops it;
+//! - `P_tidepool/versions/<step>/<node>.<seq>.json`: node `node` leads a version of
+//!   `step` (see `sync::follow`).
 //!
 //!
 //! Withdrawing and publishing are a compare-and-swap on the manifest's name. A node
@@ -89,6 +93,12 @@ impl Layout {
     pub fn tombstones(&self) -> String {
         format!("{}_tidepool/deleting/", self.prefix)
     }
+    /// A step retention deleted: the version it deleted (see [`Retired`]), kept so that
+    /// a node whose part of that version was still on its way drops it instead of
+    /// waiting for nodes whose parts are gone.
+    pub fn retired(&self, step: &str) -> String {
+        format!("{}_tidepool/retired/{step}.json", self.prefix)
+    }
     pub fn lock(&self, node: &str) -> String {
         format!("{}_tidepool/nodes/{node}.lock", self.prefix)
     }
@@ -127,6 +137,15 @@ pub fn parse_md5_hex(s: &str) -> Option<[u8; 16]> {
         *o = digit(b[2 * i]) << 4 | digit(b[2 * i + 1]);
     }
     Some(out)
+}
+
+/// What `_tidepool/retired/<step>.json` holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retired {
+    pub step: String,
+    /// The version of the step that was durable and deleted.
+    pub version: String,
+    pub retired_unix_ms: u64,
 }
 
 /// The first line of a part record.
@@ -199,7 +218,24 @@ pub struct ManifestHead {
     /// `spec.commit.nodes`); absent when it waited for the nodes that announced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_nodes: Option<u32>,
+    /// When the save completed: the leading node's commit of the version (its clock).
+    /// Steps are ordered by it ("latest" is the step saved last, whenever it became
+    /// durable). Written as the manifest's first field by [`write_manifest`], so that
+    /// [`saved_unix_ms_of`] finds it in the first bytes.
+    #[serde(default, skip_serializing)]
+    pub saved_unix_ms: Option<u64>,
 }
+
+/// The `saved_unix_ms` of a manifest from its first bytes (see
+/// [`ManifestHead::saved_unix_ms`]); `None` for a manifest written without it.
+pub fn saved_unix_ms_of(first: &[u8]) -> Option<u64> {
+    let rest = first.strip_prefix(b"{\"saved_unix_ms\":")?;
+    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+/// How many first bytes of a manifest hold its `saved_unix_ms`.
+pub const SAVED_PREFIX: u64 = 64;
 
 /// A manifest: `{head fields…, "objects": [ObjectRecord…]}` (the head is flattened).
 pub type Manifest = (ManifestHead, Vec<ObjectRecord>);
@@ -212,7 +248,10 @@ pub fn write_manifest<W: Write>(
     head: &ManifestHead,
     mut next: impl FnMut() -> io::Result<Option<ObjectRecord>>,
 ) -> io::Result<ManifestHead> {
-    out.write_all(b"{\"objects\":[\n")?;
+    match head.saved_unix_ms {
+        Some(t) => write!(out, "{{\"saved_unix_ms\":{t},\"objects\":[\n")?,
+        None => out.write_all(b"{\"objects\":[\n")?,
+    }
     let (mut files, mut bytes) = (0u64, 0u64);
     while let Some(o) = next()? {
         if files > 0 {
@@ -368,6 +407,7 @@ mod tests {
             bytes: 6,
             version: "n1:4".into(),
             expected_nodes: Some(1),
+            saved_unix_ms: Some(1_700_000_000_123),
         };
         let mut out = Vec::new();
         let mut it = objs.clone().into_iter();
@@ -380,6 +420,11 @@ mod tests {
             write_manifest(&mut out, &unset, || Ok(it.next())).unwrap(),
             head,
             "totals counted"
+        );
+        // When it was saved, from its first bytes.
+        assert_eq!(
+            saved_unix_ms_of(&out[..SAVED_PREFIX as usize]),
+            Some(1_700_000_000_123)
         );
         // It is plain JSON a user can read with any tool.
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();

@@ -3,12 +3,13 @@
 //!
 //! A step is durable exactly when its manifest (`_tidepool/steps/<step>.json`) is in
 //! the lake and not empty (an empty blob is a withdrawn manifest; see
-//! [`super::manifest`]). Steps are ordered by the time the lake stamped on their
-//! manifest, not by the number in their name: a run that restarts its numbering into
-//! the same destination (`step-100` after `step-5000`) has its newest step last, and
-//! "latest" is the step made durable last. The lake's clock orders them, so nodes with
-//! skewed clocks agree; it counts whole seconds, and within one second the step number
-//! orders them.
+//! [`super::manifest`]). Steps are ordered by when their save completed (the leading
+//! node's commit, which the manifest records first), not by the number in their name
+//! and not by when they became durable: a run that restarts its numbering into the same
+//! destination (`step-100` after `step-5000`) has its newest step last, an old step
+//! that became durable late (a node's sync was down) stays old, and "latest" is the
+//! step saved last. Manifests written without that time are ordered by when the lake
+//! wrote them; within one instant, by step number.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader};
@@ -19,6 +20,8 @@ use std::time::SystemTime;
 use futures::{StreamExt, TryStreamExt};
 
 use super::commit::step_number;
+use std::collections::HashMap;
+
 use super::manifest::{self, Layout, ManifestHead, ObjectRecord, parse_md5_hex, valid_step_name};
 use super::sync::{SyncError, fetch_to, io_err, tokio_stream_from};
 use super::upload::download_verified;
@@ -30,38 +33,80 @@ pub struct DurableStep {
     pub step: String,
     /// The number in its name ([`step_number`]), if any.
     pub number: Option<u64>,
-    /// When the lake wrote its manifest.
-    pub published: SystemTime,
+    /// When its save completed (the leading node's commit, from the manifest's first
+    /// bytes); for a manifest written without it, when the lake wrote the manifest.
+    pub saved: SystemTime,
     pub manifest_etag: ETag,
 }
 
-/// Every durable step under a destination, oldest manifest first (the last is the
-/// latest). Streams the listing; holds one entry per durable step.
+/// Remembers the save time of each manifest version read (manifests never change under
+/// one ETag), so that a sync listing its steps every pass reads each once.
+pub type SavedTimes = parking_lot::Mutex<HashMap<String, Option<u64>>>;
+
+/// Every durable step under a destination, saved first to saved last (the last is the
+/// latest). Streams the listing; reads the first bytes of each manifest (16 at a time,
+/// once per version with `cache`); holds one entry per durable step.
 pub async fn durable_steps_detailed(
     lake: &dyn Lake,
     names: &Layout,
+    cache: Option<&SavedTimes>,
 ) -> Result<Vec<DurableStep>, LakeError> {
-    let mut out = Vec::new();
+    let mut listed = Vec::new();
     let mut l = Lister::new(lake, &names.manifests());
     while let Some(page) = l.next_page().await? {
         for o in page {
             match names.step_of_manifest(&o.name) {
                 // Empty: withdrawn (a node is uploading a new version of the step).
                 Some(_) if o.size == 0 => {}
-                Some(s) if valid_step_name(s) => out.push(DurableStep {
-                    step: s.to_owned(),
-                    number: step_number(s),
-                    published: o.last_modified,
-                    manifest_etag: o.etag,
-                }),
+                Some(s) if valid_step_name(s) => listed.push((s.to_owned(), o)),
                 Some(_) | None => {
                     tracing::warn!(name = %o.name, "ignoring a manifest whose step name is not a single directory name")
                 }
             }
         }
     }
-    // Azure stamps whole seconds: within one, by number (then name).
-    out.sort_by(|a, b| (a.published, a.number, &a.step).cmp(&(b.published, b.number, &b.step)));
+    let mut out: Vec<DurableStep> = futures::stream::iter(listed)
+        .map(|(step, o)| async move {
+            let known = cache.and_then(|c| c.lock().get(&o.etag.0).copied());
+            let saved_ms = match known {
+                Some(t) => t,
+                None => {
+                    let first = lake
+                        .get_range(&o.name, 0..o.size.min(manifest::SAVED_PREFIX), &o.etag)
+                        .await;
+                    let t = match first {
+                        Ok(b) => manifest::saved_unix_ms_of(&b),
+                        // Changed or gone since it was listed: ordered by the listing.
+                        Err(e)
+                            if matches!(
+                                e.root(),
+                                LakeError::NotFound { .. } | LakeError::Changed { .. }
+                            ) =>
+                        {
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if let Some(c) = cache {
+                        c.lock().insert(o.etag.0.clone(), t);
+                    }
+                    t
+                }
+            };
+            Ok(DurableStep {
+                number: step_number(&step),
+                saved: saved_ms.map_or(o.last_modified, |t| {
+                    SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(t)
+                }),
+                step,
+                manifest_etag: o.etag,
+            })
+        })
+        .buffer_unordered(16)
+        .try_collect()
+        .await?;
+    // Within one instant (Azure's stamps are whole seconds), by number, then name.
+    out.sort_by(|a, b| (a.saved, a.number, &a.step).cmp(&(b.saved, b.number, &b.step)));
     Ok(out)
 }
 
@@ -70,7 +115,7 @@ pub async fn durable_steps(
     lake: &dyn Lake,
     names: &Layout,
 ) -> Result<Vec<(String, Option<u64>)>, LakeError> {
-    Ok(durable_steps_detailed(lake, names)
+    Ok(durable_steps_detailed(lake, names, None)
         .await?
         .into_iter()
         .map(|d| (d.step, d.number))

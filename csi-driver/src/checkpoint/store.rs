@@ -188,6 +188,10 @@ pub struct MountStatus {
     pub pid: u32,
     /// Steps written and not committed (no rule fired yet, or a file still open).
     pub uncommitted: Vec<String>,
+    /// Versions of steps led by other nodes that this node would not take its part of,
+    /// in words (the latest few).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
     pub updated_unix_ms: u64,
 }
 
@@ -239,6 +243,8 @@ pub struct Store {
     committing: Mutex<()>,
     /// Serialises [`Store::keep_committed`].
     keeping: Mutex<()>,
+    /// The latest versions this node refused to follow, in words (for status).
+    refused: Mutex<std::collections::VecDeque<String>>,
     /// Woken after each commit (the in-process sync waits on it).
     pub on_commit: tokio::sync::Notify,
     /// Woken when a step is first written (the in-process sync announces it at once).
@@ -287,7 +293,17 @@ impl Store {
                             })
                     })
                     .cloned();
-                committer.found_on_disk(&name, marker, committed, now);
+                // A step a rename made, not committed since: it commits as renamed (the
+                // rename's commit was lost with the process).
+                let renamed = name
+                    .to_str()
+                    .and_then(|n| journal.renamed_from(n))
+                    .filter(|(_, at)| !committed && last.is_none_or(|(t, _)| t < *at));
+                let reason = match renamed {
+                    Some((from, _)) => Some(Reason::Renamed { from: from.into() }),
+                    None => marker.map(Reason::Marker),
+                };
+                committer.found_on_disk(&name, reason, committed, newest, now);
             }
         }
         Ok(Store {
@@ -297,6 +313,7 @@ impl Store {
             seen: Mutex::new(HashSet::new()),
             committing: Mutex::new(()),
             keeping: Mutex::new(()),
+            refused: Mutex::new(Default::default()),
             on_commit: tokio::sync::Notify::new(),
             on_seen: tokio::sync::Notify::new(),
             writers: OnceLock::new(),
@@ -326,11 +343,27 @@ impl Store {
         let _one = self.committing.lock();
         let now = Instant::now();
         for (step, req) in self.journal.take_requests() {
-            if let Some(dir) = dir_of_step(&self.layout, &step) {
+            if let Some(dir) = dir_for_version(&self.layout, &step, req.from_dir.as_deref()) {
                 self.committer.lock().peer_committed(&dir, &req, now);
             }
         }
         let due = self.committer.lock().due(now, &self.busy());
+        for r in self.committer.lock().take_refusals() {
+            let line = format!(
+                "{}: this node does not take its part of version {}: {}; it takes its part of the next version",
+                r.step.to_string_lossy(),
+                r.version,
+                r.why
+            );
+            let mut refused = self.refused.lock();
+            if !refused.contains(&line) {
+                tracing::warn!("{line}");
+                if refused.len() == 8 {
+                    refused.pop_front();
+                }
+                refused.push_back(line);
+            }
+        }
         let mut out = Vec::new();
         for d in due {
             let r = self.commit(&d);
@@ -380,14 +413,17 @@ impl Store {
             .name("checkpoint-commit".into())
             .spawn(move || {
                 let mut reported = Instant::now() - Duration::from_secs(60);
-                let mut last: Option<Vec<String>> = None;
+                let mut last: Option<(Vec<String>, Vec<String>)> = None;
                 while !stop.load(Ordering::Relaxed) {
                     me.tick();
                     // What the mount knows and the sync cannot: steps written and not
                     // committed (for `tidepool sync status`), when it changes or every 10 s.
-                    let now = me.uncommitted();
+                    let now = (
+                        me.uncommitted(),
+                        me.refused.lock().iter().cloned().collect(),
+                    );
                     if last.as_ref() != Some(&now) || reported.elapsed() > Duration::from_secs(10) {
-                        me.write_mount_status(&now);
+                        me.write_mount_status(&now.0, &now.1);
                         reported = Instant::now();
                         last = Some(now);
                     }
@@ -398,10 +434,11 @@ impl Store {
             .expect("spawn a thread")
     }
 
-    fn write_mount_status(&self, uncommitted: &[String]) {
+    fn write_mount_status(&self, uncommitted: &[String], refused: &[String]) {
         let st = MountStatus {
             pid: std::process::id(),
             uncommitted: uncommitted.to_vec(),
+            refused: refused.to_vec(),
             updated_unix_ms: now_ms(),
         };
         let b = serde_json::to_vec(&st).expect("serializable");
@@ -463,6 +500,10 @@ impl Store {
             committed_unix_ms: now_ms(),
             follows,
             follows_unix_ms,
+            renamed_from: match reason {
+                Reason::Renamed { from } => Some(from.to_string_lossy().into_owned()),
+                _ => None,
+            },
             dir: (name != dir_name).then(|| dir_name.to_owned()),
         })?;
         let walked = (|| -> Result<(), StoreError> {
@@ -744,6 +785,24 @@ fn sync_tree(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The directory of the tree that holds this node's part of the save of `step` that
+/// another node's version came from (`from_dir`: the leader's directory before it
+/// became the step). An Orbax temporary directory is matched by name, which every host
+/// of one save shares: never another save's directory. Otherwise the step's own
+/// directory.
+pub fn dir_for_version(
+    layout: &VolumeLayout,
+    step: &str,
+    from_dir: Option<&str>,
+) -> Option<OsString> {
+    match from_dir {
+        Some(d) if d != step && orbax_final_name(OsStr::new(d)) == Some(step) => {
+            layout.tree().join(d).is_dir().then(|| d.into())
+        }
+        _ => layout.tree().join(step).is_dir().then(|| step.into()),
+    }
+}
+
 /// The directory of the tree that holds this node's files of `step`: the step's own
 /// directory, else the newest Orbax temporary directory that becomes it (a host that is
 /// not Orbax's primary never renames it; see [`orbax_final_name`]).
@@ -797,6 +856,13 @@ fn newest_mtime_ms(dir: &Path) -> io::Result<u64> {
 
 impl StepEvents for Store {
     fn event(&self, e: TreeEvent) {
+        if let TreeEvent::StepRenamed { from, to } = &e
+            && !is_temporary(to)
+            && let (Some(from), Some(to)) = (from.to_str(), to.to_str())
+            && let Err(err) = self.journal.note_rename(to, from)
+        {
+            tracing::warn!(step = to, error = %err, "cannot note the rename in the journal");
+        }
         let step = match &e {
             TreeEvent::WriteOpened { step } | TreeEvent::Changed { step, .. } => Some(step),
             TreeEvent::StepRenamed { to, .. } => Some(to),

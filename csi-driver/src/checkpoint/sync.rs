@@ -2,30 +2,33 @@
 //! durable.
 //!
 //! One pass ([`Syncer::pass`]), repeated:
-//! 1. announce every step this node writes (`intents/<step>/<node>`), so that other
-//!    nodes publishing the step wait for this node's part (when no node count is set);
-//! 2. check that every commit the journal calls durable still has its manifest in the
+//! 1. check that every commit the journal calls durable still has its manifest in the
 //!    lake, as this node saw it published (a commit whose manifest was withdrawn,
 //!    replaced or deleted since is durable no more: it is dropped, and nothing reports
 //!    it durable again);
-//! 3. follow other nodes: for a step this node writes whose newest version another
+//! 2. announce every step this node writes (`intents/<step>/<node>`: without a node
+//!    count, other nodes wait for this node's part) and every version this node leads,
+//!    and follow other nodes: for a step this node writes whose newest version another
 //!    node leads (its own commit rule fired there: rank 0's node saw the marker), ask
 //!    the mount to commit this node's files as its part of that version
-//!    ([`publish`](self::publish));
-//! 4. for each step, one pending commit: the one whose upload is under way, else the
-//!    newest (older pending ones are superseded and dropped before they start; an
-//!    upload under way always finishes, so a step rewritten faster than it uploads
-//!    still becomes durable version after version). Its files not yet in the journal's
-//!    `uploaded` log are uploaded from the commit's staged links ([`upload_file`]:
-//!    blocks resumed from what the lake already has), each logged once it is in. Before
-//!    the first object of a commit is replaced, the step's manifest is withdrawn;
-//! 5. with every file in, this node's part record; then the manifest, if every node of
+//!    ([`follow`](self::follow); also done in the background between passes);
+//! 3. for each step, one pending commit: the one whose upload is under way, else the
+//!    newest (older pending ones are superseded and dropped before they start). An
+//!    upload under way finishes first, so a step rewritten faster than it uploads still
+//!    becomes durable version after version on one node; one whose files are all in
+//!    and that only waits for other nodes' parts gives way to this node's newer save of
+//!    the step (the others follow the newest version). Its files not yet in the
+//!    journal's `uploaded` log are uploaded from the commit's staged links
+//!    ([`upload_file`]: blocks resumed from what the lake already has), each logged
+//!    once it is in. Before the first object of a commit is replaced, the step's
+//!    manifest is withdrawn;
+//! 4. with every file in, this node's part record; then the manifest, if every node of
 //!    the step has its part of the same version in: the configured number of nodes
 //!    (`--nodes`, `spec.commit.nodes`), or, when none is configured, every node that
 //!    announced the step, after a settle window in which no other node announced it.
 //!    The commit is durable once the manifest is written (or found written by another
 //!    node of the same version), and only then are its staged links released;
-//! 6. retention ([`retention`](self::retention)).
+//! 5. retention ([`retention`](self::retention)).
 //!
 //! Crash safety: every step is idempotent and ordered so that a kill at any point
 //! leaves the lake and the journal in a state the next pass continues from. No
@@ -65,6 +68,7 @@ use super::upload::{
 };
 use crate::lake::{Lake, LakeError, LeaseId, Lister, PutOptions};
 
+pub mod follow;
 pub mod publish;
 pub mod retention;
 
@@ -178,9 +182,10 @@ pub struct Waiting {
 pub struct SyncStatus {
     pub node: String,
     pub destination: String,
-    /// The newest commit (by commit order, not by step number) not dropped.
+    /// The commit of the step saved last (not by step number; see
+    /// [`CommitHeader::saved_unix_ms`]) that is not dropped.
     pub latest_committed: Option<StepInfo>,
-    /// The newest commit whose manifest this pass found in the lake.
+    /// The commit of the step saved last whose manifest the last pass found in the lake.
     pub latest_durable: Option<StepInfo>,
     /// Bytes and files committed and not yet in the lake.
     pub pending_bytes: u64,
@@ -243,14 +248,17 @@ pub struct Syncer {
     lease: LeaseId,
     lease_lost: Arc<AtomicBool>,
     renewer: tokio::task::JoinHandle<()>,
-    /// Announces the steps this node writes as soon as the mount notes them, apart from
-    /// the passes (which may be busy uploading for minutes).
-    announcer: tokio::task::JoinHandle<()>,
-    intents: Arc<parking_lot::Mutex<HashSet<String>>>,
+    /// Announces steps and versions, and follows other nodes' versions, apart from the
+    /// passes (which may be busy uploading for minutes): see [`follow`].
+    announce_task: tokio::task::JoinHandle<()>,
+    /// What this node announced and follows (shared with the background announcer).
+    announcer: Arc<tokio::sync::Mutex<follow::Announcer>>,
     /// Parts this process already wrote, by commit.
     parts_written: HashSet<u64>,
     /// Header and totals of each commit read so far (commit files never change).
     headers: parking_lot::Mutex<HashMap<u64, (CommitHeader, Trailer)>>,
+    /// Save times of the manifests retention has looked at (by ETag).
+    saved_times: super::restore::SavedTimes,
     /// When each (step, version) was first found with every announced node's part in
     /// (the settle window starts there).
     complete_since: HashMap<(String, String), Instant>,
@@ -333,19 +341,27 @@ impl Syncer {
             })
         };
         tracing::info!(node = %cfg.node, destination = %cfg.url, "sync started; node lease held");
-        let intents = Arc::new(parking_lot::Mutex::new(HashSet::new()));
-        let announcer = {
-            let (lake, journal, names, node, intents) = (
+        let announcer = Arc::new(tokio::sync::Mutex::new(follow::Announcer::default()));
+        let announce_task = {
+            let (lake, journal, names, node, vol, announcer) = (
                 lake.clone(),
                 journal.clone(),
                 names.clone(),
                 cfg.node.clone(),
-                intents.clone(),
+                vol.clone(),
+                announcer.clone(),
             );
             tokio::spawn(async move {
                 loop {
-                    if let Err(e) = announce(&*lake, &journal, &names, &node, &intents).await {
-                        tracing::debug!(error = %e, "announcing steps failed; trying again");
+                    let ctx = follow::Ctx {
+                        lake: &*lake,
+                        journal: &journal,
+                        names: &names,
+                        node: &node,
+                        vol: &vol,
+                    };
+                    if let Err(e) = announcer.lock().await.tick(&ctx, false).await {
+                        tracing::debug!(error = %e, "announcing or following failed; trying again");
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
@@ -366,9 +382,10 @@ impl Syncer {
             lease_lost,
             renewer,
             announcer,
-            intents,
+            announce_task,
             parts_written: HashSet::new(),
             headers: Default::default(),
+            saved_times: Default::default(),
             complete_since: HashMap::new(),
             last_rate: 0,
         })
@@ -386,7 +403,7 @@ impl Syncer {
     /// Releases the lease (a clean stop; a killed sync's lease expires by itself).
     pub async fn stop(self) {
         self.renewer.abort();
-        self.announcer.abort();
+        self.announce_task.abort();
         let _ = self
             .lake
             .release_lease(&self.names.lock(&self.cfg.node), &self.lease)
@@ -447,6 +464,19 @@ impl Syncer {
         Ok(())
     }
 
+    /// Announces steps and versions and follows other nodes' versions now (see
+    /// [`follow`]).
+    async fn announce(&self, follow_now: bool) -> Result<(), SyncError> {
+        let ctx = follow::Ctx {
+            lake: &*self.lake,
+            journal: &self.journal,
+            names: &self.names,
+            node: &self.cfg.node,
+            vol: &self.vol,
+        };
+        self.announcer.lock().await.tick(&ctx, follow_now).await
+    }
+
     /// Re-reads `volume.json` (the node count and retention may change while the
     /// volume lives: a `CheckpointSync` edited, a volume staged anew).
     fn reload_config(&mut self) {
@@ -465,20 +495,12 @@ impl Syncer {
         self.reload_config();
         let mut report = PassReport::default();
         let started = Instant::now();
-        // 1. Intents (also announced in the background as soon as they appear).
-        announce(
-            &*self.lake,
-            &self.journal,
-            &self.names,
-            &self.cfg.node,
-            &self.intents,
-        )
-        .await?;
-        // 2. Durable means the manifest is there now.
+        // 1. Durable means the manifest is there now.
         self.revalidate_durable(&mut report).await?;
-        // 3. Versions other nodes lead.
-        self.follow_peers().await?;
-        // 4. One pending commit of each step: the one whose upload is under way, else
+        // 2. Intents, versions, and other nodes' versions followed (also in the
+        // background, as soon as they appear).
+        self.announce(true).await?;
+        // 3. One pending commit of each step: the one whose upload is under way, else
         // the newest.
         let mut by_step: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for seq in self.journal.seqs()? {
@@ -489,11 +511,27 @@ impl Syncer {
         }
         let mut chosen = Vec::new();
         for (step, seqs) in by_step {
-            let pick = seqs
+            let newest = *seqs.last().expect("non-empty");
+            let mut pick = seqs
                 .iter()
                 .copied()
                 .find(|&seq| self.journal.upload_started(seq))
-                .unwrap_or(*seqs.last().expect("non-empty"));
+                .unwrap_or(newest);
+            // An upload that is done and only waits for other nodes' parts does not hold
+            // back this node's newer save of the step (those nodes may never take their
+            // part of it: they follow the newest version).
+            if pick != newest
+                && self.journal.uploaded_paths(pick)?.len() as u64
+                    >= self.commit_header(pick)?.1.files
+            {
+                let why = format!(
+                    "superseded by commit {newest} of {step} (a newer save on this node) while it waited for other nodes' parts"
+                );
+                self.journal.mark_dropped(pick, &why)?;
+                Store::release_staged(&self.vol, pick);
+                report.dropped.push((pick, why));
+                pick = newest;
+            }
             for &older in seqs.iter().filter(|&&s| s < pick) {
                 let why =
                     format!("superseded by commit {pick} of {step} before its upload started");
@@ -508,6 +546,19 @@ impl Syncer {
         chosen.sort();
         for (seq, step) in chosen {
             self.check_lease()?;
+            // A version retention already deleted (durable with every node's part, then
+            // past keep_remote) while this node's part was on its way: nothing to add.
+            let version = self.commit_header(seq)?.0.version(&self.cfg.node);
+            if self.retired_version(&step).await?.as_deref() == Some(version.as_str()) {
+                let why = format!(
+                    "version {version} of {step} was durable and has been deleted by retention (keep_remote) since; nothing of it is uploaded again"
+                );
+                tracing::info!(step = %step, seq, "{why}");
+                self.journal.mark_dropped(seq, &why)?;
+                Store::release_staged(&self.vol, seq);
+                report.dropped.push((seq, why));
+                continue;
+            }
             match self.upload_commit(seq, &step, &mut report).await {
                 Ok(()) => {}
                 Err(SyncError::Upload(UploadError::Changed { .. }))
@@ -523,7 +574,7 @@ impl Syncer {
                 }
                 Err(e) => return Err(e),
             }
-            // 5. Part record, then the manifest if every node's part of this version is
+            // 4. Part record, then the manifest if every node's part of this version is
             // in.
             if !self.parts_written.contains(&seq) {
                 self.write_part(seq, &step).await?;
@@ -546,7 +597,7 @@ impl Syncer {
                 Ok(publish::Published::Waiting(w)) => report.waiting.push(w),
             }
         }
-        // 6. Retention.
+        // 5. Retention.
         report.removed_locally = self.retain_local()?;
         report.removed_remotely = self.retain_remote().await?;
         let secs = started.elapsed().as_secs_f64();
@@ -718,20 +769,28 @@ impl Syncer {
             updated_unix_ms: now_ms(),
             ..Default::default()
         };
-        // Commits in commit order: the last of each kind is the latest (a run that
-        // restarts its step numbering has its newest step latest).
+        // "Latest" is the step saved last (a run that restarts its step numbering has
+        // its newest step latest; an old step that became durable late stays old).
+        let (mut committed_at, mut durable_at) = (None, None);
         for seq in self.journal.seqs()? {
             let (h, t) = self.commit_header(seq)?;
+            let key = (h.saved_unix_ms(), seq);
             let info = StepInfo {
                 step: h.step.clone(),
                 seq,
                 files: t.files,
                 bytes: t.bytes,
             };
+            let latest = |slot: &mut Option<StepInfo>, at: &mut Option<(u64, u64)>| {
+                if at.is_none_or(|a| a <= key) {
+                    *slot = Some(info.clone());
+                    *at = Some(key);
+                }
+            };
             match self.journal.state(seq) {
                 CommitState::Durable => {
-                    st.latest_durable = Some(info.clone());
-                    st.latest_committed = Some(info);
+                    latest(&mut st.latest_durable, &mut durable_at);
+                    latest(&mut st.latest_committed, &mut committed_at);
                 }
                 CommitState::Pending => {
                     let done = self.journal.uploaded(seq)?;
@@ -742,7 +801,7 @@ impl Syncer {
                         st.oldest_pending_unix_ms
                             .map_or(h.committed_unix_ms, |o| o.min(h.committed_unix_ms)),
                     );
-                    st.latest_committed = Some(info);
+                    latest(&mut st.latest_committed, &mut committed_at);
                 }
                 CommitState::Dropped(_) => {}
             }
@@ -757,7 +816,7 @@ impl Syncer {
 impl Drop for Syncer {
     fn drop(&mut self) {
         self.renewer.abort();
-        self.announcer.abort();
+        self.announce_task.abort();
     }
 }
 
@@ -780,29 +839,6 @@ pub fn record_error(vol: &VolumeLayout, error: &str) {
             &serde_json::to_vec_pretty(&st).expect("serializable"),
         );
     }
-}
-
-/// Puts an intent record for every step this node wrote into and has not announced.
-async fn announce(
-    lake: &dyn Lake,
-    journal: &Journal,
-    names: &Layout,
-    node: &str,
-    done: &parking_lot::Mutex<HashSet<String>>,
-) -> Result<(), SyncError> {
-    for step in journal.seen()? {
-        if done.lock().contains(&step) {
-            continue;
-        }
-        lake.put(
-            &names.intent(&step, node),
-            bytes::Bytes::new(),
-            &PutOptions::default(),
-        )
-        .await?;
-        done.lock().insert(step);
-    }
-    Ok(())
 }
 
 /// The volume's lease id, created on first use.

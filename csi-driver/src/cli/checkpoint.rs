@@ -523,12 +523,18 @@ fn status(cache_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             human(st.pending_bytes)
         );
         println!("  upload rate:      {}/s", human(st.upload_bytes_per_sec));
+        println!(
+            "  nodes per step:   {}",
+            match st.expected_nodes {
+                Some(n) => n.to_string(),
+                None => "not set (a step waits for the nodes that announced it, then 10 s; give --nodes)".into(),
+            }
+        );
         for w in &st.waiting {
-            println!(
-                "  waiting:          {} for node(s) {}",
-                w.step,
-                w.nodes.join(", ")
-            );
+            println!("  not durable yet:  {}: {}", w.step, w.detail);
+        }
+        for r in mount.iter().flat_map(|m| &m.refused) {
+            println!("  refused:          {r}");
         }
         println!(
             "  last error:       {}",

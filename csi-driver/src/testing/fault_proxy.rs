@@ -5,7 +5,8 @@
 //! Each request is read (head and `Content-Length` body), then, by the current
 //! [`Faults`], answered `503 Server Busy` without reaching the lake, dropped before it
 //! is forwarded (a reset), forwarded and its answer dropped (the request took effect,
-//! the client never heard: the hardest case for idempotency), delayed, or forwarded.
+//! the client never heard: the hardest case for idempotency), delayed, refused as a
+//! lease held by another (lease requests only), or forwarded.
 //! Every forwarded request gets its own upstream connection and `Connection: close`,
 //! so the proxy never parses an answer: it copies the lake's bytes back until the lake
 //! closes. Faults are drawn from a seeded generator, so a failing seed can be replayed.
@@ -30,6 +31,10 @@ pub struct Faults {
     pub lost_reply: f64,
     /// Every request waits this long first.
     pub delay: Duration,
+    /// Lease requests (acquire, renew, release) are refused `409 LeaseAlreadyPresent`:
+    /// as if another writer held the lease, so a sync cannot renew its own and declares
+    /// it lost.
+    pub lease_conflict: bool,
 }
 
 impl Faults {
@@ -39,6 +44,7 @@ impl Faults {
         reset: 0.0,
         lost_reply: 0.0,
         delay: Duration::ZERO,
+        lease_conflict: false,
     };
 }
 
@@ -49,6 +55,7 @@ pub struct Counts {
     pub busy: AtomicU64,
     pub reset: AtomicU64,
     pub lost_reply: AtomicU64,
+    pub lease_conflict: AtomicU64,
 }
 
 /// A running proxy; stops when dropped.
@@ -114,6 +121,8 @@ fn draw(rng: &Mutex<u64>) -> f64 {
     (v >> 11) as f64 / (1u64 << 53) as f64
 }
 
+const LEASE_CONFLICT: &[u8] = b"HTTP/1.1 409 There is already a lease present.\r\nx-ms-error-code: LeaseAlreadyPresent\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
 const BUSY: &[u8] = b"HTTP/1.1 503 Server Busy\r\nx-ms-error-code: ServerBusy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 async fn serve(
@@ -167,6 +176,14 @@ async fn serve(
     let f = *faults.lock();
     if !f.delay.is_zero() {
         tokio::time::sleep(f.delay).await;
+    }
+    let lease_op = text
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("x-ms-lease-action:"));
+    if f.lease_conflict && lease_op {
+        counts.lease_conflict.fetch_add(1, Ordering::Relaxed);
+        client.write_all(LEASE_CONFLICT).await?;
+        return Ok(());
     }
     let roll = draw(&rng);
     if roll < f.busy {

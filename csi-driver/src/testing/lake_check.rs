@@ -34,6 +34,17 @@ pub async fn get_all(lake: &dyn Lake, name: &str) -> Vec<u8> {
     v
 }
 
+/// A blob's whole content, or `None` if it is gone or changes while it is read.
+pub async fn try_get_all(lake: &dyn Lake, name: &str) -> Option<Vec<u8>> {
+    let m = lake.head(name).await.ok()?;
+    let mut body = lake.get_stream(name, 0..m.size, &m.etag).await.ok()?;
+    let mut v = Vec::new();
+    while let Some(c) = body.next().await {
+        v.extend_from_slice(&c.ok()?);
+    }
+    Some(v)
+}
+
 /// One durable step as its manifest describes it, checked against the lake.
 #[derive(Clone, Debug)]
 pub struct CheckedStep {
@@ -120,4 +131,9 @@ pub async fn check_manifests(
 /// Hex MD5 of `b`.
 pub fn md5_of(b: &[u8]) -> String {
     hex(&Md5::digest(b))
+}
+
+/// An MD5 as manifests write it.
+pub fn md5_hex(md5: &[u8; 16]) -> String {
+    hex(md5)
 }

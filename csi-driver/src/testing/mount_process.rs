@@ -49,11 +49,18 @@ impl MountProcess {
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let mut line = String::new();
         let read = BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line);
-        let running = MountProcess { child };
-        assert!(
-            read.is_ok() && line.contains("mounted"),
-            "tidepool mount did not come up: {line:?}"
-        );
+        let mut running = MountProcess { child };
+        if !(read.is_ok() && line.contains("mounted")) {
+            let status = running.exit_within(Duration::from_secs(2));
+            let said = log
+                .and_then(|l| std::fs::read_to_string(l).ok())
+                .unwrap_or_default();
+            let tail: Vec<&str> = said.lines().rev().take(20).collect();
+            panic!(
+                "tidepool mount did not come up ({status:?}): {line:?}\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         running
     }
 

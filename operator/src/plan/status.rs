@@ -23,7 +23,7 @@ use kube::ResourceExt;
 use tidepool_api::{
     CachePool, CheckpointSync, DatasetCache, Phase,
     cache_pool::{CheckpointNodeStatus, DatasetNodeStatus, NodeDatasetPhase},
-    checkpoint_sync::CheckpointSyncStatus,
+    checkpoint_sync::{CheckpointSyncStatus, PendingNode},
     conditions::{self, ConditionUpdate, POOLS_REPORTING, READY},
     dataset_cache::{DatasetCacheStatus, SnapshotSummary},
 };
@@ -232,6 +232,7 @@ pub fn checkpoint_status(
     };
     let mut stale_nodes = Vec::new();
     let mut pending_bytes = 0i64;
+    let mut pending_nodes = Vec::new();
     let mut committed: Option<i64> = None;
     // Over nodes holding data: None until one holds data; Some(None) once a holder has
     // nothing durable yet.
@@ -243,6 +244,12 @@ pub fn checkpoint_status(
             .and_then(|s| s.checkpoint_syncs.iter().find(|e| e.uid == uid));
         if let Some(e) = entry {
             pending_bytes = pending_bytes.saturating_add(e.pending_bytes);
+            if e.pending_bytes > 0 {
+                pending_nodes.push(PendingNode {
+                    node: pool.name_any(),
+                    bytes: e.pending_bytes,
+                });
+            }
             if let Some(step) = e.latest_committed_step {
                 committed = committed.max(Some(step));
                 durable = Some(match durable {
@@ -283,6 +290,11 @@ pub fn checkpoint_status(
         latest_committed_step: committed,
         latest_durable_step: durable.flatten(),
         pending_bytes,
+        pending_nodes: {
+            pending_nodes.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.node.cmp(&b.node)));
+            pending_nodes.truncate(256);
+            pending_nodes
+        },
         claim_name: Some(c.claim()),
         volume_name: Some(volume_name(&uid)),
         conditions,

@@ -4,12 +4,13 @@
 //! node's files belong to the same save. A node whose own commit rule fired (rank 0's
 //! node saw DCP's `.metadata`, Orbax's primary renamed its temporary directory, or a
 //! quiescent step) leads a version named `<node>:<seq>`; every other node that writes
-//! the step follows it: its sync sees the leader's part in the lake and asks its mount
-//! to commit this node's files as its part of that version ([`Syncer::follow_peers`]).
+//! the step follows it: its sync sees the leader's version in the lake and asks its
+//! mount to commit this node's files as its part of that version.
 //! Of two versions led by different nodes, the later commit wins (both nodes end up in
 //! it). A manifest merges the parts of one version only: a node that has not committed
 //! its part of a rewrite keeps the step from being published with its old files, and
-//! no manifest mixes a rewrite's old and new files.
+//! no manifest mixes a rewrite's old and new files. Versions are announced and followed
+//! in [`super::follow`].
 //!
 //! **Who is in.** With a node count (`--nodes N`, `spec.commit.nodes`) the manifest
 //! waits for N nodes' parts of the version, whether or not those nodes are running: a
@@ -37,9 +38,9 @@ use super::{
     tokio_stream_from, upload_file_if,
 };
 use crate::checkpoint::commit::step_number;
-use crate::checkpoint::journal::{CommitRequest, CommitState};
+use crate::checkpoint::journal::CommitState;
 use crate::checkpoint::manifest::{self, ManifestHead, ObjectRecord, PartHeader};
-use crate::checkpoint::store::{dir_of_step, now_ms};
+use crate::checkpoint::store::now_ms;
 use crate::checkpoint::upload::{FileIdentity, UploadError, hex};
 use crate::lake::{ETag, Lake, LakeError, Lister, ObjectMeta};
 
@@ -199,69 +200,6 @@ impl Syncer {
         Ok(())
     }
 
-    /// For each step this node writes and has no durable commit of: if another node
-    /// leads a newer version of it than this node's newest commit belongs to, asks the
-    /// mount to commit this node's files as its part of that version (the mount
-    /// commits once they are closed). Steps with a durable commit here are skipped
-    /// (one listing per pass is spent on the steps still in flight only); a rewrite
-    /// makes them pending again, or withdraws their manifest, which drops the commit.
-    pub(super) async fn follow_peers(&self) -> Result<(), SyncError> {
-        let me = self.cfg.node.clone();
-        // This node's newest commit of each step that is not dropped.
-        let mut latest: HashMap<String, (crate::checkpoint::journal::CommitHeader, CommitState)> =
-            HashMap::new();
-        for seq in self.journal.seqs()? {
-            let state = self.journal.state(seq);
-            if matches!(state, CommitState::Dropped(_)) {
-                continue;
-            }
-            let h = self.commit_header(seq)?.0;
-            latest.insert(h.step.clone(), (h, state));
-        }
-        for step in self.journal.seen()? {
-            let mine = latest.get(&step);
-            if matches!(mine, Some((_, CommitState::Durable))) {
-                continue;
-            }
-            if dir_of_step(&self.vol, &step).is_none() {
-                continue;
-            }
-            let parts = self.part_headers(&step).await?;
-            let Some(lead) = parts
-                .iter()
-                .filter(|p| p.node != me && p.leads())
-                .max_by(|a, b| (a.committed_unix_ms, &a.node).cmp(&(b.committed_unix_ms, &b.node)))
-            else {
-                continue;
-            };
-            let lead_version = lead.version();
-            let follow = match mine {
-                None => true,
-                Some((h, _)) if h.version(&me) == lead_version => false,
-                // This node leads a version of its own: the later commit wins.
-                Some((h, _)) if h.follows.is_none() => {
-                    (h.committed_unix_ms, me.as_str())
-                        < (lead.committed_unix_ms, lead.node.as_str())
-                }
-                // It follows another version: a newer one only (a leader re-uploading
-                // hides its part for a while; an older leader's must not win then).
-                Some((h, _)) => lead.committed_unix_ms > h.follows_unix_ms.unwrap_or(0),
-            };
-            if follow {
-                tracing::info!(step = %step, leader = %lead.node, version = %lead_version, "another node leads a version of this step; committing this node's part of it");
-                self.journal.request_commit(
-                    &step,
-                    &CommitRequest {
-                        node: lead.node.clone(),
-                        version: lead_version,
-                        led_unix_ms: lead.committed_unix_ms,
-                    },
-                )?;
-            }
-        }
-        Ok(())
-    }
-
     /// Writes this node's part record of commit `seq` (everything its upload log says
     /// is in the lake), then puts it under `_tidepool/parts/<step>/<node>.jsonl`.
     pub(super) async fn write_part(&self, seq: u64, step: &str) -> Result<(), SyncError> {
@@ -349,6 +287,34 @@ impl Syncer {
             Err(e) if matches!(e.root(), LakeError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The version of `step` retention deleted, if it did (see
+    /// [`crate::checkpoint::manifest::Retired`]).
+    pub(super) async fn retired_version(&self, step: &str) -> Result<Option<String>, SyncError> {
+        let name = self.names.retired(step);
+        let meta = match self.lake.head(&name).await {
+            Ok(m) => m,
+            Err(e) if matches!(e.root(), LakeError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let body = match self.lake.get_range(&name, 0..meta.size, &meta.etag).await {
+            Ok(b) => b,
+            Err(e)
+                if matches!(
+                    e.root(),
+                    LakeError::NotFound { .. } | LakeError::Changed { .. }
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(
+            serde_json::from_slice::<crate::checkpoint::manifest::Retired>(&body)
+                .ok()
+                .map(|r| r.version),
+        )
     }
 
     /// Publishes the manifest of commit `seq`'s version of `step` if every node's part of
@@ -560,6 +526,12 @@ impl Syncer {
             bytes: 0,
             version: version.to_owned(),
             expected_nodes: self.cfg.nodes,
+            // The save completed when the leading node committed it.
+            saved_unix_ms: parts
+                .iter()
+                .find(|p| p.leads())
+                .or_else(|| parts.iter().max_by_key(|p| p.committed_unix_ms))
+                .map(|p| p.committed_unix_ms),
         };
         let what = || format!("writing the manifest {}", tmp.display());
         let written = (|| -> Result<bool, SyncError> {

@@ -1,9 +1,10 @@
 //! Retention: which durable steps leave local disk (`keep_local`) and which leave the
 //! lake (`keep_remote`).
 //!
-//! "Newest" is by when a step became durable, never by the number in its name: a run
-//! that restarts its numbering into the same destination keeps its new steps (locally,
-//! by commit order; in the lake, by the time the lake stamped on the manifests). Only
+//! "Newest" is by when a step's save completed (see [`crate::checkpoint::restore`]),
+//! never by the number in its name nor by when it became durable: a run that restarts
+//! its numbering into the same destination keeps its new steps, and an old step that
+//! became durable late does not push out newer ones. Only
 //! steps whose name has a number are candidates (`final` or `best` never leave
 //! automatically), and the newest durable step in the lake is never deleted, whatever
 //! `keep_remote` says.
@@ -31,13 +32,14 @@ use crate::checkpoint::store::{MountStatus, Store, now_ms};
 use crate::lake::Lister;
 
 impl Syncer {
-    /// Moves durable steps beyond `keep_local` out of the tree, oldest commit first.
+    /// Moves durable steps beyond `keep_local` out of the tree, oldest save first.
     pub(super) fn retain_local(&self) -> Result<Vec<String>, SyncError> {
         let Some(keep) = self.cfg.keep_local else {
             return Ok(Vec::new());
         };
-        // Per step: its newest durable commit, and the directory it came from.
-        let mut durable: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        // Per step: its newest durable commit (by when its save completed, then
+        // commit order), and the directory it came from.
+        let mut durable: BTreeMap<String, ((u64, u64), String)> = BTreeMap::new();
         let mut pending: BTreeSet<String> = BTreeSet::new();
         let mut seqs_of: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for seq in self.journal.seqs()? {
@@ -45,7 +47,10 @@ impl Syncer {
             seqs_of.entry(h.step.clone()).or_default().push(seq);
             match self.journal.state(seq) {
                 CommitState::Durable => {
-                    durable.insert(h.step.clone(), (seq, h.dir().to_owned()));
+                    durable.insert(
+                        h.step.clone(),
+                        ((h.saved_unix_ms(), seq), h.dir().to_owned()),
+                    );
                 }
                 CommitState::Pending => {
                     pending.insert(h.step);
@@ -57,7 +62,7 @@ impl Syncer {
         let changed: BTreeSet<String> = MountStatus::read(&self.vol)
             .map(|m| m.uncommitted.into_iter().collect())
             .unwrap_or_default();
-        let mut order: Vec<(u64, String, String)> = durable
+        let mut order: Vec<((u64, u64), String, String)> = durable
             .into_iter()
             .filter(|(s, _)| step_number(s).is_some())
             .map(|(s, (seq, dir))| (seq, s, dir))
@@ -100,7 +105,7 @@ impl Syncer {
         Ok(removed)
     }
 
-    /// Deletes durable steps beyond `keep_remote` from the lake, oldest manifest first,
+    /// Deletes durable steps beyond `keep_remote` from the lake, oldest save first,
     /// never the newest. Deletions a crash interrupted are finished first.
     pub(super) async fn retain_remote(&self) -> Result<Vec<String>, SyncError> {
         let mut removed = Vec::new();
@@ -127,7 +132,8 @@ impl Syncer {
         let Some(keep) = self.cfg.keep_remote else {
             return Ok(removed);
         };
-        let steps = durable_steps_detailed(&*self.lake, &self.names).await?;
+        let steps =
+            durable_steps_detailed(&*self.lake, &self.names, Some(&self.saved_times)).await?;
         let newest = steps.last().map(|d| d.step.clone());
         let numbered: Vec<String> = steps
             .into_iter()
@@ -168,12 +174,11 @@ impl Syncer {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<ObjectRecord>(64);
         let parse = {
             let local = local.clone();
-            tokio::task::spawn_blocking(move || -> io::Result<()> {
+            tokio::task::spawn_blocking(move || -> io::Result<manifest::ManifestHead> {
                 let f = File::open(&local)?;
                 manifest::read_manifest(BufReader::new(f), |o| {
                     tx.blocking_send(o).map_err(|_| io::Error::other("stopped"))
                 })
-                .map(|_| ())
             })
         };
         let mut failed = None;
@@ -191,11 +196,28 @@ impl Syncer {
         if let Some(e) = failed {
             return Err(e.into());
         }
-        parsed.map_err(|e| SyncError::BadManifest {
+        let head = parsed.map_err(|e| SyncError::BadManifest {
             step: step.to_owned(),
             detail: e.to_string(),
         })?;
-        for prefix in [self.names.parts(step), self.names.intents(step)] {
+        // Remembered: a node whose part of this version was still on its way drops it.
+        let retired = manifest::Retired {
+            step: step.to_owned(),
+            version: head.version,
+            retired_unix_ms: now_ms(),
+        };
+        self.lake
+            .put(
+                &self.names.retired(step),
+                serde_json::to_vec(&retired).expect("serializable").into(),
+                &crate::lake::PutOptions::default(),
+            )
+            .await?;
+        for prefix in [
+            self.names.parts(step),
+            self.names.intents(step),
+            super::follow::versions_prefix(&self.names, step),
+        ] {
             let mut names = Vec::new();
             let mut l = Lister::new(&*self.lake, &prefix);
             while let Some(page) = l.next_page().await? {
