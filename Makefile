@@ -39,8 +39,9 @@ envtest: ## only the tests against a real kube-apiserver (binaries from $$KUBEBU
 	$(CARGO) test --locked -p tidepool-operator --test envtest
 	$(CARGO) test --locked -p tidepool-csi --test agent_envtest
 
-soak: deps ## the stress test (concurrent readers, pool far smaller than the data, refresh, every byte checked) for 10 minutes; SOAK_SECS=N to change
+soak: deps ## the read stress test and the checkpoint fault harness, each for 10 minutes (SOAK_SECS=N to change); TIDEPOOL_FAULT_SEED replays a harness run
 	TIDEPOOL_STRESS_SECS=$(or $(SOAK_SECS),600) $(CARGO) test --locked -p tidepool-csi --test stress -- --nocapture
+	TIDEPOOL_FAULT_SECS=$(or $(SOAK_SECS),600) $(CARGO) test --locked -p tidepool-csi --test checkpoint_faults -- --nocapture
 
 generate: ## regenerate CRD YAML in crds/ and charts/tidepool/crds/
 	$(CARGO) run -q --locked -p tidepool-api --bin crdgen

@@ -800,7 +800,8 @@ struct CheckpointMount(MountProcess);
 
 impl CheckpointMount {
     fn start(bin: &Path, url: &str, mnt: &Path, cache: &Path) -> Self {
-        let extra = ["--checkpoint", "--node-name", "bench", "--no-sync"];
+        // One machine: its steps wait for no other node.
+        let extra = ["--checkpoint", "--node-name", "bench", "--nodes", "1", "--no-sync"];
         CheckpointMount(MountProcess::start(bin, url, mnt, cache, &extra))
     }
 }

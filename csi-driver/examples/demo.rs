@@ -259,7 +259,7 @@ async fn checkpoints(azurite: &Azurite, work: &Path) {
     let (mnt, pool) = (work.join("ckpt"), work.join("ckpt-pool"));
     std::fs::create_dir_all(&mnt).unwrap();
     println!(
-        "== 6/7 tidepool mount --checkpoint {url} {} (read-write; committed steps upload to the lake)",
+        "== 6/7 tidepool mount --checkpoint --nodes 1 {url} {} (read-write; committed steps upload to the lake; one machine writes each step)",
         mnt.display()
     );
     let mut child = Command::new(tidepool_bin())
@@ -267,7 +267,7 @@ async fn checkpoints(azurite: &Azurite, work: &Path) {
         .arg(&mnt)
         .arg("--cache-dir")
         .arg(&pool)
-        .args(["--node-name", "demo-node"])
+        .args(["--node-name", "demo-node", "--nodes", "1"])
         .env(
             "AZURE_STORAGE_KEY",
             tidepool_csi::testing::azurite::ACCOUNT_KEY,
