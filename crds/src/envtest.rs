@@ -6,9 +6,10 @@
 //! Binaries are found as envtest finds them: `$KUBEBUILDER_ASSETS`, else the newest
 //! `<version>-linux-amd64` under setup-envtest's directory
 //! (`$XDG_DATA_HOME/kubebuilder-envtest/k8s/`, by default
-//! `~/.local/share/kubebuilder-envtest/k8s/`). Where they are missing, [`shared`]
-//! answers `None` and the caller skips with [`skip`], which writes one line to the
-//! terminal (past the test harness's output capture) saying what was skipped and why.
+//! `~/.local/share/kubebuilder-envtest/k8s/`). Where they are missing, a test skips
+//! ([`control_plane_or_skip!`], [`skip`]: one line on the terminal saying what was
+//! skipped and why, a failure where `$TIDEPOOL_REQUIRE` names `envtest`; see
+//! [`crate::skip`]). Binaries that are there and fail to start fail the test.
 //!
 //! One control plane serves every test of a test binary ([`shared`]); tests keep apart
 //! by namespace and by unique names for cluster-scoped objects. The processes end with
@@ -16,7 +17,6 @@
 //! started with `PR_SET_PDEATHSIG` from a thread that lives as long as the process, so
 //! even a test binary killed with SIGKILL leaves nothing running.
 
-use std::io::Write as _;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -608,30 +608,33 @@ fn shared_result() -> &'static Result<ControlPlane, EnvtestError> {
     CP.get_or_init(ControlPlane::start)
 }
 
-/// Reports a skipped test on the terminal (written past the test harness's output
-/// capture, so it shows in every run, never as a silent pass).
+/// Reports a test skipped for want of a real API server (see [`crate::skip`]: loud,
+/// logged, and a failure where `$TIDEPOOL_REQUIRE` names `envtest`).
 pub fn skip(test: &str, why: &dyn std::fmt::Display) {
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: needs a real Kubernetes API server: {why}"
-    );
+    crate::skip::skip(crate::skip::Need::Envtest, test, why);
+}
+
+/// The shared control plane for test `test`: `None` only where no envtest binaries
+/// are installed (reported with [`skip`]). Binaries that are there and fail to start
+/// are a failure, never a skip.
+pub fn control_plane_for(test: &str) -> Option<&'static ControlPlane> {
+    match shared_result() {
+        Ok(cp) => Some(cp),
+        Err(EnvtestError::NoAssets) => {
+            skip(test, &EnvtestError::NoAssets);
+            None
+        }
+        Err(e) => panic!("{test}: the envtest control plane did not start: {e}"),
+    }
 }
 
 /// The shared control plane, or a skip line and `return` from the calling test.
 #[macro_export]
 macro_rules! control_plane_or_skip {
     ($test:expr) => {
-        match $crate::envtest::shared() {
+        match $crate::envtest::control_plane_for($test) {
             Some(cp) => cp,
-            None => {
-                $crate::envtest::skip(
-                    $test,
-                    &$crate::envtest::unavailable()
-                        .map(|e| e.to_string())
-                        .unwrap_or_default(),
-                );
-                return;
-            }
+            None => return,
         }
     };
 }

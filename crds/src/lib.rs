@@ -28,6 +28,9 @@ pub mod dataset_cache;
 pub mod envtest;
 pub mod generate;
 pub mod lake;
+/// Loud, logged test skips (test support).
+#[cfg(feature = "envtest")]
+pub mod skip;
 pub mod volume;
 
 pub use cache_pool::{CachePool, CachePoolSpec, CachePoolStatus};

@@ -55,17 +55,30 @@ pub struct FuseUring {
 
 impl FuseUring {
     pub fn enable() -> Option<FuseUring> {
+        Self::enable_for("FUSE over io_uring")
+    }
+
+    /// [`FuseUring::enable`] for test `test`: a loud skip (a failure where
+    /// `$TIDEPOOL_REQUIRE` names `uring`) where it cannot.
+    pub fn enable_for(test: &str) -> Option<FuseUring> {
+        use tidepool_api::skip::{Need, skip};
         let previous = match std::fs::read_to_string(FUSE_ENABLE_URING) {
             Ok(v) => v.trim().to_owned(),
             Err(e) => {
-                eprintln!(
-                    "SKIPPED: this kernel has no FUSE over io_uring ({FUSE_ENABLE_URING}: {e}; needs Linux 6.14+)"
+                skip(
+                    Need::Uring,
+                    test,
+                    &format!("this kernel has no {FUSE_ENABLE_URING} ({e}; needs Linux 6.14+)"),
                 );
                 return None;
             }
         };
         if let Err(e) = std::fs::write(FUSE_ENABLE_URING, "Y") {
-            eprintln!("SKIPPED: cannot turn on {FUSE_ENABLE_URING} ({e}; needs root)");
+            skip(
+                Need::Uring,
+                test,
+                &format!("cannot turn on {FUSE_ENABLE_URING} ({e}; needs root)"),
+            );
             return None;
         }
         Some(FuseUring { previous })

@@ -593,10 +593,12 @@ async fn upstream_csi_sanity_passes_where_installed() {
                 .find(|p| p.is_file())
         });
     let Some(bin) = bin else {
-        eprintln!(
-            "SKIPPED upstream_csi_sanity_passes_where_installed: csi-sanity is not installed \
-             (build it from github.com/kubernetes-csi/csi-test, cmd/csi-sanity, and put it on \
-             PATH or in $CSI_SANITY); the Rust conformance tests in this file still ran"
+        tidepool_api::skip::skip(
+            tidepool_api::skip::Need::Sanity,
+            "upstream_csi_sanity_passes_where_installed",
+            &"csi-sanity is not installed (build it from github.com/kubernetes-csi/csi-test, \
+              cmd/csi-sanity, and put it on PATH or in $CSI_SANITY); the Rust conformance \
+              tests in this file still ran",
         );
         return;
     };

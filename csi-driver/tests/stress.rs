@@ -171,7 +171,7 @@ async fn concurrent_readers_on_a_pool_far_smaller_than_the_data_never_see_a_wron
 /// queue per CPU; READs answered later from other threads through the queue's mailbox).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_through_fuse_over_io_uring() {
-    let Some(_uring) = FuseUring::enable() else {
+    let Some(_uring) = FuseUring::enable_for("the_same_through_fuse_over_io_uring") else {
         return;
     };
     stress(&[]).await;

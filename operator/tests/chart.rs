@@ -138,11 +138,13 @@ impl Helm {
             .map(PathBuf::from)
             .unwrap_or_else(|| workspace().join(".tools/helm-venv/bin/python"));
         if !python.exists() {
-            use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: needs the Helm engine ({} is missing): run `make deps` (pip installs helm-python-sdk=={HELM_SDK} there)",
-                python.display()
+            tidepool_api::skip::skip(
+                tidepool_api::skip::Need::Helm,
+                test,
+                &format!(
+                    "{} is missing: run `make deps` (pip installs helm-python-sdk=={HELM_SDK} there)",
+                    python.display()
+                ),
             );
             return None;
         }
