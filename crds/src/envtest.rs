@@ -7,7 +7,7 @@
 //! `<version>-linux-amd64` under setup-envtest's directory
 //! (`$XDG_DATA_HOME/kubebuilder-envtest/k8s/`, by default
 //! `~/.local/share/kubebuilder-envtest/k8s/`). Where they are missing, a test skips
-//! ([`control_plane_or_skip!`], [`skip`]: one line on the terminal saying what was
+//! (`control_plane_or_skip!`, [`skip`]: one line on the terminal saying what was
 //! skipped and why, a failure where `$TIDEPOOL_REQUIRE` names `envtest`; see
 //! [`crate::skip`]). Binaries that are there and fail to start fail the test.
 //!
