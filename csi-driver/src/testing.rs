@@ -90,3 +90,30 @@ impl Drop for FuseUring {
         let _ = std::fs::write(FUSE_ENABLE_URING, &self.previous);
     }
 }
+
+/// Every name `readdir(3)` gives for `dir`, `.` and `..` included (which
+/// `std::fs::read_dir` leaves out), sorted.
+pub fn raw_dir_names(dir: &std::path::Path) -> std::io::Result<Vec<String>> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path.
+    let d = unsafe { libc::opendir(c.as_ptr()) };
+    if d.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: `d` is a live DIR* until closedir below.
+        let ent = unsafe { libc::readdir64(d) };
+        if ent.is_null() {
+            break;
+        }
+        // SAFETY: readdir returned an entry whose name is NUL-terminated.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+        names.push(name.to_string_lossy().into_owned());
+    }
+    // SAFETY: closed once.
+    unsafe { libc::closedir(d) };
+    names.sort();
+    Ok(names)
+}

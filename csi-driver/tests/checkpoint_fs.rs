@@ -231,6 +231,12 @@ fn posix_semantics(passthrough: bool) {
         commits.iter().any(|x| x.step == "step-2"),
         "the close after the rename lets step-2 commit: {commits:?}"
     );
+    // A directory lists `.` and `..` too (as `ls -a` shows them), at the root and in a
+    // step.
+    let raw = tidepool_csi::testing::raw_dir_names(&v.p("step-2")).unwrap();
+    assert!(raw.starts_with(&[".".into(), "..".into()]), "{raw:?}");
+    let raw = tidepool_csi::testing::raw_dir_names(v.mnt.path()).unwrap();
+    assert!(raw.starts_with(&[".".into(), "..".into()]), "{raw:?}");
     // Inode numbers are the backing files', the same in stat and readdir (tar and du
     // rely on them).
     {

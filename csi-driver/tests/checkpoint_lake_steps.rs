@@ -220,14 +220,14 @@ fn a_job_on_another_node_reads_durable_steps_read_only_and_retention_keeps_them_
     // Node B (another pool, nothing local) sees both, with every size and byte.
     let mut b = Node::start(&rt, &az, &lake, "run/", "b", None);
     assert_eq!(b.ls(), vec!["step-1", "step-2"]);
-    let mut names: Vec<String> = fs::read_dir(b.p("step-1"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
+    // Listed as a directory lists itself: `.` and `..` too (as `ls -a` shows them).
     assert_eq!(
-        names,
-        vec![".metadata", "__0_0.distcp", "__1_0.distcp", "optim"]
+        tidepool_csi::testing::raw_dir_names(&b.p("step-1")).unwrap(),
+        vec![".", "..", ".metadata", "__0_0.distcp", "__1_0.distcp", "optim"]
+    );
+    assert_eq!(
+        tidepool_csi::testing::raw_dir_names(&b.p("step-1/optim")).unwrap(),
+        vec![".", "..", "empty", "state"]
     );
     for (rel, data) in step1
         .iter()

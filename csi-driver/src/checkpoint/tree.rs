@@ -842,9 +842,8 @@ fn readdir_local(dh: &DirHandle, offset: u64, out: &mut DirBuf) -> Result<bool, 
             let ent = &*ent;
             let name = std::ffi::CStr::from_ptr(ent.d_name.as_ptr());
             let name = OsStr::from_bytes(name.to_bytes());
-            if name == "." || name == ".." {
-                continue;
-            }
+            // "." and ".." are listed as the backing directory lists them (the inode
+            // numbers users see are the backing ones, as `stat` shows them).
             let kind = match ent.d_type {
                 libc::DT_DIR => FileKind::Dir,
                 _ => FileKind::File,

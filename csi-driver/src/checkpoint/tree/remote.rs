@@ -546,7 +546,20 @@ impl RemoteSteps {
         let Some(RKind::Dir(children)) = tree.nodes.get(idx as usize).map(|n| &n.kind) else {
             return Err(libc::ENOTDIR);
         };
-        for (pos, &c) in children.iter().enumerate().skip(offset as usize) {
+        // Cookies: 1 after ".", 2 after "..", then a child's position + 3. The inode
+        // number of ".." is the directory's own (for display only: the kernel resolves
+        // ".." itself).
+        let me = Inner::id(step.slot, idx);
+        for (cookie, name) in [(1u64, "."), (2, "..")] {
+            if offset < cookie && !out.add(me, cookie, FileKind::Dir, OsStr::new(name), None) {
+                return Ok(());
+            }
+        }
+        for (pos, &c) in children
+            .iter()
+            .enumerate()
+            .skip(offset.saturating_sub(2) as usize)
+        {
             let n = &tree.nodes[c as usize];
             let kind = match n.kind {
                 RKind::Dir(_) => FileKind::Dir,
@@ -554,7 +567,7 @@ impl RemoteSteps {
             };
             if !out.add(
                 Inner::id(step.slot, c),
-                pos as u64 + 1,
+                pos as u64 + 3,
                 kind,
                 OsStr::new(&n.name),
                 None,
