@@ -599,6 +599,25 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
             "--log=warn,tidepool_csi=info"
         ]
     );
+    let caps = agent
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(|c| c.add.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        caps,
+        [
+            "CHOWN",
+            "DAC_OVERRIDE",
+            "DAC_READ_SEARCH",
+            "FOWNER",
+            "FSETID",
+            "SYS_RESOURCE",
+            "SYS_ADMIN"
+        ],
+        "the agent's capabilities by default, each explained in values.yaml"
+    );
     let pool = pod
         .volumes
         .iter()
@@ -716,6 +735,10 @@ fn check_all_on(a: &Objects, r: &Rendered) {
     assert!(
         !caps.iter().any(|c| c == "SYS_ADMIN"),
         "no CAP_SYS_ADMIN without passthrough: {caps:?}"
+    );
+    assert!(
+        !caps.iter().any(|c| c == "SYS_RESOURCE"),
+        "no CAP_SYS_RESOURCE without raiseFileLimit: {caps:?}"
     );
     let registrar = container(pod, "node-driver-registrar");
     assert!(has_arg(
