@@ -1517,12 +1517,33 @@ async fn installs_upgrades_and_uninstalls_on_a_real_api_server() {
         .unwrap();
     assert!(env.iter().any(|e| e.name == "RUST_LOG"
         && e.value.as_deref() == Some("warn,tidepool_operator=debug,tidepool_api=debug")));
-    let ds = Api::<DaemonSet>::namespaced(client.clone(), NS)
-        .get("tidepool-node")
-        .await
-        .unwrap();
+    let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), NS);
+    let ds = daemonsets.get("tidepool-node").await.unwrap();
     let agent = ds.spec.unwrap().template.spec.unwrap().containers[1].clone();
     assert!(has_arg(&agent, "--cache-size=800GiB"), "{:?}", agent.args);
+    // The keeper (OnDelete) keeps the pod template it runs with (the log level changed
+    // everywhere else): Helm 4's --wait finds it current, never "Updated: 0/N".
+    let keeper = daemonsets.get("tidepool-keeper").await.unwrap();
+    assert_eq!(
+        keeper.metadata.generation,
+        Some(1),
+        "the upgrade left the keeper's template alone"
+    );
+    // Asked for, the upgrade writes this release's keeper template.
+    let mut asked = changed.clone();
+    asked["node"]["keeper"] = json!({"upgrade": true});
+    let r = release(&helm, "upgrade", &cp.kubeconfig, "tidepool", &asked);
+    assert_eq!(r["status"], "deployed", "{r}");
+    let keeper = daemonsets.get("tidepool-keeper").await.unwrap();
+    assert_eq!(keeper.metadata.generation, Some(2));
+    let args = keeper.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        args.iter().any(|a| a.contains("tidepool_csi=debug")),
+        "{args:?}"
+    );
     uninstall_and_check(&helm, &client, &cp.kubeconfig, "tidepool", &objects).await;
 
     // Every option on: the monitoring CRDs (stand-ins) and the listed workload
