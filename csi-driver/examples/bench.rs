@@ -801,7 +801,14 @@ struct CheckpointMount(MountProcess);
 impl CheckpointMount {
     fn start(bin: &Path, url: &str, mnt: &Path, cache: &Path) -> Self {
         // One machine: its steps wait for no other node.
-        let extra = ["--checkpoint", "--node-name", "bench", "--nodes", "1", "--no-sync"];
+        let extra = [
+            "--checkpoint",
+            "--node-name",
+            "bench",
+            "--nodes",
+            "1",
+            "--no-sync",
+        ];
         CheckpointMount(MountProcess::start(bin, url, mnt, cache, &extra))
     }
 }

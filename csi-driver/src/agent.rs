@@ -21,7 +21,7 @@ pub mod datasets;
 pub mod kube;
 pub mod protocol;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -150,6 +150,8 @@ pub struct CheckpointSettings {
     pub keep_remote: Option<u32>,
     /// The nodes that write each step (`spec.commit.nodes`).
     pub nodes: Option<u32>,
+    /// The `CheckpointSync`'s uid (recorded in the volume).
+    pub owner_uid: Option<String>,
 }
 
 /// Finds the settings of a checkpoint volume (by its owner's uid) from the pool's
@@ -528,6 +530,9 @@ impl Agent {
                 keep_local: settings.keep_local,
                 keep_remote: settings.keep_remote,
                 nodes: settings.nodes,
+                owner_uid: (attributes.kind == VolumeKind::CheckpointSync)
+                    .then(|| attributes.uid.clone())
+                    .filter(|u| !u.is_empty()),
             })
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::ENOSPC) => {
@@ -669,6 +674,73 @@ impl Agent {
         }
     }
 
+    /// Removes the local files of checkpoint volumes no assignment writes to any more
+    /// (their `CheckpointSync` was deleted: the operator waits for their committed
+    /// bytes to be uploaded first), so the pool gets their space back. A volume that is
+    /// still served, or that has commits pending that this agent can still upload (it
+    /// served the volume with stage secrets since it started), is kept. Called with the
+    /// pool's assignments (by destination URL as volumes record it); returns the
+    /// directories removed.
+    pub fn remove_unassigned_checkpoints(&self, assigned: &HashSet<String>) -> Vec<PathBuf> {
+        let pool = self.pool.config().dir.clone();
+        let mut removed = Vec::new();
+        // What an earlier removal left half done.
+        if let Ok(entries) = std::fs::read_dir(pool.join("checkpoints")) {
+            for e in entries.flatten() {
+                if e.file_name().as_encoded_bytes().starts_with(b".removing-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        for vol in VolumeLayout::all(&pool).unwrap_or_default() {
+            let Ok(cfg) = vol.read_config() else { continue };
+            // Only a volume this node's agent served or synced for a CheckpointSync: a
+            // volume of unknown origin is never the agent's to remove.
+            if assigned.contains(&cfg.url) || cfg.owner_uid.is_none() {
+                continue;
+            }
+            let served = self.volumes.lock().values().any(|v| {
+                !v.session.is_finished()
+                    && matches!(&v.content, Content::Checkpoint(c) if c.layout.dir == vol.dir)
+            });
+            if served {
+                continue;
+            }
+            // Committed bytes not uploaded are never removed here (the operator waits for
+            // them before it takes the assignment away; annotated discard-pending it does
+            // not, and they stay, said in the log).
+            let pending = crate::checkpoint::journal::Journal::open(&vol.journal_dir())
+                .and_then(|j| {
+                    Ok(j.seqs()?
+                        .into_iter()
+                        .any(|s| j.state(s) == crate::checkpoint::journal::CommitState::Pending))
+                })
+                .unwrap_or(true);
+            if pending {
+                tracing::warn!(volume = %vol.dir.display(), destination = %cfg.url, "no CheckpointSync writes to this checkpoint volume's destination any more, and it has commits not uploaded: its files are kept (remove the directory by hand once they are not needed)");
+                continue;
+            }
+            // Out of the pool's listing first (its sync stops when its settings are
+            // gone), then deleted.
+            let aside = pool.join("checkpoints").join(format!(
+                ".removing-{}",
+                vol.dir.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            let gone =
+                std::fs::rename(&vol.dir, &aside).and_then(|()| std::fs::remove_dir_all(&aside));
+            match gone {
+                Ok(()) => {
+                    tracing::info!(volume = %vol.dir.display(), destination = %cfg.url, "checkpoint volume removed from the pool: no CheckpointSync writes to its destination any more");
+                    removed.push(vol.dir);
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %vol.dir.display(), error = %e, "cannot remove the files of a checkpoint volume no CheckpointSync writes to")
+                }
+            }
+        }
+        removed
+    }
+
     /// Where the node's checkpoint syncs get their lake: the credentials of
     /// [`Agent::sync_credentials`], with the agent's lake settings; the volume's
     /// settings (node count, retention) are brought up to date from its assignment
@@ -691,6 +763,7 @@ impl Agent {
                     keep_local: settings.keep_local,
                     keep_remote: settings.keep_remote,
                     nodes: settings.nodes,
+                    owner_uid: settings.owner_uid.clone().or(cfg.owner_uid.clone()),
                     ..cfg.clone()
                 };
                 if &wanted != cfg

@@ -389,6 +389,8 @@ async fn a_checkpoint_assignment_reports_its_steps_and_gives_its_volume_settings
             keep_local: None,
             keep_remote: None,
             nodes: None,
+            // Filled in by the agent from the assignment below.
+            owner_uid: None,
         })
         .unwrap();
     let lake: Arc<dyn Lake> = Arc::new(az.lake("ckpt").await);
@@ -521,6 +523,7 @@ async fn a_checkpoint_assignment_reports_its_steps_and_gives_its_volume_settings
             keep_local: Some(2),
             keep_remote: None,
             nodes: None,
+            owner_uid: Some("c1".into()),
         })
     );
     assert_eq!(
@@ -539,7 +542,26 @@ async fn a_checkpoint_assignment_reports_its_steps_and_gives_its_volume_settings
         None,
         "nothing to hand out while its Secret is missing"
     );
+    // Step-2 is committed and not in the lake: were the CheckpointSync's assignment
+    // taken away (deleted with tidepool.dev/discard-pending), its files stay.
     pool_side.abort();
+    let _ = pool_side.await;
+    // (As a pod's mount of it, or the agent's sync of it, records its owner.)
+    let cfg = layout.read_config().unwrap();
+    layout
+        .create(&VolumeConfig {
+            owner_uid: Some("c1".into()),
+            ..cfg
+        })
+        .unwrap();
+    assert_eq!(
+        agent.remove_unassigned_checkpoints(&Default::default()),
+        Vec::<std::path::PathBuf>::new()
+    );
+    assert!(
+        layout.read_config().is_ok(),
+        "a volume with a pending commit is kept"
+    );
 }
 
 /// Committed steps are never stranded by an agent restart: a checkpoint volume with a
@@ -656,6 +678,30 @@ async fn a_volume_nobody_mounts_uploads_its_commits_after_an_agent_restart() {
     )
     .await;
     assert_eq!((st.pending_bytes, st.failed), (0, false), "{st:?}");
+    // The CheckpointSync is deleted (its assignment goes, once nothing is pending): the
+    // volume's local files leave the pool, and its sync ends.
+    let spec = json!({"apiVersion": "tidepool.dev/v1alpha1", "kind": "CachePool",
+        "spec": {"datasets": [], "checkpointSyncs": []}});
+    pools
+        .patch(
+            "agent-d",
+            &PatchParams::apply("tidepool-operator"),
+            &Patch::Apply(&spec),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the volume's files gone",
+        || async { (!layout.dir.exists()).then_some(()) },
+    )
+    .await;
+    assert!(
+        checkpoints::volume_layout(&pool_dir, &url)
+            .unwrap()
+            .read_config()
+            .is_err()
+    );
     let _ = stop.send(true);
     let _ = syncs.await;
     pool_side.abort();

@@ -523,7 +523,7 @@ async fn checkpoints_under_partial_failure_are_durable_exactly_when_the_lake_say
         let step = format!("step-{step_no}");
         step_no += 1;
         if h.rng.chance(0.3) {
-            h.save_orbax(&step.trim_start_matches("step-").to_owned());
+            h.save_orbax(step.trim_start_matches("step-"));
         } else if h.rng.chance(0.25) {
             // Torn by a kill -9 of one node's mount; the job saves the step again.
             let victim = h.rng.below(NODES as u64) as usize;

@@ -49,6 +49,7 @@ impl Volume {
                 keep_local: None,
                 keep_remote: None,
                 nodes: Some(1),
+                owner_uid: None,
             })
             .unwrap();
         let store = Arc::new(Store::open(layout.clone(), rule).unwrap());

@@ -64,6 +64,7 @@ impl Node {
                 keep_local,
                 keep_remote: None,
                 nodes: Some(1),
+                owner_uid: None,
             })
             .unwrap();
         let pool = rt
@@ -223,7 +224,14 @@ fn a_job_on_another_node_reads_durable_steps_read_only_and_retention_keeps_them_
     // Listed as a directory lists itself: `.` and `..` too (as `ls -a` shows them).
     assert_eq!(
         tidepool_csi::testing::raw_dir_names(&b.p("step-1")).unwrap(),
-        vec![".", "..", ".metadata", "__0_0.distcp", "__1_0.distcp", "optim"]
+        vec![
+            ".",
+            "..",
+            ".metadata",
+            "__0_0.distcp",
+            "__1_0.distcp",
+            "optim"
+        ]
     );
     assert_eq!(
         tidepool_csi::testing::raw_dir_names(&b.p("step-1/optim")).unwrap(),

@@ -104,6 +104,7 @@ async fn writers_rotation_readers_and_the_sync_together_lose_no_byte() {
             keep_local: Some(4),
             keep_remote: None,
             nodes: Some(1),
+            owner_uid: None,
         })
         .unwrap();
     let store = Arc::new(Store::open(layout.clone(), CommitRule::default()).unwrap());

@@ -64,6 +64,7 @@ fn volume_of(
             keep_local,
             keep_remote: None,
             nodes,
+            owner_uid: None,
         })
         .unwrap();
     layout
@@ -597,6 +598,7 @@ async fn keep_remote_deletes_old_steps_manifest_first_and_finishes_an_interrupte
         keep_local: None,
         keep_remote: Some(2),
         nodes: Some(1),
+        owner_uid: None,
     })
     .unwrap();
     for n in [1, 2, 3, 10] {

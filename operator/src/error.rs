@@ -20,6 +20,9 @@ pub enum Error {
         /// Name of the PVC.
         name: String,
     },
+    /// Deletion waits for committed checkpoint bytes still on their way to the lake.
+    #[error("{0}")]
+    WaitingForUploads(String),
     /// A pool changed between observing and writing it (optimistic concurrency).
     #[error("CachePool {pool} changed while its spec was planned; retrying on a fresh view")]
     PoolChanged {
@@ -46,6 +49,7 @@ impl Error {
         match self {
             Error::Kube(_) => "kube",
             Error::WaitingForClaim { .. } => "waiting_for_claim",
+            Error::WaitingForUploads(_) => "waiting_for_uploads",
             Error::MissingMetadata(_) => "missing_metadata",
             Error::PoolChanged { .. } => "pool_changed",
             Error::Finalizer(inner) => match &**inner {
@@ -58,6 +62,9 @@ impl Error {
 
     /// Whether this is a normal wait rather than a fault.
     pub fn is_waiting(&self) -> bool {
-        self.metric_label() == "waiting_for_claim"
+        matches!(
+            self.metric_label(),
+            "waiting_for_claim" | "waiting_for_uploads"
+        )
     }
 }

@@ -16,8 +16,12 @@
 //! Cleanup (tolerates apply never having run):
 //! 1. Delete the PVC; while it still exists (a pod uses it), set `Deleting` with the
 //!    reason and return [`Error::WaitingForClaim`] so the finalizer stays.
-//! 2. Release the object's assignments from every pool.
-//! 3. Delete the PV. Then the finalizer helper removes the finalizer.
+//! 2. A `CheckpointSync` whose nodes still have committed bytes to upload waits
+//!    ([`Error::WaitingForUploads`], `Deleting` says how many and where), unless it is
+//!    annotated `tidepool.dev/discard-pending: "true"`.
+//! 3. Release the object's assignments from every pool (an agent then removes a
+//!    checkpoint volume's local files, all durable).
+//! 4. Delete the PV. Then the finalizer helper removes the finalizer.
 
 pub mod protection;
 pub mod workload;
@@ -131,6 +135,12 @@ pub trait Reconciled:
     fn set_phase(status: &mut Self::Status, phase: Phase);
     /// Objects of this kind that `pool` names (assignments and status entries).
     fn named_in(pool: &CachePool) -> Vec<(String, String)>;
+    /// Why deletion must wait before the object's assignments go (nothing to wait for:
+    /// `None`). A `CheckpointSync` waits for the committed bytes its nodes still have to
+    /// upload: the assignment is what they upload with.
+    fn waits_before_release(&self, _pools: &[&CachePool]) -> Option<String> {
+        None
+    }
     /// Puts this object into a view of all objects, replacing an older copy of it.
     fn put_into(
         &self,
@@ -459,6 +469,32 @@ pub async fn cleanup<K: Reconciled>(obj: &K, ctx: &Context) -> Result<Action, Er
         });
     }
 
+    let pools = ctx.stores.pools.state();
+    let pools: Vec<&CachePool> = pools.iter().map(|p| &**p).collect();
+    if let Some(why) = obj.waits_before_release(&pools) {
+        let mut status = obj.current_status().cloned().unwrap_or_else(|| {
+            obj.plan_status(
+                &pools,
+                &Clock {
+                    now: (ctx.now)(),
+                    stale_after: ctx.stale_after,
+                },
+            )
+        });
+        conditions::set(
+            K::conditions(&mut status),
+            ConditionUpdate {
+                type_: DELETING,
+                status: true,
+                reason: "WaitingForUploads",
+                message: why.clone(),
+            },
+            obj.meta().generation,
+            (ctx.now)(),
+        );
+        write_status(obj, &status, ctx).await?;
+        return Err(Error::WaitingForUploads(why));
+    }
     sync_pools(ctx, obj, Some(&uid)).await?;
     let pv_api: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let pv_name = volume_name(&uid);

@@ -799,3 +799,104 @@ async fn a_node_with_checkpoints_not_yet_durable_is_kept_from_scale_down() {
     );
     assert!(!an.contains_key("tidepool.dev/checkpoints-pending"));
 }
+
+/// Deleting a `CheckpointSync` waits while a node still has committed bytes of it to
+/// upload (its assignment is what that node uploads with), says so in `Deleting`, and
+/// goes on once they are durable; annotated `tidepool.dev/discard-pending: "true"` it
+/// does not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_checkpoint_sync_waits_for_its_pending_uploads() {
+    let cp = control_plane_or_skip!("deleting_a_checkpoint_sync_waits_for_its_pending_uploads");
+    let _one = SERIAL.lock().await;
+    let e = env(cp, "delpend").await;
+    let a = e.node_with_pool("a", "a100").await;
+    let _op = Operator::start(cp, &e.ns, "op-d");
+    let api = Api::<CheckpointSync>::namespaced(e.client.clone(), &e.ns);
+    for name in ["held", "forced"] {
+        let c: CheckpointSync = serde_json::from_value(json!({
+            "apiVersion": "tidepool.dev/v1alpha1",
+            "kind": "CheckpointSync",
+            "metadata": {"name": name, "namespace": e.ns},
+            "spec": {"destination": {"url": format!("{URL}/{name}")}},
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &c).await.unwrap();
+    }
+    let held = api.get("held").await.unwrap();
+    let forced = api.get("forced").await.unwrap();
+    eventually(Duration::from_secs(30), "both assigned", || async {
+        let p = e.pool(&a).await;
+        (Env::assigned(&p, &held.uid().unwrap()) == 1
+            && Env::assigned(&p, &forced.uid().unwrap()) == 1)
+            .then_some(())
+    })
+    .await;
+    let report = |pending: i64| {
+        let (client, ns, pool) = (e.client.clone(), e.ns.clone(), a.clone());
+        let entries: Vec<_> = [&held, &forced]
+            .iter()
+            .map(|c| {
+                json!({"namespace": ns, "name": c.name_any(), "uid": c.uid().unwrap(),
+                       "latestCommittedStep": 3, "pendingBytes": pending})
+            })
+            .collect();
+        async move {
+            let body = json!({
+                "apiVersion": "tidepool.dev/v1alpha1",
+                "kind": "CachePool",
+                "status": {"capacityBytes": 1_000_000_000i64, "usedBytes": 0,
+                           "heartbeatTime": Time(Timestamp::now()),
+                           "checkpointSyncs": entries}
+            });
+            Api::<CachePool>::all(client)
+                .patch_status(&pool, &PatchParams::apply(AGENT), &Patch::Apply(&body))
+                .await
+                .unwrap();
+        }
+    };
+    report(1234).await;
+    api.patch(
+        "forced",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {"tidepool.dev/discard-pending": "true"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    for name in ["held", "forced"] {
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    eventually(Duration::from_secs(60), "the forced one gone", || async {
+        api.get_opt("forced").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let msg = eventually(
+        Duration::from_secs(60),
+        "held says why it waits",
+        || async {
+            let s = api.get_opt("held").await.unwrap()?.status?;
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Deleting" && c.reason == "WaitingForUploads")
+                .map(|c| c.message.clone())
+        },
+    )
+    .await;
+    assert!(
+        msg.contains("1234 bytes") && msg.contains(&a) && msg.contains("discard-pending"),
+        "{msg}"
+    );
+    assert_eq!(
+        Env::assigned(&e.pool(&a).await, &held.uid().unwrap()),
+        1,
+        "its node keeps the assignment it uploads with"
+    );
+    // Uploaded: the deletion finishes.
+    report(0).await;
+    eventually(Duration::from_secs(60), "held gone", || async {
+        api.get_opt("held").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert_eq!(Env::assigned(&e.pool(&a).await, &held.uid().unwrap()), 0);
+}

@@ -91,6 +91,7 @@ pub fn settings(a: &CheckpointAssignment) -> Result<CheckpointSettings, String> 
             .nodes
             .and_then(|n| u32::try_from(n).ok())
             .filter(|&n| n > 0),
+        owner_uid: Some(a.owner.uid.clone()).filter(|u| !u.is_empty()),
     })
 }
 
@@ -282,6 +283,7 @@ mod tests {
                 keep_local: None,
                 keep_remote: None,
                 nodes: None,
+                owner_uid: None,
             })
             .unwrap();
         layout

@@ -198,6 +198,13 @@ impl PoolSync {
     /// Makes the datasets served and the checkpoint syncs known match the assignments.
     pub async fn reconcile(&self, spec: &CachePoolSpec) {
         self.reconcile_checkpoints(&spec.checkpoint_syncs).await;
+        let assigned: std::collections::HashSet<String> = spec
+            .checkpoint_syncs
+            .iter()
+            .filter_map(|a| LakeUrl::parse(&a.destination.url).ok())
+            .map(|u| u.to_string())
+            .collect();
+        self.agent.remove_unassigned_checkpoints(&assigned);
         let wanted: HashMap<String, DatasetAssignment> = spec
             .datasets
             .iter()

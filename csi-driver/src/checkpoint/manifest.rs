@@ -249,7 +249,7 @@ pub fn write_manifest<W: Write>(
     mut next: impl FnMut() -> io::Result<Option<ObjectRecord>>,
 ) -> io::Result<ManifestHead> {
     match head.saved_unix_ms {
-        Some(t) => write!(out, "{{\"saved_unix_ms\":{t},\"objects\":[\n")?,
+        Some(t) => writeln!(out, "{{\"saved_unix_ms\":{t},\"objects\":[")?,
         None => out.write_all(b"{\"objects\":[\n")?,
     }
     let (mut files, mut bytes) = (0u64, 0u64);

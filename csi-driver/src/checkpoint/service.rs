@@ -91,6 +91,11 @@ pub async fn keep_syncing(
     let mut next = first;
     let mut backoff = Duration::from_secs(1);
     loop {
+        if next.is_none() && !layout.config_path().exists() {
+            // The volume was removed from the pool (its CheckpointSync deleted).
+            tracing::info!(volume = %layout.dir.display(), "the volume is gone; its sync ends");
+            return;
+        }
         // A volume waiting quietly (for a pod to mount it again) is looked at often.
         let mut cap = Duration::from_secs(60);
         let syncer = match next.take() {

@@ -56,6 +56,11 @@ pub struct VolumeConfig {
     /// settle window (a node whose sync never ran can be missed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<u32>,
+    /// The uid of the `CheckpointSync` this volume belongs to, once the node agent has
+    /// served or synced it for one (`None` on a VM). Only such a volume is removed from
+    /// the pool when its `CheckpointSync`'s assignment goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<String>,
 }
 
 /// Paths of one volume's directory.
@@ -99,6 +104,10 @@ impl VolumeLayout {
             Ok(entries) => {
                 for e in entries {
                     let e = e?;
+                    // A dot name is a volume being removed (see the agent).
+                    if e.file_name().as_encoded_bytes().starts_with(b".") {
+                        continue;
+                    }
                     if e.path().join("volume.json").exists() {
                         v.push(VolumeLayout { dir: e.path() });
                     }

@@ -938,6 +938,7 @@ mod tests {
             keep_local: None,
             keep_remote: None,
             nodes: None,
+            owner_uid: None,
         })
         .unwrap();
         let lake: Arc<dyn Lake> = Arc::new(MemoryLake::new());

@@ -130,6 +130,8 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             keep_local: ck.keep_local,
             keep_remote: ck.keep_remote,
             nodes: ck.nodes,
+            // Not a CheckpointSync's: the agent never removes it.
+            owner_uid: None,
         })
         .with_context(|| format!("preparing {}", layout.dir.display()))?;
     let sync_config = SyncConfig {

@@ -219,6 +219,42 @@ pub fn dataset_status(d: &DatasetCache, pools: &[&CachePool], clock: &Clock) -> 
     }
 }
 
+/// The annotation that lets a `CheckpointSync` be deleted while its nodes still have
+/// committed bytes to upload (those bytes are then never uploaded).
+pub const DISCARD_PENDING: &str = "tidepool.dev/discard-pending";
+
+/// Why the deletion of `c` waits: committed bytes its nodes have not uploaded yet (the
+/// assignment is what they upload with), said in words; `None` when there are none,
+/// or when `c` is annotated [`DISCARD_PENDING`] `"true"`.
+pub fn uploads_pending(c: &CheckpointSync, pools: &[&CachePool]) -> Option<String> {
+    if c.annotations()
+        .get(DISCARD_PENDING)
+        .is_some_and(|v| v == "true")
+    {
+        return None;
+    }
+    let uid = c.uid().unwrap_or_default();
+    let mut nodes = Vec::new();
+    let mut total = 0i64;
+    for pool in pools {
+        if let Some(e) = pool
+            .status
+            .as_ref()
+            .and_then(|s| s.checkpoint_syncs.iter().find(|e| e.uid == uid))
+            && e.pending_bytes > 0
+        {
+            total = total.saturating_add(e.pending_bytes);
+            nodes.push(pool.name_any());
+        }
+    }
+    (total > 0).then(|| {
+        format!(
+            "waiting for {total} bytes of committed checkpoints on node(s) {} to reach the lake before the volume's assignments go (they upload with them); to delete without waiting, and lose those bytes, annotate {DISCARD_PENDING}=true",
+            list_nodes(&nodes)
+        )
+    })
+}
+
 /// Status of `c`, assigned to `pools`.
 pub fn checkpoint_status(
     c: &CheckpointSync,

@@ -79,6 +79,9 @@ impl Reconciled for CheckpointSync {
     fn put_into(&self, _: &mut Vec<Arc<DatasetCache>>, checkpoints: &mut Vec<Arc<CheckpointSync>>) {
         put(self, checkpoints);
     }
+    fn waits_before_release(&self, pools: &[&CachePool]) -> Option<String> {
+        crate::plan::status::uploads_pending(self, pools)
+    }
     fn named_in(pool: &CachePool) -> Vec<(String, String)> {
         let assigned = pool
             .spec
