@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod plan;
 pub mod reconcile;
 pub mod runtime;
+pub mod uninstall;
 
 pub use error::Error;
 pub use runtime::{OperatorConfig, RunError, run};

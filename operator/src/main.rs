@@ -1,15 +1,18 @@
 //! `tidepool-operator`: parse flags, build [`OperatorConfig`], call [`run`].
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::Parser;
-use tidepool_operator::{OperatorConfig, leader::LeaderElectionConfig, run};
+use clap::{Parser, Subcommand};
+use tidepool_operator::{OperatorConfig, leader::LeaderElectionConfig, run, uninstall};
 
 /// Tidepool operator: DatasetCache/CheckpointSync → PVs, PVCs, CachePool assignments.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
+    /// Run this instead of the operator (the chart's uninstall hooks).
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Kubeconfig file (default: in-cluster config, else ~/.kube/config).
-    #[arg(long)]
+    #[arg(long, global = true)]
     kubeconfig: Option<PathBuf>,
     /// Address of /livez, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080")]
@@ -31,6 +34,35 @@ struct Args {
     identity: String,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Before `helm uninstall` deletes anything (the chart's pre-delete hook): exits 1,
+    /// saying what is in the way, while any DatasetCache or CheckpointSync exists or any
+    /// pod uses a volume of the CSI driver; 0 when the uninstall can go on.
+    UninstallCheck {
+        /// The CSI driver's name.
+        #[arg(long, default_value = tidepool_api::volume::CSI_DRIVER)]
+        driver: String,
+    },
+    /// After `helm uninstall` (the chart's post-delete hook): once no node pod is left,
+    /// deletes every CachePool (the agents made them), and the leader-election Lease.
+    UninstallCleanup {
+        /// The release namespace.
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: String,
+        /// Label selector of the node pods, e.g.
+        /// `app.kubernetes.io/instance=tidepool,app.kubernetes.io/component=node`.
+        #[arg(long)]
+        node_pods: String,
+        /// The Lease to delete (none: leader election was off).
+        #[arg(long)]
+        lease: Option<String>,
+        /// How long to wait for the node pods to go.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     use std::io::IsTerminal;
@@ -43,6 +75,9 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stdout().is_terminal())
         .init();
     let args = Args::parse();
+    if let Some(command) = args.command {
+        return hook(command, args.kubeconfig).await;
+    }
     let config = OperatorConfig {
         kubeconfig: args.kubeconfig,
         admin_addr: args.admin_addr,
@@ -61,4 +96,72 @@ async fn main() -> anyhow::Result<()> {
     };
     run(config).await?;
     Ok(())
+}
+
+/// The uninstall hooks: one line per outcome on stdout, the reason on failure.
+async fn hook(command: Command, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = OperatorConfig {
+        kubeconfig,
+        admin_addr: "127.0.0.1:0".parse()?,
+        stale_after: Duration::ZERO,
+        leader_election: None,
+        reporter: "tidepool-operator".to_owned(),
+    };
+    let client = tidepool_operator::runtime::client(&config).await?;
+    match command {
+        Command::UninstallCheck { driver } => {
+            // The hook's RBAC is created just before it (Helm hooks by weight): the
+            // API server's authorizer may take a moment to see it.
+            let mut tries = 0;
+            let in_use = loop {
+                match uninstall::check(&client, &driver).await {
+                    Err(kube::Error::Api(s)) if s.code == 403 && tries < 15 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    r => break r?,
+                }
+            };
+            if in_use.is_empty() {
+                println!(
+                    "no DatasetCache, no CheckpointSync and no pod using a {driver} volume: the uninstall can go on"
+                );
+                Ok(())
+            } else {
+                anyhow::bail!("{in_use}")
+            }
+        }
+        Command::UninstallCleanup {
+            namespace,
+            node_pods,
+            lease,
+            wait,
+        } => {
+            let done = uninstall::cleanup(
+                &client,
+                &uninstall::Cleanup {
+                    namespace,
+                    node_pods,
+                    lease,
+                    wait,
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            println!(
+                "deleted {} CachePool(s){}{}",
+                done.cache_pools.len(),
+                if done.cache_pools.is_empty() {
+                    ""
+                } else {
+                    ": "
+                },
+                done.cache_pools.join(", ")
+            );
+            if done.lease {
+                println!("deleted the operator's leader-election Lease");
+            }
+            Ok(())
+        }
+    }
 }

@@ -13,8 +13,9 @@
 //!   mounting container privileged, no `latest` images by default.
 //! - On a real API server (envtest, `tidepool_api::envtest`; skipped with a line saying
 //!   so where its binaries are missing): installed by the Helm engine (the server accepts
-//!   every object), upgraded with a changed value, uninstalled (nothing left but the
-//!   CRDs, which Helm never deletes); then the operator and agent binaries run with the
+//!   every object), upgraded with a changed value, uninstalled (refused by the
+//!   pre-delete hook while a DatasetCache exists; then nothing left but the CRDs, which
+//!   Helm never deletes, with the hook pods run by [`HookKubelet`]); then the operator and agent binaries run with the
 //!   chart's service accounts (impersonated) to show that its RBAC is enough for a
 //!   DatasetCache to get its PV, PVC, pool assignment and a status from the agent (the
 //!   `tidepool` binary is taken from beside `tidepool-operator`, where `cargo test
@@ -29,6 +30,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
     Container, Namespace, Node, PersistentVolume, PersistentVolumeClaim, PodSpec, Service,
     ServiceAccount,
@@ -115,6 +117,7 @@ json.dump(answer, sys.stdout)
 "#;
 
 /// The Helm engine: the Python of the venv `make deps` made.
+#[derive(Clone)]
 struct Helm {
     python: PathBuf,
 }
@@ -238,6 +241,8 @@ struct Objects {
     csi_drivers: Vec<CSIDriver>,
     service_monitors: Vec<ServiceMonitor>,
     pod_monitors: Vec<PodMonitor>,
+    /// The uninstall hooks (`uninstall-hooks.yaml`).
+    jobs: Vec<Job>,
 }
 
 // Prometheus Operator's monitoring.coreos.com/v1, the fields the chart uses (names and
@@ -349,6 +354,7 @@ fn parse(objects: &[Templated]) -> Objects {
             ("storage.k8s.io/v1", "CSIDriver") => all.csi_drivers.push(typed(t)),
             ("monitoring.coreos.com/v1", "ServiceMonitor") => all.service_monitors.push(typed(t)),
             ("monitoring.coreos.com/v1", "PodMonitor") => all.pod_monitors.push(typed(t)),
+            ("batch/v1", "Job") => all.jobs.push(typed(t)),
             (api, kind) => panic!(
                 "{} renders a {api} {kind}, which this test does not know: add it here",
                 t.template
@@ -428,14 +434,15 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
         BTreeMap::from(
             [
                 ("CSIDriver", 1),
-                ("ClusterRole", 3),
-                ("ClusterRoleBinding", 3),
+                ("ClusterRole", 4),
+                ("ClusterRoleBinding", 4),
                 ("DaemonSet", 2),
                 ("Deployment", 1),
-                ("Role", 1),
-                ("RoleBinding", 1),
+                ("Job", 2),
+                ("Role", 2),
+                ("RoleBinding", 2),
                 ("Service", 1),
-                ("ServiceAccount", 2),
+                ("ServiceAccount", 3),
             ]
             .map(|(k, n)| (k.to_owned(), n))
         )
@@ -1155,6 +1162,94 @@ fn policy_a_reviewer_would_check() {
             assert_eq!(*secrets, set(&["cluster"]), "{what}");
         }
 
+        // The uninstall hooks: read what is in the way; after, delete the pools and the
+        // Lease. Their account and its RBAC are hooks too: they exist only while a hook
+        // runs (or after one failed, for its logs).
+        let hook_pods: Vec<&PodSpec> = o
+            .jobs
+            .iter()
+            .map(|j| j.spec.as_ref().unwrap().template.spec.as_ref().unwrap())
+            .collect();
+        assert_eq!(hook_pods.len(), 2, "{what}");
+        let hook_sa = hook_pods[0].service_account_name.clone().unwrap();
+        let hook = grants(&o, &hook_sa);
+        assert_eq!(
+            triples(&hook),
+            set(&[
+                "/persistentvolumes:list",
+                "/pods:list",
+                "coordination.k8s.io/leases:delete",
+                "tidepool.dev/cachepools:delete",
+                "tidepool.dev/cachepools:list",
+                "tidepool.dev/checkpointsyncs:list",
+                "tidepool.dev/datasetcaches:list",
+            ]),
+            "{what}: uninstall hooks"
+        );
+        let lease = &hook[&(
+            "coordination.k8s.io".to_owned(),
+            "leases".to_owned(),
+            "delete".to_owned(),
+        )];
+        assert!(
+            lease.len() == 1
+                && lease
+                    .iter()
+                    .all(|l| l.starts_with(&format!("namespace {NS} names"))),
+            "{what}: {lease:?}"
+        );
+        let hook_objects = r
+            .objects
+            .iter()
+            .filter(|t| t.template.ends_with("uninstall-hooks.yaml"))
+            .collect::<Vec<_>>();
+        // Its account, a ClusterRole and a Role with their bindings, and two Jobs.
+        assert_eq!(hook_objects.len(), 7, "{what}");
+        for t in hook_objects {
+            assert!(
+                t.object["metadata"]["annotations"]["helm.sh/hook"]
+                    .as_str()
+                    .is_some_and(|h| h.contains("delete")),
+                "{what}: {} {} is not a hook",
+                t.object["kind"],
+                t.object["metadata"]["name"]
+            );
+        }
+        for (j, pod) in o.jobs.iter().zip(&hook_pods) {
+            let who = format!("{what}: Job {}", j.metadata.name.as_deref().unwrap());
+            assert_eq!(j.spec.as_ref().unwrap().backoff_limit, Some(0), "{who}");
+            assert_eq!(pod.restart_policy.as_deref(), Some("Never"), "{who}");
+            let psc = pod.security_context.as_ref().unwrap();
+            assert_eq!(psc.run_as_non_root, Some(true), "{who}");
+            let c = &pod.containers[0];
+            let res = c.resources.as_ref().unwrap();
+            let req = res.requests.as_ref().unwrap();
+            assert!(
+                req.contains_key("cpu") && req.contains_key("memory"),
+                "{who}"
+            );
+            assert!(
+                res.limits
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key("memory")),
+                "{who}"
+            );
+            let sc = c.security_context.as_ref().unwrap();
+            assert_ne!(sc.privileged, Some(true), "{who}");
+            assert_eq!(sc.allow_privilege_escalation, Some(false), "{who}");
+            assert_eq!(sc.read_only_root_filesystem, Some(true), "{who}");
+            assert_eq!(
+                sc.capabilities.as_ref().unwrap().drop.as_deref(),
+                Some(&["ALL".to_owned()][..]),
+                "{who}"
+            );
+            assert_eq!(
+                c.image,
+                container(operator_pod(&o), "operator").image,
+                "{who}"
+            );
+        }
+
         // Every container: requests and a memory limit, and probes.
         let mut pods = vec![("operator", operator_pod(&o)), ("node", node_pod(&o))];
         pods.extend(keeper_pod(&o).map(|p| ("keeper", p)));
@@ -1434,14 +1529,161 @@ async fn install_and_check(
     objects
 }
 
+/// What kubelet does for the chart's uninstall hooks, played by the test: envtest has
+/// no kubelet (kube-controller-manager's Job controller makes the hook pods, and Helm
+/// waits for their Jobs). Each hook pod's command runs, as built, with its service
+/// account's RBAC (impersonated) and its namespace, and its exit status becomes the
+/// pod's phase, which the Job controller and then Helm act on. Pods being deleted in the
+/// release namespace are let go, as kubelet does once their containers stopped.
+struct HookKubelet {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<HookRun>>,
+}
+
+/// One hook pod, run.
+#[derive(Debug, Clone)]
+struct HookRun {
+    job: String,
+    ok: bool,
+    output: String,
+}
+
+impl HookKubelet {
+    fn start(cp: &'static tidepool_api::envtest::ControlPlane, client: &Client) -> HookKubelet {
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::{DeleteParams, ListParams};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (client, halt) = (client.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let dir = std::env::temp_dir().join(format!("tidepool-hooks-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let pods: Api<Pod> = Api::namespaced(client, NS);
+            let mut runs: Vec<HookRun> = Vec::new();
+            let mut seen = BTreeSet::new();
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                for p in pods.list(&ListParams::default()).await.unwrap().items {
+                    let name = p.name_any();
+                    if p.metadata.deletion_timestamp.is_some() {
+                        let _ = pods
+                            .delete(&name, &DeleteParams::default().grace_period(0))
+                            .await;
+                        continue;
+                    }
+                    let hook = p.labels().get("app.kubernetes.io/component")
+                        == Some(&"uninstall".to_owned());
+                    // A pod that ended (an earlier uninstall's failed hook) stays ended.
+                    let ended = matches!(
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                        Some("Succeeded") | Some("Failed")
+                    );
+                    if !hook || ended || !seen.insert(name.clone()) {
+                        continue;
+                    }
+                    let spec = p.spec.clone().unwrap();
+                    let c = spec.containers[0].clone();
+                    assert_eq!(
+                        c.command.as_deref(),
+                        Some(&["tidepool-operator".to_owned()][..])
+                    );
+                    let kc = impersonating(cp, spec.service_account_name.as_deref().unwrap(), &dir);
+                    let out = tokio::task::spawn_blocking(move || {
+                        Command::new(env!("CARGO_BIN_EXE_tidepool-operator"))
+                            .args(c.args.unwrap_or_default())
+                            .arg("--kubeconfig")
+                            .arg(kc)
+                            .env("POD_NAMESPACE", NS)
+                            .output()
+                            .unwrap()
+                    })
+                    .await
+                    .unwrap();
+                    let ok = out.status.success();
+                    let code = out.status.code().unwrap_or(137);
+                    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        k8s_openapi::jiff::Timestamp::now(),
+                    );
+                    let status = json!({"status": {
+                        "phase": if ok { "Succeeded" } else { "Failed" },
+                        "containerStatuses": [{
+                            "name": spec.containers[0].name, "ready": false, "restartCount": 0,
+                            "image": spec.containers[0].image, "imageID": "",
+                            "state": {"terminated": {"exitCode": code,
+                                "reason": if ok { "Completed" } else { "Error" },
+                                "startedAt": now, "finishedAt": now}}}]}});
+                    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                        .await
+                        .unwrap();
+                    runs.push(HookRun {
+                        job: p.labels().get("job-name").cloned().unwrap_or(name),
+                        ok,
+                        output: format!(
+                            "{}{}",
+                            String::from_utf8_lossy(&out.stdout),
+                            String::from_utf8_lossy(&out.stderr)
+                        ),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            runs
+        });
+        HookKubelet { stop, task }
+    }
+
+    async fn stop(self) -> Vec<HookRun> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// `helm uninstall`, its hooks run by a [`HookKubelet`]: Helm's answer and the hooks' runs.
+async fn uninstall(
+    helm: &Helm,
+    cp: &'static tidepool_api::envtest::ControlPlane,
+    client: &Client,
+    name: &str,
+) -> (Value, Vec<HookRun>) {
+    let kubelet = HookKubelet::start(cp, client);
+    let (helm, kubeconfig, name) = (helm.clone(), cp.kubeconfig.clone(), name.to_owned());
+    let r = tokio::task::spawn_blocking(move || {
+        try_release(
+            &helm,
+            "uninstall",
+            &kubeconfig,
+            &chart_dir(),
+            &name,
+            &Value::Null,
+        )
+    })
+    .await
+    .unwrap();
+    (r, kubelet.stop().await)
+}
+
 async fn uninstall_and_check(
     helm: &Helm,
     client: &Client,
-    kubeconfig: &Path,
+    cp: &'static tidepool_api::envtest::ControlPlane,
     name: &str,
     objects: &[Templated],
-) {
-    release(helm, "uninstall", kubeconfig, name, &Value::Null);
+) -> Vec<HookRun> {
+    let (r, runs) = uninstall(helm, cp, client, name).await;
+    assert!(
+        r.get("error").is_none(),
+        "helm uninstall {name}: {r} (hooks: {runs:?})"
+    );
+    // Both hooks ran (`<fullname>-uninstall-…`), and succeeded.
+    let mut jobs: Vec<(&str, bool)> = runs
+        .iter()
+        .map(|h| {
+            (
+                h.job.rsplit_once("-uninstall-").map_or("", |(_, k)| k),
+                h.ok,
+            )
+        })
+        .collect();
+    jobs.sort();
+    assert_eq!(jobs, [("check", true), ("cleanup", true)], "{runs:?}");
     for o in objects {
         let obj = o.object.clone();
         eventually(
@@ -1464,6 +1706,16 @@ async fn uninstall_and_check(
         )
         .await;
     }
+    // Nothing the release's processes made stays: no CachePool.
+    assert_eq!(
+        Api::<CachePool>::all(client.clone())
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        0
+    );
     // Helm never deletes CRDs: the users' DatasetCaches survive an uninstall.
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -1473,6 +1725,7 @@ async fn uninstall_and_check(
             .unwrap()
             .is_some()
     );
+    runs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1544,7 +1797,60 @@ async fn installs_upgrades_and_uninstalls_on_a_real_api_server() {
         args.iter().any(|a| a.contains("tidepool_csi=debug")),
         "{args:?}"
     );
-    uninstall_and_check(&helm, &client, &cp.kubeconfig, "tidepool", &objects).await;
+    // Uninstalling while a DatasetCache exists is refused by the pre-delete hook, saying
+    // what is in the way; nothing is deleted. Once it is gone, the uninstall goes on.
+    create_namespace(&client, "ml-in-use").await;
+    let datasets: Api<DatasetCache> = Api::namespaced(client.clone(), "ml-in-use");
+    datasets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "tidepool.dev/v1alpha1", "kind": "DatasetCache",
+                "metadata": {"name": "in-use"},
+                "spec": {"source": {"url": "https://acct.blob.core.windows.net/d/p"}}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (r, runs) = uninstall(&helm, cp, &client, "tidepool").await;
+    assert!(r.get("error").is_some(), "the uninstall went on: {r}");
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert!(
+        !runs[0].ok
+            && runs[0]
+                .output
+                .contains("1 DatasetCache(s): ml-in-use/in-use"),
+        "{runs:?}"
+    );
+    for o in &objects {
+        assert!(
+            server_copy(&client, &o.object).await.is_some(),
+            "{} {} deleted by a refused uninstall",
+            o.object["kind"],
+            o.object["metadata"]["name"]
+        );
+    }
+    datasets
+        .delete("in-use", &Default::default())
+        .await
+        .unwrap();
+    // A node's pool, as its agent made it: the post-delete hook deletes it.
+    Api::<CachePool>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "tidepool.dev/v1alpha1", "kind": "CachePool",
+                "metadata": {"name": "gpu-node-1"}, "spec": {}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let runs = uninstall_and_check(&helm, &client, cp, "tidepool", &objects).await;
+    assert!(
+        runs.iter()
+            .any(|h| h.output.contains("deleted 1 CachePool(s): gpu-node-1")),
+        "{runs:?}"
+    );
 
     // Every option on: the monitoring CRDs (stand-ins) and the listed workload
     // namespaces must exist first.
@@ -1555,7 +1861,7 @@ async fn installs_upgrades_and_uninstalls_on_a_real_api_server() {
     let all_on = helm.all_on_values();
     let objects = install_and_check(&helm, &client, &cp.kubeconfig, "tidepool", &all_on).await;
     assert!(objects.iter().any(|o| o.object["kind"] == "ServiceMonitor"));
-    uninstall_and_check(&helm, &client, &cp.kubeconfig, "tidepool", &objects).await;
+    uninstall_and_check(&helm, &client, cp, "tidepool", &objects).await;
 
     // The server's word counts: a field no schema has makes the install fail (so the
     // installs above prove every object was accepted as written, nothing dropped).
@@ -1573,14 +1879,7 @@ async fn installs_upgrades_and_uninstalls_on_a_real_api_server() {
         .unwrap_or_else(|| panic!("the install succeeded: {r}"));
     assert!(err.contains("automountServiceAccountTokens"), "{err}");
     // What the failed install did create goes with its release.
-    let r = try_release(
-        &helm,
-        "uninstall",
-        &cp.kubeconfig,
-        &chart_dir(),
-        "bad",
-        &Value::Null,
-    );
+    let (r, _) = uninstall(&helm, cp, &client, "bad").await;
     assert!(r.get("error").is_none(), "{r}");
     let drivers: Api<CSIDriver> = Api::all(client.clone());
     eventually(
@@ -1881,7 +2180,7 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
         .delete(node, &Default::default())
         .await
         .unwrap();
-    uninstall_and_check(&helm, &client, &cp.kubeconfig, "tidepool", &objects).await;
+    uninstall_and_check(&helm, &client, cp, "tidepool", &objects).await;
     let _ = std::fs::remove_dir_all(&work);
 }
 

@@ -900,3 +900,248 @@ async fn deleting_a_checkpoint_sync_waits_for_its_pending_uploads() {
     .await;
     assert_eq!(Env::assigned(&e.pool(&a).await, &held.uid().unwrap()), 0);
 }
+
+/// `tidepool-operator uninstall-check --kubeconfig <k>`: its exit status and output.
+fn uninstall_check(kubeconfig: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidepool-operator"))
+        .arg("uninstall-check")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The chart's uninstall hooks, as built, on a cluster of their own (the check looks at
+/// the whole cluster): the pre-delete check refuses while a DatasetCache or a
+/// CheckpointSync exists or a pod uses a Tidepool volume, naming each, and lets the
+/// uninstall go on once none is left; the post-delete clean-up deletes the CachePools
+/// and the operator's Lease, but only once no node pod is left to create them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_is_refused_while_tidepool_is_in_use_and_leaves_nothing_behind() {
+    let _cp = control_plane_or_skip!(
+        "uninstall_is_refused_while_tidepool_is_in_use_and_leaves_nothing_behind"
+    );
+    let _one = SERIAL.lock().await;
+    let cp = ControlPlane::start().unwrap();
+    let client = cp.client().await;
+    cp.install_crds(&client).await.unwrap();
+    let (ok, out) = uninstall_check(&cp.kubeconfig);
+    assert!(ok && out.contains("can go on"), "{out}");
+
+    let ns = "ml";
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for n in [ns, "tidepool-system"] {
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": n}})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let caches = Api::<DatasetCache>::namespaced(client.clone(), ns);
+    caches
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "tidepool.dev/v1alpha1", "kind": "DatasetCache",
+                "metadata": {"name": "imagenet", "namespace": ns},
+                "spec": {"source": {"url": URL}}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let syncs = Api::<CheckpointSync>::namespaced(client.clone(), ns);
+    syncs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "tidepool.dev/v1alpha1", "kind": "CheckpointSync",
+                "metadata": {"name": "llama", "namespace": ns},
+                "spec": {"destination": {"url": format!("{URL}/ckpt")}}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (ok, out) = uninstall_check(&cp.kubeconfig);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("1 DatasetCache(s): ml/imagenet")
+            && out.contains("1 CheckpointSync(s): ml/llama")
+            && out.contains("kubectl delete datasetcaches,checkpointsyncs --all -A --wait")
+            && out.contains("nothing was deleted"),
+        "{out}"
+    );
+    caches
+        .delete("imagenet", &DeleteParams::default())
+        .await
+        .unwrap();
+    syncs
+        .delete("llama", &DeleteParams::default())
+        .await
+        .unwrap();
+
+    // A volume of the driver made by hand, bound, and a pod using it; and a claim of
+    // another driver's volume, whose pod is not Tidepool's business.
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    for (pv, driver, claim) in [
+        ("by-hand", "csi.tidepool.dev", "data"),
+        ("other", "disk.csi.azure.com", "scratch"),
+    ] {
+        pvs.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": pv},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+                         "csi": {"driver": driver, "volumeHandle": pv},
+                         "claimRef": {"namespace": ns, "name": claim}}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), ns);
+    match sa
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap(),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("{e}"),
+    }
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns);
+    for (pod, claim) in [("trainer", "data"), ("other", "scratch")] {
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": pod},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}],
+                         "automountServiceAccountToken": false,
+                         "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": claim}}]}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let (ok, out) = uninstall_check(&cp.kubeconfig);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("1 pod(s) using Tidepool volumes: ml/trainer (claim data)"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("DatasetCache(s)") && !out.contains("ml/other"),
+        "{out}"
+    );
+    pods.delete("trainer", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the pod gone", || async {
+        pods.get_opt("trainer")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let (ok, out) = uninstall_check(&cp.kubeconfig);
+    assert!(ok, "{out}");
+
+    // Post-delete: a node pod still terminating keeps the CachePools (its agent would
+    // create its own again); once it is gone, they and the Lease go.
+    let pools: Api<CachePool> = Api::all(client.clone());
+    pools
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "tidepool.dev/v1alpha1", "kind": "CachePool",
+                "metadata": {"name": "gpu-1"}, "spec": {}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    Api::<Lease>::namespaced(client.clone(), "tidepool-system")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "tidepool-operator"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let sys_sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
+        client.clone(),
+        "tidepool-system",
+    );
+    let _ = sys_sa
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap(),
+        )
+        .await;
+    let sys_pods =
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), "tidepool-system");
+    sys_pods
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "tidepool-node-x",
+                             "labels": {"app.kubernetes.io/instance": "tidepool",
+                                        "app.kubernetes.io/component": "node"}},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}],
+                         "automountServiceAccountToken": false}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let cleanup = |wait: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tidepool-operator"))
+            .arg("uninstall-cleanup")
+            .arg("--kubeconfig")
+            .arg(&cp.kubeconfig)
+            .args(["--namespace", "tidepool-system"])
+            .args([
+                "--node-pods",
+                "app.kubernetes.io/instance=tidepool,app.kubernetes.io/component=node",
+            ])
+            .args(["--lease", "tidepool-operator", "--wait", wait])
+            .output()
+            .unwrap()
+    };
+    let out = cleanup("3s");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && text.contains("tidepool-node-x")
+            && text.contains("none was deleted"),
+        "{text}"
+    );
+    assert!(pools.get_opt("gpu-1").await.unwrap().is_some());
+    sys_pods
+        .delete("tidepool-node-x", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let out = cleanup("30s");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("deleted 1 CachePool(s): gpu-1"), "{text}");
+    assert!(pools.get_opt("gpu-1").await.unwrap().is_none());
+    assert!(
+        Api::<Lease>::namespaced(client.clone(), "tidepool-system")
+            .get_opt("tidepool-operator")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
