@@ -13,8 +13,12 @@ help: ## list targets
 # checks the version.
 HELM_SDK_VERSION := 0.2.2
 HELM_VENV := .tools/helm-venv
+# Python's gRPC (the C core), for the interop test of the plugin's socket
+# (csi-driver/tests/csi.rs). Pinned.
+GRPCIO_VERSION := 1.85.4
+GRPCIO_VENV := .tools/grpcio-venv
 
-deps: ## install what the tests and demo need: fuse3 and openssl (apt), Azurite (npm, pinned, project-local), the Helm engine (PyPI helm-python-sdk, pinned, .tools/helm-venv)
+deps: ## install what the tests and demo need: fuse3 and openssl (apt), Azurite (npm, pinned, project-local), the Helm engine (PyPI helm-python-sdk, pinned, .tools/helm-venv), grpcio (PyPI, pinned, .tools/grpcio-venv)
 	@command -v fusermount3 >/dev/null && command -v openssl >/dev/null || { \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq fuse3 openssl >/dev/null; }
 	@[ -e /dev/fuse ] || { echo "error: /dev/fuse is missing; load the fuse module (modprobe fuse) or run the container with --device /dev/fuse"; exit 1; }
@@ -23,6 +27,9 @@ deps: ## install what the tests and demo need: fuse3 and openssl (apt), Azurite 
 	  python3 -c 'import venv, ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; }; \
 	  rm -rf $(HELM_VENV) && python3 -m venv $(HELM_VENV) && \
 	  $(HELM_VENV)/bin/pip install -q --disable-pip-version-check helm-python-sdk==$(HELM_SDK_VERSION); }
+	@$(GRPCIO_VENV)/bin/python -c 'import sys, grpc; sys.exit(grpc.__version__ != "$(GRPCIO_VERSION)")' 2>/dev/null || { \
+	  rm -rf $(GRPCIO_VENV) && python3 -m venv $(GRPCIO_VENV) && \
+	  $(GRPCIO_VENV)/bin/pip install -q --disable-pip-version-check grpcio==$(GRPCIO_VERSION); }
 
 test: deps ## unit, property, Azurite and FUSE tests (FUSE tests need root and /dev/fuse)
 	$(CARGO) test --workspace --locked

@@ -1,9 +1,9 @@
 //! Skipped tests, said out loud. A test that cannot run here (no API server binaries, a
-//! kernel without FUSE over io_uring, no `csi-sanity`, no Helm engine, no real node)
+//! kernel without FUSE over io_uring, no `csi-sanity`, no Helm engine, no grpcio, no real node)
 //! calls [`skip`]: it prints one `SKIPPED <test>: <what it needs>: <why>` line to the
 //! terminal, past the test harness's output capture, and appends the same to the file
 //! `$TIDEPOOL_SKIP_LOG` names (`.ci/run` prints them all in its summary). Where
-//! `$TIDEPOOL_REQUIRE` names the need (`envtest,node,uring,sanity,helm`, or `all`), the
+//! `$TIDEPOOL_REQUIRE` names the need (`envtest,node,uring,sanity,helm,grpcio`, or `all`), the
 //! skip is a failure instead: a run that is meant to have everything cannot pass by
 //! skipping.
 
@@ -22,6 +22,8 @@ pub enum Need {
     Sanity,
     /// Helm 4's engine (`make deps`).
     Helm,
+    /// Python's grpcio (`make deps`), for the interop test.
+    Grpcio,
 }
 
 impl Need {
@@ -33,6 +35,7 @@ impl Need {
             Need::Uring => "uring",
             Need::Sanity => "sanity",
             Need::Helm => "helm",
+            Need::Grpcio => "grpcio",
         }
     }
 
@@ -43,6 +46,7 @@ impl Need {
             Need::Uring => "needs FUSE over io_uring",
             Need::Sanity => "needs csi-sanity",
             Need::Helm => "needs the Helm engine",
+            Need::Grpcio => "needs Python's grpcio",
         }
     }
 

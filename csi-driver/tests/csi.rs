@@ -660,3 +660,79 @@ async fn upstream_csi_sanity_passes_where_installed() {
         "nothing left mounted"
     );
 }
+
+/// The client: one GetPluginInfo per channel setting, the answer as JSON.
+const GRPCIO_CLIENT: &str = r#"
+import json, sys
+import grpc
+out = {}
+for name, options in [("default", []), ("localhost", [("grpc.default_authority", "localhost")])]:
+    with grpc.insecure_channel("unix://" + sys.argv[1], options=options) as ch:
+        call = ch.unary_unary("/csi.v1.Identity/GetPluginInfo")
+        try:
+            answer = call(b"", timeout=20)
+            out[name] = {"ok": True, "names_the_driver": b"csi.tidepool.dev" in answer}
+        except grpc.RpcError as e:
+            out[name] = {"ok": False, "code": e.code().name, "details": e.details() or ""}
+print(json.dumps(out))
+"#;
+
+/// Interop with Python's grpcio (CSI tooling written in Python): over a Unix socket
+/// grpcio (gRPC core since 1.57) sends the socket's path, percent-encoded, as
+/// `:authority`, which the HTTP/2 server under tonic (h2, through the `http` crate's
+/// authority parser, which refuses `%` in a host) resets with PROTOCOL_ERROR before any
+/// Tidepool code sees the request. With `grpc.default_authority=localhost` (what Go
+/// clients, kubelet and csi-sanity included, send) it is served. The README says so; this
+/// fails when either changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_clients_are_served_with_a_host_authority_and_refused_with_a_path() {
+    const TEST: &str = "grpcio_clients_are_served_with_a_host_authority_and_refused_with_a_path";
+    let python = std::env::var_os("TIDEPOOL_GRPCIO_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/grpcio-venv/bin/python")
+        });
+    if !python.exists() {
+        tidepool_api::skip::skip(
+            tidepool_api::skip::Need::Grpcio,
+            TEST,
+            &format!("{} is missing: run `make deps`", python.display()),
+        );
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let paths = NodePaths::new(Path::new(env!("CARGO_BIN_EXE_tidepool")), work.path());
+    let _csi = paths.start_csi();
+    let out = tokio::task::spawn_blocking({
+        let socket = paths.csi_socket.clone();
+        move || {
+            std::process::Command::new(&python)
+                .args(["-c", GRPCIO_CLIENT])
+                .arg(&socket)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        answer["localhost"],
+        serde_json::json!({"ok": true, "names_the_driver": true}),
+        "{answer}"
+    );
+    assert_eq!(answer["default"]["ok"], false, "{answer}");
+    assert_eq!(answer["default"]["code"], "INTERNAL", "{answer}");
+    assert!(
+        answer["default"]["details"]
+            .as_str()
+            .unwrap()
+            .contains("RST_STREAM"),
+        "{answer}"
+    );
+}
