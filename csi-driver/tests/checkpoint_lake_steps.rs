@@ -48,6 +48,19 @@ impl Node {
         name: &str,
         keep_local: Option<u32>,
     ) -> Node {
+        Node::start_of(rt, az, lake, prefix, name, keep_local, 1)
+    }
+
+    /// A node of a job that `nodes` nodes write.
+    fn start_of(
+        rt: &Runtime,
+        az: &Azurite,
+        lake: &Arc<dyn Lake>,
+        prefix: &str,
+        name: &str,
+        keep_local: Option<u32>,
+        nodes: u32,
+    ) -> Node {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -63,7 +76,7 @@ impl Node {
                 node: name.into(),
                 keep_local,
                 keep_remote: None,
-                nodes: Some(1),
+                nodes: Some(nodes),
                 owner_uid: None,
             })
             .unwrap();
@@ -469,4 +482,97 @@ fn tidepool_mount_checkpoint_on_a_fresh_node_shows_the_durable_steps() {
     assert!(m.wait().success(), "SIGTERM is a clean exit");
     assert!(!is_mounted(&mnt.canonicalize().unwrap()).unwrap());
     a.stop(&rt);
+}
+
+/// A multi-node job resumed on the nodes that saved the step: each node's volume holds
+/// its own files of the step, and once the step is durable it shows the lake's other
+/// files of that version beside them, read-only and byte-exact (rank 1's node finds
+/// rank 0's `.metadata` and shard, in subdirectories too). Once a node changes the
+/// step, it shows its own files only until the step is durable again.
+#[test]
+fn a_step_two_nodes_saved_is_whole_on_each_of_them_once_durable() {
+    let rt = runtime();
+    let az = Azurite::start();
+    let lake: Arc<dyn Lake> = Arc::new(rt.block_on(az.lake("ckpt")));
+    let mut a = Node::start_of(&rt, &az, &lake, "two/", "a", None, 2);
+    let mut b = Node::start_of(&rt, &az, &lake, "two/", "b", None, 2);
+    // DCP: rank 1 on b (no marker: b follows a's version); rank 0 and the metadata on a.
+    let on_b: Vec<(&str, Vec<u8>)> = vec![
+        ("__1_0.distcp", pattern(11, 3 * MIB + 7)),
+        ("optim/rank1.bin", pattern(12, 40_000)),
+    ];
+    for (rel, data) in &on_b {
+        let p = b.p(&format!("step-1/{rel}"));
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, data).unwrap();
+    }
+    let on_a: Vec<(&str, Vec<u8>)> = vec![
+        ("__0_0.distcp", pattern(10, 2 * MIB + 3)),
+        ("optim/rank0.bin", pattern(13, 50_000)),
+    ];
+    a.write_step("step-1", &on_a);
+    // b follows a's version, each uploads its part, and the step is durable on both.
+    let (mut on_a_durable, mut on_b_durable) = (false, false);
+    within(Duration::from_secs(60), || {
+        on_b_durable |= b.sync(&rt).durable.iter().any(|s| s == "step-1");
+        for c in b.store.tick() {
+            c.unwrap();
+        }
+        on_a_durable |= a.sync(&rt).durable.iter().any(|s| s == "step-1");
+        (on_a_durable && on_b_durable).then_some(())
+    })
+    .expect("step-1 durable on both nodes");
+
+    let mut all = on_a.clone();
+    all.extend(on_b.iter().cloned());
+    all.push((".metadata", b"step-1".to_vec()));
+    for n in [&a, &b] {
+        assert_eq!(
+            tidepool_csi::testing::raw_dir_names(&n.p("step-1")).unwrap(),
+            [
+                ".",
+                "..",
+                ".metadata",
+                "__0_0.distcp",
+                "__1_0.distcp",
+                "optim"
+            ]
+        );
+        assert_eq!(
+            tidepool_csi::testing::raw_dir_names(&n.p("step-1/optim")).unwrap(),
+            [".", "..", "rank0.bin", "rank1.bin"]
+        );
+        for (rel, data) in &all {
+            let got = fs::read(n.p(&format!("step-1/{rel}"))).unwrap();
+            assert!(got == *data, "step-1/{rel}: bytes differ");
+        }
+    }
+    // The other node's files are the lake's: read-only.
+    assert_eq!(
+        errno_of(fs::remove_file(b.p("step-1/.metadata"))),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno_of(File::create(b.p("step-1/__0_0.distcp"))),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno_of(fs::remove_file(a.p("step-1/optim/rank1.bin"))),
+        libc::EROFS
+    );
+    assert!(fs::read(b.p("step-1/.metadata")).unwrap() == b"step-1");
+
+    // b changes the step: from then on b shows its own files only (a's are of the
+    // version b just left).
+    fs::write(b.p("step-1/extra.bin"), b"new").unwrap();
+    within(Duration::from_secs(5), || {
+        (!b.p("step-1/.metadata").exists()).then_some(())
+    })
+    .expect("a's files leave b's view of the changed step");
+    assert_eq!(
+        tidepool_csi::testing::raw_dir_names(&b.p("step-1")).unwrap(),
+        [".", "..", "__1_0.distcp", "extra.bin", "optim"]
+    );
+    a.stop(&rt);
+    b.stop(&rt);
 }

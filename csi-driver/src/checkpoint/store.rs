@@ -20,7 +20,7 @@
 //!
 //! [`CheckpointTree`]: super::tree::CheckpointTree
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::commit::{CommitRule, Committer, Due, Reason, is_temporary, orbax_final_name};
-use super::journal::{CommitHeader, FileRecord, Journal, JournalError};
+use super::journal::{CommitHeader, CommitState, FileRecord, Journal, JournalError};
 use super::tree::{OpenWriters, StepEvents, TreeEvent};
 
 /// What a volume is, as `volume.json` records it.
@@ -259,6 +259,8 @@ pub struct Store {
     /// Woken when a step is first written (the in-process sync announces it at once).
     pub on_seen: tokio::sync::Notify,
     writers: OnceLock<Weak<dyn OpenWriters>>,
+    /// [`StepEvents::durable_version`]'s answers, with when they were found.
+    durable_versions: Mutex<HashMap<OsString, (Instant, Option<crate::lake::ETag>)>>,
 }
 
 impl Store {
@@ -326,6 +328,7 @@ impl Store {
             on_commit: tokio::sync::Notify::new(),
             on_seen: tokio::sync::Notify::new(),
             writers: OnceLock::new(),
+            durable_versions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -910,6 +913,47 @@ impl StepEvents for Store {
     /// before it moves the directory): changes to it are refused.
     fn read_only(&self, step: &OsStr) -> bool {
         self.layout.retiring(step).exists()
+    }
+
+    /// This node's latest commit of the step directory, when it is durable and nothing
+    /// changed in the directory since (remembered for a second: the tree asks at every
+    /// name it does not find in a step).
+    fn durable_version(&self, step: &OsStr) -> Option<crate::lake::ETag> {
+        if self
+            .committer
+            .lock()
+            .uncommitted()
+            .iter()
+            .any(|s| s == step)
+        {
+            return None;
+        }
+        let now = Instant::now();
+        if let Some((at, v)) = self.durable_versions.lock().get(step)
+            && now.duration_since(*at) < Duration::from_secs(1)
+        {
+            return v.clone();
+        }
+        let dir = step.to_str()?;
+        let mut found = None;
+        for seq in self.journal.seqs().ok()?.into_iter().rev() {
+            let Ok(r) = self.journal.read_commit(seq) else {
+                continue;
+            };
+            if r.header().dir() != dir {
+                continue;
+            }
+            if self.journal.state(seq) == CommitState::Durable {
+                found = self.journal.durable_etag(seq);
+            }
+            break;
+        }
+        let mut cache = self.durable_versions.lock();
+        if cache.len() > 4096 {
+            cache.clear();
+        }
+        cache.insert(step.to_owned(), (now, found.clone()));
+        found
     }
 }
 

@@ -29,6 +29,14 @@
 //!   name clash. Anything that would change them is `EROFS` (creating a name that is a
 //!   remote step at the root is `EEXIST`, as for any existing name).
 //!
+//! - A local step that is durable, under the manifest the lake lists now, as this
+//!   node's latest commit of it, and unchanged since ([`StepEvents::durable_version`]),
+//!   shows the manifest's files that are not on local disk beside the local ones, in
+//!   every directory of the step: the other nodes' parts of a multi-node step. They are
+//!   remote ids, read-only like a remote step's (creating one of their names is
+//!   `EEXIST`, removing or renaming one `EROFS`). A change to the step ends this (names
+//!   the kernel cached go within their TTL).
+//!
 //! What is refused, and how: hard links and symlinks (`EPERM`), extended attributes
 //! (`EOPNOTSUPP`), `O_TMPFILE` (`EOPNOTSUPP`), device nodes and FIFOs (`EPERM`). Files are
 //! created owned by the caller (the server runs as root), with the caller's umask.
@@ -54,8 +62,8 @@ mod sys;
 pub use remote::LakeSteps;
 use remote::{RemoteSteps, is_remote};
 use sys::{
-    DirStream, attr_of, backing_flags, check, cstr, errno, fstat, is_write, open_dir_stream,
-    open_path, proc_path, readdir_local,
+    DirStream, attr_of, backing_flags, check, cstr, errno, exists_at, fstat, is_write,
+    open_dir_stream, open_path, proc_path, readdir_local,
 };
 
 use crate::fuse::abi::{fattr, fopen, op};
@@ -104,6 +112,14 @@ pub trait StepEvents: Send + Sync + 'static {
     /// the change can touch it. An error fails the operation with its errno (`ENOSPC`).
     fn before_change(&self, _file: &File, _at: Option<&(OsString, PathBuf)>) -> io::Result<()> {
         Ok(())
+    }
+    /// The manifest version (its ETag) under which the lake holds this node's latest
+    /// commit of the local step directory `step`, when that commit is durable and the
+    /// step has not changed since: the tree then shows the lake's other files of that
+    /// version (other nodes' parts of the step) beside the local ones. `None`: the local
+    /// files only.
+    fn durable_version(&self, _step: &OsStr) -> Option<crate::lake::ETag> {
+        None
     }
 }
 
@@ -168,9 +184,10 @@ struct Handle {
 
 struct DirHandle {
     stream: Mutex<DirStream>,
-    /// The root's listing only: remote steps not on local disk, listed after the local
-    /// entries (their cookies have [`REMOTE_COOKIE`] set).
-    remote: Vec<(OsString, u64)>,
+    /// Entries from the lake listed after the local ones (their cookies have
+    /// [`REMOTE_COOKIE`] set): at the root, the steps not on local disk; in a directory
+    /// of a step merged with the lake's copy, that copy's entries not on local disk.
+    remote: Vec<(OsString, u64, FileKind)>,
 }
 
 /// Set in the readdir cookies of the root's remote entries (the local directory's own
@@ -442,11 +459,42 @@ impl CheckpointTree {
         }
     }
 
-    /// Whether `name` under `parent` is a remote step with no local entry of that name.
+    /// Whether `name` under `parent` is the lake's with no local entry of that name: a
+    /// remote step at the root, or a merged entry in a step (see
+    /// [`CheckpointTree::merged_entry`]).
     fn is_remote_only(&self, parent: u64, name: &OsStr) -> bool {
-        parent == 1
-            && self.remote.as_ref().is_some_and(|r| r.is_step(name))
-            && !self.is_local_step(name)
+        if parent == 1 {
+            return self.remote.as_ref().is_some_and(|r| r.is_step(name))
+                && !self.is_local_step(name);
+        }
+        self.remote.is_some()
+            && self.node(parent).is_ok_and(|p| {
+                !exists_at(p.fd.as_raw_fd(), name) && self.merged_entry(parent, &p, name).is_some()
+            })
+    }
+
+    /// The remote root id of local step `step` merged with the lake's copy of it: where
+    /// the observer says this node's latest commit of it is durable under the manifest
+    /// version the lake lists now ([`StepEvents::durable_version`]).
+    fn merged_step(&self, step: &OsStr) -> Option<u64> {
+        let remote = self.remote.as_ref()?;
+        let etag = self.events.durable_version(step)?;
+        remote.step_of_version(step, &etag).or_else(|| {
+            // Listed before it became durable, or not yet.
+            remote.refresh_if_stale();
+            remote.step_of_version(step, &etag)
+        })
+    }
+
+    /// The lake's entry at `name` under local directory `parent` in a merged step (the
+    /// other nodes' files of the version this node holds its part of), if any.
+    fn merged_entry(&self, parent: u64, pnode: &Node, name: &OsStr) -> Option<EntryOut> {
+        let (step, rel) = self.locate(parent, pnode, name)?;
+        if rel.as_os_str().is_empty() {
+            return None;
+        }
+        let root = self.merged_step(&step)?;
+        self.remote.as_ref()?.lookup_rel(root, &rel).ok()
     }
 
     /// Refuses to create `name` under `parent` where that would touch a remote step.
@@ -756,6 +804,8 @@ impl FileSystem for CheckpointTree {
                 remote.refresh_if_stale();
                 remote.lookup_step(name).ok_or(libc::ENOENT)
             }
+            // Another node's file of a step this node holds its part of.
+            Err(libc::ENOENT) => self.merged_entry(parent, &p, name).ok_or(libc::ENOENT),
             r => r,
         }
     }
@@ -1224,9 +1274,20 @@ impl FileSystem for CheckpointTree {
                 r.steps()
                     .into_iter()
                     .filter(|(name, _)| !self.is_local_step(name))
+                    .map(|(name, id)| (name, id, FileKind::Dir))
                     .collect()
             }
-            _ => Vec::new(),
+            Some(r) => self
+                .locate_node(&node)
+                .and_then(|(step, rel)| {
+                    let dir = r.lookup_rel(self.merged_step(&step)?, &rel).ok()?;
+                    r.children(dir.nodeid).ok()
+                })
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(name, _, _)| !exists_at(node.fd.as_raw_fd(), name))
+                .collect(),
+            None => Vec::new(),
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         if let Some(log) = &self.log {
@@ -1261,20 +1322,14 @@ impl FileSystem for CheckpointTree {
         if offset & REMOTE_COOKIE == 0 && !readdir_local(&dh.stream.lock(), offset, out)? {
             return Ok(());
         }
-        // The root's remote steps, after its local entries.
+        // The lake's entries, after the local ones.
         let from = if offset & REMOTE_COOKIE != 0 {
             (offset & !REMOTE_COOKIE) as usize
         } else {
             0
         };
-        for (i, (name, id)) in dh.remote.iter().enumerate().skip(from) {
-            if !out.add(
-                *id,
-                REMOTE_COOKIE | (i as u64 + 1),
-                FileKind::Dir,
-                name,
-                None,
-            ) {
+        for (i, (name, id, kind)) in dh.remote.iter().enumerate().skip(from) {
+            if !out.add(*id, REMOTE_COOKIE | (i as u64 + 1), *kind, name, None) {
                 break;
             }
         }

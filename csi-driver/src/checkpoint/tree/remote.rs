@@ -421,6 +421,52 @@ impl RemoteSteps {
         )
     }
 
+    /// The root id of step `name` when the listed manifest is version `etag`.
+    pub fn step_of_version(&self, name: &OsStr, etag: &ETag) -> Option<u64> {
+        let listing = self.inner.listing.read();
+        let step = listing.by_name.get(name.to_str()?)?;
+        (step.manifest_etag == *etag).then(|| Inner::id(step.slot, 0))
+    }
+
+    /// The entry at `rel` (a path inside the step) under the step root `root`; the
+    /// root's own entry for an empty `rel`.
+    pub fn lookup_rel(&self, root: u64, rel: &std::path::Path) -> Result<EntryOut, Errno> {
+        let mut e = self.getattr(root).map(|a| EntryOut {
+            nodeid: root,
+            attr: a.attr,
+            generation: 0,
+            entry_ttl: a.ttl,
+            attr_ttl: a.ttl,
+        })?;
+        for c in rel.components() {
+            let std::path::Component::Normal(name) = c else {
+                return Err(libc::ENOENT);
+            };
+            e = self.lookup(e.nodeid, name)?;
+        }
+        Ok(e)
+    }
+
+    /// The entries of directory `id`: name, node id and kind, in name order.
+    pub fn children(&self, id: u64) -> Result<Vec<(OsString, u64, FileKind)>, Errno> {
+        let (step, idx) = self.resolve(id)?;
+        let tree = self.inner.tree(&step)?;
+        let Some(RKind::Dir(children)) = tree.nodes.get(idx as usize).map(|n| &n.kind) else {
+            return Err(libc::ENOTDIR);
+        };
+        Ok(children
+            .iter()
+            .map(|&c| {
+                let n = &tree.nodes[c as usize];
+                let kind = match n.kind {
+                    RKind::Dir(_) => FileKind::Dir,
+                    RKind::File { .. } => FileKind::File,
+                };
+                (OsString::from(&n.name), Inner::id(step.slot, c), kind)
+            })
+            .collect())
+    }
+
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<EntryOut, Errno> {
         let (step, idx) = self.resolve(parent)?;
         let tree = self.inner.tree(&step)?;

@@ -141,6 +141,17 @@ pub(super) fn readdir_local(s: &DirStream, offset: u64, out: &mut DirBuf) -> Res
     }
 }
 
+/// Whether `name` exists in the directory `dirfd` is an `O_PATH` descriptor of (a
+/// symlink counted as itself).
+pub(super) fn exists_at(dirfd: RawFd, name: &OsStr) -> bool {
+    let Ok(n) = cstr(name) else { return false };
+    // SAFETY: a zeroed stat is a valid out-buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: dirfd is live, n NUL-terminated, st a valid out-buffer; AT_EMPTY_PATH is
+    // not given, so the name is looked up in the directory.
+    unsafe { libc::fstatat(dirfd, n.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) == 0 }
+}
+
 pub(super) fn open_path(dirfd: RawFd, name: &CString) -> Result<OwnedFd, Errno> {
     // SAFETY: dirfd is live (or AT_FDCWD) and name NUL-terminated.
     let fd = unsafe {
