@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deps demo test sanity soak envtest generate check-generated bench images kind-up kind-down deploy e2e
+.PHONY: help deps demo test sanity soak envtest generate check-generated bench images images-test kind-up kind-down deploy e2e
 
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -98,12 +98,13 @@ define need_tool
 	@command -v $(1) >/dev/null || { echo "make $@: $(1) is not installed here; $(2)"; exit 1; }
 endef
 
-images: ## build the two container images (Dockerfile: targets operator and node) as the chart names them, tagged with its appVersion; DOCKER_BUILD_ARGS for --build-arg (base image digests)
-	$(call need_docker,to build $(OPERATOR_IMAGE) and $(NODE_IMAGE) from the Dockerfile)
+images: ## build the two container images (Dockerfile targets operator and node) as the chart names them, tagged with its appVersion, into target/images/tidepool.tar and tidepool-operator.tar (docker-archive): docker build + docker save where Docker's daemon answers (DOCKER_BUILD_ARGS for --build-arg), else buildah on a locally made Debian base (root; e2e/images/build.sh)
 	@grep -q 'repository: $(OPERATOR_REPO)$$' charts/tidepool/values.yaml && grep -q 'repository: $(NODE_REPO)$$' charts/tidepool/values.yaml || { \
 	  echo "make $@: charts/tidepool/values.yaml no longer names $(OPERATOR_REPO) and $(NODE_REPO); update OPERATOR_REPO/NODE_REPO in the Makefile"; exit 1; }
-	DOCKER_BUILDKIT=1 $(DOCKER) build --target operator --build-arg VERSION=$(IMAGE_TAG) $(DOCKER_BUILD_ARGS) -t $(OPERATOR_IMAGE) .
-	DOCKER_BUILDKIT=1 $(DOCKER) build --target node --build-arg VERSION=$(IMAGE_TAG) $(DOCKER_BUILD_ARGS) -t $(NODE_IMAGE) .
+	NODE_IMAGE='$(NODE_IMAGE)' OPERATOR_IMAGE='$(OPERATOR_IMAGE)' IMAGE_TAG='$(IMAGE_TAG)' DOCKER='$(DOCKER)' CARGO='$(CARGO)' bash e2e/images/build.sh
+
+images-test: ## check the tarballs of make images as a cluster takes them: import into a private containerd, ctr run (versions, entrypoints, users, fusermount3); root (e2e/images/test.sh)
+	NODE_IMAGE='$(NODE_IMAGE)' OPERATOR_IMAGE='$(OPERATOR_IMAGE)' IMAGE_TAG='$(IMAGE_TAG)' bash e2e/images/test.sh
 
 kind-up: ## create the local kind cluster of kind-config.yaml (one control plane, two workers, worker 1 labelled tidepool.dev/gpu=true) and its host pool directories
 	$(call need_docker,to run the kind nodes (Docker containers))
