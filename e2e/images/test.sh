@@ -40,8 +40,15 @@ command -v ctr >/dev/null || missing+=(containerd) # ctr ships in Debian's conta
 command -v containerd-shim-runc-v2 >/dev/null || missing+=(containerd)
 command -v runc >/dev/null || missing+=(runc)
 command -v python3 >/dev/null || missing+=(python3)
-[ ${#missing[@]} = 0 ] ||
-  die "missing $(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')- install these Debian packages: apt-get install $(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')"
+if [ ${#missing[@]} != 0 ]; then
+  pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+  command -v apt-get >/dev/null ||
+    die "missing ${pkgs}and there is no apt-get here to install them: install these Debian packages"
+  say "installing ${pkgs}(apt)"
+  # shellcheck disable=SC2086 # package names, one word each
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null; } ||
+    die "apt-get could not install ${pkgs}(Debian packages); install them and run make images-test again"
+fi
 
 failures=0
 passed=0
