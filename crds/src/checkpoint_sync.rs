@@ -140,6 +140,7 @@ pub struct PendingNode {
     /// The node (its `CachePool`).
     #[schemars(length(max = 253))]
     pub node: String,
+    /// Bytes committed on that node and not yet durable in the lake.
     pub bytes: i64,
 }
 
