@@ -32,7 +32,7 @@ deps: ## install what the tests and demo need: fuse3 and openssl (apt), Azurite 
 	  $(GRPCIO_VENV)/bin/pip install -q --disable-pip-version-check grpcio==$(GRPCIO_VERSION); }
 
 test: deps ## unit, property, Azurite and FUSE tests (FUSE tests need root and /dev/fuse)
-	$(CARGO) test --workspace --locked
+	$(CARGO) test --workspace --locked --no-fail-fast
 
 demo: deps ## Azurite lake -> tidepool mount -> read + verify everything, cold vs warm
 	$(CARGO) build --release --locked -p tidepool-csi --bin tidepool --example demo

@@ -26,8 +26,9 @@ use crate::wait::{self, Check};
 /// What to do when the suite cannot run; ends every refusal.
 pub const HOW_TO_RUN: &str = "The e2e suite runs only against a cluster where Tidepool is \
 deployed: `make images kind-up deploy` (needs Docker, kind, kubectl and helm) then `make e2e`, or \
-point KUBECONFIG at another cluster where the chart and e2e/manifests/azurite.yaml are installed. \
-See e2e/README.md.";
+without Docker `make images node-up` (a local two-node cluster from the Kubernetes binaries in \
+TIDEPOOL_NODE_BIN) then `make e2e`, or point KUBECONFIG at another cluster where the chart and \
+e2e/manifests/azurite.yaml are installed. See e2e/README.md.";
 
 /// The lake's Secret (`accountName`, `accountKey`) and Deployment in the lake namespace
 /// (manifests/azurite.yaml).
