@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deps demo test sanity soak envtest generate check-generated bench images images-test kind-up kind-down deploy e2e
+.PHONY: help deps demo test sanity soak envtest generate check-generated bench images images-test kind-up kind-down deploy e2e node-up node-down
 
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -122,6 +122,23 @@ kind-down: ## delete the local kind cluster and its host pool directories
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
 	$(SUDO) rm -rf $(KIND_POOLS)
 
+# Without Docker: a local real cluster (e2e/node/, e2e/README.md "A local real node"). The
+# control plane in this machine's namespaces and two nodes (containerd, kubelet, kube-proxy),
+# each in network and mount namespaces of its own, from the Kubernetes binaries in
+# TIDEPOOL_NODE_BIN (default /opt/tidepool-node-bin); the images of make images imported;
+# the chart installed by the real Helm engine (Helm 4's Go SDK, helm-python-sdk: --wait)
+# and the e2e lake applied. make e2e then finds its kubeconfig. Root.
+NODE_POOL_SIZE ?= 8GiB
+NODE_KUBECONFIG := $(CURDIR)/target/node/kubeconfig
+NODE_BIN_DIR := $(or $(TIDEPOOL_NODE_BIN),/opt/tidepool-node-bin)
+
+node-up: deps ## a local two-node cluster without Docker (Kubernetes binaries from $$TIDEPOOL_NODE_BIN, default /opt/tidepool-node-bin) with the images of make images, the chart (Helm 4 engine, --wait) and the e2e lake; root (e2e/node/up.sh)
+	$(if $(TIDEPOOL_NODE_BIN),TIDEPOOL_NODE_BIN='$(TIDEPOOL_NODE_BIN)') IMAGE_TAG='$(IMAGE_TAG)' NODE_IMAGE='$(NODE_IMAGE)' OPERATOR_IMAGE='$(OPERATOR_IMAGE)' \
+	  RELEASE='$(RELEASE)' RELEASE_NAMESPACE='$(RELEASE_NAMESPACE)' NODE_POOL_SIZE='$(NODE_POOL_SIZE)' bash e2e/node/up.sh
+
+node-down: ## stop and remove the cluster of make node-up; fails if any process, mount, cgroup, veth, route or iptables rule of it is left (logs stay in target/node-logs)
+	$(if $(TIDEPOOL_NODE_BIN),TIDEPOOL_NODE_BIN='$(TIDEPOOL_NODE_BIN)') bash e2e/node/down.sh
+
 deploy: ## load the images into the kind cluster, install the chart (release tidepool in tidepool-system) and the e2e lake (e2e/manifests/azurite.yaml); run make images kind-up first
 	$(call need_docker,to load the images into the kind nodes)
 	$(call need_tool,$(KIND),see https://kind.sigs.k8s.io/docs/user/quick-start/#installation)
@@ -137,14 +154,28 @@ deploy: ## load the images into the kind cluster, install the chart (release tid
 	  --set node.pool.size=$(KIND_POOL_SIZE) --wait --timeout 10m
 	$(KUBECTL) --context $(KIND_CONTEXT) -n tidepool-e2e rollout status deployment/azurite --timeout=300s
 
-e2e: ## the end-to-end suite (e2e/, its own Cargo workspace) against the current kubectl context; make kind-up deploy first (needs Docker, kind, kubectl, helm)
-	$(call need_tool,$(KUBECTL),install kubectl: https://kubernetes.io/docs/tasks/tools/ (and run make kind-up deploy))
+# While make node-up's cluster is up and KUBECONFIG is not set (or names its kubeconfig),
+# make e2e tests that cluster, with its own kubectl (TIDEPOOL_NODE_BIN's, of the cluster's
+# release) and helm (e2e/node/helm, the Helm 4 engine that installed it) unless KUBECTL or
+# HELM is given.
+ifeq ($(if $(filter undefined,$(origin KUBECONFIG)),$(NODE_KUBECONFIG),$(KUBECONFIG)),$(NODE_KUBECONFIG))
+ifneq ($(wildcard $(NODE_KUBECONFIG)),)
+E2E_ON_NODE := 1
+e2e: export KUBECONFIG := $(NODE_KUBECONFIG)
+e2e: export KUBECTL := $(if $(filter file,$(origin KUBECTL)),$(NODE_BIN_DIR)/kubectl,$(KUBECTL))
+e2e: export HELM := $(if $(filter file,$(origin HELM)),$(CURDIR)/e2e/node/helm,$(HELM))
+endif
+endif
+
+e2e: ## the end-to-end suite (e2e/, its own Cargo workspace) against the current kubectl context, or make node-up's cluster while it is up; make kind-up deploy (Docker) or make node-up (no Docker) first
+	@$(if $(E2E_ON_NODE),echo "make e2e: testing the local cluster of make node-up (KUBECONFIG=$(NODE_KUBECONFIG), kubectl $(KUBECTL), helm $(HELM))",true)
+	$(call need_tool,$(KUBECTL),install kubectl: https://kubernetes.io/docs/tasks/tools/ (and run make kind-up deploy, or make node-up))
 	@ctx=$$($(KUBECTL) config current-context 2>/dev/null) || { \
 	  echo "make $@: no kubectl context is set, so there is no cluster to test."; \
 	  if ! command -v $(DOCKER) >/dev/null; then echo "make $@: docker is not installed here, so a local kind cluster cannot run here."; \
 	  elif ! $(DOCKER) info >/dev/null 2>&1; then echo "make $@: docker's daemon does not answer here, so a local kind cluster cannot run here."; fi; \
 	  command -v $(KIND) >/dev/null || echo "make $@: kind is not installed here."; \
-	  echo "make $@: run make images kind-up deploy (Docker, kind, helm), or set KUBECONFIG to a cluster where Tidepool and e2e/manifests/azurite.yaml are deployed. Nothing was tested."; \
+	  echo "make $@: run make images kind-up deploy (Docker, kind, helm), or make images node-up (no Docker: a local two-node cluster from the Kubernetes binaries in TIDEPOOL_NODE_BIN, see e2e/README.md), or set KUBECONFIG to a cluster where Tidepool and e2e/manifests/azurite.yaml are deployed. Nothing was tested."; \
 	  exit 1; }; \
 	$(KUBECTL) get --raw=/readyz --request-timeout=15s >/dev/null 2>&1 || { \
 	  echo "make $@: the cluster of kubectl context $$ctx does not answer (kubectl get --raw=/readyz failed). Nothing was tested."; \
