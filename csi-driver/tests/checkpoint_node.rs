@@ -188,6 +188,41 @@ async fn checkpoint_volume_survives_kill_9(passthrough: bool) {
     wait_durable(&lake, &names, "step-100", &[&agent], &vol).await;
     check_restored(&lake, prefix, "step-100", &s100).await;
 
+    // A second pod mounts the claim `readOnly` (kubelet publishes with `readonly`): it
+    // reads the step, and every write through its target fails with EROFS, while the
+    // writer's target stays writable.
+    let ro_target = n.paths.work.join("kubelet/pods/p2/volumes/mount");
+    node.node_publish_volume(pb::NodePublishVolumeRequest {
+        target_path: ro_target.display().to_string(),
+        readonly: true,
+        ..n.publish_req()
+    })
+    .await
+    .unwrap();
+    for (rel, data) in &s100 {
+        let got = std::fs::read(ro_target.join("step-100").join(rel)).unwrap();
+        assert!(got == *data, "step-100/{rel} through the read-only target");
+    }
+    let refused = [
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(ro_target.join("step-100/.metadata"))
+            .map(drop),
+        std::fs::File::create(ro_target.join("step-100/new")).map(drop),
+        std::fs::create_dir(ro_target.join("step-101")),
+        std::fs::remove_file(ro_target.join("step-100/.metadata")),
+    ];
+    for r in refused {
+        let e = r.expect_err("a write through a read-only publish");
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    }
+    node.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+        volume_id: "ckpt".into(),
+        target_path: ro_target.display().to_string(),
+    })
+    .await
+    .unwrap();
+
     // 2. The agent dies while the job has a file half-written, a directory open and
     //    an Orbax temporary directory in progress. The plugin hands the live
     //    connection to the new agent, which takes it over: the open file keeps

@@ -37,6 +37,7 @@ use tidepool_api::volume::{VolumeAttributes, VolumeKind};
 
 use super::protocol::StageSecrets;
 use super::{Agent, AgentError, checkpoints, credentials_from_secret, datasets};
+use crate::checkpoint::journal::{private_dir, write_atomic_private};
 use crate::lake::credentials::WorkloadIdentity;
 use crate::lake::{Credentials, LakeUrl};
 
@@ -65,6 +66,9 @@ pub struct PoolSync {
     checkpoints: Mutex<HashMap<String, checkpoints::Assigned>>,
     generation: Mutex<Option<i64>>,
     changed: tokio::sync::Notify,
+    /// Workload identity token files with a renewal task running (one task per file,
+    /// however often the credentials are resolved).
+    renewing: Mutex<std::collections::HashSet<std::path::PathBuf>>,
 }
 
 /// Whether an assignment's destination URL is the one a volume records (the volume
@@ -82,6 +86,7 @@ impl PoolSync {
             checkpoints: Mutex::new(HashMap::new()),
             generation: Mutex::new(None),
             changed: tokio::sync::Notify::new(),
+            renewing: Mutex::new(std::collections::HashSet::new()),
         });
         // Volumes staged without secrets use their assignment's credentials.
         let weak = Arc::downgrade(&sync);
@@ -382,24 +387,18 @@ impl PoolSync {
     }
 
     /// Requests a token of `namespace/sa` for the Entra ID exchange and keeps it fresh
-    /// in a file (0600) that the lake client re-reads.
+    /// in a file that the lake client re-reads: 0600 from its first byte, every renewal
+    /// too, in a directory only root may open (0700).
     async fn token_file(
         &self,
         namespace: &str,
         sa: &str,
     ) -> Result<std::path::PathBuf, AgentError> {
-        use std::os::unix::fs::PermissionsExt;
         let dir = self.agent.pool.root().join("tokens");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| AgentError::Internal(format!("{}: {e}", dir.display())))?;
+        private_dir(&dir).map_err(|e| AgentError::Internal(format!("{}: {e}", dir.display())))?;
         let path = dir.join(format!("{namespace}.{sa}.jwt"));
         let write = |token: &str| -> Result<(), AgentError> {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, token)
-                .and_then(|()| {
-                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-                })
-                .and_then(|()| std::fs::rename(&tmp, &path))
+            write_atomic_private(&path, token.as_bytes())
                 .map_err(|e| AgentError::Internal(format!("{}: {e}", path.display())))
         };
         let request = || {
@@ -426,6 +425,9 @@ impl PoolSync {
             ))
         })?;
         write(&token)?;
+        if !self.renewing.lock().insert(path.clone()) {
+            return Ok(path);
+        }
         // Renewed every 30 minutes for the hour-long tokens.
         let api_path = path.clone();
         let client = self.client.clone();
@@ -449,11 +451,7 @@ impl PoolSync {
                 {
                     Ok(t) => {
                         let token = t.status.map(|s| s.token).unwrap_or_default();
-                        let tmp = api_path.with_extension("tmp");
-                        if std::fs::write(&tmp, token)
-                            .and_then(|()| std::fs::rename(&tmp, &api_path))
-                            .is_err()
-                        {
+                        if write_atomic_private(&api_path, token.as_bytes()).is_err() {
                             tracing::warn!(path = %api_path.display(), "cannot write the renewed token");
                         }
                     }

@@ -197,6 +197,29 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// processes, never share one. Its leading dot keeps it out of every listing of the
 /// journal (see [`Journal::seen`]); a crash can leave one behind, never a torn target.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, bytes, 0o666)
+}
+
+/// [`write_atomic`] for a secret (a token, a key): the file is created 0600 (owner
+/// only) from its first byte, never readable by others even for a moment.
+pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, bytes, 0o600)
+}
+
+/// Creates `dir` (and its parents) if needed and makes it 0700: only its owner (root,
+/// for the agent) may list or open what it holds, whatever it held before.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// [`write_atomic`] with the temporary file created with `mode` (less the umask).
+fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = path.file_name().ok_or_else(|| {
@@ -210,7 +233,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     tmp_name.push(format!(".{}.{n}.tmp", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
     let written = (|| {
-        let mut f = File::create(&tmp)?;
+        // A leftover of a crashed process that had the same pid: created anew, so the
+        // mode is this call's.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)
@@ -806,6 +839,30 @@ mod tests {
         j.mark_durable(1, "m", &crate::lake::ETag("\"e\"".into()))
             .unwrap();
         assert_eq!(j.state(1), CommitState::Durable);
+    }
+
+    #[test]
+    fn secrets_are_written_owner_only_in_a_directory_only_the_owner_opens() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("tokens");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&dir).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700, "an existing directory is closed too");
+        let token = dir.join("ml.trainer.jwt");
+        write_atomic_private(&token, b"first").unwrap();
+        assert_eq!(mode(&token), 0o600);
+        // Renewals replace it, still owner-only.
+        write_atomic_private(&token, b"second").unwrap();
+        assert_eq!(mode(&token), 0o600);
+        assert_eq!(fs::read(&token).unwrap(), b"second");
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["ml.trainer.jwt"], "no temporary file stays");
     }
 
     #[test]

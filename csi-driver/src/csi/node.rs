@@ -118,6 +118,18 @@ pub struct Staged {
     pub staging_path: PathBuf,
     pub attributes: VolumeAttributes,
     pub targets: BTreeSet<PathBuf>,
+    /// The targets published read-only (`readonly` or a reader-only access mode), so that
+    /// binding them again after a restart keeps them read-only. A DatasetCache's are all
+    /// read-only and not listed.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub read_only_targets: BTreeSet<PathBuf>,
+}
+
+impl Staged {
+    /// Whether `target` is (to be) bound read-only.
+    fn read_only(&self, target: &Path) -> bool {
+        self.attributes.kind == VolumeKind::DatasetCache || self.read_only_targets.contains(target)
+    }
 }
 
 /// The records of staged volumes, one file each.
@@ -449,10 +461,9 @@ impl NodeCore {
     /// Binds every recorded target of `rec` to its (new) staging mount again, so pods
     /// that had the volume see it again.
     fn rebind_targets(&self, rec: &Staged) {
-        let ro = rec.attributes.kind == VolumeKind::DatasetCache;
         for t in &rec.targets {
             let _ = self.mounter.unmount(t);
-            if let Err(e) = self.mounter.bind(&rec.staging_path, t, ro) {
+            if let Err(e) = self.mounter.bind(&rec.staging_path, t, rec.read_only(t)) {
                 tracing::warn!(target = %t.display(), error = %e, "binding a published target again failed");
             }
         }
@@ -553,7 +564,11 @@ impl NodeCore {
             volume_id: volume_id.to_owned(),
             staging_path: staging_path.to_owned(),
             attributes,
-            targets: previous.map(|r| r.targets).unwrap_or_default(),
+            targets: previous
+                .as_ref()
+                .map(|r| r.targets.clone())
+                .unwrap_or_default(),
+            read_only_targets: previous.map(|r| r.read_only_targets).unwrap_or_default(),
         };
         self.records
             .put(&rec)
@@ -673,7 +688,7 @@ impl NodeCore {
         staging_path: &Path,
         target: &Path,
         capability: Option<&Capability>,
-        _read_only: bool,
+        read_only: bool,
     ) -> Result<(), CsiError> {
         if volume_id.is_empty() {
             return Err(missing("volume_id"));
@@ -714,8 +729,25 @@ impl NodeCore {
                 format!("the staging mount of volume {volume_id} is gone; stage it again"),
             ));
         }
+        // Read-only when the pod asks for it (`readonly`: a `readOnly` volume or PVC) or its
+        // access mode only reads; a DatasetCache always (the CSI spec: the SP MUST publish
+        // read-only then). Writes through the target fail with EROFS.
+        let read_only = rec.attributes.kind == VolumeKind::DatasetCache
+            || read_only
+            || capability.is_some_and(|c| c.access == Access::ReadOnly);
         if mounted(target)? {
             if rec.targets.contains(target) {
+                if rec.read_only(target) != read_only {
+                    return Err(fail(
+                        Code::AlreadyExists,
+                        format!(
+                            "{} is already published {}; unpublish it before publishing it {}",
+                            target.display(),
+                            if read_only { "read-write" } else { "read-only" },
+                            if read_only { "read-only" } else { "read-write" },
+                        ),
+                    ));
+                }
                 return Ok(());
             }
             return Err(fail(
@@ -728,12 +760,15 @@ impl NodeCore {
         }
         std::fs::create_dir_all(target)
             .map_err(|e| internal(&format!("creating {}", target.display()), e))?;
-        // Datasets are read-only whatever the pod asks.
-        let read_only = rec.attributes.kind == VolumeKind::DatasetCache;
         self.mounter
             .bind(staging_path, target, read_only)
             .map_err(|e| internal("bind-mounting the volume", e))?;
         rec.targets.insert(target.to_owned());
+        if read_only && rec.attributes.kind != VolumeKind::DatasetCache {
+            rec.read_only_targets.insert(target.to_owned());
+        } else {
+            rec.read_only_targets.remove(target);
+        }
         self.records
             .put(&rec)
             .map_err(|e| internal("recording the published target", e))?;
@@ -757,6 +792,7 @@ impl NodeCore {
         if let Some(mut rec) = self.records.get(volume_id)
             && rec.targets.remove(target)
         {
+            rec.read_only_targets.remove(target);
             self.records
                 .put(&rec)
                 .map_err(|e| internal("recording the unpublished target", e))?;
@@ -1303,6 +1339,63 @@ mod tests {
             }),
             "the pod gets a writable bind mount"
         );
+    }
+
+    #[test]
+    fn read_only_publishes_of_a_checkpoint_volume_stay_read_only_across_a_remount() {
+        let s = setup();
+        let mut c = ctx();
+        c.insert("tidepool.dev/kind".into(), "CheckpointSync".into());
+        let rw = Capability {
+            mount: true,
+            access: Access::ReadWrite,
+        };
+        s.core
+            .stage("v2", &s.staging(), Some(&rw), &c, StageSecrets::default())
+            .unwrap();
+        // A writer, a pod that mounts the claim `readOnly` (kubelet: `readonly`), and a
+        // reader-only access mode (ReadOnlyMany).
+        s.core
+            .publish("v2", &s.staging(), &s.target(1), Some(&rw), false)
+            .unwrap();
+        s.core
+            .publish("v2", &s.staging(), &s.target(2), Some(&rw), true)
+            .unwrap();
+        s.core
+            .publish("v2", &s.staging(), &s.target(3), Some(&ro()), false)
+            .unwrap();
+        let binds = |s: &Setup| -> Vec<Option<bool>> {
+            let table = s.mounter.table.lock();
+            (1..=3)
+                .map(|n| match table.get(&s.target(n)) {
+                    Some(FakeMount::Bind { read_only, .. }) => Some(*read_only),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(binds(&s), [Some(false), Some(true), Some(true)]);
+        // The same target again the other way is refused; the same way is a no-op.
+        let e = s
+            .core
+            .publish("v2", &s.staging(), &s.target(2), Some(&rw), false)
+            .unwrap_err();
+        assert_eq!(e.code, Code::AlreadyExists, "{e:?}");
+        assert!(e.message.contains("already published read-only"), "{e:?}");
+        s.core
+            .publish("v2", &s.staging(), &s.target(2), Some(&rw), true)
+            .unwrap();
+        // Both the agent and the plugin die: a new plugin mounts the volume again and
+        // binds every target again, each as it was published.
+        let core2 = s.plugin_process();
+        s.mounter.kill(&s.staging());
+        assert_eq!(core2.recover(), 1);
+        assert_eq!(binds(&s), [Some(false), Some(true), Some(true)]);
+        // Unpublished and published again read-write, a target is writable again.
+        core2.unpublish("v2", &s.target(2)).unwrap();
+        core2
+            .publish("v2", &s.staging(), &s.target(2), Some(&rw), false)
+            .unwrap();
+        assert_eq!(binds(&s), [Some(false), Some(false), Some(true)]);
     }
 
     #[test]
