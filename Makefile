@@ -151,7 +151,9 @@ deploy: ## load the images into the kind cluster, install the chart (release tid
 	$(HELM) upgrade --install $(RELEASE) charts/tidepool --kube-context $(KIND_CONTEXT) \
 	  -n $(RELEASE_NAMESPACE) --create-namespace \
 	  --set operator.image.tag=$(IMAGE_TAG) --set node.image.tag=$(IMAGE_TAG) \
-	  --set node.pool.size=$(KIND_POOL_SIZE) --wait --timeout 10m
+	  --set node.pool.size=$(KIND_POOL_SIZE) \
+	  --set-json 'node.lake.allowedEndpoints=["http://azurite.tidepool-e2e.svc.cluster.local:10000"]' \
+	  --wait --timeout 10m
 	$(KUBECTL) --context $(KIND_CONTEXT) -n tidepool-e2e rollout status deployment/azurite --timeout=300s
 
 # While make node-up's cluster is up and KUBECONFIG is not set (or names its kubeconfig),

@@ -340,6 +340,9 @@ impl Agent {
         }
         let url =
             LakeUrl::parse(&attributes.url).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        // Before anything else, for both kinds: a checkpoint volume serves its local
+        // tree without the lake, but its sync would send the credentials there.
+        self.config.lake.allowed(&url)?;
         let saved_path = state_file(&self.state_dir, volume_id);
         let resume = if fresh {
             None
@@ -645,6 +648,8 @@ impl Agent {
     /// `CheckpointSync`'s assignment in the node's pool (found by destination, so a
     /// volume nobody mounts since the agent restarted still uploads).
     pub fn sync_credentials(&self, url: &str) -> Result<Credentials, AgentError> {
+        let parsed = LakeUrl::parse(url).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        self.config.lake.allowed(&parsed)?;
         let known = self.destinations.lock().get(url).cloned();
         if let Some((attributes, secrets)) = &known
             && let c = self.credentials_for(attributes, secrets)?

@@ -31,6 +31,7 @@
 
 pub mod azure;
 pub mod credentials;
+pub mod endpoints;
 pub mod faults;
 pub mod memory;
 pub mod retry;

@@ -145,6 +145,8 @@ fn agent(cp: &ControlPlane, node: &str, work: &Path) -> Proc {
         "agent",
         Command::new(env!("CARGO_BIN_EXE_tidepool"))
             .args(["agent", "--node-name", node, "--heartbeat", "2s"])
+            // The test lake: Azurite on 127.0.0.1 over HTTP.
+            .args(["--lake-endpoint", "http://127.0.0.1"])
             .arg("--cache-dir")
             .arg(work.join("pool"))
             .arg("--kubeconfig")
@@ -205,8 +207,9 @@ async fn the_agent_creates_its_pool_serves_assignments_and_reports_them() {
         (owner.kind.as_str(), owner.name.as_str()),
         ("Node", "agent-a")
     );
-    // Assign as the operator does: an Eager dataset with a Secret, and one whose
-    // Secret does not exist.
+    // Assign as the operator does: an Eager dataset with a Secret, one whose Secret
+    // does not exist, and one on an endpoint this agent may not open (its Secret
+    // exists: the refusal comes first, and nothing is sent there).
     let url = az.url("data", "ds");
     let assign = |secret: &str, uid: &str, name: &str| {
         json!({"owner": {"namespace": "ml-a", "name": name, "uid": uid, "generation": 1},
@@ -214,8 +217,10 @@ async fn the_agent_creates_its_pool_serves_assignments_and_reports_them() {
                "source": {"url": url, "credentials": {"secretRef": {"name": secret}}},
                "prefetch": {"policy": "Eager"}})
     };
+    let mut elsewhere = assign("lake", "u3", "elsewhere");
+    elsewhere["source"]["url"] = json!("https://attacker.example.com/data/ds");
     let spec = json!({"apiVersion": "tidepool.dev/v1alpha1", "kind": "CachePool",
-        "spec": {"datasets": [assign("lake", "u1", "good"), assign("nope", "u2", "bad")], "checkpointSyncs": []}});
+        "spec": {"datasets": [assign("lake", "u1", "good"), assign("nope", "u2", "bad"), elsewhere], "checkpointSyncs": []}});
     pools
         .patch(
             "agent-a",
@@ -226,13 +231,13 @@ async fn the_agent_creates_its_pool_serves_assignments_and_reports_them() {
         .unwrap();
     let st = eventually(
         Duration::from_secs(60),
-        "both datasets reported, the good one Ready",
+        "every dataset reported, the good one Ready",
         || async {
             let st = pool_status(&client, "agent-a").await?;
             let good = st.datasets.iter().find(|d| d.uid == "u1")?;
             (good.phase == NodeDatasetPhase::Ready
                 && good.bytes_cached == total as i64
-                && st.datasets.len() == 2)
+                && st.datasets.len() == 3)
                 .then_some(st)
         },
     )
@@ -243,6 +248,14 @@ async fn the_agent_creates_its_pool_serves_assignments_and_reports_them() {
     assert_eq!(bad.phase, NodeDatasetPhase::Failed);
     let msg = bad.message.as_deref().unwrap();
     assert!(msg.contains("Secret ml-a/nope not found"), "{msg}");
+    let refused = st.datasets.iter().find(|d| d.uid == "u3").unwrap();
+    assert_eq!(refused.phase, NodeDatasetPhase::Failed);
+    let msg = refused.message.as_deref().unwrap();
+    assert!(
+        msg.contains("lake endpoint https://attacker.example.com is not allowed on this node")
+            && msg.contains("node.lake.allowedEndpoints"),
+        "{msg}"
+    );
     assert!(
         !format!("{st:?}").contains(ACCOUNT_KEY),
         "no credential in status"

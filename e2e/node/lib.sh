@@ -97,6 +97,9 @@ LIVENESS_REPO=localhost/tidepool-node/livenessprobe
 # The e2e lake's image, under the name e2e/manifests/azurite.yaml uses (IfNotPresent).
 AZURITE_VERSION=3.35.0
 AZURITE_IMAGE=mcr.microsoft.com/azure-storage/azurite:$AZURITE_VERSION
+# The e2e lake's endpoint (e2e/manifests/azurite.yaml), allowed for the node agents
+# (chart value node.lake.allowedEndpoints): plain HTTP, in the cluster only.
+E2E_LAKE_ENDPOINT=http://azurite.tidepool-e2e.svc.cluster.local:10000
 
 HELM_VENV=$NODE_REPO/.tools/helm-venv
 NODE_HELM=$NODE_SCRIPTS/helm

@@ -578,13 +578,15 @@ deploy() {
   kc apply -f "$NODE_REPO/e2e/manifests/azurite.yaml"
   say "helm upgrade --install $RELEASE charts/tidepool -n $RELEASE_NAMESPACE --wait (Helm $("$NODE_HELM" version --short) through helm-python-sdk)"
   # raiseFileLimit=false: this machine's root lacks CAP_SYS_RESOURCE, so a container asking
-  # for it does not start. The sidecars are the ones images.sh built.
+  # for it does not start. The sidecars are the ones images.sh built. The e2e lake is
+  # Azurite over plain HTTP, which the agents open only when allowed by name.
   local t0=$SECONDS
   KUBECONFIG=$KUBECONFIG_ADMIN "$NODE_HELM" upgrade --install "$RELEASE" "$NODE_REPO/charts/tidepool" \
     -n "$RELEASE_NAMESPACE" --create-namespace \
     --set operator.image.tag="$IMAGE_TAG" --set node.image.tag="$IMAGE_TAG" \
     --set node.pool.size="$NODE_POOL_SIZE" \
     --set node.agent.raiseFileLimit=false \
+    --set-json "node.lake.allowedEndpoints=[\"$E2E_LAKE_ENDPOINT\"]" \
     --set node.registrar.image.repository="$REGISTRAR_REPO" --set node.registrar.image.tag="$REGISTRAR_VERSION" \
     --set node.livenessProbe.image.repository="$LIVENESS_REPO" --set node.livenessProbe.image.tag="$LIVENESS_VERSION" \
     --wait --timeout 10m ||

@@ -603,6 +603,11 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
             "--heartbeat=10s",
             "--threads=4",
             "--sync-parallel=8",
+            // The lake endpoints allowed by default: Azure's, over HTTPS.
+            "--lake-endpoint=*.blob.core.windows.net",
+            "--lake-endpoint=*.blob.storage.azure.net",
+            "--lake-endpoint=*.blob.core.usgovcloudapi.net",
+            "--lake-endpoint=*.blob.core.chinacloudapi.cn",
             "--log=warn,tidepool_csi=info"
         ]
     );
@@ -945,6 +950,15 @@ fn values_schema_refuses_typos_and_contradictions() {
         (
             json!({"operator": {"image": {"pullPolicy": "Sometimes"}}}),
             "pullPolicy",
+        ),
+        // Lake endpoints: a path, or nothing at all, is not an endpoint.
+        (
+            json!({"node": {"lake": {"allowedEndpoints": ["https://evil.example/x"]}}}),
+            "allowedEndpoints",
+        ),
+        (
+            json!({"node": {"lake": {"allowedEndpoints": []}}}),
+            "allowedEndpoints",
         ),
         // Two replicas without leader election would be two leaders.
         (
@@ -2000,6 +2014,9 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
                 "--no-passthrough",
             ])
             .args(["--retries", "1", "--deadline", "5s"])
+            // The datasets below name http://127.0.0.1:9 (nothing answers there): allowed,
+            // so that the agent gets as far as resolving their credentials.
+            .args(["--lake-endpoint", "http://127.0.0.1:9"])
             .arg("--cache-dir")
             .arg(work.join("pool"))
             .arg("--kubeconfig")

@@ -19,6 +19,7 @@ use crate::cache::CachePool;
 use crate::cache::dataset::{Dataset, PrewarmProgress, include_set};
 use crate::fs::SnapshotReleaser;
 use crate::lake::azure::{AzureLake, AzureOptions};
+use crate::lake::endpoints::EndpointPolicy;
 use crate::lake::retry::{RetryConfig, RetryingLake};
 use crate::lake::{Credentials, Lake, LakeUrl};
 
@@ -27,15 +28,27 @@ use crate::lake::{Credentials, Lake, LakeUrl};
 pub struct LakeSettings {
     pub azure: AzureOptions,
     pub retry: RetryConfig,
+    /// The endpoints this agent may open (`--lake-endpoint`); any, unless set.
+    pub endpoints: EndpointPolicy,
 }
 
 impl LakeSettings {
-    /// A client of the lake at `url` with `credentials`, retrying as configured.
+    /// Whether the lake at `url` may be opened here: checked before its credentials
+    /// are resolved and before any request (see [`EndpointPolicy`]).
+    pub fn allowed(&self, url: &LakeUrl) -> Result<(), AgentError> {
+        self.endpoints
+            .check(url)
+            .map_err(|e| AgentError::BadRequest(e.to_string()))
+    }
+
+    /// A client of the lake at `url` with `credentials`, retrying as configured;
+    /// refused for an endpoint that is not allowed.
     pub fn connect(
         &self,
         url: &LakeUrl,
         credentials: &Credentials,
     ) -> Result<Arc<dyn Lake>, AgentError> {
+        self.allowed(url)?;
         let azure = AzureLake::connect(url, credentials, &self.azure)
             .map_err(|e| AgentError::Credentials(format!("connecting to {url}: {e}")))?;
         Ok(Arc::new(RetryingLake::new(

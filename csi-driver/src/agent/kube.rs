@@ -295,13 +295,20 @@ impl PoolSync {
             if unchanged {
                 continue;
             }
-            let credentials = self
-                .credentials(
-                    &assignment.owner.namespace,
-                    assignment.destination.credentials.as_ref(),
-                )
-                .await
-                .map_err(|e| e.to_string());
+            // A destination this node may not open gets no credentials resolved at all.
+            let allowed = LakeUrl::parse(&assignment.destination.url)
+                .map_err(|e| AgentError::BadRequest(e.to_string()))
+                .and_then(|u| self.agent.config.lake.allowed(&u));
+            let credentials = match allowed {
+                Err(e) => Err(e.to_string()),
+                Ok(()) => self
+                    .credentials(
+                        &assignment.owner.namespace,
+                        assignment.destination.credentials.as_ref(),
+                    )
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
             let entry = checkpoints::Assigned::new(assignment.clone(), credentials);
             if let Err(e) = &entry.credentials {
                 tracing::warn!(destination = %assignment.destination.url, owner = %assignment.owner.name, error = %e, "cannot resolve the checkpoint destination's credentials");
@@ -328,6 +335,7 @@ impl PoolSync {
     ) -> Result<(Credentials, Arc<datasets::Served>), AgentError> {
         let url =
             LakeUrl::parse(&a.source.url).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        self.agent.config.lake.allowed(&url)?;
         let creds = self
             .credentials(&a.owner.namespace, a.source.credentials.as_ref())
             .await?;

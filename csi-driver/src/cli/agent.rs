@@ -12,6 +12,7 @@ use crate::agent::datasets::LakeSettings;
 use crate::agent::{Agent, AgentConfig, bind_socket, serve_socket};
 use crate::cache::{CacheConfig, CachePool};
 use crate::lake::azure::AzureOptions;
+use crate::lake::endpoints::{EndpointPolicy, EndpointRule};
 use crate::lake::retry::RetryConfig;
 
 #[derive(Args, Debug)]
@@ -61,6 +62,27 @@ pub struct AgentArgs {
     /// the credentials of the volume's stage secrets or of its CheckpointSync.
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub sync_parallel: usize,
+    /// A lake endpoint this agent may open, and send credentials to (repeat for more).
+    /// `*.<domain>` allows its hosts over HTTPS, `https://<host>[:<port>]` one host,
+    /// `http://<host>[:<port>]` one host over plain HTTP (an emulator such as Azurite:
+    /// credentials then travel in clear text). A DatasetCache, CheckpointSync or staged
+    /// volume naming another endpoint is refused before any request, in words. Given
+    /// once or more, the list replaces the default: Azure's blob endpoints
+    /// (*.blob.core.windows.net, *.blob.storage.azure.net, *.blob.core.usgovcloudapi.net,
+    /// *.blob.core.chinacloudapi.cn).
+    #[arg(long = "lake-endpoint", value_name = "RULE")]
+    pub lake_endpoints: Vec<EndpointRule>,
+}
+
+impl AgentArgs {
+    /// The endpoint policy of `--lake-endpoint` (Azure's blob endpoints when not given).
+    pub fn endpoint_policy(&self) -> EndpointPolicy {
+        if self.lake_endpoints.is_empty() {
+            EndpointPolicy::azure()
+        } else {
+            EndpointPolicy::Only(self.lake_endpoints.clone())
+        }
+    }
 }
 
 async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
@@ -102,6 +124,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 deadline: args.deadline,
                 ..RetryConfig::default()
             },
+            endpoints: args.endpoint_policy(),
         },
         fuse_threads: args.threads,
         passthrough: !args.no_passthrough,

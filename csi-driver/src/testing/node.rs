@@ -105,11 +105,16 @@ impl NodePaths {
         self.start_agent_with(cache_size, &[])
     }
 
-    /// `tidepool agent --no-kube` with extra arguments.
+    /// `tidepool agent --no-kube` with extra arguments. The test lakes (Azurite) are on
+    /// 127.0.0.1 over HTTP, which the agent allows only when told
+    /// (`--lake-endpoint http://127.0.0.1`); no other endpoint is allowed unless `extra`
+    /// adds it.
     pub fn start_agent_with(&self, cache_size: &str, extra: &[&str]) -> NodeProcess {
         let mut args: Vec<&std::ffi::OsStr> = vec![
             "agent".as_ref(),
             "--no-kube".as_ref(),
+            "--lake-endpoint".as_ref(),
+            "http://127.0.0.1".as_ref(),
             "--node-name".as_ref(),
             self.node.as_ref(),
             "--cache-size".as_ref(),
