@@ -390,6 +390,41 @@ fn posix_semantics(passthrough: bool) {
         "owner and the caller's umask"
     );
     assert_eq!(fs::metadata(v.p("step-9/d")).unwrap().mode() & 0o777, 0o777);
+    // Behind the mount, on the host, the volume's directory is the server's alone: that
+    // user can neither read what it wrote there nor swap anything into the tree (the
+    // pool's own directories opened up to show it is the volume's that closes).
+    assert_eq!(
+        fs::metadata(&v.layout.dir).unwrap().mode() & 0o777,
+        0o700,
+        "{}",
+        v.layout.dir.display()
+    );
+    let mut up = v.layout.dir.parent();
+    while let Some(d) = up {
+        if d == Path::new("/") || d == std::env::temp_dir() {
+            break;
+        }
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        up = d.parent();
+    }
+    let behind = v.layout.tree().join("step-9");
+    for cmd in [
+        format!("cat {}/f", behind.display()),
+        format!("ln -s /etc/shadow {}/link", behind.display()),
+    ] {
+        let out = std::process::Command::new("sh")
+            .args(["-c", &cmd])
+            .uid(1000)
+            .gid(1000)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "uid 1000 on the host: {cmd}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // statfs answers with the pool's file system.
     let st = nix_statfs(&v.p(""));
     assert!(st > 0, "statfs reports blocks");

@@ -165,13 +165,17 @@ impl VolumeLayout {
         ] {
             fs::create_dir_all(d)?;
         }
+        use std::os::unix::fs::PermissionsExt;
         if fresh {
             // The volume's root is open to every user, like a fresh scratch disk: pods
             // run as arbitrary uids, and each file and directory they create is theirs
-            // (owner and mode as they ask).
-            use std::os::unix::fs::PermissionsExt;
+            // (owner and mode as they ask). They reach it through the mount only.
             fs::set_permissions(self.tree(), fs::Permissions::from_mode(0o777))?;
         }
+        // On the host, only the server's user (root on a node) may enter the volume's
+        // directory: nobody else can read a checkpoint, or swap a file or a symbolic
+        // link into the tree or the staged commits while they are uploaded.
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))?;
         if let Ok(old) = self.read_config()
             && old.node != cfg.node
         {
