@@ -523,6 +523,34 @@ fn a_step_two_nodes_saved_is_whole_on_each_of_them_once_durable() {
     })
     .expect("step-1 durable on both nodes");
 
+    // Each node shows the whole step as soon as its own mark says durable under the
+    // manifest the lake lists; a pass may still be settling one node's mark when the
+    // other's says durable, so passes go on until both do (within seconds).
+    let whole = [
+        ".",
+        "..",
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "optim",
+    ];
+    let mut last = (Vec::new(), Vec::new());
+    let shown = within(Duration::from_secs(30), || {
+        last = (
+            tidepool_csi::testing::raw_dir_names(&a.p("step-1")).unwrap(),
+            tidepool_csi::testing::raw_dir_names(&b.p("step-1")).unwrap(),
+        );
+        if last.0 == whole && last.1 == whole {
+            return Some(());
+        }
+        a.sync(&rt);
+        b.sync(&rt);
+        None
+    });
+    assert!(
+        shown.is_some(),
+        "step-1 on a and b: {last:?}, not {whole:?} on both"
+    );
     let mut all = on_a.clone();
     all.extend(on_b.iter().cloned());
     all.push((".metadata", b"step-1".to_vec()));

@@ -322,8 +322,21 @@ async fn a_step_written_by_two_nodes_is_durable_only_with_both_parts() {
     assert!(announced.is_some(), "node-2's intent was not announced");
     for step in ["step-1", "step-2"] {
         write_step(&n1, step, &[("__0_0.distcp", pattern(1, 2 * MIB))], true);
-        write_step(&n2, step, &[("__1_0.distcp", pattern(2, 2 * MIB))], false);
     }
+    // node-2 writes its part of step-1 and dies before writing step-2 (which it
+    // announced): step-2 is never committed there.
+    write_step(
+        &n2,
+        "step-1",
+        &[("__1_0.distcp", pattern(2, 2 * MIB))],
+        false,
+    );
+    // node-2 has no marker: nothing fires there before node-1 commits (no version of
+    // node-1's to follow yet).
+    assert!(
+        commit(&n2, CommitRule::default()).is_empty(),
+        "no rule fired on node-2 yet"
+    );
     assert_eq!(commit(&n1, CommitRule::default()).len(), 2);
     let r = s1.pass().await.unwrap();
     assert!(r.durable.is_empty(), "node-2's parts are missing: {r:?}");
@@ -333,13 +346,8 @@ async fn a_step_written_by_two_nodes_is_durable_only_with_both_parts() {
         check_manifests(&*lake, "job/").await.is_empty(),
         "no manifest before every part is in"
     );
-    // node-2 has no marker: it commits its part of a step once node-1's part is in
-    // (its sync asks its mount). It dies before finishing step-2: never committed there.
-    fs::remove_dir_all(n2.tree().join("step-2")).unwrap();
-    assert!(
-        commit(&n2, CommitRule::default()).is_empty(),
-        "no rule fired on node-2 yet"
-    );
+    // node-2 commits its part of a step once node-1's part is in (its sync, in the
+    // background or in a pass, tells its mount which version to follow).
     let r = s2.pass().await.unwrap();
     assert!(r.durable.is_empty());
     let c2 = commit(&n2, CommitRule::default());

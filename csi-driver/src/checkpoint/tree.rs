@@ -479,11 +479,9 @@ impl CheckpointTree {
     fn merged_step(&self, step: &OsStr) -> Option<u64> {
         let remote = self.remote.as_ref()?;
         let etag = self.events.durable_version(step)?;
-        remote.step_of_version(step, &etag).or_else(|| {
-            // Listed before it became durable, or not yet.
-            remote.refresh_if_stale();
-            remote.step_of_version(step, &etag)
-        })
+        // Listed before it became durable (moments before, often: the writes that made
+        // the step looked the lake up), or not listed yet.
+        remote.step_of_durable_version(step, &etag)
     }
 
     /// The lake's entry at `name` under local directory `parent` in a merged step (the

@@ -155,6 +155,10 @@ struct Listing {
     failing: bool,
 }
 
+/// How old the step list may be when it lacks a version this node knows is durable,
+/// after the first listing made for it.
+const MISSED_VERSION_REFRESH: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 struct RefreshState {
     started: u64,
@@ -181,6 +185,8 @@ struct Inner {
     listing: RwLock<Listing>,
     refresh: Mutex<RefreshState>,
     refreshed: Condvar,
+    /// Durable versions (step, manifest ETag) a listing lacked once already.
+    missed: Mutex<std::collections::HashSet<(OsString, ETag)>>,
     open: Mutex<OpenFiles>,
     streams: Mutex<HashMap<(u64, u32), Stream>>,
     tick: AtomicU64,
@@ -307,27 +313,25 @@ impl RemoteSteps {
                 listing: RwLock::new(Listing::default()),
                 refresh: Mutex::new(RefreshState::default()),
                 refreshed: Condvar::new(),
+                missed: Mutex::new(std::collections::HashSet::new()),
                 open: Mutex::new(HashMap::new()),
                 streams: Mutex::new(HashMap::new()),
                 tick: AtomicU64::new(0),
                 conn: OnceLock::new(),
             }),
         };
-        r.start_refresh();
+        r.start_refresh(Duration::ZERO);
         r
     }
 
     /// Starts a listing unless one is running or the last started less than
-    /// `refresh` ago; returns the generation to wait for, if any.
-    fn start_refresh(&self) -> Option<u64> {
+    /// `max_age` ago; returns the generation to wait for, if any.
+    fn start_refresh(&self, max_age: Duration) -> Option<u64> {
         let mut st = self.inner.refresh.lock();
         if st.started > st.done {
             return Some(st.started);
         }
-        if st
-            .last
-            .is_some_and(|t| t.elapsed() < self.inner.cfg.refresh)
-        {
+        if st.last.is_some_and(|t| t.elapsed() < max_age) {
             return None;
         }
         st.started += 1;
@@ -362,7 +366,15 @@ impl RemoteSteps {
     /// Lists the lake's steps again if the list is older than `refresh`, waiting at
     /// most `wait` for the answer.
     pub fn refresh_if_stale(&self) {
-        let Some(target) = self.start_refresh() else {
+        self.refresh_if_older_than(self.inner.cfg.refresh);
+    }
+
+    /// Lists the lake's steps again if the list is older than `max_age`, waiting at
+    /// most `wait` for the answer: for a version this node knows is durable and the
+    /// list does not show yet (listed just before it was published), sooner than
+    /// `refresh`.
+    pub fn refresh_if_older_than(&self, max_age: Duration) {
+        let Some(target) = self.start_refresh(max_age) else {
             return;
         };
         let deadline = Instant::now() + self.inner.cfg.wait;
@@ -426,6 +438,36 @@ impl RemoteSteps {
         let listing = self.inner.listing.read();
         let step = listing.by_name.get(name.to_str()?)?;
         (step.manifest_etag == *etag).then(|| Inner::id(step.slot, 0))
+    }
+
+    /// [`Self::step_of_version`] for a version known to be in the lake (this node
+    /// recorded it durable): the first time the list lacks it, the lake is listed anew
+    /// (a listing started after this call, so it shows the manifest); after that at most
+    /// once a second, waiting at most `wait` each time.
+    pub fn step_of_durable_version(&self, name: &OsStr, etag: &ETag) -> Option<u64> {
+        if let Some(id) = self.step_of_version(name, etag) {
+            return Some(id);
+        }
+        let first = {
+            let mut missed = self.inner.missed.lock();
+            if missed.len() > 1024 {
+                missed.clear();
+            }
+            missed.insert((name.to_owned(), etag.clone()))
+        };
+        if first {
+            // A listing already under way may have started before the manifest was
+            // there: wait for it, then for one of our own.
+            for _ in 0..2 {
+                self.refresh_if_older_than(Duration::ZERO);
+                if let Some(id) = self.step_of_version(name, etag) {
+                    return Some(id);
+                }
+            }
+            return None;
+        }
+        self.refresh_if_older_than(MISSED_VERSION_REFRESH);
+        self.step_of_version(name, etag)
     }
 
     /// The entry at `rel` (a path inside the step) under the step root `root`; the
