@@ -54,6 +54,20 @@ pub struct AgentConfig {
     /// FUSE worker threads per volume.
     pub fuse_threads: usize,
     pub passthrough: bool,
+    /// Namespaces whose DatasetCaches and CheckpointSyncs may use this node's managed
+    /// identity (`--managed-identity-namespace`; `*`: every namespace). Elsewhere
+    /// `credentials.managedIdentity` is refused: the node's identity is the platform's,
+    /// and may reach lakes that no tenant's own credentials do.
+    pub managed_identity_namespaces: Vec<String>,
+}
+
+impl AgentConfig {
+    /// Whether objects in `namespace` may use the node's managed identity.
+    pub fn managed_identity_allowed(&self, namespace: &str) -> bool {
+        self.managed_identity_namespaces
+            .iter()
+            .any(|n| n == "*" || n == namespace)
+    }
 }
 
 /// Why a volume or an assignment cannot be served; each maps to one CSI code.

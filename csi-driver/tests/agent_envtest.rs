@@ -219,8 +219,12 @@ async fn the_agent_creates_its_pool_serves_assignments_and_reports_them() {
     };
     let mut elsewhere = assign("lake", "u3", "elsewhere");
     elsewhere["source"]["url"] = json!("https://attacker.example.com/data/ds");
+    // And one that asks for the node's managed identity, which no namespace may use
+    // unless the administrator says so (--managed-identity-namespace).
+    let mut node_identity = assign("lake", "u4", "node-identity");
+    node_identity["source"]["credentials"] = json!({"managedIdentity": {}});
     let spec = json!({"apiVersion": "tidepool.dev/v1alpha1", "kind": "CachePool",
-        "spec": {"datasets": [assign("lake", "u1", "good"), assign("nope", "u2", "bad"), elsewhere], "checkpointSyncs": []}});
+        "spec": {"datasets": [assign("lake", "u1", "good"), assign("nope", "u2", "bad"), elsewhere, node_identity], "checkpointSyncs": []}});
     pools
         .patch(
             "agent-a",
@@ -237,7 +241,7 @@ async fn the_agent_creates_its_pool_serves_assignments_and_reports_them() {
             let good = st.datasets.iter().find(|d| d.uid == "u1")?;
             (good.phase == NodeDatasetPhase::Ready
                 && good.bytes_cached == total as i64
-                && st.datasets.len() == 3)
+                && st.datasets.len() == 4)
                 .then_some(st)
         },
     )
@@ -254,6 +258,14 @@ async fn the_agent_creates_its_pool_serves_assignments_and_reports_them() {
     assert!(
         msg.contains("lake endpoint https://attacker.example.com is not allowed on this node")
             && msg.contains("node.lake.allowedEndpoints"),
+        "{msg}"
+    );
+    let identity = st.datasets.iter().find(|d| d.uid == "u4").unwrap();
+    assert_eq!(identity.phase, NodeDatasetPhase::Failed);
+    let msg = identity.message.as_deref().unwrap();
+    assert!(
+        msg.contains("managed identity is not enabled for namespace ml-a")
+            && msg.contains("--managed-identity-namespace"),
         "{msg}"
     );
     assert!(
@@ -442,6 +454,7 @@ async fn a_checkpoint_assignment_reports_its_steps_and_gives_its_volume_settings
             lake: LakeSettings::default(),
             fuse_threads: 1,
             passthrough: false,
+            managed_identity_namespaces: Vec::new(),
         },
         cache,
         tokio::runtime::Handle::current(),
@@ -616,6 +629,7 @@ async fn a_volume_nobody_mounts_uploads_its_commits_after_an_agent_restart() {
             lake: LakeSettings::default(),
             fuse_threads: 1,
             passthrough: false,
+            managed_identity_namespaces: Vec::new(),
         },
         cache,
         tokio::runtime::Handle::current(),

@@ -2,7 +2,9 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
-use tidepool_operator::{OperatorConfig, leader::LeaderElectionConfig, run, uninstall};
+use tidepool_operator::{
+    OperatorConfig, leader::LeaderElectionConfig, reconcile::grants::GrantsConfig, run, uninstall,
+};
 
 /// Tidepool operator: DatasetCache/CheckpointSync → PVs, PVCs, CachePool assignments.
 #[derive(Parser, Debug)]
@@ -32,6 +34,28 @@ struct Args {
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME", default_value = "tidepool-operator")]
     identity: String,
+    /// The node pods' service account, as NAMESPACE/NAME: in each namespace with
+    /// DatasetCaches or CheckpointSyncs, the operator grants it `get` of exactly the
+    /// Secrets they name and `create` of tokens for exactly the service accounts they
+    /// name (a Role and RoleBinding called --node-grant-name), and nothing else.
+    /// Unset: the operator grants nothing and the administrator must.
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = namespaced_name)]
+    node_service_account: Option<(String, String)>,
+    /// Name of the Role and RoleBinding of --node-service-account in each namespace
+    /// (the chart allows the operator `escalate` and `bind` for this name only).
+    #[arg(long, default_value = "tidepool-node-credentials")]
+    node_grant_name: String,
+}
+
+fn namespaced_name(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => Err(format!(
+            "{s:?} is not NAMESPACE/NAME (e.g. tidepool-system/tidepool-node)"
+        )),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,6 +117,13 @@ async fn main() -> anyhow::Result<()> {
             renew_deadline: Duration::from_secs(10),
         }),
         reporter: "tidepool-operator".to_owned(),
+        node_grants: args
+            .node_service_account
+            .map(|(namespace, name)| GrantsConfig {
+                node_namespace: namespace,
+                node_service_account: name,
+                name: args.node_grant_name,
+            }),
     };
     run(config).await?;
     Ok(())
@@ -106,6 +137,7 @@ async fn hook(command: Command, kubeconfig: Option<PathBuf>) -> anyhow::Result<(
         stale_after: Duration::ZERO,
         leader_election: None,
         reporter: "tidepool-operator".to_owned(),
+        node_grants: None,
     };
     let client = tidepool_operator::runtime::client(&config).await?;
     match command {

@@ -23,6 +23,7 @@
 //!    checkpoint volume's local files, all durable).
 //! 4. Delete the PV. Then the finalizer helper removes the finalizer.
 
+pub mod grants;
 pub mod protection;
 pub mod workload;
 
@@ -105,6 +106,11 @@ pub struct Context {
     /// Held while pools are planned and written: one writer at a time (see
     /// [`sync_pools`]).
     pub pool_writes: tokio::sync::Mutex<()>,
+    /// The node agent's per-namespace grants (see [`grants`]); None: not managed (the
+    /// administrator grants the node's service account what it needs).
+    pub grants: Option<grants::GrantsConfig>,
+    /// What [`grants`] wrote; held while it plans and writes.
+    pub grants_state: tokio::sync::Mutex<grants::GrantState>,
 }
 
 /// A kind the generic flow reconciles.
@@ -382,6 +388,8 @@ pub async fn apply<K: Reconciled>(obj: &K, ctx: &Context) -> Result<Action, Erro
         Some(pvc) => !controlled_by(&pvc, obj),
     };
 
+    // The agents may read the credentials before they are told to use them.
+    grants::sync_namespace(ctx, obj, None).await?;
     let pools = sync_pools(ctx, obj, None).await?;
     let status = {
         let nodes = ctx.stores.nodes.state();
@@ -496,6 +504,8 @@ pub async fn cleanup<K: Reconciled>(obj: &K, ctx: &Context) -> Result<Action, Er
         return Err(Error::WaitingForUploads(why));
     }
     sync_pools(ctx, obj, Some(&uid)).await?;
+    // No node uses the credentials any more.
+    grants::sync_namespace(ctx, obj, Some(&uid)).await?;
     let pv_api: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let pv_name = volume_name(&uid);
     match pv_api.delete(&pv_name, &DeleteParams::default()).await {

@@ -56,6 +56,9 @@ pub struct OperatorConfig {
     pub leader_election: Option<LeaderElectionConfig>,
     /// Name reported on Events.
     pub reporter: String,
+    /// Grant the node agent, per namespace and by name, the Secrets and service account
+    /// tokens the objects there name (`reconcile::grants`); None: not managed.
+    pub node_grants: Option<crate::reconcile::grants::GrantsConfig>,
 }
 
 /// Why the operator stopped.
@@ -410,6 +413,8 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
             .unwrap_or(SignedDuration::from_secs(120)),
         now: Timestamp::now,
         pool_writes: Default::default(),
+        grants: config.node_grants.clone(),
+        grants_state: Default::default(),
     });
     let (stop_datasets, stopped_datasets) = futures::channel::oneshot::channel::<()>();
     let (stop_checkpoints, stopped_checkpoints) = futures::channel::oneshot::channel::<()>();

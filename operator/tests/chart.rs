@@ -29,6 +29,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
@@ -243,6 +246,9 @@ struct Objects {
     pod_monitors: Vec<PodMonitor>,
     /// The uninstall hooks (`uninstall-hooks.yaml`).
     jobs: Vec<Job>,
+    /// What limits the operator's node credentials grant (`rbac-operator.yaml`).
+    admission_policies: Vec<ValidatingAdmissionPolicy>,
+    admission_policy_bindings: Vec<ValidatingAdmissionPolicyBinding>,
 }
 
 // Prometheus Operator's monitoring.coreos.com/v1, the fields the chart uses (names and
@@ -355,6 +361,12 @@ fn parse(objects: &[Templated]) -> Objects {
             ("monitoring.coreos.com/v1", "ServiceMonitor") => all.service_monitors.push(typed(t)),
             ("monitoring.coreos.com/v1", "PodMonitor") => all.pod_monitors.push(typed(t)),
             ("batch/v1", "Job") => all.jobs.push(typed(t)),
+            ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
+                all.admission_policies.push(typed(t))
+            }
+            ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
+                all.admission_policy_bindings.push(typed(t))
+            }
             (api, kind) => panic!(
                 "{} renders a {api} {kind}, which this test does not know: add it here",
                 t.template
@@ -443,6 +455,8 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
                 ("RoleBinding", 2),
                 ("Service", 1),
                 ("ServiceAccount", 3),
+                ("ValidatingAdmissionPolicy", 1),
+                ("ValidatingAdmissionPolicyBinding", 1),
             ]
             .map(|(k, n)| (k.to_owned(), n))
         )
@@ -461,7 +475,11 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
         let ns = o.object["metadata"]["namespace"].as_str();
         let cluster_scoped = matches!(
             o.object["kind"].as_str().unwrap(),
-            "CSIDriver" | "ClusterRole" | "ClusterRoleBinding"
+            "CSIDriver"
+                | "ClusterRole"
+                | "ClusterRoleBinding"
+                | "ValidatingAdmissionPolicy"
+                | "ValidatingAdmissionPolicyBinding"
         );
         assert_eq!(
             ns,
@@ -738,6 +756,7 @@ fn check_all_on(a: &Objects, r: &Rendered) {
         ["--retries=8", "--deadline=2m"]
     );
     assert!(has_arg(agent, "--sync-parallel=16"));
+    assert!(has_arg(agent, "--managed-identity-namespace=ml-team-a"));
     let caps = agent
         .security_context
         .as_ref()
@@ -807,11 +826,12 @@ fn check_all_on(a: &Objects, r: &Rendered) {
     );
     assert_eq!(drv.requires_republish, Some(true));
 
-    // Credentials only in the listed namespaces, and no cluster-wide binding for them.
+    // The operator grants node credentials only in the listed namespaces, and has no
+    // cluster-wide binding for them.
     let creds: BTreeSet<_> = a
         .role_bindings
         .iter()
-        .filter(|b| b.role_ref.name == "tp-node-credentials")
+        .filter(|b| b.role_ref.name == "tp-operator-node-grants")
         .map(|b| b.metadata.namespace.clone().unwrap())
         .collect();
     assert_eq!(
@@ -821,8 +841,13 @@ fn check_all_on(a: &Objects, r: &Rendered) {
     assert!(
         !a.cluster_role_bindings
             .iter()
-            .any(|b| b.role_ref.name == "tp-node-credentials")
+            .any(|b| b.role_ref.name == "tp-operator-node-grants")
     );
+    assert_eq!(grant_name(a), "tp-node-credentials");
+    assert!(has_arg(
+        op,
+        "--node-service-account=tidepool-system/tidepool-node-agent"
+    ));
 
     // The monitors select the operator's Service / pods and name ports that exist.
     let svc = &a.services[0];
@@ -960,6 +985,14 @@ fn values_schema_refuses_typos_and_contradictions() {
             json!({"node": {"lake": {"allowedEndpoints": []}}}),
             "allowedEndpoints",
         ),
+        (
+            json!({"node": {"lake": {"managedIdentityNamespaces": ["Team A"]}}}),
+            "managedIdentityNamespaces",
+        ),
+        (
+            json!({"rbac": {"nodeCredentials": "cluster"}}),
+            "nodeCredentials",
+        ),
         // Two replicas without leader election would be two leaders.
         (
             json!({"operator": {"replicas": 2, "leaderElection": {"enabled": false}}}),
@@ -1048,12 +1081,56 @@ fn grants(o: &Objects, sa: &str) -> BTreeMap<(String, String, String), BTreeSet<
     out
 }
 
+/// The node credentials grant's name, from the operator's arguments.
+fn grant_name(o: &Objects) -> String {
+    let pod = operator_pod(o);
+    let op = container(pod, "operator");
+    args(op)
+        .iter()
+        .find_map(|a| a.strip_prefix("--node-grant-name="))
+        .expect("the operator is told the grant's name")
+        .to_owned()
+}
+
 fn triples(g: &BTreeMap<(String, String, String), BTreeSet<String>>) -> BTreeSet<String> {
     g.keys().map(|(a, r, v)| format!("{a}/{r}:{v}")).collect()
 }
 
 fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// `rbac.nodeCredentials: none`: the operator gets no right over Roles and is not told
+/// to grant, and the node still holds no Secret; the administrator grants by hand.
+#[test]
+fn without_operator_grants_nobody_can_read_secrets() {
+    let Some(helm) = Helm::find("without_operator_grants_nobody_can_read_secrets") else {
+        return;
+    };
+    let r = helm
+        .render(&json!({"rbac": {"nodeCredentials": "none"}}))
+        .unwrap();
+    let o = parse(&r.objects);
+    let op_pod = operator_pod(&o);
+    let op_sa = op_pod.service_account_name.clone().unwrap();
+    let op = grants(&o, &op_sa);
+    assert!(
+        !op.keys().any(|(g, _, _)| g == "rbac.authorization.k8s.io"),
+        "{op:?}"
+    );
+    let node = grants(&o, &node_pod(&o).service_account_name.clone().unwrap());
+    assert!(
+        !node
+            .keys()
+            .any(|(_, r, _)| r == "secrets" || r.starts_with("serviceaccounts"))
+    );
+    assert!(o.admission_policies.is_empty() && o.admission_policy_bindings.is_empty());
+    let op = container(op_pod, "operator");
+    assert!(
+        !args(op).iter().any(|a| a.starts_with("--node-")),
+        "{:?}",
+        args(op)
+    );
 }
 
 #[test]
@@ -1081,12 +1158,19 @@ fn policy_a_reviewer_would_check() {
                 .flatten()
                 .chain(rule.resources.iter().flatten())
                 .chain(rule.verbs.iter());
+            // escalate and bind: only on the node credentials Role, by name (the
+            // operator's grants; the admission policy is checked on the API server below).
+            let named_grant = rule.resources.as_deref() == Some(&["roles".to_owned()][..])
+                && rule
+                    .resource_names
+                    .as_ref()
+                    .is_some_and(|n| n.len() == 1 && n[0].ends_with("-node-credentials"));
             for word in all {
                 assert!(!word.contains('*'), "{what}: wildcard in {rule:?}");
-                assert!(
-                    !["escalate", "bind", "impersonate"].contains(&word.as_str()),
-                    "{what}: {word} in {rule:?}"
-                );
+                assert_ne!(word, "impersonate", "{what}: {rule:?}");
+                if ["escalate", "bind"].contains(&word.as_str()) {
+                    assert!(named_grant, "{what}: {word} in {rule:?}");
+                }
             }
             assert!(rule.non_resource_urls.is_none(), "{what}: {rule:?}");
         }
@@ -1133,9 +1217,36 @@ fn policy_a_reviewer_would_check() {
                 "tidepool.dev/datasetcaches:list",
                 "tidepool.dev/datasetcaches:patch",
                 "tidepool.dev/datasetcaches:watch",
+                "rbac.authorization.k8s.io/rolebindings:create",
+                "rbac.authorization.k8s.io/rolebindings:delete",
+                "rbac.authorization.k8s.io/rolebindings:get",
+                "rbac.authorization.k8s.io/rolebindings:patch",
+                "rbac.authorization.k8s.io/roles:bind",
+                "rbac.authorization.k8s.io/roles:create",
+                "rbac.authorization.k8s.io/roles:delete",
+                "rbac.authorization.k8s.io/roles:escalate",
+                "rbac.authorization.k8s.io/roles:get",
+                "rbac.authorization.k8s.io/roles:patch",
             ]),
             "{what}: operator"
         );
+        // Roles and RoleBindings: the node credentials grant only, by name; in every
+        // namespace or only in rbac.workloadNamespaces.
+        for ((group, _, _), scopes) in &grants(&o, &op_sa) {
+            if group != "rbac.authorization.k8s.io" {
+                continue;
+            }
+            let expected: BTreeSet<String> = if values.pointer("/rbac/workloadNamespaces").is_some()
+            {
+                ["ml-team-a", "ml-team-b"]
+                    .iter()
+                    .map(|ns| format!("namespace {ns} names [\"{}\"]", grant_name(&o)))
+                    .collect()
+            } else {
+                set(&[&format!("cluster names [\"{}\"]", grant_name(&o))])
+            };
+            assert_eq!(*scopes, expected, "{what}");
+        }
         let op_grants = grants(&o, &op_sa);
         // Leases: read and renewed by name, in the release namespace only.
         let lease = &op_grants[&(
@@ -1155,8 +1266,6 @@ fn policy_a_reviewer_would_check() {
             triples(&agent),
             set(&[
                 "/nodes:get",
-                "/secrets:get",
-                "/serviceaccounts/token:create",
                 "tidepool.dev/cachepools/status:patch",
                 "tidepool.dev/cachepools:create",
                 "tidepool.dev/cachepools:get",
@@ -1165,16 +1274,13 @@ fn policy_a_reviewer_would_check() {
             ]),
             "{what}: node agent"
         );
-        let secrets = &agent[&("".to_owned(), "secrets".to_owned(), "get".to_owned())];
-        if values.pointer("/rbac/workloadNamespaces").is_some() {
-            assert_eq!(
-                *secrets,
-                set(&["namespace ml-team-a", "namespace ml-team-b"]),
-                "{what}"
-            );
-        } else {
-            assert_eq!(*secrets, set(&["cluster"]), "{what}");
-        }
+        // No Secret and no token by itself: the operator grants them per namespace.
+        assert!(
+            !agent
+                .keys()
+                .any(|(_, r, _)| r == "secrets" || r.starts_with("serviceaccounts")),
+            "{what}"
+        );
 
         // The uninstall hooks: read what is in the way; after, delete the pools and the
         // Lease. Their account and its RBAC are hooks too: they exist only while a hook
@@ -1911,6 +2017,51 @@ async fn installs_upgrades_and_uninstalls_on_a_real_api_server() {
     .await;
 }
 
+/// What a SubjectAccessReview answers: may `user` (a service account's user name, with
+/// the groups every service account has) do `verb` on `resource` (`name`) in `namespace`?
+async fn can(
+    client: &Client,
+    user: &str,
+    verb: &str,
+    resource: &str,
+    namespace: &str,
+    name: Option<&str>,
+) -> bool {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let (resource, subresource) = match resource.split_once('/') {
+        Some((r, s)) => (r, Some(s.to_owned())),
+        None => (resource, None),
+    };
+    let sa_ns = user.split(':').nth(2).unwrap_or_default();
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.to_owned()),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{sa_ns}"),
+                "system:authenticated".into(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.to_owned()),
+                resource: Some(resource.to_owned()),
+                subresource,
+                namespace: Some(namespace.to_owned()),
+                name: name.map(str::to_owned),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    answer.status.map(|s| s.allowed).unwrap_or(false)
+}
+
 /// A kubeconfig that acts as `system:serviceaccount:<NS>:<sa>` (impersonated by the
 /// envtest admin), so a binary run with it has exactly the chart's RBAC.
 fn impersonating(cp: &tidepool_api::envtest::ControlPlane, sa: &str, dir: &Path) -> PathBuf {
@@ -1985,9 +2136,41 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
     let op_kc = impersonating(cp, "tidepool-operator", &work);
     let node_kc = impersonating(cp, "tidepool-node", &work);
 
+    let grant = grant_name(&parse(&objects));
+    assert_eq!(grant, "tidepool-node-credentials");
+    let node_sa = "system:serviceaccount:tidepool-system:tidepool-node";
+    let op_sa = "system:serviceaccount:tidepool-system:tidepool-operator";
+
     // What a workload namespace and a GPU node look like.
     let ns = "ml-rbac";
     create_namespace(&client, ns).await;
+
+    // Before any object names them: neither account may read a Secret or mint a token,
+    // here or in kube-system.
+    for space in [ns, "kube-system"] {
+        for who in [node_sa, op_sa] {
+            assert!(
+                !can(&client, who, "get", "secrets", space, Some("nope")).await,
+                "{who} in {space}"
+            );
+            assert!(
+                !can(&client, who, "list", "secrets", space, None).await,
+                "{who} in {space}"
+            );
+            assert!(
+                !can(
+                    &client,
+                    who,
+                    "create",
+                    "serviceaccounts/token",
+                    space,
+                    Some("default")
+                )
+                .await,
+                "{who} in {space}"
+            );
+        }
+    }
     let node = "chart-rbac-n1";
     Api::<Node>::all(client.clone())
         .create(
@@ -2050,6 +2233,9 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
             .args(["--admin-addr", &format!("127.0.0.1:{port}")])
             .args(["--lease-namespace", NS, "--lease-name", "tidepool-operator"])
             .args(["--identity", "op-1"])
+            // As the chart's Deployment runs it.
+            .arg(format!("--node-service-account={NS}/tidepool-node"))
+            .arg(format!("--node-grant-name={grant}"))
             .env("RUST_LOG", "info,kube=warn"),
         work.join("operator.log"),
     );
@@ -2158,6 +2344,137 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
         assert!(!m.to_lowercase().contains("forbidden"), "{m}");
     }
 
+    // Exactly what the objects name, in their namespace: the node may get Secret "nope"
+    // and tokens of "trainer" in ml-rbac, and nothing else.
+    assert!(can(&client, node_sa, "get", "secrets", ns, Some("nope")).await);
+    assert!(
+        can(
+            &client,
+            node_sa,
+            "create",
+            "serviceaccounts/token",
+            ns,
+            Some("trainer")
+        )
+        .await
+    );
+    assert!(!can(&client, node_sa, "get", "secrets", ns, Some("other")).await);
+    assert!(!can(&client, node_sa, "list", "secrets", ns, None).await);
+    assert!(
+        !can(
+            &client,
+            node_sa,
+            "create",
+            "serviceaccounts/token",
+            ns,
+            Some("default")
+        )
+        .await
+    );
+    assert!(
+        !can(
+            &client,
+            node_sa,
+            "get",
+            "secrets",
+            "kube-system",
+            Some("nope")
+        )
+        .await
+    );
+    assert!(
+        !can(
+            &client,
+            node_sa,
+            "create",
+            "serviceaccounts/token",
+            "kube-system",
+            Some("trainer")
+        )
+        .await
+    );
+    // The operator itself still reads no Secret.
+    assert!(!can(&client, op_sa, "get", "secrets", ns, Some("nope")).await);
+
+    // The operator's right to write the grant reaches no further than the grant: another
+    // Role name is refused by RBAC, other rules or another subject under the grant's
+    // name by the chart's admission policy.
+    let as_operator = {
+        let kc = kube::config::Kubeconfig::read_from(&op_kc).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        Client::try_from(config).unwrap()
+    };
+    let roles: Api<Role> = Api::namespaced(as_operator.clone(), "kube-system");
+    let rule = |resource: &str, verb: &str, names: &[&str]| json!({"apiGroups": [""], "resources": [resource], "verbs": [verb], "resourceNames": names});
+    let try_role = |name: &str, rules: Value| {
+        let roles = roles.clone();
+        let name = name.to_owned();
+        async move {
+            let body = json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": {"name": name, "namespace": "kube-system"}, "rules": rules,
+            });
+            roles
+                .patch(
+                    &name,
+                    &PatchParams::apply("attacker").force(),
+                    &Patch::Apply(&body),
+                )
+                .await
+        }
+    };
+    let refused = |r: Result<Role, kube::Error>, why: &str, says: &str| match r {
+        Err(kube::Error::Api(s)) => assert!(
+            (s.code == 403 || s.code == 422) && s.message.contains(says),
+            "{why}: {s:?}"
+        ),
+        other => panic!("{why}: not refused: {other:?}"),
+    };
+    refused(
+        try_role(
+            "admin-of-kube-system",
+            json!([rule("secrets", "get", &["x"])]),
+        )
+        .await,
+        "a Role of another name",
+        "cannot patch resource \"roles\"",
+    );
+    let policy = "may only allow get of named Secrets";
+    let r = try_role(&grant, json!([rule("pods", "get", &["x"])])).await;
+    refused(r, "the grant's name with another rule", policy);
+    let r = try_role(
+        &grant,
+        json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]),
+    )
+    .await;
+    refused(r, "the grant's name with every Secret", policy);
+    let bindings: Api<RoleBinding> = Api::namespaced(as_operator.clone(), ns);
+    let body = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": grant, "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": grant},
+        "subjects": [{"kind": "ServiceAccount", "name": "tidepool-operator", "namespace": NS}],
+    });
+    match bindings
+        .patch(
+            &grant,
+            &PatchParams::apply("attacker").force(),
+            &Patch::Apply(&body),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert!(
+            (s.code == 403 || s.code == 422)
+                && s.message
+                    .contains("may only bind its Role to the node pods' service account"),
+            "{s:?}"
+        ),
+        other => panic!("binding the grant to the operator was not refused: {other:?}"),
+    }
+    assert!(!can(&client, op_sa, "get", "secrets", ns, Some("nope")).await);
+
     // Deleting releases everything (the operator deletes PV and PVC, removes the
     // assignments and its finalizer).
     for name in ["with-secret", "with-identity"] {
@@ -2188,6 +2505,40 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
         })
         .await;
     }
+    // The grant went with the namespace's last object.
+    eventually(
+        Duration::from_secs(30),
+        "the node's grant withdrawn",
+        || async {
+            (!can(&client, node_sa, "get", "secrets", ns, Some("nope")).await).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !can(
+            &client,
+            node_sa,
+            "create",
+            "serviceaccounts/token",
+            ns,
+            Some("trainer")
+        )
+        .await
+    );
+    assert!(
+        Api::<Role>::namespaced(client.clone(), ns)
+            .get_opt(&grant)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        Api::<RoleBinding>::namespaced(client.clone(), ns)
+            .get_opt(&grant)
+            .await
+            .unwrap()
+            .is_none()
+    );
     for p in [&operator, &agent] {
         let log = p.log().to_lowercase();
         assert!(!log.contains("forbidden"), "{}:\n{log}", p.log.display());

@@ -387,6 +387,11 @@ impl PoolSync {
             }));
         }
         if let Some(mi) = &c.managed_identity {
+            if !self.agent.config.managed_identity_allowed(namespace) {
+                return Err(AgentError::Credentials(format!(
+                    "managed identity is not enabled for namespace {namespace}: the node's identity serves only the namespaces an administrator lists (tidepool agent --managed-identity-namespace, the chart's node.lake.managedIdentityNamespaces); use credentials.secretRef or credentials.workloadIdentity"
+                )));
+            }
             return Ok(Credentials::ManagedIdentity {
                 client_id: mi.client_id.clone(),
             });

@@ -72,6 +72,12 @@ pub struct AgentArgs {
     /// *.blob.core.chinacloudapi.cn).
     #[arg(long = "lake-endpoint", value_name = "RULE")]
     pub lake_endpoints: Vec<EndpointRule>,
+    /// A namespace whose DatasetCaches and CheckpointSyncs may use this node's managed
+    /// identity (`credentials.managedIdentity`; repeat for more, `*` for every
+    /// namespace). By default none may: the node's identity belongs to the platform,
+    /// and an object elsewhere that asks for it is refused, in words.
+    #[arg(long = "managed-identity-namespace", value_name = "NAMESPACE")]
+    pub managed_identity_namespaces: Vec<String>,
 }
 
 impl AgentArgs {
@@ -128,6 +134,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         },
         fuse_threads: args.threads,
         passthrough: !args.no_passthrough,
+        managed_identity_namespaces: args.managed_identity_namespaces.clone(),
     };
     let agent = Agent::new(config, pool.clone(), tokio::runtime::Handle::current())
         .context("preparing the agent's state directory")?;

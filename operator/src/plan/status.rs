@@ -103,9 +103,40 @@ fn list_nodes(names: &[String]) -> String {
     text
 }
 
+/// Node failures quoted in the Ready condition, and the length each is cut to: enough
+/// to say what is wrong (a refused endpoint, a missing or forbidden Secret) without
+/// burying the condition.
+const QUOTED_FAILURES: usize = 3;
+const QUOTED_LEN: usize = 240;
+
+/// "; node n1: why; node n2: why (and 4 more failed)", from the nodes' own messages.
+fn quote_failures(failures: &[(String, String)]) -> String {
+    let mut text = String::new();
+    for (node, why) in failures.iter().take(QUOTED_FAILURES) {
+        let mut why = why.trim().to_owned();
+        if why.len() > QUOTED_LEN {
+            let mut end = QUOTED_LEN;
+            while !why.is_char_boundary(end) {
+                end -= 1;
+            }
+            why.truncate(end);
+            why.push('…');
+        }
+        text.push_str(&format!("; node {node}: {why}"));
+    }
+    if failures.len() > QUOTED_FAILURES {
+        text.push_str(&format!(
+            " (and {} more failed)",
+            failures.len() - QUOTED_FAILURES
+        ));
+    }
+    text
+}
+
 fn common_conditions(
     conditions: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
     tally: &Tally,
+    failures: &[(String, String)],
     stale_nodes: &[String],
     clock: &Clock,
     generation: Option<i64>,
@@ -124,7 +155,7 @@ fn common_conditions(
             type_: READY,
             status: false,
             reason: other.as_str(),
-            message: format!("{what} is ready on {} of {} node(s) ({} failed, {} not reporting)", tally.ready, tally.desired, tally.failed, tally.stale),
+            message: format!("{what} is ready on {} of {} node(s) ({} failed, {} not reporting){}", tally.ready, tally.desired, tally.failed, tally.stale, quote_failures(failures)),
         },
     };
     conditions::set(conditions, ready, generation, clock.now);
@@ -158,6 +189,7 @@ pub fn dataset_status(d: &DatasetCache, pools: &[&CachePool], clock: &Clock) -> 
         ..Default::default()
     };
     let mut stale_nodes = Vec::new();
+    let mut failures: Vec<(String, String)> = Vec::new();
     let mut bytes_cached = 0i64;
     let mut snapshots: BTreeMap<&str, (usize, &DatasetNodeStatus)> = BTreeMap::new();
     for pool in pools {
@@ -176,7 +208,12 @@ pub fn dataset_status(d: &DatasetCache, pools: &[&CachePool], clock: &Clock) -> 
         let Some(e) = entry else { continue };
         match e.phase {
             NodeDatasetPhase::Ready => tally.ready += 1,
-            NodeDatasetPhase::Failed => tally.failed += 1,
+            NodeDatasetPhase::Failed => {
+                tally.failed += 1;
+                if let Some(m) = &e.message {
+                    failures.push((pool.name_any(), m.clone()));
+                }
+            }
             NodeDatasetPhase::Listing | NodeDatasetPhase::Warming => tally.progressing += 1,
             NodeDatasetPhase::Pending => {}
         }
@@ -201,6 +238,7 @@ pub fn dataset_status(d: &DatasetCache, pools: &[&CachePool], clock: &Clock) -> 
     common_conditions(
         &mut conditions,
         &tally,
+        &failures,
         &stale_nodes,
         clock,
         d.metadata.generation,
@@ -267,6 +305,7 @@ pub fn checkpoint_status(
         ..Default::default()
     };
     let mut stale_nodes = Vec::new();
+    let mut failures: Vec<(String, String)> = Vec::new();
     let mut pending_bytes = 0i64;
     let mut pending_nodes = Vec::new();
     let mut committed: Option<i64> = None;
@@ -300,7 +339,12 @@ pub fn checkpoint_status(
             continue;
         }
         match entry {
-            Some(e) if e.failed => tally.failed += 1,
+            Some(e) if e.failed => {
+                tally.failed += 1;
+                if let Some(m) = &e.message {
+                    failures.push((pool.name_any(), m.clone()));
+                }
+            }
             Some(_) => tally.ready += 1,
             None => {}
         }
@@ -313,6 +357,7 @@ pub fn checkpoint_status(
     common_conditions(
         &mut conditions,
         &tally,
+        &failures,
         &stale_nodes,
         clock,
         c.metadata.generation,
@@ -484,6 +529,50 @@ mod tests {
             );
             assert_eq!(s.observed_generation, Some(2), "{name}");
         }
+    }
+
+    #[test]
+    fn the_ready_condition_quotes_what_failing_nodes_say() {
+        let why = [
+            "lake endpoint https://evil.example.net is not allowed on this node (--lake-endpoint)",
+            "Secret ml/lake not found",
+            "forbidden: cannot get Secret ml/lake",
+            "fourth",
+        ];
+        let mut pools = vec![pool("gpu-0", Some(5), Some((Ready, "s1", 1000)))];
+        for (i, m) in why.iter().enumerate() {
+            let mut p = pool(&format!("gpu-{}", i + 1), Some(5), Some((Failed, "s1", 0)));
+            p.status.as_mut().unwrap().datasets[0].message = Some((*m).to_owned());
+            pools.push(p);
+        }
+        // A long message is cut, on a character boundary.
+        let long = "é".repeat(400);
+        pools[2].status.as_mut().unwrap().datasets[0].message = Some(long);
+        let refs: Vec<_> = pools.iter().collect();
+        let s = dataset_status(&dataset(), &refs, &clock());
+        let c = find(&s.conditions, READY).unwrap();
+        assert!(
+            c.message
+                .starts_with("dataset is ready on 1 of 5 node(s) (4 failed"),
+            "{}",
+            c.message
+        );
+        assert!(
+            c.message.contains(&format!("; node gpu-1: {}", why[0])),
+            "{}",
+            c.message
+        );
+        assert!(
+            c.message
+                .contains("; node gpu-3: forbidden: cannot get Secret ml/lake"),
+            "{}",
+            c.message
+        );
+        assert!(!c.message.contains("fourth"), "{}", c.message);
+        assert!(c.message.ends_with(" (and 1 more failed)"), "{}", c.message);
+        let cut = c.message.split("; node gpu-2: ").nth(1).unwrap();
+        let cut = cut.split(';').next().unwrap();
+        assert!(cut.ends_with('…') && cut.chars().count() == 121, "{cut}");
     }
 
     #[test]

@@ -190,6 +190,8 @@ async fn run<K: Reconciled>(obj: K, world: World, expected: Vec<Expect>) -> Resu
         stale_after: SignedDuration::from_secs(120),
         now,
         pool_writes: Default::default(),
+        grants: None,
+        grants_state: Default::default(),
     });
     let server = verifier(handle, expected);
     let result = reconcile(Arc::new(obj), ctx.clone()).await;
