@@ -804,19 +804,35 @@ impl Agent {
     }
 
     /// Duplicates of every served volume's descriptor, with its stage secrets.
-    fn descriptors(&self) -> (Vec<String>, Vec<StageSecrets>, Vec<OwnedFd>) {
+    /// One page of [`Request::Descriptors`]: the served volumes after `after`, in id
+    /// order, at most [`crate::fdpass::MAX_FDS`]; and whether more follow.
+    fn descriptors(
+        &self,
+        after: Option<&str>,
+    ) -> (Vec<String>, Vec<StageSecrets>, Vec<OwnedFd>, bool) {
         let volumes = self.volumes.lock();
+        let mut order: Vec<&String> = volumes
+            .keys()
+            .filter(|id| after.is_none_or(|a| id.as_str() > a))
+            .collect();
+        order.sort();
         let mut ids = Vec::new();
         let mut secrets = Vec::new();
         let mut fds = Vec::new();
-        for (id, v) in volumes.iter() {
+        let mut more = false;
+        for id in order {
+            if fds.len() == crate::fdpass::MAX_FDS {
+                more = true;
+                break;
+            }
+            let v = &volumes[id];
             if let Ok(fd) = v.fd.try_clone() {
                 ids.push(id.clone());
                 secrets.push(v.secrets.clone());
                 fds.push(fd);
             }
         }
-        (ids, secrets, fds)
+        (ids, secrets, fds, more)
     }
 
     /// Drops volumes whose connection ended (unmounted without a release).
@@ -876,9 +892,16 @@ impl Agent {
             Request::Served => Response::Served {
                 volumes: self.served(),
             },
-            Request::Descriptors => {
-                let (volumes, secrets, fds) = self.descriptors();
-                return (Response::Descriptors { volumes, secrets }, fds);
+            Request::Descriptors { after } => {
+                let (volumes, secrets, fds, more) = self.descriptors(after.as_deref());
+                return (
+                    Response::Descriptors {
+                        volumes,
+                        secrets,
+                        more,
+                    },
+                    fds,
+                );
             }
         };
         (r, Vec::new())

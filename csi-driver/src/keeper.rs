@@ -53,8 +53,13 @@ pub enum KeeperRequest {
     Drop { volume_id: String },
     /// Which volumes are held.
     Held,
-    /// Duplicates of every held descriptor, in the order of the answer's `volumes`.
-    Descriptors,
+    /// Duplicates of the held descriptors, in the order of the answer's `volumes`: at
+    /// most `fdpass::MAX_FDS` per answer, the volumes after `after` in id order; the
+    /// answer says whether more follow.
+    Descriptors {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +74,9 @@ pub enum KeeperResponse {
     Descriptors {
         volumes: Vec<String>,
         secrets: Vec<StageSecrets>,
+        /// More volumes follow the last one here: ask again with it as `after`.
+        #[serde(default)]
+        more: bool,
     },
     Error {
         message: String,
@@ -119,19 +127,38 @@ impl Keeper {
                 },
                 Vec::new(),
             ),
-            KeeperRequest::Descriptors => {
+            KeeperRequest::Descriptors { after } => {
                 let held = self.live();
                 let mut volumes = Vec::new();
                 let mut secrets = Vec::new();
                 let mut out = Vec::new();
-                for (id, (fd, s)) in held.iter().take(crate::fdpass::MAX_FDS) {
+                let mut more = false;
+                let from = match &after {
+                    Some(a) => held.range::<String, _>((
+                        std::ops::Bound::Excluded(a),
+                        std::ops::Bound::Unbounded,
+                    )),
+                    None => held.range::<String, _>(..),
+                };
+                for (id, (fd, s)) in from {
+                    if out.len() == crate::fdpass::MAX_FDS {
+                        more = true;
+                        break;
+                    }
                     if let Ok(d) = fd.try_clone() {
                         volumes.push(id.clone());
                         secrets.push(s.clone());
                         out.push(d);
                     }
                 }
-                (KeeperResponse::Descriptors { volumes, secrets }, out)
+                (
+                    KeeperResponse::Descriptors {
+                        volumes,
+                        secrets,
+                        more,
+                    },
+                    out,
+                )
             }
         }
     }
@@ -197,6 +224,69 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
+    /// More volumes than one message carries: every one comes back, page by page, over
+    /// the socket, each page within the limit (a node with 65+ volumes once lost the
+    /// rest silently).
+    #[test]
+    fn more_descriptors_than_one_message_carries_come_back_page_by_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("keeper.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let keeper = Arc::new(Keeper::default());
+        std::thread::spawn({
+            let k = keeper.clone();
+            move || serve(k, listener)
+        });
+        let total = 2 * crate::fdpass::MAX_FDS + 22;
+        let mut ends = Vec::new();
+        let client = KeeperClient::connect(&socket, Duration::from_secs(5)).unwrap();
+        for i in 0..total {
+            let (a, b) = UnixStream::pair().unwrap();
+            let keep = KeeperRequest::Keep {
+                volume_id: format!("v{i:03}"),
+                secrets: StageSecrets::default(),
+            };
+            let (resp, _) = client.call(&keep, &[b.as_raw_fd()]).unwrap();
+            assert_eq!(resp, KeeperResponse::Ok);
+            ends.push(a);
+        }
+        let mut after = None;
+        let mut got = Vec::new();
+        let mut pages = Vec::new();
+        loop {
+            let (resp, fds) = client
+                .call(
+                    &KeeperRequest::Descriptors {
+                        after: after.take(),
+                    },
+                    &[],
+                )
+                .unwrap();
+            let KeeperResponse::Descriptors { volumes, more, .. } = resp else {
+                panic!("{resp:?}");
+            };
+            assert_eq!(fds.len(), volumes.len());
+            pages.push(volumes.len());
+            after = volumes.last().cloned();
+            got.extend(volumes.into_iter().zip(fds));
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(pages, [crate::fdpass::MAX_FDS, crate::fdpass::MAX_FDS, 22]);
+        let want: Vec<String> = (0..total).map(|i| format!("v{i:03}")).collect();
+        let ids: Vec<&String> = got.iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, want.iter().collect::<Vec<_>>());
+        // Each descriptor is its own volume's: what its peer writes, it reads.
+        for (i, (_, fd)) in got.into_iter().enumerate() {
+            ends[i].write_all(&[i as u8]).unwrap();
+            let mut back = UnixStream::from(fd);
+            let mut b = [0u8; 1];
+            back.read_exact(&mut b).unwrap();
+            assert_eq!(b[0], i as u8);
+        }
+    }
+
     #[test]
     fn a_kept_descriptor_comes_back_as_the_same_open_file_and_drop_closes_it() {
         let keeper = Keeper::default();
@@ -213,12 +303,13 @@ mod tests {
         assert!(!format!("{keep:?}").contains("SECRET"), "never printed");
         let (resp, _) = keeper.handle(keep, vec![OwnedFd::from(b)]);
         assert_eq!(resp, KeeperResponse::Ok);
-        let (resp, fds) = keeper.handle(KeeperRequest::Descriptors, Vec::new());
+        let (resp, fds) = keeper.handle(KeeperRequest::Descriptors { after: None }, Vec::new());
         assert_eq!(
             resp,
             KeeperResponse::Descriptors {
                 volumes: vec!["v1".into()],
                 secrets: vec![secrets],
+                more: false,
             }
         );
         // The duplicate is the same socket: what `a` writes, it reads.

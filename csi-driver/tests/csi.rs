@@ -576,6 +576,155 @@ async fn with_the_keeper_volumes_outlive_the_plugin_and_agent_dying_together() {
     );
 }
 
+/// More volumes on one node than one descriptor message carries (`fdpass::MAX_FDS`,
+/// 64): with the keeper on, kill -9 of the plugin and the agent together, and the new
+/// plugin answers `Probe` at once, takes every connection back from the keeper, page by
+/// page, and every volume reads byte-exact with nothing mounted anew. (Before paging,
+/// the keeper handed back 64 and dropped the rest, and the plugin's liveness check of
+/// the others blocked on connections nobody served, before its socket was even bound.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seventy_volumes_outlive_the_plugin_and_agent_dying_together() {
+    const VOLUMES: usize = 70;
+    let n = node().await;
+    let keeper = n.paths.start_keeper();
+    let mut agent = n.paths.start_agent_with("1GiB", &["--threads", "1"]);
+    let mut csi = n.paths.start_csi_kept();
+    let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
+    let staging = |v: usize| n.paths.work.join(format!("kubelet/staging/vol{v:02}"));
+    let target = |v: usize| {
+        n.paths
+            .work
+            .join(format!("kubelet/pods/p{v:02}/volumes/mount"))
+    };
+    for v in 0..VOLUMES {
+        let mut stage = n.stage_req();
+        stage.volume_id = format!("vol{v:02}");
+        stage.staging_target_path = staging(v).display().to_string();
+        stage
+            .volume_context
+            .insert("tidepool.dev/uid".into(), format!("u{v:02}"));
+        let context = stage.volume_context.clone();
+        node.node_stage_volume(stage).await.unwrap();
+        let mut publish = n.publish_req(1);
+        publish.volume_id = format!("vol{v:02}");
+        publish.staging_target_path = staging(v).display().to_string();
+        publish.target_path = target(v).display().to_string();
+        publish.volume_context = context;
+        node.node_publish_volume(publish).await.unwrap();
+    }
+    let held = |csi: &NodeProcess| {
+        csi.log()
+            .matches("the keeper holds the volume's connection")
+            .count()
+    };
+    assert!(
+        within(Duration::from_secs(30), || (held(&csi) >= VOLUMES)
+            .then_some(()))
+        .is_some(),
+        "the keeper was given every connection:\n{}",
+        csi.log()
+    );
+    let (name, data) = &n.files[0];
+    for v in 0..VOLUMES {
+        assert!(std::fs::read(target(v).join(name)).unwrap() == *data);
+    }
+
+    agent.kill9();
+    csi.kill9();
+    let agent = n.paths.start_agent_with("1GiB", &["--threads", "1"]);
+    let csi = n.paths.start_csi_kept();
+    let logs = || three_logs(&csi, &agent, &keeper);
+    let (mut identity, _) = csi_clients(&n.paths.csi_socket).await;
+    let probe = tokio::time::timeout(Duration::from_secs(30), identity.probe(pb::ProbeRequest {}))
+        .await
+        .unwrap_or_else(|_| panic!("Probe did not answer within 30 s\n{}", logs()))
+        .unwrap();
+    assert_eq!(probe.into_inner().ready, Some(true));
+    assert!(
+        within(Duration::from_secs(30), || csi
+            .log()
+            .lines()
+            .any(|l| {
+                l.contains("took the volumes' connections back from the keeper")
+                    && l.contains(&format!("volumes={VOLUMES}"))
+            })
+            .then_some(()))
+        .is_some(),
+        "every connection taken back from the keeper\n{}",
+        logs()
+    );
+    for v in 0..VOLUMES {
+        let got = std::fs::read(target(v).join(name))
+            .unwrap_or_else(|e| panic!("volume {v}: {e}\n{}", logs()));
+        assert!(got == *data, "volume {v} reads exact");
+    }
+    n.check_all(&target(VOLUMES - 1));
+    assert!(
+        !csi.log().contains("mounted it again"),
+        "every connection lived on; nothing was mounted anew\n{}",
+        logs()
+    );
+
+    let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
+    for v in 0..VOLUMES {
+        node.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: format!("vol{v:02}"),
+            target_path: target(v).display().to_string(),
+        })
+        .await
+        .unwrap();
+        node.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+            volume_id: format!("vol{v:02}"),
+            staging_target_path: staging(v).display().to_string(),
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        n.mounts_left(),
+        Vec::<PathBuf>::new(),
+        "nothing left mounted"
+    );
+}
+
+/// The plugin's check of a mount whose descriptor it lacks never blocks: a connection
+/// that a process holds but does not serve (the keeper's while no agent runs) counts as
+/// alive after `ANSWER_WITHIN`, asked again at once while the first check still waits,
+/// and, once its last descriptor is closed, as dead.
+#[test]
+fn checking_a_held_but_unserved_connection_never_blocks() {
+    use tidepool_csi::csi::mounter::{LinuxMounter, Mounter};
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("held");
+    std::fs::create_dir(&target).unwrap();
+    let opts = tidepool_csi::fuse::MountOptions {
+        fsname: "held".into(),
+        subtype: "tidepool".into(),
+        read_only: true,
+        allow_other: false,
+        default_permissions: true,
+    };
+    // Mounted, and never served: not even the INIT handshake is answered.
+    let fd = LinuxMounter.mount_fuse(&target, &opts).unwrap();
+    let ask = |t: PathBuf| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(LinuxMounter.answers(&t)));
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("the check returned (a statfs on the caller's thread would block forever)")
+    };
+    assert!(ask(target.clone()), "held: alive, never mounted anew");
+    assert!(ask(target.clone()), "still held");
+    drop(fd);
+    assert!(
+        within(Duration::from_secs(30), || (!ask(target.clone()))
+            .then_some(()))
+        .is_some(),
+        "with its last descriptor closed the connection is dead"
+    );
+    LinuxMounter.unmount(&target).unwrap();
+    assert!(!is_mounted(&target).unwrap());
+}
+
 /// csi-sanity cases that need a Controller service (CreateVolume and the like).
 const SANITY_SKIP: &str = "Controller Server|should work|should be idempotent|should remove target path|volume does not exist on the specified path|NodeExpandVolume|NodeStageVolume should fail when no volume capability";
 

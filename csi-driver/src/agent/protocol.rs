@@ -58,8 +58,14 @@ pub enum Request {
     Stats { volume_id: String },
     /// Which volumes are served now.
     Served,
-    /// Duplicates of the descriptors of every served volume (for a restarted plugin).
-    Descriptors,
+    /// Duplicates of the descriptors of the served volumes (for a restarted plugin),
+    /// in volume id order: at most `fdpass::MAX_FDS` per answer, those after `after`;
+    /// the answer says whether more follow. (A request without `after` is the first
+    /// page, which is all that a plugin of before paging asked for.)
+    Descriptors {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+    },
 }
 
 /// A failure, classified for the CSI side's gRPC status.
@@ -109,6 +115,9 @@ pub enum Response {
         volumes: Vec<String>,
         #[serde(default)]
         secrets: Vec<StageSecrets>,
+        /// More volumes follow the last one here: ask again with it as `after`.
+        #[serde(default)]
+        more: bool,
     },
 }
 

@@ -71,36 +71,8 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         core = core.with_keeper(k.clone());
     }
     let core = Arc::new(core);
-    {
-        let core = core.clone();
-        let repaired = tokio::task::spawn_blocking(move || core.recover()).await?;
-        if repaired > 0 {
-            tracing::info!(
-                repaired,
-                "volumes mounted again after both plugin and agent had stopped"
-            );
-        }
-    }
-    // A restarted agent gets the connections of staged volumes again within a second;
-    // volumes whose connection died (the agent came up after us, or lacked credentials)
-    // are mounted again every few seconds until they can be.
-    let feeder = {
-        let core = core.clone();
-        tokio::spawn(async move {
-            for tick in 1u64.. {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let c = core.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    c.keep_agent_fed();
-                    c.keep_keeper_fed();
-                    if tick % 5 == 0 {
-                        c.recover();
-                    }
-                })
-                .await;
-            }
-        })
-    };
+    // The socket first: kubelet's registration and the liveness probe get answers while
+    // a node with many volumes is still taking their connections back.
     if let Some(dir) = sock.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -120,6 +92,38 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         sock.display(),
         args.agent_socket.display()
     ));
+    // Then the connections of staged volumes are taken back (from the agent, else the
+    // keeper) and dead ones mounted anew; after that, a restarted agent gets the
+    // connections again within a second, and volumes whose connection died (the agent
+    // came up after us, or lacked credentials) are mounted again every few seconds
+    // until they can be.
+    let feeder = {
+        let core = core.clone();
+        tokio::spawn(async move {
+            let c = core.clone();
+            let repaired = tokio::task::spawn_blocking(move || c.recover())
+                .await
+                .unwrap_or(0);
+            if repaired > 0 {
+                tracing::info!(
+                    repaired,
+                    "volumes mounted again after both plugin and agent had stopped"
+                );
+            }
+            for tick in 1u64.. {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let c = core.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    c.keep_agent_fed();
+                    c.keep_keeper_fed();
+                    if tick % 5 == 0 {
+                        c.recover();
+                    }
+                })
+                .await;
+            }
+        })
+    };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("signal handler");

@@ -42,6 +42,13 @@ fn cstr(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
 }
 
+/// How long [`LinuxMounter::answers`] waits for a statfs.
+pub const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Paths whose statfs is under way (see [`LinuxMounter::answers`]).
+static ASKING: parking_lot::Mutex<std::collections::BTreeSet<PathBuf>> =
+    parking_lot::Mutex::new(std::collections::BTreeSet::new());
+
 /// The real thing.
 pub struct LinuxMounter;
 
@@ -137,13 +144,33 @@ impl Mounter for LinuxMounter {
     fn answers(&self, target: &Path) -> bool {
         // statfs, not stat: FUSE sends every statfs to the server, while a stat of the
         // root may be answered from the kernel's attribute cache long after the
-        // connection died.
+        // connection died. A connection that ended fails at once (ENOTCONN); one that a
+        // process still holds but nobody serves (the keeper's, while no agent runs)
+        // blocks until someone does. So the statfs runs on a thread of its own, one at a
+        // time per path, and one that has not returned within ANSWER_WITHIN means the
+        // connection is held: alive, not to be mounted anew. The caller never blocks.
         let Ok(path) = cstr(target) else {
             return false;
         };
-        let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
-        // SAFETY: a NUL-terminated path and a buffer of the right type.
-        unsafe { libc::statfs(path.as_ptr(), buf.as_mut_ptr()) == 0 }
+        let key = target.to_owned();
+        if !ASKING.lock().insert(key.clone()) {
+            return true; // the statfs asked before still waits: held, unserved
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("statfs".into())
+            .spawn(move || {
+                let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+                // SAFETY: a NUL-terminated path and a buffer of the right type.
+                let ok = unsafe { libc::statfs(path.as_ptr(), buf.as_mut_ptr()) == 0 };
+                ASKING.lock().remove(&key);
+                let _ = tx.send(ok);
+            });
+        if spawned.is_err() {
+            ASKING.lock().remove(target);
+            return true; // cannot tell: never remount on a guess
+        }
+        rx.recv_timeout(ANSWER_WITHIN).unwrap_or(true)
     }
 }
 

@@ -251,6 +251,38 @@ fn fingerprint(s: Option<&StageSecrets>) -> u64 {
 /// Whether the FUSE connection behind `fd` (a /dev/fuse descriptor) is still up: the
 /// kernel reports `POLLERR` on it once the connection was aborted or unmounted. Never
 /// blocks, unlike a `stat` of the mount while its server is away.
+/// One answer of a descriptors exchange (with the agent or the keeper).
+struct Page {
+    volumes: Vec<String>,
+    secrets: Vec<StageSecrets>,
+    fds: Vec<OwnedFd>,
+    more: bool,
+}
+
+/// Asks page after page (`ask(after)`, `after` the last volume of the page before) until
+/// the answer says no more follow, and returns every volume with its secrets and
+/// descriptor. A failed or empty answer ends it with what came so far: a node with more
+/// volumes than one message carries (`fdpass::MAX_FDS`) gets them all, and a peer that
+/// does not page (an older one) answers its one page without `more`.
+fn every_page(
+    mut ask: impl FnMut(Option<String>) -> Option<Page>,
+) -> Vec<(String, StageSecrets, OwnedFd)> {
+    let mut all = Vec::new();
+    let mut after = None;
+    while let Some(page) = ask(after.take()) {
+        let last = page.volumes.last().cloned();
+        let mut secrets = page.secrets.into_iter();
+        for (id, fd) in page.volumes.into_iter().zip(page.fds) {
+            all.push((id, secrets.next().unwrap_or_default(), fd));
+        }
+        match last {
+            Some(last) if page.more => after = Some(last),
+            _ => break,
+        }
+    }
+    all
+}
+
 pub fn connection_alive(fd: &OwnedFd) -> bool {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
@@ -370,17 +402,28 @@ impl NodeCore {
         let Some(k) = self.keeper() else {
             return 0;
         };
-        let Ok((KeeperResponse::Descriptors { volumes, secrets }, fds)) =
-            k.call(&KeeperRequest::Descriptors, &[])
-        else {
-            return 0;
-        };
+        let held = every_page(
+            |after| match k.call(&KeeperRequest::Descriptors { after }, &[]) {
+                Ok((
+                    KeeperResponse::Descriptors {
+                        volumes,
+                        secrets,
+                        more,
+                    },
+                    fds,
+                )) => Some(Page {
+                    volumes,
+                    secrets,
+                    fds,
+                    more,
+                }),
+                _ => None,
+            },
+        );
         let mut ours = self.fds.lock();
         let mut kept = self.secrets.lock();
         let mut taken = 0;
-        let mut secrets = secrets.into_iter();
-        for (id, fd) in volumes.into_iter().zip(fds) {
-            let s = secrets.next().unwrap_or_default();
+        for (id, s, fd) in held {
             if self.records.get(&id).is_none() {
                 continue;
             }
@@ -860,14 +903,30 @@ impl NodeCore {
     /// live volumes back from the agent, and mounts anew (binding their targets again)
     /// the volumes whose connection ended. Returns how many volumes were repaired.
     pub fn recover(&self) -> usize {
-        if let Ok((Response::Descriptors { volumes, secrets }, fds)) =
-            self.agent.call(&Request::Descriptors, &[])
+        let served =
+            every_page(
+                |after| match self.agent.call(&Request::Descriptors { after }, &[]) {
+                    Ok((
+                        Response::Descriptors {
+                            volumes,
+                            secrets,
+                            more,
+                        },
+                        fds,
+                    )) => Some(Page {
+                        volumes,
+                        secrets,
+                        fds,
+                        more,
+                    }),
+                    _ => None,
+                },
+            );
         {
             let mut ours = self.fds.lock();
             let mut kept = self.secrets.lock();
-            let mut secrets = secrets.into_iter();
-            for (id, fd) in volumes.into_iter().zip(fds) {
-                if let Some(s) = secrets.next().filter(|s| !s.0.is_empty()) {
+            for (id, s, fd) in served {
+                if !s.0.is_empty() {
                     kept.entry(id.clone()).or_insert(s);
                 }
                 ours.entry(id).or_insert(fd);
@@ -1016,9 +1075,10 @@ mod tests {
                         objects: 2,
                         abnormal: None,
                     }),
-                    Request::Descriptors => Response::Descriptors {
+                    Request::Descriptors { .. } => Response::Descriptors {
                         volumes: vec![],
                         secrets: vec![],
+                        more: false,
                     },
                     Request::Release { volume_id } => {
                         self.served.lock().retain(|v| v != volume_id);
@@ -1459,8 +1519,16 @@ mod tests {
         let core = s.plugin_process().with_keeper(socket.clone());
         let held_secrets = || {
             let k = KeeperClient::connect(&socket, Duration::from_secs(5)).unwrap();
-            match k.call(&KeeperRequest::Descriptors, &[]).unwrap() {
-                (KeeperResponse::Descriptors { volumes, secrets }, fds) => {
+            match k
+                .call(&KeeperRequest::Descriptors { after: None }, &[])
+                .unwrap()
+            {
+                (
+                    KeeperResponse::Descriptors {
+                        volumes, secrets, ..
+                    },
+                    fds,
+                ) => {
                     assert_eq!(volumes, ["v1"]);
                     assert_eq!(fds.len(), 1, "the connection comes back with its secrets");
                     secrets
