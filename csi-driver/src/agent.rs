@@ -949,6 +949,9 @@ pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
 pub fn serve_socket(agent: Arc<Agent>, listener: UnixListener) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
+        if !crate::fdpass::peer_allowed(&conn, "agent") {
+            continue; // dropped: closed unanswered
+        }
         let agent = agent.clone();
         std::thread::spawn(move || {
             loop {

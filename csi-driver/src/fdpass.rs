@@ -171,3 +171,59 @@ mod tests {
         assert_eq!(rest, "offset");
     }
 }
+
+/// Who is at the other end of a Unix socket (`SO_PEERCRED`, as it was at `connect`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+}
+
+/// The credentials of `sock`'s peer.
+pub fn peer_cred(sock: &impl AsRawFd) -> io::Result<PeerCred> {
+    // SAFETY: an all-zero ucred is valid; getsockopt writes at most `len` bytes into it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: as above; `cred` and `len` outlive the call.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(PeerCred {
+        pid: cred.pid,
+        uid: cred.uid,
+    })
+}
+
+/// Whether `sock`'s peer may use a node socket (the agent's or the keeper's): root (the
+/// CSI plugin runs as root) or this process's own user. Their socket files are 0600 in
+/// a root-only directory already; this holds even where a file mode or a mount gets
+/// that wrong. A refusal is logged with the peer's uid and pid.
+pub fn peer_allowed(sock: &impl AsRawFd, socket: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match peer_cred(sock) {
+        Ok(p) if p.uid == 0 || p.uid == me => true,
+        Ok(p) => {
+            tracing::warn!(
+                socket,
+                uid = p.uid,
+                pid = p.pid,
+                "refused a connection: only root (the CSI plugin) may use this socket"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(socket, error = %e, "refused a connection whose peer cannot be told");
+            false
+        }
+    }
+}

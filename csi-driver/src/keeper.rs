@@ -202,6 +202,9 @@ pub fn serve(keeper: Arc<Keeper>, listener: UnixListener) -> io::Result<()> {
         let Ok(conn) = conn else {
             continue;
         };
+        if !crate::fdpass::peer_allowed(&conn, "keeper") {
+            continue; // dropped: closed unanswered
+        }
         let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
         let k = keeper.clone();
         std::thread::Builder::new()

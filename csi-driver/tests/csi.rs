@@ -725,6 +725,64 @@ fn checking_a_held_but_unserved_connection_never_blocks() {
     assert!(!is_mounted(&target).unwrap());
 }
 
+/// The keeper's and the agent's sockets answer root only: with their file modes opened
+/// up on purpose, a process of uid 1000 that connects is refused unanswered (and the
+/// refusal logged with its uid), while root is served.
+#[test]
+fn the_node_sockets_refuse_a_peer_that_is_not_root() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let work = tempfile::tempdir().unwrap();
+    let paths = NodePaths::new(Path::new(env!("CARGO_BIN_EXE_tidepool")), work.path());
+    let keeper = paths.start_keeper();
+    let agent = paths.start_agent("64MiB");
+    let open_up = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    for dir in [work.path(), paths.keeper_socket.parent().unwrap()] {
+        open_up(dir, 0o755);
+    }
+    open_up(&paths.keeper_socket, 0o666);
+    open_up(&paths.agent_socket, 0o666);
+    // `tidepool keeper --check` is the client: it asks what is held. A copy in the
+    // work directory, which uid 1000 can reach wherever the build is.
+    let client = work.path().join("tidepool-client");
+    std::fs::copy(env!("CARGO_BIN_EXE_tidepool"), &client).unwrap();
+    open_up(&client, 0o755);
+    let check = |socket: &Path, uid: u32| {
+        std::process::Command::new(&client)
+            .args(["keeper", "--check", "--socket"])
+            .arg(socket)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap()
+    };
+    let out = check(&paths.keeper_socket, 1000);
+    assert!(!out.status.success(), "uid 1000 was served by the keeper");
+    let out = check(&paths.keeper_socket, 0);
+    assert!(
+        out.status.success(),
+        "root is served: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = check(&paths.agent_socket, 1000);
+    let refused = |log: String| {
+        log.lines()
+            .filter(|l| l.contains("refused a connection") && l.contains("uid=1000"))
+            .count()
+    };
+    assert!(
+        within(Duration::from_secs(10), || (refused(keeper.log()) == 1
+            && refused(agent.log()) == 1)
+            .then_some(()))
+        .is_some(),
+        "each refusal logged once, with the peer's uid\nkeeper:\n{}\nagent:\n{}",
+        keeper.log(),
+        agent.log()
+    );
+}
+
 /// csi-sanity cases that need a Controller service (CreateVolume and the like).
 const SANITY_SKIP: &str = "Controller Server|should work|should be idempotent|should remove target path|volume does not exist on the specified path|NodeExpandVolume|NodeStageVolume should fail when no volume capability";
 

@@ -559,6 +559,8 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
             "--node-id=$(NODE_NAME)",
             "--agent-socket=/var/lib/tidepool/agent.sock",
             "--state-dir=/var/lib/tidepool/csi",
+            "--keeper-socket=/var/lib/tidepool/keeper/keeper.sock",
+            // A keeper of an earlier release, until its pod is replaced.
             "--keeper-socket=/var/lib/tidepool/keeper.sock",
             "--log=warn,tidepool_csi=info"
         ]
@@ -588,10 +590,25 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
         args(keeper),
         [
             "keeper",
-            "--socket=/var/lib/tidepool/keeper.sock",
+            "--socket=/var/lib/tidepool/keeper/keeper.sock",
             "--log=warn,tidepool_csi=info"
         ]
     );
+    // Its socket's directory only: none of the pool's data.
+    let mounts: Vec<(&str, &str)> = keeper
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert_eq!(mounts, [("keeper-dir", "/var/lib/tidepool/keeper")]);
+    let host: Vec<String> = kp
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.host_path.as_ref().map(|h| h.path.clone()))
+        .collect();
+    assert_eq!(host, ["/var/lib/tidepool/keeper"]);
     assert_eq!(
         keeper
             .liveness_probe
@@ -603,7 +620,7 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
                 "tidepool",
                 "keeper",
                 "--check",
-                "--socket=/var/lib/tidepool/keeper.sock"
+                "--socket=/var/lib/tidepool/keeper/keeper.sock"
             ]
             .map(String::from)
             .to_vec()
@@ -2406,50 +2423,53 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
             .unwrap();
         Client::try_from(config).unwrap()
     };
+    // Every attempt is a dry run (it passes authorization and admission, and nothing is
+    // stored), repeated until refused: an admission policy takes effect a moment after
+    // it is created, and the chart was installed just now.
+    let attack = PatchParams::apply("attacker").force().dry_run();
     let roles: Api<Role> = Api::namespaced(as_operator.clone(), "kube-system");
     let rule = |resource: &str, verb: &str, names: &[&str]| json!({"apiGroups": [""], "resources": [resource], "verbs": [verb], "resourceNames": names});
-    let try_role = |name: &str, rules: Value| {
-        let roles = roles.clone();
+    let refused_role = |name: &str, rules: Value, why: &'static str, says: &'static str| {
+        let (roles, attack) = (roles.clone(), attack.clone());
         let name = name.to_owned();
         async move {
             let body = json!({
                 "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                 "metadata": {"name": name, "namespace": "kube-system"}, "rules": rules,
             });
-            roles
-                .patch(
-                    &name,
-                    &PatchParams::apply("attacker").force(),
-                    &Patch::Apply(&body),
-                )
-                .await
+            let s = eventually(Duration::from_secs(30), why, || async {
+                match roles.patch(&name, &attack, &Patch::Apply(&body)).await {
+                    Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => Some(s),
+                    Ok(_) => None,
+                    Err(e) => panic!("{why}: {e}"),
+                }
+            })
+            .await;
+            assert!(s.message.contains(says), "{why}: {s:?}");
         }
     };
-    let refused = |r: Result<Role, kube::Error>, why: &str, says: &str| match r {
-        Err(kube::Error::Api(s)) => assert!(
-            (s.code == 403 || s.code == 422) && s.message.contains(says),
-            "{why}: {s:?}"
-        ),
-        other => panic!("{why}: not refused: {other:?}"),
-    };
-    refused(
-        try_role(
-            "admin-of-kube-system",
-            json!([rule("secrets", "get", &["x"])]),
-        )
-        .await,
-        "a Role of another name",
+    refused_role(
+        "admin-of-kube-system",
+        json!([rule("secrets", "get", &["x"])]),
+        "a Role of another name refused",
         "cannot patch resource \"roles\"",
-    );
-    let policy = "may only allow get of named Secrets";
-    let r = try_role(&grant, json!([rule("pods", "get", &["x"])])).await;
-    refused(r, "the grant's name with another rule", policy);
-    let r = try_role(
-        &grant,
-        json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]),
     )
     .await;
-    refused(r, "the grant's name with every Secret", policy);
+    let policy = "may only allow get of named Secrets";
+    refused_role(
+        &grant,
+        json!([rule("pods", "get", &["x"])]),
+        "the grant's name with another rule refused",
+        policy,
+    )
+    .await;
+    refused_role(
+        &grant,
+        json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]),
+        "the grant's name with every Secret refused",
+        policy,
+    )
+    .await;
     let bindings: Api<RoleBinding> = Api::namespaced(as_operator.clone(), ns);
     let body = json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -2457,22 +2477,23 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": grant},
         "subjects": [{"kind": "ServiceAccount", "name": "tidepool-operator", "namespace": NS}],
     });
-    match bindings
-        .patch(
-            &grant,
-            &PatchParams::apply("attacker").force(),
-            &Patch::Apply(&body),
-        )
-        .await
-    {
-        Err(kube::Error::Api(s)) => assert!(
-            (s.code == 403 || s.code == 422)
-                && s.message
-                    .contains("may only bind its Role to the node pods' service account"),
-            "{s:?}"
-        ),
-        other => panic!("binding the grant to the operator was not refused: {other:?}"),
-    }
+    let s = eventually(
+        Duration::from_secs(30),
+        "binding the grant to the operator refused",
+        || async {
+            match bindings.patch(&grant, &attack, &Patch::Apply(&body)).await {
+                Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => Some(s),
+                Ok(_) => None,
+                Err(e) => panic!("{e}"),
+            }
+        },
+    )
+    .await;
+    assert!(
+        s.message
+            .contains("may only bind its Role to the node pods' service account"),
+        "{s:?}"
+    );
     assert!(!can(&client, op_sa, "get", "secrets", ns, Some("nope")).await);
 
     // Deleting releases everything (the operator deletes PV and PVC, removes the

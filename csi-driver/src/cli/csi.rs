@@ -38,9 +38,11 @@ pub struct CsiArgs {
     /// The `tidepool keeper` socket: the plugin keeps a copy of every volume's FUSE
     /// connection there and takes them back when it starts, so volumes survive the
     /// replacement of the node pod (the keeper runs in a pod of its own). Without it,
-    /// a replaced node pod ends the connections of every volume on the node.
+    /// a replaced node pod ends the connections of every volume on the node. Given
+    /// more than once, the first that answers is used (e.g. the keeper's socket, then
+    /// where a keeper of an earlier release listens until its pod is replaced).
     #[arg(long, value_name = "PATH")]
-    pub keeper_socket: Option<PathBuf>,
+    pub keeper_socket: Vec<PathBuf>,
 }
 
 fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
@@ -67,7 +69,7 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         }),
         records,
     );
-    if let Some(k) = &args.keeper_socket {
+    for k in &args.keeper_socket {
         core = core.with_keeper(k.clone());
     }
     let core = Arc::new(core);

@@ -14,11 +14,12 @@ use crate::keeper::{Keeper, KeeperClient, KeeperRequest, KeeperResponse};
 
 #[derive(Args, Debug)]
 pub struct KeeperArgs {
-    /// Where the CSI plugin reaches the keeper (mode 0600; give the plugin the same
-    /// path with `tidepool csi --keeper-socket`).
+    /// Where the CSI plugin reaches the keeper (mode 0600, in a directory made 0700:
+    /// give the keeper a directory of its own; give the plugin the same path with
+    /// `tidepool csi --keeper-socket`). Only root may connect.
     #[arg(
         long,
-        default_value = "/var/lib/tidepool/keeper.sock",
+        default_value = "/var/lib/tidepool/keeper/keeper.sock",
         value_name = "PATH"
     )]
     pub socket: PathBuf,
@@ -47,6 +48,9 @@ pub async fn run(args: KeeperArgs) -> anyhow::Result<()> {
     let sock = args.socket.clone();
     if let Some(dir) = sock.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Root only: the socket hands out every volume's connection.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} 0700", dir.display()))?;
     }
     // A keeper still answering there holds connections: starting a second one would
     // make the plugin feed two. A dead one's socket file is only a file.

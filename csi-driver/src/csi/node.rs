@@ -233,7 +233,8 @@ pub struct NodeCore {
     repair_failures: Mutex<HashMap<String, String>>,
     /// The keeper's socket (`crate::keeper`): a third holder of the descriptors, in a
     /// pod of its own, so the connections outlive the node pod.
-    keeper: Option<PathBuf>,
+    /// Where a keeper may listen, in order of preference.
+    keeper: Vec<PathBuf>,
     /// A fingerprint of the stage secrets the keeper was last given for each volume:
     /// secrets rotated by a repeated `NodeStageVolume` are given to it again.
     keeper_secrets: Mutex<HashMap<String, u64>>,
@@ -318,26 +319,28 @@ impl NodeCore {
             fds: Mutex::new(HashMap::new()),
             secrets: Mutex::new(HashMap::new()),
             repair_failures: Mutex::new(HashMap::new()),
-            keeper: None,
+            keeper: Vec::new(),
             keeper_secrets: Mutex::new(HashMap::new()),
         }
     }
 
     /// Also keeps the descriptors with the keeper at `socket` (see [`Self::keep_keeper_fed`]).
+    /// Adds a place where a keeper may listen (the first that answers is used).
     pub fn with_keeper(mut self, socket: PathBuf) -> Self {
-        self.keeper = Some(socket);
+        self.keeper.push(socket);
         self
     }
 
     fn keeper(&self) -> Option<crate::keeper::KeeperClient> {
-        let path = self.keeper.as_ref()?;
-        match crate::keeper::KeeperClient::connect(path, Duration::from_secs(10)) {
-            Ok(k) => Some(k),
-            Err(e) => {
-                tracing::debug!(error = %e, "keeper not reachable");
-                None
+        for path in &self.keeper {
+            match crate::keeper::KeeperClient::connect(path, Duration::from_secs(10)) {
+                Ok(k) => return Some(k),
+                Err(e) => {
+                    tracing::debug!(socket = %path.display(), error = %e, "keeper not reachable")
+                }
             }
         }
+        None
     }
 
     /// Every second: the keeper holds a descriptor of every volume we hold one of, with

@@ -54,7 +54,7 @@ impl NodePaths {
             pool: work.join("pool"),
             agent_socket: work.join("agent.sock"),
             csi_socket: work.join("csi.sock"),
-            keeper_socket: work.join("keeper.sock"),
+            keeper_socket: work.join("keeper/keeper.sock"),
             state: work.join("csi-state"),
             node: "test-node".to_owned(),
         }
