@@ -45,6 +45,10 @@ struct Args {
     /// (the chart allows the operator `escalate` and `bind` for this name only).
     #[arg(long, default_value = "tidepool-node-credentials")]
     node_grant_name: String,
+    /// Write each namespace's grant again after this long, changed or not, so that a
+    /// Role or RoleBinding deleted or edited by hand comes back (e.g. 10m).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    node_grant_resync: Duration,
 }
 
 fn namespaced_name(s: &str) -> Result<(String, String), String> {
@@ -123,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
                 node_namespace: namespace,
                 node_service_account: name,
                 name: args.node_grant_name,
+                resync: args.node_grant_resync,
             }),
     };
     run(config).await?;

@@ -45,11 +45,14 @@ pub struct GrantsConfig {
     pub node_service_account: String,
     /// Name of the Role and RoleBinding in each workload namespace.
     pub name: String,
+    /// A namespace's grant is written again after this long even when nothing changed
+    /// (at its objects' next reconcile), so that a Role or RoleBinding deleted or
+    /// edited by hand comes back.
+    pub resync: Duration,
 }
 
-/// A namespace's grant is written again after this long even when nothing changed, so
-/// that a Role or RoleBinding deleted by hand comes back.
-pub const REWRITE_AFTER: Duration = Duration::from_secs(600);
+/// The default of [`GrantsConfig::resync`].
+pub const RESYNC: Duration = Duration::from_secs(600);
 
 /// What this process wrote, and which objects it released.
 #[derive(Default)]
@@ -197,7 +200,7 @@ pub async fn sync_namespace<K: Reconciled>(
     let want = wanted(&namespace, &datasets, &checkpoints, releasing);
     if let Some((w, at)) = state.written.get(&namespace)
         && *w == want
-        && at.elapsed() < REWRITE_AFTER
+        && at.elapsed() < config.resync
     {
         return Ok(());
     }
@@ -306,6 +309,7 @@ mod tests {
             node_namespace: "tidepool-system".into(),
             node_service_account: "tidepool-node".into(),
             name: "tidepool-node-credentials".into(),
+            resync: RESYNC,
         };
         let d1 = dataset("team-a", "d1", json!({"secretRef": {"name": "lake-a"}}));
         let role = role(&config, "team-a", &wanted("team-a", &[&d1], &[], None));
