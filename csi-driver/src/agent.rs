@@ -945,30 +945,24 @@ pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the socket until the listener fails; one thread per connection.
+/// Serves the socket until the listener fails: a thread per connection, at most
+/// [`protocol::MAX_CLIENTS`] at once, root peers only.
 pub fn serve_socket(agent: Arc<Agent>, listener: UnixListener) {
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        if !crate::fdpass::peer_allowed(&conn, "agent") {
-            continue; // dropped: closed unanswered
-        }
-        let agent = agent.clone();
-        std::thread::spawn(move || {
-            loop {
-                let (req, fds) = match protocol::read_frame::<Request>(&conn) {
-                    Ok(Some(x)) => x,
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "agent socket connection ended");
-                        return;
-                    }
-                };
-                let (resp, out) = agent.handle(req, fds);
-                let raw: Vec<i32> = out.iter().map(|f| f.as_raw_fd()).collect();
-                if protocol::write_frame(&conn, &resp, &raw).is_err() {
+    protocol::serve_clients(listener, "agent", protocol::MAX_CLIENTS, move |conn| {
+        loop {
+            let (req, fds) = match protocol::read_frame::<Request>(&conn) {
+                Ok(Some(x)) => x,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "agent socket connection ended");
                     return;
                 }
+            };
+            let (resp, out) = agent.handle(req, fds);
+            let raw: Vec<i32> = out.iter().map(|f| f.as_raw_fd()).collect();
+            if protocol::write_frame(&conn, &resp, &raw).is_err() {
+                return;
             }
-        });
-    }
+        }
+    });
 }

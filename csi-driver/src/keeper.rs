@@ -196,21 +196,14 @@ impl Keeper {
     }
 }
 
-/// Serves the keeper on `listener` until the process ends (a thread per client).
+/// Serves the keeper on `listener` until the process ends: a thread per client, at
+/// most `MAX_CLIENTS` at once, root peers only.
 pub fn serve(keeper: Arc<Keeper>, listener: UnixListener) -> io::Result<()> {
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else {
-            continue;
-        };
-        if !crate::fdpass::peer_allowed(&conn, "keeper") {
-            continue; // dropped: closed unanswered
-        }
+    use crate::agent::protocol::{MAX_CLIENTS, serve_clients};
+    serve_clients(listener, "keeper", MAX_CLIENTS, move |conn| {
         let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
-        let k = keeper.clone();
-        std::thread::Builder::new()
-            .name("keeper-client".into())
-            .spawn(move || k.serve_connection(conn))?;
-    }
+        keeper.serve_connection(conn)
+    });
     Ok(())
 }
 

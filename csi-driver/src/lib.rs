@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod csi;
 pub mod csi_proto;
+pub mod durable;
 pub mod fdpass;
 pub mod fs;
 pub mod fuse;

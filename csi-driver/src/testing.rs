@@ -5,6 +5,7 @@
 //! `tidepool` binary's data path.
 
 pub mod azurite;
+pub mod disk;
 pub mod fault_proxy;
 pub mod lake_check;
 pub mod mount_process;

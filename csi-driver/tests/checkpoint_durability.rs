@@ -6,8 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +20,7 @@ use tidepool_csi::checkpoint::tree::{StepEvents, TreeEvent};
 use tidepool_csi::checkpoint::upload::UploadConfig;
 use tidepool_csi::lake::faults::{Fault, FaultyLake};
 use tidepool_csi::lake::{Lake, Op, PutOptions};
+use tidepool_csi::testing::disk::LoopExt4;
 use tidepool_csi::testing::lake_check::{check_destination, check_manifests, get_all, md5_of};
 use tidepool_csi::testing::{Azurite, pattern};
 
@@ -626,81 +626,6 @@ async fn a_rewrite_torn_by_a_crash_is_never_committed_by_the_old_marker() {
     s.stop().await;
 }
 
-/// A small ext4 file system on a loop device, and what it would hold after a power
-/// loss at any moment: a copy of its device image, taken while it is mounted, holds
-/// exactly the blocks the file system had written to the device, nothing still in its
-/// page cache. Mounting the copy replays its journal, as a reboot would.
-struct LoopExt4 {
-    dir: tempfile::TempDir,
-    mnt: PathBuf,
-    dev: String,
-}
-
-impl LoopExt4 {
-    fn new() -> LoopExt4 {
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("disk.img");
-        fs::File::create(&img).unwrap().set_len(256 << 20).unwrap();
-        run("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
-        let mnt = dir.path().join("mnt");
-        fs::create_dir(&mnt).unwrap();
-        let dev = attach(&img);
-        // A long journal interval: nothing reaches the device unless synced.
-        run("mount", &["-o", "commit=600", &dev, mnt.to_str().unwrap()]);
-        LoopExt4 { dir, mnt, dev }
-    }
-
-    /// The file system as a power loss now would leave it, mounted at the returned
-    /// path.
-    fn after_power_loss(&self) -> LoopExt4 {
-        let copy = tempfile::tempdir().unwrap();
-        let img = copy.path().join("disk.img");
-        fs::copy(self.dir.path().join("disk.img"), &img).unwrap();
-        let mnt = copy.path().join("mnt");
-        fs::create_dir(&mnt).unwrap();
-        let dev = attach(&img);
-        run("mount", &[&dev, mnt.to_str().unwrap()]);
-        LoopExt4 {
-            dir: copy,
-            mnt,
-            dev,
-        }
-    }
-}
-
-impl Drop for LoopExt4 {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {} (needs root and loop devices)",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn attach(img: &Path) -> String {
-    let out = Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(img)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "losetup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 /// Finding 4: a commit's data is on stable storage before its commit record. After a
 /// power loss right after the commit, the committed files are whole and the step
 /// becomes durable with exactly their bytes.
@@ -741,4 +666,49 @@ async fn a_commit_survives_a_power_loss_right_after_it() {
         );
     }
     s.stop().await;
+}
+
+/// The CSI plugin's record of a staged and published volume is on stable storage when
+/// the call answers: after a power loss it is there, whole (so the plugin binds its
+/// targets again), and a record removed at unstage stays removed.
+#[test]
+fn the_plugins_records_survive_a_power_loss() {
+    use tidepool_api::volume::{VolumeAttributes, VolumeKind};
+    use tidepool_csi::csi::node::{Records, Staged};
+    let disk = LoopExt4::new();
+    let records = Records::new(disk.mnt.join("csi")).unwrap();
+    let staged = |id: &str| Staged {
+        volume_id: id.into(),
+        staging_path: format!("/var/lib/kubelet/plugins/x/{id}/globalmount").into(),
+        attributes: VolumeAttributes {
+            kind: VolumeKind::CheckpointSync,
+            namespace: "ml".into(),
+            name: id.into(),
+            uid: format!("uid-{id}"),
+            url: "https://acct.blob.core.windows.net/c/ckpt".into(),
+            prefetch: Default::default(),
+            refresh: Default::default(),
+            pinned: false,
+        },
+        targets: [format!("/var/lib/kubelet/pods/p/{id}/mount").into()].into(),
+        read_only_targets: Default::default(),
+    };
+    records.put(&staged("kept")).unwrap();
+    records.put(&staged("gone")).unwrap();
+    {
+        // Both on disk before the second is removed.
+        let after = disk.after_power_loss();
+        let r = Records::new(after.mnt.join("csi")).unwrap();
+        assert_eq!(r.get("gone"), Some(staged("gone")));
+    }
+    records.remove("gone").unwrap();
+    let after = disk.after_power_loss();
+    let r = Records::new(after.mnt.join("csi")).unwrap();
+    assert_eq!(
+        r.get("kept"),
+        Some(staged("kept")),
+        "the record survived, whole"
+    );
+    assert_eq!(r.get("gone"), None, "the removal survived");
+    assert_eq!(r.all(), [staged("kept")]);
 }

@@ -37,7 +37,7 @@ use tidepool_api::volume::{VolumeAttributes, VolumeKind};
 
 use super::protocol::StageSecrets;
 use super::{Agent, AgentError, checkpoints, credentials_from_secret, datasets};
-use crate::checkpoint::journal::{private_dir, write_atomic_private};
+use crate::durable::{private_dir, write_atomic_private};
 use crate::lake::credentials::WorkloadIdentity;
 use crate::lake::{Credentials, LakeUrl};
 

@@ -161,6 +161,60 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
 }
 
 /// What a lockstep client talks to: its request type names the peer in errors.
+/// Most connections a node socket (the agent's, the keeper's) serves at once: the
+/// plugin connects once per call, so this is how many of its calls run together. More
+/// wait in the socket's backlog until one ends, rather than each taking a thread.
+pub const MAX_CLIENTS: usize = 128;
+
+/// A connection that sends nothing for this long is closed (the plugin sends its
+/// request at once; a client that stalls would hold a slot).
+pub const IDLE_CLIENT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Serves the connections of `listener`, each on a thread of its own, at most `max` at
+/// once, refusing peers that are not root ([`fdpass::peer_allowed`]); runs until the
+/// listener fails.
+pub fn serve_clients(
+    listener: std::os::unix::net::UnixListener,
+    socket: &'static str,
+    max: usize,
+    serve: impl Fn(UnixStream) + Send + Sync + 'static,
+) {
+    let serve = std::sync::Arc::new(serve);
+    let slots = std::sync::Arc::new((parking_lot::Mutex::new(0usize), parking_lot::Condvar::new()));
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        if !fdpass::peer_allowed(&conn, socket) {
+            continue; // dropped: closed unanswered
+        }
+        let _ = conn.set_read_timeout(Some(IDLE_CLIENT));
+        {
+            let (busy, freed) = &*slots;
+            let mut busy = busy.lock();
+            while *busy >= max {
+                freed.wait(&mut busy);
+            }
+            *busy += 1;
+        }
+        let (serve, slot) = (serve.clone(), slots.clone());
+        let release = move || {
+            let (busy, freed) = &*slot;
+            *busy.lock() -= 1;
+            freed.notify_one();
+        };
+        let release2 = release.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{socket}-client"))
+            .spawn(move || {
+                serve(conn);
+                release();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(socket, error = %e, "cannot start a thread for a connection; closed it");
+            release2();
+        }
+    }
+}
+
 pub trait Peer: Serialize {
     /// The peer as errors name it ("node agent").
     const NAME: &'static str;
@@ -252,5 +306,52 @@ mod tests {
         assert_eq!((got, fds.len()), (Request::Ping, 0));
         drop(a);
         assert!(read_frame::<Request>(&b).unwrap().is_none());
+    }
+
+    /// No more than `max` connections are served at once; the others wait (none is
+    /// refused or lost) and are served as slots free up.
+    #[test]
+    fn connections_beyond_the_limit_wait_for_a_slot() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, mpsc};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let served = Arc::new(AtomicUsize::new(0));
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = Arc::new(parking_lot::Mutex::new(go_rx));
+        {
+            let (running, most, served) = (running.clone(), most.clone(), served.clone());
+            std::thread::spawn(move || {
+                serve_clients(listener, "test", 4, move |_conn| {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    go_rx.lock().recv().unwrap();
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    served.fetch_add(1, Ordering::SeqCst);
+                })
+            });
+        }
+        let clients: Vec<UnixStream> = (0..10)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        let wait_for = |what: &dyn Fn() -> bool| {
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !what() {
+                assert!(std::time::Instant::now() < end, "timed out");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        };
+        wait_for(&|| running.load(Ordering::SeqCst) == 4);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(running.load(Ordering::SeqCst), 4, "the fifth waits");
+        for _ in 0..10 {
+            go_tx.send(()).unwrap();
+        }
+        wait_for(&|| served.load(Ordering::SeqCst) == 10);
+        assert_eq!(most.load(Ordering::SeqCst), 4);
+        drop(clients);
     }
 }

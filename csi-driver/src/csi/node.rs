@@ -138,8 +138,9 @@ pub struct Records {
 }
 
 impl Records {
+    /// Opens (creating) the records in `dir`, a directory only root may open.
     pub fn new(dir: PathBuf) -> io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
+        crate::durable::private_dir(&dir)?;
         Ok(Records { dir })
     }
 
@@ -157,17 +158,18 @@ impl Records {
             .filter(|s| s.volume_id == volume_id)
     }
 
+    /// Records `s` durably (synced, renamed into place, the directory synced) before
+    /// the call that staged or published it answers: after a power loss the record is
+    /// there, whole, so its targets are bound again.
     pub fn put(&self, s: &Staged) -> io::Result<()> {
         let p = self.path(&s.volume_id);
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(s).map_err(io::Error::other)?)?;
-        std::fs::rename(&tmp, &p)
+        crate::durable::write_atomic_private(&p, &serde_json::to_vec(s).map_err(io::Error::other)?)
     }
 
     pub fn remove(&self, volume_id: &str) -> io::Result<()> {
         match std::fs::remove_file(self.path(volume_id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            _ => crate::durable::sync_dir(&self.dir),
         }
     }
 
@@ -695,6 +697,18 @@ impl NodeCore {
         }
         let _busy = self.lock(volume_id)?;
         if let Some(rec) = self.records.get(volume_id) {
+            // Another path is not this volume's: unmounting it could take away a mount
+            // that belongs to something else.
+            if rec.staging_path != staging_path {
+                return Err(fail(
+                    Code::InvalidArgument,
+                    format!(
+                        "volume {volume_id} is staged at {}, not at {}; nothing was unmounted",
+                        rec.staging_path.display(),
+                        staging_path.display()
+                    ),
+                ));
+            }
             for t in &rec.targets {
                 if self.mounter.is_mounted(t).unwrap_or(true) {
                     return Err(fail(
@@ -1200,6 +1214,30 @@ mod tests {
             s.core.unstage("v1", &s.staging()).unwrap();
         }
         assert!(s.mounter.table.lock().is_empty(), "nothing left mounted");
+    }
+
+    #[test]
+    fn unstage_at_another_path_is_refused_and_unmounts_nothing() {
+        let s = setup();
+        s.stage().unwrap();
+        let elsewhere = s.dir.path().join("elsewhere");
+        s.mounter
+            .table
+            .lock()
+            .insert(elsewhere.clone(), FakeMount::Fuse);
+        let e = s.core.unstage("v1", &elsewhere).unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument, "{e}");
+        assert!(e.message.contains("is staged at"), "{e}");
+        let table = s.mounter.table.lock().clone();
+        assert!(
+            table.contains_key(&elsewhere),
+            "the other mount is left alone"
+        );
+        assert!(table.contains_key(&s.staging()), "the volume stays staged");
+        assert!(s.core.records.get("v1").is_some());
+        // Its own path unstages it.
+        s.core.unstage("v1", &s.staging()).unwrap();
+        assert!(s.core.records.get("v1").is_none());
     }
 
     #[test]
