@@ -434,51 +434,102 @@ fn serve_queue(worker: Worker, dev: RawFd, qid: u16, payload_len: usize) -> io::
         s[32..40].copy_from_slice(&WAKE.to_le_bytes());
         ring.push(&s)
     };
-    assert!(arm_wake(&mut ring, &mut wake_buf));
+    let mut wake_armed = arm_wake(&mut ring, &mut wake_buf);
+    assert!(wake_armed);
     let mut done = Vec::new();
     let mut msg = Vec::with_capacity(4096);
     let mut first_error: Option<i32> = None;
-    loop {
-        ring.enter(1)?;
-        done.clear();
-        ring.reap(&mut done);
-        for &(ud, res) in &done {
-            if ud == WAKE {
-                arm_wake(&mut ring, &mut wake_buf);
-                continue;
+    // The kernel writes requests into the entries' buffers and the eventfd's count into
+    // `wake_buf` for as long as their operations are outstanding, and a closed ring
+    // cancels them only after this thread has gone. So none of that memory may be freed
+    // before every operation on it has completed: at the end the eventfd read is
+    // completed and reaped, and on a failure with entries perhaps still registered the
+    // buffers are leaked (one queue's, once) rather than freed under the kernel.
+    let outcome = (|| -> io::Result<Option<i32>> {
+        let mut abandoned = false;
+        loop {
+            ring.enter(1)?;
+            done.clear();
+            ring.reap(&mut done);
+            for &(ud, res) in &done {
+                if ud == WAKE {
+                    wake_armed = arm_wake(&mut ring, &mut wake_buf);
+                    continue;
+                }
+                let i = ud as usize;
+                if res < 0 {
+                    // The connection ended (ENOTCONN), or the kernel refused the entry:
+                    // either way it holds the entry no longer.
+                    entries[i].live = false;
+                    first_error.get_or_insert(-res);
+                    continue;
+                }
+                let e = &mut entries[i];
+                let reply = handle_entry(&worker, e, &mailbox, i as u32, &mut msg);
+                if let Some((unique, r)) = reply {
+                    abandoned |= !commit(&mut ring, dev, qid, &mut entries[i], i, unique, r);
+                }
             }
-            let i = ud as usize;
-            if res < 0 {
-                // The connection ended (ENOTCONN), or the kernel refused the entry.
-                entries[i].live = false;
-                first_error.get_or_insert(-res);
-                continue;
+            let posted = std::mem::take(&mut *mailbox.posted.lock());
+            for (i, unique, r) in posted {
+                abandoned |= !commit(
+                    &mut ring,
+                    dev,
+                    qid,
+                    &mut entries[i as usize],
+                    i as usize,
+                    unique,
+                    r,
+                );
             }
-            let e = &mut entries[i];
-            let reply = handle_entry(&worker, e, &mailbox, i as u32, &mut msg);
-            if let Some((unique, r)) = reply {
-                commit(&mut ring, dev, qid, &mut entries[i], i, unique, r);
+            if abandoned {
+                return Err(io::Error::other(
+                    "cannot submit to the queue's ring; its entries stay with the kernel",
+                ));
+            }
+            if entries.iter().all(|e| !e.live) {
+                return Ok(first_error);
             }
         }
-        let posted = std::mem::take(&mut *mailbox.posted.lock());
-        for (i, unique, r) in posted {
-            commit(
-                &mut ring,
-                dev,
-                qid,
-                &mut entries[i as usize],
-                i as usize,
-                unique,
-                r,
-            );
+    })();
+    match outcome {
+        Ok(first_error) if !wake_armed || drain_wake(&mut ring, &mailbox) => match first_error {
+            Some(libc::ENOTCONN) | Some(libc::ENODEV) | Some(libc::ECANCELED) | None => Ok(()),
+            Some(e) => Err(io::Error::from_raw_os_error(e)),
+        },
+        Ok(_) => {
+            // Every entry is back, but the eventfd read would not complete.
+            std::mem::forget(wake_buf);
+            Ok(())
         }
-        if entries.iter().all(|e| !e.live) {
-            return match first_error {
-                Some(libc::ENOTCONN) | Some(libc::ENODEV) | Some(libc::ECANCELED) | None => Ok(()),
-                Some(e) => Err(io::Error::from_raw_os_error(e)),
-            };
+        Err(e) => {
+            let leaked = entries.len() * (HEADER_LEN + payload_len);
+            tracing::error!(queue = qid, error = %e, leaked_bytes = leaked, "FUSE over io_uring: this queue failed with requests perhaps still in the kernel; its buffers are left to the kernel, and requests from this CPU may wait until the volume is mounted again");
+            std::mem::forget(entries);
+            std::mem::forget(wake_buf);
+            Err(e)
         }
     }
+}
+
+/// Completes the queue's outstanding eventfd read (by signalling the eventfd) and reaps
+/// it, so that its buffer can be freed; false if the ring would not say it completed.
+fn drain_wake(ring: &mut Ring, mailbox: &Mailbox) -> bool {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: write(2) of 8 bytes we own to the eventfd.
+    let _ = unsafe { libc::write(mailbox.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    let mut done = Vec::new();
+    for _ in 0..64 {
+        if ring.enter(1).is_err() {
+            return false;
+        }
+        done.clear();
+        ring.reap(&mut done);
+        if done.iter().any(|&(ud, _)| ud == WAKE) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Hands the request in entry `e` to the file system; returns the answer if it was
@@ -518,7 +569,8 @@ fn handle_entry(
         .map(|r| (unique, r))
 }
 
-/// Writes the answer into entry `i` and queues its COMMIT_AND_FETCH.
+/// Writes the answer into entry `i` and queues its COMMIT_AND_FETCH; false if the ring
+/// would take no submission (the entry is then lost to this queue, still registered).
 fn commit(
     ring: &mut Ring,
     dev: RawFd,
@@ -527,9 +579,9 @@ fn commit(
     i: usize,
     unique: u64,
     r: Result<Vec<u8>, Errno>,
-) {
+) -> bool {
     if !e.live {
-        return;
+        return true;
     }
     let (error, data): (i32, &[u8]) = match &r {
         Ok(d) if d.len() <= e.payload.len() => (0, d),
@@ -554,7 +606,8 @@ fn commit(
         // Full of submissions not yet entered: submit them first.
         if ring.enter(0).is_err() {
             e.live = false;
-            return;
+            return false;
         }
     }
+    true
 }
