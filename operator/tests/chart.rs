@@ -2036,6 +2036,8 @@ async fn installs_upgrades_and_uninstalls_on_a_real_api_server() {
 
 /// What a SubjectAccessReview answers: may `user` (a service account's user name, with
 /// the groups every service account has) do `verb` on `resource` (`name`) in `namespace`?
+/// `resource` is written as kubectl does: `secrets`, `serviceaccounts/token`,
+/// `roles.rbac.authorization.k8s.io`.
 async fn can(
     client: &Client,
     user: &str,
@@ -2047,8 +2049,13 @@ async fn can(
     use k8s_openapi::api::authorization::v1::{
         ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
     };
+    // "resource[.group][/subresource]", as kubectl writes it.
     let (resource, subresource) = match resource.split_once('/') {
         Some((r, s)) => (r, Some(s.to_owned())),
+        None => (resource, None),
+    };
+    let (resource, group) = match resource.split_once('.') {
+        Some((r, g)) => (r, Some(g.to_owned())),
         None => (resource, None),
     };
     let sa_ns = user.split(':').nth(2).unwrap_or_default();
@@ -2061,6 +2068,7 @@ async fn can(
                 "system:authenticated".into(),
             ]),
             resource_attributes: Some(ResourceAttributes {
+                group,
                 verb: Some(verb.to_owned()),
                 resource: Some(resource.to_owned()),
                 subresource,
@@ -2525,6 +2533,109 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
     );
     assert!(!can(&client, op_sa, "get", "secrets", ns, Some("nope")).await);
 
+    // rbac.workloadNamespaces: the operator may grant in ml-rbac only. A DatasetCache
+    // elsewhere is still assigned, and its status quotes its node: forbidden. (From
+    // here the operator's log says so too: it is checked up to here.)
+    let operator_log_before = operator.log().len();
+    let upgraded = release(
+        &helm,
+        "upgrade",
+        &cp.kubeconfig,
+        "tidepool",
+        &json!({"rbac": {"workloadNamespaces": [ns]}}),
+    );
+    assert_eq!(upgraded["status"], "deployed", "{upgraded}");
+    // The authorizer sees the new bindings a moment after they are written.
+    eventually(
+        Duration::from_secs(30),
+        "the operator's grant rights in ml-rbac only",
+        || async {
+            let elsewhere = can(
+                &client,
+                op_sa,
+                "patch",
+                "roles",
+                "ml-elsewhere",
+                Some(&grant),
+            );
+            let here = can(
+                &client,
+                op_sa,
+                "patch",
+                "roles.rbac.authorization.k8s.io",
+                ns,
+                Some(&grant),
+            );
+            (!elsewhere.await && here.await).then_some(())
+        },
+    )
+    .await;
+    create_namespace(&client, "ml-elsewhere").await;
+    let elsewhere: Api<DatasetCache> = Api::namespaced(client.clone(), "ml-elsewhere");
+    elsewhere
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "tidepool.dev/v1alpha1", "kind": "DatasetCache",
+                "metadata": {"name": "outside", "namespace": "ml-elsewhere"},
+                "spec": {
+                    "source": {"url": "http://127.0.0.1:9/data/set",
+                               "credentials": {"secretRef": {"name": "lake"}}},
+                    "nodeSelector": {"matchLabels": {"gpu": "a100"}},
+                },
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let ready = eventually(
+        Duration::from_secs(60),
+        "the outside DatasetCache's Ready condition quoting its node",
+        || async {
+            let d = elsewhere.get("outside").await.unwrap();
+            let c = d
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            c.message.contains(&format!("node {node}:")).then_some(c)
+        },
+    )
+    .await;
+    assert!(
+        ready.message.contains("forbidden") && ready.message.contains("Secret ml-elsewhere/lake"),
+        "{}",
+        ready.message
+    );
+    assert!(
+        !can(
+            &client,
+            node_sa,
+            "get",
+            "secrets",
+            "ml-elsewhere",
+            Some("lake")
+        )
+        .await
+    );
+    elsewhere
+        .delete("outside", &Default::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the outside DatasetCache gone",
+        || async {
+            elsewhere
+                .get_opt("outside")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+
     // Deleting releases everything (the operator deletes PV and PVC, removes the
     // assignments and its finalizer).
     for name in ["with-secret", "with-identity"] {
@@ -2589,7 +2700,7 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
             .unwrap()
             .is_none()
     );
-    for (p, upto) in [(&operator, usize::MAX), (&agent, agent_log_before)] {
+    for (p, upto) in [(&operator, operator_log_before), (&agent, agent_log_before)] {
         let log = p.log();
         let log = log[..upto.min(log.len())].to_lowercase();
         assert!(!log.contains("forbidden"), "{}:\n{log}", p.log.display());

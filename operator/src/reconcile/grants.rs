@@ -206,45 +206,61 @@ pub async fn sync_namespace<K: Reconciled>(
     }
     let roles: Api<Role> = Api::namespaced(ctx.client.clone(), &namespace);
     let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &namespace);
-    if want.is_empty() {
-        for deleted in [
-            bindings
-                .delete(&config.name, &DeleteParams::default())
-                .await
-                .map(|_| ()),
-            roles
-                .delete(&config.name, &DeleteParams::default())
-                .await
-                .map(|_| ()),
-        ] {
-            match deleted {
-                Ok(()) => {}
-                Err(kube::Error::Api(s)) if s.is_not_found() => {}
-                Err(e) => return Err(e.into()),
+    let written = async {
+        if want.is_empty() {
+            for deleted in [
+                bindings
+                    .delete(&config.name, &DeleteParams::default())
+                    .await
+                    .map(|_| ()),
+                roles
+                    .delete(&config.name, &DeleteParams::default())
+                    .await
+                    .map(|_| ()),
+            ] {
+                match deleted {
+                    Ok(()) => {}
+                    Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                    Err(e) => return Err(e),
+                }
             }
+            info!(%namespace, "node credentials grant removed");
+        } else {
+            roles
+                .patch(
+                    &config.name,
+                    &apply_params(),
+                    &Patch::Apply(&role(config, &namespace, &want)),
+                )
+                .await?;
+            bindings
+                .patch(
+                    &config.name,
+                    &apply_params(),
+                    &Patch::Apply(&role_binding(config, &namespace)),
+                )
+                .await?;
+            info!(
+                %namespace,
+                secrets = ?want.secrets,
+                service_accounts = ?want.service_accounts,
+                "node credentials granted"
+            );
         }
-        info!(%namespace, "node credentials grant removed");
-    } else {
-        roles
-            .patch(
-                &config.name,
-                &apply_params(),
-                &Patch::Apply(&role(config, &namespace, &want)),
-            )
-            .await?;
-        bindings
-            .patch(
-                &config.name,
-                &apply_params(),
-                &Patch::Apply(&role_binding(config, &namespace)),
-            )
-            .await?;
-        info!(
-            %namespace,
-            secrets = ?want.secrets,
-            service_accounts = ?want.service_accounts,
-            "node credentials granted"
-        );
+        Ok(())
+    };
+    match written.await {
+        Ok(()) => {}
+        // A namespace the operator may not grant in (rbac.workloadNamespaces): nothing
+        // to remove, and nothing granted; the objects there are assigned all the same,
+        // and their nodes report the credentials as forbidden, which their status
+        // quotes. Tried again at the next reconcile.
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            tracing::warn!(%namespace, reason = %s.message, "the operator may not grant the node credentials in this namespace (the chart's rbac.workloadNamespaces)");
+            state.written.remove(&namespace);
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
     }
     state.written.insert(namespace, (want, Instant::now()));
     Ok(())
