@@ -529,6 +529,62 @@ fn the_orbax_pattern_commits_on_the_rename_of_the_temporary_directory() {
 }
 
 #[test]
+fn a_finished_step_the_job_removes_before_any_tick_is_committed_first_and_whole() {
+    // No ticker runs here: only the removal can commit the step. The job closes its
+    // files, renames the marker into place and deletes the step at once (a framework
+    // rotating away a step right after saving it), before the kernel's RELEASEs may
+    // even have arrived.
+    let v = Volume::mount(CommitRule::default(), true);
+    fs::create_dir(v.p("step-7")).unwrap();
+    fs::write(v.p("step-7/__0_0.distcp"), pattern(7, 300_000)).unwrap();
+    fs::write(v.p("step-7/__1_0.distcp"), pattern(8, 1 << 20)).unwrap();
+    fs::write(v.p("step-7/.metadata.tmp"), b"meta").unwrap();
+    fs::rename(v.p("step-7/.metadata.tmp"), v.p("step-7/.metadata")).unwrap();
+    fs::remove_dir_all(v.p("step-7")).unwrap();
+    let seqs = v.store.journal().seqs().unwrap();
+    assert_eq!(
+        seqs.len(),
+        1,
+        "the removal committed the step once: {seqs:?}"
+    );
+    assert_eq!(
+        v.commit_files(seqs[0]),
+        vec![
+            (".metadata".into(), 4),
+            ("__0_0.distcp".into(), 300_000),
+            ("__1_0.distcp".into(), 1 << 20)
+        ],
+        "the whole step, as it was before the removal"
+    );
+    let staged = v.layout.staged(seqs[0]);
+    assert_eq!(
+        fs::read(staged.join("__1_0.distcp")).unwrap(),
+        pattern(8, 1 << 20)
+    );
+    assert_eq!(v.store.journal().state(seqs[0]), CommitState::Pending);
+    v.assert_no_commit("committed once, nothing left to commit");
+
+    // A file removed while another of the step's files is still open for writing:
+    // the step is not finished, and what is left of it is never committed as it.
+    fs::create_dir(v.p("step-8")).unwrap();
+    let mut open = File::create(v.p("step-8/__0_0.distcp")).unwrap();
+    open.write_all(&pattern(9, 4096)).unwrap();
+    fs::write(v.p("step-8/__1_0.distcp"), pattern(10, 4096)).unwrap();
+    fs::write(v.p("step-8/.metadata"), b"meta").unwrap();
+    fs::remove_file(v.p("step-8/__1_0.distcp")).unwrap();
+    drop(open);
+    v.assert_no_commit("a step that lost a file before its commit is not committed");
+    assert_eq!(v.store.journal().seqs().unwrap(), seqs);
+    // Saved again, it commits by its marker as usual.
+    fs::write(v.p("step-8/__1_0.distcp"), pattern(10, 4096)).unwrap();
+    fs::write(v.p("step-8/.metadata"), b"meta2").unwrap();
+    let c = v.commits();
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!(c[0].step, "step-8");
+    assert_eq!(c[0].files, 3);
+}
+
+#[test]
 fn without_a_marker_a_step_commits_only_by_quiescence_when_asked() {
     let v = Volume::mount(CommitRule::default(), true);
     fs::create_dir(v.p("step-5")).unwrap();

@@ -128,6 +128,8 @@ struct Track {
     changes: u64,
     pending: Option<Reason>,
     committed: bool,
+    /// Found due and not settled yet: its commit is being taken.
+    in_flight: bool,
     /// Completed writes (closes after writing, truncations, renames into place) of
     /// each file since the step's last commit; `None` when unknown (the step was on
     /// disk when the volume opened).
@@ -144,6 +146,7 @@ impl Track {
             changes: 0,
             pending: None,
             committed: false,
+            in_flight: false,
             writes: Some(HashMap::new()),
             last_write_ms: 0,
         }
@@ -290,6 +293,8 @@ impl Committer {
                 t.changes += self.steps.get(to).map_or(0, |o| o.changes) + 1;
                 t.last_change = now;
                 t.committed = false;
+                // A commit in flight under the old name is given up (its name is gone).
+                t.in_flight = false;
                 if !is_temporary(to) {
                     t.pending = Some(Reason::Renamed { from: from.clone() });
                 }
@@ -355,42 +360,7 @@ impl Committer {
         let quiet = self.rule.quiescence;
         let mut out = Vec::new();
         for (name, t) in &mut self.steps {
-            // A temporary name commits only as another node's part of a step.
-            let follows = matches!(t.pending, Some(Reason::Peer { .. }));
-            if busy.contains(name) || (is_temporary(name) && !follows) {
-                continue;
-            }
-            let reason = if let Some(r) = t.pending.take() {
-                if let Reason::Peer {
-                    version,
-                    led_unix_ms,
-                    ..
-                } = &r
-                    && let Err(why) = t.follows_safely(*led_unix_ms)
-                {
-                    self.refused.push(Refusal {
-                        step: name.clone(),
-                        version: version.clone(),
-                        why,
-                    });
-                    continue;
-                }
-                r
-            } else if let Some(q) = quiet
-                && !t.committed
-                && now.duration_since(t.last_change) >= q
-            {
-                Reason::Quiescent(q)
-            } else {
-                continue;
-            };
-            // Not again until something changes (or the commit is given back).
-            t.committed = true;
-            out.push(Due {
-                step: name.clone(),
-                reason,
-                changes: t.changes,
-            });
+            out.extend(fire(name, t, quiet, now, busy, &mut self.refused));
         }
         // Steps due together commit in the order of their numbers (a volume opened
         // with several finished steps on disk commits step-9 before step-10), so that
@@ -402,6 +372,36 @@ impl Committer {
         out
     }
 
+    /// `step` alone, when it is due now (as [`Committer::due`] would find it): a step
+    /// whose files are about to be removed commits first.
+    pub fn due_step(
+        &mut self,
+        step: &OsStr,
+        now: Instant,
+        busy: &HashSet<OsString>,
+    ) -> Option<Due> {
+        let quiet = self.rule.quiescence;
+        let t = self.steps.get_mut(step)?;
+        fire(step, t, quiet, now, busy, &mut self.refused)
+    }
+
+    /// Whether `step`'s rule fired and its commit is not taken yet, or is being taken
+    /// right now (cheap: no walk).
+    pub fn fired(&self, step: &OsStr) -> bool {
+        self.steps.get(step).is_some_and(|t| {
+            t.pending.is_some() || t.in_flight || (self.rule.quiescence.is_some() && !t.committed)
+        })
+    }
+
+    /// Forgets that `step`'s rule fired: it lost a file before its commit could be
+    /// taken, so what is left is not the finished step. It commits when its rule fires
+    /// again (or by quiescence, when that is on).
+    pub fn unfire(&mut self, step: &OsStr) {
+        if let Some(t) = self.steps.get_mut(step) {
+            t.pending = None;
+        }
+    }
+
     /// Whether `step` changed since it was found due with `changes`.
     pub fn changed_since(&self, step: &OsStr, changes: u64) -> bool {
         self.steps.get(step).is_none_or(|t| t.changes != changes)
@@ -411,6 +411,7 @@ impl Committer {
     /// was abandoned: the rule fires again at the next tick).
     pub fn settle(&mut self, due: &Due, kept: bool) {
         if let Some(t) = self.steps.get_mut(&due.step) {
+            t.in_flight = false;
             if kept {
                 // A change after the walk leaves the step uncommitted (quiescence, or
                 // the next marker, commits it again).
@@ -438,6 +439,54 @@ impl Committer {
         v.sort();
         v
     }
+}
+
+/// Whether one step is due now, and why (see [`Committer::due`]); marks it taken.
+fn fire(
+    name: &OsStr,
+    t: &mut Track,
+    quiet: Option<Duration>,
+    now: Instant,
+    busy: &HashSet<OsString>,
+    refused: &mut Vec<Refusal>,
+) -> Option<Due> {
+    // A temporary name commits only as another node's part of a step.
+    let follows = matches!(t.pending, Some(Reason::Peer { .. }));
+    if busy.contains(name) || (is_temporary(name) && !follows) {
+        return None;
+    }
+    let reason = if let Some(r) = t.pending.take() {
+        if let Reason::Peer {
+            version,
+            led_unix_ms,
+            ..
+        } = &r
+            && let Err(why) = t.follows_safely(*led_unix_ms)
+        {
+            refused.push(Refusal {
+                step: name.to_owned(),
+                version: version.clone(),
+                why,
+            });
+            return None;
+        }
+        r
+    } else if let Some(q) = quiet
+        && !t.committed
+        && now.duration_since(t.last_change) >= q
+    {
+        Reason::Quiescent(q)
+    } else {
+        return None;
+    };
+    // Not again until something changes (or the commit is given back).
+    t.committed = true;
+    t.in_flight = true;
+    Some(Due {
+        step: name.to_owned(),
+        reason,
+        changes: t.changes,
+    })
 }
 
 #[cfg(test)]
@@ -476,6 +525,38 @@ mod tests {
             c.settle(x, true);
         }
         d.into_iter().map(|x| (x.step, x.reason)).collect()
+    }
+
+    #[test]
+    fn a_removal_sees_a_step_as_fired_until_its_commit_is_settled() {
+        // The store's removal hook asks `fired` without the commit lock: a commit the
+        // ticker is taking must still count, or a removal would run during the walk.
+        let mut c = Committer::new(CommitRule::default());
+        let t0 = Instant::now();
+        c.on_event(&close("step-1", "a.pt"), t0);
+        assert!(!c.fired(&s("step-1")), "no marker yet");
+        c.on_event(&close("step-1", ".metadata"), t0);
+        assert!(c.fired(&s("step-1")));
+        let d = c.due(t0, &idle());
+        assert_eq!(d.len(), 1);
+        assert!(c.fired(&s("step-1")), "being committed");
+        assert!(
+            c.due_step(&s("step-1"), t0, &idle()).is_none(),
+            "taken once"
+        );
+        c.settle(&d[0], true);
+        assert!(!c.fired(&s("step-1")), "committed");
+
+        // Forgotten after a lost file: nothing due until the marker comes again.
+        c.on_event(&close("step-2", ".metadata"), t0);
+        c.unfire(&s("step-2"));
+        assert!(!c.fired(&s("step-2")));
+        assert!(c.due(t0, &idle()).is_empty());
+        c.on_event(&close("step-2", ".metadata"), t0);
+        assert_eq!(
+            c.due_step(&s("step-2"), t0, &idle()).unwrap().step,
+            s("step-2")
+        );
     }
 
     #[test]

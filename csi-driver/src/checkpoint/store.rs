@@ -246,6 +246,10 @@ pub struct Committed {
     pub bytes: u64,
 }
 
+/// How long a removal from a finished step waits for the step's files to be
+/// released before it goes ahead without committing it (see `Store::before_remove`).
+pub const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// The store of one mounted volume.
 pub struct Store {
     layout: VolumeLayout,
@@ -380,29 +384,29 @@ impl Store {
                 refused.push_back(line);
             }
         }
-        let mut out = Vec::new();
-        for d in due {
-            let r = self.commit(&d);
-            match &r {
-                Ok(Some(c)) => {
-                    tracing::info!(step = %c.step, seq = c.seq, files = c.files, bytes = c.bytes, reason = %c.reason, "step committed");
-                    self.committer.lock().settle(&d, true);
-                    self.on_commit.notify_waiters();
-                }
-                Ok(None) => {
-                    tracing::debug!(step = %d.step.to_string_lossy(), "the step changed while it was being committed; trying again");
-                    self.committer.lock().settle(&d, false);
-                }
-                Err(e) => {
-                    self.committer.lock().settle(&d, true);
-                    tracing::error!(step = %d.step.to_string_lossy(), error = %e, "commit failed; it is tried again when the rule fires again")
-                }
+        due.iter().filter_map(|d| self.take(d)).collect()
+    }
+
+    /// Takes the commit of a due step and settles it: `None` when the step changed
+    /// while it was walked (its rule fires again at the next tick).
+    fn take(&self, d: &Due) -> Option<Result<Committed, StoreError>> {
+        let r = self.commit(d);
+        match &r {
+            Ok(Some(c)) => {
+                tracing::info!(step = %c.step, seq = c.seq, files = c.files, bytes = c.bytes, reason = %c.reason, "step committed");
+                self.committer.lock().settle(d, true);
+                self.on_commit.notify_waiters();
             }
-            if let Some(r) = r.transpose() {
-                out.push(r);
+            Ok(None) => {
+                tracing::debug!(step = %d.step.to_string_lossy(), "the step changed while it was being committed; trying again");
+                self.committer.lock().settle(d, false);
+            }
+            Err(e) => {
+                self.committer.lock().settle(d, true);
+                tracing::error!(step = %d.step.to_string_lossy(), error = %e, "commit failed; it is tried again when the rule fires again")
             }
         }
-        out
+        r.transpose()
     }
 
     /// Lets the store ask the tree which steps have files open for writing.
@@ -911,6 +915,37 @@ impl StepEvents for Store {
 
     fn before_change(&self, file: &fs::File, at: Option<&(OsString, PathBuf)>) -> io::Result<()> {
         self.keep_committed(file, at)
+    }
+
+    /// A step whose rule fired and whose commit the ticker has not taken yet commits
+    /// now, before the job removes anything from it: a framework that rotates its
+    /// steps right after writing the next one never loses a finished step to the
+    /// commit's timing. The removal waits for the commit (a walk of the step and an
+    /// `fsync` of its files), and first for the step's files to be released (the
+    /// kernel sends RELEASE after `close(2)` returns), up to [`RELEASE_WAIT`]. A step
+    /// with a file still open for writing then is not finished: its rule is forgotten,
+    /// so what the removal leaves is never committed as the step. A step not due
+    /// costs a lookup.
+    fn before_remove(&self, step: &OsStr) {
+        if !self.committer.lock().fired(step) {
+            return;
+        }
+        let _one = self.committing.lock();
+        let waited = Instant::now();
+        let mut busy = self.busy();
+        while busy.contains(step) && waited.elapsed() < RELEASE_WAIT {
+            std::thread::sleep(Duration::from_millis(5));
+            busy = self.busy();
+        }
+        if busy.contains(step) {
+            self.committer.lock().unfire(step);
+            tracing::warn!(step = %step.to_string_lossy(), "a file was removed from a finished step while another of its files was still open for writing; the step is not committed as it stands, it commits when its rule fires again");
+            return;
+        }
+        let due = self.committer.lock().due_step(step, Instant::now(), &busy);
+        if let Some(d) = due {
+            self.take(&d);
+        }
     }
 
     /// A step retention is taking off local disk (the sync marks it in the journal

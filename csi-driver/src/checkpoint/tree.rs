@@ -113,6 +113,10 @@ pub trait StepEvents: Send + Sync + 'static {
     fn before_change(&self, _file: &File, _at: Option<&(OsString, PathBuf)>) -> io::Result<()> {
         Ok(())
     }
+    /// Called before an entry inside `step` (not the step directory itself) is
+    /// removed: a step due for commit commits first (see `Store`). Errors are the
+    /// observer's to report; the removal goes ahead.
+    fn before_remove(&self, _step: &OsStr) {}
     /// The manifest version (its ETag) under which the lake holds this node's latest
     /// commit of the local step directory `step`, when that commit is durable and the
     /// step has not changed since: the tree then shows the lake's other files of that
@@ -1370,6 +1374,11 @@ impl CheckpointTree {
         let p = self.node(parent)?;
         let at = self.locate(parent, &p, name);
         self.refuse_read_only(at.as_ref())?;
+        if let Some((step, rel)) = &at
+            && !rel.as_os_str().is_empty()
+        {
+            self.events.before_remove(step);
+        }
         let n = cstr(name)?;
         // SAFETY: dirfd live, name NUL-terminated.
         check(unsafe { libc::unlinkat(p.fd.as_raw_fd(), n.as_ptr(), flags) })?;
