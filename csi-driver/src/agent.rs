@@ -16,6 +16,7 @@
 //!   disk fails that volume's call (with the matching code) or that assignment's
 //!   status (in words); every other volume keeps being served.
 
+pub mod admin;
 pub mod checkpoints;
 pub mod datasets;
 pub mod kube;
@@ -621,6 +622,40 @@ impl Agent {
             tracing::info!(volume = volume_id, "volume released");
         }
         let _ = std::fs::remove_file(state_file(&self.state_dir, volume_id));
+    }
+
+    /// Every served volume's numbers, for `/metrics` (see [`admin`]).
+    pub fn volume_metrics(&self) -> Vec<admin::VolumeMetrics> {
+        let volumes = self.volumes.lock();
+        let mut out: Vec<admin::VolumeMetrics> = volumes
+            .iter()
+            .map(|(id, v)| {
+                let s = &v.stats;
+                let mut m = admin::VolumeMetrics {
+                    id: id.clone(),
+                    connected: !v.session.is_finished(),
+                    reads: s.reads.load(Ordering::Relaxed),
+                    read_bytes: s.bytes_read.load(Ordering::Relaxed),
+                    read_errors: s.read_errors.load(Ordering::Relaxed),
+                    opens: s.opens.load(Ordering::Relaxed),
+                    passthrough_opens: s.passthrough_opens.load(Ordering::Relaxed),
+                    ..Default::default()
+                };
+                match &v.content {
+                    Content::Dataset(served) => {
+                        let sum = served.dataset.current().1.summary();
+                        m.dataset = Some((sum.objects, sum.bytes));
+                    }
+                    Content::Checkpoint(c) => {
+                        m.checkpoint = true;
+                        m.uncommitted_steps = Some(c.store.uncommitted().len() as u64);
+                    }
+                }
+                m
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
     }
 
     pub fn stats(&self, volume_id: &str) -> Result<VolumeStats, AgentError> {

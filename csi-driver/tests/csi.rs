@@ -364,6 +364,112 @@ async fn a_staged_dataset_published_twice_reads_byte_exact_from_one_cache() {
     );
 }
 
+/// `GET path` from the agent's admin server: (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `name` (with its labels, as exposed) in `metrics`.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{metrics}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_metrics_count_what_its_volume_served() {
+    let n = node().await;
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let _agent = n.paths.start_agent_with("1GiB", &["--admin-addr", &addr]);
+    let _csi = n.paths.start_csi();
+    assert_eq!(http_get(&addr, "/livez"), (200, "ok\n".to_owned()));
+    assert_eq!(http_get(&addr, "/nope").0, 404);
+    let (_, m) = http_get(&addr, "/metrics");
+    assert_eq!(sample(&m, "tidepool_node_volumes{kind=\"dataset\"}"), 0.0);
+    assert_eq!(
+        sample(&m, "tidepool_node_pool_capacity_bytes"),
+        (1u64 << 30) as f64
+    );
+
+    let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
+    node.node_stage_volume(n.stage_req()).await.unwrap();
+    node.node_publish_volume(n.publish_req(1)).await.unwrap();
+    n.check_all(&n.target(1));
+    let total: usize = n.files.iter().map(|(_, d)| d.len()).sum();
+    let (status, m) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(sample(&m, "tidepool_node_volumes{kind=\"dataset\"}"), 1.0);
+    assert_eq!(
+        sample(&m, "tidepool_node_volumes{kind=\"checkpoint\"}"),
+        0.0
+    );
+    assert_eq!(
+        sample(&m, "tidepool_node_dataset_objects{volume=\"vol1\"}"),
+        13.0
+    );
+    assert_eq!(
+        sample(&m, "tidepool_node_dataset_bytes{volume=\"vol1\"}"),
+        total as f64
+    );
+    assert_eq!(
+        sample(&m, "tidepool_node_volume_connected{volume=\"vol1\"}"),
+        1.0
+    );
+    assert!(sample(&m, "tidepool_node_volume_opens_total{volume=\"vol1\"}") >= 13.0);
+    // Every byte read came from the lake once (the first read of a file is not a
+    // passthrough one), and now sits in the pool.
+    assert!(
+        sample(&m, "tidepool_node_lake_read_bytes_total") >= total as f64,
+        "{m}"
+    );
+    assert!(sample(&m, "tidepool_node_volume_read_bytes_total{volume=\"vol1\"}") > 0.0);
+    assert!(
+        sample(&m, "tidepool_node_pool_cache_bytes") >= total as f64,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "tidepool_node_volume_read_errors_total{volume=\"vol1\"}"
+        ),
+        0.0
+    );
+    assert!(m.trim_end().ends_with("# EOF"), "OpenMetrics text: {m}");
+
+    node.node_unpublish_volume(n.unpublish_req(1))
+        .await
+        .unwrap();
+    node.node_unstage_volume(n.unstage_req()).await.unwrap();
+    let (_, m) = http_get(&addr, "/metrics");
+    assert_eq!(sample(&m, "tidepool_node_volumes{kind=\"dataset\"}"), 0.0);
+    assert!(
+        !m.contains("volume=\"vol1\""),
+        "an unstaged volume is gone: {m}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_survive_kill_9_of_the_agent_of_the_plugin_and_of_both() {
     let n = node().await;

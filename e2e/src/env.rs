@@ -276,6 +276,27 @@ impl Env {
             .find(|p| p.metadata.deletion_timestamp.is_none())
     }
 
+    /// The node agent's `/metrics` on `node`, through the API server's pod proxy (so
+    /// the suite needs no route to pod addresses); the chart's default port.
+    pub async fn node_metrics(&self, node: &str) -> String {
+        let pod = self
+            .node_pod(node)
+            .await
+            .unwrap_or_else(|| refuse(format!("no node pod on {node}")));
+        let path = format!(
+            "/api/v1/namespaces/{}/pods/{}:9090/proxy/metrics",
+            self.release_namespace,
+            pod.metadata.name.as_deref().unwrap_or_default()
+        );
+        let req = http::Request::get(&path)
+            .body(Vec::new())
+            .expect("a valid request");
+        self.client
+            .request_text(req)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     /// The release's node DaemonSet, as it is now.
     pub async fn node_daemonset(&self) -> DaemonSet {
         node_daemonset(&self.client, &self.release, &self.release_namespace).await

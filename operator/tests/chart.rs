@@ -462,6 +462,19 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
         )
     );
     let d = parse(&defaults.objects);
+    // By default the agents serve /metrics on 9090 in their pods (args below), and
+    // nothing scrapes them until a PodMonitor is asked for.
+    assert!(d.pod_monitors.is_empty());
+    let off = parse(&helm.render(&json!({"node": {"agent": {"metrics": {"port": 0, "podMonitor": {"enabled": true}}}}})).unwrap().objects);
+    assert!(
+        !args(container(node_pod(&off), "agent"))
+            .iter()
+            .any(|a| a.starts_with("--admin-addr"))
+    );
+    assert!(
+        off.pod_monitors.is_empty(),
+        "no PodMonitor for a port that is off"
+    );
     // The generated CRDs go with the chart (Helm installs crds/ before the templates).
     assert_eq!(
         defaults.crds,
@@ -643,6 +656,7 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
             "--lake-endpoint=*.blob.storage.azure.net",
             "--lake-endpoint=*.blob.core.usgovcloudapi.net",
             "--lake-endpoint=*.blob.core.chinacloudapi.cn",
+            "--admin-addr=0.0.0.0:9090",
             "--log=warn,tidepool_csi=info"
         ]
     );
@@ -715,7 +729,7 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
     let r = helm.render(&all_on).unwrap();
     let a = parse(&r.objects);
     assert_eq!(a.service_monitors.len(), 1);
-    assert_eq!(a.pod_monitors.len(), 1);
+    assert_eq!(a.pod_monitors.len(), 2, "the operator's and the nodes'");
     check_all_on(&a, &r);
 }
 
@@ -881,7 +895,11 @@ fn check_all_on(a: &Objects, r: &Rendered) {
         "prometheus"
     );
     assert_eq!(sm.spec.namespace_selector.match_names, [NS]);
-    let pm = &a.pod_monitors[0];
+    let pm = a
+        .pod_monitors
+        .iter()
+        .find(|m| m.metadata.name.as_deref() == Some("tp-operator"))
+        .expect("the operator PodMonitor");
     let pod_labels = a.deployments[0]
         .spec
         .as_ref()
@@ -897,6 +915,32 @@ fn check_all_on(a: &Objects, r: &Rendered) {
     assert!(op.ports.iter().flatten().any(|p| p.name.as_deref()
         == Some(pm.spec.pod_metrics_endpoints[0].port.as_str())
         && p.container_port == 9090));
+    // The node pods' agent metrics: on the chosen port, scraped by their own PodMonitor.
+    let agent = container(node_pod(a), "agent");
+    assert!(
+        has_arg(agent, "--admin-addr=0.0.0.0:9464"),
+        "{:?}",
+        args(agent)
+    );
+    let npm = a
+        .pod_monitors
+        .iter()
+        .find(|m| m.metadata.name.as_deref() == Some("tp-node"))
+        .expect("the node PodMonitor");
+    let node_labels = a
+        .daemonsets
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some("tp-node"))
+        .and_then(|d| d.spec.as_ref()?.template.metadata.as_ref()?.labels.as_ref())
+        .expect("node pod labels");
+    assert!(selects(&npm.spec.selector, node_labels));
+    assert!(
+        !selects(&pm.spec.selector, node_labels),
+        "the operator's does not scrape nodes"
+    );
+    assert!(agent.ports.iter().flatten().any(|p| p.name.as_deref()
+        == Some(npm.spec.pod_metrics_endpoints[0].port.as_str())
+        && p.container_port == 9464));
     assert!(
         r.notes
             .contains("ServiceMonitor and the PodMonitor tp-operator"),

@@ -81,6 +81,18 @@ async fn eager_dataset_is_cached_on_the_gpu_node_and_read_byte_exact() {
         "the gpu node holds every byte"
     );
 
+    // The gpu node's agent says so in its metrics too (the chart serves them on 9090).
+    let metrics = s.env.node_metrics(&s.env.gpu_node).await;
+    let fetched: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tidepool_node_lake_read_bytes_total ")?.parse().ok())
+        .unwrap_or_else(|| panic!("no tidepool_node_lake_read_bytes_total in:\n{metrics}"));
+    assert!(
+        fetched >= seeded.bytes as f64,
+        "the agent fetched {fetched} bytes from the lake, fewer than the {} it caches",
+        seeded.bytes
+    );
+
     let claim = status.claim_name.clone().expect("status names the PVC");
     let reader = Workload::script("read", &s.env.node_image, "read-all.sh", &["/data"])
         .on(&s.env.gpu_node)
