@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tidepool_api::dataset_cache::{Prefetch, PrefetchPolicy, Refresh, RefreshPolicy};
@@ -88,6 +88,28 @@ pub struct Served {
     /// interval changes and stopped when the policy stops asking for it.
     refresh: Mutex<Option<(Duration, tokio::task::JoinHandle<()>)>>,
     pinned: Arc<std::sync::atomic::AtomicBool>,
+    /// The recount of cached bytes (see [`Served::recount_cached`]).
+    recount: Mutex<Recount>,
+}
+
+/// The background recount of a dataset's cached bytes.
+#[derive(Default)]
+struct Recount {
+    running: bool,
+    /// A forced recount was asked while one ran: it runs again when that one ends.
+    again: bool,
+    /// When the last recount ended and how long it took.
+    last: Option<(Instant, Duration)>,
+}
+
+/// A periodic recount waits this many times as long as the last one took: the walk is
+/// O(objects) (a 10-million-object dataset takes many seconds), so it costs at most a
+/// twentieth of one CPU whatever the dataset's size.
+const RECOUNT_SPACING: u32 = 20;
+
+/// Whether a periodic (not forced) recount is due at `now` after `last`.
+fn recount_due(last: Option<(Instant, Duration)>, now: Instant) -> bool {
+    last.is_none_or(|(ended, took)| now.saturating_duration_since(ended) >= took * RECOUNT_SPACING)
 }
 
 impl Drop for Served {
@@ -112,6 +134,7 @@ impl Served {
             prewarm: Mutex::new(None),
             refresh: Mutex::new(None),
             pinned: Arc::default(),
+            recount: Mutex::new(Recount::default()),
         })
     }
 
@@ -143,21 +166,76 @@ impl Served {
         self.releasers.lock().remove(volume_id);
     }
 
-    /// The counts for status: snapshot totals and bytes cached (from the pool's index,
-    /// streamed over the snapshot's files a chunk at a time).
-    pub fn refresh_counts(&self) {
+    /// The counts for status: the snapshot's totals now, and the bytes cached by a
+    /// recount in the background (see [`Served::recount_cached`]; `forced` after an
+    /// event that changed them: a new snapshot, a finished prewarm). Never blocks on
+    /// the walk: a stage of a dataset of any size does not wait for it.
+    pub fn refresh_counts(self: &Arc<Self>, forced: bool) {
         let (seq, snap) = self.dataset.current();
         let sum = snap.summary();
-        let cached = self.dataset.cached_bytes().unwrap_or(0);
-        let mut p = self.progress.lock();
-        p.listed = true;
-        p.snapshot = Some(seq);
-        p.objects = sum.objects;
-        p.bytes_total = sum.bytes;
-        p.bytes_cached = cached;
+        {
+            let mut p = self.progress.lock();
+            p.listed = true;
+            p.snapshot = Some(seq);
+            p.objects = sum.objects;
+            p.bytes_total = sum.bytes;
+            self.apply_prewarm(&mut p);
+        }
+        self.recount_cached(forced);
+    }
+
+    /// The prewarm's bytes count as cached as they land (the recount catches up).
+    fn apply_prewarm(&self, p: &mut Progress) {
         if let Some((_, prog)) = &*self.prewarm.lock() {
             p.bytes_cached = p.bytes_cached.max(prog.bytes_done.load(Ordering::Relaxed));
         }
+    }
+
+    /// Recounts the bytes of the dataset resident in the pool on a blocking thread: a
+    /// walk of the snapshot's files against the pool's index, a chunk at a time. One
+    /// at a time per dataset; a periodic one (not `forced`) waits [`RECOUNT_SPACING`]
+    /// times as long as the last took; a forced one asked during a recount runs again
+    /// after it.
+    pub fn recount_cached(self: &Arc<Self>, forced: bool) {
+        {
+            let mut r = self.recount.lock();
+            if r.running {
+                r.again |= forced;
+                return;
+            }
+            if !forced && !recount_due(r.last, Instant::now()) {
+                return;
+            }
+            r.running = true;
+        }
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || {
+            loop {
+                let started = Instant::now();
+                let counted = s.dataset.cached_bytes();
+                let took = started.elapsed();
+                match counted {
+                    Ok(cached) => {
+                        let mut p = s.progress.lock();
+                        p.bytes_cached = cached;
+                        s.apply_prewarm(&mut p);
+                    }
+                    Err(e) => {
+                        tracing::warn!(dataset = %s.url, error = %e, "cannot count the dataset's cached bytes")
+                    }
+                }
+                if took > Duration::from_secs(1) {
+                    tracing::debug!(dataset = %s.url, took = ?took, "counted the dataset's cached bytes");
+                }
+                let mut r = s.recount.lock();
+                r.last = Some((Instant::now(), took));
+                if std::mem::take(&mut r.again) {
+                    continue;
+                }
+                r.running = false;
+                return;
+            }
+        });
     }
 }
 
@@ -203,7 +281,7 @@ impl Registry {
             .await
             .map_err(AgentError::from_cache)?;
         let served = Served::new(url.clone(), dataset);
-        served.refresh_counts();
+        served.refresh_counts(true);
         self.served.lock().insert(key(url), served.clone());
         Ok(served)
     }
@@ -268,7 +346,7 @@ pub fn apply_policies(served: &Arc<Served>, prefetch: &Prefetch, refresh: &Refre
                     Err(e) => p.error = Some(format!("prewarm failed: {e}")),
                 }
                 drop(p);
-                s.refresh_counts();
+                s.refresh_counts(true);
             });
             served.tasks.lock().push(task);
         }
@@ -311,7 +389,7 @@ pub fn apply_policies(served: &Arc<Served>, prefetch: &Prefetch, refresh: &Refre
                         }
                     })
                     .await;
-                    s.refresh_counts();
+                    s.refresh_counts(true);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -337,6 +415,74 @@ mod tests {
             policy: RefreshPolicy::Interval,
             interval: Some(interval.into()),
         }
+    }
+
+    #[test]
+    fn a_periodic_recount_waits_twenty_times_as_long_as_the_last_took() {
+        let t0 = Instant::now();
+        assert!(recount_due(None, t0), "never counted: due");
+        let last = Some((t0, Duration::from_secs(3)));
+        assert!(!recount_due(last, t0 + Duration::from_secs(59)));
+        assert!(recount_due(last, t0 + Duration::from_secs(60)));
+    }
+
+    /// The counts a stage and the status read: totals at once, bytes cached from a
+    /// recount in the background; a periodic recount not due is skipped, a forced one
+    /// runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn totals_at_once_and_cached_bytes_from_a_background_recount() {
+        let mem = Arc::new(MemoryLake::new());
+        mem.insert("d/a", "xx");
+        mem.insert("d/b/c", "yyyy");
+        let dir = tempfile::tempdir().unwrap();
+        let pool = CachePool::open(CacheConfig::new(dir.path(), 1 << 30))
+            .await
+            .unwrap();
+        let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/d").unwrap();
+        let dataset = Dataset::open(pool, url.clone(), mem, false, |_| {})
+            .await
+            .unwrap();
+        let s = Served::new(url, dataset);
+        s.refresh_counts(true);
+        {
+            let p = s.progress.lock();
+            assert!(p.listed);
+            assert_eq!((p.objects, p.bytes_total), (2, 6));
+        }
+        let settled = || async {
+            for _ in 0..500 {
+                if !s.recount.lock().running {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("the recount never ended");
+        };
+        settled().await;
+        assert_eq!(s.progress.lock().bytes_cached, 0, "nothing read yet");
+        // Cache every byte behind the served dataset's back.
+        s.dataset
+            .prewarm(None, 2, &Default::default())
+            .await
+            .unwrap();
+        // The last recount "took an hour": a periodic one is not due for 20 hours.
+        s.recount.lock().last = Some((Instant::now(), Duration::from_secs(3600)));
+        s.refresh_counts(false);
+        settled().await;
+        assert_eq!(
+            s.progress.lock().bytes_cached,
+            0,
+            "a recount not due is skipped"
+        );
+        s.refresh_counts(true);
+        settled().await;
+        assert_eq!(s.progress.lock().bytes_cached, 6, "a forced recount runs");
+        // Asked while one runs: remembered, not started beside it.
+        s.recount.lock().running = true;
+        s.refresh_counts(true);
+        assert!(s.recount.lock().again, "runs again after the running one");
+        s.refresh_counts(false);
+        assert!(s.recount.lock().running);
     }
 
     /// One refresh loop at a time, at the interval last asked; none once the policy is

@@ -582,7 +582,7 @@ impl PoolSync {
         loop {
             for a in self.assigned.lock().values() {
                 if let Some(s) = &a.served {
-                    s.refresh_counts();
+                    s.refresh_counts(false);
                 }
             }
             let mut status = self.status();
