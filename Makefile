@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deps demo test sanity soak envtest generate check-generated bench images images-test kind-up kind-down deploy e2e node-up node-down
+.PHONY: help deps demo test sanity soak envtest generate check-generated bench bench-scale images images-test kind-up kind-down deploy e2e node-up node-down
 
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -59,6 +59,10 @@ check-generated: ## fail if committed CRD YAML differs from the types
 bench: deps ## speed report: warm vs local disk, cold vs SDK download, small files -> bench-report.json
 	$(CARGO) build --release --locked -p tidepool-csi --bin tidepool --example bench
 	TIDEPOOL_BIN=$(CURDIR)/target/release/tidepool ./target/release/examples/bench
+
+bench-scale: ## the bench's scale section alone: a 10-million-object dataset opened into an empty pool (TIDEPOOL_BENCH_SCALE_OBJECTS) -> bench-report.json
+	$(CARGO) build --release --locked -p tidepool-csi --example bench
+	TIDEPOOL_BENCH_ONLY=scale ./target/release/examples/bench
 
 # Cluster targets: `make images kind-up deploy e2e` builds the images, creates a local kind
 # cluster, installs Tidepool and the e2e lake on it, and runs the end-to-end suite. Each

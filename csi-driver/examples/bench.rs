@@ -40,6 +40,15 @@
 //!      slot is busy: its worst case for memory; goal under 256 MiB), sampled RSS and
 //!      the kernel's high-water mark (VmHWM); the same for every 2 GiB round.
 //!
+//! 6. scale (alone: `make bench-scale`; `TIDEPOOL_BENCH_SCALE_OBJECTS`, default 10,000,000 objects of 1 to 64 KiB,
+//!    1,000 to a directory, from [`SyntheticLake`]: names, sizes and content computed,
+//!    so the lake costs nothing and the numbers are Tidepool's own): the time from
+//!    opening a dataset with an empty pool to its snapshot being served (the listing
+//!    streamed into the snapshot: what a first stage waits for today), objects per
+//!    second, the snapshot's size on disk per object, the growth of this process's
+//!    peak resident memory over it (VmHWM reset first), a read of the last file, and
+//!    one recount of the bytes cached (the walk the status's `bytesCached` costs).
+//!
 //! Every timed pass runs several times (`ROUNDS`, `WARM_ROUNDS`) (ours and the baseline
 //! alternating) and the report gives medians and every sample. No pass goes untimed:
 //! the first warm pass right after the cold ones (what a training job's second epoch
@@ -289,6 +298,13 @@ async fn main() {
     let out = std::env::var("BENCH_REPORT").unwrap_or_else(|_| "bench-report.json".into());
     let work = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target".into()))
         .unwrap();
+    // `make bench-scale`: that section alone.
+    if std::env::var("TIDEPOOL_BENCH_ONLY").as_deref() == Ok("scale") {
+        let report = serde_json::json!({ "scale": scale_bench(work.path()).await });
+        std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        eprintln!("bench: report written to {out}");
+        return;
+    }
     // FUSE over io_uring, as an administrator turns it on (Linux 6.14+): `tidepool
     // mount` uses it when the kernel offers it. The small-file passes run through
     // /dev/fuse too (a remount with --no-io-uring), so the report shows both.
@@ -522,6 +538,7 @@ async fn main() {
     // disk (16 GiB of uploads) is freed when it ends.
     drop(azurite);
     let checkpoint = checkpoint_bench(&bin, work.path()).await;
+    let scale = scale_bench(work.path()).await;
     phase("end");
     let med = |k: &str| median(&samples[k]);
 
@@ -549,6 +566,7 @@ async fn main() {
         },
         "node": node,
         "checkpoint": checkpoint,
+        "scale": scale,
         "cold_cpu_secs_median": cpu_samples.iter().map(|(k, v)| (k.to_string(), median(v))).collect::<HashMap<_, _>>(),
         "samples_secs": samples,
         "notes": "medians of the rounds; page cache dropped before every timed pass; the cold baseline is the SDK's 16-way ranged download written to a local file (what a user does without Tidepool), the discarding download is the network ceiling; Azurite stands in for the lake's API, not its speed",
@@ -1180,5 +1198,94 @@ async fn checkpoint_bench(bin: &Path, work: &Path) -> serde_json::Value {
         },
         "samples_secs": samples,
         "notes": "medians of the rounds; page cache dropped before every timed pass; writes are 4 MiB then fsync, the first local write (this VM's first page-cache fill) reported on its own; the sync sends a per-block and a whole-file MD5 (Azurite checks the former), the SDK baseline none; Azurite on the same cores stands in for the lake's API, not its speed",
+    })
+}
+
+/// This process's `VmHWM` (peak resident memory), reset first by `clear_refs` 5.
+fn reset_peak_rss() -> u64 {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    status_bytes(std::process::id(), "VmRSS:")
+}
+
+/// Section 6: a dataset of many objects opened into an empty pool (see the module docs).
+async fn scale_bench(work: &Path) -> serde_json::Value {
+    use tidepool_csi::cache::dataset::Dataset;
+    use tidepool_csi::cache::{CacheConfig, CachePool};
+    use tidepool_csi::lake::url::LakeUrl;
+    use tidepool_csi::testing::SyntheticLake;
+
+    let objects: u64 = std::env::var("TIDEPOOL_BENCH_SCALE_OBJECTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000_000);
+    phase("scale");
+    let lake = SyntheticLake::new("scale/", objects, 1000, 1, 64 << 10);
+    let dir = work.join("scale-pool");
+    let pool = CachePool::open(CacheConfig::new(&dir, 1 << 40))
+        .await
+        .unwrap();
+    let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/scale").unwrap();
+    let rss_before = reset_peak_rss();
+    let t = Instant::now();
+    let mut last_report = Instant::now();
+    let dataset = Dataset::open(pool, url, Arc::new(lake.clone()), false, |n| {
+        if last_report.elapsed().as_secs() >= 10 {
+            eprintln!("bench: scale: {n} objects listed");
+            last_report = Instant::now();
+        }
+    })
+    .await
+    .unwrap();
+    let open_secs = t.elapsed().as_secs_f64();
+    let peak = status_bytes(std::process::id(), "VmHWM:");
+    let (_, snap) = dataset.current();
+    let snapshot_bytes = std::fs::metadata(snap.path()).map(|m| m.len()).unwrap_or(0);
+    let summary = snap.summary();
+    assert_eq!(summary.objects, objects, "the snapshot lists every object");
+    // The last file, read through the cache (fetched from the synthetic lake).
+    let last = lake.name(objects - 1);
+    let t = Instant::now();
+    let mut entry = None;
+    let mut ino = tidepool_csi::cache::snapshot::ROOT;
+    for part in last.trim_start_matches("scale/").split('/') {
+        let e = snap
+            .lookup(ino, part)
+            .unwrap()
+            .expect("the last file is in the snapshot");
+        ino = e.ino;
+        entry = Some(e);
+    }
+    let entry = entry.unwrap();
+    let read = dataset
+        .blob(&entry)
+        .unwrap()
+        .read(0, entry.size as usize)
+        .await
+        .unwrap();
+    let first_read_secs = t.elapsed().as_secs_f64();
+    assert_eq!(
+        &read[..],
+        &pattern(objects - 1, lake.size(objects - 1) as usize)[..]
+    );
+    let t = Instant::now();
+    let cached = dataset.cached_bytes().unwrap();
+    let recount_secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "bench: scale: {objects} objects opened in {open_secs:.1} s ({:.0}/s), snapshot {:.0} B/object, peak RSS +{:.0} MiB, recount {recount_secs:.1} s",
+        objects as f64 / open_secs,
+        snapshot_bytes as f64 / objects as f64,
+        mib(peak.saturating_sub(rss_before))
+    );
+    serde_json::json!({
+        "objects": objects,
+        "open_to_snapshot_served_secs": open_secs,
+        "objects_per_s": objects as f64 / open_secs,
+        "snapshot_bytes_on_disk": snapshot_bytes,
+        "snapshot_bytes_per_object": snapshot_bytes as f64 / objects as f64,
+        "peak_rss_growth_mib": mib(peak.saturating_sub(rss_before)),
+        "read_of_the_last_file_secs": first_read_secs,
+        "recount_of_cached_bytes_secs": recount_secs,
+        "cached_bytes_after_one_read": cached,
+        "notes": "in-process, Dataset::open as a stage runs it, over a synthetic lake that computes every name, size and byte (no network, no Azurite): Tidepool's own cost",
     })
 }

@@ -10,9 +10,11 @@ pub mod fault_proxy;
 pub mod lake_check;
 pub mod mount_process;
 pub mod node;
+pub mod synthetic;
 
 pub use self::azurite::{Azurite, TlsFiles};
 pub use self::mount_process::MountProcess;
+pub use self::synthetic::SyntheticLake;
 
 /// Polls `f` every 50 ms until it gives a value or `limit` has passed.
 pub fn within<T>(limit: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
