@@ -649,6 +649,8 @@ impl Agent {
                     Content::Checkpoint(c) => {
                         m.checkpoint = true;
                         m.uncommitted_steps = Some(c.store.uncommitted().len() as u64);
+                        // What the volume's sync last wrote (absent before its first pass).
+                        m.sync = crate::checkpoint::sync::SyncStatus::read(&c.layout).ok();
                     }
                 }
                 m

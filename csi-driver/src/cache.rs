@@ -200,6 +200,8 @@ pub(crate) struct PoolShared {
     index_path: PathBuf,
     /// Bytes fetched from the lake since start (reports and tests).
     pub fetched: AtomicU64,
+    /// Bytes of files evicted since start.
+    evicted: AtomicU64,
     /// Blocks fetched for readers and not yet read by them.
     pub(crate) read_buffer: read_buffer::ReadBuffer,
     /// Direct I/O for block writes: on until the file system refuses it once.
@@ -526,6 +528,9 @@ impl PoolShared {
     /// watermark. Returns the bytes freed.
     fn evict(&self) -> Result<u64, CacheError> {
         let r = self.evict_pass();
+        if let Ok(freed) = r {
+            self.evicted.fetch_add(freed, Ordering::Relaxed);
+        }
         self.evict_stuck.store(
             self.used.load(Ordering::Acquire) > self.budget(),
             Ordering::Release,
@@ -828,6 +833,7 @@ impl PoolShared {
             index,
             index_path,
             fetched: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
             read_buffer: read_buffer::ReadBuffer::new(config_read_buffer),
             direct_io: std::sync::atomic::AtomicBool::new(config_direct_io),
             next_blob_id: AtomicU64::new(1),
@@ -864,6 +870,11 @@ impl CachePool {
     /// Bytes fetched from the lake by this process.
     pub fn fetched(&self) -> u64 {
         self.shared.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of files the evictor removed since this process started.
+    pub fn evicted(&self) -> u64 {
+        self.shared.evicted.load(Ordering::Relaxed)
     }
 
     /// Bytes of fetched blocks held in memory for their readers (see read_buffer.rs).

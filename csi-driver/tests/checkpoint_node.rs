@@ -19,7 +19,9 @@ use tidepool_csi::checkpoint::sync::SyncStatus;
 use tidepool_csi::csi_proto as pb;
 use tidepool_csi::lake::Lake;
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
-use tidepool_csi::testing::node::{NodePaths, NodeProcess, csi_clients, rw_capability};
+use tidepool_csi::testing::node::{
+    NodePaths, NodeProcess, csi_clients, free_port, http_get, rw_capability, sample,
+};
 use tidepool_csi::testing::{Azurite, pattern};
 
 struct Node {
@@ -326,12 +328,49 @@ async fn checkpoint_volume_survives_kill_9(passthrough: bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     agent.kill9();
-    let agent = n.paths.start_agent_with("1GiB", extra);
+    let admin = free_port();
+    let with_admin: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(["--admin-addr", &admin])
+        .collect();
+    let agent = n.paths.start_agent_with("1GiB", &with_admin);
     wait_durable(&lake, &names, "step-400", &[&agent], &vol).await;
     check_restored(&lake, prefix, "step-400", &s400).await;
     let st = SyncStatus::read(&vol).unwrap();
     assert_eq!(st.pending_files, 0, "{st:?}");
     assert_eq!(st.last_error, None, "{st:?}");
+    // The agent's metrics say the same of the volume.
+    let (_, m) = http_get(&admin, "/metrics");
+    assert_eq!(
+        sample(&m, "tidepool_node_volumes{kind=\"checkpoint\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "tidepool_node_checkpoint_pending_bytes{volume=\"ckpt\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "tidepool_node_checkpoint_oldest_pending_seconds{volume=\"ckpt\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(&m, "tidepool_node_checkpoint_sync_failing{volume=\"ckpt\"}"),
+        0.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "tidepool_node_checkpoint_latest_durable_step{volume=\"ckpt\"}"
+        ),
+        400.0
+    );
 
     // 4. Done: the pod's target and the staging mount go; the steps stay durable.
     node.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {

@@ -16,7 +16,7 @@ use tidepool_csi::lake::{BlockId, Lake};
 use tidepool_csi::mounts::is_mounted;
 use tidepool_csi::testing::azurite::ACCOUNT_KEY;
 use tidepool_csi::testing::node::{
-    NodePaths, NodeProcess, csi_clients, ro_capability, volume_stats,
+    NodePaths, NodeProcess, csi_clients, free_port, http_get, ro_capability, sample, volume_stats,
 };
 use tidepool_csi::testing::{Azurite, pattern, within};
 use tonic::Code;
@@ -364,53 +364,21 @@ async fn a_staged_dataset_published_twice_reads_byte_exact_from_one_cache() {
     );
 }
 
-/// `GET path` from the agent's admin server: (status, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// The value of the sample `name` (with its labels, as exposed) in `metrics`.
-fn sample(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{metrics}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_metrics_count_what_its_volume_served() {
     let n = node().await;
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
-    let _agent = n.paths.start_agent_with("1GiB", &["--admin-addr", &addr]);
+    let addr = free_port();
+    // A pool smaller than the dataset: the evictor has work.
+    let _agent = n.paths.start_agent_with("32MiB", &["--admin-addr", &addr]);
     let _csi = n.paths.start_csi();
     assert_eq!(http_get(&addr, "/livez"), (200, "ok\n".to_owned()));
+    assert_eq!(http_get(&addr, "/readyz").0, 200);
     assert_eq!(http_get(&addr, "/nope").0, 404);
     let (_, m) = http_get(&addr, "/metrics");
     assert_eq!(sample(&m, "tidepool_node_volumes{kind=\"dataset\"}"), 0.0);
     assert_eq!(
         sample(&m, "tidepool_node_pool_capacity_bytes"),
-        (1u64 << 30) as f64
+        (32u64 << 20) as f64
     );
 
     let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
@@ -445,9 +413,15 @@ async fn the_agents_metrics_count_what_its_volume_served() {
         "{m}"
     );
     assert!(sample(&m, "tidepool_node_volume_read_bytes_total{volume=\"vol1\"}") > 0.0);
+    // The 48 MiB file does not fit in the 32 MiB pool: closed files were evicted for it.
+    let m = tidepool_csi::testing::within(Duration::from_secs(10), || {
+        let (_, m) = http_get(&addr, "/metrics");
+        (sample(&m, "tidepool_node_pool_evicted_bytes_total") > 0.0).then_some(m)
+    })
+    .expect("the evictor evicted something, and says so");
     assert!(
-        sample(&m, "tidepool_node_pool_cache_bytes") >= total as f64,
-        "{m}"
+        sample(&m, "tidepool_node_pool_cache_bytes") < total as f64,
+        "what was evicted is no longer counted as resident: {m}"
     );
     assert_eq!(
         sample(

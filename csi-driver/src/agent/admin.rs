@@ -1,4 +1,5 @@
-//! The node agent's admin server (`tidepool agent --admin-addr`): `/livez` and
+//! The node agent's admin server (`tidepool agent --admin-addr`): `/livez`, `/readyz`
+//! (both 200 while the agent runs: the server starts after its socket is bound) and
 //! `/metrics` (Prometheus text exposition, OpenMetrics), HTTP/1.1 without TLS on a
 //! pod-local port, as the operator's.
 //!
@@ -19,8 +20,11 @@
 //!   its FUSE connection ended: the volume must be staged again);
 //! - per dataset volume: `dataset_objects`, `dataset_bytes` (of the snapshot it serves;
 //!   what is resident is in the CachePool status, which costs a walk of the snapshot);
+//! - `pool_evicted_bytes_total`: bytes of cache files the evictor removed;
 //! - per checkpoint volume: `checkpoint_uncommitted_steps` (written, rule not fired or
-//!   files still open).
+//!   files still open), and from its sync's last pass `checkpoint_pending_bytes`
+//!   (committed, not in the lake yet), `checkpoint_oldest_pending_seconds`,
+//!   `checkpoint_sync_failing` and `checkpoint_latest_durable_step`.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Weak};
@@ -54,6 +58,8 @@ pub struct VolumeMetrics {
     pub dataset: Option<(u64, u64)>,
     /// Checkpoint volumes: steps written and not committed.
     pub uncommitted_steps: Option<u64>,
+    /// Checkpoint volumes: what their sync reported last.
+    pub sync: Option<crate::checkpoint::sync::SyncStatus>,
 }
 
 /// Reads the agent at scrape time (weakly: the server never keeps it alive).
@@ -136,6 +142,12 @@ impl Collector for AgentCollector {
             "lake_read_bytes",
             "Bytes this agent fetched from the lake.",
             pool.fetched(),
+        )?;
+        counter1(
+            &mut enc,
+            "pool_evicted_bytes",
+            "Bytes of cache files evicted (least recently used, not open, not pinned).",
+            pool.evicted(),
         )?;
         let volumes = agent.volume_metrics();
         let kinds = |checkpoint: bool| volumes.iter().filter(move |v| v.checkpoint == checkpoint);
@@ -229,6 +241,49 @@ impl Collector for AgentCollector {
             "Steps written in the checkpoint volume and not committed yet.",
             &rows,
         )?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let synced = |f: &dyn Fn(&crate::checkpoint::sync::SyncStatus) -> i64| {
+            volumes
+                .iter()
+                .zip(&labels)
+                .filter_map(|(v, l)| v.sync.as_ref().map(|st| (&l[..], f(st))))
+                .collect::<Vec<_>>()
+        };
+        gauge(
+            &mut enc,
+            "checkpoint_pending_bytes",
+            "Bytes committed in the checkpoint volume and not yet in the lake (as of the sync's last pass).",
+            &synced(&|st| g(st.pending_bytes)),
+        )?;
+        gauge(
+            &mut enc,
+            "checkpoint_oldest_pending_seconds",
+            "Age of the oldest commit not yet durable (0 when none).",
+            &synced(&|st| {
+                st.oldest_pending_unix_ms
+                    .map_or(0, |t| g(now_ms.saturating_sub(t) / 1000))
+            }),
+        )?;
+        gauge(
+            &mut enc,
+            "checkpoint_sync_failing",
+            "1 while the volume's last upload pass failed (it is retried; the reason is in the CheckpointSync's status).",
+            &synced(&|st| st.last_error.is_some() as i64),
+        )?;
+        gauge(
+            &mut enc,
+            "checkpoint_latest_durable_step",
+            "The number of the latest step durable in the lake (-1 when none is).",
+            &synced(&|st| {
+                st.latest_durable
+                    .as_ref()
+                    .and_then(|i| crate::checkpoint::commit::step_number(&i.step))
+                    .map_or(-1, g)
+            }),
+        )?;
         Ok(())
     }
 }
@@ -246,7 +301,8 @@ pub fn encode(agent: &Arc<Agent>) -> String {
 /// Status, content type and body for a path.
 fn respond(path: &str, agent: &Weak<Agent>) -> (StatusCode, &'static str, String) {
     match (path, agent.upgrade()) {
-        ("/livez", Some(_)) => (StatusCode::OK, "text/plain", "ok\n".into()),
+        // The admin server starts once the agent's socket is bound: alive is ready.
+        ("/livez" | "/readyz", Some(_)) => (StatusCode::OK, "text/plain", "ok\n".into()),
         ("/metrics", Some(a)) => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -260,12 +316,12 @@ fn respond(path: &str, agent: &Weak<Agent>) -> (StatusCode, &'static str, String
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /livez or /metrics\n".into(),
+            "not found; try /livez, /readyz or /metrics\n".into(),
         ),
     }
 }
 
-/// Serves `/livez` and `/metrics` on `listener` until the task is dropped.
+/// Serves `/livez`, `/readyz` and `/metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, agent: Weak<Agent>) {
     loop {
         let stream = match listener.accept().await {

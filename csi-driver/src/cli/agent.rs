@@ -78,9 +78,10 @@ pub struct AgentArgs {
     /// and an object elsewhere that asks for it is refused, in words.
     #[arg(long = "managed-identity-namespace", value_name = "NAMESPACE")]
     pub managed_identity_namespaces: Vec<String>,
-    /// Serve `/livez` and `/metrics` (Prometheus: the pool's bytes, bytes fetched from
-    /// the lake, each volume's reads, opens and errors) over plain HTTP on this address,
-    /// e.g. `0.0.0.0:9090`. Off when not given.
+    /// Serve `/livez`, `/readyz` and `/metrics` (Prometheus: the pool's bytes, bytes
+    /// fetched from the lake and evicted, each volume's reads, opens and errors, each
+    /// checkpoint volume's upload backlog) over plain HTTP on this address, e.g.
+    /// `0.0.0.0:9090`. Off when not given.
     #[arg(long, value_name = "ADDR")]
     pub admin_addr: Option<std::net::SocketAddr>,
 }
@@ -155,7 +156,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("the admin address {addr} (--admin-addr)"))?;
-        tracing::info!(addr = %listener.local_addr()?, "admin server listening (/livez, /metrics)");
+        tracing::info!(addr = %listener.local_addr()?, "admin server listening (/livez, /readyz, /metrics)");
         tokio::spawn(crate::agent::admin::serve(listener, Arc::downgrade(&agent)));
     }
     // Every checkpoint volume's committed steps, uploaded from here.
