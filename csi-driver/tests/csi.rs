@@ -431,6 +431,38 @@ async fn the_agents_metrics_count_what_its_volume_served() {
         0.0
     );
     assert!(m.trim_end().ends_with("# EOF"), "OpenMetrics text: {m}");
+    // Every series the chart's Grafana dashboard queries is one the agent serves.
+    let dashboard = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/tidepool/dashboards/tidepool-nodes.json"),
+    )
+    .unwrap();
+    let mut queried: Vec<&str> = dashboard
+        .match_indices("tidepool_node_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    queried.sort();
+    queried.dedup();
+    assert!(queried.len() >= 10, "{queried:?}");
+    for name in queried {
+        let served = m.lines().any(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+                || l.strip_prefix("# TYPE ")
+                    .and_then(|r| r.strip_prefix(name))
+                    .is_some_and(|r| r.starts_with(' '))
+        });
+        assert!(
+            served,
+            "the dashboard queries {name}, which the agent does not serve:\n{m}"
+        );
+    }
 
     node.node_unpublish_volume(n.unpublish_req(1))
         .await

@@ -35,8 +35,8 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
-    Container, Namespace, Node, PersistentVolume, PersistentVolumeClaim, PodSpec, Service,
-    ServiceAccount,
+    ConfigMap, Container, Namespace, Node, PersistentVolume, PersistentVolumeClaim, PodSpec,
+    Service, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::CSIDriver;
@@ -244,6 +244,7 @@ struct Objects {
     csi_drivers: Vec<CSIDriver>,
     service_monitors: Vec<ServiceMonitor>,
     pod_monitors: Vec<PodMonitor>,
+    config_maps: Vec<ConfigMap>,
     /// The uninstall hooks (`uninstall-hooks.yaml`).
     jobs: Vec<Job>,
     /// What limits the operator's node credentials grant (`rbac-operator.yaml`).
@@ -361,6 +362,7 @@ fn parse(objects: &[Templated]) -> Objects {
             ("monitoring.coreos.com/v1", "ServiceMonitor") => all.service_monitors.push(typed(t)),
             ("monitoring.coreos.com/v1", "PodMonitor") => all.pod_monitors.push(typed(t)),
             ("batch/v1", "Job") => all.jobs.push(typed(t)),
+            ("v1", "ConfigMap") => all.config_maps.push(typed(t)),
             ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
                 all.admission_policies.push(typed(t))
             }
@@ -465,6 +467,7 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
     // By default the agents serve /metrics on 9090 in their pods (args below), and
     // nothing scrapes them until a PodMonitor is asked for.
     assert!(d.pod_monitors.is_empty());
+    assert!(d.config_maps.is_empty(), "no dashboard unless asked for");
     let off = parse(&helm.render(&json!({"node": {"agent": {"metrics": {"port": 0, "podMonitor": {"enabled": true}}}}})).unwrap().objects);
     assert!(
         !args(container(node_pod(&off), "agent"))
@@ -941,6 +944,22 @@ fn check_all_on(a: &Objects, r: &Rendered) {
     assert!(agent.ports.iter().flatten().any(|p| p.name.as_deref()
         == Some(npm.spec.pod_metrics_endpoints[0].port.as_str())
         && p.container_port == 9464));
+    // The nodes' Grafana dashboard: the chart's file, verbatim, labelled for the sidecar.
+    let dash = a
+        .config_maps
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some("tp-dashboards"))
+        .expect("the dashboards ConfigMap");
+    let labels = dash.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels["grafana_dashboard"], "1");
+    assert_eq!(labels["team"], "ml-platform");
+    let json = &dash.data.as_ref().unwrap()["tidepool-nodes.json"];
+    assert_eq!(
+        json,
+        &std::fs::read_to_string(chart_dir().join("dashboards/tidepool-nodes.json")).unwrap()
+    );
+    let parsed: Value = serde_json::from_str(json).expect("the dashboard is JSON");
+    assert!(!parsed["panels"].as_array().unwrap().is_empty());
     assert!(
         r.notes
             .contains("ServiceMonitor and the PodMonitor tp-operator"),
