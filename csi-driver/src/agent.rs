@@ -639,6 +639,12 @@ impl Agent {
                     read_errors: s.read_errors.load(Ordering::Relaxed),
                     opens: s.opens.load(Ordering::Relaxed),
                     passthrough_opens: s.passthrough_opens.load(Ordering::Relaxed),
+                    reads_resident: s.reads_resident.load(Ordering::Relaxed),
+                    reads_waited: s.reads_waited.load(Ordering::Relaxed),
+                    read_seconds: Some((
+                        s.resident_read_seconds.clone(),
+                        s.waited_read_seconds.clone(),
+                    )),
                     ..Default::default()
                 };
                 match &v.content {

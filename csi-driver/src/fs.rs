@@ -35,9 +35,10 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 use crate::cache::CacheError;
 use crate::cache::blob::CachedBlob;
@@ -57,7 +58,7 @@ const FH_PASSTHROUGH: u64 = 1 << 63;
 const MAX_STREAMS: usize = 4096;
 
 /// Counters a user (or a test) can read to see what the mount did.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MountStats {
     /// `read` requests that reached Tidepool (passthrough reads never do).
     pub reads: AtomicU64,
@@ -65,6 +66,34 @@ pub struct MountStats {
     pub opens: AtomicU64,
     pub passthrough_opens: AtomicU64,
     pub read_errors: AtomicU64,
+    /// Reads answered at once from blocks already in the pool (cache hits).
+    pub reads_resident: AtomicU64,
+    /// Reads that waited for a block to arrive (cache misses, or a prefetch in flight).
+    pub reads_waited: AtomicU64,
+    /// How long resident and waited reads took, from the request to the answer.
+    pub resident_read_seconds: Histogram,
+    pub waited_read_seconds: Histogram,
+}
+
+/// Buckets of the read-time histograms: 50 us to 13 s, by factors of 4.
+fn read_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(50e-6, 4.0, 10))
+}
+
+impl Default for MountStats {
+    fn default() -> Self {
+        MountStats {
+            reads: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            opens: AtomicU64::new(0),
+            passthrough_opens: AtomicU64::new(0),
+            read_errors: AtomicU64::new(0),
+            reads_resident: AtomicU64::new(0),
+            reads_waited: AtomicU64::new(0),
+            resident_read_seconds: read_buckets(),
+            waited_read_seconds: read_buckets(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -447,6 +476,7 @@ impl fuse::FileSystem for DatasetFs {
     }
 
     fn read(&self, req: &Request, ino: u64, _fh: u64, offset: u64, size: u32, reply: ReplyData) {
+        let asked = Instant::now();
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let blob = match self.blob_of(ino) {
             Ok(b) => b,
@@ -464,7 +494,12 @@ impl fuse::FileSystem for DatasetFs {
                     stats
                         .bytes_read
                         .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                    return reply.data(&buf);
+                    reply.data(&buf);
+                    stats.reads_resident.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .resident_read_seconds
+                        .observe(asked.elapsed().as_secs_f64());
+                    return;
                 }
                 Err(CacheError::Refetch) => {}
                 Err(e) => {
@@ -478,7 +513,11 @@ impl fuse::FileSystem for DatasetFs {
             match blob.read(offset, size as usize).await {
                 Ok(buf) => {
                     stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                    reply.data(&buf)
+                    reply.data(&buf);
+                    stats.reads_waited.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .waited_read_seconds
+                        .observe(asked.elapsed().as_secs_f64());
                 }
                 Err(e) => {
                     stats.read_errors.fetch_add(1, Ordering::Relaxed);

@@ -414,11 +414,32 @@ async fn the_agents_metrics_count_what_its_volume_served() {
     );
     assert!(sample(&m, "tidepool_node_volume_read_bytes_total{volume=\"vol1\"}") > 0.0);
     // The 48 MiB file does not fit in the 32 MiB pool: closed files were evicted for it.
-    let m = tidepool_csi::testing::within(Duration::from_secs(10), || {
+    // Each read is counted once, as a hit (resident) or a miss (waited), and timed in the
+    // histogram of its kind (counted just after its answer: the last ones may lag).
+    let vol = |name: &str| format!("tidepool_node_{name}{{volume=\"vol1\"}}");
+    let timed = |served: &str| {
+        format!("tidepool_node_read_duration_seconds_count{{volume=\"vol1\",served=\"{served}\"}}")
+    };
+    let settled = tidepool_csi::testing::within(Duration::from_secs(10), || {
         let (_, m) = http_get(&addr, "/metrics");
-        (sample(&m, "tidepool_node_pool_evicted_bytes_total") > 0.0).then_some(m)
-    })
-    .expect("the evictor evicted something, and says so");
+        let evicted = sample(&m, "tidepool_node_pool_evicted_bytes_total") > 0.0;
+        let counted = sample(&m, &timed("waited")) == sample(&m, &vol("volume_reads_waited_total"))
+            && sample(&m, &timed("resident")) == sample(&m, &vol("volume_reads_resident_total"));
+        (evicted && counted).then_some(m)
+    });
+    let m = settled.unwrap_or_else(|| {
+        panic!(
+            "evictions and read times never showed: {}",
+            http_get(&addr, "/metrics").1
+        )
+    });
+    let waited = sample(&m, &vol("volume_reads_waited_total"));
+    let resident = sample(&m, &vol("volume_reads_resident_total"));
+    assert!(waited > 0.0, "cold reads wait for their blocks: {m}");
+    assert!(
+        waited + resident <= sample(&m, &vol("volume_reads_total")),
+        "{m}"
+    );
     assert!(
         sample(&m, "tidepool_node_pool_cache_bytes") < total as f64,
         "what was evicted is no longer counted as resident: {m}"
