@@ -722,8 +722,8 @@ async fn with_the_keeper_volumes_outlive_the_plugin_and_agent_dying_together() {
 /// the keeper handed back 64 and dropped the rest, and the plugin's liveness check of
 /// the others blocked on connections nobody served, before its socket was even bound.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seventy_volumes_outlive_the_plugin_and_agent_dying_together() {
-    const VOLUMES: usize = 70;
+async fn a_hundred_volumes_outlive_the_plugin_and_agent_dying_together() {
+    const VOLUMES: usize = 100;
     let n = node().await;
     let keeper = n.paths.start_keeper();
     let mut agent = n.paths.start_agent_with("1GiB", &["--threads", "1"]);
