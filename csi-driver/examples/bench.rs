@@ -46,8 +46,11 @@
 //!    opening a dataset with an empty pool to its snapshot being served (the listing
 //!    streamed into the snapshot: what a first stage waits for today), objects per
 //!    second, the snapshot's size on disk per object, the growth of this process's
-//!    peak resident memory over it (VmHWM reset first), a read of the last file, and
-//!    one recount of the bytes cached (the walk the status's `bytesCached` costs).
+//!    peak resident memory over it (VmHWM reset first), a read of the last file, one
+//!    recount of the bytes cached (the walk the status's `bytesCached` costs); then,
+//!    mounted through FUSE in this process, `stat` of 1,000 files never looked up
+//!    (median and p99) and a walk of the whole tree (`find`); and a directory of
+//!    100,000 files: `stat` of its files, and one readdir of all of it.
 //!
 //! Every timed pass runs several times (`ROUNDS`, `WARM_ROUNDS`) (ours and the baseline
 //! alternating) and the report gives medians and every sample. No pass goes untimed:
@@ -1270,8 +1273,71 @@ async fn scale_bench(work: &Path) -> serde_json::Value {
     let t = Instant::now();
     let cached = dataset.cached_bytes().unwrap();
     let recount_secs = t.elapsed().as_secs_f64();
+    // Through FUSE: `stat` of files never looked up before, spread over the dataset;
+    // then the whole tree walked (`find`: every directory read, no stat).
+    let dataset = Arc::new(dataset);
+    let mnt = work.join("scale-mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mount = mount_dataset(dataset.clone(), &mnt);
+    let stat_us = {
+        let (mnt, lake) = (mnt.clone(), lake.clone());
+        tokio::task::spawn_blocking(move || stat_times(&mnt, &lake, objects, 1000))
+            .await
+            .unwrap()
+    };
+    let (walked, walk_secs) = {
+        let mnt = mnt.clone();
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let mut n = 0u64;
+            let mut dirs = vec![mnt];
+            while let Some(d) = dirs.pop() {
+                for e in std::fs::read_dir(&d).unwrap() {
+                    let e = e.unwrap();
+                    if e.file_type().unwrap().is_dir() {
+                        dirs.push(e.path());
+                    } else {
+                        n += 1;
+                    }
+                }
+            }
+            (n, t.elapsed().as_secs_f64())
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(walked, objects, "the walk found every file");
+    mount.unmount().unwrap();
+    drop(dataset);
+    // One directory of 100,000 files: stat of its files, then readdir of all of it.
+    let wide_n = objects.min(100_000);
+    let wide = SyntheticLake::new("wide/", wide_n, wide_n, 1, 4096);
+    let wide_url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/wide").unwrap();
+    let wide_pool = CachePool::open(CacheConfig::new(&work.join("scale-wide"), 1 << 40))
+        .await
+        .unwrap();
+    let wide_ds = Arc::new(
+        Dataset::open(wide_pool, wide_url, Arc::new(wide.clone()), false, |_| {})
+            .await
+            .unwrap(),
+    );
+    let mount = mount_dataset(wide_ds.clone(), &mnt);
+    let (wide_listed, wide_readdir_secs, wide_stat_us) = {
+        let (mnt, wide) = (mnt.clone(), wide.clone());
+        tokio::task::spawn_blocking(move || {
+            let stat = stat_times(&mnt, &wide, wide_n, 1000);
+            let dir = mnt.join("dir00000");
+            let t = Instant::now();
+            let n = std::fs::read_dir(&dir).unwrap().count() as u64;
+            (n, t.elapsed().as_secs_f64(), stat)
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(wide_listed, wide_n);
+    mount.unmount().unwrap();
     eprintln!(
-        "bench: scale: {objects} objects opened in {open_secs:.1} s ({:.0}/s), snapshot {:.0} B/object, peak RSS +{:.0} MiB, recount {recount_secs:.1} s",
+        "bench: scale: {objects} objects opened in {open_secs:.1} s ({:.0}/s), snapshot {:.0} B/object, peak RSS +{:.0} MiB, recount {recount_secs:.1} s, walk {walk_secs:.1} s, stat {stat_us:?} us; a directory of {wide_n}: readdir {wide_readdir_secs:.2} s, stat {wide_stat_us:?} us",
         objects as f64 / open_secs,
         snapshot_bytes as f64 / objects as f64,
         mib(peak.saturating_sub(rss_before))
@@ -1285,7 +1351,58 @@ async fn scale_bench(work: &Path) -> serde_json::Value {
         "peak_rss_growth_mib": mib(peak.saturating_sub(rss_before)),
         "read_of_the_last_file_secs": first_read_secs,
         "recount_of_cached_bytes_secs": recount_secs,
+        "walk_of_the_tree_through_fuse_secs": walk_secs,
+        "walk_entries_per_s": objects as f64 / walk_secs,
+        "stat_of_a_file_not_looked_up_before_us": stat_us,
+        "directory_of_100000_files": {
+            "files": wide_n,
+            "readdir_of_all_secs": wide_readdir_secs,
+            "stat_of_a_file_not_looked_up_before_us": wide_stat_us,
+        },
         "cached_bytes_after_one_read": cached,
         "notes": "in-process, Dataset::open as a stage runs it, over a synthetic lake that computes every name, size and byte (no network, no Azurite): Tidepool's own cost",
     })
+}
+
+/// Mounts `dataset` read-only at `mnt` in this process.
+fn mount_dataset(
+    dataset: Arc<tidepool_csi::cache::dataset::Dataset>,
+    mnt: &Path,
+) -> tidepool_csi::fs::Mount {
+    use tidepool_csi::fs::{DatasetFs, FsConfig, Mount, MountStats, mount_config};
+    let fs = DatasetFs::new(
+        dataset,
+        tokio::runtime::Handle::current(),
+        FsConfig {
+            ttl: std::time::Duration::from_secs(60),
+            passthrough: true,
+            uid: 0,
+            gid: 0,
+        },
+        Arc::new(MountStats::default()),
+    );
+    Mount::spawn(fs, mnt, &mount_config(true, 4, "tidepool-bench-scale"))
+        .expect("mount (root, /dev/fuse)")
+}
+
+/// `stat` of `n` files of `lake` spread over its `objects`, never looked up before:
+/// (median, p99) in microseconds.
+fn stat_times(
+    mnt: &Path,
+    lake: &tidepool_csi::testing::SyntheticLake,
+    objects: u64,
+    n: u64,
+) -> (f64, f64) {
+    let mut us: Vec<f64> = (0..n)
+        .map(|k| {
+            // Spread, and odd so as not to hit what the walk may have left cached.
+            let i = (k * 7_919_993 + 1) % objects;
+            let path = mnt.join(lake.name(i).split_once('/').unwrap().1);
+            let t = Instant::now();
+            std::fs::metadata(&path).unwrap();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    us.sort_by(f64::total_cmp);
+    (us[us.len() / 2], us[us.len() * 99 / 100])
 }
