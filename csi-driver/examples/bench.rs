@@ -1313,7 +1313,7 @@ async fn scale_bench(work: &Path) -> serde_json::Value {
     let wide_n = objects.min(100_000);
     let wide = SyntheticLake::new("wide/", wide_n, wide_n, 1, 4096);
     let wide_url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/wide").unwrap();
-    let wide_pool = CachePool::open(CacheConfig::new(&work.join("scale-wide"), 1 << 40))
+    let wide_pool = CachePool::open(CacheConfig::new(work.join("scale-wide"), 1 << 40))
         .await
         .unwrap();
     let wide_ds = Arc::new(
