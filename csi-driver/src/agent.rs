@@ -639,6 +639,7 @@ impl Agent {
                     read_errors: s.read_errors.load(Ordering::Relaxed),
                     opens: s.opens.load(Ordering::Relaxed),
                     passthrough_opens: s.passthrough_opens.load(Ordering::Relaxed),
+                    requests: v.session.connection().request_totals(),
                     reads_resident: s.reads_resident.load(Ordering::Relaxed),
                     reads_waited: s.reads_waited.load(Ordering::Relaxed),
                     read_seconds: Some((

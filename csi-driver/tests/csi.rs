@@ -424,6 +424,10 @@ async fn the_agents_metrics_count_what_its_volume_served() {
         let (_, m) = http_get(&addr, "/metrics");
         let evicted = sample(&m, "tidepool_node_pool_evicted_bytes_total") > 0.0;
         let counted = sample(&m, &timed("waited")) == sample(&m, &vol("volume_reads_waited_total"))
+            && sample(
+                &m,
+                "tidepool_node_fuse_requests_total{volume=\"vol1\",op=\"READ\"}",
+            ) == sample(&m, &vol("volume_reads_total"))
             && sample(&m, &timed("resident")) == sample(&m, &vol("volume_reads_resident_total"));
         (evicted && counted).then_some(m)
     });
@@ -436,6 +440,19 @@ async fn the_agents_metrics_count_what_its_volume_served() {
     let waited = sample(&m, &vol("volume_reads_waited_total"));
     let resident = sample(&m, &vol("volume_reads_resident_total"));
     assert!(waited > 0.0, "cold reads wait for their blocks: {m}");
+    // FUSE requests by operation: the lookups of every path, and time spent on them.
+    assert!(
+        sample(
+            &m,
+            "tidepool_node_fuse_requests_total{volume=\"vol1\",op=\"LOOKUP\"}"
+        ) >= 3.0
+    );
+    assert!(
+        sample(
+            &m,
+            "tidepool_node_fuse_request_handling_seconds_total{volume=\"vol1\",op=\"READ\"}"
+        ) > 0.0
+    );
     assert!(
         waited + resident <= sample(&m, &vol("volume_reads_total")),
         "{m}"

@@ -231,6 +231,19 @@ impl Connection {
             .collect()
     }
 
+    /// Requests served so far, by opcode name (those seen at least once), with the
+    /// total time spent handling them, in nanoseconds (for metrics).
+    pub fn request_totals(&self) -> Vec<(&'static str, u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = &self.requests;
+        (0..r.count.len())
+            .filter_map(|op| {
+                let n = r.count[op].load(Relaxed);
+                (n > 0).then(|| (abi::op::name(op as u32), n, r.nanos[op].load(Relaxed)))
+            })
+            .collect()
+    }
+
     /// Requests that came through io_uring so far (`uring.rs`).
     pub fn io_uring_requests(&self) -> u64 {
         self.requests
