@@ -992,21 +992,27 @@ pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
 /// Serves the socket until the listener fails: a thread per connection, at most
 /// [`protocol::MAX_CLIENTS`] at once, root peers only.
 pub fn serve_socket(agent: Arc<Agent>, listener: UnixListener) {
-    protocol::serve_clients(listener, "agent", protocol::MAX_CLIENTS, move |conn| {
-        loop {
-            let (req, fds) = match protocol::read_frame::<Request>(&conn) {
-                Ok(Some(x)) => x,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!(error = %e, "agent socket connection ended");
+    protocol::serve_clients(
+        listener,
+        "agent",
+        protocol::MAX_CLIENTS,
+        protocol::IDLE_CLIENT,
+        move |conn| {
+            loop {
+                let (req, fds) = match protocol::read_frame::<Request>(&conn) {
+                    Ok(Some(x)) => x,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "agent socket connection ended");
+                        return;
+                    }
+                };
+                let (resp, out) = agent.handle(req, fds);
+                let raw: Vec<i32> = out.iter().map(|f| f.as_raw_fd()).collect();
+                if protocol::write_frame(&conn, &resp, &raw).is_err() {
                     return;
                 }
-            };
-            let (resp, out) = agent.handle(req, fds);
-            let raw: Vec<i32> = out.iter().map(|f| f.as_raw_fd()).collect();
-            if protocol::write_frame(&conn, &resp, &raw).is_err() {
-                return;
             }
-        }
-    });
+        },
+    );
 }

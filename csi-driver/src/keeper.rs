@@ -199,8 +199,8 @@ impl Keeper {
 /// Serves the keeper on `listener` until the process ends: a thread per client, at
 /// most `MAX_CLIENTS` at once, root peers only.
 pub fn serve(keeper: Arc<Keeper>, listener: UnixListener) -> io::Result<()> {
-    use crate::agent::protocol::{MAX_CLIENTS, serve_clients};
-    serve_clients(listener, "keeper", MAX_CLIENTS, move |conn| {
+    use crate::agent::protocol::{IDLE_CLIENT, MAX_CLIENTS, serve_clients};
+    serve_clients(listener, "keeper", MAX_CLIENTS, IDLE_CLIENT, move |conn| {
         let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
         keeper.serve_connection(conn)
     });

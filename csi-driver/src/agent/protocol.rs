@@ -171,12 +171,14 @@ pub const MAX_CLIENTS: usize = 128;
 pub const IDLE_CLIENT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Serves the connections of `listener`, each on a thread of its own, at most `max` at
-/// once, refusing peers that are not root ([`fdpass::peer_allowed`]); runs until the
-/// listener fails.
+/// once, refusing peers that are not root ([`fdpass::peer_allowed`]); a read that
+/// waits longer than `idle` fails, so a client that sends nothing gives its slot back
+/// ([`IDLE_CLIENT`] in the agent and the keeper). Runs until the listener fails.
 pub fn serve_clients(
     listener: std::os::unix::net::UnixListener,
     socket: &'static str,
     max: usize,
+    idle: std::time::Duration,
     serve: impl Fn(UnixStream) + Send + Sync + 'static,
 ) {
     let serve = std::sync::Arc::new(serve);
@@ -186,7 +188,7 @@ pub fn serve_clients(
         if !fdpass::peer_allowed(&conn, socket) {
             continue; // dropped: closed unanswered
         }
-        let _ = conn.set_read_timeout(Some(IDLE_CLIENT));
+        let _ = conn.set_read_timeout(Some(idle));
         {
             let (busy, freed) = &*slots;
             let mut busy = busy.lock();
@@ -308,6 +310,46 @@ mod tests {
         assert!(read_frame::<Request>(&b).unwrap().is_none());
     }
 
+    /// A client that connects and sends nothing is closed after the idle time, and the
+    /// slot it held serves the next client (with one slot: otherwise it would wait
+    /// forever).
+    #[test]
+    fn an_idle_client_gives_its_slot_back() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            serve_clients(
+                listener,
+                "test",
+                1,
+                std::time::Duration::from_millis(300),
+                |mut conn| {
+                    let mut b = [0u8; 1];
+                    if conn.read_exact(&mut b).is_ok() {
+                        let _ = conn.write_all(&b);
+                    }
+                },
+            )
+        });
+        let mut silent = UnixStream::connect(&path).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut next = UnixStream::connect(&path).unwrap();
+        next.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        next.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        next.read_exact(&mut b)
+            .expect("served once the silent client was closed");
+        assert_eq!(&b, b"x");
+        // The silent one was closed: it reads the end of the stream.
+        silent
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(silent.read(&mut b).unwrap(), 0);
+    }
+
     /// No more than `max` connections are served at once; the others wait (none is
     /// refused or lost) and are served as slots free up.
     #[test]
@@ -325,7 +367,7 @@ mod tests {
         {
             let (running, most, served) = (running.clone(), most.clone(), served.clone());
             std::thread::spawn(move || {
-                serve_clients(listener, "test", 4, move |_conn| {
+                serve_clients(listener, "test", 4, IDLE_CLIENT, move |_conn| {
                     let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
                     go_rx.lock().recv().unwrap();
