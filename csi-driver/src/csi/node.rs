@@ -251,15 +251,54 @@ fn fingerprint(s: Option<&StageSecrets>) -> u64 {
     h.finish()
 }
 
-/// Whether the FUSE connection behind `fd` (a /dev/fuse descriptor) is still up: the
-/// kernel reports `POLLERR` on it once the connection was aborted or unmounted. Never
-/// blocks, unlike a `stat` of the mount while its server is away.
 /// One answer of a descriptors exchange (with the agent or the keeper).
 struct Page {
     volumes: Vec<String>,
     secrets: Vec<StageSecrets>,
     fds: Vec<OwnedFd>,
     more: bool,
+}
+
+impl Page {
+    /// The agent's answer to `Descriptors`, if it is one.
+    fn from_agent<E>(r: Result<(Response, Vec<OwnedFd>), E>) -> Option<Page> {
+        match r {
+            Ok((
+                Response::Descriptors {
+                    volumes,
+                    secrets,
+                    more,
+                },
+                fds,
+            )) => Some(Page {
+                volumes,
+                secrets,
+                fds,
+                more,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The keeper's answer to `Descriptors`, if it is one.
+    fn from_keeper<E>(r: Result<(crate::keeper::KeeperResponse, Vec<OwnedFd>), E>) -> Option<Page> {
+        match r {
+            Ok((
+                crate::keeper::KeeperResponse::Descriptors {
+                    volumes,
+                    secrets,
+                    more,
+                },
+                fds,
+            )) => Some(Page {
+                volumes,
+                secrets,
+                fds,
+                more,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Asks page after page (`ask(after)`, `after` the last volume of the page before) until
@@ -286,6 +325,9 @@ fn every_page(
     all
 }
 
+/// Whether the FUSE connection behind `fd` (a /dev/fuse descriptor) is still up: the
+/// kernel reports `POLLERR` on it once the connection was aborted or unmounted. Never
+/// blocks, unlike a `stat` of the mount while its server is away.
 pub fn connection_alive(fd: &OwnedFd) -> bool {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
@@ -403,28 +445,13 @@ impl NodeCore {
     /// Takes back from the keeper the descriptors we lack (we restarted, with the agent
     /// perhaps: the node pod was replaced).
     fn take_back_from_keeper(&self) -> usize {
-        use crate::keeper::{KeeperRequest, KeeperResponse};
+        use crate::keeper::KeeperRequest;
         let Some(k) = self.keeper() else {
             return 0;
         };
-        let held = every_page(
-            |after| match k.call(&KeeperRequest::Descriptors { after }, &[]) {
-                Ok((
-                    KeeperResponse::Descriptors {
-                        volumes,
-                        secrets,
-                        more,
-                    },
-                    fds,
-                )) => Some(Page {
-                    volumes,
-                    secrets,
-                    fds,
-                    more,
-                }),
-                _ => None,
-            },
-        );
+        let held = every_page(|after| {
+            Page::from_keeper(k.call(&KeeperRequest::Descriptors { after }, &[]))
+        });
         let mut ours = self.fds.lock();
         let mut kept = self.secrets.lock();
         let mut taken = 0;
@@ -920,25 +947,9 @@ impl NodeCore {
     /// live volumes back from the agent, and mounts anew (binding their targets again)
     /// the volumes whose connection ended. Returns how many volumes were repaired.
     pub fn recover(&self) -> usize {
-        let served =
-            every_page(
-                |after| match self.agent.call(&Request::Descriptors { after }, &[]) {
-                    Ok((
-                        Response::Descriptors {
-                            volumes,
-                            secrets,
-                            more,
-                        },
-                        fds,
-                    )) => Some(Page {
-                        volumes,
-                        secrets,
-                        fds,
-                        more,
-                    }),
-                    _ => None,
-                },
-            );
+        let served = every_page(|after| {
+            Page::from_agent(self.agent.call(&Request::Descriptors { after }, &[]))
+        });
         {
             let mut ours = self.fds.lock();
             let mut kept = self.secrets.lock();
