@@ -29,8 +29,9 @@ fn files() -> Vec<SeedFile> {
 }
 
 /// DatasetCache, Eager, on the gpu node only → Ready with every byte cached there (and
-/// nowhere else) → a Job on that node reads every file through the PVC, as a non-root
-/// user, and every checksum and every name matches the lake's.
+/// nowhere else), which the node agent's /metrics (through the API server's pod proxy)
+/// confirms → a Job on that node reads every file through the PVC, as a non-root user,
+/// and every checksum and every name matches the lake's.
 #[tokio::test]
 async fn eager_dataset_is_cached_on_the_gpu_node_and_read_byte_exact() {
     let s = Scenario::start("eager").await;
