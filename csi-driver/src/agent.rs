@@ -640,8 +640,6 @@ impl Agent {
                     opens: s.opens.load(Ordering::Relaxed),
                     passthrough_opens: s.passthrough_opens.load(Ordering::Relaxed),
                     requests: v.session.connection().request_totals(),
-                    reads_resident: s.reads_resident.load(Ordering::Relaxed),
-                    reads_waited: s.reads_waited.load(Ordering::Relaxed),
                     read_seconds: Some((
                         s.resident_read_seconds.clone(),
                         s.waited_read_seconds.clone(),

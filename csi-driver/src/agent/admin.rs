@@ -17,10 +17,10 @@
 //!   `volume_read_bytes_total` (reads that reached the agent; passthrough reads go
 //!   straight to the cache file and are not counted), `volume_read_errors_total`,
 //!   `volume_opens_total`, `volume_passthrough_opens_total`, `volume_connected` (0 once
-//!   its FUSE connection ended: the volume must be staged again),
-//!   `volume_reads_resident_total` and `volume_reads_waited_total` (cache hits and
-//!   misses), and `read_duration_seconds{volume,served}` (a histogram from request to
-//!   answer, `served` = `resident` or `waited`, 50 us to 13 s);
+//!   its FUSE connection ended: the volume must be staged again), and
+//!   `read_duration_seconds{volume,served}` (a histogram from request to answer,
+//!   `served` = `resident` (cache hits) or `waited` (misses), 50 us to 13 s: its
+//!   `_count`s are the hits and misses);
 //! - per volume and FUSE operation (`op`: `LOOKUP`, `READ`, ...): `fuse_requests_total`
 //!   and `fuse_request_handling_seconds_total` (their mean latency is the ratio of the
 //!   two rates);
@@ -41,7 +41,8 @@ use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -49,6 +50,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use super::Agent;
+use crate::checkpoint::commit::step_number;
+use crate::checkpoint::sync::SyncStatus;
 
 /// One volume's numbers at a scrape.
 #[derive(Clone, Debug, Default)]
@@ -63,299 +66,262 @@ pub struct VolumeMetrics {
     pub passthrough_opens: u64,
     /// FUSE requests handled, by operation: (name, count, nanoseconds handling them).
     pub requests: Vec<(&'static str, u64, u64)>,
-    pub reads_resident: u64,
-    pub reads_waited: u64,
-    /// Read times: (resident, waited) (shared with the volume's counters).
+    /// Read times: (resident, waited) (shared with the volume's counters; their counts
+    /// are the hits and misses).
     pub read_seconds: Option<(Histogram, Histogram)>,
     /// Dataset volumes: (objects, bytes) of the snapshot served.
     pub dataset: Option<(u64, u64)>,
     /// Checkpoint volumes: steps written and not committed.
     pub uncommitted_steps: Option<u64>,
     /// Checkpoint volumes: what their sync reported last.
-    pub sync: Option<crate::checkpoint::sync::SyncStatus>,
+    pub sync: Option<SyncStatus>,
 }
 
 /// Reads the agent at scrape time (weakly: the server never keeps it alive).
 #[derive(Debug)]
 struct AgentCollector(Weak<Agent>);
 
-fn gauge(
+/// A metric family: its descriptor, then one sample per row. A family without rows
+/// still names itself (a dashboard finds it before the first volume is staged).
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    rows: &[(&[(&str, &str)], i64)],
-) -> Result<(), std::fmt::Error> {
-    let g = ConstGauge::new(0i64);
-    let mut m = enc.encode_descriptor(name, help, None, g.metric_type())?;
-    for (labels, v) in rows {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    ty: MetricType,
+    rows: impl IntoIterator<Item = (L, M)>,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, ty)?;
+    for (labels, metric) in rows {
+        metric.encode(m.encode_family(&labels)?)?;
     }
     Ok(())
 }
 
-fn counter(
+/// A metric without labels.
+fn single<M: EncodeMetric>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    rows: &[(&[(&str, &str)], u64)],
-) -> Result<(), std::fmt::Error> {
-    let c = ConstCounter::new(0u64);
-    let mut m = enc.encode_descriptor(name, help, None, c.metric_type())?;
-    for (labels, v) in rows {
-        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-/// One sample without labels.
-fn gauge1(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
-    let g = ConstGauge::new(v);
-    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
-}
-
-/// One sample without labels.
-fn counter1(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
-    let c = ConstCounter::new(v);
-    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+    metric: M,
+) -> std::fmt::Result {
+    metric.encode(enc.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 impl Collector for AgentCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use MetricType::{Counter, Gauge};
         let Some(agent) = self.0.upgrade() else {
             return Ok(());
         };
         let pool = &agent.pool;
-        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        gauge1(
-            &mut enc,
+        let g = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        let e = &mut enc;
+        single(
+            e,
             "pool_capacity_bytes",
             "The pool's capacity (--cache-size).",
             g(pool.config().capacity),
         )?;
-        gauge1(
-            &mut enc,
+        single(
+            e,
             "pool_cache_bytes",
             "Bytes of cache files resident in the pool.",
             g(pool.used()),
         )?;
-        gauge1(
-            &mut enc,
+        single(
+            e,
             "pool_checkpoint_bytes",
             "Bytes of checkpoint volumes' files in the pool (the cache makes room for them).",
             g(pool.external()),
         )?;
-        gauge1(
-            &mut enc,
+        single(
+            e,
             "pool_read_buffer_bytes",
             "Bytes of fetched blocks held in memory for their readers.",
             g(pool.read_buffer_bytes()),
         )?;
-        counter1(
-            &mut enc,
+        single(
+            e,
             "lake_read_bytes",
             "Bytes this agent fetched from the lake.",
-            pool.fetched(),
+            ConstCounter::new(pool.fetched()),
         )?;
-        counter1(
-            &mut enc,
+        single(
+            e,
             "pool_evicted_bytes",
             "Bytes of cache files evicted (least recently used, not open, not pinned).",
-            pool.evicted(),
+            ConstCounter::new(pool.evicted()),
         )?;
         let volumes = agent.volume_metrics();
-        let kinds = |checkpoint: bool| volumes.iter().filter(move |v| v.checkpoint == checkpoint);
-        gauge(
-            &mut enc,
-            "volumes",
-            "Volumes served, by kind.",
-            &[
-                (&[("kind", "dataset")], kinds(false).count() as i64),
-                (&[("kind", "checkpoint")], kinds(true).count() as i64),
-            ],
-        )?;
-        let labels: Vec<[(&str, &str); 1]> = volumes
-            .iter()
-            .map(|v| [("volume", v.id.as_str())])
-            .collect();
-        let per = |f: &dyn Fn(&VolumeMetrics) -> u64| -> Vec<(&[(&str, &str)], u64)> {
+        let kinds = [("dataset", false), ("checkpoint", true)].map(|(kind, checkpoint)| {
+            let n = volumes
+                .iter()
+                .filter(|v| v.checkpoint == checkpoint)
+                .count();
+            ([("kind", kind)], g(n as u64))
+        });
+        family(e, "volumes", "Volumes served, by kind.", Gauge, kinds)?;
+        let vol = |v: &VolumeMetrics| [("volume", v.id.clone())];
+        let counted = |f: fn(&VolumeMetrics) -> u64| {
             volumes
                 .iter()
-                .zip(&labels)
-                .map(|(v, l)| (&l[..], f(v)))
-                .collect()
+                .map(move |v| (vol(v), ConstCounter::new(f(v))))
         };
-        counter(
-            &mut enc,
+        family(
+            e,
             "volume_reads",
             "Read requests that reached the agent (passthrough reads do not).",
-            &per(&|v| v.reads),
+            Counter,
+            counted(|v| v.reads),
         )?;
-        counter(
-            &mut enc,
+        family(
+            e,
             "volume_read_bytes",
             "Bytes returned by read requests that reached the agent.",
-            &per(&|v| v.read_bytes),
+            Counter,
+            counted(|v| v.read_bytes),
         )?;
-        counter(
-            &mut enc,
+        family(
+            e,
             "volume_read_errors",
             "Read requests answered with an error.",
-            &per(&|v| v.read_errors),
+            Counter,
+            counted(|v| v.read_errors),
         )?;
-        counter(
-            &mut enc,
+        family(
+            e,
             "volume_opens",
             "Files opened.",
-            &per(&|v| v.opens),
+            Counter,
+            counted(|v| v.opens),
         )?;
-        counter(
-            &mut enc,
-            "volume_reads_resident",
-            "Reads answered at once from blocks already in the pool (cache hits).",
-            &per(&|v| v.reads_resident),
-        )?;
-        counter(
-            &mut enc,
-            "volume_reads_waited",
-            "Reads that waited for a block to arrive from the lake or a prefetch in flight (cache misses).",
-            &per(&|v| v.reads_waited),
-        )?;
-        {
-            let h = Histogram::new([0.0f64; 0]);
-            let mut m = enc.encode_descriptor(
-                "read_duration_seconds",
-                "Time from a read request to its answer, by whether its blocks were resident.",
-                None,
-                h.metric_type(),
-            )?;
-            for (v, l) in volumes.iter().zip(&labels) {
-                if let Some((resident, waited)) = &v.read_seconds {
-                    for (served, hist) in [("resident", resident), ("waited", waited)] {
-                        let labels = [l[0], ("served", served)];
-                        hist.encode(m.encode_family(&labels)?)?;
-                    }
-                }
-            }
-        }
-        let by_op = |f: &dyn Fn(u64, u64) -> u64| {
-            volumes
-                .iter()
-                .flat_map(|v| {
-                    v.requests.iter().map(move |&(op, n, nanos)| {
-                        ([("volume", v.id.as_str()), ("op", op)], f(n, nanos))
-                    })
-                })
-                .collect::<Vec<_>>()
-        };
-        let rows = by_op(&|n, _| n);
-        let rows: Vec<(&[(&str, &str)], u64)> = rows.iter().map(|(l, v)| (&l[..], *v)).collect();
-        counter(
-            &mut enc,
-            "fuse_requests",
-            "FUSE requests handled, by operation (passthrough reads and writes never reach the agent).",
-            &rows,
-        )?;
-        {
-            // Seconds as a float counter: the handling time's sum, for mean latency by
-            // operation (rate of this over rate of fuse_requests_total).
-            let c = ConstCounter::new(0.0f64);
-            let mut m = enc.encode_descriptor(
-                "fuse_request_handling_seconds",
-                "Time spent handling FUSE requests, by operation (a read answered later from a fetch counts until it is handed on; read_duration_seconds has the time to the answer).",
-                None,
-                c.metric_type(),
-            )?;
-            for (l, nanos) in by_op(&|_, nanos| nanos) {
-                ConstCounter::new(nanos as f64 / 1e9).encode(m.encode_family(&l)?)?;
-            }
-        }
-        counter(
-            &mut enc,
+        family(
+            e,
             "volume_passthrough_opens",
             "Files opened with FUSE passthrough (reads go to the cache file directly).",
-            &per(&|v| v.passthrough_opens),
+            Counter,
+            counted(|v| v.passthrough_opens),
         )?;
-        let rows: Vec<_> = per(&|v| v.connected as u64)
-            .into_iter()
-            .map(|(l, v)| (l, v as i64))
-            .collect();
-        gauge(
-            &mut enc,
+        // Hits and misses are this histogram's counts by `served`.
+        let timed = volumes.iter().flat_map(|v| {
+            v.read_seconds.iter().flat_map(move |(resident, waited)| {
+                [("resident", resident), ("waited", waited)].map(|(served, h)| {
+                    (
+                        [("volume", v.id.clone()), ("served", served.into())],
+                        h.clone(),
+                    )
+                })
+            })
+        });
+        family(
+            e,
+            "read_duration_seconds",
+            "Time from a read request to its answer, by whether its blocks were resident (a cache hit) or it waited for them (a miss).",
+            MetricType::Histogram,
+            timed,
+        )?;
+        let ops = || {
+            volumes.iter().flat_map(|v| {
+                v.requests.iter().map(move |&(op, n, nanos)| {
+                    ([("volume", v.id.clone()), ("op", op.to_owned())], n, nanos)
+                })
+            })
+        };
+        family(
+            e,
+            "fuse_requests",
+            "FUSE requests handled, by operation (passthrough reads and writes never reach the agent).",
+            Counter,
+            ops().map(|(l, n, _)| (l, ConstCounter::new(n))),
+        )?;
+        // Seconds as a float counter: the handling time's sum, for mean latency by
+        // operation (rate of this over rate of fuse_requests_total).
+        family(
+            e,
+            "fuse_request_handling_seconds",
+            "Time spent handling FUSE requests, by operation (a read answered later from a fetch counts until it is handed on; read_duration_seconds has the time to the answer).",
+            Counter,
+            ops().map(|(l, _, nanos)| (l, ConstCounter::new(nanos as f64 / 1e9))),
+        )?;
+        family(
+            e,
             "volume_connected",
             "1 while the volume's FUSE connection is up; 0 once it ended (stage it again).",
-            &rows,
+            Gauge,
+            volumes.iter().map(|v| (vol(v), g(v.connected as u64))),
         )?;
-        let dataset = |f: &dyn Fn((u64, u64)) -> u64| -> Vec<(&[(&str, &str)], i64)> {
-            volumes
-                .iter()
-                .zip(&labels)
-                .filter_map(|(v, l)| v.dataset.map(|d| (&l[..], g(f(d)))))
-                .collect()
-        };
-        gauge(
-            &mut enc,
+        family(
+            e,
             "dataset_objects",
             "Objects in the dataset volume's snapshot.",
-            &dataset(&|d| d.0),
+            Gauge,
+            volumes
+                .iter()
+                .filter_map(|v| v.dataset.map(|(n, _)| (vol(v), g(n)))),
         )?;
-        gauge(
-            &mut enc,
+        family(
+            e,
             "dataset_bytes",
             "Bytes of the dataset volume's snapshot.",
-            &dataset(&|d| d.1),
+            Gauge,
+            volumes
+                .iter()
+                .filter_map(|v| v.dataset.map(|(_, b)| (vol(v), g(b)))),
         )?;
-        let rows: Vec<_> = volumes
-            .iter()
-            .zip(&labels)
-            .filter_map(|(v, l)| v.uncommitted_steps.map(|n| (&l[..], g(n))))
-            .collect();
-        gauge(
-            &mut enc,
+        family(
+            e,
             "checkpoint_uncommitted_steps",
             "Steps written in the checkpoint volume and not committed yet.",
-            &rows,
+            Gauge,
+            volumes
+                .iter()
+                .filter_map(|v| v.uncommitted_steps.map(|n| (vol(v), g(n)))),
         )?;
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let synced = |f: &dyn Fn(&crate::checkpoint::sync::SyncStatus) -> i64| {
-            volumes
-                .iter()
-                .zip(&labels)
-                .filter_map(|(v, l)| v.sync.as_ref().map(|st| (&l[..], f(st))))
-                .collect::<Vec<_>>()
+        let synced = |f: fn(&SyncStatus, u64) -> i64| {
+            volumes.iter().filter_map(move |v| {
+                v.sync
+                    .as_ref()
+                    .map(|st| (vol(v), ConstGauge::new(f(st, now_ms))))
+            })
         };
-        gauge(
-            &mut enc,
+        family(
+            e,
             "checkpoint_pending_bytes",
             "Bytes committed in the checkpoint volume and not yet in the lake (as of the sync's last pass).",
-            &synced(&|st| g(st.pending_bytes)),
+            Gauge,
+            synced(|st, _| i64::try_from(st.pending_bytes).unwrap_or(i64::MAX)),
         )?;
-        gauge(
-            &mut enc,
+        family(
+            e,
             "checkpoint_oldest_pending_seconds",
             "Age of the oldest commit not yet durable (0 when none).",
-            &synced(&|st| {
+            Gauge,
+            synced(|st, now_ms| {
                 st.oldest_pending_unix_ms
-                    .map_or(0, |t| g(now_ms.saturating_sub(t) / 1000))
+                    .map_or(0, |t| (now_ms.saturating_sub(t) / 1000) as i64)
             }),
         )?;
-        gauge(
-            &mut enc,
+        family(
+            e,
             "checkpoint_sync_failing",
             "1 while the volume's last upload pass failed (it is retried; the reason is in the CheckpointSync's status).",
-            &synced(&|st| st.last_error.is_some() as i64),
+            Gauge,
+            synced(|st, _| st.last_error.is_some() as i64),
         )?;
-        gauge(
-            &mut enc,
+        family(
+            e,
             "checkpoint_latest_durable_step",
             "The number of the latest step durable in the lake (-1 when none is).",
-            &synced(&|st| {
+            Gauge,
+            synced(|st, _| {
                 st.latest_durable
                     .as_ref()
-                    .and_then(|i| crate::checkpoint::commit::step_number(&i.step))
-                    .map_or(-1, g)
+                    .and_then(|i| step_number(&i.step))
+                    .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX))
             }),
         )?;
         Ok(())
