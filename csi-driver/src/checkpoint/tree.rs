@@ -1177,6 +1177,25 @@ impl FileSystem for CheckpointTree {
             }
             return;
         }
+        // A file open for writing is reported closed while its handle still counts as
+        // writing: were the handle gone first, a commit taken in between would find the
+        // step idle, and the close arriving after it would mark the committed step
+        // changed again (uncommitted, its merged view of the lake's parts gone).
+        let closing = self
+            .handles
+            .lock()
+            .get(&fh)
+            .filter(|h| h.writing)
+            .map(|h| (h.file.clone(), h.opened_in.clone()));
+        if let Some((file, opened_in)) = closing {
+            // Reported where the file is now (a rename since the open moved it).
+            let at = self
+                .where_now(&file)
+                .or_else(|| opened_in.map(|s| (s, PathBuf::new())));
+            if let Some((step, rel)) = at {
+                self.events.event(TreeEvent::WriteClosed { step, rel });
+            }
+        }
         let Some(h) = self.handles.lock().remove(&fh) else {
             return;
         };
@@ -1194,17 +1213,6 @@ impl FileSystem for CheckpointTree {
                     *b = None;
                 }
             }
-        }
-        if h.writing {
-            // Reported where the file is now (a rename since the open moved it).
-            let (step, rel) = match self.where_now(&h.file) {
-                Some(at) => at,
-                None => match h.opened_in {
-                    Some(s) => (s, PathBuf::new()),
-                    None => return,
-                },
-            };
-            self.events.event(TreeEvent::WriteClosed { step, rel });
         }
     }
 
