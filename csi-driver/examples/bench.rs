@@ -51,6 +51,11 @@
 //!    mounted through FUSE in this process, `stat` of 1,000 files never looked up
 //!    (median and p99) and a walk of the whole tree (`find`); and a directory of
 //!    100,000 files: `stat` of its files, and one readdir of all of it.
+//!    Then the listing (alone: `TIDEPOOL_BENCH_ONLY=listing`): the listing and the
+//!    snapshot build with one request at a time against the parallel listing, on a
+//!    synthetic lake of 1,000,000 objects with 50 ms added to every listing request
+//!    (directories of 1,000, then of 50) and on Azurite (20,000 objects in 200
+//!    directories, with and without the 50 ms); both snapshots' digests must be equal.
 //!
 //! Every timed pass runs several times (`ROUNDS`, `WARM_ROUNDS`) (ours and the baseline
 //! alternating) and the report gives medians and every sample. No pass goes untimed:
@@ -69,7 +74,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -304,6 +309,13 @@ async fn main() {
     // `make bench-scale`: that section alone.
     if std::env::var("TIDEPOOL_BENCH_ONLY").as_deref() == Ok("scale") {
         let report = serde_json::json!({ "scale": scale_bench(work.path()).await });
+        std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        eprintln!("bench: report written to {out}");
+        return;
+    }
+    // The scale section's listing part alone.
+    if std::env::var("TIDEPOOL_BENCH_ONLY").as_deref() == Ok("listing") {
+        let report = serde_json::json!({ "listing": listing_bench(work.path()).await });
         std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
         eprintln!("bench: report written to {out}");
         return;
@@ -1360,7 +1372,128 @@ async fn scale_bench(work: &Path) -> serde_json::Value {
             "stat_of_a_file_not_looked_up_before_us": wide_stat_us,
         },
         "cached_bytes_after_one_read": cached,
+        "listing": listing_bench(work).await,
         "notes": "in-process, Dataset::open as a stage runs it, over a synthetic lake that computes every name, size and byte (no network, no Azurite): Tidepool's own cost",
+    })
+}
+
+/// Snapshot builds from one flat listing (one request at a time, as before) and from the
+/// parallel listing, on the same lake: objects per second each way, and the two
+/// snapshots' digests, which must be equal.
+async fn build_both_ways(
+    lake: &dyn tidepool_csi::lake::Lake,
+    prefix: &str,
+    dir: &Path,
+) -> serde_json::Value {
+    use tidepool_csi::cache::snapshot::Snapshot;
+    use tidepool_csi::lake::parallel::ListOptions;
+    let mut row = serde_json::Map::new();
+    let mut digests = Vec::new();
+    for (name, opts) in [
+        ("one_pager", ListOptions::sequential()),
+        ("parallel", ListOptions::default()),
+    ] {
+        // The listing alone, then the snapshot built from it.
+        let t = Instant::now();
+        let mut listed = 0u64;
+        let mut l = tidepool_csi::lake::parallel::ParallelLister::new(lake, prefix, opts);
+        while let Some(page) = l.next_page().await.unwrap() {
+            listed += page.len() as u64;
+        }
+        let list_secs = t.elapsed().as_secs_f64();
+        let path = dir.join(format!("{name}.redb"));
+        let t = Instant::now();
+        let snap = Snapshot::build_with(lake, prefix, &path, opts, |_| {})
+            .await
+            .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let n = snap.summary().objects;
+        digests.push(snap.digest());
+        assert_eq!(listed, n);
+        row.insert(
+            name.into(),
+            serde_json::json!({
+                "listing_secs": list_secs,
+                "listing_objects_per_s": n as f64 / list_secs,
+                "snapshot_build_secs": secs,
+                "snapshot_objects_per_s": n as f64 / secs,
+                "objects": n,
+            }),
+        );
+        drop(snap);
+        let _ = std::fs::remove_file(&path);
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "both listings give the same snapshot"
+    );
+    let ratio =
+        |k: &str| row["one_pager"][k].as_f64().unwrap() / row["parallel"][k].as_f64().unwrap();
+    let (listing, build) = (ratio("listing_secs"), ratio("snapshot_build_secs"));
+    row.insert("listing_speedup".into(), serde_json::json!(listing));
+    row.insert("snapshot_build_speedup".into(), serde_json::json!(build));
+    serde_json::Value::Object(row)
+}
+
+/// The scale section's listing part: a snapshot built from one pager against one built
+/// from the parallel listing (directories listed 16 at once), on a synthetic lake of
+/// 1,000,000 objects (in directories of 1,000, then of 50) whose every listing request
+/// takes as long as a far region's (`TIDEPOOL_BENCH_LIST_LATENCY_MS`, default 50), and
+/// on Azurite (20,000 objects in 200
+/// directories: the real SDK, with and without that latency added).
+async fn listing_bench(work: &Path) -> serde_json::Value {
+    use tidepool_csi::lake::Op;
+    use tidepool_csi::lake::faults::FaultyLake;
+    use tidepool_csi::testing::SyntheticLake;
+
+    phase("listing");
+    let latency = Duration::from_millis(
+        std::env::var("TIDEPOOL_BENCH_LIST_LATENCY_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(50),
+    );
+    let dir = work.join("listing");
+    std::fs::create_dir_all(&dir).unwrap();
+    let far = FaultyLake::new(Arc::new(SyntheticLake::new(
+        "far/", 1_000_000, 1000, 1, 4096,
+    )));
+    far.set_latency(Op::List, latency);
+    let synthetic = build_both_ways(&far, "far/", &dir).await;
+    // The same million in 20,000 directories of 50: listed in groups of directories.
+    let small = FaultyLake::new(Arc::new(SyntheticLake::new("far/", 1_000_000, 50, 1, 4096)));
+    small.set_latency(Op::List, latency);
+    let small = build_both_ways(&small, "far/", &dir).await;
+
+    let azurite = Azurite::start();
+    let lake = Arc::new(azurite.lake("listing").await);
+    let names: Vec<String> = (0..20_000)
+        .map(|i| format!("ds/dir{:03}/f{i:06}.bin", i % 200))
+        .collect();
+    futures::stream::iter(names)
+        .for_each_concurrent(32, |n| {
+            let lake = lake.clone();
+            async move {
+                lake.put(&n, Bytes::from_static(b"x"), &Default::default())
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    let near = build_both_ways(lake.as_ref(), "ds/", &dir).await;
+    let far_azurite = FaultyLake::new(lake.clone() as Arc<dyn Lake>);
+    far_azurite.set_latency(Op::List, latency);
+    let far_azurite = build_both_ways(&far_azurite, "ds/", &dir).await;
+    eprintln!(
+        "bench: listing: synthetic 1M objects at {latency:?} a request: {synthetic}; in directories of 50: {small}; Azurite 20,000 objects: {near}; with {latency:?} added: {far_azurite}"
+    );
+    serde_json::json!({
+        "list_request_latency_ms": latency.as_millis() as u64,
+        "synthetic_far_lake": synthetic,
+        "synthetic_far_lake_directories_of_50": small,
+        "azurite": near,
+        "azurite_with_latency": far_azurite,
+        "notes": "snapshot builds from one flat listing (one request at a time) and from the parallel listing (16 directories at once, split at the second level); equal digests checked",
     })
 }
 

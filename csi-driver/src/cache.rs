@@ -101,6 +101,8 @@ pub struct CacheConfig {
     /// are served (see residency.rs). Read from the kernel; tests set it to simulate a
     /// reboot.
     pub boot: residency::BootId,
+    /// How a dataset's listing is taken into its snapshot (`--list-parallelism`).
+    pub listing: crate::lake::parallel::ListOptions,
 }
 
 impl CacheConfig {
@@ -126,6 +128,7 @@ impl CacheConfig {
             low_watermark: 0.80,
             max_open_blobs: 16384,
             boot: residency::current_boot(),
+            listing: Default::default(),
         }
     }
 }

@@ -118,6 +118,10 @@ pub struct CacheArgs {
     /// file system refuses it).
     #[arg(long)]
     pub no_direct_io: bool,
+    /// Listing requests in flight while a dataset's listing is taken (its directories
+    /// listed at once, small ones together); 1 lists it with one request at a time.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256), value_name = "N")]
+    pub list_parallelism: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -283,7 +287,20 @@ fn cache_config(args: &CacheArgs) -> CacheConfig {
     c.small_file_threshold = args.small_file_threshold;
     c.read_buffer = args.read_buffer;
     c.direct_io = !args.no_direct_io;
+    c.listing = listing(args.list_parallelism);
     c
+}
+
+/// The listing options `--list-parallelism N` stands for.
+pub(crate) fn listing(parallelism: u16) -> crate::lake::parallel::ListOptions {
+    use crate::lake::parallel::ListOptions;
+    match parallelism {
+        1 => ListOptions::sequential(),
+        n => ListOptions {
+            parallelism: n.into(),
+            ..Default::default()
+        },
+    }
 }
 
 pub(crate) fn say(line: std::fmt::Arguments<'_>) {
@@ -571,6 +588,7 @@ mod tests {
             "--deadline",
             "--read-buffer",
             "--no-direct-io",
+            "--list-parallelism",
             "--checkpoint",
             "--node-name",
             "--commit-marker",
@@ -587,6 +605,7 @@ mod tests {
                 &["--cache-dir", "--once", "--parallel", "--sas-token"][..],
             ),
             ("restore", &["--step", "--parallel", "--sas-token"][..]),
+            ("agent", &["--list-parallelism", "--admin-addr"][..]),
         ] {
             let help = Cli::command()
                 .find_subcommand_mut(cmd)
@@ -614,8 +633,20 @@ mod tests {
         let default = parse(&[]);
         assert_eq!(default.read_buffer, 256 << 20);
         assert!(default.direct_io);
-        let set = parse(&["--read-buffer", "64MiB", "--no-direct-io"]);
+        assert_eq!(default.listing, Default::default());
+        assert_eq!(default.listing.parallelism, 16);
+        let set = parse(&[
+            "--read-buffer",
+            "64MiB",
+            "--no-direct-io",
+            "--list-parallelism",
+            "1",
+        ]);
         assert_eq!(set.read_buffer, 64 << 20);
         assert!(!set.direct_io);
+        assert_eq!(
+            set.listing,
+            crate::lake::parallel::ListOptions::sequential()
+        );
     }
 }

@@ -1,14 +1,17 @@
 //! The lake: the object store that is the system of record (Azure Blob today).
 //!
 //! Everything above this module talks to a [`Lake`]: a narrow, container-scoped trait
-//! with exactly the operations Tidepool uses (list, head, ranged get pinned to an ETag,
-//! put (optionally create-only), staged blocks and their listing, delete, leases).
+//! with exactly the operations Tidepool uses (flat and one-level list, head, ranged get
+//! pinned to an ETag, put (optionally create-only), staged blocks and their listing,
+//! delete, leases).
 //! Implementations:
 //!
 //! - [`azure::AzureLake`]: Microsoft's `azure_storage_blob` SDK (also against Azurite);
 //! - [`memory::MemoryLake`]: in-process, for fast unit and property tests;
 //! - [`faults::FaultyLake`]: wraps any lake and injects latency, throttling, resets and
 //!   truncated bodies per operation;
+//! - [`parallel::ParallelLister`] (not a lake): a whole prefix's listing in name order,
+//!   taken by many requests at once;
 //! - [`retry::RetryingLake`]: our one retry policy (bounded attempts, exponential
 //!   backoff with jitter, a timeout per attempt and a deadline per call) applied to any
 //!   lake. The SDK's own retry policy is switched off so that a dead lake fails within a
@@ -34,6 +37,7 @@ pub mod credentials;
 pub mod endpoints;
 pub mod faults;
 pub mod memory;
+pub mod parallel;
 pub mod retry;
 pub mod url;
 
@@ -82,6 +86,18 @@ pub struct ObjectMeta {
 pub struct ListPage {
     pub objects: Vec<ObjectMeta>,
     /// Opaque marker for the next page; `None` when the listing is complete.
+    pub next: Option<String>,
+}
+
+/// One page of a listing of one level of the tree under a prefix (delimiter `/`).
+#[derive(Debug, Default)]
+pub struct LevelPage {
+    /// Objects whose name has no `/` after the prefix.
+    pub objects: Vec<ObjectMeta>,
+    /// The distinct `<prefix><segment>/` under which the other names sit, each once in
+    /// the whole listing (not once per page).
+    pub prefixes: Vec<String>,
+    /// Opaque marker for the next page; `None` when the level is complete.
     pub next: Option<String>,
 }
 
@@ -313,6 +329,19 @@ pub trait Lake: Send + Sync + fmt::Debug + 'static {
         marker: Option<&str>,
         max_results: u32,
     ) -> LakeResult<ListPage>;
+
+    /// One page of the level under `prefix` (a `/` delimiter listing, Azure's
+    /// List Blobs with `delimiter=/`): the objects directly under it and the
+    /// sub-prefixes, objects and prefixes each in name order. At most `max_results`
+    /// entries (objects plus prefixes) a page. Expanding each prefix by a flat listing,
+    /// in name order among the objects, gives exactly the flat listing of `prefix`
+    /// (see [`parallel::ParallelLister`]).
+    async fn list_level(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        max_results: u32,
+    ) -> LakeResult<LevelPage>;
 
     /// Properties of one object.
     async fn head(&self, name: &str) -> LakeResult<ObjectMeta>;

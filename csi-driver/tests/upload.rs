@@ -22,8 +22,8 @@ use tidepool_csi::checkpoint::upload::{
 use tidepool_csi::lake::faults::{Fault, FaultyLake};
 use tidepool_csi::lake::retry::{RetryConfig, RetryingLake};
 use tidepool_csi::lake::{
-    BlockId, BlockList, ByteStream, ETag, Lake, LakeError, LakeResult, LeaseId, ListPage,
-    ObjectMeta, Op, PutOptions,
+    BlockId, BlockList, ByteStream, ETag, Lake, LakeError, LakeResult, LeaseId, LevelPage,
+    ListPage, ObjectMeta, Op, PutOptions,
 };
 use tidepool_csi::testing::{Azurite, pattern};
 
@@ -169,6 +169,9 @@ impl Lake for Watched {
     }
     async fn list_page(&self, p: &str, m: Option<&str>, n: u32) -> LakeResult<ListPage> {
         self.inner.list_page(p, m, n).await
+    }
+    async fn list_level(&self, p: &str, m: Option<&str>, n: u32) -> LakeResult<LevelPage> {
+        self.inner.list_level(p, m, n).await
     }
     async fn head(&self, name: &str) -> LakeResult<ObjectMeta> {
         self.inner.head(name).await

@@ -166,10 +166,11 @@ impl Dataset {
             Some(x) => x,
             None => {
                 let seq = prev.map(|p| (p + 1) % (1 << SEQ_BITS)).unwrap_or(1).max(1);
-                let s = Snapshot::build(
+                let s = Snapshot::build_with(
                     lake.as_ref(),
                     &url.prefix,
                     &snaps.join(format!("{seq}.redb")),
+                    pool.config().listing,
                     progress,
                 )
                 .await?;
@@ -259,7 +260,10 @@ impl Dataset {
         let next = (seq + 1) % (1 << SEQ_BITS);
         let next = if next == 0 { 1 } else { next };
         let path = self.dir.join("snapshots").join(format!("{next}.redb"));
-        let snap = Snapshot::build(self.lake.as_ref(), &self.url.prefix, &path, |_| {}).await?;
+        let listing = self.pool.config().listing;
+        let snap =
+            Snapshot::build_with(self.lake.as_ref(), &self.url.prefix, &path, listing, |_| {})
+                .await?;
         if snap.digest() == cur.digest() && snap.summary() == cur.summary() {
             drop(snap);
             let _ = std::fs::remove_file(&path);

@@ -1,9 +1,10 @@
 //! Snapshots: immutable, on-disk listings of a dataset taken at one time.
 //!
-//! A snapshot is built by streaming the lake's flat listing page by page into its own
-//! redb file (`v1/datasets/<dataset>/snapshots/<seq>.redb`), so a listing of ten
-//! million objects never sits whole in memory: memory is one page of the listing, the
-//! directory stack and redb's bounded page cache.
+//! A snapshot is built by streaming the lake's listing page by page, in name order,
+//! into its own redb file (`v1/datasets/<dataset>/snapshots/<seq>.redb`), so a listing
+//! of ten million objects never sits whole in memory: memory is the pages of the
+//! listing in flight (its directories are listed many at once, see
+//! [`ParallelLister`]), the directory stack and redb's bounded page cache.
 //!
 //! The flat namespace becomes a tree: `a/b/c.bin` creates directories `a` and `a/b`.
 //! The listing is in name order, so every directory's subtree is contiguous, and a stack
@@ -33,7 +34,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::lake::{ETag, Lake, LakeError, Lister, ObjectMeta};
+use crate::lake::parallel::{ListOptions, ParallelLister};
+use crate::lake::{ETag, Lake, LakeError, ObjectMeta};
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const CHILDREN: TableDefinition<(u64, u64), u64> = TableDefinition::new("children");
@@ -205,11 +207,24 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Lists `prefix` of `lake` into a new snapshot file at `path`, calling `progress`
-    /// with the running count of objects after every page.
+    /// with the running count of objects after every page. The listing is taken by
+    /// many requests at once ([`ListOptions::default`]).
     pub async fn build(
         lake: &dyn Lake,
         prefix: &str,
         path: &Path,
+        progress: impl FnMut(u64),
+    ) -> Result<Snapshot, SnapshotError> {
+        Self::build_with(lake, prefix, path, ListOptions::default(), progress).await
+    }
+
+    /// [`Snapshot::build`] with the listing split as `opts` says. The snapshot is the
+    /// same for any `opts` (the listing comes in name order either way).
+    pub async fn build_with(
+        lake: &dyn Lake,
+        prefix: &str,
+        path: &Path,
+        opts: ListOptions,
         mut progress: impl FnMut(u64),
     ) -> Result<Snapshot, SnapshotError> {
         let owned = path.to_owned();
@@ -224,7 +239,7 @@ impl Snapshot {
         })
         .await?;
         let mut state = (Builder::new(prefix), db);
-        let mut lister = Lister::new(lake, prefix);
+        let mut lister = ParallelLister::new(lake, prefix, opts);
         while let Some(page) = lister.next_page().await? {
             for obj in page {
                 state.0.add(obj);
@@ -660,6 +675,62 @@ mod tests {
         assert_eq!(c.blob, "ds/a/b/c.bin");
         assert_eq!(c.size, "ds/a/b/c.bin".len() as u64);
         assert_eq!(s.get(c.ino).unwrap().unwrap(), c);
+    }
+
+    #[tokio::test]
+    async fn the_snapshot_is_the_same_however_the_listing_is_split() {
+        let lake = MemoryLake::new();
+        for n in [
+            "ds/x",
+            "ds/x/y",
+            "ds/x.y",
+            "ds/x0",
+            "ds/bad//name",
+            "ds/marker/",
+            "ds/m/a/b/c",
+        ] {
+            lake.insert(n, n.as_bytes().to_vec());
+        }
+        for i in 0..3000 {
+            lake.insert(&format!("ds/d{}/e{}/f{i:05}", i % 7, i % 3), vec![1; i % 5]);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let build = |name: &str, opts: ListOptions| {
+            let path = dir.path().join(name);
+            let lake = &lake;
+            async move {
+                Snapshot::build_with(lake, "ds/", &path, opts, |_| {})
+                    .await
+                    .unwrap()
+            }
+        };
+        let flat = build("flat.redb", ListOptions::sequential()).await;
+        let split = build("split.redb", ListOptions::default()).await;
+        let small = ListOptions {
+            parallelism: 3,
+            split_depth: 3,
+            page_size: 7,
+        };
+        let small = build("small.redb", small).await;
+        assert_eq!(flat.summary().objects, 3004);
+        for s in [&split, &small] {
+            assert_eq!(s.summary(), flat.summary());
+            assert_eq!(s.digest(), flat.digest());
+            for ino in ROOT..=flat.summary().objects + flat.summary().dirs + 1 {
+                // Directories carry the time of the build.
+                let undated = |e: Option<Entry>| {
+                    e.map(|e| match e.kind {
+                        Kind::Dir => Entry {
+                            mtime: UNIX_EPOCH,
+                            ..e
+                        },
+                        Kind::File => e,
+                    })
+                };
+                let (got, want) = (s.get(ino).unwrap(), flat.get(ino).unwrap());
+                assert_eq!(undated(got), undated(want), "inode {ino}");
+            }
+        }
     }
 
     #[tokio::test]

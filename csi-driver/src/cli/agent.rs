@@ -26,6 +26,10 @@ pub struct AgentArgs {
     /// Pool capacity: files are evicted (least recently used first) above 90% of it.
     #[arg(long, default_value = "100GiB", value_parser = parse_size, value_name = "SIZE")]
     pub cache_size: u64,
+    /// Listing requests in flight while a dataset's listing is taken (its directories
+    /// listed at once, small ones together); 1 lists it with one request at a time.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256), value_name = "N")]
+    pub list_parallelism: u16,
     /// Where the CSI plugin reaches the agent (default: <cache-dir>/agent.sock).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -119,7 +123,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .socket
         .clone()
         .unwrap_or_else(|| args.cache_dir.join("agent.sock"));
-    let pool = CachePool::open(CacheConfig::new(&args.cache_dir, args.cache_size))
+    let mut cache = CacheConfig::new(&args.cache_dir, args.cache_size);
+    cache.listing = super::listing(args.list_parallelism);
+    let pool = CachePool::open(cache)
         .await
         .context("opening the cache pool")?;
     let config = AgentConfig {

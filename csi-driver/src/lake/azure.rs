@@ -31,6 +31,7 @@
 
 pub mod errors;
 pub mod identity;
+pub mod level;
 pub mod sas;
 
 use std::num::NonZero;
@@ -65,7 +66,7 @@ use self::errors::{Ctx, Scrubber};
 use self::sas::{AccountKey, BadAccountKey, SasPolicy, SasSource};
 use super::{
     BlockId, BlockList, ByteStream, Credentials, ETag, Lake, LakeError, LakeResult, LakeUrl,
-    LeaseId, ListPage, ObjectMeta, Op, PutOptions, Secret,
+    LeaseId, LevelPage, ListPage, ObjectMeta, Op, PutOptions, Secret,
 };
 
 /// How to reach Azure, beyond the URL and the credentials.
@@ -236,6 +237,9 @@ impl AzureLake {
             client_options.per_call_policies.push(policy);
         }
         client_options.per_call_policies.push(Arc::new(Md5Policy));
+        client_options
+            .per_call_policies
+            .push(Arc::new(DelimiterPolicy));
         let container = BlobContainerClient::new(
             container_url,
             token,
@@ -303,6 +307,33 @@ impl Policy for Md5Policy {
                 "content-md5",
                 base64::engine::general_purpose::STANDARD.encode(md5),
             );
+        }
+        next[0].send(ctx, request, &next[1..]).await
+    }
+}
+
+/// Marks a List Blobs request (in its context) as a one-level listing.
+struct Delimited;
+
+/// Adds `delimiter=/` to a List Blobs request whose context carries [`Delimited`] (the
+/// SDK's options have no delimiter). The SAS goes in the query too, but signs only the
+/// resource, so adding a parameter leaves it valid.
+#[derive(Debug)]
+struct DelimiterPolicy;
+
+#[async_trait]
+impl Policy for DelimiterPolicy {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
+        if ctx.value::<Delimited>().is_some() {
+            request
+                .url_mut()
+                .query_pairs_mut()
+                .append_pair("delimiter", "/");
         }
         next[0].send(ctx, request, &next[1..]).await
     }
@@ -405,6 +436,43 @@ impl Lake for AzureLake {
         Ok(ListPage {
             objects,
             next: page.next_marker.filter(|m| !m.is_empty()),
+        })
+    }
+
+    async fn list_level(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        max_results: u32,
+    ) -> LakeResult<LevelPage> {
+        let options = BlobContainerClientListBlobsOptions {
+            prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
+            marker: marker.map(str::to_owned),
+            maxresults: Some(max_results.clamp(1, 5000) as i32),
+            method_options: azure_core::http::pager::PagerOptions {
+                context: Context::new().with_value(Delimited),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let pager = self
+            .container
+            .list_blobs(Some(options))
+            .map_err(|e| self.err(Op::List, prefix, &e))?;
+        let mut pages = pager.into_pages();
+        let Some(page) = pages
+            .try_next()
+            .await
+            .map_err(|e| self.err(Op::List, prefix, &e))?
+        else {
+            return Ok(LevelPage::default());
+        };
+        level::parse(page.into_body().as_ref()).map_err(|d| {
+            self.protocol(
+                Op::List,
+                prefix,
+                format!("bad listing: {}", self.scrub.scrub(&d)),
+            )
         })
     }
 

@@ -58,6 +58,9 @@ pub struct FaultyLake {
     calls: Mutex<HashMap<Op, u64>>,
     /// Faults actually injected.
     pub injected: AtomicU64,
+    /// Listing requests (flat and one-level) under way now, and the most at once.
+    listing: AtomicU64,
+    most_listing: AtomicU64,
     /// Runs once before the next write (put, block commit) of a name: another writer
     /// acting between a caller's look at the lake and its write.
     hooks: Mutex<HashMap<String, Hook>>,
@@ -82,6 +85,8 @@ impl FaultyLake {
             latency: Mutex::default(),
             calls: Mutex::default(),
             injected: AtomicU64::new(0),
+            listing: AtomicU64::new(0),
+            most_listing: AtomicU64::new(0),
             hooks: Mutex::default(),
         }
     }
@@ -141,6 +146,23 @@ impl FaultyLake {
     pub fn heal(&self) {
         self.rules.lock().clear();
         self.latency.lock().clear();
+    }
+
+    /// The most listing requests (flat and one-level) that were under way at once.
+    pub fn most_listings_at_once(&self) -> u64 {
+        self.most_listing.load(Ordering::SeqCst)
+    }
+
+    /// Runs one listing request, counting it while under way.
+    async fn listing<T>(
+        &self,
+        f: impl std::future::Future<Output = LakeResult<T>>,
+    ) -> LakeResult<T> {
+        let now = self.listing.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_listing.fetch_max(now, Ordering::SeqCst);
+        let r = f.await;
+        self.listing.fetch_sub(1, Ordering::SeqCst);
+        r
     }
 
     pub fn calls(&self, op: Op) -> u64 {
@@ -221,8 +243,24 @@ impl Lake for FaultyLake {
         marker: Option<&str>,
         max: u32,
     ) -> LakeResult<ListPage> {
-        self.before(Op::List, prefix).await?;
-        self.inner.list_page(prefix, marker, max).await
+        self.listing(async {
+            self.before(Op::List, prefix).await?;
+            self.inner.list_page(prefix, marker, max).await
+        })
+        .await
+    }
+
+    async fn list_level(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        max: u32,
+    ) -> LakeResult<LevelPage> {
+        self.listing(async {
+            self.before(Op::List, prefix).await?;
+            self.inner.list_level(prefix, marker, max).await
+        })
+        .await
     }
 
     async fn head(&self, name: &str) -> LakeResult<ObjectMeta> {

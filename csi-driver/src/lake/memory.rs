@@ -170,6 +170,13 @@ fn check_conditions(st: &State, name: &str, opts: &PutOptions) -> LakeResult<()>
     Ok(())
 }
 
+/// The least name greater than every name under `prefix` (which ends in `/`).
+fn after_prefix(prefix: &str) -> String {
+    let mut s = prefix[..prefix.len() - 1].to_owned();
+    s.push('0'); // the character after '/'
+    s
+}
+
 fn md5_mismatch(op: Op, name: &str) -> LakeError {
     LakeError::Other {
         op,
@@ -209,6 +216,64 @@ impl Lake for MemoryLake {
             objects.push(o.meta.clone());
         }
         Ok(ListPage { objects, next })
+    }
+
+    async fn list_level(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        max: u32,
+    ) -> LakeResult<LevelPage> {
+        use std::ops::Bound;
+        let max = max.max(1);
+        let st = self.state.lock();
+        // The marker is the last entry given, tagged: `o:` an object (listing resumes
+        // after it), `p:` a prefix (resumes after every name under it).
+        let mut from = match marker {
+            None => Bound::Included(prefix.to_owned()),
+            Some(m) => match (m.strip_prefix("o:"), m.strip_prefix("p:")) {
+                (Some(o), _) => Bound::Excluded(o.to_owned()),
+                (_, Some(p)) => Bound::Included(after_prefix(p)),
+                _ => {
+                    return Err(LakeError::Other {
+                        op: Op::List,
+                        name: prefix.into(),
+                        status: 400,
+                        detail: format!("bad marker {m}"),
+                    });
+                }
+            },
+        };
+        let mut page = LevelPage::default();
+        loop {
+            let Some((name, o)) = st.objects.range((from.clone(), Bound::Unbounded)).next() else {
+                return Ok(page);
+            };
+            if !name.starts_with(prefix) {
+                return Ok(page);
+            }
+            if page.objects.len() + page.prefixes.len() == max as usize {
+                let last = match (page.objects.last(), page.prefixes.last()) {
+                    (Some(o), Some(p)) if o.name > *p => format!("o:{}", o.name),
+                    (_, Some(p)) => format!("p:{p}"),
+                    (Some(o), None) => format!("o:{}", o.name),
+                    (None, None) => unreachable!("max is at least 1"),
+                };
+                page.next = Some(last);
+                return Ok(page);
+            }
+            match name[prefix.len()..].find('/') {
+                Some(i) => {
+                    let p = name[..prefix.len() + i + 1].to_owned();
+                    from = Bound::Included(after_prefix(&p));
+                    page.prefixes.push(p);
+                }
+                None => {
+                    from = Bound::Excluded(name.clone());
+                    page.objects.push(o.meta.clone());
+                }
+            }
+        }
     }
 
     async fn head(&self, name: &str) -> LakeResult<ObjectMeta> {

@@ -200,6 +200,18 @@ impl Lake for RetryingLake {
         .await
     }
 
+    async fn list_level(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        max: u32,
+    ) -> LakeResult<LevelPage> {
+        self.run(Op::List, prefix, || {
+            self.inner.list_level(prefix, marker, max)
+        })
+        .await
+    }
+
     async fn head(&self, name: &str) -> LakeResult<ObjectMeta> {
         self.run(Op::Head, name, || self.inner.head(name)).await
     }

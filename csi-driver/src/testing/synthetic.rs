@@ -16,8 +16,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::lake::{
-    BlockId, BlockList, ByteStream, ETag, Lake, LakeError, LakeResult, LeaseId, ListPage,
-    ObjectMeta, Op, PutOptions,
+    BlockId, BlockList, ByteStream, ETag, Lake, LakeError, LakeResult, LeaseId, LevelPage,
+    ListPage, ObjectMeta, Op, PutOptions,
 };
 
 #[derive(Clone, Debug)]
@@ -55,6 +55,35 @@ impl SyntheticLake {
     /// Total bytes of every object.
     pub fn total_bytes(&self) -> u64 {
         (0..self.objects).map(|i| self.size(i)).sum()
+    }
+
+    /// The indexes of the objects whose names start with `prefix` (any prefix: name
+    /// order is index order, so they are one range, found by binary search).
+    fn range_of(&self, prefix: &str) -> Option<Range<u64>> {
+        let first = |pred: &dyn Fn(&str) -> bool| {
+            let (mut lo, mut hi) = (0, self.objects);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if pred(&self.name(mid)) {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            lo
+        };
+        let start = first(&|n| n < prefix);
+        let end = first(&|n| n < prefix || n.starts_with(prefix));
+        (start < end).then_some(start..end)
+    }
+
+    fn marker(&self, prefix: &str, m: &str) -> LakeResult<u64> {
+        m.parse().map_err(|_| LakeError::Other {
+            op: Op::List,
+            name: prefix.into(),
+            status: 400,
+            detail: format!("bad marker {m}"),
+        })
     }
 
     fn index_of(&self, name: &str) -> Option<u64> {
@@ -96,23 +125,63 @@ impl Lake for SyntheticLake {
         marker: Option<&str>,
         max: u32,
     ) -> LakeResult<ListPage> {
-        // Every name starts with our prefix; a narrower prefix is not needed here.
-        if !self.prefix.starts_with(prefix) {
+        let Some(range) = self.range_of(prefix) else {
             return Ok(ListPage::default());
-        }
-        let start: u64 = match marker {
-            Some(m) => m.parse().map_err(|_| LakeError::Other {
-                op: Op::List,
-                name: prefix.into(),
-                status: 400,
-                detail: format!("bad marker {m}"),
-            })?,
-            None => 0,
         };
-        let end = (start + u64::from(max)).min(self.objects);
+        // The marker is the index of the next object.
+        let start = match marker {
+            Some(m) => self.marker(prefix, m)?,
+            None => range.start,
+        };
+        let end = (start + u64::from(max.max(1))).min(range.end);
         Ok(ListPage {
             objects: (start..end).map(|i| self.meta(i)).collect(),
-            next: (end < self.objects).then(|| end.to_string()),
+            next: (end < range.end).then(|| end.to_string()),
+        })
+    }
+
+    /// The top level holds one prefix per directory (the marker is a directory
+    /// number); a directory's level holds its files. (A prefix ending inside a
+    /// directory's name is listed flat, which is not a level listing: not needed here.)
+    async fn list_level(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        max: u32,
+    ) -> LakeResult<LevelPage> {
+        if prefix.len() < self.prefix.len() {
+            // Above our prefix: one prefix, the next segment of ours.
+            let p = match self.prefix.strip_prefix(prefix) {
+                Some(rest) if marker.is_none() && self.objects > 0 => {
+                    vec![format!("{prefix}{}/", rest.split('/').next().unwrap_or(""))]
+                }
+                _ => vec![],
+            };
+            return Ok(LevelPage {
+                prefixes: p,
+                ..Default::default()
+            });
+        }
+        if prefix != self.prefix {
+            let page = self.list_page(prefix, marker, max).await?;
+            return Ok(LevelPage {
+                objects: page.objects,
+                prefixes: vec![],
+                next: page.next,
+            });
+        }
+        let dirs = self.objects.div_ceil(self.per_dir);
+        let start = match marker {
+            Some(m) => self.marker(prefix, m)?,
+            None => 0,
+        };
+        let end = (start + u64::from(max.max(1))).min(dirs);
+        Ok(LevelPage {
+            objects: vec![],
+            prefixes: (start..end)
+                .map(|d| format!("{}dir{d:05}/", self.prefix))
+                .collect(),
+            next: (end < dirs).then(|| end.to_string()),
         })
     }
 
