@@ -428,7 +428,7 @@ async fn the_agents_metrics_count_what_its_volume_served() {
         let counted = sample(&m, &timed("waited")) + sample(&m, &timed("resident")) == reads
             && sample(
                 &m,
-                "tidepool_node_fuse_requests_total{volume=\"vol1\",op=\"READ\"}",
+                "tidepool_node_fuse_request_duration_seconds_count{volume=\"vol1\",op=\"READ\"}",
             ) == reads;
         (evicted && counted).then_some(m)
     });
@@ -442,19 +442,24 @@ async fn the_agents_metrics_count_what_its_volume_served() {
         sample(&m, &timed("waited")) > 0.0,
         "cold reads wait for their blocks: {m}"
     );
-    // FUSE requests by operation: the lookups of every path, and time spent on them.
-    assert!(
-        sample(
-            &m,
-            "tidepool_node_fuse_requests_total{volume=\"vol1\",op=\"LOOKUP\"}"
-        ) >= 3.0
-    );
-    assert!(
-        sample(
-            &m,
-            "tidepool_node_fuse_request_handling_seconds_total{volume=\"vol1\",op=\"READ\"}"
-        ) > 0.0
-    );
+    // FUSE requests by operation: the lookups of every path, and time spent on them,
+    // in buckets that add up to the count (cumulative, ending at +Inf).
+    let op = |op: &str, part: &str| {
+        format!("tidepool_node_fuse_request_duration_seconds_{part}{{volume=\"vol1\",op=\"{op}\"}}")
+    };
+    let bucket = |op: &str, le: &str| {
+        format!(
+            "tidepool_node_fuse_request_duration_seconds_bucket{{le=\"{le}\",volume=\"vol1\",op=\"{op}\"}}"
+        )
+    };
+    assert!(sample(&m, &op("LOOKUP", "count")) >= 3.0, "{m}");
+    assert!(sample(&m, &op("READ", "sum")) > 0.0, "{m}");
+    for name in ["LOOKUP", "READ", "OPEN"] {
+        let count = sample(&m, &op(name, "count"));
+        let inf = sample(&m, &bucket(name, "+Inf"));
+        let fast = sample(&m, &bucket(name, "0.00005"));
+        assert!(count > 0.0 && inf == count && fast <= inf, "{name}: {m}");
+    }
     assert!(
         sample(&m, "tidepool_node_pool_cache_bytes") < total as f64,
         "what was evicted is no longer counted as resident: {m}"

@@ -21,9 +21,9 @@
 //!   `read_duration_seconds{volume,served}` (a histogram from request to answer,
 //!   `served` = `resident` (cache hits) or `waited` (misses), 50 us to 13 s: its
 //!   `_count`s are the hits and misses);
-//! - per volume and FUSE operation (`op`: `LOOKUP`, `READ`, ...): `fuse_requests_total`
-//!   and `fuse_request_handling_seconds_total` (their mean latency is the ratio of the
-//!   two rates);
+//! - per volume and FUSE operation (`op`: `LOOKUP`, `READ`, ...):
+//!   `fuse_request_duration_seconds` (a histogram of handling times, 50 us to 13 s; its
+//!   `_count` is the requests handled);
 //! - per dataset volume: `dataset_objects`, `dataset_bytes` (of the snapshot it serves;
 //!   what is resident is in the CachePool status, which costs a walk of the snapshot);
 //! - `pool_evicted_bytes_total`: bytes of cache files the evictor removed;
@@ -41,7 +41,9 @@ use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -64,8 +66,8 @@ pub struct VolumeMetrics {
     pub read_errors: u64,
     pub opens: u64,
     pub passthrough_opens: u64,
-    /// FUSE requests handled, by operation: (name, count, nanoseconds handling them).
-    pub requests: Vec<(&'static str, u64, u64)>,
+    /// FUSE requests handled, by operation, with their handling times.
+    pub requests: Vec<crate::fuse::session::OpTotals>,
     /// Read times: (resident, waited) (shared with the volume's counters; their counts
     /// are the hits and misses).
     pub read_seconds: Option<(Histogram, Histogram)>,
@@ -75,6 +77,31 @@ pub struct VolumeMetrics {
     pub uncommitted_steps: Option<u64>,
     /// Checkpoint volumes: what their sync reported last.
     pub sync: Option<SyncStatus>,
+}
+
+/// One operation's handling times as a histogram (from the connection's counters).
+#[derive(Debug)]
+struct HandlingTimes(crate::fuse::session::OpTotals);
+
+impl EncodeMetric for HandlingTimes {
+    fn encode(&self, mut enc: MetricEncoder) -> std::fmt::Result {
+        use crate::fuse::session::HANDLING_BOUNDS;
+        let t = &self.0;
+        // The count is the buckets' sum, so the histogram is consistent even when a
+        // request is counted between two loads.
+        let buckets: Vec<(f64, u64)> = HANDLING_BOUNDS
+            .iter()
+            .copied()
+            .chain([f64::MAX])
+            .zip(t.buckets)
+            .collect();
+        let count = t.buckets.iter().sum();
+        enc.encode_histogram::<NoLabelSet>(t.nanos as f64 / 1e9, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 /// Reads the agent at scrape time (weakly: the server never keeps it alive).
@@ -220,28 +247,20 @@ impl Collector for AgentCollector {
             MetricType::Histogram,
             timed,
         )?;
-        let ops = || {
-            volumes.iter().flat_map(|v| {
-                v.requests.iter().map(move |&(op, n, nanos)| {
-                    ([("volume", v.id.clone()), ("op", op.to_owned())], n, nanos)
-                })
+        let ops = volumes.iter().flat_map(|v| {
+            v.requests.iter().map(move |t| {
+                (
+                    [("volume", v.id.clone()), ("op", t.op.to_owned())],
+                    HandlingTimes(t.clone()),
+                )
             })
-        };
+        });
         family(
             e,
-            "fuse_requests",
-            "FUSE requests handled, by operation (passthrough reads and writes never reach the agent).",
-            Counter,
-            ops().map(|(l, n, _)| (l, ConstCounter::new(n))),
-        )?;
-        // Seconds as a float counter: the handling time's sum, for mean latency by
-        // operation (rate of this over rate of fuse_requests_total).
-        family(
-            e,
-            "fuse_request_handling_seconds",
-            "Time spent handling FUSE requests, by operation (a read answered later from a fetch counts until it is handed on; read_duration_seconds has the time to the answer).",
-            Counter,
-            ops().map(|(l, _, nanos)| (l, ConstCounter::new(nanos as f64 / 1e9))),
+            "fuse_request_duration_seconds",
+            "Time spent handling FUSE requests, by operation; its count is the requests handled (passthrough reads and writes never reach the agent; a read answered later from a fetch counts until it is handed on, read_duration_seconds has the time to the answer).",
+            MetricType::Histogram,
+            ops,
         )?;
         family(
             e,

@@ -212,8 +212,27 @@ pub struct Connection {
 struct RequestCounts {
     count: [std::sync::atomic::AtomicU64; 64],
     nanos: [std::sync::atomic::AtomicU64; 64],
+    /// Handling times by [`HANDLING_BOUNDS`] (the last bucket: longer than all).
+    buckets: [[std::sync::atomic::AtomicU64; HANDLING_BOUNDS.len() + 1]; 64],
     /// Of those, the requests that came through io_uring.
     ring: std::sync::atomic::AtomicU64,
+}
+
+/// Upper bounds, in seconds, of the handling-time buckets: 50 us to 13 s by factors of
+/// 4 (a LOOKUP answered from the snapshot takes tens of microseconds, a READ that
+/// waits for the lake up to seconds).
+pub const HANDLING_BOUNDS: [f64; 10] = [
+    50e-6, 200e-6, 800e-6, 3.2e-3, 12.8e-3, 51.2e-3, 204.8e-3, 819.2e-3, 3.2768, 13.1072,
+];
+
+/// One operation's requests: how many, their total handling time, and how many took
+/// at most each of [`HANDLING_BOUNDS`] (not cumulative; the last: longer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpTotals {
+    pub op: &'static str,
+    pub count: u64,
+    pub nanos: u64,
+    pub buckets: [u64; HANDLING_BOUNDS.len() + 1],
 }
 
 impl Connection {
@@ -232,14 +251,19 @@ impl Connection {
     }
 
     /// Requests served so far, by opcode name (those seen at least once), with the
-    /// total time spent handling them, in nanoseconds (for metrics).
-    pub fn request_totals(&self) -> Vec<(&'static str, u64, u64)> {
+    /// time spent handling them, in total and by bucket (for metrics).
+    pub fn request_totals(&self) -> Vec<OpTotals> {
         use std::sync::atomic::Ordering::Relaxed;
         let r = &self.requests;
         (0..r.count.len())
             .filter_map(|op| {
                 let n = r.count[op].load(Relaxed);
-                (n > 0).then(|| (abi::op::name(op as u32), n, r.nanos[op].load(Relaxed)))
+                (n > 0).then(|| OpTotals {
+                    op: abi::op::name(op as u32),
+                    count: n,
+                    nanos: r.nanos[op].load(Relaxed),
+                    buckets: std::array::from_fn(|b| r.buckets[op][b].load(Relaxed)),
+                })
             })
             .collect()
     }
@@ -467,6 +491,7 @@ impl Session {
             requests: Arc::new(RequestCounts {
                 count: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
                 nanos: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+                buckets: std::array::from_fn(|_| std::array::from_fn(|_| Default::default())),
                 ring: Default::default(),
             }),
             rings: Default::default(),
@@ -622,12 +647,17 @@ impl Worker {
         let answer = self.handle(h, payload, later);
         let op = h.opcode as usize;
         let r = &self.conn.requests;
-        if let (Some(n), Some(t)) = (r.count.get(op), r.nanos.get(op)) {
-            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            t.fetch_add(
-                started.elapsed().as_nanos() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+        if let (Some(n), Some(t), Some(b)) = (r.count.get(op), r.nanos.get(op), r.buckets.get(op)) {
+            use std::sync::atomic::Ordering::Relaxed;
+            let took = started.elapsed();
+            let secs = took.as_secs_f64();
+            let i = HANDLING_BOUNDS
+                .iter()
+                .position(|&le| secs <= le)
+                .unwrap_or(HANDLING_BOUNDS.len());
+            b[i].fetch_add(1, Relaxed);
+            t.fetch_add(took.as_nanos() as u64, Relaxed);
+            n.fetch_add(1, Relaxed);
         }
         answer
     }
