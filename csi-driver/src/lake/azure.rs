@@ -44,8 +44,9 @@ use async_trait::async_trait;
 use azure_core::{
     credentials::TokenCredential,
     http::{
-        ClientMethodOptions, ClientOptions, Context, Etag, Request, RequestContent, RetryOptions,
-        StatusCode, Transport,
+        ClientMethodOptions, ClientOptions, Context, Etag, Request, RequestContent, Response,
+        RetryOptions, StatusCode, Transport, XmlFormat,
+        pager::PagerOptions,
         policies::{Policy, PolicyResult},
     },
 };
@@ -56,7 +57,7 @@ use azure_storage_blob::{
         BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders, BlobClientUploadOptions,
         BlobContainerClientListBlobsOptions, BlockBlobClientCommitBlockListOptions,
         BlockBlobClientCommitBlockListResultHeaders, BlockBlobClientStageBlockOptions,
-        BlockListType, BlockLookupList,
+        BlockListType, BlockLookupList, ListBlobsResponse,
     },
 };
 use bytes::Bytes;
@@ -275,6 +276,42 @@ impl AzureLake {
         errors::map(e, &Ctx { op, name, if_match }, &self.scrub)
     }
 
+    /// One List Blobs request, flat or one level (`delimited`): its answer, or `None`
+    /// when the lake sent no page.
+    async fn list_request(
+        &self,
+        prefix: &str,
+        marker: Option<&str>,
+        max_results: u32,
+        delimited: bool,
+    ) -> LakeResult<Option<Response<ListBlobsResponse, XmlFormat>>> {
+        let context = if delimited {
+            Context::new().with_value(Delimited)
+        } else {
+            Context::new()
+        };
+        let options = BlobContainerClientListBlobsOptions {
+            prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
+            marker: marker.map(str::to_owned),
+            // Azure caps a page at 5000.
+            maxresults: Some(max_results.clamp(1, 5000) as i32),
+            method_options: PagerOptions {
+                context,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let pager = self
+            .container
+            .list_blobs(Some(options))
+            .map_err(|e| self.err(Op::List, prefix, &e))?;
+        pager
+            .into_pages()
+            .try_next()
+            .await
+            .map_err(|e| self.err(Op::List, prefix, &e))
+    }
+
     fn protocol(&self, op: Op, name: &str, detail: impl Into<String>) -> LakeError {
         LakeError::Other {
             op,
@@ -387,22 +424,9 @@ impl Lake for AzureLake {
         marker: Option<&str>,
         max_results: u32,
     ) -> LakeResult<ListPage> {
-        let options = BlobContainerClientListBlobsOptions {
-            prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
-            marker: marker.map(str::to_owned),
-            // Azure caps a page at 5000.
-            maxresults: Some(max_results.clamp(1, 5000) as i32),
-            ..Default::default()
-        };
-        let pager = self
-            .container
-            .list_blobs(Some(options))
-            .map_err(|e| self.err(Op::List, prefix, &e))?;
-        let mut pages = pager.into_pages();
-        let Some(page) = pages
-            .try_next()
-            .await
-            .map_err(|e| self.err(Op::List, prefix, &e))?
+        let Some(page) = self
+            .list_request(prefix, marker, max_results, false)
+            .await?
         else {
             return Ok(ListPage::default());
         };
@@ -445,26 +469,7 @@ impl Lake for AzureLake {
         marker: Option<&str>,
         max_results: u32,
     ) -> LakeResult<LevelPage> {
-        let options = BlobContainerClientListBlobsOptions {
-            prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
-            marker: marker.map(str::to_owned),
-            maxresults: Some(max_results.clamp(1, 5000) as i32),
-            method_options: azure_core::http::pager::PagerOptions {
-                context: Context::new().with_value(Delimited),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let pager = self
-            .container
-            .list_blobs(Some(options))
-            .map_err(|e| self.err(Op::List, prefix, &e))?;
-        let mut pages = pager.into_pages();
-        let Some(page) = pages
-            .try_next()
-            .await
-            .map_err(|e| self.err(Op::List, prefix, &e))?
-        else {
+        let Some(page) = self.list_request(prefix, marker, max_results, true).await? else {
             return Ok(LevelPage::default());
         };
         level::parse(page.into_body().as_ref()).map_err(|d| {
