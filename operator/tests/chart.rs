@@ -1755,8 +1755,12 @@ impl HookKubelet {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (client, halt) = (client.clone(), stop.clone());
         let task = tokio::spawn(async move {
-            let dir = std::env::temp_dir().join(format!("tidepool-hooks-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
+            // Removed when the task ends, or is dropped with the runtime.
+            let tmp = tempfile::Builder::new()
+                .prefix("tidepool-hooks-")
+                .tempdir()
+                .unwrap();
+            let dir = tmp.path().to_owned();
             let pods: Api<Pod> = Api::namespaced(client, NS);
             let mut runs: Vec<HookRun> = Vec::new();
             let mut seen = BTreeSet::new();
@@ -2219,7 +2223,12 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
     let _one = SERIAL.lock().await;
     let client = cp.client().await;
     let objects = install_and_check(&helm, &client, &cp.kubeconfig, "tidepool", &json!({})).await;
-    let work = std::env::temp_dir().join(format!("tidepool-chart-rbac-{}", std::process::id()));
+    // Removed at the end, failed or not.
+    let tmp = tempfile::Builder::new()
+        .prefix("tidepool-chart-rbac-")
+        .tempdir()
+        .unwrap();
+    let work = tmp.path().to_owned();
     std::fs::create_dir_all(work.join("pool")).unwrap();
     let op_kc = impersonating(cp, "tidepool-operator", &work);
     let node_kc = impersonating(cp, "tidepool-node", &work);
@@ -2774,7 +2783,7 @@ async fn the_charts_rbac_is_enough_for_the_operator_and_the_agent() {
         .await
         .unwrap();
     uninstall_and_check(&helm, &client, cp, "tidepool", &objects).await;
-    let _ = std::fs::remove_dir_all(&work);
+    drop(tmp);
 }
 
 /// The unknown-field check itself: a typo the type would skip silently is reported.
