@@ -225,12 +225,11 @@ pub const HANDLING_BOUNDS: [f64; 10] = [
     50e-6, 200e-6, 800e-6, 3.2e-3, 12.8e-3, 51.2e-3, 204.8e-3, 819.2e-3, 3.2768, 13.1072,
 ];
 
-/// One operation's requests: how many, their total handling time, and how many took
-/// at most each of [`HANDLING_BOUNDS`] (not cumulative; the last: longer).
+/// One operation's requests: their total handling time, and how many took at most each
+/// of [`HANDLING_BOUNDS`] (not cumulative; the last: longer; their sum is the count).
 #[derive(Clone, Debug, PartialEq)]
 pub struct OpTotals {
     pub op: &'static str,
-    pub count: u64,
     pub nanos: u64,
     pub buckets: [u64; HANDLING_BOUNDS.len() + 1],
 }
@@ -260,7 +259,6 @@ impl Connection {
                 let n = r.count[op].load(Relaxed);
                 (n > 0).then(|| OpTotals {
                     op: abi::op::name(op as u32),
-                    count: n,
                     nanos: r.nanos[op].load(Relaxed),
                     buckets: std::array::from_fn(|b| r.buckets[op][b].load(Relaxed)),
                 })

@@ -388,7 +388,11 @@ fn block_id(raw: Option<Vec<u8>>) -> BlockId {
 
 /// ETags in headers come quoted, in listings unquoted: store them quoted.
 fn etag(e: &Etag) -> ETag {
-    let s = e.to_string();
+    quoted(e.to_string())
+}
+
+/// An ETag as the lake sends it, quoted if it came bare (listings send it bare).
+fn quoted(s: String) -> ETag {
     if s.starts_with('"') || s.starts_with("W/") {
         ETag(s)
     } else {

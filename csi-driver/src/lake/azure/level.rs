@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use quick_xml::Reader;
 use quick_xml::events::Event;
 
-use crate::lake::{ETag, LevelPage, ObjectMeta};
+use crate::lake::{LevelPage, ObjectMeta};
 
 /// Reads one page of a delimiter listing. The error says what is wrong with the body.
 pub fn parse(body: &[u8]) -> Result<LevelPage, String> {
@@ -39,10 +39,6 @@ pub fn parse(body: &[u8]) -> Result<LevelPage, String> {
                 }
                 path.push(name);
                 text.clear();
-            }
-            Event::Empty(e) => {
-                // `<NextMarker />` and other empty elements: no value.
-                let _ = e;
             }
             Event::Text(t) => {
                 text.push_str(&t.decode().map_err(|e| format!("XML text: {e}"))?);
@@ -134,11 +130,7 @@ impl Fields {
             .ok_or_else(|| format!("{name}: listing entry without an ETag"))?;
         Ok(ObjectMeta {
             size: self.size.unwrap_or(0),
-            etag: if etag.starts_with('"') || etag.starts_with("W/") {
-                ETag(etag)
-            } else {
-                ETag(format!("\"{etag}\""))
-            },
+            etag: super::quoted(etag),
             last_modified: self.modified.unwrap_or(SystemTime::UNIX_EPOCH),
             content_md5: self.md5,
             name,
@@ -182,6 +174,7 @@ fn decode_name(value: String, encoded: bool) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lake::ETag;
 
     #[test]
     fn reads_blobs_and_prefixes_in_any_order_with_escapes_and_encoded_names() {
