@@ -199,7 +199,7 @@ leftovers() {
     done
     ip link show "$(node_veth "$i")" >/dev/null 2>&1 && out+=("veth $(node_veth "$i")")
   done
-  ip -o addr show dev lo | grep -qw "$CP_IP" && out+=("address $CP_IP on lo")
+  cp_ip_on_lo && out+=("address $CP_IP on lo")
   while read -r l; do out+=("route $l"); done < <(ip route show |
     grep -E "^(unreachable )?($CP_IP|${CLUSTER_CIDR%%.0.0/*}\.|${NODE_NET%%.0.0/*}\.|${SERVICE_CIDR%%.0.0/*}\.)" || true)
   # Mounts of the cluster in the host's mount namespace (there should never be any).
@@ -226,7 +226,7 @@ for ((i = 1; i <= NODE_COUNT; i++)); do
   [ -n "$(holder_of "$(node_name "$i")")" ] && found=1
   ip link show "$(node_veth "$i")" >/dev/null 2>&1 && found=1
 done
-ip -o addr show dev lo | grep -qw "$CP_IP" && found=1
+cp_ip_on_lo && found=1
 if [ "$found" = 0 ] && [ -z "$(leftovers)" ]; then
   say "nothing is up (no $NODE_DIR, no leftovers found)"
   exit 0

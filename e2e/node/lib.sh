@@ -55,6 +55,14 @@ GPU_LABEL=tidepool.dev/gpu=true
 
 node_name() { echo "tidepool-node-$1"; }
 node_veth() { echo "tp-node$1"; }
+# Whether the control plane's address is on lo. Not `ip ... | grep -q`: under pipefail, grep
+# leaving at the first match can end ip with SIGPIPE, and the pipeline then fails although
+# the address is there (seen about once in twenty).
+cp_ip_on_lo() {
+  local a
+  a=$(ip -o addr show dev lo)
+  [[ $a == *" $CP_IP/"* ]]
+}
 node_host_ip() { echo "10.201.$1.1"; }
 node_ip() { echo "10.201.$1.2"; }
 node_pod_cidr() { echo "10.244.$1.0/24"; }

@@ -264,7 +264,9 @@ host_network() {
     sysctl -qw net.ipv4.ip_forward=1
   fi
   # Forwarding between the nodes' veths, where the host's FORWARD chain drops by default.
-  if ! iptables -S FORWARD | head -n1 | grep -q -- '-P FORWARD ACCEPT'; then
+  local policy
+  policy=$(iptables -S FORWARD)
+  if [ "${policy%%$'\n'*}" != "-P FORWARD ACCEPT" ]; then
     iptables -I FORWARD -i tp-node+ -o tp-node+ -m comment --comment tidepool-node -j ACCEPT
     record "iptables FORWARD -i tp-node+ -o tp-node+ -m comment --comment tidepool-node -j ACCEPT"
   fi
@@ -632,9 +634,24 @@ if [ -d "$NODE_DIR" ]; then
   summary
   exit 0
 fi
-# Leftovers of a cluster whose state directory is gone.
-if ip -o addr show dev lo | grep -qw "$CP_IP" || ip link show "$(node_veth 1)" >/dev/null 2>&1; then
-  die "$CP_IP is on lo or $(node_veth 1) exists: leftovers of an earlier node-up; make node-down removes them"
+# Leftovers of a cluster whose state directory is gone: a cluster of another checkout that
+# still runs (its nodes' namespace holders, or a server on the control plane's address) is
+# left alone; leftovers whose processes are all gone (a run killed before its node-down, or
+# a checkout removed under it) are removed by node-down before going on.
+leftovers() { cp_ip_on_lo || ip link show "$(node_veth 1)" >/dev/null 2>&1; }
+running_elsewhere() {
+  local p
+  for p in /proc/[0-9]*; do
+    case $({ tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null) in "tidepool-node-ns:"*) echo "${p#/proc/}" ;; esac
+  done
+  ss -Hltnp "src $CP_IP" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 || true
+}
+if leftovers; then
+  live=$(running_elsewhere | sort -un | tr '\n' ' ')
+  [ -z "$live" ] || die "$CP_IP is on lo or $(node_veth 1) exists, and processes of a local cluster run (pids $live): another checkout's node-up; make node-down there first"
+  say "$CP_IP is on lo or $(node_veth 1) exists, with no process of a cluster left: leftovers of a node-up that ended without its node-down; removing them (make node-down)"
+  bash "$NODE_SCRIPTS/down.sh"
+  leftovers && die "make node-down did not remove the leftovers of an earlier node-up ($CP_IP on lo or $(node_veth 1)); see its output above"
 fi
 
 trap on_exit EXIT
