@@ -103,7 +103,21 @@ pub struct CacheConfig {
     pub boot: residency::BootId,
     /// How a dataset's listing is taken into its snapshot (`--list-parallelism`).
     pub listing: crate::lake::parallel::ListOptions,
+    /// Bytes of the pool's file system the cache leaves free for others: checkpoint
+    /// volumes, whose writes the kernel makes straight to their files (FUSE
+    /// passthrough), so that no write of theirs can wait for the cache. The cache's
+    /// budget is also at most what it holds plus the file system's free space less
+    /// this, checked more often the closer the disk is to it (see
+    /// [`FREE_SPACE_WRITE_RATE`]); a pool sized to its whole disk thus evicts ahead of a
+    /// checkpoint writer instead of leaving it `ENOSPC`. Default: an eighth of the
+    /// capacity, at most 1 GiB.
+    pub free_space: u64,
 }
+
+/// The write rate the free-space check keeps ahead of: it checks again before a writer
+/// this fast could have used the free space above [`CacheConfig::free_space`] (every
+/// 5 ms at the least, every 500 ms at the most).
+pub const FREE_SPACE_WRITE_RATE: u64 = 8 << 30;
 
 impl CacheConfig {
     pub const DEFAULT_BLOCK: u64 = 4 << 20;
@@ -129,6 +143,7 @@ impl CacheConfig {
             max_open_blobs: 16384,
             boot: residency::current_boot(),
             listing: Default::default(),
+            free_space: (capacity / 8).min(1 << 30),
         }
     }
 }
@@ -199,6 +214,14 @@ pub(crate) struct PoolShared {
     /// (never evicted here). They count against the capacity, so the cache makes room
     /// for them.
     external: AtomicU64,
+    /// What the cache may hold by its file system's free space: resident bytes plus the
+    /// free space less `config.free_space`, at the last check (`u64::MAX` before it).
+    disk_room: AtomicU64,
+    /// The file system's free space at the last check.
+    disk_free: AtomicU64,
+    /// The last check found the disk, not the capacity, limiting the cache (logged on
+    /// each change).
+    disk_limited: AtomicBool,
     index: Database,
     index_path: PathBuf,
     /// Bytes fetched from the lake since start (reports and tests).
@@ -327,11 +350,49 @@ fn now_secs() -> u64 {
 
 impl PoolShared {
     /// What the cache files may use: the capacity less the bytes others hold in the
-    /// pool (see `external`).
+    /// pool (see `external`), and at most what the file system leaves (see
+    /// [`CacheConfig::free_space`]).
     fn budget(&self) -> u64 {
         self.config
             .capacity
             .saturating_sub(self.external.load(Ordering::Acquire))
+            .min(self.disk_room.load(Ordering::Acquire))
+    }
+
+    /// Checks the pool's file system's free space: the cache's room on disk is what it
+    /// holds plus the free space less [`CacheConfig::free_space`], and under that the
+    /// evictor runs now. Returns when to check again: before a writer at
+    /// [`FREE_SPACE_WRITE_RATE`] could have used the free space above the reserve.
+    fn check_free_space(&self) -> Duration {
+        let free = match fs_available(&self.config.dir) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(dir = %self.config.dir.display(), error = %e, "cannot read the cache pool's free space");
+                return Duration::from_secs(1);
+            }
+        };
+        let used = self.used.load(Ordering::Acquire);
+        let room = (used + free).saturating_sub(self.config.free_space);
+        self.disk_free.store(free, Ordering::Release);
+        self.disk_room.store(room, Ordering::Release);
+        let by_capacity = self
+            .config
+            .capacity
+            .saturating_sub(self.external.load(Ordering::Acquire));
+        let limited = room < by_capacity;
+        if self.disk_limited.swap(limited, Ordering::AcqRel) != limited {
+            if limited {
+                tracing::info!(dir = %self.config.dir.display(), free, keep_free = self.config.free_space, cache_room = room, "the cache pool's disk has less room than its capacity: the cache holds at most what leaves the reserved free space to others (checkpoint volumes)");
+            } else {
+                tracing::info!(dir = %self.config.dir.display(), free, "the cache pool's disk has room for the whole capacity again");
+            }
+        }
+        if used as f64 > self.budget() as f64 * self.config.high_watermark {
+            self.pressure.notify_one();
+        }
+        let margin = free.saturating_sub(self.config.free_space);
+        Duration::from_micros(margin / (FREE_SPACE_WRITE_RATE / 1_000_000))
+            .clamp(Duration::from_millis(5), Duration::from_millis(500))
     }
 
     pub(crate) fn block_landed(&self, key: &str, n: u64) {
@@ -689,14 +750,35 @@ impl Drop for PoolOwner {
 
 impl CachePool {
     /// Opens (or creates) the pool under `config.dir` and starts its background index
-    /// and eviction task on the current tokio runtime. The file work (the index, the
-    /// wait for a pool another handle is closing) runs on a blocking thread.
+    /// and eviction task on the current tokio runtime, and the thread that watches its
+    /// file system's free space (see [`CacheConfig::free_space`]). The file work (the
+    /// index, the wait for a pool another handle is closing) runs on a blocking thread.
     pub async fn open(config: CacheConfig) -> Result<Self, CacheError> {
-        let shared = tokio::task::spawn_blocking(move || PoolShared::open(config))
-            .await
-            .map_err(|e| CacheError::Internal(format!("opening the cache pool: {e}")))??;
+        let shared = tokio::task::spawn_blocking(move || {
+            let s = PoolShared::open(config)?;
+            s.check_free_space();
+            Ok::<_, CacheError>(s)
+        })
+        .await
+        .map_err(|e| CacheError::Internal(format!("opening the cache pool: {e}")))??;
         let shared = Arc::new(shared);
         let weak = Arc::downgrade(&shared);
+        {
+            let weak = weak.clone();
+            std::thread::Builder::new()
+                .name("pool-free-space".into())
+                .spawn(move || {
+                    loop {
+                        let Some(s) = weak.upgrade() else { return };
+                        let next = s.check_free_space();
+                        drop(s);
+                        std::thread::sleep(next);
+                    }
+                })
+                .map_err(|e| {
+                    CacheError::Internal(format!("starting the pool's free-space check: {e}"))
+                })?;
+        }
         let pressure = shared.pressure.clone();
         tokio::spawn(async move {
             let Some(s) = weak.upgrade() else { return };
@@ -833,6 +915,9 @@ impl PoolShared {
             evict_passes: AtomicU64::new(0),
             evict_stuck: AtomicBool::new(false),
             external: AtomicU64::new(0),
+            disk_room: AtomicU64::new(u64::MAX),
+            disk_free: AtomicU64::new(u64::MAX),
+            disk_limited: AtomicBool::new(false),
             index,
             index_path,
             fetched: AtomicU64::new(0),
@@ -868,6 +953,12 @@ impl CachePool {
     /// Bytes of the pool's directory held by others (see [`CachePool::set_external`]).
     pub fn external(&self) -> u64 {
         self.shared.external.load(Ordering::Acquire)
+    }
+
+    /// Free bytes of the pool's file system at the last check (see
+    /// [`CacheConfig::free_space`]).
+    pub fn disk_free(&self) -> u64 {
+        self.shared.disk_free.load(Ordering::Acquire)
     }
 
     /// Bytes fetched from the lake by this process.
@@ -1021,6 +1112,19 @@ fn saturating_sub(counter: &AtomicU64, n: u64) {
 }
 
 /// Digest naming one blob version in the pool.
+/// Bytes of the file system holding `path` that an unprivileged writer may still use.
+fn fs_available(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: zeroed statvfs is a valid out-buffer; c is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(s.f_bavail * s.f_frsize)
+}
+
 pub fn blob_key(lake_id: &str, blob: &str, etag: &str) -> String {
     let mut h = Sha256::new();
     for part in [lake_id, blob, etag] {

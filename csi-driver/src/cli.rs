@@ -102,7 +102,8 @@ pub struct CacheArgs {
     /// Cache pool directory on local NVMe (created if missing; shared by every mount).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: PathBuf,
-    /// Pool capacity: files are evicted (least recently used first) above 90% of it.
+    /// Pool capacity: files are evicted (least recently used first) above 90% of it, and
+    /// whenever the pool's disk has less than an eighth of it (at most 1 GiB) free.
     #[arg(long, default_value = "100GiB", value_parser = parse_size, value_name = "SIZE")]
     pub cache_size: u64,
     /// Files up to this size are fetched whole when opened; a reader that opens them in

@@ -708,6 +708,120 @@ fn a_full_pool_gives_the_writer_enospc_and_loses_nothing_committed() {
     rt.block_on(sync.stop());
 }
 
+/// A pool sized to its whole disk, its cache full of a dataset's files, and a job
+/// writing a checkpoint bigger than the disk's free space: the cache evicts ahead of
+/// the writer (it keeps `CacheConfig::free_space` of the disk free, checked more often
+/// the closer the disk is to that), so the writer, whose writes the kernel makes
+/// straight to the disk, never sees ENOSPC while the cache holds files it could evict.
+/// The checkpoint reads back exact, and so does the dataset (what was evicted comes
+/// from the lake again). Without the check, the cache's budget shrank only when the
+/// checkpoint volumes' files were counted (every 10 s), and this writer got ENOSPC
+/// after 23 MiB.
+fn a_checkpoint_writer_never_gets_enospc_while_the_cache_could_evict(passthrough: bool) {
+    use tidepool_csi::cache::dataset::Dataset;
+    use tidepool_csi::cache::{CacheConfig, CachePool};
+    use tidepool_csi::lake::memory::MemoryLake;
+    use tidepool_csi::lake::{Lake, LakeUrl};
+    const MIB: usize = 1 << 20;
+    let disk = SmallDisk::new("64m");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lake = Arc::new(MemoryLake::new());
+    let files: Vec<Vec<u8>> = (0..40).map(|i| pattern(500 + i, MIB)).collect();
+    for (i, data) in files.iter().enumerate() {
+        lake.insert(&format!("ds/f{i:02}"), data.clone());
+    }
+    let mut cfg = CacheConfig::new(disk.0.path().join("cache"), 64 << 20);
+    cfg.block_size = MIB as u64;
+    cfg.get_size = MIB as u64;
+    assert_eq!(
+        cfg.free_space,
+        8 << 20,
+        "the default: an eighth of the capacity"
+    );
+    let pool = rt.block_on(CachePool::open(cfg)).unwrap();
+    let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/ds").unwrap();
+    let ds = rt
+        .block_on(Dataset::open(
+            pool.clone(),
+            url,
+            lake.clone() as Arc<dyn Lake>,
+            false,
+            |_| {},
+        ))
+        .unwrap();
+    let read_all = |ds: &Dataset| {
+        let (_, snap) = ds.current();
+        let entries = snap.files_from(0, 100).unwrap();
+        assert_eq!(entries.len(), files.len());
+        for (e, want) in entries.iter().zip(&files) {
+            let b = ds.blob(e).unwrap();
+            let got = rt.block_on(b.read(0, b.size as usize)).unwrap();
+            assert!(got == *want, "{} reads back exact", e.name);
+        }
+    };
+    read_all(&ds);
+    pool.flush().unwrap();
+    let cached = pool.used();
+    assert_eq!(
+        cached,
+        (40 * MIB) as u64,
+        "the whole dataset is in the cache"
+    );
+
+    let v = Volume::mount_in(
+        tempfile::tempdir_in(disk.0.path()).unwrap(),
+        CommitRule::default(),
+        passthrough,
+    );
+    fs::create_dir(v.p("step-1")).unwrap();
+    let mut f = File::create(v.p("step-1/model.pt")).unwrap();
+    let checkpoint = pattern(7, 40 * MIB);
+    // 1 MiB every 5 ms (200 MB/s at most; unpaced it passes too, but a test machine
+    // under load may hold the check's thread back for tens of milliseconds, and the
+    // reserve here is only 8 MiB).
+    for (i, chunk) in checkpoint.chunks(MIB).enumerate() {
+        if let Err(e) = f.write_all(chunk).and_then(|()| f.sync_data()) {
+            panic!(
+                "the checkpoint writer failed after {i} MiB ({e}) while the cache held {} bytes",
+                pool.used()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(f);
+    assert!(
+        fs::read(v.p("step-1/model.pt")).unwrap() == checkpoint,
+        "the checkpoint reads back exact"
+    );
+    assert!(
+        pool.evicted() >= (16 * MIB) as u64,
+        "the cache made room: {} bytes evicted",
+        pool.evicted()
+    );
+    assert!(
+        pool.used() > 0,
+        "and only what the writer needed: nothing was left in the cache"
+    );
+    // The disk keeps its reserve free, give or take a check's worth of writing.
+    assert!(
+        pool.disk_free() >= 4 << 20,
+        "the cache leaves the reserve free: {} bytes free",
+        pool.disk_free()
+    );
+    // The dataset still reads exact (what was evicted comes from the lake again).
+    read_all(&ds);
+}
+
+#[test]
+fn a_checkpoint_writer_never_gets_enospc_while_the_cache_could_evict_with_passthrough() {
+    a_checkpoint_writer_never_gets_enospc_while_the_cache_could_evict(true);
+}
+
+#[test]
+fn a_checkpoint_writer_never_gets_enospc_while_the_cache_could_evict_without_passthrough() {
+    a_checkpoint_writer_never_gets_enospc_while_the_cache_could_evict(false);
+}
+
 /// A committed step rewritten in place before its upload finished (torch.save opens
 /// with `O_TRUNC`; a writer opens `r+` and writes at an offset; `truncate(2)` by path)
 /// keeps its committed version for the upload: the upload under way finishes with the

@@ -380,6 +380,21 @@ async fn the_agents_metrics_count_what_its_volume_served() {
         sample(&m, "tidepool_node_pool_capacity_bytes"),
         (32u64 << 20) as f64
     );
+    // The pool's disk's free space, as the cache last saw it (other tests write to the
+    // same disk meanwhile: within 1 GiB of what statvfs says now).
+    let free_now = {
+        let c = std::ffi::CString::new(n.paths.pool.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: zeroed statvfs is a valid out-buffer; c is NUL-terminated.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+        (s.f_bavail * s.f_frsize) as f64
+    };
+    let seen = sample(&m, "tidepool_node_pool_disk_free_bytes");
+    assert!(
+        seen > 0.0 && (seen - free_now).abs() < (1u64 << 30) as f64,
+        "the pool's disk has {free_now} bytes free; the metric says {seen}"
+    );
 
     let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
     node.node_stage_volume(n.stage_req()).await.unwrap();
