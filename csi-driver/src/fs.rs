@@ -625,6 +625,15 @@ impl Mount {
         let mountpoint = mountpoint.canonicalize()?;
         let fd = fuse::mount(&mountpoint, options)?;
         let session = Session::start(fuse::Device::new(fd), fs, session)?;
+        // From the mount table, before any request: the connection can then end itself
+        // if it must (an io_uring queue that failed).
+        match crate::mounts::device_of(&mountpoint) {
+            Ok(Some((major, minor))) => session.connection().set_device(major, minor),
+            other => tracing::debug!(
+                ?other,
+                "the new mount's device number is not in the mount table"
+            ),
+        }
         if session.wait_initialized(Duration::from_secs(10)).is_none() {
             tracing::warn!("the kernel has not initialised the FUSE connection after 10 s");
         }
@@ -646,6 +655,14 @@ impl Mount {
     /// Something that can unmount from another thread (signal handlers).
     pub fn unmount_handle(&self) -> UnmountHandle {
         self.unmounter.clone()
+    }
+
+    /// The mount's FUSE connection (its counts, and what the file system may do on it).
+    pub fn connection(&self) -> &fuse::Connection {
+        self.session
+            .as_ref()
+            .expect("a live mount has a session")
+            .connection()
     }
 
     /// What a refresh loop uses to let the kernel drop a replaced snapshot.

@@ -50,6 +50,24 @@ pub fn parse_mount_points(mountinfo: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The device number (major, minor) of the topmost mount at `mountpoint`, read from the
+/// mount table (no request to the file system mounted there, which may not answer).
+pub fn device_of(mountpoint: &Path) -> io::Result<Option<(u32, u32)>> {
+    let text = std::fs::read_to_string(MOUNTINFO)?;
+    Ok(parse_device_of(&text, mountpoint))
+}
+
+fn parse_device_of(mountinfo: &str, mountpoint: &Path) -> Option<(u32, u32)> {
+    mountinfo
+        .lines()
+        .filter(|l| l.split(' ').nth(4).map(unescape).as_deref() == Some(mountpoint))
+        .filter_map(|l| {
+            let (major, minor) = l.split(' ').nth(2)?.split_once(':')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+        .next_back()
+}
+
 /// Every mount point of this process's mount namespace, now.
 pub fn mount_points() -> io::Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(MOUNTINFO).map_err(|e| {
@@ -126,6 +144,22 @@ fn umount(path: &Path, lazy: bool) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_device_of_a_mount_point_is_its_topmost_mount() {
+        let text = "\
+22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw
+36 22 0:32 / /mnt/with\\040space rw - fuse.tidepool tidepool rw
+37 22 259:1048577 / /mnt/x rw - fuse.tidepool a rw
+38 37 0:40 / /mnt/x rw - fuse.tidepool b rw
+";
+        assert_eq!(
+            parse_device_of(text, Path::new("/mnt/with space")),
+            Some((0, 32))
+        );
+        assert_eq!(parse_device_of(text, Path::new("/mnt/x")), Some((0, 40)));
+        assert_eq!(parse_device_of(text, Path::new("/mnt")), None);
+    }
 
     #[test]
     fn mount_points_with_escaped_characters_are_decoded() {

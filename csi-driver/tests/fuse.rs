@@ -40,6 +40,15 @@ impl Fixture {
         cache: tempfile::TempDir,
         tweak: impl FnOnce(&mut CacheConfig),
     ) -> Fixture {
+        Self::mount_with(lake, cache, tweak, mount_config(true, 4, "tidepool-test"))
+    }
+
+    fn mount_with(
+        lake: Arc<dyn Lake>,
+        cache: tempfile::TempDir,
+        tweak: impl FnOnce(&mut CacheConfig),
+        config: tidepool_csi::fs::MountConfig,
+    ) -> Fixture {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -73,8 +82,8 @@ impl Fixture {
             },
             stats.clone(),
         );
-        let mount = Mount::spawn(fs, mnt.path(), &mount_config(true, 4, "tidepool-test"))
-            .expect("mount (needs root and /dev/fuse)");
+        let mount =
+            Mount::spawn(fs, mnt.path(), &config).expect("mount (needs root and /dev/fuse)");
         Fixture {
             rt,
             cache,
@@ -119,6 +128,84 @@ fn sample_lake() -> (Arc<MemoryLake>, Vec<u8>) {
     lake.insert("ds/train/nested/deep/file.json", "{}");
     lake.insert("elsewhere/not-in-dataset", "x");
     (lake, big)
+}
+
+/// Runs `f` on a thread pinned to `cpu`; its result, or `None` if it has not returned
+/// within `limit` (the thread is left behind, blocked).
+fn on_cpu_within<T: Send + 'static>(
+    cpu: usize,
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it for cpu < 1024.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                0
+            );
+        }
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// Through FUSE over io_uring the kernel hands a request to the queue of the caller's
+/// CPU, and to no other. A queue that fails (here: its ring refuses an answer, by fault
+/// injection) would leave every later request from that CPU waiting forever; the
+/// connection is ended instead, so a reader on that CPU gets an error at once
+/// (ECONNABORTED), and one on another CPU ENOTCONN (the volume must be mounted again, as after any lost
+/// connection). Before, the reader hung.
+#[test]
+fn a_failed_io_uring_queue_ends_the_connection_instead_of_stranding_its_cpu() {
+    let Some(_uring) = tidepool_csi::testing::FuseUring::enable_for(
+        "a_failed_io_uring_queue_ends_the_connection_instead_of_stranding_its_cpu",
+    ) else {
+        return;
+    };
+    let (lake, big) = sample_lake();
+    let mut config = mount_config(true, 4, "tidepool-test");
+    config.io_uring = true;
+    let fx = Fixture::mount_with(lake, tempfile::tempdir().unwrap(), |_| {}, config);
+    let conn = fx.mount.as_ref().unwrap().connection();
+    // Served through the rings while they work: every CPU's reads exact.
+    for cpu in 0..2 {
+        let p = fx.path("big.bin");
+        let got = on_cpu_within(cpu, Duration::from_secs(60), move || fs::read(p).unwrap())
+            .expect("a read through a working queue returns");
+        assert!(got == big, "CPU {cpu}: big.bin exact");
+    }
+    assert!(
+        conn.io_uring_requests() > 0,
+        "the kernel switched the connection to io_uring"
+    );
+    // CPU 1's queue fails at its next answer.
+    tidepool_csi::fuse::uring::FAIL_QUEUE.store(1, Ordering::Relaxed);
+    let p = fx.path("small.txt");
+    let r = on_cpu_within(1, Duration::from_secs(30), move || {
+        fs::read(p).map_err(|e| e.raw_os_error())
+    });
+    tidepool_csi::fuse::uring::FAIL_QUEUE.store(-1, Ordering::Relaxed);
+    let Some(r) = r else {
+        // Ended here, so that the stranded reader and the unmount let the test end.
+        let _ = conn.abort();
+        panic!("a reader on the failed queue's CPU was left waiting");
+    };
+    // The request under way when the connection ended fails with ECONNABORTED, later
+    // ones with ENOTCONN.
+    assert!(
+        matches!(r, Err(Some(libc::ECONNABORTED | libc::ENOTCONN))),
+        "the connection was ended: {r:?}"
+    );
+    let p = fx.path("big.bin");
+    let r = on_cpu_within(0, Duration::from_secs(30), move || {
+        fs::read(p).map_err(|e| e.raw_os_error())
+    })
+    .expect("a reader on another CPU is answered");
+    assert_eq!(r, Err(Some(libc::ENOTCONN)), "the whole volume is down");
 }
 
 #[test]

@@ -204,7 +204,14 @@ pub struct Connection {
     requests: Arc<RequestCounts>,
     /// The io_uring queues' threads, once started.
     rings: Arc<parking_lot::Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    /// The kernel's number of the mount's device (major << 20 | minor), once the
+    /// mounter has told it ([`Connection::set_device`]): it names the connection in
+    /// fusectl.
+    dev: Arc<OnceLock<u64>>,
 }
+
+/// Where the kernel's FUSE control file system (fusectl) lists connections.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
 
 /// Requests served, and the time spent handling them (to the reply, or to handing the
 /// request on), per opcode: what a workload costs in round trips to us.
@@ -235,6 +242,55 @@ pub struct OpTotals {
 }
 
 impl Connection {
+    /// Tells the connection its mount's device number (as the mount table gives it), so
+    /// that it can abort itself ([`Connection::abort`]).
+    pub fn set_device(&self, major: u32, minor: u32) {
+        let _ = self.dev.set((u64::from(major) << 20) | u64::from(minor));
+    }
+
+    /// Ends the connection in the kernel (fusectl's `abort`): every request waiting on
+    /// it, and every later one, fails with `ENOTCONN` until the volume is mounted
+    /// again. For a server that can no longer answer some requests (an io_uring queue
+    /// that failed): a loud failure instead of readers waiting forever. Mounts fusectl
+    /// first where it is not mounted (needs root).
+    pub fn abort(&self) -> io::Result<()> {
+        let Some(&id) = self.dev.get() else {
+            return Err(io::Error::other(
+                "the mount's device number is not known (the mounter never told it)",
+            ));
+        };
+        let dir = std::path::Path::new(FUSECTL).join(id.to_string());
+        if !dir.exists() {
+            let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+                .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(FUSECTL)))
+                .unwrap_or(false);
+            if !mounted {
+                let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+                let (src, target, fstype) = (c("fusectl"), c(FUSECTL), c("fusectl"));
+                // SAFETY: NUL-terminated strings; no data argument.
+                let r = unsafe {
+                    libc::mount(
+                        src.as_ptr(),
+                        target.as_ptr(),
+                        fstype.as_ptr(),
+                        0,
+                        std::ptr::null(),
+                    )
+                };
+                if r < 0 {
+                    let e = io::Error::last_os_error();
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("mounting fusectl on {FUSECTL}: {e}"),
+                    ));
+                }
+            }
+        }
+        let abort = dir.join("abort");
+        std::fs::write(&abort, "1")
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", abort.display())))
+    }
+
     /// Requests served so far, by opcode name (those seen at least once), with the
     /// mean time in microseconds each took to handle.
     pub fn request_counts(&self) -> Vec<(&'static str, u64, f64)> {
@@ -493,6 +549,7 @@ impl Session {
                 ring: Default::default(),
             }),
             rings: Default::default(),
+            dev: Default::default(),
         };
         if let Some(p) = resume {
             let _ = params.set(p);
@@ -585,6 +642,10 @@ pub(super) struct Worker {
 }
 
 impl Worker {
+    pub(super) fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
     fn run(self, buf_len: usize) {
         let mut buf = vec![0u8; buf_len];
         loop {

@@ -63,6 +63,23 @@ pub const QUEUE_DEPTH: usize = 16;
 /// `user_data` of the eventfd read.
 const WAKE: u64 = u64::MAX;
 
+/// Fault injection for tests: the queue of this CPU fails at its next answer as if its
+/// ring refused the submission, leaving the request with the kernel (-1: none).
+#[cfg(feature = "testing")]
+pub static FAIL_QUEUE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+fn fault_injected(qid: u16) -> bool {
+    #[cfg(feature = "testing")]
+    {
+        FAIL_QUEUE.load(Ordering::Relaxed) == i32::from(qid)
+    }
+    #[cfg(not(feature = "testing"))]
+    {
+        let _ = qid;
+        false
+    }
+}
+
 #[repr(C)]
 #[derive(Default)]
 struct SqringOffsets {
@@ -445,6 +462,9 @@ fn serve_queue(worker: Worker, dev: RawFd, qid: u16, payload_len: usize) -> io::
     // before every operation on it has completed: at the end the eventfd read is
     // completed and reaped, and on a failure with entries perhaps still registered the
     // buffers are leaked (one queue's, once) rather than freed under the kernel.
+    // A request came through this queue: the kernel has switched the connection over,
+    // and requests from this CPU have no other server.
+    let mut served = false;
     let outcome = (|| -> io::Result<Option<i32>> {
         let mut abandoned = false;
         loop {
@@ -464,10 +484,12 @@ fn serve_queue(worker: Worker, dev: RawFd, qid: u16, payload_len: usize) -> io::
                     first_error.get_or_insert(-res);
                     continue;
                 }
+                served = true;
                 let e = &mut entries[i];
                 let reply = handle_entry(&worker, e, &mailbox, i as u32, &mut msg);
                 if let Some((unique, r)) = reply {
-                    abandoned |= !commit(&mut ring, dev, qid, &mut entries[i], i, unique, r);
+                    abandoned |= fault_injected(qid)
+                        || !commit(&mut ring, dev, qid, &mut entries[i], i, unique, r);
                 }
             }
             let posted = std::mem::take(&mut *mailbox.posted.lock());
@@ -495,7 +517,15 @@ fn serve_queue(worker: Worker, dev: RawFd, qid: u16, payload_len: usize) -> io::
     match outcome {
         Ok(first_error) if !wake_armed || drain_wake(&mut ring, &mailbox) => match first_error {
             Some(libc::ENOTCONN) | Some(libc::ENODEV) | Some(libc::ECANCELED) | None => Ok(()),
-            Some(e) => Err(io::Error::from_raw_os_error(e)),
+            Some(e) => {
+                let e = io::Error::from_raw_os_error(e);
+                if served {
+                    // The kernel took every entry back with an error while the
+                    // connection lives: this CPU's requests would wait for none.
+                    end_connection(&worker, qid, &e);
+                }
+                Err(e)
+            }
         },
         Ok(_) => {
             // Every entry is back, but the eventfd read would not complete.
@@ -504,10 +534,26 @@ fn serve_queue(worker: Worker, dev: RawFd, qid: u16, payload_len: usize) -> io::
         }
         Err(e) => {
             let leaked = entries.len() * (HEADER_LEN + payload_len);
-            tracing::error!(queue = qid, error = %e, leaked_bytes = leaked, "FUSE over io_uring: this queue failed with requests perhaps still in the kernel; its buffers are left to the kernel, and requests from this CPU may wait until the volume is mounted again");
+            tracing::error!(queue = qid, error = %e, leaked_bytes = leaked, "FUSE over io_uring: this queue failed with requests perhaps still in the kernel; its buffers are left to the kernel");
             std::mem::forget(entries);
             std::mem::forget(wake_buf);
+            end_connection(&worker, qid, &e);
             Err(e)
+        }
+    }
+}
+
+/// A queue failed after the kernel switched the connection over: requests from its CPU
+/// (the kernel picks the queue by the caller's CPU) would wait forever for a server.
+/// The connection is ended instead (fusectl's abort), so that every reader gets
+/// `ENOTCONN` at once and the volume is mounted again, rather than hanging.
+fn end_connection(worker: &Worker, qid: u16, cause: &io::Error) {
+    match worker.connection().abort() {
+        Ok(()) => {
+            tracing::error!(queue = qid, error = %cause, "FUSE over io_uring: a queue failed, and requests from its CPU would have waited forever; the connection was ended instead: reads of this volume fail with ENOTCONN until it is mounted again")
+        }
+        Err(e) => {
+            tracing::error!(queue = qid, error = %cause, abort_error = %e, "FUSE over io_uring: a queue failed, and the connection could not be ended: requests from its CPU wait until the volume is unmounted (umount -l, or mount fusectl and write 1 to its abort file)")
         }
     }
 }
