@@ -430,12 +430,15 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     }
     let handle = mount.unmount_handle();
     let mp = mount.mountpoint.clone();
+    let conn = mount.connection().clone();
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = int.recv() => break,
             _ = term.recv() => break,
             _ = poll.tick() => match is_mounted(&mp) {
+                // Ended by us (a failed io_uring queue): unmount, and exit with why.
+                Ok(true) if conn.aborted().is_some() => break,
                 Ok(true) => {}
                 Ok(false) => { tracing::info!("unmounted from outside"); break }
                 Err(e) => tracing::warn!(error = %e, "cannot check the mount table"),

@@ -686,6 +686,11 @@ impl Mount {
                 through_io_uring = conn.io_uring_requests(),
                 "the mount served these requests"
             );
+            if let Some(why) = conn.aborted() {
+                return Err(std::io::Error::other(format!(
+                    "{why}: the connection was ended so that no reader waits forever; mount again (--no-io-uring serves through /dev/fuse)"
+                )));
+            }
         }
         Ok(())
     }

@@ -169,8 +169,8 @@ fn a_failed_io_uring_queue_ends_the_connection_instead_of_stranding_its_cpu() {
     let (lake, big) = sample_lake();
     let mut config = mount_config(true, 4, "tidepool-test");
     config.io_uring = true;
-    let fx = Fixture::mount_with(lake, tempfile::tempdir().unwrap(), |_| {}, config);
-    let conn = fx.mount.as_ref().unwrap().connection();
+    let mut fx = Fixture::mount_with(lake, tempfile::tempdir().unwrap(), |_| {}, config);
+    let conn = fx.mount.as_ref().unwrap().connection().clone();
     // Served through the rings while they work: every CPU's reads exact.
     for cpu in 0..2 {
         let p = fx.path("big.bin");
@@ -191,7 +191,7 @@ fn a_failed_io_uring_queue_ends_the_connection_instead_of_stranding_its_cpu() {
     tidepool_csi::fuse::uring::FAIL_QUEUE.store(-1, Ordering::Relaxed);
     let Some(r) = r else {
         // Ended here, so that the stranded reader and the unmount let the test end.
-        let _ = conn.abort();
+        let _ = conn.abort("the test");
         panic!("a reader on the failed queue's CPU was left waiting");
     };
     // The request under way when the connection ended fails with ECONNABORTED, later
@@ -206,6 +206,12 @@ fn a_failed_io_uring_queue_ends_the_connection_instead_of_stranding_its_cpu() {
     })
     .expect("a reader on another CPU is answered");
     assert_eq!(r, Err(Some(libc::ENOTCONN)), "the whole volume is down");
+    // The mount ends, and says why (`tidepool mount` exits with it).
+    let err = fx.mount.take().unwrap().join().unwrap_err().to_string();
+    assert!(
+        err.contains("the queue of CPU 1 failed") && err.contains("mount again"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -301,6 +307,19 @@ fn fully_resident_files_are_opened_with_passthrough() {
     assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);
     let reads_cold = fx.stats.reads.load(Ordering::Relaxed);
     assert!(reads_cold > 0);
+    // The kernel sends the cold reader's RELEASE after its close returned, and while
+    // that handle is open the file is not passthrough: wait for it (and for the file to
+    // be whole in the cache).
+    let conn = fx.mount.as_ref().unwrap().connection().clone();
+    let ds = fx.ds.clone().unwrap();
+    tidepool_csi::testing::within(Duration::from_secs(10), || {
+        let released = conn
+            .request_counts()
+            .iter()
+            .any(|&(op, n, _)| op == "RELEASE" && n >= 1);
+        (released && ds.cached_bytes().unwrap() == big.len() as u64).then_some(())
+    })
+    .expect("the cold reader's handle released, and big.bin whole in the cache");
     // Drop the page cache so the second read must go to the file system again.
     drop_caches(&fx.path("big.bin"));
     assert_eq!(fs::read(fx.path("big.bin")).unwrap(), big);

@@ -208,6 +208,8 @@ pub struct Connection {
     /// mounter has told it ([`Connection::set_device`]): it names the connection in
     /// fusectl.
     dev: Arc<OnceLock<u64>>,
+    /// Why this server ended the connection ([`Connection::abort`]), if it did.
+    aborted: Arc<OnceLock<String>>,
 }
 
 /// Where the kernel's FUSE control file system (fusectl) lists connections.
@@ -252,8 +254,9 @@ impl Connection {
     /// it, and every later one, fails with `ENOTCONN` until the volume is mounted
     /// again. For a server that can no longer answer some requests (an io_uring queue
     /// that failed): a loud failure instead of readers waiting forever. Mounts fusectl
-    /// first where it is not mounted (needs root).
-    pub fn abort(&self) -> io::Result<()> {
+    /// first where it is not mounted (needs root). `why` is kept for
+    /// [`Connection::aborted`].
+    pub fn abort(&self, why: &str) -> io::Result<()> {
         let Some(&id) = self.dev.get() else {
             return Err(io::Error::other(
                 "the mount's device number is not known (the mounter never told it)",
@@ -288,7 +291,14 @@ impl Connection {
         }
         let abort = dir.join("abort");
         std::fs::write(&abort, "1")
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", abort.display())))
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", abort.display())))?;
+        let _ = self.aborted.set(why.to_owned());
+        Ok(())
+    }
+
+    /// Why this server ended the connection, if it did ([`Connection::abort`]).
+    pub fn aborted(&self) -> Option<&str> {
+        self.aborted.get().map(String::as_str)
     }
 
     /// Requests served so far, by opcode name (those seen at least once), with the
@@ -550,6 +560,7 @@ impl Session {
             }),
             rings: Default::default(),
             dev: Default::default(),
+            aborted: Default::default(),
         };
         if let Some(p) = resume {
             let _ = params.set(p);

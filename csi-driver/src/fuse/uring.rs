@@ -548,7 +548,8 @@ fn serve_queue(worker: Worker, dev: RawFd, qid: u16, payload_len: usize) -> io::
 /// The connection is ended instead (fusectl's abort), so that every reader gets
 /// `ENOTCONN` at once and the volume is mounted again, rather than hanging.
 fn end_connection(worker: &Worker, qid: u16, cause: &io::Error) {
-    match worker.connection().abort() {
+    let why = format!("FUSE over io_uring: the queue of CPU {qid} failed ({cause})");
+    match worker.connection().abort(&why) {
         Ok(()) => {
             tracing::error!(queue = qid, error = %cause, "FUSE over io_uring: a queue failed, and requests from its CPU would have waited forever; the connection was ended instead: reads of this volume fail with ENOTCONN until it is mounted again")
         }
