@@ -347,11 +347,36 @@ impl Agent {
         fresh: bool,
         fd: OwnedFd,
     ) -> Result<(), AgentError> {
-        if let Some(v) = self.volumes.lock().get(volume_id)
-            && !v.session.is_finished()
-        {
-            // Already served (a repeated call): nothing to do.
-            return Ok(());
+        let live = self
+            .volumes
+            .lock()
+            .get(volume_id)
+            .filter(|v| !v.session.is_finished())
+            .map(|v| v.attributes.kind);
+        match live {
+            // The same connection handed again (a restarted plugin): already served.
+            Some(_) if !fresh => return Ok(()),
+            // A new connection while the old one lives: its staging mount was taken away
+            // with files open on it (a lazy unmount), and the plugin mounted anew. The new
+            // one must be served (answering OK without it left every request on the new
+            // mount waiting forever). A dataset's old session goes on serving what is
+            // open on it until that is closed. A checkpoint tree must have one server:
+            // the old one gets a moment to end, else the stage is refused, to be retried.
+            Some(VolumeKind::CheckpointSync) => {
+                let ended = (0..500).any(|_| {
+                    std::thread::sleep(Duration::from_millis(20));
+                    self.volumes
+                        .lock()
+                        .get(volume_id)
+                        .is_none_or(|v| v.session.is_finished())
+                });
+                if !ended {
+                    return Err(AgentError::Unsupported(format!(
+                        "checkpoint volume {volume_id} is still served on its previous connection (its staging mount was taken away with files open on it); it can be staged again once they are closed"
+                    )));
+                }
+            }
+            Some(VolumeKind::DatasetCache) | None => {}
         }
         let url =
             LakeUrl::parse(&attributes.url).map_err(|e| AgentError::BadRequest(e.to_string()))?;

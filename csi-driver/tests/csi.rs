@@ -364,6 +364,62 @@ async fn a_staged_dataset_published_twice_reads_byte_exact_from_one_cache() {
     );
 }
 
+/// A staging mount taken away while a pod holds a file open in it (`umount -l`: the old
+/// connection lives on for that file) is staged again on a new connection, and the
+/// agent serves the new one. Before, the agent saw the volume still served and answered
+/// OK without serving the new mount, whose every request then waited forever. The file
+/// held open keeps reading from the old connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_staged_again_while_its_old_connection_lives_is_served_on_the_new_one() {
+    let n = node().await;
+    let mut agent = n.paths.start_agent("1GiB");
+    let mut csi = n.paths.start_csi();
+    let (_, mut node) = csi_clients(&n.paths.csi_socket).await;
+    node.node_stage_volume(n.stage_req()).await.unwrap();
+    let (name, data) = n.files[0].clone();
+    let held = std::fs::File::open(n.staging().join(&name)).unwrap();
+    let st = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(n.staging())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(!is_mounted(&n.staging()).unwrap());
+    node.node_stage_volume(n.stage_req()).await.unwrap();
+    // Read on a thread of its own: a mount nobody serves would hold it forever.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (staging, files) = (n.staging(), n.files.clone());
+    std::thread::spawn(move || {
+        let r: Result<(), String> =
+            files
+                .iter()
+                .try_for_each(|(name, data)| match std::fs::read(staging.join(name)) {
+                    Ok(got) if got == *data => Ok(()),
+                    Ok(_) => Err(format!("{name}: other bytes")),
+                    Err(e) => Err(format!("{name}: {e}")),
+                });
+        let _ = tx.send(r);
+    });
+    let r = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    if r.is_err() {
+        // Unblocks the reader: with both gone, nothing holds the connections.
+        agent.kill9();
+        csi.kill9();
+        panic!("the new staging mount did not answer within 60 s: nobody serves it");
+    }
+    r.unwrap()
+        .expect("every file reads exact through the new staging mount");
+    // The file held open reads on, from the old connection.
+    let mut got = Vec::new();
+    (&held).read_to_end(&mut got).unwrap();
+    assert!(got == data, "the held file reads exact");
+    drop(held);
+    node.node_unstage_volume(n.unstage_req()).await.unwrap();
+    assert_eq!(n.mounts_left(), Vec::<PathBuf>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_metrics_count_what_its_volume_served() {
     let n = node().await;
