@@ -361,9 +361,12 @@ impl Agent {
             // one must be served (answering OK without it left every request on the new
             // mount waiting forever). A dataset's old session goes on serving what is
             // open on it until that is closed. A checkpoint tree must have one server:
-            // the old one gets a moment to end, else the stage is refused, to be retried.
+            // the old one gets a moment to end (its connection was just unmounted, so
+            // it ends at once unless files are open on it), else the stage is refused,
+            // to be retried (the plugin's recovery retries every few seconds: the wait
+            // is short so as not to hold it up).
             Some(VolumeKind::CheckpointSync) => {
-                let ended = (0..500).any(|_| {
+                let ended = (0..50).any(|_| {
                     std::thread::sleep(Duration::from_millis(20));
                     self.volumes
                         .lock()
@@ -377,6 +380,14 @@ impl Agent {
                 }
             }
             Some(VolumeKind::DatasetCache) | None => {}
+        }
+        if attributes.kind == VolumeKind::CheckpointSync {
+            // One commit store per journal: the volume's previous server (its connection
+            // ended, the reaper has not dropped it yet) stops its commit ticker, and
+            // makes its last commits, before a new store opens the journal. Dropped
+            // outside the lock (it joins the ticker).
+            let previous = self.volumes.lock().remove(volume_id);
+            drop(previous);
         }
         let url =
             LakeUrl::parse(&attributes.url).map_err(|e| AgentError::BadRequest(e.to_string()))?;

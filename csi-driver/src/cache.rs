@@ -103,21 +103,23 @@ pub struct CacheConfig {
     pub boot: residency::BootId,
     /// How a dataset's listing is taken into its snapshot (`--list-parallelism`).
     pub listing: crate::lake::parallel::ListOptions,
-    /// Bytes of the pool's file system the cache leaves free for others: checkpoint
-    /// volumes, whose writes the kernel makes straight to their files (FUSE
-    /// passthrough), so that no write of theirs can wait for the cache. The cache's
-    /// budget is also at most what it holds plus the file system's free space less
-    /// this, checked more often the closer the disk is to it (see
-    /// [`FREE_SPACE_WRITE_RATE`]); a pool sized to its whole disk thus evicts ahead of a
-    /// checkpoint writer instead of leaving it `ENOSPC`. Default: an eighth of the
-    /// capacity, at most 1 GiB.
+    /// The reserve of the pool's file system the cache keeps free for others:
+    /// checkpoint volumes, whose writes the kernel makes straight to their files (FUSE
+    /// passthrough), with no round trip through us that could wait for the cache. When
+    /// the free space (as an unprivileged writer may use it) falls under the reserve,
+    /// the cache evicts until twice the reserve is free (or nothing it holds can go:
+    /// open or pinned files). The free space is checked more often the closer it is to
+    /// the reserve (see [`FREE_SPACE_CHECK_RATE`]); the reserve is what a writer may
+    /// write between a check and the end of the eviction it starts. So a pool sized to
+    /// its whole disk makes room ahead of a checkpoint writer instead of leaving it
+    /// `ENOSPC`. Default: an eighth of the capacity, at most 1 GiB.
     pub free_space: u64,
 }
 
-/// The write rate the free-space check keeps ahead of: it checks again before a writer
-/// this fast could have used the free space above [`CacheConfig::free_space`] (every
-/// 5 ms at the least, every 500 ms at the most).
-pub const FREE_SPACE_WRITE_RATE: u64 = 8 << 30;
+/// How the free-space check is paced: it checks again before a writer this fast could
+/// have used the free space above [`CacheConfig::free_space`] (every 5 ms at the most
+/// often, every 500 ms at the least).
+pub const FREE_SPACE_CHECK_RATE: u64 = 8 << 30;
 
 impl CacheConfig {
     pub const DEFAULT_BLOCK: u64 = 4 << 20;
@@ -353,16 +355,34 @@ impl PoolShared {
     /// pool (see `external`), and at most what the file system leaves (see
     /// [`CacheConfig::free_space`]).
     fn budget(&self) -> u64 {
+        self.by_capacity()
+            .min(self.disk_room.load(Ordering::Acquire))
+    }
+
+    /// The capacity less the bytes others hold in the pool.
+    fn by_capacity(&self) -> u64 {
         self.config
             .capacity
             .saturating_sub(self.external.load(Ordering::Acquire))
-            .min(self.disk_room.load(Ordering::Acquire))
+    }
+
+    /// Where eviction starts and where it stops: by the capacity, the high and low
+    /// watermarks of it; by the disk, as soon as its free space is under the reserve
+    /// ([`CacheConfig::free_space`]), down to twice the reserve free.
+    fn watermarks(&self) -> (u64, u64) {
+        let cap = self.by_capacity() as f64;
+        let room = self.disk_room.load(Ordering::Acquire);
+        (
+            ((cap * self.config.high_watermark) as u64).min(room),
+            ((cap * self.config.low_watermark) as u64)
+                .min(room.saturating_sub(self.config.free_space)),
+        )
     }
 
     /// Checks the pool's file system's free space: the cache's room on disk is what it
     /// holds plus the free space less [`CacheConfig::free_space`], and under that the
     /// evictor runs now. Returns when to check again: before a writer at
-    /// [`FREE_SPACE_WRITE_RATE`] could have used the free space above the reserve.
+    /// [`FREE_SPACE_CHECK_RATE`] could have used the free space above the reserve.
     fn check_free_space(&self) -> Duration {
         let free = match fs_available(&self.config.dir) {
             Ok(n) => n,
@@ -372,14 +392,12 @@ impl PoolShared {
             }
         };
         let used = self.used.load(Ordering::Acquire);
-        let room = (used + free).saturating_sub(self.config.free_space);
+        let room = used
+            .saturating_add(free)
+            .saturating_sub(self.config.free_space);
         self.disk_free.store(free, Ordering::Release);
-        self.disk_room.store(room, Ordering::Release);
-        let by_capacity = self
-            .config
-            .capacity
-            .saturating_sub(self.external.load(Ordering::Acquire));
-        let limited = room < by_capacity;
+        let before = self.disk_room.swap(room, Ordering::AcqRel);
+        let limited = room < self.by_capacity();
         if self.disk_limited.swap(limited, Ordering::AcqRel) != limited {
             if limited {
                 tracing::info!(dir = %self.config.dir.display(), free, keep_free = self.config.free_space, cache_room = room, "the cache pool's disk has less room than its capacity: the cache holds at most what leaves the reserved free space to others (checkpoint volumes)");
@@ -387,11 +405,16 @@ impl PoolShared {
                 tracing::info!(dir = %self.config.dir.display(), free, "the cache pool's disk has room for the whole capacity again");
             }
         }
-        if used as f64 > self.budget() as f64 * self.config.high_watermark {
+        // Evict now if over; but not again and again for nothing: after a pass that
+        // could not make room (what the cache holds is open or pinned), only once the
+        // disk's room shrank further.
+        if used > self.watermarks().0
+            && (!self.evict_stuck.load(Ordering::Acquire) || room < before)
+        {
             self.pressure.notify_one();
         }
         let margin = free.saturating_sub(self.config.free_space);
-        Duration::from_micros(margin / (FREE_SPACE_WRITE_RATE / 1_000_000))
+        Duration::from_micros(margin / (FREE_SPACE_CHECK_RATE / 1_000_000))
             .clamp(Duration::from_millis(5), Duration::from_millis(500))
     }
 
@@ -399,7 +422,7 @@ impl PoolShared {
         self.fetched.fetch_add(n, Ordering::Relaxed);
         let used = self.used.fetch_add(n, Ordering::AcqRel) + n;
         self.pending.lock().entry(key.to_owned()).or_default().bytes += n as i64;
-        if used as f64 > self.budget() as f64 * self.config.high_watermark {
+        if used > self.watermarks().0 {
             self.pressure.notify_one();
         }
     }
@@ -604,9 +627,7 @@ impl PoolShared {
     }
 
     fn evict_pass(&self) -> Result<u64, CacheError> {
-        let budget = self.budget() as f64;
-        let high = (budget * self.config.high_watermark) as u64;
-        let low = (budget * self.config.low_watermark) as u64;
+        let (high, low) = self.watermarks();
         if self.used.load(Ordering::Acquire) <= high {
             return Ok(0);
         }
@@ -945,7 +966,7 @@ impl CachePool {
     pub fn set_external(&self, bytes: u64) {
         self.shared.external.store(bytes, Ordering::Release);
         let s = &self.shared;
-        if s.used.load(Ordering::Acquire) as f64 > s.budget() as f64 * s.config.high_watermark {
+        if s.used.load(Ordering::Acquire) > s.watermarks().0 {
             s.pressure.notify_one();
         }
     }
@@ -1122,7 +1143,7 @@ fn fs_available(path: &Path) -> std::io::Result<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(s.f_bavail * s.f_frsize)
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 pub fn blob_key(lake_id: &str, blob: &str, etag: &str) -> String {

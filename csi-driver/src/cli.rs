@@ -103,7 +103,8 @@ pub struct CacheArgs {
     #[arg(long, value_name = "DIR")]
     pub cache_dir: PathBuf,
     /// Pool capacity: files are evicted (least recently used first) above 90% of it, and
-    /// whenever the pool's disk has less than an eighth of it (at most 1 GiB) free.
+    /// whenever the pool's disk has less than an eighth of it (at most 1 GiB) free, until
+    /// twice that is free.
     #[arg(long, default_value = "100GiB", value_parser = parse_size, value_name = "SIZE")]
     pub cache_size: u64,
     /// Files up to this size are fetched whole when opened; a reader that opens them in

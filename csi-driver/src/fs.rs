@@ -625,8 +625,8 @@ impl Mount {
         let mountpoint = mountpoint.canonicalize()?;
         let fd = fuse::mount(&mountpoint, options)?;
         let session = Session::start(fuse::Device::new(fd), fs, session)?;
-        // From the mount table, before any request: the connection can then end itself
-        // if it must (an io_uring queue that failed).
+        // From the mount table (no request to the new mount, which may not answer):
+        // the connection can then end itself if it must (an io_uring queue that failed).
         match crate::mounts::device_of(&mountpoint) {
             Ok(Some((major, minor))) => session.connection().set_device(major, minor),
             other => tracing::debug!(

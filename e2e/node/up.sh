@@ -265,7 +265,7 @@ host_network() {
   fi
   # Forwarding between the nodes' veths, where the host's FORWARD chain drops by default.
   local policy
-  policy=$(iptables -S FORWARD)
+  policy=$(iptables -w 10 -S FORWARD) || die "iptables -S FORWARD failed (see above): cannot tell whether the host forwards between the nodes"
   if [ "${policy%%$'\n'*}" != "-P FORWARD ACCEPT" ]; then
     iptables -I FORWARD -i tp-node+ -o tp-node+ -m comment --comment tidepool-node -j ACCEPT
     record "iptables FORWARD -i tp-node+ -o tp-node+ -m comment --comment tidepool-node -j ACCEPT"
@@ -648,7 +648,7 @@ running_elsewhere() {
 }
 if leftovers; then
   live=$(running_elsewhere | sort -un | tr '\n' ' ')
-  [ -z "$live" ] || die "$CP_IP is on lo or $(node_veth 1) exists, and processes of a local cluster run (pids $live): another checkout's node-up; make node-down there first"
+  [ -z "$live" ] || die "$CP_IP is on lo or $(node_veth 1) exists, and processes of a local cluster still run (pids $live): another checkout's node-up, or what a killed run here left running; make node-down stops them"
   say "$CP_IP is on lo or $(node_veth 1) exists, with no process of a cluster left: leftovers of a node-up that ended without its node-down; removing them (make node-down)"
   bash "$NODE_SCRIPTS/down.sh"
   leftovers && die "make node-down did not remove the leftovers of an earlier node-up ($CP_IP on lo or $(node_veth 1)); see its output above"

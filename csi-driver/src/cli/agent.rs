@@ -24,7 +24,8 @@ pub struct AgentArgs {
     #[arg(long, default_value = "/var/lib/tidepool", value_name = "DIR")]
     pub cache_dir: PathBuf,
     /// Pool capacity: files are evicted (least recently used first) above 90% of it, and
-    /// whenever the pool's disk has less than an eighth of it (at most 1 GiB) free.
+    /// whenever the pool's disk has less than an eighth of it (at most 1 GiB) free, until
+    /// twice that is free.
     #[arg(long, default_value = "100GiB", value_parser = parse_size, value_name = "SIZE")]
     pub cache_size: u64,
     /// Listing requests in flight while a dataset's listing is taken (its directories

@@ -251,8 +251,8 @@ impl Connection {
     }
 
     /// Ends the connection in the kernel (fusectl's `abort`): every request waiting on
-    /// it, and every later one, fails with `ENOTCONN` until the volume is mounted
-    /// again. For a server that can no longer answer some requests (an io_uring queue
+    /// it fails with `ECONNABORTED`, and every later one with `ENOTCONN` until the
+    /// volume is mounted again. For a server that can no longer answer some requests (an io_uring queue
     /// that failed): a loud failure instead of readers waiting forever. Mounts fusectl
     /// first where it is not mounted (needs root). `why` is kept for
     /// [`Connection::aborted`].

@@ -462,9 +462,13 @@ fn serve_queue(worker: Worker, dev: RawFd, qid: u16, payload_len: usize) -> io::
     // before every operation on it has completed: at the end the eventfd read is
     // completed and reaped, and on a failure with entries perhaps still registered the
     // buffers are leaked (one queue's, once) rather than freed under the kernel.
-    // A request came through this queue: the kernel has switched the connection over,
-    // and requests from this CPU have no other server.
+    // A request came through this queue (or, below, through any queue of the
+    // connection): the kernel has switched the connection over, and requests from this
+    // CPU have no other server.
     let mut served = false;
+    // An entry came back because the connection is ending (unmounted or aborted): the
+    // queue's end is the connection's, whatever other errors came before.
+    let mut teardown = false;
     let outcome = (|| -> io::Result<Option<i32>> {
         let mut abandoned = false;
         loop {
@@ -481,6 +485,7 @@ fn serve_queue(worker: Worker, dev: RawFd, qid: u16, payload_len: usize) -> io::
                     // The connection ended (ENOTCONN), or the kernel refused the entry:
                     // either way it holds the entry no longer.
                     entries[i].live = false;
+                    teardown |= matches!(-res, libc::ENOTCONN | libc::ENODEV | libc::ECANCELED);
                     first_error.get_or_insert(-res);
                     continue;
                 }
@@ -516,12 +521,14 @@ fn serve_queue(worker: Worker, dev: RawFd, qid: u16, payload_len: usize) -> io::
     })();
     match outcome {
         Ok(first_error) if !wake_armed || drain_wake(&mut ring, &mailbox) => match first_error {
-            Some(libc::ENOTCONN) | Some(libc::ENODEV) | Some(libc::ECANCELED) | None => Ok(()),
+            _ if teardown => Ok(()),
+            None => Ok(()),
             Some(e) => {
                 let e = io::Error::from_raw_os_error(e);
-                if served {
+                if served || worker.connection().io_uring_requests() > 0 {
                     // The kernel took every entry back with an error while the
-                    // connection lives: this CPU's requests would wait for none.
+                    // connection lives, after it switched over (a request came through
+                    // a ring): this CPU's requests would wait for none.
                     end_connection(&worker, qid, &e);
                 }
                 Err(e)
@@ -537,7 +544,9 @@ fn serve_queue(worker: Worker, dev: RawFd, qid: u16, payload_len: usize) -> io::
             tracing::error!(queue = qid, error = %e, leaked_bytes = leaked, "FUSE over io_uring: this queue failed with requests perhaps still in the kernel; its buffers are left to the kernel");
             std::mem::forget(entries);
             std::mem::forget(wake_buf);
-            end_connection(&worker, qid, &e);
+            if served || worker.connection().io_uring_requests() > 0 {
+                end_connection(&worker, qid, &e);
+            }
             Err(e)
         }
     }
