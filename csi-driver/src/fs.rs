@@ -676,7 +676,9 @@ impl Mount {
         )
     }
 
-    /// Blocks until the file system is unmounted (by `umount` or [`Mount::unmount`]).
+    /// Blocks until the file system is unmounted (by `umount` or [`Mount::unmount`]), or
+    /// its connection was ended ([`fuse::Connection::abort`]: then it unmounts and says
+    /// why).
     pub fn join(mut self) -> std::io::Result<()> {
         if let Some(s) = self.session.take() {
             let conn = s.connection().clone();
@@ -687,6 +689,11 @@ impl Mount {
                 "the mount served these requests"
             );
             if let Some(why) = conn.aborted() {
+                // The connection is over but still mounted: nothing is left behind (a
+                // busy mount is detached; its open files fail as the connection did).
+                if self.unmounter.unmount().is_err() {
+                    let _ = self.unmounter.detach();
+                }
                 return Err(std::io::Error::other(format!(
                     "{why}: the connection was ended so that no reader waits forever; mount again (--no-io-uring serves through /dev/fuse)"
                 )));

@@ -215,6 +215,7 @@ fn a_failed_io_uring_queue_ends_the_connection_instead_of_stranding_its_cpu() {
         err.contains("the queue of CPU 0 failed") && err.contains("mount again"),
         "{err}"
     );
+    assert!(!is_mounted(fx.mnt.path()), "and leaves no mount behind");
 }
 
 #[test]
