@@ -385,7 +385,12 @@ impl PoolShared {
     /// [`FREE_SPACE_CHECK_RATE`] could have used the free space above the reserve.
     fn check_free_space(&self) -> Duration {
         let free = match fs_available(&self.config.dir) {
-            Ok(n) => n,
+            Ok(Some(n)) => n,
+            // No sizes to go by: no limit from the disk.
+            Ok(None) => {
+                self.disk_room.store(u64::MAX, Ordering::Release);
+                return Duration::from_millis(500);
+            }
             Err(e) => {
                 tracing::warn!(dir = %self.config.dir.display(), error = %e, "cannot read the cache pool's free space");
                 return Duration::from_secs(1);
@@ -977,9 +982,10 @@ impl CachePool {
     }
 
     /// Free bytes of the pool's file system at the last check (see
-    /// [`CacheConfig::free_space`]).
-    pub fn disk_free(&self) -> u64 {
-        self.shared.disk_free.load(Ordering::Acquire)
+    /// [`CacheConfig::free_space`]); `None` before it, or where the file system gives
+    /// no sizes.
+    pub fn disk_free(&self) -> Option<u64> {
+        Some(self.shared.disk_free.load(Ordering::Acquire)).filter(|&n| n != u64::MAX)
     }
 
     /// Bytes fetched from the lake by this process.
@@ -1132,9 +1138,9 @@ fn saturating_sub(counter: &AtomicU64, n: u64) {
     });
 }
 
-/// Digest naming one blob version in the pool.
-/// Bytes of the file system holding `path` that an unprivileged writer may still use.
-fn fs_available(path: &Path) -> std::io::Result<u64> {
+/// Bytes of the file system holding `path` that an unprivileged writer may still use;
+/// `None` for a file system that gives no sizes (ramfs reports none: it has no limit).
+fn fs_available(path: &Path) -> std::io::Result<Option<u64>> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     // SAFETY: zeroed statvfs is a valid out-buffer; c is NUL-terminated.
@@ -1143,9 +1149,13 @@ fn fs_available(path: &Path) -> std::io::Result<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+    if s.f_blocks == 0 {
+        return Ok(None);
+    }
+    Ok(Some(s.f_bavail.saturating_mul(s.f_frsize)))
 }
 
+/// Digest naming one blob version in the pool.
 pub fn blob_key(lake_id: &str, blob: &str, etag: &str) -> String {
     let mut h = Sha256::new();
     for part in [lake_id, blob, etag] {

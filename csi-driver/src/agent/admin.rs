@@ -12,7 +12,8 @@
 //!   `pool_checkpoint_bytes` (checkpoint volumes' files, which the cache makes room
 //!   for), `pool_read_buffer_bytes` (fetched blocks held in memory for readers),
 //!   `pool_disk_free_bytes` (the pool's file system's free space at the cache's last
-//!   check, which keeps `CacheConfig::free_space` of it free for checkpoint writers);
+//!   check, which keeps `CacheConfig::free_space` of it free for checkpoint writers;
+//!   absent where the file system gives no sizes, as ramfs);
 //! - `lake_read_bytes_total`: bytes this agent fetched from the lake;
 //! - `volumes{kind}`: volumes served (`dataset`, `checkpoint`);
 //! - per volume (`volume` is the CSI volume id, the PV's name): `volume_reads_total`,
@@ -163,12 +164,14 @@ impl Collector for AgentCollector {
             "Bytes of checkpoint volumes' files in the pool (the cache makes room for them).",
             g(pool.external()),
         )?;
-        single(
-            e,
-            "pool_disk_free_bytes",
-            "Free bytes of the pool's file system at the last check (the cache evicts to keep a reserve of it free for checkpoint writers).",
-            g(pool.disk_free()),
-        )?;
+        if let Some(free) = pool.disk_free() {
+            single(
+                e,
+                "pool_disk_free_bytes",
+                "Free bytes of the pool's file system at the last check (the cache evicts to keep a reserve of it free for checkpoint writers).",
+                g(free),
+            )?;
+        }
         single(
             e,
             "pool_read_buffer_bytes",

@@ -554,8 +554,9 @@ fn serve_queue(worker: Worker, dev: RawFd, qid: u16, payload_len: usize) -> io::
 
 /// A queue failed after the kernel switched the connection over: requests from its CPU
 /// (the kernel picks the queue by the caller's CPU) would wait forever for a server.
-/// The connection is ended instead (fusectl's abort), so that every reader gets
-/// `ENOTCONN` at once and the volume is mounted again, rather than hanging.
+/// The connection is ended instead (fusectl's abort), so that every reader gets an
+/// error at once (`ECONNABORTED`, then `ENOTCONN`) and the volume must be mounted again,
+/// rather than readers hanging.
 fn end_connection(worker: &Worker, qid: u16, cause: &io::Error) {
     let why = format!("FUSE over io_uring: the queue of CPU {qid} failed ({cause})");
     match worker.connection().abort(&why) {
