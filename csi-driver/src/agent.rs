@@ -988,16 +988,8 @@ impl Agent {
 
 /// Total and used bytes of the file system holding `path`.
 fn fs_usage(path: &Path) -> io::Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: zeroed statvfs is a valid out-buffer; c is NUL-terminated.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let total = s.f_blocks * s.f_frsize;
-    Ok((total, total.saturating_sub(s.f_bfree * s.f_frsize)))
+    let s = crate::cache::fs_space(path)?;
+    Ok((s.total, s.total.saturating_sub(s.free)))
 }
 
 /// Binds the agent socket (0600), replacing a stale one; refuses if another agent

@@ -384,10 +384,10 @@ impl PoolShared {
     /// evictor runs now. Returns when to check again: before a writer at
     /// [`FREE_SPACE_CHECK_RATE`] could have used the free space above the reserve.
     fn check_free_space(&self) -> Duration {
-        let free = match fs_available(&self.config.dir) {
-            Ok(Some(n)) => n,
-            // No sizes to go by: no limit from the disk.
-            Ok(None) => {
+        let free = match fs_space(&self.config.dir) {
+            Ok(s) if s.total > 0 => s.available,
+            // No sizes to go by (ramfs): no limit from the disk.
+            Ok(_) => {
                 self.disk_room.store(u64::MAX, Ordering::Release);
                 return Duration::from_millis(500);
             }
@@ -780,10 +780,10 @@ impl CachePool {
     /// file system's free space (see [`CacheConfig::free_space`]). The file work (the
     /// index, the wait for a pool another handle is closing) runs on a blocking thread.
     pub async fn open(config: CacheConfig) -> Result<Self, CacheError> {
-        let shared = tokio::task::spawn_blocking(move || {
+        let (shared, first_wait) = tokio::task::spawn_blocking(move || {
             let s = PoolShared::open(config)?;
-            s.check_free_space();
-            Ok::<_, CacheError>(s)
+            let next = s.check_free_space();
+            Ok::<_, CacheError>((s, next))
         })
         .await
         .map_err(|e| CacheError::Internal(format!("opening the cache pool: {e}")))??;
@@ -794,11 +794,11 @@ impl CachePool {
             std::thread::Builder::new()
                 .name("pool-free-space".into())
                 .spawn(move || {
+                    let mut next = first_wait;
                     loop {
-                        let Some(s) = weak.upgrade() else { return };
-                        let next = s.check_free_space();
-                        drop(s);
                         std::thread::sleep(next);
+                        let Some(s) = weak.upgrade() else { return };
+                        next = s.check_free_space();
                     }
                 })
                 .map_err(|e| {
@@ -1138,9 +1138,19 @@ fn saturating_sub(counter: &AtomicU64, n: u64) {
     });
 }
 
-/// Bytes of the file system holding `path` that an unprivileged writer may still use;
-/// `None` for a file system that gives no sizes (ramfs reports none: it has no limit).
-fn fs_available(path: &Path) -> std::io::Result<Option<u64>> {
+/// The sizes of a file system, in bytes (statvfs).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FsSpace {
+    pub total: u64,
+    /// Free, also to root.
+    pub free: u64,
+    /// What an unprivileged writer may still use.
+    pub available: u64,
+}
+
+/// The sizes of the file system holding `path`. A file system that gives no sizes
+/// (ramfs: it has no limit) reports all three as 0.
+pub(crate) fn fs_space(path: &Path) -> std::io::Result<FsSpace> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     // SAFETY: zeroed statvfs is a valid out-buffer; c is NUL-terminated.
@@ -1149,10 +1159,12 @@ fn fs_available(path: &Path) -> std::io::Result<Option<u64>> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    if s.f_blocks == 0 {
-        return Ok(None);
-    }
-    Ok(Some(s.f_bavail.saturating_mul(s.f_frsize)))
+    let bytes = |blocks: u64| blocks.saturating_mul(s.f_frsize);
+    Ok(FsSpace {
+        total: bytes(s.f_blocks),
+        free: bytes(s.f_bfree),
+        available: bytes(s.f_bavail),
+    })
 }
 
 /// Digest naming one blob version in the pool.

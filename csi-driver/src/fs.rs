@@ -667,13 +667,7 @@ impl Mount {
 
     /// What a refresh loop uses to let the kernel drop a replaced snapshot.
     pub fn snapshot_releaser(&self) -> SnapshotReleaser {
-        SnapshotReleaser(
-            self.session
-                .as_ref()
-                .expect("a live mount has a session")
-                .connection()
-                .clone(),
-        )
+        SnapshotReleaser(self.connection().clone())
     }
 
     /// Blocks until the file system is unmounted (by `umount` or [`Mount::unmount`]), or

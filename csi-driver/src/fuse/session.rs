@@ -252,10 +252,10 @@ impl Connection {
 
     /// Ends the connection in the kernel (fusectl's `abort`): every request waiting on
     /// it fails with `ECONNABORTED`, and every later one with `ENOTCONN` until the
-    /// volume is mounted again. For a server that can no longer answer some requests (an io_uring queue
-    /// that failed): a loud failure instead of readers waiting forever. Mounts fusectl
-    /// first where it is not mounted (needs root). `why` is kept for
-    /// [`Connection::aborted`].
+    /// volume is mounted again. For a server that can no longer answer some requests
+    /// (an io_uring queue that failed): a loud failure instead of readers waiting
+    /// forever. Mounts fusectl first where it is not mounted (needs root). `why` is
+    /// kept for [`Connection::aborted`].
     pub fn abort(&self, why: &str) -> io::Result<()> {
         let Some(&id) = self.dev.get() else {
             return Err(io::Error::other(
@@ -263,30 +263,27 @@ impl Connection {
             ));
         };
         let dir = std::path::Path::new(FUSECTL).join(id.to_string());
-        if !dir.exists() {
-            let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-                .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(FUSECTL)))
-                .unwrap_or(false);
-            if !mounted {
-                let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
-                let (src, target, fstype) = (c("fusectl"), c(FUSECTL), c("fusectl"));
-                // SAFETY: NUL-terminated strings; no data argument.
-                let r = unsafe {
-                    libc::mount(
-                        src.as_ptr(),
-                        target.as_ptr(),
-                        fstype.as_ptr(),
-                        0,
-                        std::ptr::null(),
-                    )
-                };
-                if r < 0 {
-                    let e = io::Error::last_os_error();
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("mounting fusectl on {FUSECTL}: {e}"),
-                    ));
-                }
+        if !dir.exists()
+            && !crate::mounts::is_mounted(std::path::Path::new(FUSECTL)).unwrap_or(false)
+        {
+            let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+            let (src, target, fstype) = (c("fusectl"), c(FUSECTL), c("fusectl"));
+            // SAFETY: NUL-terminated strings; no data argument.
+            let r = unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    fstype.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("mounting fusectl on {FUSECTL}: {e}"),
+                ));
             }
         }
         let abort = dir.join("abort");
