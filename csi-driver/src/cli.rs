@@ -239,21 +239,25 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
-/// The lake at `url`, the cache pool and a fresh snapshot of the dataset.
+/// The lake at `url`, the cache pool and a fresh snapshot of the dataset: complete,
+/// or (`early`) as soon as it serves, its listing going on in the background.
 async fn open_dataset(
     url: &LakeUrl,
     lake: &LakeArgs,
     cache: &CacheArgs,
     env: EnvLookup<'_>,
+    early: bool,
 ) -> anyhow::Result<Arc<Dataset>> {
     let lake = open_lake(url, lake, env)?;
     let pool = CachePool::open(cache_config(cache))
         .await
         .context("opening the cache pool")?;
-    let ds = Dataset::open(pool, url.clone(), lake, false, |_| {})
-        .await
-        .with_context(|| format!("listing {url}"))?;
-    Ok(Arc::new(ds))
+    let ds = if early {
+        Dataset::start(pool, url.clone(), lake, false).await
+    } else {
+        Dataset::open(pool, url.clone(), lake, false, |_| {}).await
+    };
+    Ok(Arc::new(ds.with_context(|| format!("listing {url}"))?))
 }
 
 fn open_lake(url: &LakeUrl, args: &LakeArgs, env: EnvLookup<'_>) -> anyhow::Result<Arc<dyn Lake>> {
@@ -342,7 +346,7 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     }
     let url = LakeUrl::parse(&args.url)?;
     check_mountpoint(&args.mountpoint)?;
-    let ds = open_dataset(&url, &args.lake, &args.cache, env).await?;
+    let ds = open_dataset(&url, &args.lake, &args.cache, env, true).await?;
     let pool = ds.pool().clone();
     // SAFETY: geteuid(2), getuid(2) and getgid(2) take no arguments and cannot fail.
     let (euid, uid, gid) = unsafe { (libc::geteuid(), libc::getuid(), libc::getgid()) };
@@ -385,14 +389,43 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let (seq, snap) = ds.current();
     let sum = snap.summary();
-    // Status lines must not kill the mount if whoever started it closed our stdout.
-    say(format_args!(
-        "tidepool: mounted {url} at {} ({} files, {}, snapshot {seq}); stop with Ctrl-C or umount",
-        args.mountpoint.display(),
-        sum.objects,
-        human(sum.bytes)
-    ));
     let mut background = Vec::new();
+    // Status lines must not kill the mount if whoever started it closed our stdout.
+    if snap.complete() {
+        say(format_args!(
+            "tidepool: mounted {url} at {} ({} files, {}, snapshot {seq}); stop with Ctrl-C or umount",
+            args.mountpoint.display(),
+            sum.objects,
+            human(sum.bytes)
+        ));
+    } else {
+        say(format_args!(
+            "tidepool: mounted {url} at {} (snapshot {seq}, still listing: {} files so far, served as they are listed); stop with Ctrl-C or umount",
+            args.mountpoint.display(),
+            sum.objects,
+        ));
+        let snap = snap.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                match snap.wait_complete().await {
+                    Ok(()) => {
+                        let sum = snap.summary();
+                        say(format_args!(
+                            "tidepool: listed {} files, {}",
+                            sum.objects,
+                            human(sum.bytes)
+                        ));
+                        return;
+                    }
+                    // The listing is retried; a name it has not reached waits for it.
+                    Err(e) => {
+                        say(format_args!("tidepool: {e}; retrying"));
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                }
+            }
+        }));
+    }
     if args.prefetch == Prefetch::Eager {
         let ds = ds.clone();
         background.push(tokio::spawn(async move {
@@ -488,7 +521,7 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
 pub async fn prewarm(args: PrewarmArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
     let url = LakeUrl::parse(&args.url)?;
     let include = include_set(&args.include)?;
-    let ds = open_dataset(&url, &args.lake, &args.cache, env).await?;
+    let ds = open_dataset(&url, &args.lake, &args.cache, env, true).await?;
     let pool = ds.pool().clone();
     let progress = Arc::new(PrewarmProgress::default());
     let started = Instant::now();

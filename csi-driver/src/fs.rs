@@ -274,15 +274,49 @@ impl fuse::FileSystem for DatasetFs {
         }
     }
 
+    fn not_yet(&self, ino: u64, name: Option<&OsStr>, offset: u64) -> Option<fuse::Wait> {
+        let (_, snap, local) = self.resolve(ino).ok()?;
+        if snap.complete() {
+            return None;
+        }
+        let bound = match name {
+            Some(name) => match snap.lookup_now(local, name.to_str()?) {
+                Ok(snapshot::Lookup::Wait(bound)) => bound,
+                _ => return None,
+            },
+            // "." and ".." come first, from the entry itself.
+            None if offset < 2 => return None,
+            None => snap.children_wait(local, offset - 2).ok()??,
+        };
+        let rt = self.rt.clone();
+        Some(Box::new(move |resume: fuse::Resume| {
+            rt.spawn(async move {
+                match snap.wait_past(&bound).await {
+                    // The answer reads the snapshot: off the runtime's threads.
+                    Ok(()) => drop(tokio::task::spawn_blocking(resume)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a request waited for the listing, which failed; answering EIO");
+                        drop(resume);
+                    }
+                }
+            });
+        }))
+    }
+
     fn lookup(&self, _req: &Request, parent: u64, name: &OsStr) -> Result<EntryOut, Errno> {
         let name = name.to_str().ok_or(libc::ENOENT)?;
         let (seq, snap, local) = self.resolve(parent)?;
-        match snap.lookup(local, name) {
-            Ok(Some(e)) => {
+        match snap.lookup_now(local, name) {
+            Ok(snapshot::Lookup::Found(e)) => {
                 self.ds.hold(seq, 1);
                 Ok(self.entry_out(seq, &e))
             }
-            Ok(None) => Err(libc::ENOENT),
+            Ok(snapshot::Lookup::Missing) => Err(libc::ENOENT),
+            Ok(snapshot::Lookup::Wait(_)) => {
+                // `not_yet` waited for this: only a listing that failed since gets here.
+                tracing::warn!(name, "a lookup the listing has not reached; answering EIO");
+                Err(libc::EIO)
+            }
             Err(err) => {
                 tracing::error!(error = %err, "lookup failed");
                 Err(libc::EIO)

@@ -20,5 +20,6 @@ pub use abi::{
 };
 pub use mount::{MountOptions, mount};
 pub use session::{
-    ConnParams, Connection, Device, Errno, FileSystem, ReplyData, Request, Session, SessionConfig,
+    ConnParams, Connection, Device, Errno, FileSystem, ReplyData, Request, Resume, Session,
+    SessionConfig, Wait,
 };

@@ -463,3 +463,70 @@ async fn reads_of_a_file_larger_than_the_pool_match_the_lake() {
         }
     }
 }
+
+/// An agent restarted while a dataset is being listed takes up the same snapshot where
+/// its listing stopped: every inode number it served before means the same file after
+/// (the kernel still holds them), even though the lake changed in between in a way that
+/// would number a fresh listing differently; the rest is listed then.
+#[tokio::test]
+async fn an_agent_restarted_mid_listing_resumes_the_same_snapshot() {
+    use std::time::Duration;
+    use tidepool_csi::lake::Op;
+    use tidepool_csi::lake::faults::{Fault, FaultyLake};
+    use tidepool_csi::lake::parallel::ListOptions;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryLake::new());
+    for i in 0..30 {
+        mem.insert(&format!("m/d{}/f{i:02}", i / 10), body(i, 100));
+    }
+    let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/m").unwrap();
+    let start = |lake: Arc<dyn Lake>| {
+        let (dir, url) = (dir.path().to_owned(), url.clone());
+        async move {
+            let mut cfg = CacheConfig::new(&dir, 1 << 20);
+            cfg.listing = ListOptions {
+                page_size: 5,
+                ..ListOptions::sequential()
+            };
+            let pool = CachePool::open(cfg).await.unwrap();
+            Dataset::start(pool, url, lake, true).await.unwrap()
+        }
+    };
+    let held = Arc::new(FaultyLake::new(mem.clone()));
+    held.fail_after(Op::List, 2, Fault::Hold, None);
+    let ds = start(held.clone()).await;
+    let (seq, snap) = ds.current();
+    tokio::time::timeout(Duration::from_secs(30), snap.wait_past("d0/f09"))
+        .await
+        .expect("the first pages are served within 30 s")
+        .unwrap();
+    assert!(!snap.complete());
+    let served: Vec<_> = (2..40).filter_map(|i| snap.get(i).unwrap()).collect();
+    assert!(served.len() >= 10 && served.len() < 33, "{}", served.len());
+    drop((ds, snap));
+    // While the agent is down, a name lands before where the listing was.
+    mem.insert("m/d0/a-new", body(99, 10));
+    let ds = start(mem.clone()).await;
+    let (again, snap) = ds.current();
+    assert_eq!(again, seq, "the same snapshot, taken up");
+    tokio::time::timeout(Duration::from_secs(30), snap.wait_complete())
+        .await
+        .expect("listed within 30 s")
+        .unwrap();
+    for e in &served {
+        assert_eq!(snap.get(e.ino).unwrap().as_ref(), Some(e), "inode {}", e.ino);
+    }
+    assert_eq!(snap.summary().objects, 30, "everything after the stop is listed");
+    // Each file reads the lake's bytes.
+    for e in &served {
+        if let Some(i) = e.name.strip_prefix('f') {
+            let i: usize = i.parse().unwrap();
+            let got = ds.blob(e).unwrap().read(0, 100).await.unwrap();
+            assert_eq!(&got[..], &body(i, 100)[..]);
+        }
+    }
+    drop((ds, snap));
+    // A complete snapshot is reused as it is.
+    assert_eq!(start(mem.clone()).await.current().0, seq);
+}

@@ -49,6 +49,18 @@ impl Fixture {
         tweak: impl FnOnce(&mut CacheConfig),
         config: tidepool_csi::fs::MountConfig,
     ) -> Fixture {
+        Self::mount_opened(lake, cache, tweak, config, false)
+    }
+
+    /// Mounts with the dataset opened as an agent opens it (`early`): served as soon
+    /// as it is listing, not when the listing is complete.
+    fn mount_opened(
+        lake: Arc<dyn Lake>,
+        cache: tempfile::TempDir,
+        tweak: impl FnOnce(&mut CacheConfig),
+        config: tidepool_csi::fs::MountConfig,
+        early: bool,
+    ) -> Fixture {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -68,7 +80,12 @@ impl Fixture {
         let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/ds").unwrap();
         let ds = rt.block_on(async {
             let pool = CachePool::open(cfg).await.unwrap();
-            Arc::new(Dataset::open(pool, url, lake, false, |_| {}).await.unwrap())
+            let ds = if early {
+                Dataset::start(pool, url, lake, false).await
+            } else {
+                Dataset::open(pool, url, lake, false, |_| {}).await
+            };
+            Arc::new(ds.unwrap())
         });
         let stats = Arc::new(MountStats::default());
         let fs = DatasetFs::new(
@@ -808,5 +825,103 @@ fn a_second_reader_of_a_file_being_fetched_gets_the_same_fetch() {
         mem.bytes_served.load(Ordering::Relaxed),
         big.len() as u64,
         "each byte fetched from the lake once"
+    );
+}
+
+/// A dataset is served while it is being listed: a file the listing has passed reads
+/// exact at once; a name it has not reached waits for it (off the worker thread: the
+/// mount has one, and it answers other requests meanwhile) and then gets the answer the
+/// complete listing gives, including a file the listing later finds shadowed by a
+/// directory of its name; `ls` is never shown a partial directory as whole.
+#[test]
+fn a_dataset_is_served_while_it_is_listed_and_every_answer_is_the_final_one() {
+    let mem = Arc::new(MemoryLake::new());
+    let early = pattern(3, 100_000);
+    mem.insert("ds/a/early.bin", early.clone());
+    for i in 0..20 {
+        mem.insert(&format!("ds/a/f{i:02}"), vec![i as u8; 10]);
+    }
+    mem.insert("ds/b.txt", b"b".to_vec());
+    // `m` is a file and a directory: the directory is what the mount shows.
+    mem.insert("ds/m", b"shadowed".to_vec());
+    mem.insert("ds/m/inner", b"inner".to_vec());
+    let late = pattern(4, 50_000);
+    mem.insert("ds/z/late.bin", late.clone());
+    let lake = Arc::new(FaultyLake::new(mem.clone()));
+    // The listing (sequential, 11 names a page) gets its first two pages (a/... and
+    // b.txt), then waits until the test lets it go on.
+    lake.fail_after(Op::List, 2, Fault::Hold, None);
+    let mut config = mount_config(true, 1, "tidepool-test");
+    config.io_uring = false;
+    let fx = Fixture::mount_opened(
+        lake.clone(),
+        tempfile::tempdir().unwrap(),
+        |c| {
+            c.listing = tidepool_csi::lake::parallel::ListOptions {
+                page_size: 11,
+                ..tidepool_csi::lake::parallel::ListOptions::sequential()
+            }
+        },
+        config,
+        true,
+    );
+    let ds = fx.ds.clone().unwrap();
+    let snap = ds.current().1;
+    fx.rt
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), snap.wait_past("b.txt")).await
+        })
+        .expect("the first pages are served within a minute")
+        .expect("the first pages are listed");
+    assert!(!snap.complete(), "the listing is held");
+    // Listed: reads exact, and a name in a finished directory is known to be missing.
+    assert_eq!(fs::read(fx.path("a/early.bin")).unwrap(), early);
+    assert_eq!(
+        fs::metadata(fx.path("a/nothing")).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+    // Not listed yet: waits (on the runtime, not the one worker thread).
+    let waiting: Vec<_> = ["z/late.bin", "m", "m/inner"]
+        .into_iter()
+        .map(|p| {
+            let path = fx.path(p);
+            std::thread::spawn(move || fs::metadata(path).map(|m| (m.is_dir(), m.len())))
+        })
+        .collect();
+    let root_ls = {
+        let path = fx.path("");
+        std::thread::spawn(move || {
+            let mut v: Vec<String> = fs::read_dir(path)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // The one worker thread still answers what is listed.
+    assert_eq!(fs::read(fx.path("a/f07")).unwrap(), vec![7u8; 10]);
+    let names: usize = fs::read_dir(fx.path("a")).unwrap().count();
+    assert_eq!(names, 21, "directory a is listed whole");
+    assert!(
+        waiting.iter().all(|t| !t.is_finished()) && !root_ls.is_finished(),
+        "names the listing has not reached wait for it"
+    );
+    assert!(!snap.complete());
+    lake.heal();
+    let got: Vec<_> = waiting
+        .into_iter()
+        .map(|t| t.join().unwrap().unwrap())
+        .collect();
+    assert_eq!(got, [(false, 50_000), (true, 0), (false, 5)]);
+    assert_eq!(root_ls.join().unwrap(), ["a", "b.txt", "m", "z"]);
+    assert_eq!(fs::read(fx.path("z/late.bin")).unwrap(), late);
+    assert_eq!(fs::read(fx.path("m/inner")).unwrap(), b"inner");
+    assert!(snap.complete());
+    assert_eq!(
+        snap.summary().objects,
+        24,
+        "the shadowed file is not counted"
     );
 }

@@ -61,7 +61,7 @@ impl LakeSettings {
 /// What a dataset is doing on this node, for status.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
-    /// Listing done (a snapshot is served).
+    /// Listing done: the snapshot is complete (it is served from its first names on).
     pub listed: bool,
     /// An `Eager` prewarm is running.
     pub warming: bool,
@@ -175,13 +175,59 @@ impl Served {
         let sum = snap.summary();
         {
             let mut p = self.progress.lock();
-            p.listed = true;
+            p.listed = snap.complete();
             p.snapshot = Some(seq);
             p.objects = sum.objects;
             p.bytes_total = sum.bytes;
             self.apply_prewarm(&mut p);
         }
         self.recount_cached(forced);
+    }
+
+    /// While the current snapshot is being listed: its counts in status as they grow,
+    /// a failing listing's error, and once it is complete the final counts (and the pin
+    /// extended to the files listed since it was set).
+    fn follow_listing(self: &Arc<Self>) {
+        let (_, snap) = self.dataset.current();
+        if snap.complete() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            loop {
+                let done = tokio::select! {
+                    r = snap.wait_complete() => Some(r),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => None,
+                };
+                let Some(s) = weak.upgrade() else { return };
+                match done {
+                    Some(Ok(())) => {
+                        if s.pinned.load(Ordering::Acquire) {
+                            let d = s.dataset.clone();
+                            let _ = tokio::task::spawn_blocking(move || d.pin()).await;
+                        }
+                        s.progress.lock().error = None;
+                        s.refresh_counts(true);
+                        return;
+                    }
+                    Some(Err(e)) => {
+                        s.progress.lock().error = Some(e.to_string());
+                        // Retried by the snapshot's builder: keep following.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    None => {
+                        let listed = snap.listed();
+                        let mut p = s.progress.lock();
+                        p.objects = listed.summary.objects;
+                        p.bytes_total = listed.summary.bytes;
+                        if listed.error.is_none() {
+                            p.error = None;
+                        }
+                    }
+                }
+            }
+        });
+        self.tasks.lock().push(task);
     }
 
     /// The prewarm's bytes count as cached as they land (the recount catches up).
@@ -277,11 +323,13 @@ impl Registry {
             return Ok(s);
         }
         let client = lake.connect(url, credentials)?;
-        let dataset = Dataset::open(pool.clone(), url.clone(), client, true, |_| {})
+        // Served at once: the listing goes on in the background (see Dataset::start).
+        let dataset = Dataset::start(pool.clone(), url.clone(), client, true)
             .await
             .map_err(AgentError::from_cache)?;
         let served = Served::new(url.clone(), dataset);
         served.refresh_counts(true);
+        served.follow_listing();
         self.served.lock().insert(key(url), served.clone());
         Ok(served)
     }

@@ -128,50 +128,83 @@ pub fn include_set(patterns: &[String]) -> Result<Option<GlobSet>, GlobError> {
 }
 
 impl Dataset {
-    /// Opens the dataset at `url`: reuses its current snapshot when `reuse` is set and
-    /// one exists, else lists the lake into a new one. `progress` gets the running
-    /// object count while listing.
+    /// Opens the dataset at `url` and returns once its listing is complete (see
+    /// [`Dataset::start`]); `progress` gets the running object count while listing.
     pub async fn open(
         pool: CachePool,
         url: LakeUrl,
         lake: Arc<dyn Lake>,
         reuse: bool,
-        progress: impl FnMut(u64),
+        mut progress: impl FnMut(u64),
+    ) -> Result<Self, CacheError> {
+        let ds = Self::start(pool, url, lake, reuse).await?;
+        let (_, snap) = ds.current();
+        let mut ticks = tokio::time::interval(std::time::Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                r = snap.wait_complete() => {
+                    r?;
+                    break;
+                }
+                _ = ticks.tick() => progress(snap.summary().objects),
+            }
+        }
+        progress(snap.summary().objects);
+        Ok(ds)
+    }
+
+    /// Opens the dataset at `url` and returns as soon as it can be served: its current
+    /// snapshot when `reuse` is set and one exists (a listing that stopped part way is
+    /// resumed where it stopped), else a new snapshot whose listing goes on in the
+    /// background while it serves what is listed (see [`Snapshot::lookup_now`]). The
+    /// snapshot's number is recorded before any of its inodes is served, so a
+    /// restarted agent never gives those numbers to other files.
+    pub async fn start(
+        pool: CachePool,
+        url: LakeUrl,
+        lake: Arc<dyn Lake>,
+        reuse: bool,
     ) -> Result<Self, CacheError> {
         let lake_id = format!("{}{}", url.endpoint, url.container);
         let id = &blob_key(&lake_id, &url.prefix, "dataset")[..16];
         let dir = pool.root().join("datasets").join(id);
         let snaps = dir.join("snapshots");
-        // Directory work and opening a stored snapshot (redb may check a file left by a
-        // crash) run on a blocking thread, off the runtime that serves reads.
-        let (prev, reused) = {
+        let listing = pool.config().listing;
+        let prev = {
             let (dir, snaps) = (dir.clone(), snaps.clone());
             tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&snaps).map_err(|e| CacheError::io(&snaps, e))?;
-                let prev: Option<u32> = std::fs::read_to_string(dir.join("current"))
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok());
-                let reused = match (reuse, prev) {
-                    (true, Some(seq)) => Snapshot::open(&snaps.join(format!("{seq}.redb")))
+                Ok::<_, CacheError>(
+                    std::fs::read_to_string(dir.join("current"))
                         .ok()
-                        .map(|s| (seq, s)),
-                    _ => None,
-                };
-                Ok::<_, CacheError>((prev, reused))
+                        .and_then(|s| s.trim().parse::<u32>().ok()),
+                )
             })
             .await
             .map_err(|e| CacheError::Internal(format!("opening the dataset: {e}")))??
+        };
+        let reused = match (reuse, prev) {
+            (true, Some(seq)) => {
+                let path = snaps.join(format!("{seq}.redb"));
+                match Snapshot::resume(lake.clone(), &url.prefix, &path, listing).await {
+                    Ok(s) => Some((seq, s)),
+                    Err(e) => {
+                        tracing::warn!(dataset = %url, snapshot = seq, error = %e, "the current snapshot cannot be used; listing anew");
+                        None
+                    }
+                }
+            }
+            _ => None,
         };
         let (seq, snap) = match reused {
             Some(x) => x,
             None => {
                 let seq = prev.map(|p| (p + 1) % (1 << SEQ_BITS)).unwrap_or(1).max(1);
-                let s = Snapshot::build_with(
-                    lake.as_ref(),
+                let s = Snapshot::start(
+                    lake.clone(),
                     &url.prefix,
                     &snaps.join(format!("{seq}.redb")),
-                    pool.config().listing,
-                    progress,
+                    listing,
                 )
                 .await?;
                 write_current(&dir, seq)?;
@@ -219,7 +252,8 @@ impl Dataset {
                 }
             }
         }
-        tracing::info!(dataset = %url, snapshot = seq, objects = snap.summary().objects, bytes = snap.summary().bytes, "snapshot ready");
+        let listed = snap.listed();
+        tracing::info!(dataset = %url, snapshot = seq, objects = listed.summary.objects, complete = listed.complete, "snapshot serving");
         Ok(Dataset {
             url,
             lake,
@@ -257,6 +291,8 @@ impl Dataset {
     /// node keeps them, and the snapshot, for days.
     pub async fn refresh(&self) -> Result<Option<Arc<Snapshot>>, CacheError> {
         let (seq, cur) = self.current();
+        // A snapshot still being listed is the newest listing there is.
+        cur.wait_complete().await?;
         let next = (seq + 1) % (1 << SEQ_BITS);
         let next = if next == 0 { 1 } else { next };
         let path = self.dir.join("snapshots").join(format!("{next}.redb"));
@@ -414,7 +450,8 @@ impl Dataset {
 
     /// Keeps every file of the current snapshot out of eviction (files cached later
     /// included: the pin names blob versions, cached or not). Call again after a
-    /// refresh; [`Self::unpin`] ends it.
+    /// refresh, and once a snapshot still being listed is complete (this pins the files
+    /// listed so far); [`Self::unpin`] ends it.
     pub fn pin(&self) -> Result<(), CacheError> {
         let (_, snap) = self.current();
         let id = self.pin_id();
@@ -475,6 +512,8 @@ impl Dataset {
         progress: &PrewarmProgress,
     ) -> Result<PrewarmSummary, CacheError> {
         let (_, snap) = self.current();
+        // The totals and the walk need the whole listing.
+        snap.wait_complete().await?;
         let matches = |e: &Entry| match include {
             None => true,
             Some(g) => g.is_match(e.blob.strip_prefix(&self.url.prefix).unwrap_or(&e.blob)),

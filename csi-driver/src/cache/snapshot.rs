@@ -30,9 +30,11 @@
 //! that the next start deletes.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::watch;
 
 use crate::lake::parallel::{ListOptions, ParallelLister};
 use crate::lake::{ETag, Lake, LakeError, ObjectMeta};
@@ -41,6 +43,7 @@ const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const CHILDREN: TableDefinition<(u64, u64), u64> = TableDefinition::new("children");
 const LOOKUP: TableDefinition<(u64, &str), u64> = TableDefinition::new("lookup");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
 /// Local inode of the snapshot's root directory.
 pub const ROOT: u64 = 1;
@@ -172,6 +175,8 @@ pub enum SnapshotError {
     },
     #[error("snapshot {path} is incomplete (a crash during listing?); it will be rebuilt")]
     Incomplete { path: PathBuf },
+    #[error("listing the dataset failed: {0}")]
+    Listing(String),
 }
 
 fn store_err(path: &Path) -> impl Fn(redb::Error) -> SnapshotError + '_ {
@@ -195,77 +200,224 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// A read-only, complete snapshot.
+/// How far the listing behind a snapshot has come.
+#[derive(Clone, Debug, Default)]
+pub struct Listed {
+    /// Totals of what is in the snapshot so far (final once `complete`).
+    pub summary: Summary,
+    /// The last name listed (relative to the prefix): every name up to it is in the
+    /// snapshot, durably; nothing after it is.
+    pub upto: String,
+    /// The listing reached its end: the snapshot is whole and never changes again.
+    pub complete: bool,
+    /// A digest of the listing (names, sizes, ETags), once complete.
+    pub digest: u64,
+    /// The listing's last attempt failed with this (it is retried); cleared by progress.
+    pub error: Option<String>,
+}
+
+/// A snapshot, complete or still being listed. A snapshot being listed answers for
+/// every name the listing has passed (see [`Snapshot::lookup_now`] and
+/// [`Snapshot::children`]): listing in name order makes what it has a prefix of the
+/// whole, so an answer given early is the answer the complete snapshot gives.
 #[derive(Debug)]
 pub struct Snapshot {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
-    summary: Summary,
-    /// A digest of the listing (names, sizes, ETags): equal digests, equal snapshots.
-    digest: u64,
+    listed: Arc<watch::Sender<Listed>>,
+    /// The task listing into this snapshot, stopped when the snapshot is dropped.
+    builder: Option<tokio::task::AbortHandle>,
 }
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if let Some(b) = &self.builder {
+            b.abort();
+        }
+    }
+}
+
+/// What a lookup in a snapshot still being listed can say now.
+#[derive(Debug)]
+pub enum Lookup {
+    Found(Entry),
+    Missing,
+    /// Not known until the listing passes this name (relative to the prefix).
+    Wait(String),
+}
+
+/// The snapshot's entries are committed this often while listing (and every [`BATCH`]
+/// objects): how stale a snapshot being listed may be behind its listing.
+const COMMIT_EVERY: Duration = Duration::from_millis(200);
+
+/// A listing that failed is tried again after this, doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 impl Snapshot {
     /// Lists `prefix` of `lake` into a new snapshot file at `path`, calling `progress`
-    /// with the running count of objects after every page. The listing is taken by
-    /// many requests at once ([`ListOptions::default`]).
+    /// with the running count of objects as it goes, and returns it complete. The
+    /// listing is taken by many requests at once ([`ListOptions::default`]).
     pub async fn build(
         lake: &dyn Lake,
         prefix: &str,
         path: &Path,
-        progress: impl FnMut(u64),
+        progress: impl FnMut(u64) + Send,
     ) -> Result<Snapshot, SnapshotError> {
         Self::build_with(lake, prefix, path, ListOptions::default(), progress).await
     }
 
     /// [`Snapshot::build`] with the listing split as `opts` says. The snapshot is the
-    /// same for any `opts` (the listing comes in name order either way).
+    /// same for any `opts` (the listing comes in name order either way). A failed
+    /// listing is an error (not retried).
     pub async fn build_with(
         lake: &dyn Lake,
         prefix: &str,
         path: &Path,
         opts: ListOptions,
-        mut progress: impl FnMut(u64),
+        mut progress: impl FnMut(u64) + Send,
     ) -> Result<Snapshot, SnapshotError> {
-        let owned = path.to_owned();
-        // redb's file creation and commits (tens of MiB written and synced per batch)
-        // run on blocking threads, never on the runtime that serves reads.
-        let db = blocking(path, move || {
-            let _ = std::fs::remove_file(&owned);
-            Database::builder()
-                .set_cache_size(32 << 20)
-                .create(&owned)
-                .map_err(redb::Error::from)
-        })
-        .await?;
-        let mut state = (Builder::new(prefix), db);
-        let mut lister = ParallelLister::new(lake, prefix, opts);
-        while let Some(page) = lister.next_page().await? {
-            for obj in page {
-                state.0.add(obj);
-            }
-            if state.0.pending.len() >= BATCH {
-                state = blocking(path, move || {
-                    let (mut b, db) = state;
-                    b.flush(&db, false)?;
-                    Ok((b, db))
-                })
-                .await?;
-            }
-            progress(state.0.summary.objects);
-        }
-        let (b, db) = blocking(path, move || {
-            let (mut b, db) = state;
-            b.finish(&db)?;
-            Ok((b, db))
-        })
-        .await?;
+        let (db, b) = Self::create(path).await?;
+        let listed = Arc::new(watch::Sender::new(Listed::default()));
+        let mut b = b.with_prefix(prefix);
+        let mut report = |l: &Listed| progress(l.summary.objects);
+        list_into(lake, path, &db, opts, &listed, &mut b, &mut report).await?;
         Ok(Snapshot {
             db,
             path: path.to_owned(),
-            summary: b.summary,
-            digest: b.digest,
+            listed,
+            builder: None,
         })
+    }
+
+    /// Starts listing `prefix` of `lake` into a new snapshot file at `path` and returns
+    /// the snapshot at once, to serve while the listing goes on in the background
+    /// (retried after failures, resumed where it stopped). Needs a tokio runtime.
+    pub async fn start(
+        lake: Arc<dyn Lake>,
+        prefix: &str,
+        path: &Path,
+        opts: ListOptions,
+    ) -> Result<Snapshot, SnapshotError> {
+        let (db, b) = Self::create(path).await?;
+        Ok(Self::spawn(lake, path, db, b.with_prefix(prefix), opts))
+    }
+
+    /// Takes up the listing of a snapshot that was being listed when its process
+    /// stopped, after the last name it committed: the entries it has keep their
+    /// numbers, so inodes the kernel holds from before still mean the same files.
+    /// A complete snapshot is opened as it is.
+    pub async fn resume(
+        lake: Arc<dyn Lake>,
+        prefix: &str,
+        path: &Path,
+        opts: ListOptions,
+    ) -> Result<Snapshot, SnapshotError> {
+        let owned = path.to_owned();
+        let (db, state) = blocking(path, move || {
+            // A builder of this file stopped in this process may still be finishing a
+            // commit on a blocking thread: its handle closes within moments.
+            let mut tries = 0;
+            let db = loop {
+                match Database::builder().set_cache_size(32 << 20).open(&owned) {
+                    Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < 100 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    r => break r.map_err(redb::Error::from)?,
+                }
+            };
+            let state = Builder::load(&db)?;
+            Ok((Arc::new(db), state))
+        })
+        .await?;
+        match state {
+            Some(b) if b.prefix == prefix => {
+                tracing::info!(snapshot = %path.display(), objects = b.summary.objects, after = %b.upto, "resuming a listing that stopped part way");
+                Ok(Self::spawn(lake, path, db, b, opts))
+            }
+            Some(_) | None => {
+                drop(db);
+                Self::open(path)
+            }
+        }
+    }
+
+    /// Creates the file with its root directory and the builder's starting state,
+    /// committed durably.
+    async fn create(path: &Path) -> Result<(Arc<Database>, Builder), SnapshotError> {
+        let owned = path.to_owned();
+        // redb's file creation and commits (tens of MiB written and synced per batch)
+        // run on blocking threads, never on the runtime that serves reads.
+        blocking(path, move || {
+            let _ = std::fs::remove_file(&owned);
+            let db = Database::builder()
+                .set_cache_size(32 << 20)
+                .create(&owned)
+                .map_err(redb::Error::from)?;
+            let mut b = Builder::new("");
+            b.flush(&db, false)?;
+            Ok((Arc::new(db), b))
+        })
+        .await
+    }
+
+    fn spawn(
+        lake: Arc<dyn Lake>,
+        path: &Path,
+        db: Arc<Database>,
+        mut b: Builder,
+        opts: ListOptions,
+    ) -> Snapshot {
+        let listed = Arc::new(watch::Sender::new(b.listed(false)));
+        let task = {
+            let (path, db, listed) = (path.to_owned(), db.clone(), listed.clone());
+            tokio::spawn(async move {
+                let mut wait = RETRY_FIRST;
+                loop {
+                    let r = list_into(
+                        lake.as_ref(),
+                        &path,
+                        &db,
+                        opts,
+                        &listed,
+                        &mut b,
+                        &mut |_| {},
+                    )
+                    .await;
+                    let Err(e) = r else {
+                        let l = listed.borrow().clone();
+                        tracing::info!(snapshot = %path.display(), objects = l.summary.objects, bytes = l.summary.bytes, "listing complete");
+                        return;
+                    };
+                    tracing::warn!(snapshot = %path.display(), error = %e, retry_in = ?wait, "listing failed; the part listed is served, the rest waits for the retry");
+                    listed.send_modify(|l| l.error = Some(e.to_string()));
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RETRY_MAX);
+                    // Start again from what is committed: the builder's memory may hold
+                    // a batch that never was.
+                    let (p, d) = (path.clone(), db.clone());
+                    match blocking(&path, move || Builder::load(&d)).await {
+                        Ok(Some(loaded)) => b = loaded,
+                        other => {
+                            let why = match other {
+                                Err(e) => e.to_string(),
+                                _ => format!("{} lost its listing state", p.display()),
+                            };
+                            tracing::error!(snapshot = %p.display(), error = %why, "cannot resume the listing");
+                            listed.send_modify(|l| l.error = Some(why));
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        Snapshot {
+            db,
+            path: path.to_owned(),
+            listed,
+            builder: Some(task.abort_handle()),
+        }
     }
 
     /// Opens a complete snapshot written earlier.
@@ -296,19 +448,155 @@ impl Snapshot {
             });
         }
         Ok(Snapshot {
-            db,
+            db: Arc::new(db),
             path: path.to_owned(),
-            summary,
-            digest,
+            listed: Arc::new(watch::Sender::new(Listed {
+                summary,
+                upto: String::new(),
+                complete: true,
+                digest,
+                error: None,
+            })),
+            builder: None,
         })
     }
 
-    pub fn summary(&self) -> Summary {
-        self.summary
+    /// How far the listing has come.
+    pub fn listed(&self) -> Listed {
+        self.listed.borrow().clone()
     }
 
+    pub fn complete(&self) -> bool {
+        self.listed.borrow().complete
+    }
+
+    /// Waits until the listing has passed `name` (relative to the prefix), or is
+    /// complete; an error if the listing's last attempt failed (it is retried).
+    pub async fn wait_past(&self, name: &str) -> Result<(), SnapshotError> {
+        let mut rx = self.listed.subscribe();
+        loop {
+            {
+                let l = rx.borrow_and_update();
+                if l.complete || l.upto.as_str() >= name {
+                    return Ok(());
+                }
+                if let Some(e) = &l.error {
+                    return Err(SnapshotError::Listing(e.clone()));
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(SnapshotError::Listing("the listing stopped".into()));
+            }
+        }
+    }
+
+    /// Waits until the snapshot is complete (see [`Snapshot::wait_past`]).
+    pub async fn wait_complete(&self) -> Result<(), SnapshotError> {
+        let mut rx = self.listed.subscribe();
+        loop {
+            {
+                let l = rx.borrow_and_update();
+                if l.complete {
+                    return Ok(());
+                }
+                if let Some(e) = &l.error {
+                    return Err(SnapshotError::Listing(e.clone()));
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(SnapshotError::Listing("the listing stopped".into()));
+            }
+        }
+    }
+
+    /// Whether the listing has passed `name` (or is complete).
+    fn passed(&self, name: &str) -> bool {
+        let l = self.listed.borrow();
+        l.complete || l.upto.as_str() >= name
+    }
+
+    /// The path of directory `dir` relative to the prefix, with a trailing `/` (empty
+    /// for the root).
+    fn dir_path(&self, dir: u64) -> Result<String, SnapshotError> {
+        let mut parts = Vec::new();
+        let mut ino = dir;
+        while ino != ROOT {
+            let e = self.get(ino)?.ok_or_else(|| SnapshotError::Store {
+                path: self.path.clone(),
+                cause: format!("directory {ino} is missing").into(),
+            })?;
+            parts.push(e.name);
+            ino = e.parent;
+            if parts.len() > 4096 {
+                return Err(SnapshotError::Store {
+                    path: self.path.clone(),
+                    cause: "a directory loop".into(),
+                });
+            }
+        }
+        let mut p = String::new();
+        for n in parts.iter().rev() {
+            p.push_str(n);
+            p.push('/');
+        }
+        Ok(p)
+    }
+
+    /// The name past which child `name` of the directory at `dir_path` is final: every
+    /// name that makes it (`name` itself and `name/...`) sorts before `name0`.
+    fn final_after(dir_path: &str, name: &str) -> String {
+        format!("{dir_path}{name}0")
+    }
+
+    /// A lookup answered only when its answer is final: a directory found is (the
+    /// names that make it come after any file of its name), a file or no entry once
+    /// the listing has passed every name that could make or shadow it.
+    pub fn lookup_now(&self, parent: u64, name: &str) -> Result<Lookup, SnapshotError> {
+        let found = self.lookup(parent, name)?;
+        if self.complete() || matches!(&found, Some(e) if e.kind == Kind::Dir) {
+            return Ok(found.map_or(Lookup::Missing, Lookup::Found));
+        }
+        let bound = Self::final_after(&self.dir_path(parent)?, name);
+        if !self.passed(&bound) {
+            return Ok(Lookup::Wait(bound));
+        }
+        // Read again: the listing may have passed it since the first read.
+        Ok(self
+            .lookup(parent, name)?
+            .map_or(Lookup::Missing, Lookup::Found))
+    }
+
+    /// `None` if [`Snapshot::children`] of `dir` from `from` can answer now (with at
+    /// least one entry, or the end of the directory); else the name the listing must
+    /// pass first.
+    pub fn children_wait(&self, dir: u64, from: u64) -> Result<Option<String>, SnapshotError> {
+        if self.complete() {
+            return Ok(None);
+        }
+        let path = self.dir_path(dir)?;
+        if !self.children(dir, from, 1)?.is_empty() {
+            return Ok(None);
+        }
+        // Nothing final from `from` on: wait for the next child, or the directory's end.
+        let next = self.children_all(dir, from, 1)?;
+        let bound = match next.first() {
+            Some((_, e)) => Self::final_after(&path, &e.name),
+            None if dir == ROOT => return Ok(Some(String::from(char::MAX))),
+            // Every name in the directory sorts before `path` with its `/` made `0`.
+            None => format!("{}0", &path[..path.len() - 1]),
+        };
+        Ok((!self.passed(&bound)).then_some(bound))
+    }
+
+    /// Totals so far (final once complete).
+    pub fn summary(&self) -> Summary {
+        self.listed.borrow().summary
+    }
+
+    /// A digest of the listing (names, sizes, ETags): equal digests, equal snapshots.
+    /// Zero until complete.
     pub fn digest(&self) -> u64 {
-        self.digest
+        self.listed.borrow().digest
     }
 
     pub fn path(&self) -> &Path {
@@ -340,8 +628,30 @@ impl Snapshot {
     }
 
     /// Up to `max` children of `dir` from position `from` on, with their positions
-    /// (a position + 1 is the cookie for the next call).
+    /// (a position + 1 is the cookie for the next call). While the listing goes on,
+    /// only children whose entry is final (see [`Snapshot::lookup_now`]): it stops
+    /// before the first that is not.
     pub fn children(
+        &self,
+        dir: u64,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Entry)>, SnapshotError> {
+        let mut out = self.children_all(dir, from, max)?;
+        if !self.complete() {
+            let path = self.dir_path(dir)?;
+            let unsure = out.iter().position(|(_, e)| {
+                e.kind == Kind::File && !self.passed(&Self::final_after(&path, &e.name))
+            });
+            if let Some(i) = unsure {
+                out.truncate(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Snapshot::children`] as committed, final or not.
+    fn children_all(
         &self,
         dir: u64,
         from: u64,
@@ -409,9 +719,84 @@ impl Snapshot {
     }
 }
 
+/// Lists into `b` and commits to `db` as it goes, publishing progress to `listed`.
+async fn list_into(
+    lake: &dyn Lake,
+    path: &Path,
+    db: &Arc<Database>,
+    opts: ListOptions,
+    listed: &watch::Sender<Listed>,
+    b: &mut Builder,
+    report: &mut (dyn FnMut(&Listed) + Send),
+) -> Result<(), SnapshotError> {
+    let resumed_after = (!b.upto.is_empty()).then(|| format!("{}{}", b.prefix, b.upto));
+    let mut lister = ParallelLister::new(lake, &b.prefix.clone(), opts);
+    if let Some(after) = &resumed_after {
+        lister = lister.after(after);
+    }
+    let mut committed = Instant::now();
+    let mut advanced = false;
+    loop {
+        // What is listed is committed within COMMIT_EVERY, even while the next page is
+        // slow to come (the lister keeps its place when a wait for a page is dropped).
+        let next = if advanced {
+            let deadline = tokio::time::Instant::from_std(committed + COMMIT_EVERY);
+            match tokio::time::timeout_at(deadline, lister.next_page()).await {
+                Ok(r) => Some(r?),
+                Err(_) => None,
+            }
+        } else {
+            Some(lister.next_page().await?)
+        };
+        let page = match next {
+            Some(Some(page)) => page,
+            Some(None) => break,
+            None => Vec::new(),
+        };
+        for obj in page {
+            if resumed_after.as_ref().is_some_and(|a| obj.name <= *a) {
+                continue;
+            }
+            b.add(obj);
+            advanced = true;
+        }
+        if b.pending.len() >= BATCH || (advanced && committed.elapsed() >= COMMIT_EVERY) {
+            commit(b, db, path, false).await?;
+            listed.send_replace(b.listed(false));
+            report(&listed.borrow());
+            committed = Instant::now();
+            advanced = false;
+        }
+    }
+    commit(b, db, path, true).await?;
+    listed.send_replace(b.listed(true));
+    report(&listed.borrow());
+    Ok(())
+}
+
+/// Commits `b`'s pending entries durably on a blocking thread.
+async fn commit(
+    b: &mut Builder,
+    db: &Arc<Database>,
+    path: &Path,
+    last: bool,
+) -> Result<(), SnapshotError> {
+    let mut owned = std::mem::replace(b, Builder::new(""));
+    let db = db.clone();
+    let back = blocking(path, move || {
+        owned.flush(&db, last)?;
+        Ok(owned)
+    })
+    .await?;
+    *b = back;
+    Ok(())
+}
+
 /// Streaming tree builder.
 struct Builder {
     prefix: String,
+    /// The last name added (relative to the prefix).
+    upto: String,
     next_ino: u64,
     /// Open directories from the root down: (path relative to prefix ending in '/', ino,
     /// number of children so far).
@@ -419,22 +804,110 @@ struct Builder {
     pending: Vec<(Entry, u64)>,
     summary: Summary,
     digest: u64,
-    /// Child counts of directories no longer on the stack are final; the root's and the
-    /// stack's are written at flush time.
-    shadowed: Vec<(u64, String)>,
 }
 
 impl Builder {
     fn new(prefix: &str) -> Self {
         Builder {
             prefix: prefix.to_owned(),
+            upto: String::new(),
             next_ino: ROOT + 1,
             stack: vec![(String::new(), ROOT, 0)],
             pending: Vec::new(),
             summary: Summary::default(),
             digest: 0xcbf2_9ce4_8422_2325,
-            shadowed: Vec::new(),
         }
+    }
+
+    fn with_prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_owned();
+        self
+    }
+
+    fn listed(&self, complete: bool) -> Listed {
+        Listed {
+            summary: self.summary,
+            upto: self.upto.clone(),
+            complete,
+            digest: if complete { self.digest } else { 0 },
+            error: None,
+        }
+    }
+
+    /// The state a listing stopped in (as of its last commit); `None` for a complete
+    /// snapshot or one without a state (written by an older version).
+    fn load(db: &Database) -> Result<Option<Builder>, redb::Error> {
+        let tx = db.begin_read()?;
+        let complete = match tx.open_table(META) {
+            Ok(meta) => meta.get("complete")?.map(|v| v.value()) == Some(1),
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if complete {
+            return Ok(None);
+        }
+        let state = match tx.open_table(STATE) {
+            Ok(t) => t.get("builder")?.map(|v| v.value().to_vec()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(state.and_then(|v| Builder::decode(&v)))
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        let s = |v: &mut Vec<u8>, x: &str| {
+            v.extend_from_slice(&(x.len() as u32).to_le_bytes());
+            v.extend_from_slice(x.as_bytes());
+        };
+        s(&mut v, &self.prefix);
+        s(&mut v, &self.upto);
+        let sum = &self.summary;
+        for n in [
+            self.next_ino,
+            sum.objects,
+            sum.bytes,
+            sum.dirs,
+            sum.skipped,
+            self.digest,
+        ] {
+            v.extend_from_slice(&n.to_le_bytes());
+        }
+        v.extend_from_slice(&(self.stack.len() as u32).to_le_bytes());
+        for (path, ino, count) in &self.stack {
+            s(&mut v, path);
+            v.extend_from_slice(&ino.to_le_bytes());
+            v.extend_from_slice(&count.to_le_bytes());
+        }
+        v
+    }
+
+    fn decode(b: &[u8]) -> Option<Builder> {
+        let mut r = Reader(b);
+        let prefix = r.str()?;
+        let upto = r.str()?;
+        let next_ino = r.u64()?;
+        let summary = Summary {
+            objects: r.u64()?,
+            bytes: r.u64()?,
+            dirs: r.u64()?,
+            skipped: r.u64()?,
+        };
+        let digest = r.u64()?;
+        let n = r.u32()?;
+        let mut stack = Vec::new();
+        for _ in 0..n {
+            stack.push((r.str()?, r.u64()?, r.u64()?));
+        }
+        (!stack.is_empty()).then_some(Builder {
+            prefix,
+            upto,
+            next_ino,
+            stack,
+            pending: Vec::new(),
+            summary,
+            digest,
+        })
     }
 
     fn mix(&mut self, bytes: &[u8]) {
@@ -450,6 +923,7 @@ impl Builder {
             return;
         };
         let rel = rel.to_owned();
+        self.upto.clone_from(&rel);
         if rel.is_empty() {
             return;
         }
@@ -539,29 +1013,17 @@ impl Builder {
         p
     }
 
+    /// Commits the pending entries, the state to resume from and, if `last`, the
+    /// totals and the complete flag, durably: an entry is never served before it would
+    /// survive a crash, so a resumed listing never gives its number to another name.
     fn flush(&mut self, db: &Database, last: bool) -> Result<(), redb::Error> {
         let mut tx = db.begin_write()?;
-        tx.set_durability(if last {
-            redb::Durability::Immediate
-        } else {
-            redb::Durability::None
-        })?;
+        tx.set_durability(redb::Durability::Immediate)?;
         {
             let mut en = tx.open_table(ENTRIES)?;
             let mut ch = tx.open_table(CHILDREN)?;
             let mut lk = tx.open_table(LOOKUP)?;
-            for (e, pos) in self.pending.drain(..) {
-                if let Some(existing) = lk.get((e.parent, e.name.as_str()))?.map(|v| v.value()) {
-                    // Same name twice in one directory: only a file then a directory of
-                    // that name can do this (the listing has unique names). The
-                    // directory wins; the file stays in `entries` but is unreachable.
-                    self.shadowed.push((existing, e.name.clone()));
-                }
-                en.insert(e.ino, e.encode().as_slice())?;
-                ch.insert((e.parent, pos), e.ino)?;
-                lk.insert((e.parent, e.name.as_str()), e.ino)?;
-            }
-            if last {
+            if en.get(ROOT)?.is_none() {
                 let root = Entry {
                     ino: ROOT,
                     parent: ROOT,
@@ -574,47 +1036,54 @@ impl Builder {
                     md5: None,
                 };
                 en.insert(ROOT, root.encode().as_slice())?;
-                // Hide shadowed files from readdir too.
-                for (ino, name) in self.shadowed.drain(..) {
+            }
+            for (e, pos) in self.pending.drain(..) {
+                if let Some(existing) = lk.get((e.parent, e.name.as_str()))?.map(|v| v.value()) {
+                    // Same name twice in one directory: only a file then a directory of
+                    // that name can do this (the listing has unique names, and a file
+                    // sorts before the names under a directory of its name). The
+                    // directory wins: the file leaves readdir now, before any reader
+                    // could have been shown it as final, and stays unreachable in
+                    // `entries`.
                     tracing::warn!(
-                        name,
+                        name = e.name,
                         "a file and a directory share a name; the directory is shown"
                     );
-                    let parent = en
-                        .get(ino)?
-                        .and_then(|v| Entry::decode(ino, v.value()))
-                        .map(|e| e.parent);
-                    if let Some(parent) = parent {
-                        let pos = ch
-                            .range((parent, 0)..(parent, u64::MAX))?
-                            .filter_map(|r| r.ok())
-                            .find(|(_, v)| v.value() == ino)
-                            .map(|(k, _)| k.value().1);
-                        if let Some(pos) = pos {
-                            ch.remove((parent, pos))?;
-                        }
+                    let pos = ch
+                        .range((e.parent, 0)..(e.parent, u64::MAX))?
+                        .rev()
+                        .filter_map(|r| r.ok())
+                        .find(|(_, v)| v.value() == existing)
+                        .map(|(k, _)| k.value().1);
+                    if let Some(pos) = pos {
+                        ch.remove((e.parent, pos))?;
                     }
+                    let size = en
+                        .get(existing)?
+                        .and_then(|v| Entry::decode(existing, v.value()))
+                        .map_or(0, |f| f.size);
                     self.summary.objects -= 1;
+                    self.summary.bytes -= size;
                     self.summary.skipped += 1;
-                    if let Some(e) = en.get(ino)?.and_then(|v| Entry::decode(ino, v.value())) {
-                        self.summary.bytes -= e.size;
-                    }
                 }
-                let mut meta = tx.open_table(META)?;
-                meta.insert("objects", self.summary.objects)?;
-                meta.insert("bytes", self.summary.bytes)?;
-                meta.insert("dirs", self.summary.dirs)?;
-                meta.insert("skipped", self.summary.skipped)?;
+                en.insert(e.ino, e.encode().as_slice())?;
+                ch.insert((e.parent, pos), e.ino)?;
+                lk.insert((e.parent, e.name.as_str()), e.ino)?;
+            }
+            tx.open_table(STATE)?
+                .insert("builder", self.encode().as_slice())?;
+            let mut meta = tx.open_table(META)?;
+            meta.insert("objects", self.summary.objects)?;
+            meta.insert("bytes", self.summary.bytes)?;
+            meta.insert("dirs", self.summary.dirs)?;
+            meta.insert("skipped", self.summary.skipped)?;
+            if last {
                 meta.insert("digest", self.digest)?;
                 meta.insert("complete", 1)?;
             }
         }
         tx.commit()?;
         Ok(())
-    }
-
-    fn finish(&mut self, db: &Database) -> Result<(), redb::Error> {
-        self.flush(db, true)
     }
 }
 
@@ -767,5 +1236,146 @@ mod tests {
         }
         assert_eq!(seen.len(), 2500);
         assert_eq!(seen[1234], "f01234");
+    }
+
+    /// Fails, rather than hangs, if the listing never gets there.
+    async fn within(f: impl std::future::Future<Output = Result<(), SnapshotError>>) {
+        tokio::time::timeout(Duration::from_secs(30), f)
+            .await
+            .expect("listed within 30 s")
+            .unwrap();
+    }
+
+    fn held_lake(names: &[&str], pages_before_hold: u32) -> Arc<crate::lake::faults::FaultyLake> {
+        use crate::lake::faults::{Fault, FaultyLake};
+        let mem = MemoryLake::new();
+        for n in names {
+            mem.insert(n, n.as_bytes().to_vec());
+        }
+        let lake = Arc::new(FaultyLake::new(Arc::new(mem)));
+        lake.fail_after(crate::lake::Op::List, pages_before_hold, Fault::Hold, None);
+        lake
+    }
+
+    fn paged(n: u32) -> ListOptions {
+        ListOptions {
+            page_size: n,
+            ..ListOptions::sequential()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_being_listed_answers_only_what_is_final() {
+        let listing = [
+            "ds/a/1", "ds/a/2", "ds/b", "ds/b/x", "ds/c", "ds/d/e/f", "ds/z",
+        ];
+        let lake = held_lake(&listing, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let s = Snapshot::start(lake.clone(), "ds/", &path, paged(3))
+            .await
+            .unwrap();
+        within(s.wait_past("b")).await;
+        assert!(!s.complete());
+        assert_eq!(s.listed().upto, "b");
+        let Lookup::Found(a) = s.lookup_now(ROOT, "a").unwrap() else {
+            panic!("a directory is final once it exists")
+        };
+        assert!(
+            matches!(s.lookup_now(a.ino, "1").unwrap(), Lookup::Found(e) if e.kind == Kind::File)
+        );
+        assert!(matches!(s.lookup_now(a.ino, "3").unwrap(), Lookup::Missing));
+        // `b` is a file so far, but `b/x` may still come (it does): not final.
+        assert!(matches!(s.lookup_now(ROOT, "b").unwrap(), Lookup::Wait(w) if w == "b0"));
+        assert!(matches!(s.lookup_now(ROOT, "c").unwrap(), Lookup::Wait(w) if w == "c0"));
+        assert_eq!(names(&s, ROOT), ["a"]);
+        assert_eq!(s.children_wait(ROOT, 1).unwrap().as_deref(), Some("b0"));
+        assert_eq!(names(&s, a.ino), ["1", "2"]);
+        assert_eq!(
+            s.children_wait(a.ino, 2).unwrap(),
+            None,
+            "a is listed whole"
+        );
+        lake.heal();
+        within(s.wait_complete()).await;
+        assert!(
+            matches!(s.lookup_now(ROOT, "b").unwrap(), Lookup::Found(e) if e.kind == Kind::Dir)
+        );
+        assert_eq!(names(&s, ROOT), ["a", "b", "c", "d", "z"]);
+        // The same snapshot as one built in one go.
+        let whole =
+            Snapshot::build_with(&*lake, "ds/", &dir.path().join("w.redb"), paged(3), |_| {})
+                .await
+                .unwrap();
+        assert_eq!(s.summary(), whole.summary());
+        assert_eq!(s.digest(), whole.digest());
+        for ino in ROOT + 1..20 {
+            assert_eq!(s.get(ino).unwrap(), whole.get(ino).unwrap(), "inode {ino}");
+        }
+        drop(s);
+        assert_eq!(Snapshot::open(&path).unwrap().summary(), whole.summary());
+    }
+
+    #[tokio::test]
+    async fn a_listing_resumed_after_a_stop_keeps_every_number_it_gave() {
+        let mut names: Vec<String> = (0..40).map(|i| format!("ds/d{}/f{i:02}", i / 10)).collect();
+        names.push("ds/d1".into()); // shadowed by d1/ later
+        let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+        let lake = held_lake(&refs, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let s = Snapshot::start(lake.clone(), "ds/", &path, paged(8))
+            .await
+            .unwrap();
+        within(s.wait_past("d1/f11")).await;
+        let before: Vec<(u64, Option<Entry>)> =
+            (ROOT + 1..40).map(|i| (i, s.get(i).unwrap())).collect();
+        let upto = s.listed().upto;
+        assert!(
+            before.iter().any(|(_, e)| e.is_none()),
+            "part of the listing only"
+        );
+        // The process stops mid-listing (the builder dies with it); meanwhile the lake
+        // gets a name that sorts before where the listing was (a fresh listing would
+        // number everything after it differently) and one after it.
+        drop(s);
+        let mem = MemoryLake::new();
+        for n in names
+            .iter()
+            .map(|s| s.as_str())
+            .chain(["ds/d0/aaa", "ds/d3/zzz"])
+        {
+            mem.insert(n, n.as_bytes().to_vec());
+        }
+        let s = Snapshot::resume(Arc::new(mem), "ds/", &path, paged(8))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.listed().upto,
+            upto,
+            "resumed where the last commit left it"
+        );
+        within(s.wait_complete()).await;
+        for (ino, e) in &before {
+            if let Some(e) = e {
+                assert_eq!(
+                    s.get(*ino).unwrap().as_ref(),
+                    Some(e),
+                    "inode {ino} kept its file"
+                );
+            }
+        }
+        let d3 = s.lookup(ROOT, "d3").unwrap().unwrap();
+        assert!(
+            s.lookup(d3.ino, "zzz").unwrap().is_some(),
+            "names after the stop are listed"
+        );
+        let d0 = s.lookup(ROOT, "d0").unwrap().unwrap();
+        assert!(
+            s.lookup(d0.ino, "aaa").unwrap().is_none(),
+            "names before it were listed already"
+        );
+        assert_eq!(s.summary().objects, 41);
+        assert_eq!(s.lookup(ROOT, "d1").unwrap().unwrap().kind, Kind::Dir);
     }
 }

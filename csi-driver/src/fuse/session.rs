@@ -409,6 +409,31 @@ impl Drop for ReplyData {
     }
 }
 
+/// Answers a LOOKUP, READDIR or READDIRPLUS (now, or once it waited: see
+/// [`FileSystem::not_yet`]).
+fn answer_listing(
+    fs: &dyn FileSystem,
+    req: &Request,
+    h: InHeader,
+    payload: &[u8],
+) -> Result<Vec<u8>, Errno> {
+    let bad = |e: abi::Malformed| {
+        tracing::warn!(opcode = h.opcode, what = e.0, "malformed FUSE request");
+        libc::EINVAL
+    };
+    if h.opcode == op::LOOKUP {
+        let name = abi::Cursor(payload).name("lookup").map_err(bad)?;
+        let e = fs.lookup(req, h.nodeid, name)?;
+        let mut v = Vec::with_capacity(128);
+        e.encode(&mut v);
+        return Ok(v);
+    }
+    let r = abi::ReadIn::parse(payload).map_err(bad)?;
+    let mut out = DirBuf::new(r.size as usize, h.opcode == op::READDIRPLUS);
+    fs.readdir(req, h.nodeid, r.fh, r.offset, &mut out)?;
+    Ok(out.into_bytes())
+}
+
 fn send(device: &Device, msg: Vec<u8>) {
     if let Err(e) = device.write(&msg) {
         // ENOENT: the request was interrupted meanwhile; nobody waits for the answer.
@@ -418,13 +443,30 @@ fn send(device: &Device, msg: Vec<u8>) {
     }
 }
 
+/// Called once a request that waited ([`FileSystem::not_yet`]) can be answered; it
+/// answers it, on the calling thread. Dropping it uncalled answers `EIO`.
+pub type Resume = Box<dyn FnOnce() + Send>;
+
+/// What [`FileSystem::not_yet`] returns: a function that arranges for its [`Resume`]
+/// to be called (from any thread) once the request can be answered.
+pub type Wait = Box<dyn FnOnce(Resume) + Send>;
+
 /// A file system served over FUSE. Inode numbers are the kernel's node ids (1 is the
 /// root). Methods run on worker threads and must not block for long; READ may reply
-/// later. Write operations default to `EROFS`, anything else to `ENOSYS`.
+/// later, and LOOKUP and READDIR wait off the worker thread when
+/// [`FileSystem::not_yet`] says so. Write operations default to `EROFS`, anything else
+/// to `ENOSYS`.
 #[allow(unused_variables)]
 pub trait FileSystem: Send + Sync + 'static {
     /// Called once the connection's parameters are known (after INIT, or at resume).
     fn connected(&self, conn: &Connection) {}
+    /// Asked before a LOOKUP of `name` in `ino` (`name` set) or a READDIR of `ino` from
+    /// `offset`: a file system that cannot answer yet (its tree is still being listed)
+    /// returns a [`Wait`], and the request is answered (`lookup` or `readdir` called
+    /// then) when it resumes it, without holding a worker thread meanwhile.
+    fn not_yet(&self, ino: u64, name: Option<&OsStr>, offset: u64) -> Option<Wait> {
+        None
+    }
     fn lookup(&self, req: &Request, parent: u64, name: &OsStr) -> Result<EntryOut, Errno>;
     fn forget(&self, ino: u64, nlookup: u64) {}
     fn getattr(&self, req: &Request, ino: u64, fh: Option<u64>) -> Result<AttrOut, Errno>;
@@ -751,6 +793,31 @@ impl Worker {
             f(&mut v);
             v
         };
+        if matches!(h.opcode, op::LOOKUP | op::READDIR | op::READDIRPLUS)
+            && let Some(wait) = match h.opcode {
+                op::LOOKUP => abi::Cursor(payload)
+                    .name("lookup")
+                    .ok()
+                    .and_then(|name| fs.not_yet(h.nodeid, Some(name), 0)),
+                _ => abi::ReadIn::parse(payload)
+                    .ok()
+                    .and_then(|r| fs.not_yet(h.nodeid, None, r.offset)),
+            }
+        {
+            let reply = ReplyData {
+                unique: h.unique,
+                to: later(),
+                done: false,
+            };
+            let (fs, payload) = (self.fs.clone(), payload.to_vec());
+            wait(Box::new(move || {
+                match answer_listing(&*fs, &req, h, &payload) {
+                    Ok(v) => reply.data(&v),
+                    Err(errno) => reply.error(errno),
+                }
+            }));
+            return None;
+        }
         match h.opcode {
             // INIT comes only through /dev/fuse (see `dispatch`).
             op::INIT => Some(Err(libc::EIO)),
@@ -771,13 +838,8 @@ impl Worker {
             }
             // We answer every request as soon as we can; an interrupt changes nothing.
             op::INTERRUPT => None,
-            op::LOOKUP => {
-                let r = abi::Cursor(payload)
-                    .name("lookup")
-                    .map_err(bad)
-                    .and_then(|name| fs.lookup(&req, h.nodeid, name))
-                    .map(|e| encode(&|v| e.encode(v)));
-                Some(r)
+            op::LOOKUP | op::READDIR | op::READDIRPLUS => {
+                Some(answer_listing(fs, &req, h, payload))
             }
             op::GETATTR => {
                 let r = abi::parse_getattr(payload)
@@ -818,14 +880,6 @@ impl Worker {
                 }
                 Err(e) => Some(Err(bad(e))),
             },
-            op::READDIR | op::READDIRPLUS => {
-                let r = abi::ReadIn::parse(payload).map_err(bad).and_then(|r| {
-                    let mut out = DirBuf::new(r.size as usize, h.opcode == op::READDIRPLUS);
-                    fs.readdir(&req, h.nodeid, r.fh, r.offset, &mut out)?;
-                    Ok(out.into_bytes())
-                });
-                Some(r)
-            }
             op::RELEASE => {
                 if let Ok(r) = abi::ReleaseIn::parse(payload) {
                     fs.release(&req, h.nodeid, r.fh, r.flags);

@@ -35,6 +35,9 @@ pub enum Fault {
     Stall,
     /// No answer at all (until the caller's timeout cancels the call).
     Hang,
+    /// The call waits until [`FaultyLake::heal`], then goes through: a lake that is
+    /// slow exactly where a test wants it, for as long as the test wants.
+    Hold,
     /// The request reaches the lake and takes effect, then the connection drops
     /// before the answer arrives (the caller cannot tell it from [`Fault::Reset`]).
     LostReply,
@@ -64,6 +67,8 @@ pub struct FaultyLake {
     /// Runs once before the next write (put, block commit) of a name: another writer
     /// acting between a caller's look at the lake and its write.
     hooks: Mutex<HashMap<String, Hook>>,
+    /// Counts heals: held calls wait for it to change.
+    heals: tokio::sync::watch::Sender<u64>,
 }
 
 /// See [`FaultyLake::before_write`].
@@ -88,6 +93,7 @@ impl FaultyLake {
             listing: AtomicU64::new(0),
             most_listing: AtomicU64::new(0),
             hooks: Mutex::default(),
+            heals: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -142,10 +148,11 @@ impl FaultyLake {
         }
     }
 
-    /// Remove every rule and added latency.
+    /// Remove every rule and added latency, and let held calls go on.
     pub fn heal(&self) {
         self.rules.lock().clear();
         self.latency.lock().clear();
+        self.heals.send_modify(|n| *n += 1);
     }
 
     /// The most listing requests (flat and one-level) that were under way at once.
@@ -175,6 +182,7 @@ impl FaultyLake {
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
         }
+        let heals = self.heals.subscribe();
         let fault = {
             let mut rules = self.rules.lock();
             let list = rules.entry(op).or_default();
@@ -205,6 +213,11 @@ impl FaultyLake {
                 detail: "connection reset by peer (injected)".into(),
             }),
             Fault::Hang => std::future::pending().await,
+            Fault::Hold => {
+                let mut heals = heals;
+                let _ = heals.changed().await;
+                Ok(None)
+            }
             Fault::Truncate | Fault::Stall | Fault::LostReply => Ok(Some(fault)),
         }
     }

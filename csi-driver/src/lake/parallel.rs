@@ -116,6 +116,8 @@ pub struct ParallelLister<'a> {
     units_done: bool,
     window: VecDeque<Live<'a>>,
     density: Arc<Density>,
+    /// Pieces wholly at or before this name are not listed (see [`ParallelLister::after`]).
+    after: Option<String>,
 }
 
 /// Pages a live directory may hold ahead of the one given out.
@@ -147,10 +149,20 @@ impl<'a> ParallelLister<'a> {
             units_done: false,
             window: VecDeque::new(),
             density,
+            after: None,
         }
     }
 
+    /// Skips the directories whose every name sorts at or before `name` (a listing
+    /// resumed after a restart). Pages may still hold names at or before it (the piece
+    /// that holds `name`, and objects of the split levels): the caller drops those.
+    pub fn after(mut self, name: &str) -> Self {
+        self.after = Some(name.to_owned());
+        self
+    }
+
     /// The next page in name order, or `None` at the end. An error ends the listing.
+    /// Cancel-safe: a wait dropped before a page came loses nothing (the state is here).
     pub async fn next_page(&mut self) -> LakeResult<Option<Vec<ObjectMeta>>> {
         std::future::poll_fn(|cx| self.poll_page(cx)).await
     }
@@ -166,6 +178,14 @@ impl<'a> ParallelLister<'a> {
                         entries: 0,
                         names: 0,
                     }),
+                    Poll::Ready(Some(Ok(Unit::Prefix(p, _))))
+                        if self
+                            .after
+                            .as_deref()
+                            .is_some_and(|a| p.as_str() < a && !a.starts_with(&p)) =>
+                    {
+                        // Every name under `p` sorts before `after`: listed already.
+                    }
                     Poll::Ready(Some(Ok(Unit::Prefix(p, entries)))) => {
                         let lister = Lister::new(self.lake, &p).page_size(self.opts.page_size);
                         let pages = futures::stream::unfold(lister, |mut l| async move {
