@@ -256,7 +256,7 @@ pub struct DatasetNodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 128))]
     pub snapshot: Option<String>,
-    /// Objects in the snapshot.
+    /// Objects in the snapshot (so far, while `Listing`).
     #[serde(default)]
     pub objects: i64,
     /// Bytes cached on this node.
@@ -279,7 +279,8 @@ pub enum NodeDatasetPhase {
     /// Assigned, not started.
     #[default]
     Pending,
-    /// Listing the source into a snapshot.
+    /// Listing the source into a snapshot. Volumes on the node already serve what is
+    /// listed: a name the listing has not reached waits for it.
     Listing,
     /// Prefetching.
     Warming,

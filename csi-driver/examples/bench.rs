@@ -1240,6 +1240,15 @@ async fn scale_bench(work: &Path) -> serde_json::Value {
         .await
         .unwrap();
     let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/scale").unwrap();
+    let first_read = first_reads(
+        Arc::new(lake.clone()),
+        &lake,
+        objects,
+        "http://127.0.0.1:10000/devstoreaccount1/lake/scale",
+        work,
+    )
+    .await;
+    eprintln!("bench: scale: while listing: {first_read}");
     let rss_before = reset_peak_rss();
     let t = Instant::now();
     let mut last_report = Instant::now();
@@ -1372,6 +1381,7 @@ async fn scale_bench(work: &Path) -> serde_json::Value {
             "stat_of_a_file_not_looked_up_before_us": wide_stat_us,
         },
         "cached_bytes_after_one_read": cached,
+        "first_read_while_listing": first_read,
         "listing": listing_bench(work).await,
         "notes": "in-process, Dataset::open as a stage runs it, over a synthetic lake that computes every name, size and byte (no network, no Azurite): Tidepool's own cost",
     })
@@ -1460,6 +1470,17 @@ async fn listing_bench(work: &Path) -> serde_json::Value {
     )));
     far.set_latency(Op::List, latency);
     let synthetic = build_both_ways(&far, "far/", &dir).await;
+    let far_lake = SyntheticLake::new("far/", 1_000_000, 1000, 1, 4096);
+    let far_first = FaultyLake::new(Arc::new(far_lake.clone()));
+    far_first.set_latency(Op::List, latency);
+    let far_first = first_reads(
+        Arc::new(far_first),
+        &far_lake,
+        1_000_000,
+        "http://127.0.0.1:10000/devstoreaccount1/lake/far",
+        work,
+    )
+    .await;
     // The same million in 20,000 directories of 50: listed in groups of directories.
     let small = FaultyLake::new(Arc::new(SyntheticLake::new("far/", 1_000_000, 50, 1, 4096)));
     small.set_latency(Op::List, latency);
@@ -1485,15 +1506,76 @@ async fn listing_bench(work: &Path) -> serde_json::Value {
     far_azurite.set_latency(Op::List, latency);
     let far_azurite = build_both_ways(&far_azurite, "ds/", &dir).await;
     eprintln!(
-        "bench: listing: synthetic 1M objects at {latency:?} a request: {synthetic}; in directories of 50: {small}; Azurite 20,000 objects: {near}; with {latency:?} added: {far_azurite}"
+        "bench: listing: synthetic 1M objects at {latency:?} a request: {synthetic}; first reads while listing: {far_first}; in directories of 50: {small}; Azurite 20,000 objects: {near}; with {latency:?} added: {far_azurite}"
     );
     serde_json::json!({
         "list_request_latency_ms": latency.as_millis() as u64,
         "synthetic_far_lake": synthetic,
+        "synthetic_far_lake_first_read_while_listing": far_first,
         "synthetic_far_lake_directories_of_50": small,
         "azurite": near,
         "azurite_with_latency": far_azurite,
         "notes": "snapshot builds from one flat listing (one request at a time) and from the parallel listing (16 directories at once, split at the second level); equal digests checked",
+    })
+}
+
+/// Time to first read while the listing goes on: the dataset opened as a stage opens it
+/// (`Dataset::start`), mounted through FUSE, then the first file of the listing read,
+/// then one in its middle (which waits for the listing to get there), each byte-exact;
+/// against the time the whole listing took.
+async fn first_reads(
+    lake: Arc<dyn tidepool_csi::lake::Lake>,
+    synthetic: &tidepool_csi::testing::SyntheticLake,
+    objects: u64,
+    url: &str,
+    work: &Path,
+) -> serde_json::Value {
+    use tidepool_csi::cache::dataset::Dataset;
+    use tidepool_csi::cache::{CacheConfig, CachePool};
+    use tidepool_csi::lake::url::LakeUrl;
+    let dir = work.join("first-read-pool");
+    let _ = std::fs::remove_dir_all(&dir);
+    let pool = CachePool::open(CacheConfig::new(&dir, 1 << 40))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let ds = Arc::new(
+        Dataset::start(pool, LakeUrl::parse(url).unwrap(), lake, false)
+            .await
+            .unwrap(),
+    );
+    let mnt = work.join("first-read-mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mount = mount_dataset(ds.clone(), &mnt);
+    let staged_secs = t.elapsed().as_secs_f64();
+    let read = |i: u64| {
+        let (mnt, prefix) = (mnt.clone(), synthetic.name(0));
+        let name = synthetic.name(i);
+        let want = pattern(i, synthetic.size(i) as usize);
+        let rel = name[prefix.find('/').unwrap() + 1..].to_owned();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                assert_eq!(std::fs::read(mnt.join(rel)).unwrap(), want);
+            })
+            .await
+            .unwrap();
+            t.elapsed().as_secs_f64()
+        }
+    };
+    let first = read(0).await;
+    let middle = read(objects / 2).await;
+    let (_, snap) = ds.current();
+    snap.wait_complete().await.unwrap();
+    let listed = t.elapsed().as_secs_f64();
+    mount.unmount().unwrap();
+    drop((snap, ds));
+    let _ = std::fs::remove_dir_all(&dir);
+    serde_json::json!({
+        "objects": objects,
+        "staged_and_mounted_secs": staged_secs,
+        "first_file_read_secs": first,
+        "middle_file_read_secs": middle,
+        "whole_listing_secs": listed,
     })
 }
 

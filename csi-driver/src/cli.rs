@@ -405,24 +405,20 @@ pub async fn mount(args: MountArgs, env: EnvLookup<'_>) -> anyhow::Result<()> {
             sum.objects,
         ));
         let snap = snap.clone();
+        // Failed attempts are retried (and logged); only the end is said here.
         background.push(tokio::spawn(async move {
-            loop {
-                match snap.wait_complete().await {
-                    Ok(()) => {
-                        let sum = snap.summary();
-                        say(format_args!(
-                            "tidepool: listed {} files, {}",
-                            sum.objects,
-                            human(sum.bytes)
-                        ));
-                        return;
-                    }
-                    // The listing is retried; a name it has not reached waits for it.
-                    Err(e) => {
-                        say(format_args!("tidepool: {e}; retrying"));
-                        tokio::time::sleep(Duration::from_secs(10)).await;
-                    }
+            match snap.wait_complete().await {
+                Ok(()) => {
+                    let sum = snap.summary();
+                    say(format_args!(
+                        "tidepool: listed {} files, {}",
+                        sum.objects,
+                        human(sum.bytes)
+                    ));
                 }
+                Err(e) => say(format_args!(
+                    "tidepool: {e}; names not listed yet fail with EIO until the next mount"
+                )),
             }
         }));
     }

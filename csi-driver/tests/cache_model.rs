@@ -515,9 +515,18 @@ async fn an_agent_restarted_mid_listing_resumes_the_same_snapshot() {
         .expect("listed within 30 s")
         .unwrap();
     for e in &served {
-        assert_eq!(snap.get(e.ino).unwrap().as_ref(), Some(e), "inode {}", e.ino);
+        assert_eq!(
+            snap.get(e.ino).unwrap().as_ref(),
+            Some(e),
+            "inode {}",
+            e.ino
+        );
     }
-    assert_eq!(snap.summary().objects, 30, "everything after the stop is listed");
+    assert_eq!(
+        snap.summary().objects,
+        30,
+        "everything after the stop is listed"
+    );
     // Each file reads the lake's bytes.
     for e in &served {
         if let Some(i) = e.name.strip_prefix('f') {
@@ -529,4 +538,54 @@ async fn an_agent_restarted_mid_listing_resumes_the_same_snapshot() {
     drop((ds, snap));
     // A complete snapshot is reused as it is.
     assert_eq!(start(mem.clone()).await.current().0, seq);
+}
+
+/// A lake that cannot be listed at all fails the open (the stage, with the lake's own
+/// error, so the agent answers with its code) instead of a mount whose every lookup
+/// fails; a listing that fails after serving began is retried, and a name it has not
+/// reached waits for it.
+#[tokio::test]
+async fn a_lake_that_cannot_be_listed_fails_the_open_and_a_later_failure_is_retried() {
+    use std::time::Duration;
+    use tidepool_csi::cache::CacheError;
+    use tidepool_csi::cache::snapshot::SnapshotError;
+    use tidepool_csi::lake::faults::{Fault, FaultyLake};
+    use tidepool_csi::lake::parallel::ListOptions;
+    use tidepool_csi::lake::{LakeError, Op};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryLake::new());
+    for i in 0..30 {
+        mem.insert(&format!("m/f{i:02}"), body(i, 10));
+    }
+    let url = LakeUrl::parse("http://127.0.0.1:10000/devstoreaccount1/lake/m").unwrap();
+    let mut cfg = CacheConfig::new(dir.path(), 1 << 20);
+    cfg.listing = ListOptions {
+        page_size: 10,
+        ..ListOptions::sequential()
+    };
+    let pool = CachePool::open(cfg).await.unwrap();
+    let lake = Arc::new(FaultyLake::new(mem.clone()));
+    lake.fail_always(Op::List, Fault::Reset);
+    let err = Dataset::start(pool.clone(), url.clone(), lake.clone(), true)
+        .await
+        .err()
+        .expect("an unlistable lake fails the open");
+    assert!(
+        matches!(
+            err,
+            CacheError::Snapshot(SnapshotError::Lake(LakeError::Connection { .. }))
+        ),
+        "{err:?}"
+    );
+    // Listable at first, failing after the first page: served, retried, completed.
+    lake.heal();
+    lake.fail_after(Op::List, 2, Fault::Reset, Some(1));
+    let ds = Dataset::start(pool, url, lake.clone(), true).await.unwrap();
+    let (_, snap) = ds.current();
+    tokio::time::timeout(Duration::from_secs(30), snap.wait_complete())
+        .await
+        .expect("the retry (after 1 s) completes the listing")
+        .unwrap();
+    assert_eq!(snap.summary().objects, 30);
 }

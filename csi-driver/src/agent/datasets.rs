@@ -211,18 +211,19 @@ impl Served {
                         return;
                     }
                     Some(Err(e)) => {
+                        // The listing cannot go on (its state is lost): a restage or
+                        // an agent restart lists anew.
                         s.progress.lock().error = Some(e.to_string());
-                        // Retried by the snapshot's builder: keep following.
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        return;
                     }
                     None => {
+                        // A failing attempt is retried by the snapshot's builder; status
+                        // says why it waits meanwhile.
                         let listed = snap.listed();
                         let mut p = s.progress.lock();
                         p.objects = listed.summary.objects;
                         p.bytes_total = listed.summary.bytes;
-                        if listed.error.is_none() {
-                            p.error = None;
-                        }
+                        p.error = listed.error.map(|e| format!("listing: {e} (retrying)"));
                     }
                 }
             }

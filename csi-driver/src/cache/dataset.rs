@@ -142,7 +142,7 @@ impl Dataset {
         let mut ticks = tokio::time::interval(std::time::Duration::from_millis(200));
         loop {
             tokio::select! {
-                r = snap.wait_complete() => {
+                r = snap.wait_complete_or_error() => {
                     r?;
                     break;
                 }

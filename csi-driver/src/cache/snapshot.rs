@@ -214,6 +214,15 @@ pub struct Listed {
     pub digest: u64,
     /// The listing's last attempt failed with this (it is retried); cleared by progress.
     pub error: Option<String>,
+    /// The listing cannot go on (see `error`): the snapshot stays as it is.
+    pub stopped: bool,
+}
+
+impl Listed {
+    /// Something is committed (or the listing is complete, if empty).
+    pub fn started(&self) -> bool {
+        self.complete || !self.upto.is_empty()
+    }
 }
 
 /// A snapshot, complete or still being listed. A snapshot being listed answers for
@@ -291,8 +300,10 @@ impl Snapshot {
     }
 
     /// Starts listing `prefix` of `lake` into a new snapshot file at `path` and returns
-    /// the snapshot at once, to serve while the listing goes on in the background
-    /// (retried after failures, resumed where it stopped). Needs a tokio runtime.
+    /// the snapshot once its first page is committed, to serve while the listing goes
+    /// on in the background (retried after failures, resumed where it stopped). A lake
+    /// that cannot be listed at all (credentials refused, no such container) is an
+    /// error here, not at the first lookup. Needs a tokio runtime.
     pub async fn start(
         lake: Arc<dyn Lake>,
         prefix: &str,
@@ -300,7 +311,33 @@ impl Snapshot {
         opts: ListOptions,
     ) -> Result<Snapshot, SnapshotError> {
         let (db, b) = Self::create(path).await?;
-        Ok(Self::spawn(lake, path, db, b.with_prefix(prefix), opts))
+        let (first_error, failed) = tokio::sync::oneshot::channel();
+        let snap = Self::spawn(
+            lake,
+            path,
+            db,
+            b.with_prefix(prefix),
+            opts,
+            Some(first_error),
+        );
+        let mut rx = snap.listed.subscribe();
+        let started = async {
+            while !rx.borrow_and_update().started() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            e = failed => {
+                // A dropped sender: the listing ended without an error.
+                if let Ok(e) = e {
+                    return Err(e);
+                }
+            }
+            _ = started => {}
+        }
+        Ok(snap)
     }
 
     /// Takes up the listing of a snapshot that was being listed when its process
@@ -334,7 +371,7 @@ impl Snapshot {
         match state {
             Some(b) if b.prefix == prefix => {
                 tracing::info!(snapshot = %path.display(), objects = b.summary.objects, after = %b.upto, "resuming a listing that stopped part way");
-                Ok(Self::spawn(lake, path, db, b, opts))
+                Ok(Self::spawn(lake, path, db, b, opts, None))
             }
             Some(_) | None => {
                 drop(db);
@@ -368,6 +405,7 @@ impl Snapshot {
         db: Arc<Database>,
         mut b: Builder,
         opts: ListOptions,
+        mut first_error: Option<tokio::sync::oneshot::Sender<SnapshotError>>,
     ) -> Snapshot {
         let listed = Arc::new(watch::Sender::new(b.listed(false)));
         let task = {
@@ -390,8 +428,15 @@ impl Snapshot {
                         tracing::info!(snapshot = %path.display(), objects = l.summary.objects, bytes = l.summary.bytes, "listing complete");
                         return;
                     };
-                    tracing::warn!(snapshot = %path.display(), error = %e, retry_in = ?wait, "listing failed; the part listed is served, the rest waits for the retry");
                     listed.send_modify(|l| l.error = Some(e.to_string()));
+                    if !listed.borrow().started()
+                        && let Some(tx) = first_error.take()
+                    {
+                        // Nothing served yet: whoever started the listing gets the error.
+                        let _ = tx.send(e);
+                        return;
+                    }
+                    tracing::warn!(snapshot = %path.display(), error = %e, retry_in = ?wait, "listing failed; the part listed is served, the rest waits for the retry");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(RETRY_MAX);
                     // Start again from what is committed: the builder's memory may hold
@@ -405,7 +450,10 @@ impl Snapshot {
                                 _ => format!("{} lost its listing state", p.display()),
                             };
                             tracing::error!(snapshot = %p.display(), error = %why, "cannot resume the listing");
-                            listed.send_modify(|l| l.error = Some(why));
+                            listed.send_modify(|l| {
+                                l.error = Some(why);
+                                l.stopped = true;
+                            });
                             return;
                         }
                     }
@@ -456,6 +504,7 @@ impl Snapshot {
                 complete: true,
                 digest,
                 error: None,
+                stopped: false,
             })),
             builder: None,
         })
@@ -490,8 +539,19 @@ impl Snapshot {
         }
     }
 
-    /// Waits until the snapshot is complete (see [`Snapshot::wait_past`]).
+    /// Waits until the snapshot is complete, through the listing's retries; an error
+    /// only if the listing cannot go on at all.
     pub async fn wait_complete(&self) -> Result<(), SnapshotError> {
+        self.wait_complete_or(false).await
+    }
+
+    /// Waits until the snapshot is complete; an error as soon as an attempt of the
+    /// listing fails (it is still retried).
+    pub async fn wait_complete_or_error(&self) -> Result<(), SnapshotError> {
+        self.wait_complete_or(true).await
+    }
+
+    async fn wait_complete_or(&self, fail_fast: bool) -> Result<(), SnapshotError> {
         let mut rx = self.listed.subscribe();
         loop {
             {
@@ -499,7 +559,7 @@ impl Snapshot {
                 if l.complete {
                     return Ok(());
                 }
-                if let Some(e) = &l.error {
+                if let Some(e) = l.error.as_ref().filter(|_| fail_fast || l.stopped) {
                     return Err(SnapshotError::Listing(e.clone()));
                 }
             }
@@ -742,11 +802,23 @@ async fn list_into(
         let next = if advanced {
             let deadline = tokio::time::Instant::from_std(committed + COMMIT_EVERY);
             match tokio::time::timeout_at(deadline, lister.next_page()).await {
-                Ok(r) => Some(r?),
+                Ok(r) => Some(r),
                 Err(_) => None,
             }
         } else {
-            Some(lister.next_page().await?)
+            Some(lister.next_page().await)
+        };
+        let next = match next {
+            Some(Err(e)) => {
+                // What was listed before the failure is kept: a retry goes on from it.
+                if advanced {
+                    commit(b, db, path, false).await?;
+                    listed.send_replace(b.listed(false));
+                }
+                return Err(e.into());
+            }
+            Some(Ok(page)) => Some(page),
+            None => None,
         };
         let page = match next {
             Some(Some(page)) => page,
@@ -831,6 +903,7 @@ impl Builder {
             complete,
             digest: if complete { self.digest } else { 0 },
             error: None,
+            stopped: false,
         }
     }
 
