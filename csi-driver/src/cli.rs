@@ -45,7 +45,8 @@ pub struct Cli {
 pub enum Command {
     /// Mount a lake prefix read-only at MOUNTPOINT, backed by a local cache (or, with
     /// --checkpoint, a read-write checkpoint volume whose committed steps upload to the
-    /// lake prefix). Runs in the
+    /// lake prefix). Mounted as soon as the listing's first page is in: the rest is
+    /// served as it is listed (a name not listed yet waits for it). Runs in the
     /// foreground until SIGTERM/SIGINT or `umount MOUNTPOINT`, then exits with nothing
     /// left mounted. If files are still open at SIGTERM/SIGINT, the mount is detached
     /// (gone from the mount table at once) and they keep reading until closed; a

@@ -255,9 +255,10 @@ pub enum Lookup {
     Wait(String),
 }
 
-/// The snapshot's entries are committed this often while listing (and every [`BATCH`]
-/// objects): how stale a snapshot being listed may be behind its listing.
-const COMMIT_EVERY: Duration = Duration::from_millis(200);
+/// What is listed is committed durably, and served, this often while listing (and at
+/// the first page): how far a snapshot being listed may lag its listing. Each is a sync
+/// of the snapshot file; commits every [`BATCH`] objects in between are not synced.
+const COMMIT_EVERY: Duration = Duration::from_millis(500);
 
 /// A listing that failed is tried again after this, doubling up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -393,7 +394,7 @@ impl Snapshot {
                 .create(&owned)
                 .map_err(redb::Error::from)?;
             let mut b = Builder::new("");
-            b.flush(&db, false)?;
+            b.flush(&db, Durable::Yes)?;
             Ok((Arc::new(db), b))
         })
         .await
@@ -812,7 +813,7 @@ async fn list_into(
             Some(Err(e)) => {
                 // What was listed before the failure is kept: a retry goes on from it.
                 if advanced {
-                    commit(b, db, path, false).await?;
+                    commit(b, db, path, Durable::Yes).await?;
                     listed.send_replace(b.listed(false));
                 }
                 return Err(e.into());
@@ -832,31 +833,49 @@ async fn list_into(
             b.add(obj);
             advanced = true;
         }
-        if b.pending.len() >= BATCH || (advanced && committed.elapsed() >= COMMIT_EVERY) {
-            commit(b, db, path, false).await?;
+        let due = advanced && committed.elapsed() >= COMMIT_EVERY;
+        let first = advanced && !listed.borrow().started();
+        if due || first {
+            // Durable, then served.
+            commit(b, db, path, Durable::Yes).await?;
             listed.send_replace(b.listed(false));
             report(&listed.borrow());
             committed = Instant::now();
             advanced = false;
+        } else if b.pending.len() >= BATCH {
+            // Memory stays bounded; made durable (and served) by the next timed commit.
+            commit(b, db, path, Durable::No).await?;
         }
     }
-    commit(b, db, path, true).await?;
+    commit(b, db, path, Durable::Last).await?;
     listed.send_replace(b.listed(true));
     report(&listed.borrow());
     Ok(())
 }
 
-/// Commits `b`'s pending entries durably on a blocking thread.
+/// How a commit of the builder is made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durable {
+    /// Not synced: bounds the builder's memory; nothing in it is served until a later
+    /// durable commit.
+    No,
+    /// Synced: what it holds may be served.
+    Yes,
+    /// Synced, with the totals and the complete flag.
+    Last,
+}
+
+/// Commits `b`'s pending entries on a blocking thread.
 async fn commit(
     b: &mut Builder,
     db: &Arc<Database>,
     path: &Path,
-    last: bool,
+    how: Durable,
 ) -> Result<(), SnapshotError> {
     let mut owned = std::mem::replace(b, Builder::new(""));
     let db = db.clone();
     let back = blocking(path, move || {
-        owned.flush(&db, last)?;
+        owned.flush(&db, how)?;
         Ok(owned)
     })
     .await?;
@@ -1086,12 +1105,18 @@ impl Builder {
         p
     }
 
-    /// Commits the pending entries, the state to resume from and, if `last`, the
-    /// totals and the complete flag, durably: an entry is never served before it would
-    /// survive a crash, so a resumed listing never gives its number to another name.
-    fn flush(&mut self, db: &Database, last: bool) -> Result<(), redb::Error> {
+    /// Commits the pending entries, the state to resume from and, for the last, the
+    /// totals and the complete flag. Only what a durable commit holds is served: an
+    /// entry never is before it would survive a crash, so a resumed listing never gives
+    /// its number to another name.
+    fn flush(&mut self, db: &Database, how: Durable) -> Result<(), redb::Error> {
+        let last = how == Durable::Last;
         let mut tx = db.begin_write()?;
-        tx.set_durability(redb::Durability::Immediate)?;
+        tx.set_durability(if how == Durable::No {
+            redb::Durability::None
+        } else {
+            redb::Durability::Immediate
+        })?;
         {
             let mut en = tx.open_table(ENTRIES)?;
             let mut ch = tx.open_table(CHILDREN)?;

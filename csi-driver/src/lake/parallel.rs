@@ -646,4 +646,34 @@ mod tests {
             flat(&lake, "ds/").await.len()
         );
     }
+
+    #[tokio::test]
+    async fn a_listing_resumed_after_a_name_skips_the_directories_before_it() {
+        use crate::lake::faults::FaultyLake;
+        use crate::testing::SyntheticLake;
+
+        let synthetic = SyntheticLake::new("d/", 20_000, 500, 1, 10);
+        let after = synthetic.name(15_100);
+        let lake = FaultyLake::new(std::sync::Arc::new(synthetic));
+        let opts = ListOptions {
+            parallelism: 4,
+            split_depth: 2,
+            page_size: 100,
+        };
+        let whole = all(&lake, "d/", opts).await.unwrap();
+        let whole_calls = lake.calls(crate::lake::Op::List);
+        let mut l = ParallelLister::new(&lake, "d/", opts).after(&after);
+        let mut rest = Vec::new();
+        while let Some(page) = l.next_page().await.unwrap() {
+            rest.extend(page.into_iter().map(|o| o.name));
+        }
+        let calls = lake.calls(crate::lake::Op::List) - whole_calls;
+        let want: Vec<&String> = whole.iter().filter(|n| **n > after).collect();
+        let got: Vec<&String> = rest.iter().filter(|n| **n > after).collect();
+        assert_eq!(got, want, "every name after the cut, in order");
+        assert!(
+            calls * 2 < whole_calls,
+            "directories wholly before the cut are not listed: {calls} requests against {whole_calls}"
+        );
+    }
 }
