@@ -835,6 +835,22 @@ fn a_second_reader_of_a_file_being_fetched_gets_the_same_fetch() {
 /// directory of its name; `ls` is never shown a partial directory as whole.
 #[test]
 fn a_dataset_is_served_while_it_is_listed_and_every_answer_is_the_final_one() {
+    served_while_listed(false);
+}
+
+/// The same through io_uring, where a waiting request holds one of its CPU's ring
+/// entries (not its thread) and is answered through the queue's mailbox.
+#[test]
+fn a_dataset_is_served_while_it_is_listed_through_io_uring() {
+    let Some(_uring) = tidepool_csi::testing::FuseUring::enable_for(
+        "a_dataset_is_served_while_it_is_listed_through_io_uring",
+    ) else {
+        return;
+    };
+    served_while_listed(true);
+}
+
+fn served_while_listed(io_uring: bool) {
     let mem = Arc::new(MemoryLake::new());
     let early = pattern(3, 100_000);
     mem.insert("ds/a/early.bin", early.clone());
@@ -852,7 +868,7 @@ fn a_dataset_is_served_while_it_is_listed_and_every_answer_is_the_final_one() {
     // b.txt), then waits until the test lets it go on.
     lake.fail_after(Op::List, 2, Fault::Hold, None);
     let mut config = mount_config(true, 1, "tidepool-test");
-    config.io_uring = false;
+    config.io_uring = io_uring;
     let fx = Fixture::mount_opened(
         lake.clone(),
         tempfile::tempdir().unwrap(),
@@ -924,4 +940,10 @@ fn a_dataset_is_served_while_it_is_listed_and_every_answer_is_the_final_one() {
         24,
         "the shadowed file is not counted"
     );
+    if io_uring {
+        assert!(
+            fx.mount.as_ref().unwrap().connection().io_uring_requests() > 0,
+            "served through io_uring"
+        );
+    }
 }
