@@ -289,9 +289,10 @@ impl fuse::FileSystem for DatasetFs {
             None => snap.children_wait(local, offset - 2).ok()??,
         };
         let rt = self.rt.clone();
+        let listing = snap.watch();
         Some(Box::new(move |resume: fuse::Resume| {
             rt.spawn(async move {
-                match snap.wait_past(&bound).await {
+                match listing.wait_past(&bound).await {
                     // The answer reads the snapshot: off the runtime's threads.
                     Ok(()) => drop(tokio::task::spawn_blocking(resume)),
                     Err(e) => {

@@ -25,9 +25,12 @@
 //! - `lookup`: (parent ino, name) → child ino;
 //! - `meta`: summary (objects, bytes, skipped, complete flag).
 //!
-//! A snapshot file is written once and then only read; it is visible to the pool only
-//! after its `complete` flag is committed durably, so a crash mid-listing leaves a file
-//! that the next start deletes.
+//! A snapshot is served while it is being listed ([`Snapshot::start`]): the listing
+//! comes in name order, so what is committed is a prefix of the whole, and an answer is
+//! given only once it is final (see [`Snapshot::lookup_now`]) and durable. The builder's
+//! state is committed with the entries, so a listing stopped by a crash is taken up
+//! where its last durable commit left it ([`Snapshot::resume`]) and the numbers it gave
+//! keep their meaning. Once complete, a snapshot file is only read.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -205,8 +208,9 @@ async fn blocking<T: Send + 'static>(
 pub struct Listed {
     /// Totals of what is in the snapshot so far (final once `complete`).
     pub summary: Summary,
-    /// The last name listed (relative to the prefix): every name up to it is in the
-    /// snapshot, durably; nothing after it is.
+    /// The last name listed and durably committed (relative to the prefix): every name
+    /// up to it is in the snapshot for good. Entries after it may be committed too
+    /// (unsynced); they are not served until a durable commit passes them.
     pub upto: String,
     /// The listing reached its end: the snapshot is whole and never changes again.
     pub complete: bool,
@@ -243,6 +247,47 @@ impl Drop for Snapshot {
         if let Some(b) = &self.builder {
             b.abort();
         }
+    }
+}
+
+/// Waits on a snapshot's listing (see [`Snapshot::watch`]); ends with an error when
+/// the snapshot is closed.
+pub struct ListingWatch(watch::Receiver<Listed>);
+
+impl ListingWatch {
+    /// See [`Snapshot::wait_past`].
+    pub async fn wait_past(mut self, name: &str) -> Result<(), SnapshotError> {
+        loop {
+            {
+                let l = self.0.borrow_and_update();
+                if l.complete || l.upto.as_str() >= name {
+                    return Ok(());
+                }
+                if let Some(e) = &l.error {
+                    return Err(SnapshotError::Listing(e.clone()));
+                }
+            }
+            if self.0.changed().await.is_err() {
+                return Err(SnapshotError::Listing("the snapshot was closed".into()));
+            }
+        }
+    }
+}
+
+/// Marks the listing stopped when its task ends without completing (aborted with its
+/// snapshot, or a panic), so that nothing waits on it forever.
+struct StopGuard(Arc<watch::Sender<Listed>>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        self.0.send_if_modified(|l| {
+            if l.complete || l.stopped {
+                return false;
+            }
+            l.stopped = true;
+            l.error.get_or_insert_with(|| "the listing stopped".into());
+            true
+        });
     }
 }
 
@@ -412,8 +457,10 @@ impl Snapshot {
         let task = {
             let (path, db, listed) = (path.to_owned(), db.clone(), listed.clone());
             tokio::spawn(async move {
+                let _stopped = StopGuard(listed.clone());
                 let mut wait = RETRY_FIRST;
                 loop {
+                    let upto_before = listed.borrow().upto.clone();
                     let r = list_into(
                         lake.as_ref(),
                         &path,
@@ -437,7 +484,11 @@ impl Snapshot {
                         let _ = tx.send(e);
                         return;
                     }
-                    tracing::warn!(snapshot = %path.display(), error = %e, retry_in = ?wait, "listing failed; the part listed is served, the rest waits for the retry");
+                    if listed.borrow().upto != upto_before {
+                        // It went on before failing: start the backoff again.
+                        wait = RETRY_FIRST;
+                    }
+                    tracing::warn!(snapshot = %path.display(), error = %e, retry_in = ?wait, "listing failed; the part listed is served, names not listed yet fail with EIO until the retry lists again");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(RETRY_MAX);
                     // Start again from what is committed: the builder's memory may hold
@@ -521,23 +572,16 @@ impl Snapshot {
     }
 
     /// Waits until the listing has passed `name` (relative to the prefix), or is
-    /// complete; an error if the listing's last attempt failed (it is retried).
+    /// complete; an error if the listing's last attempt failed (it is retried) or it
+    /// stopped.
     pub async fn wait_past(&self, name: &str) -> Result<(), SnapshotError> {
-        let mut rx = self.listed.subscribe();
-        loop {
-            {
-                let l = rx.borrow_and_update();
-                if l.complete || l.upto.as_str() >= name {
-                    return Ok(());
-                }
-                if let Some(e) = &l.error {
-                    return Err(SnapshotError::Listing(e.clone()));
-                }
-            }
-            if rx.changed().await.is_err() {
-                return Err(SnapshotError::Listing("the listing stopped".into()));
-            }
-        }
+        self.watch().wait_past(name).await
+    }
+
+    /// A handle to wait on the listing that does not keep the snapshot open (a
+    /// waiting request must not keep a snapshot nobody serves, nor its listing, alive).
+    pub fn watch(&self) -> ListingWatch {
+        ListingWatch(self.listed.subscribe())
     }
 
     /// Waits until the snapshot is complete, through the listing's retries; an error
@@ -570,12 +614,6 @@ impl Snapshot {
         }
     }
 
-    /// Whether the listing has passed `name` (or is complete).
-    fn passed(&self, name: &str) -> bool {
-        let l = self.listed.borrow();
-        l.complete || l.upto.as_str() >= name
-    }
-
     /// The path of directory `dir` relative to the prefix, with a trailing `/` (empty
     /// for the root).
     fn dir_path(&self, dir: u64) -> Result<String, SnapshotError> {
@@ -603,50 +641,59 @@ impl Snapshot {
         Ok(p)
     }
 
-    /// The name past which child `name` of the directory at `dir_path` is final: every
-    /// name that makes it (`name` itself and `name/...`) sorts before `name0`.
-    fn final_after(dir_path: &str, name: &str) -> String {
-        format!("{dir_path}{name}0")
+    /// The name past which entry `name` (of `kind`, or absent) of the directory at
+    /// `dir_path` is final and durable. Every name that makes or shadows a file or an
+    /// absent name sorts before `name0`; a directory is made by names from `name/` on,
+    /// which sort after any file of its name, so it is final once the durable listing
+    /// reached it.
+    fn final_after(dir_path: &str, name: &str, kind: Option<Kind>) -> String {
+        match kind {
+            Some(Kind::Dir) => format!("{dir_path}{name}/"),
+            _ => format!("{dir_path}{name}0"),
+        }
     }
 
-    /// A lookup answered only when its answer is final: a directory found is (the
-    /// names that make it come after any file of its name), a file or no entry once
-    /// the listing has passed every name that could make or shadow it.
+    /// Whether `l` (taken before the read that found it) makes an answer about `name`
+    /// at `dir_path` final.
+    fn is_final(l: &Listed, dir_path: &str, name: &str, kind: Option<Kind>) -> bool {
+        l.complete || l.upto >= Self::final_after(dir_path, name, kind)
+    }
+
+    /// A lookup answered only when its answer is final (see [`Snapshot::final_after`]).
+    /// Answers are judged by how far the durable listing was before the read: what the
+    /// read sees is at least that, and an entry found beyond it (an unsynced commit) is
+    /// not served, so a restart that loses it never changes what was answered.
     pub fn lookup_now(&self, parent: u64, name: &str) -> Result<Lookup, SnapshotError> {
+        let l = self.listed();
         let found = self.lookup(parent, name)?;
-        if self.complete() || matches!(&found, Some(e) if e.kind == Kind::Dir) {
+        if l.complete {
             return Ok(found.map_or(Lookup::Missing, Lookup::Found));
         }
-        let bound = Self::final_after(&self.dir_path(parent)?, name);
-        if !self.passed(&bound) {
-            return Ok(Lookup::Wait(bound));
+        let path = self.dir_path(parent)?;
+        let kind = found.as_ref().map(|e| e.kind);
+        if !Self::is_final(&l, &path, name, kind) {
+            return Ok(Lookup::Wait(Self::final_after(&path, name, kind)));
         }
-        // Read again: the listing may have passed it since the first read.
-        Ok(self
-            .lookup(parent, name)?
-            .map_or(Lookup::Missing, Lookup::Found))
+        Ok(found.map_or(Lookup::Missing, Lookup::Found))
     }
 
     /// `None` if [`Snapshot::children`] of `dir` from `from` can answer now (with at
     /// least one entry, or the end of the directory); else the name the listing must
     /// pass first.
     pub fn children_wait(&self, dir: u64, from: u64) -> Result<Option<String>, SnapshotError> {
-        if self.complete() {
+        let l = self.listed();
+        if l.complete {
             return Ok(None);
         }
         let path = self.dir_path(dir)?;
-        if !self.children(dir, from, 1)?.is_empty() {
-            return Ok(None);
-        }
-        // Nothing final from `from` on: wait for the next child, or the directory's end.
         let next = self.children_all(dir, from, 1)?;
         let bound = match next.first() {
-            Some((_, e)) => Self::final_after(&path, &e.name),
+            Some((_, e)) => Self::final_after(&path, &e.name, Some(e.kind)),
             None if dir == ROOT => return Ok(Some(String::from(char::MAX))),
             // Every name in the directory sorts before `path` with its `/` made `0`.
             None => format!("{}0", &path[..path.len() - 1]),
         };
-        Ok((!self.passed(&bound)).then_some(bound))
+        Ok((l.upto < bound).then_some(bound))
     }
 
     /// Totals so far (final once complete).
@@ -698,12 +745,13 @@ impl Snapshot {
         from: u64,
         max: usize,
     ) -> Result<Vec<(u64, Entry)>, SnapshotError> {
+        let l = self.listed();
         let mut out = self.children_all(dir, from, max)?;
-        if !self.complete() {
+        if !l.complete {
             let path = self.dir_path(dir)?;
-            let unsure = out.iter().position(|(_, e)| {
-                e.kind == Kind::File && !self.passed(&Self::final_after(&path, &e.name))
-            });
+            let unsure = out
+                .iter()
+                .position(|(_, e)| !Self::is_final(&l, &path, &e.name, Some(e.kind)));
             if let Some(i) = unsure {
                 out.truncate(i);
             }
@@ -826,6 +874,10 @@ async fn list_into(
             Some(None) => break,
             None => Vec::new(),
         };
+        if !page.is_empty() && listed.borrow().error.is_some() {
+            // The lake answers again: names not listed yet wait for it again.
+            listed.send_modify(|l| l.error = None);
+        }
         for obj in page {
             if resumed_after.as_ref().is_some_and(|a| obj.name <= *a) {
                 continue;
@@ -1475,5 +1527,66 @@ mod tests {
         );
         assert_eq!(s.summary().objects, 41);
         assert_eq!(s.lookup(ROOT, "d1").unwrap().unwrap().kind, Kind::Dir);
+    }
+
+    /// Entries of an unsynced commit (made every 20,000 objects between synced ones)
+    /// are never served: a crash loses them, and a resumed listing would give their
+    /// numbers to other names. A directory, final as soon as it exists, is judged by
+    /// the durable listing too.
+    #[tokio::test]
+    async fn entries_of_an_unsynced_commit_are_not_served() {
+        let obj = |name: &str| ObjectMeta {
+            name: name.into(),
+            size: 1,
+            etag: ETag("e".into()),
+            last_modified: UNIX_EPOCH,
+            content_md5: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let (db, b) = Snapshot::create(&path).await.unwrap();
+        let mut b = b.with_prefix("ds/");
+        b.add(obj("ds/a/m/zz"));
+        b.flush(&db, Durable::Yes).unwrap();
+        let published = b.listed(false);
+        b.add(obj("ds/a/n/x"));
+        b.add(obj("ds/a/o"));
+        b.flush(&db, Durable::No).unwrap();
+        let s = Snapshot {
+            db,
+            path,
+            listed: Arc::new(watch::Sender::new(published)),
+            builder: None,
+        };
+        let Lookup::Found(a) = s.lookup_now(ROOT, "a").unwrap() else {
+            panic!("a is durable")
+        };
+        assert!(
+            s.lookup(a.ino, "n").unwrap().is_some(),
+            "committed, unsynced"
+        );
+        assert!(matches!(s.lookup_now(a.ino, "n").unwrap(), Lookup::Wait(w) if w == "a/n/"));
+        assert!(matches!(s.lookup_now(a.ino, "o").unwrap(), Lookup::Wait(w) if w == "a/o0"));
+        assert_eq!(names(&s, a.ino), ["m"]);
+        assert_eq!(s.children_wait(a.ino, 1).unwrap().as_deref(), Some("a/n/"));
+    }
+
+    /// A request waiting on a listing does not keep the snapshot (nor its listing)
+    /// alive: closing the snapshot stops the listing and ends the wait with an error
+    /// (the request gets EIO) instead of leaving it waiting forever.
+    #[tokio::test]
+    async fn closing_a_snapshot_being_listed_ends_every_wait() {
+        let lake = held_lake(&["ds/a", "ds/b", "ds/c"], 1);
+        let dir = tempfile::tempdir().unwrap();
+        let s = Snapshot::start(lake.clone(), "ds/", &dir.path().join("s.redb"), paged(1))
+            .await
+            .unwrap();
+        let waiting = s.watch();
+        drop(s);
+        let r = tokio::time::timeout(Duration::from_secs(30), waiting.wait_past("c"))
+            .await
+            .expect("the wait ends");
+        assert!(matches!(r, Err(SnapshotError::Listing(_))), "{r:?}");
+        lake.heal();
     }
 }
