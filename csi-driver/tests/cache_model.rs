@@ -569,8 +569,7 @@ async fn a_lake_that_cannot_be_listed_fails_the_open_and_a_later_failure_is_retr
     lake.fail_always(Op::List, Fault::Reset);
     let err = Dataset::start(pool.clone(), url.clone(), lake.clone(), true)
         .await
-        .err()
-        .expect("an unlistable lake fails the open");
+        .expect_err("an unlistable lake fails the open");
     assert!(
         matches!(
             err,

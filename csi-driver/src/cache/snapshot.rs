@@ -850,10 +850,9 @@ async fn list_into(
         // slow to come (the lister keeps its place when a wait for a page is dropped).
         let next = if advanced {
             let deadline = tokio::time::Instant::from_std(committed + COMMIT_EVERY);
-            match tokio::time::timeout_at(deadline, lister.next_page()).await {
-                Ok(r) => Some(r),
-                Err(_) => None,
-            }
+            tokio::time::timeout_at(deadline, lister.next_page())
+                .await
+                .ok()
         } else {
             Some(lister.next_page().await)
         };
