@@ -528,10 +528,17 @@ async fn a_standby_takes_over_when_the_leader_dies_and_nothing_is_duplicated() {
     let p = e.pool(&pool).await;
     assert_eq!(p.spec.datasets.len(), 2, "{:?}", p.spec.datasets);
     assert_eq!(Env::assigned(&p, &d1.uid().unwrap()), 1);
-    let pvs = Api::<PersistentVolume>::all(e.client.clone())
-        .list(&ListParams::default().labels(&format!("tidepool.dev/namespace={}", e.ns)))
-        .await
-        .unwrap();
+    // The PV comes from the DatasetCache's own reconcile, which may follow the pool's
+    // assignment by a moment.
+    let ours = ListParams::default().labels(&format!("tidepool.dev/namespace={}", e.ns));
+    let pv_api = Api::<PersistentVolume>::all(e.client.clone());
+    eventually(
+        Duration::from_secs(30),
+        "a PV for each DatasetCache",
+        || async { (pv_api.list(&ours).await.unwrap().items.len() >= 2).then_some(()) },
+    )
+    .await;
+    let pvs = pv_api.list(&ours).await.unwrap();
     let all: Vec<_> = Api::<PersistentVolume>::all(e.client.clone())
         .list(&ListParams::default())
         .await
