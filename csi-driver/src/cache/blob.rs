@@ -167,6 +167,11 @@ pub struct CachedBlob {
     pool: Arc<PoolShared>,
 }
 
+/// Testing hook: a pause, in microseconds, between a shed block's slot being cleared
+/// and its hole being punched (the window a fetch of that block must never land in).
+#[cfg(feature = "testing")]
+pub static SHED_PUNCH_DELAY_US: AtomicU64 = AtomicU64::new(0);
+
 impl Drop for CachedBlob {
     fn drop(&mut self) {
         self.pool.read_buffer.forget(self.id);
@@ -402,11 +407,21 @@ impl CachedBlob {
         let mut next = first;
         let mut buf: Option<BlockBuf> = None;
         let mut writing: Option<(u64, tokio::task::JoinHandle<Result<(), CacheError>>)> = None;
+        // A lake failure mid-stream ends the run only after the block being written is
+        // written and recorded: its waiter is told, and its slot is not given up (to a
+        // shed or another fetch) while the write could still land.
+        let mut failure = None;
         while next < first + n {
             let Some(chunk) = body.next().await else {
                 break;
             };
-            let mut chunk = chunk.map_err(|e| self.lake_error(e))?;
+            let mut chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    failure = Some(self.lake_error(e));
+                    break;
+                }
+            };
             while !chunk.is_empty() && next < first + n {
                 let r = self.map.block_range(next);
                 let len = (r.end - r.start) as usize;
@@ -438,6 +453,9 @@ impl CachedBlob {
             if let Some(e) = failed {
                 return Err(e);
             }
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         if next < first + n {
             let got = self.map.block_range(next).start - self.map.block_range(first).start;
@@ -825,12 +843,23 @@ impl CachedBlob {
             if freed >= want {
                 break;
             }
-            if !self.map.is_resident(i) || self.inflight.lock().contains_key(&i) {
+            // Held until the hole is punched: a fetch decides "missing, fetch it" under
+            // this lock (`request`), so none can write the block between its slot being
+            // cleared and the punch (the map would say resident over a hole: zeros).
+            let inflight = self.inflight.lock();
+            if !self.map.is_resident(i) || inflight.contains_key(&i) {
                 continue;
             }
             let r = self.map.block_range(i);
             if self.map.drop_block(i).is_err() {
                 break;
+            }
+            #[cfg(feature = "testing")]
+            {
+                let us = SHED_PUNCH_DELAY_US.load(Ordering::Relaxed);
+                if us > 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(us));
+                }
             }
             use std::os::fd::AsRawFd;
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -843,6 +872,7 @@ impl CachedBlob {
                     (r.end - r.start) as libc::off_t,
                 )
             } == 0;
+            drop(inflight);
             if !punched {
                 tracing::warn!(blob = %self.blob, error = %std::io::Error::last_os_error(), "cannot punch a hole in a cache file; the pool can overflow while a file larger than it is open");
                 break;
