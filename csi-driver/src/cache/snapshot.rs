@@ -419,9 +419,16 @@ impl Snapshot {
                 tracing::info!(snapshot = %path.display(), objects = b.summary.objects, after = %b.upto, "resuming a listing that stopped part way");
                 Ok(Self::spawn(lake, path, db, b, opts, None))
             }
+            // Complete (or written by an older version): served as it is, from the
+            // database just opened, off the runtime.
             Some(_) | None => {
-                drop(db);
-                Self::open(path)
+                let owned = path.to_owned();
+                tokio::task::spawn_blocking(move || Self::complete_from(db, &owned))
+                    .await
+                    .map_err(|e| SnapshotError::Store {
+                        path: path.to_owned(),
+                        cause: Box::new(e),
+                    })?
             }
         }
     }
@@ -522,11 +529,16 @@ impl Snapshot {
 
     /// Opens a complete snapshot written earlier.
     pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
-        let err = store_err(path);
         let db = Database::builder()
             .set_cache_size(32 << 20)
             .open(path)
-            .map_err(|e| err(e.into()))?;
+            .map_err(|e| store_err(path)(e.into()))?;
+        Self::complete_from(Arc::new(db), path)
+    }
+
+    /// The complete snapshot in the open database `db` (an error if it is not).
+    fn complete_from(db: Arc<Database>, path: &Path) -> Result<Snapshot, SnapshotError> {
+        let err = store_err(path);
         let (summary, digest, complete) = {
             let tx = db.begin_read().map_err(|e| err(e.into()))?;
             let meta = tx.open_table(META).map_err(|e| err(e.into()))?;
@@ -548,7 +560,7 @@ impl Snapshot {
             });
         }
         Ok(Snapshot {
-            db: Arc::new(db),
+            db,
             path: path.to_owned(),
             listed: Arc::new(watch::Sender::new(Listed {
                 summary,
