@@ -1600,4 +1600,37 @@ mod tests {
         assert!(matches!(r, Err(SnapshotError::Listing(_))), "{r:?}");
         lake.heal();
     }
+
+    /// While a listing's attempt has failed, a wait for a name it has not reached ends
+    /// at once with the error (the request gets EIO, not a wait on a dead lake); once
+    /// the lake answers again the retry goes on, the error is cleared and the listing
+    /// completes.
+    #[tokio::test]
+    async fn a_failed_attempt_fails_waits_until_the_retry_lists_again() {
+        use crate::lake::faults::{Fault, FaultyLake};
+        let mem = MemoryLake::new();
+        for i in 0..30 {
+            mem.insert(&format!("ds/f{i:02}"), vec![1]);
+        }
+        let lake = Arc::new(FaultyLake::new(Arc::new(mem)));
+        lake.fail_after(crate::lake::Op::List, 2, Fault::Reset, Some(1));
+        let dir = tempfile::tempdir().unwrap();
+        let s = Snapshot::start(lake, "ds/", &dir.path().join("s.redb"), paged(10))
+            .await
+            .unwrap();
+        let mut rx = s.listed.subscribe();
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|l| l.error.is_some()))
+            .await
+            .expect("the attempt fails")
+            .unwrap();
+        drop(rx);
+        assert!(matches!(
+            s.wait_past("f29").await,
+            Err(SnapshotError::Listing(_))
+        ));
+        within(s.wait_complete()).await;
+        assert_eq!(s.listed().error, None);
+        assert_eq!(s.summary().objects, 30);
+        within(s.wait_past("f29")).await;
+    }
 }
