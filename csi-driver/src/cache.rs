@@ -30,6 +30,7 @@
 pub mod blob;
 pub mod dataset;
 mod open_table;
+pub mod peers;
 mod read_buffer;
 pub mod residency;
 pub mod snapshot;
@@ -228,6 +229,10 @@ pub(crate) struct PoolShared {
     index_path: PathBuf,
     /// Bytes fetched from the lake since start (reports and tests).
     pub fetched: AtomicU64,
+    /// Bytes fetched from other nodes since start.
+    from_peers: AtomicU64,
+    /// The cluster's other nodes, where blocks are asked for before the lake.
+    peers: parking_lot::RwLock<Option<Arc<dyn peers::BlockPeers>>>,
     /// Bytes of files evicted since start.
     evicted: AtomicU64,
     /// Blocks fetched for readers and not yet read by them.
@@ -423,8 +428,17 @@ impl PoolShared {
             .clamp(Duration::from_millis(5), Duration::from_millis(500))
     }
 
-    pub(crate) fn block_landed(&self, key: &str, n: u64) {
-        self.fetched.fetch_add(n, Ordering::Relaxed);
+    /// The cluster's other nodes, if this pool shares with them.
+    pub(crate) fn peers(&self) -> Option<Arc<dyn peers::BlockPeers>> {
+        self.peers.read().clone()
+    }
+
+    pub(crate) fn block_landed(&self, key: &str, n: u64, from_peer: bool) {
+        if from_peer {
+            self.from_peers.fetch_add(n, Ordering::Relaxed);
+        } else {
+            self.fetched.fetch_add(n, Ordering::Relaxed);
+        }
         let used = self.used.fetch_add(n, Ordering::AcqRel) + n;
         self.pending.lock().entry(key.to_owned()).or_default().bytes += n as i64;
         if used > self.watermarks().0 {
@@ -947,6 +961,8 @@ impl PoolShared {
             index,
             index_path,
             fetched: AtomicU64::new(0),
+            from_peers: AtomicU64::new(0),
+            peers: parking_lot::RwLock::new(None),
             evicted: AtomicU64::new(0),
             read_buffer: read_buffer::ReadBuffer::new(config_read_buffer),
             direct_io: std::sync::atomic::AtomicBool::new(config_direct_io),
@@ -991,6 +1007,17 @@ impl CachePool {
     /// Bytes fetched from the lake by this process.
     pub fn fetched(&self) -> u64 {
         self.shared.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Bytes fetched from other nodes (peers) by this process.
+    pub fn fetched_from_peers(&self) -> u64 {
+        self.shared.from_peers.load(Ordering::Relaxed)
+    }
+
+    /// Shares this pool with the cluster's other nodes: missing blocks of datasets are
+    /// asked of their owner first (see `crate::peer`). `None` stops it.
+    pub fn set_peers(&self, peers: Option<Arc<dyn peers::BlockPeers>>) {
+        *self.shared.peers.write() = peers;
     }
 
     /// Bytes of files the evictor removed since this process started.

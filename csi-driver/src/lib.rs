@@ -19,6 +19,7 @@ pub mod fuse;
 pub mod keeper;
 pub mod lake;
 pub mod mounts;
+pub mod peer;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;

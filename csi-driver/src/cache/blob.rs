@@ -29,8 +29,8 @@ use std::ops::Range;
 const READ_ATTEMPTS: usize = 5;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use futures::channel::oneshot;
@@ -78,6 +78,14 @@ impl BlockBuf {
     fn freeze(self) -> Bytes {
         Bytes::from(self.vec).slice(self.off..)
     }
+}
+
+/// A copy of `b` in memory aligned for direct I/O (bytes from the network arrive
+/// wherever the allocator put them).
+fn aligned_copy(b: &[u8]) -> Bytes {
+    let mut buf = BlockBuf::new(b.len());
+    buf.extend(b);
+    buf.freeze()
 }
 
 /// `len` bytes at `offset` appended to `buf`, without zeroing them first (this is the
@@ -163,6 +171,9 @@ pub struct CachedBlob {
     pinned: AtomicU32,
     /// Last block served, where a sequential reader is now.
     last_read: AtomicU64,
+    /// The dataset this blob is fetched for, as the cluster's other nodes know it: set
+    /// by the first dataset that opens it; without it, blocks come only from the lake.
+    scope: OnceLock<String>,
     lake: Arc<dyn Lake>,
     pool: Arc<PoolShared>,
 }
@@ -241,6 +252,7 @@ impl CachedBlob {
             shed: RwLock::new(()),
             pinned: AtomicU32::new(0),
             last_read: AtomicU64::new(0),
+            scope: OnceLock::new(),
             lake,
             pool,
         })
@@ -277,10 +289,53 @@ impl CachedBlob {
         blocks: Range<u64>,
         hold: bool,
     ) -> Result<(), Arc<CacheError>> {
-        for r in futures::future::join_all(self.request(blocks, false, hold)).await {
+        for r in futures::future::join_all(self.request(blocks, false, hold, false)).await {
             r?;
         }
         Ok(())
+    }
+
+    /// Makes blocks `blocks` resident for a peer that asked this node, their owner:
+    /// missing ones come from the lake, never from another peer (two nodes whose views
+    /// of the members differ never send a request round in a circle), and one fetch
+    /// serves every asker.
+    pub async fn ensure_from_lake(
+        self: &Arc<Self>,
+        blocks: Range<u64>,
+    ) -> Result<(), Arc<CacheError>> {
+        for r in futures::future::join_all(self.request(blocks, true, false, true)).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// The dataset this blob is fetched for, as every node names it (the first set
+    /// stays: a blob version listed by two datasets is asked for under the first).
+    pub fn set_scope(&self, dataset: &str) {
+        let _ = self.scope.set(dataset.to_owned());
+    }
+
+    /// Block `i` as this node serves it to a peer: its bytes (checked against their
+    /// CRC32C first if not yet in this boot) and that CRC32C, which the asker checks
+    /// again. [`CacheError::Refetch`] if the block is not resident (shed or dropped
+    /// since it was ensured).
+    pub fn peer_block(&self, i: u64) -> Result<(Bytes, u32), CacheError> {
+        let _reading = self.shed.read();
+        if !self.map.is_resident(i) {
+            return Err(CacheError::Refetch);
+        }
+        let crc = self.map.crc(i);
+        if let Some(b) = self.pool.read_buffer.get(self.id, i) {
+            return Ok((b, crc));
+        }
+        if !self.map.is_verified(i) {
+            self.verify_block(i)?;
+        }
+        let r = self.map.block_range(i);
+        let mut out = Vec::new();
+        append_at(&self.data, &mut out, (r.end - r.start) as usize, r.start)
+            .map_err(|e| CacheError::io(&self.data_path, e))?;
+        Ok((Bytes::from(out), crc))
     }
 
     /// Starts fetching blocks in the background for a reader about to read them
@@ -294,21 +349,25 @@ impl CachedBlob {
             .div_ceil(per)
             .saturating_mul(per)
             .min(self.map.blocks());
-        drop(self.request(blocks.start..end, true, true));
+        drop(self.request(blocks.start..end, true, true, false));
     }
 
     /// One future per block of `blocks` that is not resident. Missing blocks nobody is
     /// fetching yet are grouped into runs of consecutive blocks, each fetched by one
     /// ranged GET of at most `blocks_per_get` blocks (runs of readahead also break at
-    /// multiples of it, so a sliding window issues whole GETs). `hold`: keep the
-    /// fetched blocks in the read buffer for the reader who asked.
+    /// multiples of it, so a sliding window issues whole GETs; with peers, every run
+    /// breaks there, as a run is fetched from one chunk's owner). `hold`: keep the
+    /// fetched blocks in the read buffer for the reader who asked. `lake_only`: never
+    /// ask a peer (this node is asked as the owner).
     fn request(
         self: &Arc<Self>,
         blocks: Range<u64>,
         aligned: bool,
         hold: bool,
+        lake_only: bool,
     ) -> Vec<FetchFuture> {
         let per = self.pool.config.blocks_per_get();
+        let aligned = aligned || self.pool.peers().is_some();
         let mut out = Vec::new();
         let mut run: Vec<oneshot::Sender<FetchResult>> = Vec::new();
         let mut run_start = 0;
@@ -318,7 +377,7 @@ impl CachedBlob {
             let full = run.len() as u64 >= per || (aligned && i % per == 0);
             if !run.is_empty() && (joins || full) {
                 self.clone()
-                    .spawn_run(run_start, std::mem::take(&mut run), hold);
+                    .spawn_run(run_start, std::mem::take(&mut run), hold, lake_only);
             }
             if self.map.is_resident(i) {
                 continue;
@@ -346,7 +405,7 @@ impl CachedBlob {
             run.push(tx);
         }
         if !run.is_empty() {
-            self.clone().spawn_run(run_start, run, hold);
+            self.clone().spawn_run(run_start, run, hold, lake_only);
         }
         out
     }
@@ -356,13 +415,14 @@ impl CachedBlob {
         first: u64,
         waiters: Vec<oneshot::Sender<FetchResult>>,
         hold: bool,
+        lake_only: bool,
     ) {
         tokio::spawn(async move {
             let n = waiters.len() as u64;
             let mut waiters = waiters.into_iter();
             let mut next = first;
             let r = self
-                .fetch_run(first, n, hold, &mut |i, r| {
+                .fetch_run(first, n, hold, lake_only, &mut |i, r| {
                     next = i + 1;
                     self.inflight.lock().remove(&i);
                     if let Some(w) = waiters.next() {
@@ -382,14 +442,15 @@ impl CachedBlob {
         });
     }
 
-    /// Fetches blocks `first..first + n` with one streamed GET. Each block is written
-    /// and recorded as soon as its bytes are in (`done(i, Ok)`), while the next one is
-    /// still arriving; at most one block is being filled and one written per GET.
+    /// Fetches blocks `first..first + n`: from their owner among the cluster's other
+    /// nodes where there is one (unless `lake_only`), and from the lake what it did not
+    /// deliver. `done(i, _)` is called for each block in order.
     async fn fetch_run(
         self: &Arc<Self>,
         first: u64,
         n: u64,
         hold: bool,
+        lake_only: bool,
         done: &mut (dyn FnMut(u64, FetchResult) + Send),
     ) -> Result<(), CacheError> {
         let _permit = self
@@ -398,6 +459,139 @@ impl CachedBlob {
             .acquire()
             .await
             .map_err(|_| CacheError::Internal("pool closed".into()))?;
+        let mut from = first;
+        if !lake_only {
+            from = self.fetch_from_peer(first, n, hold, done).await?;
+        }
+        if from == first + n {
+            return Ok(());
+        }
+        self.fetch_from_lake(from, first + n - from, hold, done)
+            .await
+    }
+
+    /// Asks the owner of block `first`'s chunk for blocks `first..first + n`, when that
+    /// is another node; returns the first block it did not deliver (`first` if it was
+    /// not asked). Each block is checked before it is stored, and stored before the
+    /// next is taken: its length, the CRC32C its owner recorded when it fetched it from
+    /// the lake, and for a one-block blob with a `Content-MD5`, the MD5. A blob with a
+    /// `Content-MD5` over several blocks is not asked for: its MD5 can be checked only
+    /// over the whole blob, and a peer's bytes are never served before their check.
+    /// A peer that fails (unreachable, slow, refusing, or serving bytes that fail their
+    /// check) is reported and the rest comes from the lake.
+    async fn fetch_from_peer(
+        self: &Arc<Self>,
+        first: u64,
+        n: u64,
+        hold: bool,
+        done: &mut (dyn FnMut(u64, FetchResult) + Send),
+    ) -> Result<u64, CacheError> {
+        let (Some(peers), Some(dataset)) = (self.pool.peers(), self.scope.get()) else {
+            return Ok(first);
+        };
+        if self.md5.is_some() && self.map.blocks() > 1 {
+            return Ok(first);
+        }
+        let ask = super::peers::PeerAsk {
+            dataset: dataset.clone(),
+            blob: self.blob.clone(),
+            etag: self.etag.clone(),
+            size: self.size,
+            block_size: self.map.block_size(),
+            chunk_blocks: self.pool.config.blocks_per_get(),
+            first,
+            n,
+        };
+        let Some(owner) = peers.owner(&ask) else {
+            return Ok(first);
+        };
+        let fail = |fault, detail: String| {
+            let f = super::peers::PeerFailure { fault, detail };
+            tracing::debug!(blob = %self.blob, owner = %owner, failure = %f, "peer fetch failed; the rest comes from the lake");
+            peers.report(&owner, &f);
+        };
+        let mut blocks = match peers.fetch(&owner, &ask).await {
+            Ok(b) => b,
+            Err(f) => {
+                tracing::debug!(blob = %self.blob, owner = %owner, failure = %f, "peer fetch failed; fetching from the lake");
+                peers.report(&owner, &f);
+                return Ok(first);
+            }
+        };
+        use super::peers::PeerFault::{Corrupt, Unreachable};
+        let mut next = first;
+        while next < first + n {
+            let block = match blocks.next().await {
+                Some(Ok(b)) => b,
+                Some(Err(f)) => {
+                    tracing::debug!(blob = %self.blob, owner = %owner, failure = %f, "peer fetch failed; the rest comes from the lake");
+                    peers.report(&owner, &f);
+                    break;
+                }
+                None => {
+                    fail(Unreachable, format!("the answer ended at block {next}"));
+                    break;
+                }
+            };
+            let r = self.map.block_range(next);
+            if block.index != next || block.bytes.len() as u64 != r.end - r.start {
+                fail(
+                    Corrupt,
+                    format!(
+                        "sent block {} of {} bytes for block {next} of {} bytes",
+                        block.index,
+                        block.bytes.len(),
+                        r.end - r.start
+                    ),
+                );
+                break;
+            }
+            if crc32c::crc32c(&block.bytes) != block.crc {
+                fail(
+                    Corrupt,
+                    format!("block {next} does not match the CRC32C its owner recorded"),
+                );
+                break;
+            }
+            let this = self.clone();
+            let len = r.end - r.start;
+            let stored = tokio::task::spawn_blocking(move || {
+                this.store_block(next, aligned_copy(&block.bytes), hold, true)
+            })
+            .await
+            .map_err(|e| CacheError::Internal(format!("block write failed: {e}")))
+            .and_then(|r| r);
+            match stored {
+                Ok(()) => {
+                    peers.counted(dataset, len, true);
+                    done(next, Ok(()));
+                    next += 1;
+                }
+                Err(CacheError::Corrupt { what, .. }) => {
+                    fail(Corrupt, format!("block {next}: {what}"));
+                    break;
+                }
+                Err(e) => {
+                    // The local write failed: the lake would fare no better.
+                    let e = Arc::new(e);
+                    done(next, Err(e.clone()));
+                    return Err(CacheError::Internal(e.to_string()));
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    /// Fetches blocks `first..first + n` with one streamed GET. Each block is written
+    /// and recorded as soon as its bytes are in (`done(i, Ok)`), while the next one is
+    /// still arriving; at most one block is being filled and one written per GET.
+    async fn fetch_from_lake(
+        self: &Arc<Self>,
+        first: u64,
+        n: u64,
+        hold: bool,
+        done: &mut (dyn FnMut(u64, FetchResult) + Send),
+    ) -> Result<(), CacheError> {
         let range = self.map.block_range(first).start..self.map.block_range(first + n - 1).end;
         let mut body = self
             .lake
@@ -438,7 +632,14 @@ impl CachedBlob {
                 let this = self.clone();
                 writing = Some((
                     next,
-                    tokio::task::spawn_blocking(move || this.store_block(next, block, hold)),
+                    tokio::task::spawn_blocking(move || {
+                        let len = block.len() as u64;
+                        this.store_block(next, block, hold, false)?;
+                        if let (Some(peers), Some(d)) = (this.pool.peers(), this.scope.get()) {
+                            peers.counted(d, len, false);
+                        }
+                        Ok(())
+                    }),
                 ));
                 next += 1;
             }
@@ -480,7 +681,13 @@ impl CachedBlob {
     /// Checks, writes and records one fetched block (on a blocking thread: a 4 MiB
     /// write must not stall the runtime's network work); `hold`: then keeps it in the
     /// read buffer for the reader waiting for it.
-    fn store_block(self: &Arc<Self>, i: u64, body: Bytes, hold: bool) -> Result<(), CacheError> {
+    fn store_block(
+        self: &Arc<Self>,
+        i: u64,
+        body: Bytes,
+        hold: bool,
+        from_peer: bool,
+    ) -> Result<(), CacheError> {
         if self.map.is_resident(i) {
             if hold {
                 self.pool.read_buffer.insert(self.id, i, body);
@@ -517,7 +724,8 @@ impl CachedBlob {
         if self.map.blocks() == 1 && self.md5.is_some() {
             let _ = self.map.set_flag(FLAG_MD5_VERIFIED);
         }
-        self.pool.block_landed(&self.key, range.end - range.start);
+        self.pool
+            .block_landed(&self.key, range.end - range.start, from_peer);
         if self.map.blocks() > 1 && self.map.is_complete() && self.md5.is_some() {
             // After this block's readers are answered, not before.
             let this = self.clone();

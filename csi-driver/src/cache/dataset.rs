@@ -49,6 +49,9 @@ pub struct Dataset {
     pub url: LakeUrl,
     pub lake: Arc<dyn Lake>,
     lake_id: String,
+    /// The dataset's id, the same on every node (a digest of its lake URL): its
+    /// directory's name in the pool, and its name among peers.
+    id: String,
     pool: CachePool,
     dir: PathBuf,
     current: RwLock<(u32, Arc<Snapshot>)>,
@@ -258,6 +261,7 @@ impl Dataset {
             url,
             lake,
             lake_id,
+            id: id.to_owned(),
             pool,
             dir,
             current: RwLock::new((seq, Arc::new(snap))),
@@ -500,7 +504,42 @@ impl Dataset {
 
     /// The cached copy of a file of this dataset.
     pub fn blob(&self, entry: &Entry) -> Result<Arc<super::blob::CachedBlob>, CacheError> {
-        self.pool.blob(&self.lake_id, &self.lake, entry)
+        let b = self.pool.blob(&self.lake_id, &self.lake, entry)?;
+        b.set_scope(&self.id);
+        Ok(b)
+    }
+
+    /// The dataset's id, the same on every node that holds it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The file of a snapshot still open here that is blob `blob` at `etag` (a peer's
+    /// ask: served only if this node lists that very version).
+    pub fn entry_for(&self, blob: &str, etag: &crate::lake::ETag) -> Option<Entry> {
+        let rel = blob.strip_prefix(self.url.prefix.as_str())?;
+        let mut snaps = vec![self.current().1];
+        snaps.extend(self.older.read().values().map(|(s, _)| s.clone()));
+        'snapshots: for snap in snaps {
+            let mut ino = super::snapshot::ROOT;
+            let mut parts = rel.split('/').peekable();
+            while let Some(name) = parts.next() {
+                match snap.lookup(ino, name) {
+                    Ok(Some(e)) if parts.peek().is_none() => {
+                        if e.kind == super::snapshot::Kind::File
+                            && e.blob == blob
+                            && &e.etag == etag
+                        {
+                            return Some(e);
+                        }
+                        continue 'snapshots;
+                    }
+                    Ok(Some(e)) => ino = e.ino,
+                    _ => continue 'snapshots,
+                }
+            }
+        }
+        None
     }
 
     /// Fetches every file of the current snapshot matching `include` into the cache,
