@@ -234,6 +234,30 @@ pub struct CachePoolStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+    /// Where this node's agent shares its cache with the cluster's other agents (the
+    /// cluster-wide cache); absent when it does not. The agents read it from every pool
+    /// to know their peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerStatus>,
+}
+
+/// A node agent's side of the cluster-wide cache, as its peers see it.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    /// `IP:port` where the agent serves its peers.
+    #[schemars(length(max = 64))]
+    pub endpoint: String,
+    /// Whether it serves blocks to peers (false: it only takes, as a node about to go
+    /// away does; no block is placed on it).
+    #[serde(default)]
+    pub serving: bool,
+    /// Ids of the datasets it holds (a digest of each dataset's lake URL, the same on
+    /// every node): blocks of a dataset are placed on, and served to, only nodes that
+    /// hold it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "bounded_list::<String, MAX_DATASETS>")]
+    pub datasets: Vec<String>,
 }
 
 /// Progress of one dataset on one node.
@@ -265,6 +289,13 @@ pub struct DatasetNodeStatus {
     /// Total bytes of the snapshot.
     #[serde(default)]
     pub bytes_total: i64,
+    /// Bytes of this dataset the node fetched from the lake since its agent started.
+    #[serde(default)]
+    pub bytes_from_lake: i64,
+    /// Bytes of this dataset the node took from its peers (the cluster-wide cache)
+    /// since its agent started: lake bytes saved.
+    #[serde(default)]
+    pub bytes_from_peers: i64,
     /// Human-readable detail, e.g. why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]

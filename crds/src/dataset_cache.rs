@@ -163,6 +163,14 @@ pub struct DatasetCacheStatus {
     /// Bytes of the dataset cached, summed over nodes.
     #[serde(default)]
     pub bytes_cached: i64,
+    /// Bytes of the dataset the nodes fetched from the lake, summed over nodes (each
+    /// since its agent started).
+    #[serde(default)]
+    pub bytes_from_lake: i64,
+    /// Bytes of the dataset the nodes took from each other instead of the lake (the
+    /// cluster-wide cache), summed over nodes (each since its agent started).
+    #[serde(default)]
+    pub bytes_from_peers: i64,
     /// The snapshot most nodes serve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotSummary>,

@@ -20,6 +20,7 @@ pub mod admin;
 pub mod checkpoints;
 pub mod datasets;
 pub mod kube;
+pub mod peers;
 pub mod protocol;
 
 use std::collections::{HashMap, HashSet};
@@ -256,6 +257,8 @@ pub struct Agent {
     pub destination_credentials: Mutex<Option<DestinationCredentialsResolver>>,
     /// The settings of a checkpoint destination (by URL) from the pool's assignments.
     pub destination_settings: Mutex<Option<DestinationSettingsResolver>>,
+    /// Sharing the cache with the cluster's other agents (`--peer-listen`).
+    pub peers: std::sync::OnceLock<peers::AgentPeers>,
 }
 
 fn state_file(dir: &Path, volume_id: &str) -> PathBuf {
@@ -285,6 +288,7 @@ impl Agent {
             destinations: Mutex::new(HashMap::new()),
             destination_credentials: Mutex::new(None),
             destination_settings: Mutex::new(None),
+            peers: std::sync::OnceLock::new(),
         });
         agent.spawn_checkpoint_accounting();
         Ok(agent)

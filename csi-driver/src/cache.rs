@@ -231,6 +231,8 @@ pub(crate) struct PoolShared {
     pub fetched: AtomicU64,
     /// Bytes fetched from other nodes since start.
     from_peers: AtomicU64,
+    /// Bytes fetched per dataset id: from the lake, from peers.
+    by_dataset: Mutex<HashMap<String, (u64, u64)>>,
     /// The cluster's other nodes, where blocks are asked for before the lake.
     peers: parking_lot::RwLock<Option<Arc<dyn peers::BlockPeers>>>,
     /// Bytes of files evicted since start.
@@ -431,6 +433,17 @@ impl PoolShared {
     /// The cluster's other nodes, if this pool shares with them.
     pub(crate) fn peers(&self) -> Option<Arc<dyn peers::BlockPeers>> {
         self.peers.read().clone()
+    }
+
+    /// `n` bytes of dataset `id` came from a peer (`peer`) or from the lake.
+    pub(crate) fn count_dataset(&self, id: &str, n: u64, peer: bool) {
+        let mut m = self.by_dataset.lock();
+        let e = m.entry(id.to_owned()).or_default();
+        if peer {
+            e.1 += n;
+        } else {
+            e.0 += n;
+        }
     }
 
     pub(crate) fn block_landed(&self, key: &str, n: u64, from_peer: bool) {
@@ -962,6 +975,7 @@ impl PoolShared {
             index_path,
             fetched: AtomicU64::new(0),
             from_peers: AtomicU64::new(0),
+            by_dataset: Mutex::new(HashMap::new()),
             peers: parking_lot::RwLock::new(None),
             evicted: AtomicU64::new(0),
             read_buffer: read_buffer::ReadBuffer::new(config_read_buffer),
@@ -1012,6 +1026,22 @@ impl CachePool {
     /// Bytes fetched from other nodes (peers) by this process.
     pub fn fetched_from_peers(&self) -> u64 {
         self.shared.from_peers.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of dataset `id` (see `Dataset::id`) fetched by this process: from the
+    /// lake, and from peers.
+    pub fn dataset_bytes(&self, id: &str) -> (u64, u64) {
+        self.shared
+            .by_dataset
+            .lock()
+            .get(id)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The cluster's other nodes, if this pool shares with them.
+    pub fn peers(&self) -> Option<Arc<dyn peers::BlockPeers>> {
+        self.shared.peers()
     }
 
     /// Shares this pool with the cluster's other nodes: missing blocks of datasets are

@@ -72,15 +72,18 @@ pub struct PeerConfig {
     /// Serve other nodes (be an owner). A node that only takes (one about to go away)
     /// turns it off, and no chunk is placed on it.
     pub serve: bool,
+    /// Members come from published statuses (the agent's CachePools): a prewarm waits
+    /// until this node has published that it holds the dataset, and [`SETTLE_GRACE`]
+    /// more for the others to publish theirs and be seen (at most [`SETTLE_MAX`]).
+    pub await_publication: bool,
 }
 
-/// Bytes of one dataset by where they came from or went.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DatasetBytes {
-    pub from_lake: u64,
-    pub from_peers: u64,
-    pub served_to_peers: u64,
-}
+/// After this node published that it holds a dataset, the time given to nodes that
+/// got it at the same time to publish theirs (a status write follows a change within a
+/// second) and to be seen here, before a prewarm starts.
+pub const SETTLE_GRACE: Duration = Duration::from_secs(3);
+/// The longest a prewarm waits for this node's publication.
+pub const SETTLE_MAX: Duration = Duration::from_secs(20);
 
 /// The cluster's other nodes, for the cache ([`BlockPeers`]) and for the server.
 #[derive(Debug)]
@@ -89,9 +92,12 @@ pub struct Peers {
     members: RwLock<Arc<HashMap<String, Member>>>,
     /// Members passed over until the given time.
     down: Mutex<HashMap<String, Instant>>,
-    bytes: Mutex<HashMap<String, DatasetBytes>>,
+    /// Bytes served to peers, per dataset id.
+    served: Mutex<HashMap<String, u64>>,
     /// Failed fetches by [`PeerFault`] (in its declaration order).
     faults: [AtomicU64; 4],
+    /// The datasets this node's last published status says it holds.
+    published: tokio::sync::watch::Sender<BTreeSet<String>>,
 }
 
 /// A member's rendezvous score for one chunk of one blob version.
@@ -124,9 +130,20 @@ impl Peers {
             config,
             members: RwLock::new(Arc::new(HashMap::new())),
             down: Mutex::new(HashMap::new()),
-            bytes: Mutex::new(HashMap::new()),
+            served: Mutex::new(HashMap::new()),
             faults: Default::default(),
+            published: tokio::sync::watch::Sender::new(BTreeSet::new()),
         })
+    }
+
+    /// This node's status naming `datasets` as held was published.
+    pub fn published(&self, datasets: &[String]) {
+        let set: BTreeSet<String> = datasets.iter().cloned().collect();
+        self.published.send_if_modified(|cur| {
+            let changed = *cur != set;
+            *cur = set;
+            changed
+        });
     }
 
     pub fn config(&self) -> &PeerConfig {
@@ -155,16 +172,21 @@ impl Peers {
             .is_some_and(|m| m.datasets.contains(dataset))
     }
 
-    /// Bytes per dataset id, by source.
-    pub fn dataset_bytes(&self) -> Vec<(String, DatasetBytes)> {
+    /// Bytes served to peers, per dataset id.
+    pub fn served_bytes(&self) -> Vec<(String, u64)> {
         let mut v: Vec<_> = self
-            .bytes
+            .served
             .lock()
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort();
         v
+    }
+
+    /// Bytes of dataset `id` served to peers.
+    pub fn served_of(&self, id: &str) -> u64 {
+        self.served.lock().get(id).copied().unwrap_or(0)
     }
 
     /// Failed peer fetches, by kind.
@@ -181,11 +203,7 @@ impl Peers {
     }
 
     pub(crate) fn served(&self, dataset: &str, n: u64) {
-        self.bytes
-            .lock()
-            .entry(dataset.to_owned())
-            .or_default()
-            .served_to_peers += n;
+        *self.served.lock().entry(dataset.to_owned()).or_default() += n;
     }
 
     async fn open(
@@ -315,6 +333,20 @@ impl BlockPeers for Peers {
         Ok(stream.boxed())
     }
 
+    async fn settled(&self, dataset: &str) {
+        if !self.config.await_publication {
+            return;
+        }
+        let mut rx = self.published.subscribe();
+        let shown = tokio::time::timeout(SETTLE_MAX, async {
+            rx.wait_for(|d| d.contains(dataset)).await.is_ok()
+        })
+        .await;
+        if shown == Ok(true) {
+            tokio::time::sleep(SETTLE_GRACE).await;
+        }
+    }
+
     fn report(&self, owner: &str, failure: &PeerFailure) {
         self.faults[fault_index(failure.fault)].fetch_add(1, Ordering::Relaxed);
         let pass_over = match failure.fault {
@@ -331,16 +363,6 @@ impl BlockPeers for Peers {
             tracing::warn!(peer = %owner, failure = %failure, "peer passed over for {:?}; its blocks come from the next owner or the lake", pass_over);
         }
     }
-
-    fn counted(&self, dataset: &str, bytes: u64, peer: bool) {
-        let mut m = self.bytes.lock();
-        let e = m.entry(dataset.to_owned()).or_default();
-        if peer {
-            e.from_peers += bytes;
-        } else {
-            e.from_lake += bytes;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -354,6 +376,7 @@ mod tests {
             secret: PeerSecret::new(vec![1; 32]).unwrap(),
             timeout: Duration::from_secs(1),
             serve,
+            await_publication: false,
         })
     }
 

@@ -733,3 +733,207 @@ async fn a_volume_nobody_mounts_uploads_its_commits_after_an_agent_restart() {
     let _ = syncs.await;
     pool_side.abort();
 }
+
+/// A TCP proxy in front of the lake that counts the bytes the lake sends: what the
+/// lake serves, counted at the lake's side of the network.
+struct CountingProxy {
+    port: u16,
+    served: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    async fn start(upstream: u16) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = served.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(lake) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut lr, mut lw) = lake.into_split();
+                    let up = async move {
+                        let _ = tokio::io::copy(&mut cr, &mut lw).await;
+                        let _ = lw.shutdown().await;
+                    };
+                    let down = async move {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            match lr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    counter
+                                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                                    if cw.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        CountingProxy { port, served, task }
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_agents_warm_one_dataset_and_the_lake_serves_it_about_once() {
+    let cp =
+        control_plane_or_skip!("three_agents_warm_one_dataset_and_the_lake_serves_it_about_once");
+    let _one = SERIAL.lock().await;
+    let client = cp.client().await;
+    cp.install_crds(&client).await.unwrap();
+    let az = Azurite::start();
+    // 24 files of 1 to 3.3 MiB (one 4 MiB block each, with the Content-MD5 Azure
+    // stores for a Put Blob).
+    let lake = az.lake("data").await;
+    let mut total = 0u64;
+    for i in 0..24u64 {
+        let data = pattern(1000 + i, (1 << 20) + i as usize * 100_003);
+        total += data.len() as u64;
+        lake.put(
+            &format!("shared/f{i:02}.bin"),
+            Bytes::from(data),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let proxy = CountingProxy::start(az.port()).await;
+    namespace(&client, "ml-p").await;
+    lake_secret(&client, "ml-p").await;
+    let work = tempfile::tempdir().unwrap();
+    let secret = work.path().join("peer-secret");
+    std::fs::write(&secret, "a-cluster-secret-of-enough-bytes\n").unwrap();
+    let names = ["peer-a", "peer-b", "peer-c"];
+    let mut agents = Vec::new();
+    for name in names {
+        node(&client, name).await;
+        let dir = work.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        agents.push(spawn(
+            "agent",
+            Command::new(env!("CARGO_BIN_EXE_tidepool"))
+                .args(["agent", "--node-name", name, "--heartbeat", "2s"])
+                .args(["--lake-endpoint", "http://127.0.0.1"])
+                .args(["--peer-listen", &addr])
+                .arg("--peer-secret-file")
+                .arg(&secret)
+                .arg("--cache-dir")
+                .arg(dir.join("pool"))
+                .arg("--kubeconfig")
+                .arg(&cp.kubeconfig)
+                .env("TIDEPOOL_LOG", "info"),
+            &dir,
+        ));
+    }
+    let pools: Api<CachePool> = Api::all(client.clone());
+    for name in names {
+        eventually(
+            Duration::from_secs(30),
+            "each agent's CachePool with its peer endpoint",
+            || async { pool_status(&client, name).await?.peer },
+        )
+        .await;
+    }
+    // One Eager dataset, assigned to all three at once (as the operator would), read
+    // through the counting proxy.
+    let url = format!(
+        "http://127.0.0.1:{}/devstoreaccount1/data/shared",
+        proxy.port
+    );
+    let before = proxy.served();
+    for name in names {
+        let spec = json!({"apiVersion": "tidepool.dev/v1alpha1", "kind": "CachePool",
+            "spec": {"datasets": [{"owner": {"namespace": "ml-p", "name": "shared", "uid": "up1", "generation": 1},
+                "volumeHandle": "tidepool-up1",
+                "source": {"url": url, "credentials": {"secretRef": {"name": "lake"}}},
+                "prefetch": {"policy": "Eager"}}], "checkpointSyncs": []}});
+        pools
+            .patch(
+                name,
+                &PatchParams::apply("tidepool-operator"),
+                &Patch::Apply(&spec),
+            )
+            .await
+            .unwrap();
+    }
+    let mut statuses = Vec::new();
+    for name in names {
+        statuses.push(
+            eventually(
+                Duration::from_secs(120),
+                "the dataset Ready and whole on every node",
+                || async {
+                    let st = pool_status(&client, name).await?;
+                    let d = st.datasets.iter().find(|d| d.uid == "up1")?;
+                    (d.phase == NodeDatasetPhase::Ready && d.bytes_cached == total as i64)
+                        .then_some(st)
+                },
+            )
+            .await,
+        );
+    }
+    let served = proxy.served() - before;
+    // Each byte about once (plus listings and HTTP headers), where three independent
+    // nodes would take three times the dataset.
+    assert!(
+        served < total + total / 2,
+        "the lake sent {served} bytes for a {total}-byte dataset warmed on three nodes"
+    );
+    let entry = |st: &tidepool_api::CachePoolStatus| {
+        st.datasets.iter().find(|d| d.uid == "up1").unwrap().clone()
+    };
+    let from_lake: i64 = statuses.iter().map(|s| entry(s).bytes_from_lake).sum();
+    let from_peers: i64 = statuses.iter().map(|s| entry(s).bytes_from_peers).sum();
+    assert!(
+        from_peers as u64 >= total + total / 2,
+        "the nodes took only {from_peers} bytes from each other"
+    );
+    assert_eq!(
+        from_lake + from_peers,
+        3 * total as i64,
+        "every byte counted once per node"
+    );
+    for st in &statuses {
+        let p = st.peer.as_ref().unwrap();
+        assert!(
+            p.serving && p.endpoint.starts_with("127.0.0.1:") && p.datasets.len() == 1,
+            "{p:?}"
+        );
+    }
+    drop(agents);
+}

@@ -11,6 +11,9 @@
 //! - The policy a reviewer would check: no RBAC wildcards and exactly the rules the
 //!   binaries need, resources and a liveness probe on every container, only the
 //!   mounting container privileged, no `latest` images by default.
+//! - The node agents' peer cache: its flags, a generated secret mounted for the agent
+//!   alone (the user's instead, on request; kept across upgrades), and a NetworkPolicy
+//!   that opens the peer port to the node pods only and leaves their other ports open.
 //! - On a real API server (envtest, `tidepool_api::envtest`; skipped with a line saying
 //!   so where its binaries are missing): installed by the Helm engine (the server accepts
 //!   every object), upgraded with a changed value, uninstalled (refused by the
@@ -36,8 +39,9 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, Node, PersistentVolume, PersistentVolumeClaim, PodSpec,
-    Service, ServiceAccount,
+    Secret, Service, ServiceAccount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::CSIDriver;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -245,6 +249,10 @@ struct Objects {
     service_monitors: Vec<ServiceMonitor>,
     pod_monitors: Vec<PodMonitor>,
     config_maps: Vec<ConfigMap>,
+    /// The node agents' peer secret (`peer-secret.yaml`).
+    secrets: Vec<Secret>,
+    /// Who may reach the node pods (`node-networkpolicy.yaml`).
+    network_policies: Vec<NetworkPolicy>,
     /// The uninstall hooks (`uninstall-hooks.yaml`).
     jobs: Vec<Job>,
     /// What limits the operator's node credentials grant (`rbac-operator.yaml`).
@@ -363,6 +371,8 @@ fn parse(objects: &[Templated]) -> Objects {
             ("monitoring.coreos.com/v1", "PodMonitor") => all.pod_monitors.push(typed(t)),
             ("batch/v1", "Job") => all.jobs.push(typed(t)),
             ("v1", "ConfigMap") => all.config_maps.push(typed(t)),
+            ("v1", "Secret") => all.secrets.push(typed(t)),
+            ("networking.k8s.io/v1", "NetworkPolicy") => all.network_policies.push(typed(t)),
             ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
                 all.admission_policies.push(typed(t))
             }
@@ -453,8 +463,10 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
                 ("DaemonSet", 2),
                 ("Deployment", 1),
                 ("Job", 2),
+                ("NetworkPolicy", 1),
                 ("Role", 2),
                 ("RoleBinding", 2),
+                ("Secret", 1),
                 ("Service", 1),
                 ("ServiceAccount", 3),
                 ("ValidatingAdmissionPolicy", 1),
@@ -659,6 +671,11 @@ fn renders_into_typed_objects_with_default_and_all_on_values() {
             "--lake-endpoint=*.blob.storage.azure.net",
             "--lake-endpoint=*.blob.core.usgovcloudapi.net",
             "--lake-endpoint=*.blob.core.chinacloudapi.cn",
+            // The peer cache, on by default (peers_are_on_by_default checks the rest).
+            "--peer-listen=0.0.0.0:7446",
+            "--peer-advertise=$(POD_IP)",
+            "--peer-secret-file=/etc/tidepool/peer/secret",
+            "--peer-timeout=2s",
             "--admin-addr=0.0.0.0:9090",
             "--log=warn,tidepool_csi=info"
         ]
@@ -967,6 +984,17 @@ fn check_all_on(a: &Objects, r: &Rendered) {
         r.notes
     );
     assert!(r.notes.contains("passthrough is off"));
+
+    // The peer cache: another port and timeout, a node that only takes, the user's
+    // Secret instead of the chart's.
+    let agent = container(node_pod(a), "agent");
+    assert!(has_arg(agent, "--peer-listen=0.0.0.0:17446"));
+    assert!(has_arg(agent, "--peer-timeout=500ms"));
+    assert!(has_arg(agent, "--peer-no-serve"));
+    assert!(a.secrets.is_empty(), "existingSecret: no chart Secret");
+    assert_eq!(peer_secret_volume(node_pod(a)), "tidepool-peer-secret");
+    check_peer_policy(a, 17446);
+    assert!(r.notes.contains("serve none"), "{}", r.notes);
 }
 
 fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
@@ -996,6 +1024,351 @@ fn the_keeper_can_be_left_out() {
         "{:?}",
         args(csi)
     );
+}
+
+/// The file `--peer-secret-file` names, followed through the agent's mounts to the
+/// Secret volume and its key: returns the Secret's name (the key must be `secret`).
+fn peer_secret_volume(pod: &PodSpec) -> String {
+    let agent = container(pod, "agent");
+    let file = args(agent)
+        .iter()
+        .find_map(|a| a.strip_prefix("--peer-secret-file=").map(str::to_owned))
+        .expect("--peer-secret-file");
+    let mount = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| file.starts_with(&format!("{}/", m.mount_path)))
+        .unwrap_or_else(|| panic!("{file} is on no mount of the agent"));
+    assert_eq!(
+        mount.read_only,
+        Some(true),
+        "the secret is mounted read-only"
+    );
+    let in_volume = &file[mount.mount_path.len() + 1..];
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.secret.as_ref())
+        .unwrap_or_else(|| panic!("volume {} is not a Secret", mount.name));
+    // Root's only: the agent runs as root.
+    assert_eq!(volume.default_mode, Some(0o400));
+    let item = volume
+        .items
+        .iter()
+        .flatten()
+        .find(|i| i.path == in_volume)
+        .unwrap_or_else(|| panic!("no item of the Secret volume is {in_volume}"));
+    assert_eq!(item.key, "secret");
+    // No other container sees it.
+    for c in &pod.containers {
+        if c.name != "agent" {
+            assert!(
+                !c.volume_mounts
+                    .iter()
+                    .flatten()
+                    .any(|m| m.name == mount.name),
+                "{} mounts the peer secret",
+                c.name
+            );
+        }
+    }
+    volume.secret_name.clone().expect("secretName")
+}
+
+/// The node pods' NetworkPolicy: the peer port only from the node pods of this release
+/// (in this namespace), and every other port a node pod container declares or is probed
+/// on still open to every source.
+fn check_peer_policy(o: &Objects, peer_port: i32) {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(o.network_policies.len(), 1);
+    let np = &o.network_policies[0];
+    assert_eq!(np.metadata.namespace.as_deref(), Some(NS));
+    let spec = np.spec.as_ref().unwrap();
+    let labels_of = |component| {
+        daemonset(o, component)
+            .and_then(|d| d.spec.as_ref()?.template.metadata.as_ref()?.labels.clone())
+            .unwrap_or_default()
+    };
+    let node_labels = labels_of("node");
+    let pod_selector = spec.pod_selector.as_ref().expect("a podSelector");
+    assert!(selects(pod_selector, &node_labels), "selects the node pods");
+    if daemonset(o, "keeper").is_some() {
+        assert!(!selects(pod_selector, &labels_of("keeper")));
+    }
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_owned()][..])
+    );
+    assert!(spec.egress.is_none());
+    let rules = spec.ingress.clone().unwrap_or_default();
+    let pod = node_pod(o);
+    // Named ports resolve to the containers' ports.
+    let named: BTreeMap<String, i32> = pod
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+        .collect();
+    let number = |p: &IntOrString| match p {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(s) => *named
+            .get(s)
+            .unwrap_or_else(|| panic!("no container port named {s}")),
+    };
+    let opens = |rule: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule, port: i32| {
+        rule.ports.iter().flatten().any(|p| {
+            p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+                && p.port.as_ref().is_some_and(|q| number(q) == port)
+                && p.end_port.is_none()
+        })
+    };
+    // Every rule that opens the peer port lets in node pods of this release and nothing
+    // else (a podSelector alone: this namespace only).
+    let peer_rules: Vec<_> = rules.iter().filter(|r| opens(r, peer_port)).collect();
+    assert!(
+        !peer_rules.is_empty(),
+        "the peer port {peer_port} is not open"
+    );
+    for r in &peer_rules {
+        let from = r.from.as_deref().unwrap_or_default();
+        assert!(!from.is_empty(), "the peer port is open to everyone: {r:?}");
+        for peer in from {
+            assert!(
+                peer.ip_block.is_none() && peer.namespace_selector.is_none(),
+                "{peer:?}"
+            );
+            let sel = peer.pod_selector.as_ref().expect("a podSelector");
+            assert!(
+                sel.match_labels.as_ref().is_some_and(|l| !l.is_empty()),
+                "{sel:?}"
+            );
+            assert!(selects(sel, &node_labels), "{sel:?}");
+        }
+    }
+    // Everything else the pod listens on or is probed on: open to every source.
+    let mut others = BTreeSet::new();
+    for c in &pod.containers {
+        others.extend(c.ports.iter().flatten().map(|p| p.container_port));
+        for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(h) = &probe.http_get {
+                others.insert(number(&h.port));
+            }
+            if let Some(t) = &probe.tcp_socket {
+                others.insert(number(&t.port));
+            }
+        }
+    }
+    others.remove(&peer_port);
+    assert!(others.len() >= 2, "{others:?}");
+    for port in others {
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.from.as_ref().is_none_or(|f| f.is_empty()) && opens(r, port)),
+            "port {port} of the node pod is no longer open to every source: {rules:?}"
+        );
+    }
+}
+
+fn env_from_field(c: &Container, name: &str) -> Option<String> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+        .map(|f| f.field_path.clone())
+}
+
+/// By default the node agents share their caches: the flags, the pod IP they advertise,
+/// a generated secret mounted for the agent alone, and a NetworkPolicy that opens the
+/// peer port to the node pods only while leaving the pod's other ports as they were.
+#[test]
+fn peers_are_on_by_default() {
+    let Some(helm) = Helm::find("peers_are_on_by_default") else {
+        return;
+    };
+    let r = helm.render(&json!({})).unwrap();
+    let o = parse(&r.objects);
+    let pod = node_pod(&o);
+    let agent = container(pod, "agent");
+    let peer_args: Vec<_> = args(agent)
+        .into_iter()
+        .filter(|a| a.starts_with("--peer-"))
+        .collect();
+    assert_eq!(
+        peer_args,
+        [
+            "--peer-listen=0.0.0.0:7446",
+            "--peer-advertise=$(POD_IP)",
+            "--peer-secret-file=/etc/tidepool/peer/secret",
+            "--peer-timeout=2s",
+        ]
+    );
+    // $(POD_IP) expands only if the container defines it; the pod's own IP is where
+    // other nodes reach it (the node pod is not on the host's network).
+    assert_eq!(
+        env_from_field(agent, "POD_IP").as_deref(),
+        Some("status.podIP")
+    );
+    assert!(pod.host_network.is_none());
+    assert!(
+        agent
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some("peer")
+                && p.container_port == 7446
+                && p.protocol.as_deref() == Some("TCP"))
+    );
+
+    // The chart's Secret: random, long enough, and what the agent reads.
+    assert_eq!(o.secrets.len(), 1);
+    let secret = &o.secrets[0];
+    assert_eq!(secret.metadata.name.as_deref(), Some("tidepool-peer"));
+    assert_eq!(secret.metadata.namespace.as_deref(), Some(NS));
+    let bytes = &secret.data.as_ref().unwrap()["secret"].0;
+    assert!(bytes.len() >= 32, "{} bytes", bytes.len());
+    assert!(
+        bytes.iter().all(|b| b.is_ascii_alphanumeric()),
+        "no whitespace or odd bytes"
+    );
+    assert_eq!(peer_secret_volume(pod), "tidepool-peer");
+    // Another install gets another secret (lookup finds none offline).
+    let again = parse(&helm.render(&json!({})).unwrap().objects);
+    assert_ne!(again.secrets[0].data, secret.data);
+
+    check_peer_policy(&o, 7446);
+    // With the agent's metrics off, the policy lists the ports that are left.
+    let off = parse(
+        &helm
+            .render(&json!({"node": {"agent": {"metrics": {"port": 0}}}}))
+            .unwrap()
+            .objects,
+    );
+    check_peer_policy(&off, 7446);
+    let listed: Vec<_> = off.network_policies[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .ingress
+        .iter()
+        .flatten()
+        .flat_map(|r| r.ports.iter().flatten())
+        .filter_map(|p| p.port.clone())
+        .collect();
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert!(!listed.contains(&IntOrString::Int(9090)), "{listed:?}");
+
+    assert!(r.notes.contains("TCP port 7446"), "{}", r.notes);
+    assert!(
+        r.notes.contains("NetworkPolicy tidepool-node"),
+        "{}",
+        r.notes
+    );
+}
+
+/// `node.peers.enabled: false`: no peer flag, port, env, Secret or NetworkPolicy.
+#[test]
+fn peers_can_be_turned_off() {
+    let Some(helm) = Helm::find("peers_can_be_turned_off") else {
+        return;
+    };
+    let r = helm
+        .render(&json!({"node": {"peers": {"enabled": false}}}))
+        .unwrap();
+    let o = parse(&r.objects);
+    let pod = node_pod(&o);
+    let agent = container(pod, "agent");
+    assert!(
+        !args(agent).iter().any(|a| a.starts_with("--peer")),
+        "{:?}",
+        args(agent)
+    );
+    assert!(env_from_field(agent, "POD_IP").is_none());
+    assert!(
+        !agent
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some("peer"))
+    );
+    assert!(
+        !pod.volumes.iter().flatten().any(|v| v.secret.is_some()),
+        "no Secret volume"
+    );
+    assert!(o.secrets.is_empty());
+    assert!(o.network_policies.is_empty());
+    assert!(!r.notes.contains("Peer cache"), "{}", r.notes);
+
+    // The NetworkPolicy alone can be left out; the peer cache stays on.
+    let r = helm
+        .render(&json!({"node": {"peers": {"networkPolicy": {"enabled": false}}}}))
+        .unwrap();
+    let o = parse(&r.objects);
+    assert!(o.network_policies.is_empty());
+    assert!(has_arg(
+        container(node_pod(&o), "agent"),
+        "--peer-listen=0.0.0.0:7446"
+    ));
+    assert!(r.notes.contains("no NetworkPolicy"), "{}", r.notes);
+}
+
+/// `node.peers.existingSecret`: the chart makes no Secret and mounts the named one;
+/// `serve: false` makes the agents take without serving.
+#[test]
+fn peers_existing_secret_and_take_only_nodes() {
+    let Some(helm) = Helm::find("peers_existing_secret_and_take_only_nodes") else {
+        return;
+    };
+    let o = parse(
+        &helm
+            .render(&json!({"node": {"peers": {"existingSecret": "cluster-peer-secret"}}}))
+            .unwrap()
+            .objects,
+    );
+    assert!(o.secrets.is_empty());
+    assert_eq!(peer_secret_volume(node_pod(&o)), "cluster-peer-secret");
+    assert!(!has_arg(
+        container(node_pod(&o), "agent"),
+        "--peer-no-serve"
+    ));
+
+    let r = helm
+        .render(&json!({"node": {"peers": {"serve": false}}}))
+        .unwrap();
+    let o = parse(&r.objects);
+    let agent = container(node_pod(&o), "agent");
+    assert!(has_arg(agent, "--peer-no-serve"), "{:?}", args(agent));
+    assert!(has_arg(agent, "--peer-listen=0.0.0.0:7446"));
+    assert!(r.notes.contains("serve none"), "{}", r.notes);
+
+    // A peer port that another port of the pod already has is refused, naming both.
+    for (values, other) in [
+        (
+            json!({"node": {"peers": {"port": 9090}}}),
+            "node.agent.metrics.port",
+        ),
+        (
+            json!({"node": {"peers": {"port": 9808}}}),
+            "node.livenessProbe.healthPort",
+        ),
+        (
+            json!({"node": {"peers": {"port": 9809}}}),
+            "node.registrar.healthPort",
+        ),
+    ] {
+        let e = helm
+            .render(&values)
+            .err()
+            .unwrap_or_else(|| panic!("{values} accepted"));
+        assert!(e.contains("node.peers.port") && e.contains(other), "{e}");
+    }
 }
 
 #[test]
@@ -1072,6 +1445,21 @@ fn values_schema_refuses_typos_and_contradictions() {
         (
             json!({"rbac": {"nodeCredentials": "cluster"}}),
             "nodeCredentials",
+        ),
+        (json!({"node": {"peers": {"port": 0}}}), "port"),
+        (json!({"node": {"peers": {"port": 70000}}}), "port"),
+        (
+            json!({"node": {"peers": {"timeout": "2 seconds"}}}),
+            "timeout",
+        ),
+        (json!({"node": {"peers": {"serve": "no"}}}), "serve"),
+        (
+            json!({"node": {"peers": {"existingSecret": "Peer Secret"}}}),
+            "existingSecret",
+        ),
+        (
+            json!({"node": {"peers": {"networkPolicy": {"enable": true}}}}),
+            "enable",
         ),
         // Two replicas without leader election would be two leaders.
         (
@@ -1955,6 +2343,13 @@ async fn installs_upgrades_and_uninstalls_on_a_real_api_server() {
     }
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     let before = deployments.get("tidepool-operator").await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let peer_secret = secrets.get("tidepool-peer").await.unwrap().data;
+    assert!(
+        peer_secret
+            .as_ref()
+            .is_some_and(|d| d["secret"].0.len() >= 32)
+    );
     assert_eq!(before.spec.as_ref().unwrap().replicas, Some(1));
 
     // Upgrade with changed values: two replicas, debug logs, another pool size.
@@ -1966,6 +2361,12 @@ async fn installs_upgrades_and_uninstalls_on_a_real_api_server() {
     let r = release(&helm, "upgrade", &cp.kubeconfig, "tidepool", &changed);
     assert_eq!(r["version"], 2);
     assert_eq!(r["status"], "deployed", "{r}");
+    // The peer secret is read back, not made anew: running agents keep agreeing.
+    assert_eq!(
+        secrets.get("tidepool-peer").await.unwrap().data,
+        peer_secret,
+        "the upgrade changed the peer secret"
+    );
     let after = deployments.get("tidepool-operator").await.unwrap();
     assert_eq!(after.spec.as_ref().unwrap().replicas, Some(2));
     let env = after.spec.unwrap().template.spec.unwrap().containers[0]

@@ -87,3 +87,9 @@ chart's appVersion. */}}
 {{- define "tidepool.csiDriverName" -}}
 csi.tidepool.dev
 {{- end }}
+
+{{/* The Secret holding the node agents' peer secret (key `secret`): the user's
+node.peers.existingSecret, else the one the chart creates (peer-secret.yaml). */}}
+{{- define "tidepool.peerSecretName" -}}
+{{- default (printf "%s-peer" (include "tidepool.fullname" .)) .Values.node.peers.existingSecret }}
+{{- end }}

@@ -190,6 +190,65 @@ impl Collector for AgentCollector {
             "Bytes of cache files evicted (least recently used, not open, not pinned).",
             ConstCounter::new(pool.evicted()),
         )?;
+        single(
+            e,
+            "peer_read_bytes",
+            "Bytes this agent took from its peers (the cluster-wide cache) instead of the lake.",
+            ConstCounter::new(pool.fetched_from_peers()),
+        )?;
+        let mut ids: Vec<String> = agent
+            .registry
+            .all()
+            .iter()
+            .map(|s| s.dataset.id().to_owned())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let peers = agent.peers.get().map(|p| p.peers.clone());
+        type Row = ([(&'static str, String); 1], ConstCounter<u64>);
+        let per_dataset = |f: &dyn Fn(&str) -> u64| -> Vec<Row> {
+            ids.iter()
+                .map(|id| ([("dataset", id.clone())], ConstCounter::new(f(id))))
+                .collect()
+        };
+        family(
+            e,
+            "dataset_lake_read_bytes",
+            "Bytes of each dataset (by id, as in the CachePool status) fetched from the lake.",
+            Counter,
+            per_dataset(&|id| pool.dataset_bytes(id).0),
+        )?;
+        family(
+            e,
+            "dataset_peer_read_bytes",
+            "Bytes of each dataset taken from peers: lake bytes saved.",
+            Counter,
+            per_dataset(&|id| pool.dataset_bytes(id).1),
+        )?;
+        family(
+            e,
+            "dataset_peer_served_bytes",
+            "Bytes of each dataset served to peers.",
+            Counter,
+            per_dataset(&|id| peers.as_ref().map_or(0, |p| p.served_of(id))),
+        )?;
+        if let Some(p) = &peers {
+            single(
+                e,
+                "peer_members",
+                "Other agents this one shares its cache with (fresh CachePools with a peer endpoint).",
+                g(p.members().len() as u64),
+            )?;
+            family(
+                e,
+                "peer_failures",
+                "Peer fetches that failed, by kind (unreachable, slow, refused, corrupt: bytes that failed their check and were not used); the blocks came from the lake.",
+                Counter,
+                p.faults()
+                    .into_iter()
+                    .map(|(f, n)| ([("kind", f.as_str())], ConstCounter::new(n))),
+            )?;
+        }
         let volumes = agent.volume_metrics();
         let kinds = [("dataset", false), ("checkpoint", true)].map(|(kind, checkpoint)| {
             let n = volumes

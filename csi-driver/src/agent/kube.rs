@@ -506,6 +506,9 @@ impl PoolSync {
                         s.objects = p.objects as i64;
                         s.bytes_total = p.bytes_total as i64;
                         s.bytes_cached = p.bytes_cached as i64;
+                        let (lake, peers) = pool.dataset_bytes(served.dataset.id());
+                        s.bytes_from_lake = lake as i64;
+                        s.bytes_from_peers = peers as i64;
                         s.message = p.error.clone();
                         let eager = a.assignment.prefetch.policy == PrefetchPolicy::Eager;
                         s.phase = if !p.listed {
@@ -572,6 +575,7 @@ impl PoolSync {
             datasets,
             checkpoint_syncs,
             conditions: conds,
+            peer: self.agent.peers.get().map(|p| p.status(&self.agent)),
         }
     }
 
@@ -608,7 +612,7 @@ impl PoolSync {
                 "kind": "CachePool",
                 "status": status,
             });
-            if let Err(e) = pools
+            match pools
                 .patch_status(
                     &self.agent.config.node_name,
                     &PatchParams::apply(FIELD_MANAGER),
@@ -616,7 +620,12 @@ impl PoolSync {
                 )
                 .await
             {
-                tracing::warn!(error = %e, "writing the CachePool status failed");
+                Ok(_) => {
+                    if let (Some(p), Some(s)) = (self.agent.peers.get(), &status.peer) {
+                        p.peers.published(&s.datasets);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "writing the CachePool status failed"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(heartbeat) => {}
@@ -635,6 +644,12 @@ pub async fn run(
     client: Client,
     heartbeat: Duration,
 ) -> Result<(), kube::Error> {
+    let members = agent.peers.get().map(|p| {
+        tokio::spawn(super::peers::follow_members(
+            p.peers.clone(),
+            client.clone(),
+        ))
+    });
     let sync = PoolSync::new(agent, client);
     sync.ensure_pool().await?;
     let reporter = {
@@ -644,5 +659,8 @@ pub async fn run(
     // Progress (prewarm bytes) moves without events: report it on the heartbeat.
     sync.watch().await;
     reporter.abort();
+    if let Some(m) = members {
+        m.abort();
+    }
     Ok(())
 }

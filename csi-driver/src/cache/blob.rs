@@ -563,7 +563,7 @@ impl CachedBlob {
             .and_then(|r| r);
             match stored {
                 Ok(()) => {
-                    peers.counted(dataset, len, true);
+                    self.pool.count_dataset(dataset, len, true);
                     done(next, Ok(()));
                     next += 1;
                 }
@@ -635,8 +635,8 @@ impl CachedBlob {
                     tokio::task::spawn_blocking(move || {
                         let len = block.len() as u64;
                         this.store_block(next, block, hold, false)?;
-                        if let (Some(peers), Some(d)) = (this.pool.peers(), this.scope.get()) {
-                            peers.counted(d, len, false);
+                        if let Some(d) = this.scope.get() {
+                            this.pool.count_dataset(d, len, false);
                         }
                         Ok(())
                     }),

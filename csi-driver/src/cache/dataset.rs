@@ -553,6 +553,9 @@ impl Dataset {
         let (_, snap) = self.current();
         // The totals and the walk need the whole listing.
         snap.wait_complete().await?;
+        if let Some(p) = self.pool.peers() {
+            p.settled(&self.id).await;
+        }
         let matches = |e: &Entry| match include {
             None => true,
             Some(g) => g.is_match(e.blob.strip_prefix(&self.url.prefix).unwrap_or(&e.blob)),

@@ -107,6 +107,8 @@ pub trait BlockPeers: Send + Sync + fmt::Debug {
     /// and loudly), and the failure is counted.
     fn report(&self, owner: &str, failure: &PeerFailure);
 
-    /// `bytes` of `dataset` came from a peer (`peer`) or from the lake.
-    fn counted(&self, dataset: &str, bytes: u64, peer: bool);
+    /// Returns once the other nodes can know that this one holds `dataset` (a prewarm
+    /// waits for it, so that nodes warming one dataset together share it rather than
+    /// each fetching it all before they learn of each other). Bounded.
+    async fn settled(&self, _dataset: &str) {}
 }

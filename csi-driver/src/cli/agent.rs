@@ -90,6 +90,55 @@ pub struct AgentArgs {
     /// `0.0.0.0:9090`. Off when not given.
     #[arg(long, value_name = "ADDR")]
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// Share this node's cache with the cluster's other agents, serving them on this
+    /// address (e.g. `0.0.0.0:7446`): a block of a dataset is fetched from the lake by
+    /// one node (its owner) and from that node by the others. Members are the agents
+    /// whose CachePool status names a peer endpoint (needs the API server). Off when
+    /// not given.
+    #[arg(long, value_name = "ADDR")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The address peers reach this agent at, published in its CachePool status:
+    /// `IP:PORT`, or an IP alone (the port of --peer-listen). Default: the address of
+    /// --peer-listen, which must then name an IP.
+    #[arg(long, value_name = "IP[:PORT]", requires = "peer_listen")]
+    pub peer_advertise: Option<String>,
+    /// The cluster's peer secret (at least 16 bytes; surrounding whitespace ignored):
+    /// agents prove to each other that they hold it, and it never crosses the network.
+    /// Required with --peer-listen.
+    #[arg(long, value_name = "FILE", requires = "peer_listen")]
+    pub peer_secret_file: Option<PathBuf>,
+    /// The longest wait for a peer's answer, and for each block after it, before the
+    /// rest is fetched from the lake; a peer that fails is passed over for 10 s.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub peer_timeout: Duration,
+    /// Take blocks from peers but serve none (a node about to go away): no block is
+    /// placed on this node.
+    #[arg(long, requires = "peer_listen")]
+    pub peer_no_serve: bool,
+}
+
+/// Where peers reach an agent listening on `listen`: `advertise` (`IP:PORT` or an IP
+/// with the listen port), else the listen address if it names an IP.
+pub fn peer_advertise(
+    listen: std::net::SocketAddr,
+    advertise: Option<&str>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    match advertise {
+        Some(a) => a
+            .parse::<std::net::SocketAddr>()
+            .or_else(|_| {
+                a.trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .map(|ip| std::net::SocketAddr::new(ip, listen.port()))
+            })
+            .map_err(|_| {
+                anyhow::anyhow!("--peer-advertise {a:?} is neither IP:PORT nor an IP address")
+            }),
+        None if listen.ip().is_unspecified() => anyhow::bail!(
+            "--peer-listen {listen} does not say where peers reach this node: give --peer-advertise (the node's or pod's IP)"
+        ),
+        None => Ok(listen),
+    }
 }
 
 impl AgentArgs {
@@ -152,6 +201,43 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let agent = Agent::new(config, pool.clone(), tokio::runtime::Handle::current())
         .context("preparing the agent's state directory")?;
+    if let Some(listen) = args.peer_listen {
+        let advertise = peer_advertise(listen, args.peer_advertise.as_deref())?;
+        let Some(file) = &args.peer_secret_file else {
+            anyhow::bail!(
+                "--peer-listen needs --peer-secret-file: the cluster's peer secret, which every agent holds"
+            );
+        };
+        let secret = crate::peer::PeerSecret::from_file(file).map_err(|e| anyhow::anyhow!(e))?;
+        let peers = crate::peer::Peers::new(crate::peer::PeerConfig {
+            me: args.node_name.clone(),
+            secret,
+            timeout: args.peer_timeout,
+            serve: !args.peer_no_serve,
+            await_publication: !args.no_kube,
+        });
+        if args.no_kube {
+            tracing::warn!(
+                "--peer-listen with --no-kube: peers are found in the CachePools' statuses, so this agent serves but has no peers to ask"
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("the peer address {listen} (--peer-listen)"))?;
+        let server = crate::peer::server::Server::new(
+            peers.clone(),
+            Arc::new(crate::agent::peers::AgentCatalog(Arc::downgrade(&agent))),
+            pool.config().block_size,
+        );
+        tracing::info!(listen = %listener.local_addr()?, advertise = %advertise, serving = !args.peer_no_serve, "sharing the cache with peers");
+        tokio::spawn(server.run(listener));
+        pool.set_peers(Some(
+            peers.clone() as Arc<dyn crate::cache::peers::BlockPeers>
+        ));
+        let _ = agent
+            .peers
+            .set(crate::agent::peers::AgentPeers { peers, advertise });
+    }
     let listener =
         bind_socket(&socket).with_context(|| format!("listening on {}", socket.display()))?;
     {

@@ -190,7 +190,7 @@ pub fn dataset_status(d: &DatasetCache, pools: &[&CachePool], clock: &Clock) -> 
     };
     let mut stale_nodes = Vec::new();
     let mut failures: Vec<(String, String)> = Vec::new();
-    let mut bytes_cached = 0i64;
+    let (mut bytes_cached, mut bytes_from_lake, mut bytes_from_peers) = (0i64, 0i64, 0i64);
     let mut snapshots: BTreeMap<&str, (usize, &DatasetNodeStatus)> = BTreeMap::new();
     for pool in pools {
         let entry = pool
@@ -199,6 +199,8 @@ pub fn dataset_status(d: &DatasetCache, pools: &[&CachePool], clock: &Clock) -> 
             .and_then(|s| s.datasets.iter().find(|e| e.uid == uid));
         if let Some(e) = entry {
             bytes_cached = bytes_cached.saturating_add(e.bytes_cached);
+            bytes_from_lake = bytes_from_lake.saturating_add(e.bytes_from_lake);
+            bytes_from_peers = bytes_from_peers.saturating_add(e.bytes_from_peers);
         }
         if !clock.fresh(pool) {
             tally.stale += 1;
@@ -250,6 +252,8 @@ pub fn dataset_status(d: &DatasetCache, pools: &[&CachePool], clock: &Clock) -> 
         nodes_desired: to_i32(tally.desired),
         nodes_ready: to_i32(tally.ready),
         bytes_cached,
+        bytes_from_lake,
+        bytes_from_peers,
         snapshot,
         claim_name: Some(d.claim()),
         volume_name: Some(volume_name(&uid)),
@@ -428,6 +432,9 @@ mod tests {
                     objects: 10,
                     bytes_cached: bytes,
                     bytes_total: 1000,
+                    // One node's share from the lake, the rest from its peers.
+                    bytes_from_lake: bytes / 4,
+                    bytes_from_peers: bytes - bytes / 4,
                     message: None,
                 })
                 .into_iter()
@@ -619,6 +626,8 @@ mod tests {
             (s.phase, s.nodes_ready, s.bytes_cached),
             (Phase::Ready, 300, 300_000)
         );
+        // Lake bytes and the bytes peers saved, summed over the nodes.
+        assert_eq!((s.bytes_from_lake, s.bytes_from_peers), (75_000, 225_000));
         assert_eq!(
             s.snapshot,
             Some(SnapshotSummary {

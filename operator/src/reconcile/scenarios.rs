@@ -229,6 +229,7 @@ fn pool(name: &str, heartbeat_age: i64, dataset_phase: Option<NodeDatasetPhase>)
                 bytes_cached: 300,
                 bytes_total: 300,
                 message: None,
+                ..Default::default()
             })
             .into_iter()
             .collect(),
