@@ -313,6 +313,14 @@ async fn main() {
         eprintln!("bench: report written to {out}");
         return;
     }
+    // The cluster-wide cache alone.
+    if std::env::var("TIDEPOOL_BENCH_ONLY").as_deref() == Ok("peers") {
+        let azurite = Azurite::start();
+        let report = serde_json::json!({ "peers": peers_bench(&azurite, work.path()).await });
+        std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        eprintln!("bench: report written to {out}");
+        return;
+    }
     // The scale section's listing part alone.
     if std::env::var("TIDEPOOL_BENCH_ONLY").as_deref() == Ok("listing") {
         let report = serde_json::json!({ "listing": listing_bench(work.path()).await });
@@ -549,6 +557,7 @@ async fn main() {
         stop(c);
     }
     let node = node_bench(&bin, &azurite, work.path(), &local).await;
+    let peers = peers_bench(&azurite, work.path()).await;
     // The checkpoint section gets an Azurite of its own: nothing else in it, and its
     // disk (16 GiB of uploads) is freed when it ends.
     drop(azurite);
@@ -582,6 +591,7 @@ async fn main() {
         "node": node,
         "checkpoint": checkpoint,
         "scale": scale,
+        "peers": peers,
         "cold_cpu_secs_median": cpu_samples.iter().map(|(k, v)| (k.to_string(), median(v))).collect::<HashMap<_, _>>(),
         "samples_secs": samples,
         "notes": "medians of the rounds; page cache dropped before every timed pass; the cold baseline is the SDK's 16-way ranged download written to a local file (what a user does without Tidepool), the discarding download is the network ceiling; Azurite stands in for the lake's API, not its speed",
@@ -1620,4 +1630,231 @@ fn stat_times(
         .collect();
     us.sort_by(f64::total_cmp);
     (us[us.len() / 2], us[us.len() * 99 / 100])
+}
+
+/// A TCP proxy in front of the lake that models the WAN: every byte the lake sends, on
+/// every connection of every node, shares one link of `rate` bytes a second; it counts
+/// them too.
+struct WanLink {
+    port: u16,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WanLink {
+    async fn start(upstream: u16, rate: u64) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // The link's schedule: when the next byte may leave.
+        let next = Arc::new(parking_lot::Mutex::new(Instant::now()));
+        let counter = sent.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let (counter, next) = (counter.clone(), next.clone());
+                tokio::spawn(async move {
+                    let Ok(lake) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut lr, mut lw) = lake.into_split();
+                    let up = async move {
+                        let _ = tokio::io::copy(&mut cr, &mut lw).await;
+                        let _ = lw.shutdown().await;
+                    };
+                    let down = async move {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = match lr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let at = {
+                                let mut t = next.lock();
+                                let start = (*t).max(Instant::now());
+                                *t = start + Duration::from_secs_f64(n as f64 / rate as f64);
+                                *t
+                            };
+                            tokio::time::sleep_until(at.into()).await;
+                            counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        WanLink { port, sent, task }
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for WanLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The cluster-wide cache: `NODES` node caches (as many agents have: each its own pool,
+/// dataset and peer server, over real TCP on 127.0.0.1) warm one dataset at once across
+/// one WAN link to the lake, first each on its own, then sharing. Reports the lake
+/// bytes per node and the time until every node holds the whole dataset.
+async fn peers_bench(azurite: &Azurite, work: &Path) -> serde_json::Value {
+    use tidepool_csi::cache::dataset::{Dataset, PrewarmProgress};
+    use tidepool_csi::cache::{CacheConfig, CachePool};
+    use tidepool_csi::lake::{Credentials, LakeUrl};
+    use tidepool_csi::peer::server::{Datasets, Server};
+    use tidepool_csi::peer::{Member, PeerConfig, PeerSecret, Peers};
+
+    const NODES: usize = 3;
+    const FILES: u64 = 24;
+    const FILE: u64 = 16 << 20;
+    phase("peers");
+    let rate: u64 = std::env::var("TIDEPOOL_BENCH_WAN_MBS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200)
+        * 1_000_000;
+    // Large files uploaded in staged blocks (as azcopy and the SDKs upload them), so
+    // without a whole-blob Content-MD5.
+    let lake = azurite.lake("peers").await;
+    for f in 0..FILES {
+        let data = Bytes::from(pattern(7000 + f, FILE as usize));
+        let name = format!("ds/shard-{f:03}.tar");
+        let ids: Vec<BlockId> = (0..4).map(|i| BlockId::numbered("up", i)).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let part = data.slice(i * (FILE as usize / 4)..(i + 1) * (FILE as usize / 4));
+            lake.put_block(&name, id, part, None).await.unwrap();
+        }
+        lake.put_block_list(&name, &ids, None).await.unwrap();
+    }
+    let total = FILES * FILE;
+    let wan = WanLink::start(azurite.port(), rate).await;
+    let url = LakeUrl::parse(&format!(
+        "http://127.0.0.1:{}/devstoreaccount1/peers/ds/",
+        wan.port
+    ))
+    .unwrap();
+    let mut results = serde_json::Map::new();
+    for sharing in [false, true] {
+        let secret = PeerSecret::new(vec![5; 32]).unwrap();
+        let mut nodes = Vec::new();
+        for i in 0..NODES {
+            let dir = work.join(format!("peers-{sharing}-{i}"));
+            let pool = CachePool::open(CacheConfig::new(&dir, 4 << 30))
+                .await
+                .unwrap();
+            let l: Arc<dyn Lake> = Arc::new(
+                AzureLake::connect(
+                    &url,
+                    &Credentials::AccountKey(Azurite::account_key()),
+                    &azurite.options(),
+                )
+                .unwrap(),
+            );
+            let ds = Arc::new(
+                Dataset::open(pool.clone(), url.clone(), l, false, |_| {})
+                    .await
+                    .unwrap(),
+            );
+            let peers = Peers::new(PeerConfig {
+                me: format!("n{i}"),
+                secret: secret.clone(),
+                timeout: Duration::from_secs(10),
+                serve: true,
+                await_publication: false,
+            });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            if sharing {
+                pool.set_peers(Some(
+                    peers.clone() as Arc<dyn tidepool_csi::cache::peers::BlockPeers>
+                ));
+                let catalog = Arc::new(Datasets::default());
+                catalog.0.write().push(ds.clone());
+                let server = Server::new(peers.clone(), catalog, pool.config().block_size);
+                tokio::spawn(server.run(listener));
+            }
+            nodes.push((pool, ds, peers, addr));
+        }
+        let members: Vec<Member> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ds, _, addr))| Member {
+                id: format!("n{i}"),
+                addr: *addr,
+                datasets: [ds.id().to_owned()].into(),
+                serves: true,
+            })
+            .collect();
+        for (_, _, p, _) in &nodes {
+            p.set_members(members.clone());
+        }
+        let before = wan.sent();
+        let started = Instant::now();
+        futures::future::join_all(nodes.iter().map(|(_, ds, _, _)| async move {
+            let s = ds
+                .prewarm(None, 16, &PrewarmProgress::default())
+                .await
+                .unwrap();
+            assert!(s.failed.is_empty(), "prewarm failed: {:?}", s.failed);
+        }))
+        .await;
+        let secs = started.elapsed().as_secs_f64();
+        let lake_bytes = wan.sent() - before;
+        for (_, ds, _, _) in &nodes {
+            assert_eq!(
+                ds.cached_bytes().unwrap(),
+                total,
+                "a node holds the whole dataset"
+            );
+        }
+        let per_node: Vec<u64> = nodes.iter().map(|(p, _, _, _)| p.fetched()).collect();
+        let from_peers: Vec<u64> = nodes
+            .iter()
+            .map(|(p, _, _, _)| p.fetched_from_peers())
+            .collect();
+        eprintln!(
+            "bench: peers: {NODES} nodes warm {} MiB over a {} MB/s link {}: {secs:.1} s, the lake sent {} MiB ({:.2}x the dataset); from the lake per node {:?} MiB, from peers {:?} MiB",
+            total >> 20,
+            rate / 1_000_000,
+            if sharing {
+                "sharing"
+            } else {
+                "each on its own"
+            },
+            lake_bytes >> 20,
+            lake_bytes as f64 / total as f64,
+            per_node.iter().map(|b| b >> 20).collect::<Vec<_>>(),
+            from_peers.iter().map(|b| b >> 20).collect::<Vec<_>>(),
+        );
+        results.insert(
+            if sharing { "sharing" } else { "independent" }.into(),
+            serde_json::json!({
+                "warm_secs": secs,
+                "lake_bytes_sent": lake_bytes,
+                "lake_bytes_per_dataset_byte": lake_bytes as f64 / total as f64,
+                "lake_bytes_per_node": per_node,
+                "peer_bytes_per_node": from_peers,
+            }),
+        );
+    }
+    serde_json::json!({
+        "nodes": NODES,
+        "dataset_bytes": total,
+        "wan_link_mb_s": rate / 1_000_000,
+        "runs": results,
+        "notes": "every node warms the dataset at once (Eager prewarm, 16 files at a time); the lake's bytes are counted at a proxy that models one shared WAN link (TIDEPOOL_BENCH_WAN_MBS); peers talk over 127.0.0.1",
+    })
 }

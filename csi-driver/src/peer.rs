@@ -58,6 +58,9 @@ pub struct Member {
     pub addr: SocketAddr,
     /// Ids of the datasets it holds (see `cache::dataset::Dataset::id`).
     pub datasets: BTreeSet<String>,
+    /// Whether it serves peers: one that does not (`--peer-no-serve`) owns nothing,
+    /// but is still served the datasets it holds.
+    pub serves: bool,
 }
 
 /// This node's side of peer sharing (`tidepool agent --peer-*`).
@@ -264,7 +267,7 @@ impl BlockPeers for Peers {
         let me = self.config.me.as_str();
         let mut best = self.config.serve.then(|| (score(me, ask), me));
         for m in members.values() {
-            if !m.datasets.contains(&ask.dataset) || down.contains_key(&m.id) {
+            if !m.serves || !m.datasets.contains(&ask.dataset) || down.contains_key(&m.id) {
                 continue;
             }
             let s = score(&m.id, ask);
@@ -385,6 +388,7 @@ mod tests {
             id: id.into(),
             addr: "127.0.0.1:1".parse().unwrap(),
             datasets: datasets.iter().map(|d| d.to_string()).collect(),
+            serves: true,
         }
     }
 
@@ -438,8 +442,14 @@ mod tests {
     #[test]
     fn members_without_the_dataset_or_passed_over_or_not_serving_own_nothing() {
         let p = peers("n0", false);
-        p.set_members([member("n1", &["d"]), member("n2", &["other"])]);
-        // n0 does not serve and n2 lacks the dataset: n1 owns every chunk.
+        let taker = Member {
+            serves: false,
+            ..member("n3", &["d"])
+        };
+        p.set_members([member("n1", &["d"]), member("n2", &["other"]), taker]);
+        // n0 and n3 do not serve and n2 lacks the dataset: n1 owns every chunk; n3 is
+        // still a member holding the dataset (it may be served).
+        assert!(p.holds("n3", "d"));
         assert!(owners(&p, 200).iter().all(|o| o == "n1"));
         // n1 fails: passed over, nobody is left but the lake.
         p.report(

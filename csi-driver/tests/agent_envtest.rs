@@ -908,6 +908,7 @@ async fn three_agents_warm_one_dataset_and_the_lake_serves_it_about_once() {
         );
     }
     let served = proxy.served() - before;
+    eprintln!("the lake sent {served} bytes for a {total}-byte dataset on three nodes");
     // Each byte about once (plus listings and HTTP headers), where three independent
     // nodes would take three times the dataset.
     assert!(

@@ -69,6 +69,16 @@ fn fill_md5_multi(lake: &MemoryLake) -> Vec<(String, Vec<u8>)> {
 }
 
 async fn node(name: &str, lake: &Arc<MemoryLake>, secret: &[u8], timeout: Duration) -> Node {
+    node_serving(name, lake, secret, timeout, true).await
+}
+
+async fn node_serving(
+    name: &str,
+    lake: &Arc<MemoryLake>,
+    secret: &[u8],
+    timeout: Duration,
+    serve: bool,
+) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = CacheConfig::new(dir.path(), 1 << 30);
     cfg.block_size = BLOCK;
@@ -86,7 +96,7 @@ async fn node(name: &str, lake: &Arc<MemoryLake>, secret: &[u8], timeout: Durati
         me: name.into(),
         secret: PeerSecret::new(secret.to_vec()).unwrap(),
         timeout,
-        serve: true,
+        serve,
         await_publication: false,
     });
     pool.set_peers(Some(peers.clone() as Arc<dyn BlockPeers>));
@@ -115,6 +125,7 @@ fn join(nodes: &[&Node]) {
             id: m.name.clone(),
             addr: m.addr,
             datasets: BTreeSet::from([m.ds.id().to_owned()]),
+            serves: m.peers.config().serve,
         }));
     }
 }
@@ -269,7 +280,16 @@ async fn an_owner_that_dies_mid_transfer_or_hangs_costs_time_not_bytes() {
     // b hangs: it accepts and never answers.
     c.server.die_after.store(3, Ordering::Relaxed);
     b.task.abort();
-    let hang = tokio::net::TcpListener::bind(b.addr).await.unwrap();
+    // (The aborted task drops its listener when it is next polled: bind until it has.)
+    let hang = loop {
+        match tokio::net::TcpListener::bind(b.addr).await {
+            Ok(l) => break l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let hung = tokio::spawn(async move {
         let mut held = Vec::new();
         loop {
@@ -331,6 +351,7 @@ async fn a_node_without_the_secret_or_the_dataset_gets_nothing() {
         id: "d".into(),
         addr: d.addr,
         datasets: BTreeSet::from(["another".to_string()]),
+        serves: true,
     }]);
     read_all(&d, &files).await;
     assert_eq!(d.pool.fetched_from_peers(), 0);
@@ -369,4 +390,85 @@ async fn a_peer_lying_about_a_blocks_crc_is_caught_by_the_lakes_content_md5() {
         .1;
     assert!(corrupt >= 1, "the lie was not caught");
     assert_eq!(a.pool.fetched_from_peers(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_does_not_serve_takes_from_its_peers_and_owns_nothing() {
+    let lake = Arc::new(MemoryLake::new());
+    let files = fill(&lake);
+    let secret = [9u8; 32];
+    let t = Duration::from_secs(5);
+    let (a, b, c) = tokio::join!(
+        node("a", &lake, &secret, t),
+        node("b", &lake, &secret, t),
+        node_serving("c", &lake, &secret, t, false)
+    );
+    join(&[&a, &b, &c]);
+    let warm = |n: &Node| {
+        let ds = n.ds.clone();
+        async move {
+            let s = ds
+                .prewarm(None, 4, &PrewarmProgress::default())
+                .await
+                .unwrap();
+            assert!(s.failed.is_empty(), "{:?}", s.failed);
+        }
+    };
+    warm(&a).await;
+    warm(&b).await;
+    let lake_before = lake.bytes_served.load(Ordering::Relaxed);
+    let served = |n: &Node| n.peers.served_of(n.ds.id());
+    let served_before = served(&a) + served(&b);
+    // c takes everything from a and b (every chunk is theirs), nothing from the lake.
+    read_all(&c, &files).await;
+    assert_eq!(lake.bytes_served.load(Ordering::Relaxed), lake_before);
+    assert_eq!(c.pool.fetched_from_peers(), total(&files));
+    // ... and never serves: no chunk is placed on it.
+    assert_eq!(c.peers.served_of(c.ds.id()), 0);
+    assert_eq!(served(&a) + served(&b) - served_before, total(&files));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_joining_and_leaving_during_a_prewarm_change_no_byte_read() {
+    let lake = Arc::new(MemoryLake::new());
+    let files = fill(&lake);
+    let secret = [9u8; 32];
+    let t = Duration::from_secs(2);
+    let (a, b, c) = tokio::join!(
+        node("a", &lake, &secret, t),
+        node("b", &lake, &secret, t),
+        node("c", &lake, &secret, t)
+    );
+    join(&[&a, &b, &c]);
+    let warm = |n: &Node| {
+        let ds = n.ds.clone();
+        tokio::spawn(async move {
+            let s = ds
+                .prewarm(None, 2, &PrewarmProgress::default())
+                .await
+                .unwrap();
+            assert!(s.failed.is_empty(), "{:?}", s.failed);
+        })
+    };
+    let (wa, wb, wc) = (warm(&a), warm(&b), warm(&c));
+    // Once blocks are moving, c leaves (its prewarm and its server stop, the others
+    // forget it) and d joins.
+    while a.pool.fetched() + a.pool.fetched_from_peers() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    wc.abort();
+    c.task.abort();
+    let d = node("d", &lake, &secret, t).await;
+    join(&[&a, &b, &d]);
+    let wd = warm(&d);
+    for w in [wa, wb, wd] {
+        w.await.unwrap();
+    }
+    for n in [&a, &b, &d] {
+        read_all(n, &files).await;
+    }
+    assert!(
+        d.pool.fetched_from_peers() > 0,
+        "d took nothing from its peers"
+    );
 }

@@ -67,8 +67,9 @@ impl Catalog for AgentCatalog {
     }
 }
 
-/// The members among `pools`: every other pool whose agent published a peer endpoint,
-/// serves, and reported within [`MEMBER_STALE`] of `now`. A pool with an endpoint that
+/// The members among `pools`: every other pool whose agent published a peer endpoint
+/// and reported within [`MEMBER_STALE`] of `now` (one that does not serve is a member
+/// that owns nothing). A pool with an endpoint that
 /// does not parse is skipped with a warning (once per change, by the caller).
 pub fn members_from<'a>(
     pools: impl IntoIterator<Item = &'a CachePool>,
@@ -80,7 +81,7 @@ pub fn members_from<'a>(
         let name = pool.name_any();
         let Some(status) = &pool.status else { continue };
         let Some(peer) = &status.peer else { continue };
-        if name == me || !peer.serving {
+        if name == me {
             continue;
         }
         let fresh = status.heartbeat_time.as_ref().is_some_and(|t| {
@@ -101,6 +102,7 @@ pub fn members_from<'a>(
             id: name,
             addr,
             datasets: peer.datasets.iter().cloned().collect::<BTreeSet<_>>(),
+            serves: peer.serving,
         });
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -186,8 +188,10 @@ mod tests {
         ];
         let m = members_from(&pools, "me", now);
         let ids: Vec<_> = m.iter().map(|m| m.id.as_str()).collect();
-        // c takes only, d does not share, e's agent stopped reporting, f's endpoint is not an address.
-        assert_eq!(ids, ["b", "g"]);
+        // d does not share, e's agent stopped reporting, f's endpoint is not an address;
+        // c takes only: a member that serves nothing.
+        assert_eq!(ids, ["b", "c", "g"]);
+        assert!(m[0].serves && !m[1].serves);
         assert_eq!(m[0].addr, "10.0.0.2:7446".parse().unwrap());
         assert!(m[0].datasets.contains("d1"));
     }

@@ -7,6 +7,9 @@
 //!   shared future in `inflight`, the others await it. Consecutive missing blocks are
 //!   fetched by one streamed GET (up to `get_size`); each block is written and served
 //!   as soon as its own bytes are in, and a body that breaks off is resumed (retry.rs).
+//! - Where the pool shares with the cluster's other nodes (peers.rs, `crate::peer`), a
+//!   run of missing blocks is asked of its chunk's owner first, and what the owner does
+//!   not deliver in time, or delivers wrong, comes from the lake (`fetch_from_peer`).
 //! - Every fetched block is checked before it is written: its length, and for a blob that
 //!   is one block with a `Content-MD5`, the MD5 (a multi-block blob's MD5 is checked over
 //!   the local copy once its last block is in). Its CRC32C is stored in the map and
