@@ -15,9 +15,10 @@
 //! - **Integrity.** Each block travels with the CRC32C its owner recorded when it
 //!   fetched it from the lake, and the asker checks it (and a one-block blob's
 //!   `Content-MD5`) before the block is stored: a peer serving wrong bytes is caught,
-//!   passed over for ten minutes and logged, and the block comes from the lake. Blobs
-//!   with a `Content-MD5` over several blocks come from the lake (that MD5 can be
-//!   checked only over the whole blob).
+//!   passed over for ten minutes and logged, and the block comes from the lake. A blob
+//!   with a `Content-MD5` over several blocks (up to 64 blocks) is taken whole from the
+//!   owner of its first chunk and served only once that MD5 matches; larger ones come
+//!   from the lake.
 //! - **Security.** Both ends prove they hold the cluster's peer secret; frames are
 //!   authenticated (wire.rs). An owner serves only blob versions its own snapshots list,
 //!   of datasets it holds, to members the membership says hold that dataset too. No

@@ -56,9 +56,14 @@ fn fill(lake: &MemoryLake) -> Vec<(String, Vec<u8>)> {
     files
 }
 
-/// Files with a Content-MD5 over several blocks: fetched from the lake by each node.
+/// Files with a Content-MD5 over several blocks: taken whole from a peer and checked
+/// against the MD5 before any block is served.
 fn fill_md5_multi(lake: &MemoryLake) -> Vec<(String, Vec<u8>)> {
-    (0..2usize)
+    fill_md5_multi_n(lake, 2)
+}
+
+fn fill_md5_multi_n(lake: &MemoryLake, n: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
         .map(|i| {
             let b = body(200 + i, 3 * BLOCK + 5);
             let md5: [u8; 16] = Md5::digest(&b).into();
@@ -185,8 +190,8 @@ async fn a_dataset_warmed_on_three_nodes_comes_from_the_lake_about_once() {
     };
     tokio::join!(warm(&a), warm(&b), warm(&c));
     let from_lake = lake.bytes_served.load(Ordering::Relaxed) - listed;
-    // Shared files once; files whose Content-MD5 spans blocks once per node.
-    let want = total(&shared) + 3 * total(&whole);
+    // Every file once, those whose Content-MD5 spans blocks too.
+    let want = total(&shared) + total(&whole);
     assert!(
         from_lake <= want + want / 20,
         "the lake served {from_lake} bytes for a dataset of {} warmed on three nodes (about {want} expected)",
@@ -471,4 +476,37 @@ async fn members_joining_and_leaving_during_a_prewarm_change_no_byte_read() {
         d.pool.fetched_from_peers() > 0,
         "d took nothing from its peers"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_whose_md5_spans_blocks_is_served_from_a_peer_only_once_it_matches() {
+    let lake = Arc::new(MemoryLake::new());
+    let files = fill_md5_multi_n(&lake, 8);
+    let secret = [9u8; 32];
+    let t = Duration::from_secs(5);
+    let (a, b) = tokio::join!(node("a", &lake, &secret, t), node("b", &lake, &secret, t));
+    join(&[&a, &b]);
+    // An honest b: a takes the blobs b owns whole from it, checked against the MD5.
+    read_all(&a, &files).await;
+    assert!(a.pool.fetched_from_peers() > 0, "nothing taken from b");
+    assert_eq!(
+        a.pool.fetched_from_peers() % (3 * BLOCK + 5),
+        0,
+        "whole blobs only"
+    );
+    // A lying b (flipped byte, CRC32C recomputed over it): only the whole-blob MD5
+    // can tell; c reads every byte right and takes nothing from b.
+    let c = node("c", &lake, &secret, t).await;
+    join(&[&b, &c]);
+    b.server.flip_bytes.store(2, Ordering::Relaxed);
+    read_all(&c, &files).await;
+    let corrupt = c
+        .peers
+        .faults()
+        .into_iter()
+        .find(|(f, _)| *f == PeerFault::Corrupt)
+        .unwrap()
+        .1;
+    assert!(corrupt >= 1, "the lie was not caught");
+    assert_eq!(c.pool.fetched_from_peers(), 0);
 }

@@ -369,8 +369,16 @@ impl CachedBlob {
         hold: bool,
         lake_only: bool,
     ) -> Vec<FetchFuture> {
-        let per = self.pool.config.blocks_per_get();
-        let aligned = aligned || self.pool.peers().is_some();
+        let mut per = self.pool.config.blocks_per_get();
+        let mut aligned = aligned || self.pool.peers().is_some();
+        let mut blocks = blocks;
+        if !lake_only && self.whole_from_peer() {
+            // One run for the whole blob, so that its MD5 can be checked before any
+            // of its blocks is served (see `fetch_whole_from_peer`).
+            blocks = 0..self.map.blocks();
+            per = self.map.blocks();
+            aligned = false;
+        }
         let mut out = Vec::new();
         let mut run: Vec<oneshot::Sender<FetchResult>> = Vec::new();
         let mut run_start = 0;
@@ -478,8 +486,9 @@ impl CachedBlob {
     /// not asked). Each block is checked before it is stored, and stored before the
     /// next is taken: its length, the CRC32C its owner recorded when it fetched it from
     /// the lake, and for a one-block blob with a `Content-MD5`, the MD5. A blob with a
-    /// `Content-MD5` over several blocks is not asked for: its MD5 can be checked only
-    /// over the whole blob, and a peer's bytes are never served before their check.
+    /// `Content-MD5` over several blocks is asked for whole, and recorded only once its
+    /// MD5 matches (`fetch_whole_from_peer`); a larger one than that allows comes from
+    /// the lake: a peer's bytes are never served before their check.
     /// A peer that fails (unreachable, slow, refusing, or serving bytes that fail their
     /// check) is reported and the rest comes from the lake.
     async fn fetch_from_peer(
@@ -493,6 +502,9 @@ impl CachedBlob {
             return Ok(first);
         };
         if self.md5.is_some() && self.map.blocks() > 1 {
+            if first == 0 && n == self.map.blocks() && self.whole_from_peer() {
+                return self.fetch_whole_from_peer(&*peers, dataset, done).await;
+            }
             return Ok(first);
         }
         let ask = super::peers::PeerAsk {
@@ -583,6 +595,137 @@ impl CachedBlob {
             }
         }
         Ok(next)
+    }
+
+    /// The ask for this blob's whole-blob transfer (blocks `0..blocks`).
+    fn whole_ask(&self, dataset: &str) -> super::peers::PeerAsk {
+        super::peers::PeerAsk {
+            dataset: dataset.to_owned(),
+            blob: self.blob.clone(),
+            etag: self.etag.clone(),
+            size: self.size,
+            block_size: self.map.block_size(),
+            chunk_blocks: self.pool.config.blocks_per_get(),
+            first: 0,
+            n: self.map.blocks(),
+        }
+    }
+
+    /// Whether this blob's missing blocks are taken from a peer in one whole-blob
+    /// transfer: it has a `Content-MD5` over several blocks (checkable only over the
+    /// whole blob), is at most [`super::peers::MAX_WHOLE_BLOCKS`] blocks, and another
+    /// node owns its first chunk.
+    fn whole_from_peer(&self) -> bool {
+        let blocks = self.map.blocks();
+        if self.md5.is_none() || !(2..=super::peers::MAX_WHOLE_BLOCKS).contains(&blocks) {
+            return false;
+        }
+        match (self.pool.peers(), self.scope.get()) {
+            (Some(p), Some(d)) => p.owner(&self.whole_ask(d)).is_some(),
+            _ => false,
+        }
+    }
+
+    /// A blob with a `Content-MD5` over several blocks, taken whole from its owner:
+    /// every block is checked against its CRC32C and written to the data file as it
+    /// comes, but recorded (so served) only once the MD5 of all of them matches the
+    /// lake's. A peer that fails or whose bytes do not match is reported, and the lake
+    /// fetches the whole run again (over the unrecorded bytes). Returns the first block
+    /// not delivered: the blob's block count on success, else 0.
+    async fn fetch_whole_from_peer(
+        self: &Arc<Self>,
+        peers: &dyn super::peers::BlockPeers,
+        dataset: &str,
+        done: &mut (dyn FnMut(u64, FetchResult) + Send),
+    ) -> Result<u64, CacheError> {
+        use super::peers::PeerFault::{Corrupt, Unreachable};
+        let ask = self.whole_ask(dataset);
+        let Some(owner) = peers.owner(&ask) else {
+            return Ok(0);
+        };
+        let fail = |fault, detail: String| {
+            let f = super::peers::PeerFailure { fault, detail };
+            tracing::debug!(blob = %self.blob, owner = %owner, failure = %f, "whole-blob peer fetch failed; fetching from the lake");
+            peers.report(&owner, &f);
+            Ok(0)
+        };
+        let mut blocks = match peers.fetch(&owner, &ask).await {
+            Ok(b) => b,
+            Err(f) => return fail(f.fault, f.detail),
+        };
+        let mut md5 = Md5::new();
+        let mut crcs = Vec::with_capacity(ask.n as usize);
+        for i in 0..ask.n {
+            let block = match blocks.next().await {
+                Some(Ok(b)) => b,
+                Some(Err(f)) => return fail(f.fault, f.detail),
+                None => return fail(Unreachable, format!("the answer ended at block {i}")),
+            };
+            let r = self.map.block_range(i);
+            if block.index != i || block.bytes.len() as u64 != r.end - r.start {
+                return fail(
+                    Corrupt,
+                    format!(
+                        "sent block {} of {} bytes for block {i}",
+                        block.index,
+                        block.bytes.len()
+                    ),
+                );
+            }
+            if crc32c::crc32c(&block.bytes) != block.crc {
+                return fail(
+                    Corrupt,
+                    format!("block {i} does not match the CRC32C its owner recorded"),
+                );
+            }
+            md5.update(&block.bytes);
+            crcs.push(block.crc);
+            // Written now, recorded after the check: nobody reads an unrecorded block.
+            let this = self.clone();
+            let bytes = block.bytes;
+            tokio::task::spawn_blocking(move || {
+                if this.map.is_resident(i) {
+                    return Ok(());
+                }
+                this.pool.wait_for_room(r.end - r.start);
+                let _one = this.writing.lock();
+                this.data.write_all_at(&bytes, r.start)
+            })
+            .await
+            .map_err(|e| CacheError::Internal(format!("block write failed: {e}")))?
+            .map_err(|e| CacheError::io(&self.data_path, e))?;
+        }
+        if Some(<[u8; 16]>::from(md5.finalize())) != self.md5 {
+            return fail(
+                Corrupt,
+                "the whole blob does not match the lake's Content-MD5".into(),
+            );
+        }
+        let this = self.clone();
+        let landed = tokio::task::spawn_blocking(move || -> Result<u64, CacheError> {
+            let io = |e| CacheError::io(&this.data_path, e);
+            let mut landed = 0;
+            for (i, crc) in crcs.into_iter().enumerate() {
+                let i = i as u64;
+                if this.map.is_resident(i) {
+                    continue;
+                }
+                let r = this.map.block_range(i);
+                this.map.mark_resident(i, crc).map_err(io)?;
+                this.pool.block_landed(&this.key, r.end - r.start, true);
+                landed += r.end - r.start;
+            }
+            this.map.set_flag(FLAG_MD5_VERIFIED).map_err(io)?;
+            *this.direct.lock() = None;
+            Ok(landed)
+        })
+        .await
+        .map_err(|e| CacheError::Internal(format!("recording blocks failed: {e}")))??;
+        self.pool.count_dataset(dataset, landed, true);
+        for i in 0..ask.n {
+            done(i, Ok(()));
+        }
+        Ok(ask.n)
     }
 
     /// Fetches blocks `first..first + n` with one streamed GET. Each block is written

@@ -88,6 +88,11 @@ impl fmt::Display for PeerFailure {
     }
 }
 
+/// The largest blob, in blocks, taken from a peer in one whole-blob transfer (a blob
+/// with a `Content-MD5` over several blocks; larger ones come from the lake): a reader
+/// of such a blob waits for all of it, and an ask is at most this many blocks.
+pub const MAX_WHOLE_BLOCKS: u64 = 64;
+
 /// The blocks of one ask, in order.
 pub type PeerBlocks = BoxStream<'static, Result<PeerBlock, PeerFailure>>;
 

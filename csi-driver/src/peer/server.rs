@@ -21,7 +21,7 @@ use crate::cache::peers::PeerAsk;
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Blocks one ask may ask for.
-pub const MAX_ASK_BLOCKS: u64 = 64;
+pub const MAX_ASK_BLOCKS: u64 = crate::cache::peers::MAX_WHOLE_BLOCKS;
 /// The longest a connection may take to prove itself and ask.
 const ASK_WITHIN: Duration = Duration::from_secs(10);
 
