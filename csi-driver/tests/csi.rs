@@ -483,6 +483,14 @@ async fn the_agents_metrics_count_what_its_volume_served() {
         sample(&m, "tidepool_node_lake_read_bytes_total") >= total as f64,
         "{m}"
     );
+    // ... counted per dataset too; this agent has no peers, so none from them.
+    let per_dataset: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("tidepool_node_dataset_lake_read_bytes_total{dataset=\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(per_dataset >= total as f64, "{m}");
+    assert_eq!(sample(&m, "tidepool_node_peer_read_bytes_total"), 0.0);
     assert!(sample(&m, "tidepool_node_volume_read_bytes_total{volume=\"vol1\"}") > 0.0);
     // The 48 MiB file does not fit in the 32 MiB pool: closed files were evicted for it.
     // Each read (none failed here) is timed once, as a hit (resident) or a miss

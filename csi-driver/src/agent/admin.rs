@@ -196,14 +196,7 @@ impl Collector for AgentCollector {
             "Bytes this agent took from its peers (the cluster-wide cache) instead of the lake.",
             ConstCounter::new(pool.fetched_from_peers()),
         )?;
-        let mut ids: Vec<String> = agent
-            .registry
-            .all()
-            .iter()
-            .map(|s| s.dataset.id().to_owned())
-            .collect();
-        ids.sort();
-        ids.dedup();
+        let ids = agent.registry.dataset_ids();
         let peers = agent.peers.get().map(|p| p.peers.clone());
         type Row = ([(&'static str, String); 1], ConstCounter<u64>);
         let per_dataset = |f: &dyn Fn(&str) -> u64| -> Vec<Row> {

@@ -306,6 +306,19 @@ impl Registry {
         self.served.lock().values().cloned().collect()
     }
 
+    /// The ids of the datasets held, sorted, each once (see `Dataset::id`).
+    pub fn dataset_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .served
+            .lock()
+            .values()
+            .map(|s| s.dataset.id().to_owned())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     /// The dataset at `url`, opened (listed, or its stored snapshot reused) if needed
     /// with `credentials`. One opening per location at a time.
     pub async fn open(

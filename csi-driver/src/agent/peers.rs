@@ -34,14 +34,7 @@ pub struct AgentPeers {
 impl AgentPeers {
     /// Its entry in the pool's status.
     pub fn status(&self, agent: &Agent) -> PeerStatus {
-        let mut datasets: Vec<String> = agent
-            .registry
-            .all()
-            .iter()
-            .map(|s| s.dataset.id().to_owned())
-            .collect();
-        datasets.sort();
-        datasets.dedup();
+        let mut datasets = agent.registry.dataset_ids();
         datasets.truncate(tidepool_api::cache_pool::MAX_DATASETS);
         PeerStatus {
             endpoint: self.advertise.to_string(),

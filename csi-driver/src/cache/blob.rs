@@ -370,9 +370,12 @@ impl CachedBlob {
         lake_only: bool,
     ) -> Vec<FetchFuture> {
         let mut per = self.pool.config.blocks_per_get();
-        let mut aligned = aligned || self.pool.peers().is_some();
         let mut blocks = blocks;
-        if !lake_only && self.whole_from_peer() {
+        // A warm read (every block resident) asks nothing of the peers' placement.
+        let missing =
+            (blocks.start..blocks.end.min(self.map.blocks())).any(|i| !self.map.is_resident(i));
+        let mut aligned = aligned || (missing && self.pool.peers().is_some());
+        if missing && !lake_only && self.whole_from_peer() {
             // One run for the whole blob, so that its MD5 can be checked before any
             // of its blocks is served (see `fetch_whole_from_peer`).
             blocks = 0..self.map.blocks();
@@ -507,16 +510,7 @@ impl CachedBlob {
             }
             return Ok(first);
         }
-        let ask = super::peers::PeerAsk {
-            dataset: dataset.clone(),
-            blob: self.blob.clone(),
-            etag: self.etag.clone(),
-            size: self.size,
-            block_size: self.map.block_size(),
-            chunk_blocks: self.pool.config.blocks_per_get(),
-            first,
-            n,
-        };
+        let ask = self.ask(dataset, first, n);
         let Some(owner) = peers.owner(&ask) else {
             return Ok(first);
         };
@@ -597,8 +591,8 @@ impl CachedBlob {
         Ok(next)
     }
 
-    /// The ask for this blob's whole-blob transfer (blocks `0..blocks`).
-    fn whole_ask(&self, dataset: &str) -> super::peers::PeerAsk {
+    /// What this node asks a peer for: blocks `first..first + n` of this blob.
+    fn ask(&self, dataset: &str, first: u64, n: u64) -> super::peers::PeerAsk {
         super::peers::PeerAsk {
             dataset: dataset.to_owned(),
             blob: self.blob.clone(),
@@ -606,9 +600,14 @@ impl CachedBlob {
             size: self.size,
             block_size: self.map.block_size(),
             chunk_blocks: self.pool.config.blocks_per_get(),
-            first: 0,
-            n: self.map.blocks(),
+            first,
+            n,
         }
+    }
+
+    /// The ask for this blob's whole-blob transfer (blocks `0..blocks`).
+    fn whole_ask(&self, dataset: &str) -> super::peers::PeerAsk {
+        self.ask(dataset, 0, self.map.blocks())
     }
 
     /// Whether this blob's missing blocks are taken from a peer in one whole-blob

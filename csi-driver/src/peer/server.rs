@@ -140,11 +140,10 @@ impl Server {
             Ok(r) => r?,
             Err(_) => return Ok(()),
         };
-        let refuse = |why: String| why;
         let ask = match frame {
             Some((wire::ASK, body)) => serde_json::from_slice::<PeerAsk>(&body)
-                .map_err(|e| refuse(format!("a malformed ask: {e}"))),
-            _ => Err(refuse("expected an ask".into())),
+                .map_err(|e| format!("a malformed ask: {e}")),
+            _ => Err("expected an ask".to_owned()),
         };
         let checked = ask.and_then(|ask| {
             if slot.is_err() {
