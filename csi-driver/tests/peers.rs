@@ -212,7 +212,16 @@ async fn a_dataset_warmed_on_three_nodes_comes_from_the_lake_about_once() {
     let id = a.ds.id();
     let lake_sum: u64 = nodes.iter().map(|n| n.pool.dataset_bytes(id).0).sum();
     let peer_sum: u64 = nodes.iter().map(|n| n.pool.dataset_bytes(id).1).sum();
-    let served_sum: u64 = nodes.iter().map(|n| n.peers.served_of(id)).sum();
+    // (An owner counts a block once its send returned, which can be just after the
+    // asker has it: wait for the count, a few seconds at most.)
+    let served_now = || -> u64 { nodes.iter().map(|n| n.peers.served_of(id)).sum() };
+    for _ in 0..500 {
+        if served_now() >= peer_sum {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let served_sum = served_now();
     assert_eq!(lake_sum, from_lake);
     assert_eq!(peer_sum, served_sum);
     assert_eq!(
@@ -430,6 +439,14 @@ async fn a_node_that_does_not_serve_takes_from_its_peers_and_owns_nothing() {
     assert_eq!(c.pool.fetched_from_peers(), total(&files));
     // ... and never serves: no chunk is placed on it.
     assert_eq!(c.peers.served_of(c.ds.id()), 0);
+    // (An owner counts a block once its send returned, which can be just after the
+    // reader has it: wait for the count, a few seconds at most.)
+    for _ in 0..500 {
+        if served(&a) + served(&b) - served_before >= total(&files) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(served(&a) + served(&b) - served_before, total(&files));
 }
 
